@@ -1,0 +1,82 @@
+//! The master config (`rbb.yaml`): which repositories to watch and which workers may connect.
+//!
+//! Relative paths in it are relative to the directory of the config file; resolving them is
+//! the reader's job, not this module's.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::Scalar;
+
+/// Default branch the pipeline is read from.
+pub const DEFAULT_BRANCH: &str = "main";
+
+/// Path of the pipeline file inside every repository.
+pub const PIPELINE_PATH: &str = ".rbb/pipeline.yaml";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "rbb master config (rbb.yaml)")]
+pub struct MasterConfig {
+    /// Repositories whose `.rbb/pipeline.yaml` make up the plan.
+    #[serde(default)]
+    pub repositories: Vec<RepositoryConfig>,
+    /// Workers allowed to connect.
+    #[serde(default)]
+    pub workers: Vec<WorkerConfig>,
+    /// Directory of the master's state (database, logs, mirrors). Default `.rbb-state`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    /// Name used as the namespace of the repository's builders. Default: the last component of
+    /// `url` without `.git`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A local path or a `file://` URL of a git repository.
+    pub url: String,
+    /// Branch the pipeline is read from. Default `main`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// Branches watched for changes (globs). Default: `branch` only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub branches: Vec<String>,
+    /// How often to poll: seconds or a duration such as `30s`, `5m`. Default 60s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_interval: Option<Scalar>,
+}
+
+impl RepositoryConfig {
+    /// The configured name, or one derived from the URL.
+    pub fn effective_name(&self) -> String {
+        if let Some(name) = &self.name {
+            return name.clone();
+        }
+        let trimmed = self.url.trim_end_matches('/');
+        let last = trimmed.rsplit(['/', '\\']).next().unwrap_or(trimmed);
+        last.strip_suffix(".git").unwrap_or(last).to_owned()
+    }
+
+    pub fn effective_branch(&self) -> &str {
+        self.branch.as_deref().unwrap_or(DEFAULT_BRANCH)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Unique worker name.
+    pub name: String,
+    /// Shared secret the worker presents when it connects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Labels this worker offers; builders ask for labels.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// How many steps it may run at once. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_steps: Option<u32>,
+}
