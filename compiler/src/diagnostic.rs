@@ -127,7 +127,12 @@ impl Diagnostics {
 pub fn suggest<'a>(wanted: &str, candidates: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
     let mut scored: Vec<(f64, &str)> = candidates
         .into_iter()
-        .map(|c| (strsim::jaro_winkler(wanted, c), c))
+        .map(|c| {
+            // Jaro-Winkler for longer names; a small edit distance for short ones (`rn`).
+            let jw = strsim::jaro_winkler(wanted, c);
+            let close = strsim::levenshtein(wanted, c) <= (wanted.len().max(c.len()) / 3).max(1);
+            (if close { jw.max(0.8) } else { jw }, c)
+        })
         .filter(|(score, _)| *score >= 0.8)
         .collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));

@@ -9,6 +9,9 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
     if let Ok(secs) = t.parse::<u64>() {
         return Ok(secs);
     }
+    if !t.starts_with(|c: char| c.is_ascii_digit()) {
+        return Err(format!("`{t}` is not a duration"));
+    }
     let mut total: u64 = 0;
     let mut number = String::new();
     let mut saw_unit = false;

@@ -7,11 +7,113 @@
 //! `Err`: it is a [`Diagnostic`] with file:line:col, and compilation carries on to find the
 //! next one.
 
+pub mod cache_key;
 pub mod condition;
 pub mod cron;
 pub mod diagnostic;
+pub mod diff;
 pub mod duration;
+pub mod git;
+mod lower;
+mod merge;
+mod parse;
+pub mod render;
 pub mod snippet;
 pub mod spans;
 
 pub use diagnostic::{Diagnostic, Diagnostics, Severity};
+pub use parse::{Origin, Source, valid_name};
+use rbb_schema::plan::Plan;
+
+/// Knobs of one compile.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Most combinations one matrix may expand to.
+    pub max_matrix: usize,
+    /// Step timeout when neither the step nor its builder sets one.
+    pub default_timeout_secs: u64,
+    /// Label sets of the configured workers; when given, a builder no worker can run is
+    /// reported (as a warning).
+    pub worker_labels: Option<Vec<Vec<String>>>,
+    /// Other repositories are not part of this compile (`rbb validate`): `needs` naming
+    /// them are not checked.
+    pub other_repos_unknown: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { max_matrix: 256, default_timeout_secs: 3600, worker_labels: None, other_repos_unknown: false }
+    }
+}
+
+/// The result of a compile: a plan when there were no errors, and every diagnostic.
+#[derive(Debug, Clone)]
+pub struct Compilation {
+    pub plan: Option<Plan>,
+    /// Sorted by file, line and column.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Compilation {
+    pub fn has_errors(&self) -> bool {
+        self.diagnostics.iter().any(Diagnostic::is_error)
+    }
+}
+
+/// Compiles every source into one plan.
+pub fn compile(sources: &[Source], eval: &dyn snippet::Evaluator, opts: &Options) -> Compilation {
+    let mut diags = Diagnostics::default();
+    let mut seen_repos = std::collections::BTreeMap::new();
+    for s in sources {
+        if !valid_name(&s.repo) {
+            diags.push(Diagnostic {
+                severity: Severity::Error,
+                code: "bad-name",
+                repo: Some(s.repo.clone()),
+                file: s.file.clone(),
+                line: 0,
+                col: 0,
+                message: format!("invalid repository name `{}`", s.repo),
+                hint: Some("set `name:` for this repository in the master config (letters, digits, `.`, `_`, `-`)".into()),
+            });
+        }
+        if let Some(other) = seen_repos.insert(s.repo.clone(), s.file.clone()) {
+            diags.push(Diagnostic {
+                severity: Severity::Error,
+                code: "duplicate-repo",
+                repo: Some(s.repo.clone()),
+                file: s.file.clone(),
+                line: 0,
+                col: 0,
+                message: format!("two repositories are named `{}`", s.repo),
+                hint: Some(format!("the other is {other}; set a distinct `name:` in the master config")),
+            });
+        }
+    }
+    let mut lowered = Vec::new();
+    for (i, src) in sources.iter().enumerate() {
+        let parsed = parse::parse_file(src, eval, &mut diags);
+        for b in &parsed.builders {
+            lowered.extend(lower::lower(&parsed.ctx, i, b, eval, opts, &mut diags));
+        }
+    }
+    let plan = if diags.has_errors() { None } else { merge::merge(sources, lowered, opts, &mut diags) };
+    let plan = if diags.has_errors() { None } else { plan };
+    Compilation { plan, diagnostics: diags.into_sorted() }
+}
+
+/// Renders diagnostics the way the CLI prints them, with source lines from `sources`.
+pub fn render_diagnostics(diagnostics: &[Diagnostic], sources: &[Source]) -> String {
+    let mut out = String::new();
+    for d in diagnostics {
+        let text = sources.iter().find(|s| s.file == d.file).map(|s| s.text.as_str());
+        out.push_str(&d.render(text));
+        out.push('\n');
+    }
+    let errors = diagnostics.iter().filter(|d| d.is_error()).count();
+    let warnings = diagnostics.len() - errors;
+    if errors > 0 || warnings > 0 {
+        out.push_str(&format!("{errors} error(s), {warnings} warning(s)\n"));
+    }
+    out
+}

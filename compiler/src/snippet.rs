@@ -17,6 +17,9 @@ use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::Duration;
 
+/// How long the runner may take to start its interpreter.
+const STARTUP_LIMIT: Duration = Duration::from_secs(60);
+
 /// Limits for one snippet.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -150,7 +153,29 @@ impl ChildEvaluator {
                 }
             }
         });
-        Ok(Running { child, stdin, lines: rx, next_id: 1 })
+        let mut running = Running { child, stdin, lines: rx, next_id: 1 };
+        // Interpreter start-up is not the snippet's time: wait for the ready line first.
+        match running.lines.recv_timeout(STARTUP_LIMIT) {
+            Ok(line) if line.contains("\"ready\"") => Ok(running),
+            Ok(line) => Err(SnippetError::Runner { message: format!("snippet runner said `{line}` instead of ready") }),
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = running.child.kill();
+                let _ = running.child.wait();
+                Err(SnippetError::Runner {
+                    message: format!("snippet runner did not start within {}s", STARTUP_LIMIT.as_secs()),
+                })
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = running.child.wait().ok();
+                Err(SnippetError::Runner {
+                    message: format!(
+                        "snippet runner {} exited at start ({})",
+                        self.program.display(),
+                        status.map(|s| s.to_string()).unwrap_or_default()
+                    ),
+                })
+            }
+        }
     }
 }
 

@@ -50,6 +50,8 @@ pub struct Pos {
 pub struct SpanIndex {
     values: HashMap<Path, Pos>,
     keys: HashMap<Path, Pos>,
+    /// Keys that appear a second time in the same mapping, in document order.
+    duplicates: Vec<(Path, Pos)>,
 }
 
 enum Frame {
@@ -125,9 +127,20 @@ impl SpanIndex {
                 None => {
                     // A key. Complex (non-scalar) keys get a placeholder name.
                     let k = scalar.unwrap_or_else(|| "?".to_owned());
+                    // A block mapping's start mark sits at its first `:`; its first key is
+                    // where a reader sees it begin.
+                    if let Some(start) = self.values.get_mut(path.as_slice()) {
+                        if (pos.line, pos.col) < (start.line, start.col) {
+                            *start = pos;
+                        }
+                    }
                     let mut p = path.clone();
                     p.push(Seg::Key(k.clone()));
-                    self.keys.entry(p).or_insert(pos);
+                    if self.keys.contains_key(&p) {
+                        self.duplicates.push((p, pos));
+                    } else {
+                        self.keys.insert(p, pos);
+                    }
                     *pending_key = Some(k);
                     None
                 }
@@ -143,6 +156,11 @@ impl SpanIndex {
             }
         }
         Pos { line: 1, col: 1 }
+    }
+
+    /// Where a key is repeated in its mapping, first such place.
+    pub fn first_duplicate(&self) -> Option<&(Path, Pos)> {
+        self.duplicates.first()
     }
 
     /// Position of the key naming `path` (its last segment), else of the value.

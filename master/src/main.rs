@@ -1,1 +1,283 @@
-fn main(){}
+//! `rbb`: the command line of the rbb master.
+//!
+//! `rbb compile` previews the merged plan (text, JSON, DOT) and diffs it against a saved plan
+//! or a git revision; `rbb validate` checks pipeline files on their own; `rbb schema` prints
+//! the JSON Schemas. Diagnostics go to stderr, results to stdout; the exit code is 0 when all
+//! is well, 1 when the input has errors, 2 when the command itself cannot run.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use rbb_compiler::snippet::{ChildEvaluator, Limits};
+use rbb_compiler::{Compilation, Options, Source, compile, diff, git, render, render_diagnostics};
+use rbb_schema::plan::Plan;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "rbb", version, about = "rbb: git-native CI. Compile, preview and run pipelines.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compile every configured repository's .rbb/pipeline.yaml into one plan and print it.
+    Compile {
+        /// Master config listing the repositories.
+        #[arg(long, short, default_value = "rbb.yaml")]
+        config: PathBuf,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Read REPO's pipeline at REV instead of its configured branch (repeatable).
+        #[arg(long = "rev", value_name = "REPO=REV")]
+        revs: Vec<String>,
+        /// Show what changed against OLD: a saved JSON plan file, a revision REV of every
+        /// repository, or REPO@REV for one repository.
+        #[arg(long, value_name = "OLD")]
+        diff: Option<String>,
+        #[command(flatten)]
+        snippets: SnippetArgs,
+    },
+    /// Check pipeline files on their own (no master config, no git).
+    Validate {
+        /// Pipeline files, e.g. .rbb/pipeline.yaml.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        snippets: SnippetArgs,
+    },
+    /// Print the JSON Schema of the pipeline file or the master config.
+    Schema {
+        #[arg(value_enum, default_value_t = SchemaKind::Pipeline)]
+        kind: SchemaKind,
+    },
+}
+
+#[derive(clap::Args)]
+struct SnippetArgs {
+    /// Wall-clock limit per Python snippet, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    snippet_timeout_ms: u64,
+    /// Memory limit of the snippet runner, in MiB.
+    #[arg(long, default_value_t = 512)]
+    snippet_memory_mib: u64,
+}
+
+impl SnippetArgs {
+    fn evaluator(&self) -> ChildEvaluator {
+        ChildEvaluator::beside_current_exe(Limits {
+            wall: Duration::from_millis(self.snippet_timeout_ms),
+            memory_mib: self.snippet_memory_mib,
+        })
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+    Dot,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SchemaKind {
+    Pipeline,
+    Config,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("RBB_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("rbb: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Compile { config, format, revs, diff, snippets } => {
+            cmd_compile(&config, format, &revs, diff.as_deref(), &snippets)
+        }
+        Command::Validate { files, snippets } => cmd_validate(&files, &snippets),
+        Command::Schema { kind } => {
+            print!(
+                "{}",
+                match kind {
+                    SchemaKind::Pipeline => rbb_schema::pipeline_json_schema(),
+                    SchemaKind::Config => rbb_schema::config_json_schema(),
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn parse_revs(revs: &[String]) -> Result<BTreeMap<String, String>> {
+    revs.iter()
+        .map(|r| match r.split_once('=') {
+            Some((repo, rev)) if !repo.is_empty() && !rev.is_empty() => Ok((repo.to_owned(), rev.to_owned())),
+            _ => bail!("--rev takes REPO=REV, got `{r}`"),
+        })
+        .collect()
+}
+
+/// Compiles the configured repositories (at `revs` where given). Prints diagnostics.
+fn compile_config(
+    cfg: &git::LoadedConfig,
+    revs: &BTreeMap<String, String>,
+    eval: &ChildEvaluator,
+) -> (Compilation, Vec<Source>) {
+    let (sources, mut read_diags) = git::sources_from_config(cfg, revs);
+    let opts = Options {
+        worker_labels: Some(cfg.config.workers.iter().map(|w| w.labels.clone()).collect()),
+        ..Options::default()
+    };
+    let mut result = compile(&sources, eval, &opts);
+    let read_failed = read_diags.iter().any(|d| d.is_error());
+    read_diags.append(&mut result.diagnostics);
+    result.diagnostics = read_diags;
+    if read_failed {
+        result.plan = None;
+    }
+    (result, sources)
+}
+
+fn cmd_compile(
+    config: &Path,
+    format: Format,
+    revs: &[String],
+    diff_against: Option<&str>,
+    snippets: &SnippetArgs,
+) -> Result<ExitCode> {
+    let cfg = match git::load_config(config) {
+        Ok(cfg) => cfg,
+        Err(diags) => {
+            eprint!("{}", render_diagnostics(&diags, &[]));
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let revs = parse_revs(revs)?;
+    let eval = snippets.evaluator();
+    let (result, sources) = compile_config(&cfg, &revs, &eval);
+    if !result.diagnostics.is_empty() {
+        eprint!("{}", render_diagnostics(&result.diagnostics, &sources));
+    }
+    let Some(plan) = result.plan else {
+        return Ok(ExitCode::from(1));
+    };
+
+    if let Some(old) = diff_against {
+        let old_plan = load_old_plan(&cfg, old, &revs, &eval)?;
+        let d = diff::diff(&old_plan, &plan);
+        match format {
+            Format::Json => println!("{}", serde_json::to_string_pretty(&d)?),
+            _ => print!("{}", diff::render(&d)),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    match format {
+        Format::Text => print!("{}", render::text(&plan)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+        Format::Dot => print!("{}", render::dot(&plan)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The plan to diff against: a saved JSON plan, or the configured repositories at a revision.
+fn load_old_plan(
+    cfg: &git::LoadedConfig,
+    old: &str,
+    revs: &BTreeMap<String, String>,
+    eval: &ChildEvaluator,
+) -> Result<Plan> {
+    let as_path = Path::new(old);
+    if as_path.is_file() {
+        let text = std::fs::read_to_string(as_path).with_context(|| format!("reading {old}"))?;
+        let plan: Plan = serde_json::from_str(&text)
+            .with_context(|| format!("{old} is not a plan saved by `rbb compile --format json`"))?;
+        return Ok(plan);
+    }
+    let mut old_revs = revs.clone();
+    match old.split_once('@') {
+        Some((repo, rev)) => {
+            if !cfg.config.repositories.iter().any(|r| r.effective_name() == repo) {
+                let names: Vec<String> = cfg.config.repositories.iter().map(|r| r.effective_name()).collect();
+                bail!("--diff {old}: no repository `{repo}` in {} (repositories: {})", cfg.path.display(), names.join(", "));
+            }
+            old_revs.insert(repo.to_owned(), rev.to_owned());
+        }
+        None => {
+            for r in &cfg.config.repositories {
+                old_revs.insert(r.effective_name(), old.to_owned());
+            }
+        }
+    }
+    let (result, sources) = compile_config(cfg, &old_revs, eval);
+    match result.plan {
+        Some(plan) => Ok(plan),
+        None => {
+            eprint!("{}", render_diagnostics(&result.diagnostics, &sources));
+            bail!("the old side of --diff ({old}) does not compile")
+        }
+    }
+}
+
+fn cmd_validate(files: &[PathBuf], snippets: &SnippetArgs) -> Result<ExitCode> {
+    let mut sources = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        sources.push(Source {
+            repo: repo_name_for(f),
+            file: f.display().to_string(),
+            text,
+            branch: rbb_schema::config::DEFAULT_BRANCH.to_owned(),
+            files: Vec::new(),
+            origin: rbb_compiler::Origin { url: f.display().to_string(), pipeline_path: f.display().to_string(), ..Default::default() },
+        });
+    }
+    let eval = snippets.evaluator();
+    let mut failed = false;
+    // Each file is checked on its own: `needs` of other repositories cannot be resolved
+    // here, so only `rbb compile` checks them.
+    for source in &sources {
+        let opts = Options { other_repos_unknown: true, ..Options::default() };
+        let result = compile(std::slice::from_ref(source), &eval, &opts);
+        if !result.diagnostics.is_empty() {
+            eprint!("{}", render_diagnostics(&result.diagnostics, std::slice::from_ref(source)));
+        }
+        match result.plan {
+            Some(plan) => println!(
+                "{}: ok ({} builders, {} steps)",
+                source.file,
+                plan.builders.len(),
+                plan.step_count()
+            ),
+            None => failed = true,
+        }
+    }
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn repo_name_for(file: &Path) -> String {
+    let abs = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    let parent = abs.parent();
+    let dir = match parent {
+        Some(p) if p.file_name().is_some_and(|n| n == ".rbb") => p.parent(),
+        other => other,
+    };
+    dir.and_then(|d| d.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| rbb_compiler::valid_name(n))
+        .unwrap_or_else(|| "local".to_owned())
+}

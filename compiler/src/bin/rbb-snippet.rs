@@ -12,7 +12,7 @@ use rustpython_vm::{PyObjectRef, VirtualMachine, py_serde};
 use std::io::{BufRead, Write};
 
 /// Runs one snippet and returns a plain dict: `{"value": ...}` or `{"error": {...}}`.
-const DRIVER: &str = r#"
+const DRIVER: &str = r##"
 import builtins as _builtins
 
 _ALLOWED = frozenset(["json", "re", "math", "itertools", "functools", "collections",
@@ -73,6 +73,45 @@ def _check_plain(value, where, depth=0):
         return None
     return "%s: a %s is not plain data (use dict, list, str, int, float, bool or None)" % (where, type(value).__name__)
 
+def _unclosed_bracket(code):
+    """(line, col, char) of the first bracket never closed, ignoring strings and comments."""
+    stack = []
+    line, col = 1, 1
+    i, n = 0, len(code)
+    while i < n:
+        c = code[i]
+        if c == "#":
+            while i < n and code[i] != "\n":
+                i += 1
+            continue
+        if c in "'\"":
+            quote = code[i:i + 3] if code[i:i + 3] in ("'''", '"""') else c
+            i += len(quote)
+            col += len(quote)
+            while i < n and code[i:i + len(quote)] != quote:
+                if code[i] == "\\":
+                    i += 1
+                    col += 1
+                if i < n and code[i] == "\n":
+                    line += 1
+                    col = 0
+                i += 1
+                col += 1
+            i += len(quote)
+            col += len(quote)
+            continue
+        if c in "([{":
+            stack.append((line, col, c))
+        elif c in ")]}" and stack:
+            stack.pop()
+        if c == "\n":
+            line += 1
+            col = 1
+        else:
+            col += 1
+        i += 1
+    return stack[0] if stack else None
+
 def _run(code, ctx):
     body = "\n".join("    " + line for line in code.split("\n"))
     wrapped = "def __snippet(ctx):\n" + body + "\n    return None\n"
@@ -81,7 +120,16 @@ def _run(code, ctx):
     except SyntaxError as e:
         line = (e.lineno or 2) - 1
         col = max((e.offset or 5) - 4, 1)
-        return {"error": {"kind": "syntax", "line": max(line, 1), "col": col, "message": str(e.msg)}}
+        message = str(e.msg)
+        last = len(code.rstrip("\n").split("\n"))
+        if line > last:
+            # The parser ran off the end: usually a bracket that is never closed.
+            open_at = _unclosed_bracket(code)
+            if open_at:
+                line, col, message = open_at[0], open_at[1], "'%s' was never closed" % open_at[2]
+            else:
+                line, col = last, 1
+        return {"error": {"kind": "syntax", "line": max(line, 1), "col": col, "message": message}}
     scope = {"__builtins__": _safe, "__name__": "snippet"}
     try:
         _builtins.exec(compiled, scope)
@@ -97,7 +145,7 @@ def _run(code, ctx):
     if problem:
         return {"error": {"kind": "bad_result", "message": problem}}
     return {"value": value}
-"#;
+"##;
 
 fn main() {
     let mut memory_mib: u64 = 512;
@@ -162,6 +210,10 @@ fn serve() -> i32 {
         };
         let stdin = std::io::stdin();
         let mut stdout = std::io::stdout();
+        // Tell the parent the interpreter is up: its wall clock starts per request, not here.
+        if stdout.write_all(b"{\"ready\":true}\n").and_then(|()| stdout.flush()).is_err() {
+            return 0;
+        }
         for line in stdin.lock().lines() {
             let Ok(line) = line else { break };
             if line.trim().is_empty() {

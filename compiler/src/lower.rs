@@ -1,0 +1,620 @@
+//! Lowering: a typed builder definition to plan builders (one per matrix combination), with
+//! every default applied, every `${{ matrix.x }}` substituted and every string-encoded value
+//! (durations, globs, cron, conditions) checked.
+//!
+//! `needs` stay unresolved names here; resolving them needs every repository ([`crate::merge`]).
+
+use crate::condition;
+use crate::cron::Cron;
+use crate::diagnostic::{Diagnostics, did_you_mean, name_list};
+use crate::duration::parse_duration;
+use crate::parse::{FileCtx, ParsedBuilder, json_kind, snippet_diag, valid_name};
+use crate::snippet::Evaluator;
+use crate::spans::{Pos, Seg, key};
+use crate::Options;
+use indexmap::IndexMap;
+use rbb_schema::pipeline::{BranchFilter, Matrix, Scalar};
+use rbb_schema::plan::{PlanBranchFilter, PlanBuilder, PlanSchedule, PlanStep, PlanTriggers, SourceLocation};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A plan builder before `needs` are resolved and keys computed.
+#[derive(Debug, Clone)]
+pub(crate) struct Lowered {
+    pub builder: PlanBuilder,
+    /// `needs` as written, each with its position.
+    pub needs: Vec<(String, Pos)>,
+    /// Index of the source file this came from.
+    pub file: usize,
+}
+
+pub(crate) fn lower(
+    ctx: &FileCtx,
+    file: usize,
+    b: &ParsedBuilder,
+    eval: &dyn Evaluator,
+    opts: &Options,
+    diags: &mut Diagnostics,
+) -> Vec<Lowered> {
+    let spec = &b.spec;
+    let repo = &ctx.src.repo;
+    let what = format!("builder `{}`", b.name);
+    let start = b.pos(ctx, &[]);
+    let errors_before = diags.error_count();
+
+    if spec.steps.is_empty() {
+        diags.push(ctx.diag(
+            "no-steps",
+            start,
+            format!("{what} has no steps"),
+            Some("add `steps:` with at least one `- run: <command>`".into()),
+        ));
+        return Vec::new();
+    }
+
+    let combos = match &spec.matrix {
+        None => vec![IndexMap::new()],
+        Some(m) => match expand_matrix(ctx, b, m, eval, opts, diags) {
+            Some(c) => c,
+            None => return Vec::new(),
+        },
+    };
+
+    let triggers = lower_triggers(ctx, b, diags);
+    let builder_timeout = spec.timeout.as_ref().and_then(|t| duration(ctx, b, &[key("timeout")], t, diags));
+
+    let mut step_names = BTreeSet::new();
+    for (i, step) in spec.steps.iter().enumerate() {
+        let at = |k: &str| vec![key("steps"), Seg::Index(i), key(k)];
+        if let Some(name) = &step.name {
+            if !step_names.insert(name.clone()) {
+                diags.push(ctx.diag(
+                    "duplicate-step",
+                    b.pos(ctx, &at("name")),
+                    format!("{what} has two steps named `{name}`"),
+                    Some("step names are unique within a builder".into()),
+                ));
+            }
+        }
+        if step.run.trim().is_empty() {
+            diags.push(ctx.diag("empty-run", b.pos(ctx, &at("run")), format!("step {} of {what} has an empty `run`", i + 1), None));
+        }
+        if let Some(cond) = &step.condition {
+            if let Err(e) = condition::parse(cond) {
+                let p = b.pos(ctx, &at("if"));
+                let quoted = ctx.src.text.lines().nth(p.line.saturating_sub(1) as usize).and_then(|l| {
+                    l.chars().nth(p.col.saturating_sub(1) as usize).map(|c| c == '"' || c == '\'')
+                });
+                let shift = if quoted == Some(true) { 1 } else { 0 };
+                diags.push(ctx.diag(
+                    "bad-condition",
+                    Pos { line: p.line, col: p.col + shift + e.offset as u32 },
+                    format!("in the `if:` of step {} of {what}: {}", i + 1, e.message),
+                    Some("example: if: \"branch == 'main' && event != 'pull_request'\"".into()),
+                ));
+            }
+        }
+        for (k, _) in &step.env {
+            check_env_name(ctx, b, &at("env"), k, diags);
+        }
+        for k in &step.pass_env {
+            check_env_name(ctx, b, &at("pass_env"), k, diags);
+        }
+        check_relative(ctx, b, &at("workdir"), step.workdir.as_deref(), diags);
+        for (j, p) in step.inputs.iter().enumerate() {
+            let mut path = at("inputs");
+            path.push(Seg::Index(j));
+            check_relative(ctx, b, &path, Some(p), diags);
+        }
+        for (j, p) in step.outputs.iter().enumerate() {
+            let mut path = at("outputs");
+            path.push(Seg::Index(j));
+            check_relative(ctx, b, &path, Some(p), diags);
+        }
+    }
+    for (k, _) in &spec.env {
+        check_env_name(ctx, b, &[key("env")], k, diags);
+    }
+    check_relative(ctx, b, &[key("workdir")], spec.workdir.as_deref(), diags);
+    let step_timeouts: Vec<Option<u64>> = spec
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| s.timeout.as_ref().and_then(|t| duration(ctx, b, &[key("steps"), Seg::Index(i), key("timeout")], t, diags)))
+        .collect();
+
+    if let Some(workers) = &opts.worker_labels {
+        if !spec.labels.is_empty() && !workers.is_empty() {
+            let wanted: BTreeSet<&str> = spec.labels.iter().map(String::as_str).collect();
+            let any = workers.iter().any(|w| wanted.iter().all(|l| w.iter().any(|x| x == l)));
+            if !any && !spec.labels.iter().any(|l| l.contains("${{")) {
+                diags.push(ctx.warn(
+                    "no-capable-worker",
+                    b.pos(ctx, &[key("labels")]),
+                    format!("no configured worker has all labels of {what}: {}", spec.labels.join(", ")),
+                    Some("add the labels to a worker in the master config, or change `labels:`".into()),
+                ));
+            }
+        }
+    }
+
+    if diags.error_count() > errors_before {
+        return Vec::new();
+    }
+
+    let needs: Vec<(String, Pos)> = spec
+        .needs
+        .0
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), b.pos(ctx, &[key("needs"), Seg::Index(i)])))
+        .collect();
+
+    let mut out = Vec::new();
+    let mut subst_errors = BTreeSet::new();
+    for combo in combos {
+        let mut sub = |s: &str, rel: &[Seg]| -> String {
+            match substitute(s, &combo) {
+                Ok(v) => v,
+                Err(msg) => {
+                    if subst_errors.insert(msg.clone()) {
+                        diags.push(ctx.diag(
+                            "bad-expression",
+                            b.pos(ctx, rel),
+                            format!("{msg} in {what}"),
+                            Some(if combo.is_empty() {
+                                "`${{ matrix.<axis> }}` works only in a builder with `matrix:`".into()
+                            } else {
+                                format!("axes of this matrix: {}", combo.keys().cloned().collect::<Vec<_>>().join(", "))
+                            }),
+                        ));
+                    }
+                    s.to_owned()
+                }
+            }
+        };
+        let mut builder_env = BTreeMap::new();
+        for (k, v) in &spec.env {
+            builder_env.insert(k.clone(), sub(v.as_str(), &[key("env"), key(k)]));
+        }
+        let image = spec.image.as_ref().map(|i| sub(i, &[key("image")]));
+        let builder_workdir = spec.workdir.as_ref().map(|w| sub(w, &[key("workdir")]));
+        let mut labels: Vec<String> = spec.labels.iter().map(|l| sub(l, &[key("labels")])).collect();
+        labels.sort();
+        labels.dedup();
+        let description = spec.description.as_ref().map(|d| sub(d, &[key("description")]));
+        let mut steps = Vec::new();
+        for (i, step) in spec.steps.iter().enumerate() {
+            let at = |k: &str| vec![key("steps"), Seg::Index(i), key(k)];
+            let mut env = builder_env.clone();
+            for (k, v) in &step.env {
+                env.insert(k.clone(), sub(v.as_str(), &at("env")));
+            }
+            let name = match &step.name {
+                Some(n) => sub(n, &at("name")),
+                None => format!("step-{}", i + 1),
+            };
+            steps.push(PlanStep {
+                name,
+                run: sub(&step.run, &at("run")),
+                env,
+                pass_env: step.pass_env.clone(),
+                workdir: step.workdir.as_ref().map(|w| sub(w, &at("workdir"))).or_else(|| builder_workdir.clone()),
+                timeout_secs: step_timeouts[i].or(builder_timeout).unwrap_or(opts.default_timeout_secs),
+                halt_on_failure: step.halt_on_failure.unwrap_or(true),
+                flunk_on_failure: step.flunk_on_failure.unwrap_or(true),
+                warn_on_failure: step.warn_on_failure.unwrap_or(false),
+                always_run: step.always_run.unwrap_or(false),
+                condition: step.condition.as_ref().map(|c| sub(c, &at("if"))),
+                image: step.image.as_ref().map(|i| sub(i, &at("image"))).or_else(|| image.clone()),
+                inputs: step.inputs.iter().map(|p| sub(p, &at("inputs"))).collect(),
+                outputs: step.outputs.iter().map(|p| sub(p, &at("outputs"))).collect(),
+                key: String::new(),
+            });
+        }
+        let id = if combo.is_empty() {
+            format!("{repo}/{}", b.name)
+        } else {
+            let parts: Vec<String> = combo.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("{repo}/{}[{}]", b.name, parts.join(","))
+        };
+        out.push(Lowered {
+            builder: PlanBuilder {
+                id,
+                repo: repo.clone(),
+                name: b.name.clone(),
+                description,
+                tags: spec.tags.clone(),
+                matrix: combo.clone(),
+                labels,
+                image,
+                priority: spec.priority.unwrap_or(0),
+                triggers: triggers.clone(),
+                needs: Vec::new(),
+                steps,
+                source: SourceLocation { file: ctx.src.file.clone(), line: start.line, col: start.col },
+            },
+            needs: needs.clone(),
+            file,
+        });
+    }
+    out
+}
+
+fn check_env_name(ctx: &FileCtx, b: &ParsedBuilder, rel: &[Seg], name: &str, diags: &mut Diagnostics) {
+    let mut chars = name.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !ok {
+        let mut p = rel.to_vec();
+        p.push(key(name));
+        diags.push(ctx.diag(
+            "bad-env-name",
+            b.key_pos(ctx, &p),
+            format!("`{name}` is not a valid environment variable name in builder `{}`", b.name),
+            Some("use letters, digits and `_`, not starting with a digit".into()),
+        ));
+    }
+}
+
+fn check_relative(ctx: &FileCtx, b: &ParsedBuilder, rel: &[Seg], path: Option<&str>, diags: &mut Diagnostics) {
+    let Some(path) = path else { return };
+    if path.starts_with('/') || path.split('/').any(|c| c == "..") {
+        diags.push(ctx.diag(
+            "bad-path",
+            b.pos(ctx, rel),
+            format!("`{path}` in builder `{}` leaves the checkout", b.name),
+            Some("paths are relative to the repository root and may not use `..`".into()),
+        ));
+    }
+}
+
+fn duration(ctx: &FileCtx, b: &ParsedBuilder, rel: &[Seg], v: &Scalar, diags: &mut Diagnostics) -> Option<u64> {
+    match parse_duration(v.as_str()) {
+        Ok(0) => {
+            diags.push(ctx.diag("bad-duration", b.pos(ctx, rel), "a timeout of 0 would stop every step at once".into(), Some("use e.g. `10m`".into())));
+            None
+        }
+        Ok(s) => Some(s),
+        Err(msg) => {
+            diags.push(ctx.diag(
+                "bad-duration",
+                b.pos(ctx, rel),
+                format!("{msg} in builder `{}`", b.name),
+                Some("write seconds (`90`) or a duration such as `90s`, `10m`, `1h30m`".into()),
+            ));
+            None
+        }
+    }
+}
+
+fn lower_triggers(ctx: &FileCtx, b: &ParsedBuilder, diags: &mut Diagnostics) -> PlanTriggers {
+    let Some(t) = &b.spec.triggers else {
+        return PlanTriggers { push: Some(PlanBranchFilter::default()), force: true, ..Default::default() };
+    };
+    let on = |rest: &[Seg]| {
+        let mut p = vec![key("on")];
+        p.extend_from_slice(rest);
+        p
+    };
+    let filter = |f: &Option<BranchFilter>, name: &str, diags: &mut Diagnostics| {
+        f.as_ref().map(|f| {
+            check_globs(ctx, b, &on(&[key(name), key("branches")]), &f.branches, diags);
+            check_globs(ctx, b, &on(&[key(name), key("branches_ignore")]), &f.branches_ignore, diags);
+            PlanBranchFilter { branches: f.branches.clone(), branches_ignore: f.branches_ignore.clone() }
+        })
+    };
+    let push = filter(&t.push, "push", diags);
+    let pull_request = filter(&t.pull_request, "pull_request", diags);
+    check_globs(ctx, b, &on(&[key("paths")]), &t.paths, diags);
+    check_globs(ctx, b, &on(&[key("paths_ignore")]), &t.paths_ignore, diags);
+    let mut schedule = Vec::new();
+    for (i, s) in t.schedule.iter().enumerate() {
+        let p = on(&[key("schedule"), Seg::Index(i), key("cron")]);
+        match Cron::parse(&s.cron) {
+            Ok(_) => schedule.push(PlanSchedule {
+                cron: s.cron.trim().to_owned(),
+                branch: s.branch.clone().unwrap_or_else(|| ctx.src.branch.clone()),
+                only_if_changed: s.only_if_changed.unwrap_or(true),
+            }),
+            Err(e) => {
+                let mut pos = b.pos(ctx, &p);
+                if let Some(field) = e.field {
+                    // Point at the offending field inside the string.
+                    let offset: usize = s.cron.split_whitespace().take(field).map(|f| f.len() + 1).sum::<usize>()
+                        + (s.cron.len() - s.cron.trim_start().len());
+                    let line = ctx.src.text.lines().nth(pos.line.saturating_sub(1) as usize).unwrap_or("");
+                    let quoted = line.chars().nth(pos.col.saturating_sub(1) as usize).is_some_and(|c| c == '"' || c == '\'');
+                    pos.col += offset as u32 + u32::from(quoted);
+                }
+                diags.push(ctx.diag(
+                    "bad-cron",
+                    pos,
+                    format!("invalid cron schedule in builder `{}`: {}", b.name, e.message),
+                    Some("five fields: minute hour day-of-month month day-of-week, e.g. \"0 3 * * *\" (03:00 UTC daily)".into()),
+                ));
+            }
+        }
+    }
+    if push.is_none() && pull_request.is_none() && schedule.is_empty() && t.force == Some(false) {
+        diags.push(ctx.warn(
+            "never-runs",
+            b.pos(ctx, &[key("on")]),
+            format!("builder `{}` has no trigger left: it can never run", b.name),
+            Some("add `push:`, `pull_request:`, `schedule:` or allow `force`".into()),
+        ));
+    }
+    PlanTriggers {
+        push,
+        pull_request,
+        paths: t.paths.clone(),
+        paths_ignore: t.paths_ignore.clone(),
+        schedule,
+        force: t.force.unwrap_or(true),
+    }
+}
+
+fn check_globs(ctx: &FileCtx, b: &ParsedBuilder, rel: &[Seg], globs: &[String], diags: &mut Diagnostics) {
+    for (i, g) in globs.iter().enumerate() {
+        if let Err(e) = globset::Glob::new(g) {
+            let mut p = rel.to_vec();
+            p.push(Seg::Index(i));
+            diags.push(ctx.diag(
+                "bad-glob",
+                b.pos(ctx, &p),
+                format!("invalid glob `{g}` in builder `{}`: {}", b.name, e.kind()),
+                Some("globs use `*`, `**`, `?`, `[abc]` and `{a,b}`".into()),
+            ));
+        }
+    }
+}
+
+/// Every combination of the matrix, after `exclude` and `include`.
+fn expand_matrix(
+    ctx: &FileCtx,
+    b: &ParsedBuilder,
+    m: &Matrix,
+    eval: &dyn Evaluator,
+    opts: &Options,
+    diags: &mut Diagnostics,
+) -> Option<Vec<IndexMap<String, String>>> {
+    let mpos = b.pos(ctx, &[key("matrix")]);
+    let what = format!("builder `{}`", b.name);
+    let mut axes: IndexMap<String, Vec<String>> =
+        m.axes.iter().map(|(k, v)| (k.clone(), v.iter().map(|s| s.0.clone()).collect())).collect();
+    let mut listed: Option<Vec<IndexMap<String, String>>> = None;
+    if let Some(code) = &m.python {
+        if !axes.is_empty() {
+            diags.push(ctx.diag(
+                "matrix-mixed",
+                mpos,
+                format!("the matrix of {what} has both `python` and axes"),
+                Some("return every axis from the snippet, or drop `python`".into()),
+            ));
+            return None;
+        }
+        let snippet_ctx = serde_json::json!({
+            "repo": ctx.src.repo,
+            "branch": ctx.src.branch,
+            "files": ctx.src.files,
+            "builder": b.name,
+        });
+        let mut code_path = b.base.clone();
+        code_path.extend([key("matrix"), key("python")]);
+        let value = match eval.eval(code, &snippet_ctx) {
+            Ok(v) => v,
+            Err(e) => {
+                diags.push(snippet_diag(ctx, &code_path, &e, &format!("`matrix:` of {what}")));
+                return None;
+            }
+        };
+        let spos = ctx.spans.value(&code_path);
+        let bad = |diags: &mut Diagnostics, msg: String| {
+            diags.push(ctx.diag(
+                "snippet-result",
+                spos,
+                msg,
+                Some("return a list of dicts like [{\"os\": \"linux\"}], or a dict of lists like {\"os\": [\"linux\", \"mac\"]}".into()),
+            ));
+        };
+        match value {
+            serde_json::Value::Array(items) => {
+                let mut combos = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    let serde_json::Value::Object(obj) = item else {
+                        bad(diags, format!("the snippet of `matrix:` of {what} returned {} at [{i}], not a dict", json_kind(item)));
+                        return None;
+                    };
+                    let mut combo = IndexMap::new();
+                    for (k, v) in obj {
+                        match json_scalar(v) {
+                            Some(s) => {
+                                combo.insert(k.clone(), s);
+                            }
+                            None => {
+                                bad(diags, format!("the snippet of `matrix:` of {what} returned {} for `{k}` at [{i}]; values must be text, numbers or booleans", json_kind(v)));
+                                return None;
+                            }
+                        }
+                    }
+                    combos.push(combo);
+                }
+                listed = Some(combos);
+            }
+            serde_json::Value::Object(obj) => {
+                for (k, v) in obj {
+                    let serde_json::Value::Array(vals) = v else {
+                        bad(diags, format!("the snippet of `matrix:` of {what} returned {} for axis `{k}`, not a list", json_kind(&v)));
+                        return None;
+                    };
+                    let mut out = Vec::new();
+                    for v in &vals {
+                        match json_scalar(v) {
+                            Some(s) => out.push(s),
+                            None => {
+                                bad(diags, format!("the snippet of `matrix:` of {what} returned {} in axis `{k}`", json_kind(v)));
+                                return None;
+                            }
+                        }
+                    }
+                    axes.insert(k, out);
+                }
+            }
+            other => {
+                bad(diags, format!("the snippet of `matrix:` of {what} returned {}", json_kind(&other)));
+                return None;
+            }
+        }
+    }
+
+    for (axis, values) in &axes {
+        let apos = b.pos(ctx, &[key("matrix"), key(axis)]);
+        if !valid_name(axis) || axis.contains('.') {
+            diags.push(ctx.diag("bad-name", apos, format!("invalid matrix axis name `{axis}` in {what}"), Some("use letters, digits, `_` and `-`".into())));
+            return None;
+        }
+        if values.is_empty() {
+            diags.push(ctx.diag("empty-axis", apos, format!("matrix axis `{axis}` of {what} has no values"), None));
+            return None;
+        }
+        for v in values {
+            if v.contains([',', ']', '[', '=']) {
+                diags.push(ctx.diag(
+                    "bad-matrix-value",
+                    apos,
+                    format!("matrix value `{v}` of {what} contains one of `,` `=` `[` `]`"),
+                    Some("these characters separate values in builder ids".into()),
+                ));
+                return None;
+            }
+        }
+    }
+
+    let mut combos: Vec<IndexMap<String, String>> = match listed {
+        Some(list) => list,
+        None => {
+            let total = axes.values().fold(1usize, |acc, v| acc.saturating_mul(v.len()));
+            if total > opts.max_matrix {
+                let sizes: Vec<String> = axes.iter().map(|(k, v)| format!("{k}: {}", v.len())).collect();
+                diags.push(ctx.diag(
+                    "matrix-too-large",
+                    mpos,
+                    format!(
+                        "the matrix of {what} expands to {total} combinations ({}), more than the limit of {}",
+                        sizes.join(" × "),
+                        opts.max_matrix
+                    ),
+                    Some("split the builder, trim an axis, or list only the combinations you need under `include:`".into()),
+                ));
+                return None;
+            }
+            let mut out = vec![IndexMap::new()];
+            for (axis, values) in &axes {
+                let mut next = Vec::with_capacity(out.len() * values.len());
+                for combo in &out {
+                    for v in values {
+                        let mut c: IndexMap<String, String> = combo.clone();
+                        c.insert(axis.clone(), v.clone());
+                        next.push(c);
+                    }
+                }
+                out = next;
+            }
+            if axes.is_empty() {
+                out.clear();
+            }
+            out
+        }
+    };
+
+    let axis_names: Vec<&str> = axes.keys().map(String::as_str).collect();
+    for (i, ex) in m.exclude.iter().enumerate() {
+        for k in ex.keys() {
+            if !axes.contains_key(k) {
+                diags.push(ctx.diag(
+                    "unknown-axis",
+                    b.pos(ctx, &[key("matrix"), key("exclude"), Seg::Index(i), key(k)]),
+                    format!("`exclude` names axis `{k}`, which the matrix of {what} does not have"),
+                    did_you_mean(k, axis_names.iter().copied()).or_else(|| Some(format!("axes: {}", name_list(&axis_names, 10)))),
+                ));
+                return None;
+            }
+        }
+        combos.retain(|c| !ex.iter().all(|(k, v)| c.get(k).map(String::as_str) == Some(v.as_str())));
+    }
+    for inc in &m.include {
+        let c: IndexMap<String, String> = inc.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+        if !combos.contains(&c) {
+            combos.push(c);
+        }
+    }
+    if combos.len() > opts.max_matrix {
+        diags.push(ctx.diag(
+            "matrix-too-large",
+            mpos,
+            format!("the matrix of {what} has {} combinations, more than the limit of {}", combos.len(), opts.max_matrix),
+            Some("split the builder or trim the list".into()),
+        ));
+        return None;
+    }
+    if combos.is_empty() {
+        diags.push(ctx.diag(
+            "empty-matrix",
+            mpos,
+            format!("the matrix of {what} has no combinations left"),
+            Some("`exclude` removed every combination, or no axis has values".into()),
+        ));
+        return None;
+    }
+    Some(combos)
+}
+
+fn json_scalar(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Replaces `${{ matrix.<axis> }}` in `s`.
+fn substitute(s: &str, combo: &IndexMap<String, String>) -> Result<String, String> {
+    if !s.contains("${{") {
+        return Ok(s.to_owned());
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 3..];
+        let Some(end) = after.find("}}") else {
+            return Err("`${{` is not closed with `}}`".into());
+        };
+        let expr = after[..end].trim();
+        match expr.strip_prefix("matrix.") {
+            Some(axis) => match combo.get(axis) {
+                Some(v) => out.push_str(v),
+                None => return Err(format!("`${{{{ {expr} }}}}` names no matrix axis")),
+            },
+            None => return Err(format!("unknown expression `${{{{ {expr} }}}}` (only `matrix.<axis>` exists)")),
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substitutes_matrix_values() {
+        let mut c = IndexMap::new();
+        c.insert("os".to_owned(), "linux".to_owned());
+        assert_eq!(substitute("build-${{ matrix.os }}-${{matrix.os}}", &c).as_deref(), Ok("build-linux-linux"));
+        assert!(substitute("${{ matrix.py }}", &c).is_err());
+        assert!(substitute("${{ secrets.x }}", &c).is_err());
+        assert!(substitute("${{ matrix.os", &c).is_err());
+    }
+}

@@ -1,0 +1,658 @@
+//! Front end: one pipeline file's text to typed builder definitions, with diagnostics.
+//!
+//! Order of work: YAML syntax (serde_yaml, with its position), `<<` merges, the top-level
+//! keys, `templates`, the `generate` snippet, then each builder on its own (`extends:`
+//! applied at the value level, then typed through serde with the error's path kept), so one
+//! bad builder does not hide the mistakes in the next. Positions come from [`SpanIndex`].
+
+use crate::diagnostic::{Diagnostic, Diagnostics, Severity, did_you_mean, name_list};
+use crate::snippet::{Evaluator, SnippetError};
+use crate::spans::{Path, Pos, Seg, SpanIndex, key};
+use rbb_schema::pipeline::Builder;
+use serde_yaml::{Mapping, Value};
+use std::collections::HashSet;
+
+/// One repository's pipeline file, as the compiler receives it.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Repository name: the namespace of its builders.
+    pub repo: String,
+    /// The file as shown in diagnostics, e.g. `app/.rbb/pipeline.yaml`.
+    pub file: String,
+    pub text: String,
+    /// Branch the file was read from (given to snippets, default of schedules).
+    pub branch: String,
+    /// Paths of every file in the commit (given to snippets). May be empty.
+    pub files: Vec<String>,
+    /// Where it came from, recorded in the plan.
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub url: String,
+    pub commit: Option<String>,
+    pub blob: Option<String>,
+    pub pipeline_path: String,
+}
+
+pub(crate) const TOP_KEYS: [&str; 4] = ["version", "templates", "builders", "generate"];
+
+/// Positions and error helpers for one file.
+pub(crate) struct FileCtx<'a> {
+    pub src: &'a Source,
+    pub spans: SpanIndex,
+}
+
+impl FileCtx<'_> {
+    pub fn diag(&self, code: &'static str, pos: Pos, message: String, hint: Option<String>) -> Diagnostic {
+        Diagnostic {
+            severity: Severity::Error,
+            code,
+            repo: Some(self.src.repo.clone()),
+            file: self.src.file.clone(),
+            line: pos.line,
+            col: pos.col,
+            message,
+            hint,
+        }
+    }
+
+    pub fn warn(&self, code: &'static str, pos: Pos, message: String, hint: Option<String>) -> Diagnostic {
+        Diagnostic { severity: Severity::Warning, ..self.diag(code, pos, message, hint) }
+    }
+}
+
+/// A builder definition that typed cleanly, with where to point when later passes complain.
+#[derive(Debug, Clone)]
+pub(crate) struct ParsedBuilder {
+    pub name: String,
+    pub spec: Builder,
+    /// Path of the builder's mapping in the file.
+    pub base: Path,
+    /// Set for builders returned by the `generate` snippet: every position is the snippet's.
+    pub generated_at: Option<Pos>,
+}
+
+impl ParsedBuilder {
+    /// Position of the key that ends `rel` under this builder.
+    pub fn key_pos(&self, ctx: &FileCtx, rel: &[Seg]) -> Pos {
+        if let Some(p) = self.generated_at {
+            return p;
+        }
+        let mut p = self.base.clone();
+        p.extend_from_slice(rel);
+        ctx.spans.key(&p)
+    }
+
+    /// Position of the value at `rel` under this builder.
+    pub fn pos(&self, ctx: &FileCtx, rel: &[Seg]) -> Pos {
+        if let Some(p) = self.generated_at {
+            return p;
+        }
+        let mut p = self.base.clone();
+        p.extend_from_slice(rel);
+        ctx.spans.value(&p)
+    }
+}
+
+/// What one file yields.
+pub(crate) struct ParsedFile<'a> {
+    pub ctx: FileCtx<'a>,
+    pub builders: Vec<ParsedBuilder>,
+}
+
+/// Whether `name` may name a builder, a template, a repository or a matrix axis.
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && name.len() <= 100
+}
+
+pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut Diagnostics) -> ParsedFile<'a> {
+    let ctx = FileCtx { src, spans: SpanIndex::build(&src.text) };
+    let mut builders = Vec::new();
+    let value: Value = match serde_yaml::from_str(&src.text) {
+        Ok(v) => v,
+        Err(e) => {
+            diags.push(yaml_error(&ctx, &e));
+            return ParsedFile { ctx, builders };
+        }
+    };
+    let mut value = value;
+    if let Err(e) = value.apply_merge() {
+        diags.push(ctx.diag("yaml-merge", Pos { line: 1, col: 1 }, format!("cannot apply `<<` merge: {e}"), None));
+        return ParsedFile { ctx, builders };
+    }
+    let top = match value {
+        Value::Mapping(m) => m,
+        Value::Null => {
+            diags.push(ctx.warn(
+                "empty-pipeline",
+                Pos { line: 1, col: 1 },
+                "the pipeline file is empty".into(),
+                Some("add `builders:` with at least one builder".into()),
+            ));
+            return ParsedFile { ctx, builders };
+        }
+        other => {
+            diags.push(ctx.diag(
+                "wrong-type",
+                Pos { line: 1, col: 1 },
+                format!("a pipeline is a mapping with `builders:`, found {}", kind(&other)),
+                Some("start the file with `builders:`".into()),
+            ));
+            return ParsedFile { ctx, builders };
+        }
+    };
+
+    for (k, v) in &top {
+        let Some(name) = k.as_str() else {
+            diags.push(ctx.diag("wrong-type", Pos { line: 1, col: 1 }, "top-level keys must be strings".into(), None));
+            continue;
+        };
+        if TOP_KEYS.contains(&name) {
+            continue;
+        }
+        let pos = ctx.spans.key(&[key(name)]);
+        let looks_like_builder = v.as_mapping().is_some_and(|m| m.contains_key("steps"));
+        let hint = if looks_like_builder {
+            Some(format!("builders belong under `builders:`; indent `{name}` below it"))
+        } else {
+            did_you_mean(name, TOP_KEYS).or_else(|| Some(format!("top-level keys: {}", TOP_KEYS.join(", "))))
+        };
+        diags.push(ctx.diag("unknown-key", pos, format!("unknown top-level key `{name}`"), hint));
+    }
+
+    if let Some(v) = top.get("version") {
+        if v.as_u64() != Some(1) {
+            diags.push(ctx.diag(
+                "version",
+                ctx.spans.value(&[key("version")]),
+                format!("unsupported pipeline version {}", scalar_text(v)),
+                Some("this rbb reads `version: 1`".into()),
+            ));
+        }
+    }
+
+    let templates = mapping_at(&ctx, &top, "templates", diags);
+    let mut broken_templates = HashSet::new();
+    for (name, tv) in &templates {
+        let Some(name) = name.as_str() else { continue };
+        let base = vec![key("templates"), key(name)];
+        if !valid_name(name) {
+            diags.push(bad_name(&ctx, &base, "template", name));
+        }
+        let mut stripped = tv.clone();
+        if let Value::Mapping(m) = &mut stripped {
+            m.remove("extends");
+        }
+        if let Err(d) = type_builder(&ctx, stripped, &base, None, &format!("template `{name}`")) {
+            broken_templates.insert(name.to_owned());
+            diags.push(d);
+        }
+    }
+
+    let declared = mapping_at(&ctx, &top, "builders", diags);
+    let mut seen = HashSet::new();
+    for (name, bv) in &declared {
+        let Some(name) = name.as_str() else {
+            diags.push(ctx.diag("wrong-type", ctx.spans.value(&[key("builders")]), "builder names must be strings".into(), None));
+            continue;
+        };
+        let base = vec![key("builders"), key(name)];
+        if !valid_name(name) {
+            diags.push(bad_name(&ctx, &base, "builder", name));
+            continue;
+        }
+        seen.insert(name.to_owned());
+        let merged = match apply_extends(&ctx, bv, &templates, &base, &mut Vec::new(), diags) {
+            Some(v) => v,
+            None => continue,
+        };
+        let extends_broken = template_names(bv).iter().any(|t| broken_templates.contains(t));
+        match type_builder(&ctx, merged, &base, None, &format!("builder `{name}`")) {
+            Ok(spec) => builders.push(ParsedBuilder { name: name.to_owned(), spec, base, generated_at: None }),
+            Err(d) => {
+                // A mistake inherited from a broken template is reported once, at the template.
+                if !(extends_broken && d.line == ctx.spans.value(&base).line) {
+                    diags.push(d);
+                }
+            }
+        }
+    }
+
+    if let Some(gen_value) = top.get("generate") {
+        generate(&ctx, gen_value, &top, &templates, eval, &mut seen, &mut builders, diags);
+    }
+
+    if builders.is_empty() && !diags.has_errors() && declared.is_empty() && top.get("generate").is_none() {
+        diags.push(ctx.warn(
+            "no-builders",
+            Pos { line: 1, col: 1 },
+            "the pipeline defines no builders".into(),
+            Some("add a builder under `builders:`".into()),
+        ));
+    }
+    ParsedFile { ctx, builders }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn generate(
+    ctx: &FileCtx,
+    gen_value: &Value,
+    top: &Mapping,
+    templates: &Mapping,
+    eval: &dyn Evaluator,
+    seen: &mut HashSet<String>,
+    builders: &mut Vec<ParsedBuilder>,
+    diags: &mut Diagnostics,
+) {
+    let gen_path = vec![key("generate")];
+    let code_path = vec![key("generate"), key("python")];
+    let code = match serde_path_to_error::deserialize::<_, rbb_schema::pipeline::PythonSnippet>(gen_value.clone()) {
+        Ok(s) => s.python,
+        Err(e) => {
+            diags.push(type_diag(ctx, &gen_path, None, e, "`generate`"));
+            return;
+        }
+    };
+    let snippet_ctx = serde_json::json!({
+        "repo": ctx.src.repo,
+        "branch": ctx.src.branch,
+        "files": ctx.src.files,
+        "pipeline": serde_json::to_value(Value::Mapping(top.clone())).unwrap_or_default(),
+    });
+    let at = ctx.spans.value(&code_path);
+    let result = match eval.eval(&code, &snippet_ctx) {
+        Ok(v) => v,
+        Err(e) => {
+            diags.push(snippet_diag(ctx, &code_path, &e, "`generate:`"));
+            return;
+        }
+    };
+    let serde_json::Value::Object(map) = result else {
+        diags.push(ctx.diag(
+            "snippet-result",
+            at,
+            format!("the snippet of `generate:` returned {}, not a mapping of builder name to builder", json_kind(&result)),
+            Some("return a dict such as {\"test\": {\"steps\": [{\"run\": \"make test\"}]}}".into()),
+        ));
+        return;
+    };
+    for (name, bv) in map {
+        if !valid_name(&name) {
+            diags.push(ctx.diag(
+                "bad-name",
+                at,
+                format!("the snippet of `generate:` returned an invalid builder name `{name}`"),
+                Some("names start with a letter or digit and use only letters, digits, `.`, `_` and `-`".into()),
+            ));
+            continue;
+        }
+        if !seen.insert(name.clone()) {
+            diags.push(ctx.diag(
+                "duplicate-builder",
+                at,
+                format!("the snippet of `generate:` returned builder `{name}`, which `builders:` already defines"),
+                Some("rename one of them".into()),
+            ));
+            continue;
+        }
+        let Ok(bv) = serde_yaml::to_value(&bv) else { continue };
+        let base = vec![key("builders"), key(&name)];
+        let Some(merged) = apply_extends(ctx, &bv, templates, &gen_path, &mut Vec::new(), diags) else {
+            continue;
+        };
+        match type_builder(ctx, merged, &base, Some(at), &format!("builder `{name}` returned by the snippet of `generate:`")) {
+            Ok(spec) => builders.push(ParsedBuilder { name, spec, base, generated_at: Some(at) }),
+            Err(d) => diags.push(d),
+        }
+    }
+}
+
+fn mapping_at(ctx: &FileCtx, top: &Mapping, name: &str, diags: &mut Diagnostics) -> Mapping {
+    match top.get(name) {
+        None | Some(Value::Null) => Mapping::new(),
+        Some(Value::Mapping(m)) => m.clone(),
+        Some(other) => {
+            diags.push(ctx.diag(
+                "wrong-type",
+                ctx.spans.value(&[key(name)]),
+                format!("`{name}` must be a mapping of name to builder, found {}", kind(other)),
+                Some(format!("write `{name}:` followed by indented `<name>:` entries")),
+            ));
+            Mapping::new()
+        }
+    }
+}
+
+fn bad_name(ctx: &FileCtx, base: &Path, what: &str, name: &str) -> Diagnostic {
+    ctx.diag(
+        "bad-name",
+        ctx.spans.key(base),
+        format!("invalid {what} name `{name}`"),
+        Some("names start with a letter or digit and use only letters, digits, `.`, `_` and `-`".into()),
+    )
+}
+
+fn template_names(v: &Value) -> Vec<String> {
+    match v.get("extends") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Sequence(items)) => items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The builder's value with its templates merged underneath it.
+fn apply_extends(
+    ctx: &FileCtx,
+    value: &Value,
+    templates: &Mapping,
+    base: &Path,
+    chain: &mut Vec<String>,
+    diags: &mut Diagnostics,
+) -> Option<Value> {
+    let Value::Mapping(own) = value else {
+        return Some(value.clone());
+    };
+    let Some(ext) = own.get("extends") else {
+        return Some(value.clone());
+    };
+    let mut ext_path = base.clone();
+    ext_path.push(key("extends"));
+    let names = match ext {
+        Value::String(s) => vec![s.clone()],
+        Value::Sequence(items) if items.iter().all(|i| i.is_string()) => {
+            items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect()
+        }
+        _ => {
+            diags.push(ctx.diag(
+                "wrong-type",
+                ctx.spans.value(&ext_path),
+                "`extends` takes a template name or a list of template names".into(),
+                None,
+            ));
+            return None;
+        }
+    };
+    let mut acc = Value::Mapping(Mapping::new());
+    for name in names {
+        let Some(t) = templates.get(name.as_str()) else {
+            let known: Vec<&str> = templates.keys().filter_map(Value::as_str).collect();
+            let hint = did_you_mean(&name, known.iter().copied())
+                .map(|d| format!("{d} templates: {}", name_list(&known, 10)))
+                .unwrap_or_else(|| format!("templates in this file: {}", name_list(&known, 10)));
+            diags.push(ctx.diag("unknown-template", ctx.spans.value(&ext_path), format!("no template named `{name}`"), Some(hint)));
+            return None;
+        };
+        if chain.contains(&name) {
+            chain.push(name.clone());
+            diags.push(ctx.diag(
+                "template-cycle",
+                ctx.spans.value(&ext_path),
+                format!("templates extend each other in a cycle: {}", chain.join(" → ")),
+                Some("break the cycle by removing one `extends`".into()),
+            ));
+            return None;
+        }
+        chain.push(name.clone());
+        let t_path = vec![key("templates"), key(&name)];
+        let resolved = apply_extends(ctx, t, templates, &t_path, chain, diags)?;
+        chain.pop();
+        acc = deep_merge(acc, resolved);
+    }
+    let mut own = own.clone();
+    own.remove("extends");
+    Some(deep_merge(acc, Value::Mapping(own)))
+}
+
+/// `over` on top of `under`: mappings merge key by key, anything else is replaced.
+pub(crate) fn deep_merge(under: Value, over: Value) -> Value {
+    match (under, over) {
+        (Value::Mapping(mut u), Value::Mapping(o)) => {
+            for (k, v) in o {
+                let merged = match u.remove(&k) {
+                    Some(existing) => deep_merge(existing, v),
+                    None => v,
+                };
+                u.insert(k, merged);
+            }
+            Value::Mapping(u)
+        }
+        (_, over) => over,
+    }
+}
+
+fn type_builder(
+    ctx: &FileCtx,
+    value: Value,
+    base: &Path,
+    generated_at: Option<Pos>,
+    what: &str,
+) -> Result<Builder, Diagnostic> {
+    if !value.is_mapping() {
+        let pos = generated_at.unwrap_or_else(|| ctx.spans.value(base));
+        return Err(ctx.diag(
+            "wrong-type",
+            pos,
+            format!("{what} must be a mapping with `steps:`, found {}", kind(&value)),
+            None,
+        ));
+    }
+    serde_path_to_error::deserialize::<_, Builder>(value).map_err(|e| type_diag(ctx, base, generated_at, e, what))
+}
+
+/// Turns a serde error with its path into a diagnostic at the right place.
+pub(crate) fn type_diag(
+    ctx: &FileCtx,
+    base: &Path,
+    generated_at: Option<Pos>,
+    err: serde_path_to_error::Error<serde_yaml::Error>,
+    what: &str,
+) -> Diagnostic {
+    let mut path = base.clone();
+    for seg in err.path().iter() {
+        match seg {
+            serde_path_to_error::Segment::Seq { index } => path.push(Seg::Index(*index)),
+            serde_path_to_error::Segment::Map { key: k } => path.push(Seg::Key(k.clone())),
+            serde_path_to_error::Segment::Enum { variant } => path.push(Seg::Key(variant.clone())),
+            serde_path_to_error::Segment::Unknown => {}
+        }
+    }
+    let inner = err.inner().to_string();
+    let inner = match inner.find(" at line ") {
+        Some(i) => inner[..i].to_owned(),
+        None => inner,
+    };
+    let rel = crate::spans::display(&path[base.len().min(path.len())..]);
+    let place = if rel.is_empty() { what.to_owned() } else { format!("{what}, at `{rel}`") };
+    let pos_of = |p: &Path| generated_at.unwrap_or_else(|| ctx.spans.value(p));
+    if let Some(rest) = inner.strip_prefix("unknown field `") {
+        let _ = rest;
+        let mut quoted = inner.split('`').skip(1).step_by(2).map(str::to_owned);
+        let field = quoted.next().unwrap_or_default();
+        let expected: Vec<String> = quoted.collect();
+        let mut key_path = path.clone();
+        if key_path.last() != Some(&Seg::Key(field.clone())) {
+            key_path.push(Seg::Key(field.clone()));
+        }
+        let pos = generated_at.unwrap_or_else(|| ctx.spans.key(&key_path));
+        let hint = did_you_mean(&field, expected.iter().map(String::as_str))
+            .or_else(|| Some(format!("known keys here: {}", expected.join(", "))));
+        let owner_path = &key_path[..key_path.len() - 1];
+        let owner_rel = crate::spans::display(&owner_path[base.len().min(owner_path.len())..]);
+        let owner = if owner_rel.is_empty() { what.to_owned() } else { format!("{what}, at `{owner_rel}`") };
+        return ctx.diag("unknown-key", pos, format!("unknown key `{field}` in {owner}"), hint);
+    }
+    if let Some(rest) = inner.strip_prefix("missing field `") {
+        let field = rest.split('`').next().unwrap_or_default();
+        return ctx.diag(
+            "missing-key",
+            pos_of(&path),
+            format!("{place} lacks the required key `{field}`"),
+            Some(format!("add `{field}:`")),
+        );
+    }
+    if let Some(rest) = inner.strip_prefix("invalid type: ") {
+        // serde says "invalid type: string \"x\", expected a sequence"; say it in YAML's words.
+        let (found, expected) = rest.split_once(", expected ").unwrap_or((rest, "something else"));
+        let expected = yaml_words(expected);
+        let hint = match expected.as_str() {
+            "a list" => Some("write a list: `[a, b]`, or one `- item` per line".to_owned()),
+            "a mapping" => Some("write a mapping: `key: value` pairs, or `{ key: value }`".to_owned()),
+            "a whole number" => Some("write a number without quotes, e.g. `10`".to_owned()),
+            _ => None,
+        };
+        return ctx.diag("wrong-type", pos_of(&path), format!("{place} must be {expected}, found {}", yaml_words(found)), hint);
+    }
+    if inner.starts_with("invalid value") {
+        return ctx.diag("wrong-type", pos_of(&path), format!("{place}: {inner}"), None);
+    }
+    ctx.diag("invalid", pos_of(&path), format!("{place}: {inner}"), None)
+}
+
+fn yaml_error(ctx: &FileCtx, e: &serde_yaml::Error) -> Diagnostic {
+    let (mut line, mut col) = e.location().map(|l| (l.line() as u32, l.column() as u32)).unwrap_or((1, 1));
+    if e.to_string().contains("duplicate entry") {
+        // serde_yaml points at the mapping; the second occurrence is what needs fixing.
+        if let Some((_, pos)) = ctx.spans.first_duplicate() {
+            line = pos.line;
+            col = pos.col;
+        }
+    }
+    let text = e.to_string();
+    let message = match text.find(" at line ") {
+        Some(i) => text[..i].to_owned(),
+        None => text,
+    };
+    let hint = if message.contains("duplicate entry") {
+        Some("each key may appear once in a mapping; rename or remove the second one".to_owned())
+    } else if message.contains("tab") {
+        Some("indent with spaces, not tabs".to_owned())
+    } else if message.contains("mapping values are not allowed") {
+        Some("a value containing `: ` must be quoted, or a key is indented wrongly".to_owned())
+    } else {
+        Some("check the indentation and quoting around this position".to_owned())
+    };
+    ctx.diag("yaml-syntax", Pos { line, col }, format!("YAML syntax error: {message}"), hint)
+}
+
+/// A snippet failure as a diagnostic, with snippet lines mapped into the YAML file.
+pub(crate) fn snippet_diag(ctx: &FileCtx, code_path: &Path, err: &SnippetError, what: &str) -> Diagnostic {
+    // The position index puts a block scalar (`python: |`) at its first content line and
+    // a quoted one at its opening quote.
+    let block = ctx.spans.value(code_path);
+    let line_text = ctx.src.text.lines().nth(block.line.saturating_sub(1) as usize).unwrap_or("");
+    let first = line_text.chars().nth(block.col.saturating_sub(1) as usize);
+    let quoted = matches!(first, Some('"') | Some('\''));
+    let map = |line: u32, col: u32| -> Pos {
+        if quoted {
+            Pos { line: block.line, col: block.col + col }
+        } else {
+            Pos { line: block.line + line.saturating_sub(1), col: block.col + col.saturating_sub(1) }
+        }
+    };
+    let at_line = |line: Option<u32>| line.map(|l| map(l, 1)).unwrap_or(block);
+    match err {
+        SnippetError::Syntax { line, col, message } => ctx.diag(
+            "snippet-syntax",
+            map(*line, *col),
+            format!("Python syntax error in the snippet of {what}: {message}"),
+            Some("the snippet is the body of a function of `ctx`; end it with `return <value>`".into()),
+        ),
+        SnippetError::Raised { line, exception, message } => ctx.diag(
+            "snippet-raised",
+            at_line(*line),
+            format!("the snippet of {what} raised {exception}: {message}"),
+            None,
+        ),
+        SnippetError::Forbidden { line, message } => ctx.diag(
+            "snippet-forbidden",
+            at_line(*line),
+            format!("the snippet of {what} was stopped: {message}"),
+            Some("snippets are pure: compute from `ctx` (repo, branch, files, pipeline) only".into()),
+        ),
+        SnippetError::BadResult { message } => ctx.diag(
+            "snippet-result",
+            block,
+            format!("the snippet of {what} returned something that is not plain data: {message}"),
+            None,
+        ),
+        SnippetError::Timeout { limit_ms } => ctx.diag(
+            "snippet-timeout",
+            block,
+            format!("the snippet of {what} ran longer than {} ms and was stopped", limit_ms),
+            Some("snippets must finish quickly; look for a loop that never ends".into()),
+        ),
+        SnippetError::OutOfMemory { limit_mib } => ctx.diag(
+            "snippet-memory",
+            block,
+            if *limit_mib > 0 {
+                format!("the snippet of {what} used more than {limit_mib} MiB of memory and was stopped")
+            } else {
+                format!("the snippet of {what} ran out of memory and was stopped")
+            },
+            Some("snippets get little memory; build smaller values".into()),
+        ),
+        SnippetError::Runner { message } => ctx.diag(
+            "snippet-runner",
+            block,
+            format!("cannot evaluate the snippet of {what}: {message}"),
+            None,
+        ),
+    }
+}
+
+/// serde's type words in YAML's: "sequence" → "a list", "i32" → "a whole number".
+fn yaml_words(text: &str) -> String {
+    let t = text.trim();
+    let word = match t {
+        "a sequence" | "sequence" => "a list",
+        "a map" | "map" => "a mapping",
+        "i32" | "u32" | "u64" | "i64" | "usize" | "u16" | "u8" => "a whole number",
+        "a boolean" | "boolean" => "true or false",
+        "unit value" => "nothing",
+        _ => {
+            return t
+                .replace("string ", "the text ")
+                .replace("sequence", "a list")
+                .replace("map", "a mapping")
+                .replace("integer ", "the number ")
+                .replace("floating point ", "the number ");
+        }
+    };
+    word.to_owned()
+}
+
+pub(crate) fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+pub(crate) fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "None",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "a dict",
+    }
+}
+
+fn scalar_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("`{s}`"),
+        Value::Number(n) => n.to_string(),
+        other => kind(other).to_owned(),
+    }
+}

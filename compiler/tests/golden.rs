@@ -1,0 +1,117 @@
+//! Data-driven compiler tests: one folder per case under `testdata/compiler/<case>/`.
+//!
+//! Inputs: every `<repo>.yaml` in the folder is that repository's `.rbb/pipeline.yaml`;
+//! optional `files.txt` lists the commit's files (given to snippets), optional `workers.txt`
+//! gives one worker label set per line. Expected output: `expected.txt` (diagnostics as the
+//! CLI prints them, then the text plan and the DOT picture), and `plan.json` when the case
+//! compiles. `RBB_BLESS=1 cargo test -p rbb-compiler --test golden` rewrites them.
+
+use rbb_compiler::snippet::{ChildEvaluator, Limits};
+use rbb_compiler::{Options, Origin, Source, compile, render, render_diagnostics};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn cases_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/compiler")
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+fn load_case(dir: &Path) -> (Vec<Source>, Options) {
+    let files = read_lines(&dir.join("files.txt"));
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("case dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    paths.sort();
+    let sources = paths
+        .iter()
+        .map(|p| {
+            let repo = p.file_stem().expect("stem").to_string_lossy().into_owned();
+            Source {
+                file: format!("{repo}/.rbb/pipeline.yaml"),
+                text: std::fs::read_to_string(p).expect("read input"),
+                branch: "main".into(),
+                files: files.clone(),
+                origin: Origin {
+                    url: format!("repos/{repo}"),
+                    pipeline_path: ".rbb/pipeline.yaml".into(),
+                    ..Default::default()
+                },
+                repo,
+            }
+        })
+        .collect();
+    let workers = dir.join("workers.txt");
+    let opts = Options {
+        worker_labels: workers.exists().then(|| {
+            read_lines(&workers).iter().map(|l| l.split_whitespace().map(str::to_owned).collect()).collect()
+        }),
+        ..Options::default()
+    };
+    (sources, opts)
+}
+
+fn check_file(path: &Path, actual: &str, bless: bool, failures: &mut Vec<String>) {
+    let expected = std::fs::read_to_string(path).unwrap_or_default();
+    if expected == actual {
+        return;
+    }
+    if bless {
+        std::fs::write(path, actual).expect("write expectation");
+        return;
+    }
+    failures.push(format!(
+        "── {} differs ──\n--- expected\n{expected}\n--- actual\n{actual}",
+        path.display()
+    ));
+}
+
+#[test]
+fn golden_cases() {
+    let bless = std::env::var_os("RBB_BLESS").is_some();
+    let eval = ChildEvaluator::new(
+        env!("CARGO_BIN_EXE_rbb-snippet"),
+        Limits { wall: Duration::from_secs(3), memory_mib: 256 },
+    );
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(cases_dir())
+        .expect("testdata/compiler exists")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 25, "expected at least 25 cases, found {}", dirs.len());
+    let mut failures = Vec::new();
+    for dir in &dirs {
+        let (sources, opts) = load_case(dir);
+        assert!(!sources.is_empty(), "{}: no <repo>.yaml input", dir.display());
+        let result = compile(&sources, &eval, &opts);
+        let mut out = render_diagnostics(&result.diagnostics, &sources);
+        if let Some(plan) = &result.plan {
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&render::text(plan));
+            out.push('\n');
+            out.push_str(&render::dot(plan));
+            let json = serde_json::to_string_pretty(plan).expect("plan serialises") + "\n";
+            check_file(&dir.join("plan.json"), &json, bless, &mut failures);
+            // The published JSON reads back into the same plan.
+            let back: rbb_schema::plan::Plan = serde_json::from_str(&json).expect("plan JSON reads back");
+            assert_eq!(&back, plan, "{}: plan JSON does not round-trip", dir.display());
+        } else {
+            assert!(result.has_errors(), "{}: no plan but no error either", dir.display());
+            if bless {
+                let _ = std::fs::remove_file(dir.join("plan.json"));
+            }
+            assert!(!dir.join("plan.json").exists(), "{}: plan.json exists but the case does not compile", dir.display());
+        }
+        check_file(&dir.join("expected.txt"), &out, bless, &mut failures);
+    }
+    assert!(failures.is_empty(), "{} golden file(s) differ (RBB_BLESS=1 rewrites them):\n{}", failures.len(), failures.join("\n"));
+}

@@ -1,0 +1,1 @@
+echo "testing app ($1, shard $2)"

@@ -1,0 +1,2 @@
+echo building lib
+mkdir -p out && cat src/*.c > out/liblib.a

@@ -1,0 +1,2 @@
+echo testing lib
+test -s out/liblib.a
