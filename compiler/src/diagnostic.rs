@@ -57,7 +57,11 @@ impl Diagnostic {
         } else {
             let _ = writeln!(out, "  --> {}{repo}", self.file);
         }
-        if let Some(text) = source.and_then(|s| s.lines().nth(self.line as usize - 1).filter(|_| self.line > 0)) {
+        let line_text = match (source, self.line) {
+            (Some(s), line) if line > 0 => s.lines().nth(line as usize - 1),
+            _ => None,
+        };
+        if let Some(text) = line_text {
             let num = self.line.to_string();
             let pad = " ".repeat(num.len());
             let shown: String = text.chars().take(160).collect();

@@ -175,8 +175,9 @@ pub fn sources_from_config(cfg: &LoadedConfig, revs: &BTreeMap<String, String>) 
     for (i, r) in cfg.config.repositories.iter().enumerate() {
         let name = r.effective_name();
         let rev = revs.get(&name).cloned().unwrap_or_else(|| r.effective_branch().to_owned());
-        let pos = cfg.pos(&[key("repositories"), Seg::Index(i), key("url")]);
-        let diag = |severity, code, message: String, hint: Option<String>| Diagnostic {
+        let url_pos = cfg.pos(&[key("repositories"), Seg::Index(i), key("url")]);
+        let branch_pos = cfg.pos(&[key("repositories"), Seg::Index(i), key("branch")]);
+        let diag = |severity, code, message: String, hint: Option<String>, pos: Pos| Diagnostic {
             severity,
             code,
             repo: Some(name.clone()),
@@ -189,26 +190,28 @@ pub fn sources_from_config(cfg: &LoadedConfig, revs: &BTreeMap<String, String>) 
         let path = match cfg.repo_path(r) {
             Ok(p) => p,
             Err(msg) => {
-                diags.push(diag(Severity::Error, "repo-url", msg, None));
+                diags.push(diag(Severity::Error, "repo-url", msg, None, url_pos));
                 continue;
             }
         };
         match read_pipeline(&path, &rev) {
-            Err(e) => diags.push(diag(
-                Severity::Error,
-                "repo-read",
-                e.to_string(),
-                Some(match e {
-                    GitError::Rev { .. } => format!("set `branch:` for repository `{name}` to a branch that exists"),
-                    _ => "check `url:`; it must be a git repository".into(),
-                }),
-            )),
+            Err(e) => {
+                let (hint, pos) = match e {
+                    GitError::Rev { .. } => (
+                        format!("set `branch:` for repository `{name}` to a branch that exists"),
+                        if r.branch.is_some() && !revs.contains_key(&name) { branch_pos } else { url_pos },
+                    ),
+                    _ => ("check `url:`; it must be a git repository".into(), url_pos),
+                };
+                diags.push(diag(Severity::Error, "repo-read", e.to_string(), Some(hint), pos));
+            }
             Ok(found) => match found.text {
                 None => diags.push(diag(
                     Severity::Warning,
                     "no-pipeline",
                     format!("repository `{name}` has no {PIPELINE_PATH} at `{rev}`; it adds no builders"),
                     Some(format!("commit a {PIPELINE_PATH} to `{rev}`")),
+                    url_pos,
                 )),
                 Some(text) => sources.push(Source {
                     repo: name.clone(),

@@ -18,6 +18,7 @@ mod lower;
 mod merge;
 mod parse;
 pub mod render;
+pub mod runner;
 pub mod snippet;
 pub mod spans;
 
@@ -91,13 +92,22 @@ pub fn compile(sources: &[Source], eval: &dyn snippet::Evaluator, opts: &Options
         }
     }
     let mut lowered = Vec::new();
+    let mut broken = std::collections::BTreeSet::new();
     for (i, src) in sources.iter().enumerate() {
         let parsed = parse::parse_file(src, eval, &mut diags);
+        for name in parsed.broken {
+            broken.insert((src.repo.clone(), name));
+        }
         for b in &parsed.builders {
-            lowered.extend(lower::lower(&parsed.ctx, i, b, eval, opts, &mut diags));
+            let out = lower::lower(&parsed.ctx, i, b, eval, opts, &mut diags);
+            if out.is_empty() {
+                broken.insert((src.repo.clone(), b.name.clone()));
+            }
+            lowered.extend(out);
         }
     }
-    let plan = if diags.has_errors() { None } else { merge::merge(sources, lowered, opts, &mut diags) };
+    // Merge even after errors, to report unknown `needs` and cycles among what did compile.
+    let plan = merge::merge(sources, lowered, &broken, opts, &mut diags);
     let plan = if diags.has_errors() { None } else { plan };
     Compilation { plan, diagnostics: diags.into_sorted() }
 }

@@ -15,7 +15,13 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use rbb_schema::plan::{PLAN_FORMAT, Plan, PlanRepo};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-pub(crate) fn merge(sources: &[Source], mut lowered: Vec<Lowered>, opts: &Options, diags: &mut Diagnostics) -> Option<Plan> {
+pub(crate) fn merge(
+    sources: &[Source],
+    mut lowered: Vec<Lowered>,
+    broken: &BTreeSet<(String, String)>,
+    opts: &Options,
+    diags: &mut Diagnostics,
+) -> Option<Plan> {
     lowered.sort_by(|a, b| a.builder.id.cmp(&b.builder.id));
     let err = |l: &Lowered, pos: Pos, code: &'static str, message: String, hint: Option<String>| Diagnostic {
         severity: Severity::Error,
@@ -66,6 +72,10 @@ pub(crate) fn merge(sources: &[Source], mut lowered: Vec<Lowered>, opts: &Option
                 families.get(&(repo, name)).cloned().unwrap_or_default()
             };
             if targets.is_empty() && opts.other_repos_unknown && !repos.contains(repo) {
+                continue;
+            }
+            if targets.is_empty() && broken.contains(&(repo.to_owned(), name.split('[').next().unwrap_or(name).to_owned())) {
+                // Needs a builder that has its own errors, already reported.
                 continue;
             }
             if targets.is_empty() {

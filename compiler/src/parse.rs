@@ -100,6 +100,9 @@ impl ParsedBuilder {
 pub(crate) struct ParsedFile<'a> {
     pub ctx: FileCtx<'a>,
     pub builders: Vec<ParsedBuilder>,
+    /// Builders that exist but could not be read (already reported): `needs` naming them
+    /// are not reported again.
+    pub broken: Vec<String>,
 }
 
 /// Whether `name` may name a builder, a template, a repository or a matrix axis.
@@ -117,13 +120,13 @@ pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut 
         Ok(v) => v,
         Err(e) => {
             diags.push(yaml_error(&ctx, &e));
-            return ParsedFile { ctx, builders };
+            return ParsedFile { ctx, builders, broken: Vec::new() };
         }
     };
     let mut value = value;
     if let Err(e) = value.apply_merge() {
         diags.push(ctx.diag("yaml-merge", Pos { line: 1, col: 1 }, format!("cannot apply `<<` merge: {e}"), None));
-        return ParsedFile { ctx, builders };
+        return ParsedFile { ctx, builders, broken: Vec::new() };
     }
     let top = match value {
         Value::Mapping(m) => m,
@@ -134,7 +137,7 @@ pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut 
                 "the pipeline file is empty".into(),
                 Some("add `builders:` with at least one builder".into()),
             ));
-            return ParsedFile { ctx, builders };
+            return ParsedFile { ctx, builders, broken: Vec::new() };
         }
         other => {
             diags.push(ctx.diag(
@@ -143,7 +146,7 @@ pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut 
                 format!("a pipeline is a mapping with `builders:`, found {}", kind(&other)),
                 Some("start the file with `builders:`".into()),
             ));
-            return ParsedFile { ctx, builders };
+            return ParsedFile { ctx, builders, broken: Vec::new() };
         }
     };
 
@@ -195,6 +198,7 @@ pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut 
     }
 
     let declared = mapping_at(&ctx, &top, "builders", diags);
+    let mut broken = Vec::new();
     let mut seen = HashSet::new();
     for (name, bv) in &declared {
         let Some(name) = name.as_str() else {
@@ -209,12 +213,16 @@ pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut 
         seen.insert(name.to_owned());
         let merged = match apply_extends(&ctx, bv, &templates, &base, &mut Vec::new(), diags) {
             Some(v) => v,
-            None => continue,
+            None => {
+                broken.push(name.to_owned());
+                continue;
+            }
         };
         let extends_broken = template_names(bv).iter().any(|t| broken_templates.contains(t));
         match type_builder(&ctx, merged, &base, None, &format!("builder `{name}`")) {
             Ok(spec) => builders.push(ParsedBuilder { name: name.to_owned(), spec, base, generated_at: None }),
             Err(d) => {
+                broken.push(name.to_owned());
                 // A mistake inherited from a broken template is reported once, at the template.
                 if !(extends_broken && d.line == ctx.spans.value(&base).line) {
                     diags.push(d);
@@ -235,7 +243,7 @@ pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut 
             Some("add a builder under `builders:`".into()),
         ));
     }
-    ParsedFile { ctx, builders }
+    ParsedFile { ctx, builders, broken }
 }
 
 #[allow(clippy::too_many_arguments)]

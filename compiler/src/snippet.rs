@@ -96,6 +96,7 @@ struct Running {
 /// Runs snippets in `rbb-snippet` child processes.
 pub struct ChildEvaluator {
     program: PathBuf,
+    args: Vec<String>,
     limits: Limits,
     running: Mutex<Option<Running>>,
 }
@@ -108,28 +109,24 @@ impl std::fmt::Debug for ChildEvaluator {
 
 impl ChildEvaluator {
     pub fn new(program: impl Into<PathBuf>, limits: Limits) -> ChildEvaluator {
-        ChildEvaluator { program: program.into(), limits, running: Mutex::new(None) }
+        ChildEvaluator { program: program.into(), args: Vec::new(), limits, running: Mutex::new(None) }
     }
 
-    /// `rbb-snippet` next to the running executable (or one directory up, for test binaries
-    /// under `deps/`).
-    pub fn beside_current_exe(limits: Limits) -> ChildEvaluator {
-        let name = format!("rbb-snippet{}", std::env::consts::EXE_SUFFIX);
-        let exe = std::env::current_exe().unwrap_or_default();
-        let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
-        let mut candidate = dir.join(&name);
-        if !candidate.exists() {
-            if let Some(up) = dir.parent() {
-                if up.join(&name).exists() {
-                    candidate = up.join(&name);
-                }
-            }
+    /// Runs the current executable with `args` as the runner (for programs that embed
+    /// [`crate::runner`], like `rbb snippet-runner`).
+    pub fn current_exe_with(args: &[&str], limits: Limits) -> ChildEvaluator {
+        let program = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("rbb"));
+        ChildEvaluator {
+            program,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            limits,
+            running: Mutex::new(None),
         }
-        ChildEvaluator::new(candidate, limits)
     }
 
     fn spawn(&self) -> Result<Running, SnippetError> {
         let mut child = Command::new(&self.program)
+            .args(&self.args)
             .arg("--memory-mib")
             .arg(self.limits.memory_mib.to_string())
             .arg("--cpu-secs")

@@ -29,6 +29,10 @@ enum Command {
         /// Master config listing the repositories.
         #[arg(long, short, default_value = "rbb.yaml")]
         config: PathBuf,
+        /// Compile pipeline files from a directory instead of git: every `<repo>.yaml` and
+        /// `<repo>/.rbb/pipeline.yaml` in DIR is repository <repo>'s pipeline.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["revs", "diff"])]
+        pipelines: Option<PathBuf>,
         /// Output format.
         #[arg(long, short, value_enum, default_value_t = Format::Text)]
         format: Format,
@@ -50,6 +54,12 @@ enum Command {
         #[command(flatten)]
         snippets: SnippetArgs,
     },
+    /// Evaluate Python snippets for a compile (started by rbb itself, in a child process).
+    #[command(hide = true)]
+    SnippetRunner {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Print the JSON Schema of the pipeline file or the master config.
     Schema {
         #[arg(value_enum, default_value_t = SchemaKind::Pipeline)]
@@ -69,10 +79,10 @@ struct SnippetArgs {
 
 impl SnippetArgs {
     fn evaluator(&self) -> ChildEvaluator {
-        ChildEvaluator::beside_current_exe(Limits {
-            wall: Duration::from_millis(self.snippet_timeout_ms),
-            memory_mib: self.snippet_memory_mib,
-        })
+        ChildEvaluator::current_exe_with(
+            &["snippet-runner"],
+            Limits { wall: Duration::from_millis(self.snippet_timeout_ms), memory_mib: self.snippet_memory_mib },
+        )
     }
 }
 
@@ -90,6 +100,11 @@ enum SchemaKind {
 }
 
 fn main() -> ExitCode {
+    // The snippet runner must not set up anything else in its process.
+    if std::env::args().nth(1).as_deref() == Some("snippet-runner") {
+        let code = rbb_compiler::runner::main(std::env::args().skip(2));
+        return ExitCode::from(u8::try_from(code).unwrap_or(70));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("RBB_LOG"))
         .with_writer(std::io::stderr)
@@ -106,10 +121,12 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Compile { config, format, revs, diff, snippets } => {
+        Command::Compile { pipelines: Some(dir), format, snippets, .. } => cmd_compile_dir(&dir, format, &snippets),
+        Command::Compile { config, format, revs, diff, snippets, pipelines: None } => {
             cmd_compile(&config, format, &revs, diff.as_deref(), &snippets)
         }
         Command::Validate { files, snippets } => cmd_validate(&files, &snippets),
+        Command::SnippetRunner { args } => Ok(ExitCode::from(u8::try_from(rbb_compiler::runner::main(args)).unwrap_or(70))),
         Command::Schema { kind } => {
             print!(
                 "{}",
@@ -138,7 +155,7 @@ fn compile_config(
     revs: &BTreeMap<String, String>,
     eval: &ChildEvaluator,
 ) -> (Compilation, Vec<Source>) {
-    let (sources, mut read_diags) = git::sources_from_config(cfg, revs);
+    let (mut sources, mut read_diags) = git::sources_from_config(cfg, revs);
     let opts = Options {
         worker_labels: Some(cfg.config.workers.iter().map(|w| w.labels.clone()).collect()),
         ..Options::default()
@@ -150,6 +167,15 @@ fn compile_config(
     if read_failed {
         result.plan = None;
     }
+    // The config itself, so diagnostics pointing into it show its lines.
+    sources.push(Source {
+        repo: String::new(),
+        file: cfg.path.display().to_string(),
+        text: cfg.text.clone(),
+        branch: String::new(),
+        files: Vec::new(),
+        origin: rbb_compiler::Origin::default(),
+    });
     (result, sources)
 }
 
@@ -163,7 +189,16 @@ fn cmd_compile(
     let cfg = match git::load_config(config) {
         Ok(cfg) => cfg,
         Err(diags) => {
-            eprint!("{}", render_diagnostics(&diags, &[]));
+            // Show the config's own lines under its diagnostics.
+            let shown = Source {
+                repo: String::new(),
+                file: config.display().to_string(),
+                text: std::fs::read_to_string(config).unwrap_or_default(),
+                branch: String::new(),
+                files: Vec::new(),
+                origin: rbb_compiler::Origin::default(),
+            };
+            eprint!("{}", render_diagnostics(&diags, &[shown]));
             return Ok(ExitCode::from(1));
         }
     };
@@ -186,11 +221,7 @@ fn cmd_compile(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    match format {
-        Format::Text => print!("{}", render::text(&plan)),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
-        Format::Dot => print!("{}", render::dot(&plan)),
-    }
+    print_plan(&plan, format)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -230,6 +261,72 @@ fn load_old_plan(
             eprint!("{}", render_diagnostics(&result.diagnostics, &sources));
             bail!("the old side of --diff ({old}) does not compile")
         }
+    }
+}
+
+fn print_plan(plan: &Plan, format: Format) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match format {
+        Format::Text => out.write_all(render::text(plan).as_bytes())?,
+        Format::Json => {
+            serde_json::to_writer_pretty(&mut out, plan)?;
+            out.write_all(b"\n")?;
+        }
+        Format::Dot => out.write_all(render::dot(plan).as_bytes())?,
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Sources from a directory of pipeline files (no git): `<repo>.yaml` or
+/// `<repo>/.rbb/pipeline.yaml`.
+fn sources_from_dir(dir: &Path) -> Result<Vec<Source>> {
+    let mut sources = Vec::new();
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    for p in paths {
+        let (repo, file) = if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            (p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), p.clone())
+        } else if p.join(".rbb/pipeline.yaml").is_file() {
+            (p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), p.join(".rbb/pipeline.yaml"))
+        } else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        sources.push(Source {
+            repo,
+            file: file.display().to_string(),
+            text,
+            branch: rbb_schema::config::DEFAULT_BRANCH.to_owned(),
+            files: Vec::new(),
+            origin: rbb_compiler::Origin {
+                url: file.display().to_string(),
+                pipeline_path: rbb_schema::config::PIPELINE_PATH.to_owned(),
+                ..Default::default()
+            },
+        });
+    }
+    if sources.is_empty() {
+        bail!("{} holds no <repo>.yaml or <repo>/.rbb/pipeline.yaml", dir.display());
+    }
+    Ok(sources)
+}
+
+fn cmd_compile_dir(dir: &Path, format: Format, snippets: &SnippetArgs) -> Result<ExitCode> {
+    let sources = sources_from_dir(dir)?;
+    let eval = snippets.evaluator();
+    let result = compile(&sources, &eval, &Options::default());
+    if !result.diagnostics.is_empty() {
+        eprint!("{}", render_diagnostics(&result.diagnostics, &sources));
+    }
+    match result.plan {
+        Some(plan) => {
+            print_plan(&plan, format)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        None => Ok(ExitCode::from(1)),
     }
 }
 
