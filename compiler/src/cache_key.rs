@@ -18,63 +18,96 @@ pub const STEP_KEY_FORMAT: &str = "rbb-step-key/1";
 
 /// The static cache key of `step`.
 pub fn step_key(step: &PlanStep, previous: Option<&str>, upstream: &[String]) -> String {
-    let doc = step_key_document(step, previous, upstream);
-    sha256(&canonical_json(&doc))
+    let doc = KeyDoc::new(step, previous, upstream);
+    let mut hasher = HashWriter(Sha256::new());
+    // KeyDoc's fields are declared in byte order, so its compact JSON is canonical.
+    let _ = serde_json::to_writer(&mut hasher, &doc);
+    hex(hasher.0.finalize().as_slice())
 }
 
 /// The document hashed by [`step_key`] (shown by "why did this re-run?").
 pub fn step_key_document(step: &PlanStep, previous: Option<&str>, upstream: &[String]) -> Value {
-    let mut upstream: Vec<&str> = upstream.iter().map(String::as_str).filter(|k| !k.is_empty()).collect();
-    upstream.sort_unstable();
-    upstream.dedup();
-    serde_json::json!({
-        "format": STEP_KEY_FORMAT,
-        "run": step.run,
-        "env": step.env,
-        "pass_env": step.pass_env,
-        "workdir": step.workdir,
-        "image": step.image,
-        "inputs": step.inputs,
-        "outputs": step.outputs,
-        "after": previous,
-        "needs": upstream,
-    })
+    serde_json::to_value(KeyDoc::new(step, previous, upstream)).unwrap_or(Value::Null)
 }
 
-/// Hash of what a plan runs: everything but the hash itself, builder source locations, and
-/// the commits and blob ids it was read from.
-pub fn plan_hash(plan: &Plan) -> String {
-    let mut v = serde_json::to_value(plan).unwrap_or(Value::Null);
-    if let Value::Object(top) = &mut v {
-        top.remove("hash");
-        if let Some(Value::Array(builders)) = top.get_mut("builders") {
-            for b in builders {
-                if let Value::Object(b) = b {
-                    b.remove("source");
-                }
-            }
-        }
-        if let Some(Value::Array(repos)) = top.get_mut("repos") {
-            for r in repos {
-                if let Value::Object(r) = r {
-                    r.remove("commit");
-                    r.remove("pipeline_blob");
-                }
-            }
+/// The key document, fields in the byte order of their names.
+#[derive(serde::Serialize)]
+struct KeyDoc<'a> {
+    after: Option<&'a str>,
+    env: &'a std::collections::BTreeMap<String, String>,
+    format: &'static str,
+    image: Option<&'a str>,
+    inputs: &'a [String],
+    needs: Vec<&'a str>,
+    outputs: &'a [String],
+    pass_env: &'a [String],
+    run: &'a str,
+    workdir: Option<&'a str>,
+}
+
+impl<'a> KeyDoc<'a> {
+    fn new(step: &'a PlanStep, previous: Option<&'a str>, upstream: &'a [String]) -> KeyDoc<'a> {
+        let mut needs: Vec<&str> = upstream.iter().map(String::as_str).filter(|k| !k.is_empty()).collect();
+        needs.sort_unstable();
+        needs.dedup();
+        KeyDoc {
+            after: previous,
+            env: &step.env,
+            format: STEP_KEY_FORMAT,
+            image: step.image.as_deref(),
+            inputs: &step.inputs,
+            needs,
+            outputs: &step.outputs,
+            pass_env: &step.pass_env,
+            run: &step.run,
+            workdir: step.workdir.as_deref(),
         }
     }
-    sha256(&canonical_json(&v))
 }
 
-/// `sha256:<lowercase hex>` of `text`.
-pub fn sha256(text: &str) -> String {
-    let digest = Sha256::digest(text.as_bytes());
+struct HashWriter(Sha256);
+
+impl std::io::Write for HashWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Hash of what a plan runs: the plan's compact JSON (published field order) with `hash`
+/// empty, every builder's `source` zeroed, and repositories' `commit` and `pipeline_blob`
+/// left out. It changes when what runs changes, not when a line moves.
+pub fn plan_hash(plan: &Plan) -> String {
+    let mut hasher = HashWriter(Sha256::new());
+    let repos: Vec<_> = plan
+        .repos
+        .iter()
+        .map(|r| rbb_schema::plan::PlanRepo { commit: None, pipeline_blob: None, ..r.clone() })
+        .collect();
+    let _ = serde_json::to_writer(&mut hasher, &(plan.format, &repos));
+    for b in &plan.builders {
+        let mut b = b.clone();
+        b.source = Default::default();
+        let _ = serde_json::to_writer(&mut hasher, &b);
+    }
+    hex(hasher.0.finalize().as_slice())
+}
+
+fn hex(digest: &[u8]) -> String {
     let mut out = String::with_capacity(7 + 64);
     out.push_str("sha256:");
     for b in digest {
         out.push_str(&format!("{b:02x}"));
     }
     out
+}
+
+/// `sha256:<lowercase hex>` of `text`.
+pub fn sha256(text: &str) -> String {
+    hex(Sha256::digest(text.as_bytes()).as_slice())
 }
 
 /// Canonical JSON: sorted object keys, no whitespace.
@@ -143,6 +176,9 @@ mod tests {
     #[test]
     fn documented_vectors() {
         let s = step("make");
+        // The streamed encoding is the canonical JSON of the document.
+        let doc = step_key_document(&s, None, &[]);
+        assert_eq!(step_key(&s, None, &[]), sha256(&canonical_json(&doc)));
         assert_eq!(
             canonical_json(&step_key_document(&s, None, &[])),
             r#"{"after":null,"env":{"A":"1","B":"2"},"format":"rbb-step-key/1","image":null,"inputs":["src"],"needs":[],"outputs":[],"pass_env":[],"run":"make","workdir":null}"#

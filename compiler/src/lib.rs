@@ -91,25 +91,57 @@ pub fn compile(sources: &[Source], eval: &dyn snippet::Evaluator, opts: &Options
             });
         }
     }
+    // Files are independent until the merge: parse and lower them on every core.
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let chunk = if sources.len() < 16 { sources.len().max(1) } else { sources.len().div_ceil(threads) };
+    let parts: Vec<FrontEnd> = std::thread::scope(|scope| {
+        let handles: Vec<_> = sources
+            .chunks(chunk)
+            .enumerate()
+            .map(|(n, part)| scope.spawn(move || front_end(part, n * chunk, eval, opts)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            .collect()
+    });
     let mut lowered = Vec::new();
     let mut broken = std::collections::BTreeSet::new();
-    for (i, src) in sources.iter().enumerate() {
-        let parsed = parse::parse_file(src, eval, &mut diags);
-        for name in parsed.broken {
-            broken.insert((src.repo.clone(), name));
-        }
-        for b in &parsed.builders {
-            let out = lower::lower(&parsed.ctx, i, b, eval, opts, &mut diags);
-            if out.is_empty() {
-                broken.insert((src.repo.clone(), b.name.clone()));
-            }
-            lowered.extend(out);
-        }
+    for part in parts {
+        lowered.extend(part.lowered);
+        broken.extend(part.broken);
+        diags.extend(part.diags);
     }
     // Merge even after errors, to report unknown `needs` and cycles among what did compile.
     let plan = merge::merge(sources, lowered, &broken, opts, &mut diags);
     let plan = if diags.has_errors() { None } else { plan };
     Compilation { plan, diagnostics: diags.into_sorted() }
+}
+
+/// What the per-file passes produce for a run of sources.
+struct FrontEnd {
+    lowered: Vec<lower::Lowered>,
+    broken: std::collections::BTreeSet<(String, String)>,
+    diags: Diagnostics,
+}
+
+/// Parses and lowers `sources`, the first of which is number `first` of the compile.
+fn front_end(sources: &[Source], first: usize, eval: &dyn snippet::Evaluator, opts: &Options) -> FrontEnd {
+    let mut out = FrontEnd { lowered: Vec::new(), broken: Default::default(), diags: Diagnostics::default() };
+    for (i, src) in sources.iter().enumerate() {
+        let parsed = parse::parse_file(src, eval, &mut out.diags);
+        for name in parsed.broken {
+            out.broken.insert((src.repo.clone(), name));
+        }
+        for b in &parsed.builders {
+            let lowered = lower::lower(&parsed.ctx, first + i, b, eval, opts, &mut out.diags);
+            if lowered.is_empty() {
+                out.broken.insert((src.repo.clone(), b.name.clone()));
+            }
+            out.lowered.extend(lowered);
+        }
+    }
+    out
 }
 
 /// Renders diagnostics the way the CLI prints them, with source lines from `sources`.

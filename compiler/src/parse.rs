@@ -525,7 +525,7 @@ fn yaml_error(ctx: &FileCtx, e: &serde_yaml::Error) -> Diagnostic {
     let (mut line, mut col) = e.location().map(|l| (l.line() as u32, l.column() as u32)).unwrap_or((1, 1));
     if e.to_string().contains("duplicate entry") {
         // serde_yaml points at the mapping; the second occurrence is what needs fixing.
-        if let Some((_, pos)) = ctx.spans.first_duplicate() {
+        if let Some(pos) = ctx.spans.first_duplicate() {
             line = pos.line;
             col = pos.col;
         }

@@ -71,8 +71,9 @@ pub enum SnippetError {
     Runner { message: String },
 }
 
-/// Evaluates snippets. The compiler core only knows this trait.
-pub trait Evaluator {
+/// Evaluates snippets. The compiler core only knows this trait. Files are compiled on
+/// several threads, so an evaluator is shared between them.
+pub trait Evaluator: Sync {
     fn eval(&self, code: &str, ctx: &serde_json::Value) -> Result<serde_json::Value, SnippetError>;
 }
 

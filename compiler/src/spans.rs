@@ -46,17 +46,77 @@ pub struct Pos {
     pub col: u32,
 }
 
+/// Paths are stored as 64-bit hashes built segment by segment, so indexing a file allocates
+/// nothing per node (a large fleet has hundreds of thousands of nodes).
+type PathHash = u64;
+
+const ROOT: PathHash = 0xcbf2_9ce4_8422_2325;
+
+fn mix(parent: PathHash, tag: u8, bytes: &[u8]) -> PathHash {
+    // FNV-1a over the segment, seeded with the parent, then a finaliser to spread the bits.
+    let mut h = parent ^ u64::from(tag).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+fn child_key(parent: PathHash, k: &str) -> PathHash {
+    mix(parent, b'k', k.as_bytes())
+}
+
+fn child_index(parent: PathHash, i: usize) -> PathHash {
+    mix(parent, b'i', &(i as u64).to_le_bytes())
+}
+
+fn hash_path(path: &[Seg]) -> Vec<PathHash> {
+    let mut out = Vec::with_capacity(path.len() + 1);
+    let mut h = ROOT;
+    out.push(h);
+    for seg in path {
+        h = match seg {
+            Seg::Key(k) => child_key(h, k),
+            Seg::Index(i) => child_index(h, *i),
+        };
+        out.push(h);
+    }
+    out
+}
+
+/// A hasher for keys that are already hashes.
+#[derive(Default, Clone, Copy)]
+struct Passthrough(u64);
+
+impl std::hash::Hasher for Passthrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type Map = HashMap<PathHash, Pos, std::hash::BuildHasherDefault<Passthrough>>;
+
 #[derive(Debug, Default)]
 pub struct SpanIndex {
-    values: HashMap<Path, Pos>,
-    keys: HashMap<Path, Pos>,
+    values: Map,
+    keys: Map,
     /// Keys that appear a second time in the same mapping, in document order.
-    duplicates: Vec<(Path, Pos)>,
+    duplicates: Vec<Pos>,
 }
 
 enum Frame {
-    Map { path: Path, pending_key: Option<String> },
-    Seq { path: Path, next: usize },
+    Map { path: PathHash, pending_key: Option<PathHash>, seen_key: bool },
+    Seq { path: PathHash, next: usize },
 }
 
 impl SpanIndex {
@@ -66,20 +126,15 @@ impl SpanIndex {
         let mut index = SpanIndex::default();
         let mut parser = Parser::new_from_str(text);
         let mut stack: Vec<Frame> = Vec::new();
-        let mut depth_guard = 0usize;
         loop {
             let Ok((event, mark)) = parser.next_token() else {
                 break;
             };
-            depth_guard += 1;
-            if depth_guard > 5_000_000 {
-                break;
-            }
             let pos = Pos { line: mark.line() as u32, col: mark.col() as u32 + 1 };
             match event {
                 Event::StreamEnd => break,
                 Event::Scalar(value, ..) => {
-                    if let Some(path) = index.place_value(&mut stack, pos, Some(value)) {
+                    if let Some(path) = index.place_value(&mut stack, pos, Some(&value)) {
                         index.values.entry(path).or_insert(pos);
                     }
                 }
@@ -89,13 +144,13 @@ impl SpanIndex {
                     }
                 }
                 Event::MappingStart(..) => {
-                    let path = index.place_value(&mut stack, pos, None).unwrap_or_default();
-                    index.values.entry(path.clone()).or_insert(pos);
-                    stack.push(Frame::Map { path, pending_key: None });
+                    let path = index.place_value(&mut stack, pos, None).unwrap_or(ROOT);
+                    index.values.entry(path).or_insert(pos);
+                    stack.push(Frame::Map { path, pending_key: None, seen_key: false });
                 }
                 Event::SequenceStart(..) => {
-                    let path = index.place_value(&mut stack, pos, None).unwrap_or_default();
-                    index.values.entry(path.clone()).or_insert(pos);
+                    let path = index.place_value(&mut stack, pos, None).unwrap_or(ROOT);
+                    index.values.entry(path).or_insert(pos);
                     stack.push(Frame::Seq { path, next: 0 });
                 }
                 Event::MappingEnd | Event::SequenceEnd => {
@@ -109,39 +164,36 @@ impl SpanIndex {
 
     /// Works out the path of the node that starts now. For a scalar in key position it
     /// records the key and returns `None`.
-    fn place_value(&mut self, stack: &mut [Frame], pos: Pos, scalar: Option<String>) -> Option<Path> {
+    fn place_value(&mut self, stack: &mut [Frame], pos: Pos, scalar: Option<&str>) -> Option<PathHash> {
         match stack.last_mut() {
-            None => Some(Vec::new()),
+            None => Some(ROOT),
             Some(Frame::Seq { path, next }) => {
-                let mut p = path.clone();
-                p.push(Seg::Index(*next));
+                let p = child_index(*path, *next);
                 *next += 1;
                 Some(p)
             }
-            Some(Frame::Map { path, pending_key }) => match pending_key.take() {
-                Some(k) => {
-                    let mut p = path.clone();
-                    p.push(Seg::Key(k));
-                    Some(p)
-                }
+            Some(Frame::Map { path, pending_key, seen_key }) => match pending_key.take() {
+                Some(p) => Some(p),
                 None => {
                     // A key. Complex (non-scalar) keys get a placeholder name.
-                    let k = scalar.unwrap_or_else(|| "?".to_owned());
+                    let p = child_key(*path, scalar.unwrap_or("?"));
                     // A block mapping's start mark sits at its first `:`; its first key is
                     // where a reader sees it begin.
-                    if let Some(start) = self.values.get_mut(path.as_slice()) {
-                        if (pos.line, pos.col) < (start.line, start.col) {
-                            *start = pos;
+                    if !*seen_key {
+                        *seen_key = true;
+                        if let Some(start) = self.values.get_mut(path) {
+                            if (pos.line, pos.col) < (start.line, start.col) {
+                                *start = pos;
+                            }
                         }
                     }
-                    let mut p = path.clone();
-                    p.push(Seg::Key(k.clone()));
+                    // The hash includes the mapping's own path: a repeat is a duplicate key.
                     if self.keys.contains_key(&p) {
-                        self.duplicates.push((p, pos));
+                        self.duplicates.push(pos);
                     } else {
                         self.keys.insert(p, pos);
                     }
-                    *pending_key = Some(k);
+                    *pending_key = Some(p);
                     None
                 }
             },
@@ -150,8 +202,9 @@ impl SpanIndex {
 
     /// Position of the value at `path`, or of its nearest indexed ancestor.
     pub fn value(&self, path: &[Seg]) -> Pos {
-        for len in (0..=path.len()).rev() {
-            if let Some(pos) = self.values.get(&path[..len]) {
+        let hashes = hash_path(path);
+        for h in hashes.iter().rev() {
+            if let Some(pos) = self.values.get(h) {
                 return *pos;
             }
         }
@@ -159,13 +212,14 @@ impl SpanIndex {
     }
 
     /// Where a key is repeated in its mapping, first such place.
-    pub fn first_duplicate(&self) -> Option<&(Path, Pos)> {
-        self.duplicates.first()
+    pub fn first_duplicate(&self) -> Option<Pos> {
+        self.duplicates.first().copied()
     }
 
     /// Position of the key naming `path` (its last segment), else of the value.
     pub fn key(&self, path: &[Seg]) -> Pos {
-        match self.keys.get(path) {
+        let hashes = hash_path(path);
+        match hashes.last().and_then(|h| self.keys.get(h)) {
             Some(pos) => *pos,
             None => self.value(path),
         }
