@@ -65,8 +65,8 @@ pub(crate) fn lower(
     let mut step_names = BTreeSet::new();
     for (i, step) in spec.steps.iter().enumerate() {
         let at = |k: &str| vec![key("steps"), Seg::Index(i), key(k)];
-        if let Some(name) = &step.name {
-            if !step_names.insert(name.clone()) {
+        if let Some(name) = &step.name
+            && !step_names.insert(name.clone()) {
                 diags.push(ctx.diag(
                     "duplicate-step",
                     b.pos(ctx, &at("name")),
@@ -74,12 +74,11 @@ pub(crate) fn lower(
                     Some("step names are unique within a builder".into()),
                 ));
             }
-        }
         if step.run.trim().is_empty() {
             diags.push(ctx.diag("empty-run", b.pos(ctx, &at("run")), format!("step {} of {what} has an empty `run`", i + 1), None));
         }
-        if let Some(cond) = &step.condition {
-            if let Err(e) = condition::parse(cond) {
+        if let Some(cond) = &step.condition
+            && let Err(e) = condition::parse(cond) {
                 let p = b.pos(ctx, &at("if"));
                 let quoted = ctx.src.text.lines().nth(p.line.saturating_sub(1) as usize).and_then(|l| {
                     l.chars().nth(p.col.saturating_sub(1) as usize).map(|c| c == '"' || c == '\'')
@@ -92,7 +91,6 @@ pub(crate) fn lower(
                     Some("example: if: \"branch == 'main' && event != 'pull_request'\"".into()),
                 ));
             }
-        }
         for (k, _) in &step.env {
             check_env_name(ctx, b, &at("env"), k, diags);
         }
@@ -122,8 +120,8 @@ pub(crate) fn lower(
         .map(|(i, s)| s.timeout.as_ref().and_then(|t| duration(ctx, b, &[key("steps"), Seg::Index(i), key("timeout")], t, diags)))
         .collect();
 
-    if let Some(workers) = &opts.worker_labels {
-        if !spec.labels.is_empty() && !workers.is_empty() {
+    if let Some(workers) = &opts.worker_labels
+        && !spec.labels.is_empty() && !workers.is_empty() {
             let wanted: BTreeSet<&str> = spec.labels.iter().map(String::as_str).collect();
             let any = workers.iter().any(|w| wanted.iter().all(|l| w.iter().any(|x| x == l)));
             if !any && !spec.labels.iter().any(|l| l.contains("${{")) {
@@ -135,7 +133,6 @@ pub(crate) fn lower(
                 ));
             }
         }
-    }
 
     if diags.error_count() > errors_before {
         return Vec::new();

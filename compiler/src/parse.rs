@@ -168,8 +168,8 @@ pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut 
         diags.push(ctx.diag("unknown-key", pos, format!("unknown top-level key `{name}`"), hint));
     }
 
-    if let Some(v) = top.get("version") {
-        if v.as_u64() != Some(1) {
+    if let Some(v) = top.get("version")
+        && v.as_u64() != Some(1) {
             diags.push(ctx.diag(
                 "version",
                 ctx.spans.value(&[key("version")]),
@@ -177,7 +177,6 @@ pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut 
                 Some("this rbb reads `version: 1`".into()),
             ));
         }
-    }
 
     let templates = mapping_at(&ctx, &top, "templates", diags);
     let mut broken_templates = HashSet::new();
@@ -433,6 +432,7 @@ pub(crate) fn deep_merge(under: Value, over: Value) -> Value {
     }
 }
 
+#[allow(clippy::result_large_err)] // a cold path: the error is one diagnostic
 fn type_builder(
     ctx: &FileCtx,
     value: Value,

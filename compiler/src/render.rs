@@ -80,11 +80,10 @@ fn builder(out: &mut String, b: &PlanBuilder) {
         if let Some(w) = &s.workdir {
             flags.push(format!("in {w}"));
         }
-        if s.image != b.image {
-            if let Some(img) = &s.image {
+        if s.image != b.image
+            && let Some(img) = &s.image {
                 flags.push(format!("image {img}"));
             }
-        }
         if !s.env.is_empty() {
             let keys: Vec<&str> = s.env.keys().map(String::as_str).collect();
             flags.push(format!("env {}", keys.join(",")));

@@ -196,17 +196,15 @@ impl Evaluator for ChildEvaluator {
             Err(e) => Err(SnippetError::Runner { message: format!("snippet runner went away: {e}") }),
             Ok(()) => wait_for(running, id, self.limits),
         };
-        if let Err(err) = &outcome {
-            if matches!(
+        if let Err(err) = &outcome
+            && matches!(
                 err,
                 SnippetError::Timeout { .. } | SnippetError::OutOfMemory { .. } | SnippetError::Runner { .. }
-            ) {
-                if let Some(mut dead) = guard.take() {
+            )
+                && let Some(mut dead) = guard.take() {
                     let _ = dead.child.kill();
                     let _ = dead.child.wait();
                 }
-            }
-        }
         outcome
     }
 }

@@ -126,10 +126,7 @@ impl SpanIndex {
         let mut index = SpanIndex::default();
         let mut parser = Parser::new_from_str(text);
         let mut stack: Vec<Frame> = Vec::new();
-        loop {
-            let Ok((event, mark)) = parser.next_token() else {
-                break;
-            };
+        while let Ok((event, mark)) = parser.next_token() {
             let pos = Pos { line: mark.line() as u32, col: mark.col() as u32 + 1 };
             match event {
                 Event::StreamEnd => break,
@@ -181,17 +178,16 @@ impl SpanIndex {
                     // where a reader sees it begin.
                     if !*seen_key {
                         *seen_key = true;
-                        if let Some(start) = self.values.get_mut(path) {
-                            if (pos.line, pos.col) < (start.line, start.col) {
+                        if let Some(start) = self.values.get_mut(path)
+                            && (pos.line, pos.col) < (start.line, start.col) {
                                 *start = pos;
                             }
-                        }
                     }
                     // The hash includes the mapping's own path: a repeat is a duplicate key.
-                    if self.keys.contains_key(&p) {
-                        self.duplicates.push(pos);
+                    if let std::collections::hash_map::Entry::Vacant(e) = self.keys.entry(p) {
+                        e.insert(pos);
                     } else {
-                        self.keys.insert(p, pos);
+                        self.duplicates.push(pos);
                     }
                     *pending_key = Some(p);
                     None

@@ -51,8 +51,8 @@ fn commit(repo: &Path, file: &str, minutes: u32, message: &str, content: &str) -
 }
 
 fn rbb(dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_rbb")).current_dir(dir).args(args).output().expect("run rbb");
-    out
+    
+    Command::new(env!("CARGO_BIN_EXE_rbb")).current_dir(dir).args(args).output().expect("run rbb")
 }
 
 fn text(b: &[u8]) -> String {

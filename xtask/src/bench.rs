@@ -76,7 +76,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     println!("python snippets: {SNIPPETS} `matrix: python:` snippets in one pipeline");
     println!("  with snippets                    {:>9}", ms(snip_t));
     println!("  baseline: same matrices in YAML  {:>9}", ms(stat_t));
-    println!("  cost per snippet (after the 1st) {:>9.2} ms   target < 50 ms ({:.2} of target)", per, per / 50.0);
+    println!("  cost per snippet (after the 1st) {:>9.2} ms   target < 50 ms ({:.3} of target)", per, per / 50.0);
     println!(
         "  first snippet (runner start-up)  {:>9}   (one snippet minus its YAML twin)\n",
         ms(one_t.saturating_sub(one_static_t))
