@@ -46,6 +46,24 @@ enum Command {
         #[command(flatten)]
         snippets: SnippetArgs,
     },
+    /// Run the master: compile the plan, open the state, serve workers and the REST API.
+    Master {
+        /// Master config listing the repositories and workers.
+        #[arg(long, short, default_value = "rbb.yaml")]
+        config: PathBuf,
+        /// State directory (database and logs); default: `state_dir` of the config.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// HTTP address (REST API and UI).
+        #[arg(long, default_value = "127.0.0.1:8010")]
+        http: std::net::SocketAddr,
+        /// gRPC address workers connect to.
+        #[arg(long, default_value = "127.0.0.1:9989")]
+        grpc: std::net::SocketAddr,
+        /// Interval workers send heartbeats at; a worker silent for three is lost.
+        #[arg(long, default_value_t = 1000)]
+        heartbeat_ms: u64,
+    },
     /// Check pipeline files on their own (no master config, no git).
     Validate {
         /// Pipeline files, e.g. .rbb/pipeline.yaml.
@@ -106,7 +124,10 @@ fn main() -> ExitCode {
         return ExitCode::from(u8::try_from(code).unwrap_or(70));
     }
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("RBB_LOG"))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RBB_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -126,6 +147,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             cmd_compile(&config, format, &revs, diff.as_deref(), &snippets)
         }
         Command::Validate { files, snippets } => cmd_validate(&files, &snippets),
+        Command::Master { config, state_dir, http, grpc, heartbeat_ms } => cmd_master(rbb_master::server::MasterOptions {
+            config,
+            state_dir,
+            http,
+            grpc,
+            heartbeat: Duration::from_millis(heartbeat_ms.max(50)),
+        }),
         Command::SnippetRunner { args } => Ok(ExitCode::from(u8::try_from(rbb_compiler::runner::main(args)).unwrap_or(70))),
         Command::Schema { kind } => {
             print!(
@@ -138,6 +166,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let engine = rbb_master::server::open_engine(&opts)?;
+    runtime.block_on(rbb_master::server::serve(
+        engine,
+        &opts,
+        |bound| {
+            // The one line scripts and tests wait for.
+            println!("rbb master listening: http=http://{} grpc=http://{}", bound.http, bound.grpc);
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        },
+        async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+            }
+            tracing::info!("stopping");
+        },
+    ))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_revs(revs: &[String]) -> Result<BTreeMap<String, String>> {

@@ -1,0 +1,76 @@
+//! The worker-facing gRPC service: checks who is connecting, then relays the session's
+//! messages to the [`Engine`] and the engine's messages to the worker. It decides nothing.
+
+use crate::engine::{Engine, Refusal};
+use rbb_schema::proto::{self, MasterMessage, WorkerMessage, worker_message::Msg, worker_server::Worker};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct WorkerService {
+    pub engine: Arc<Engine>,
+}
+
+fn header<'a>(req: &'a Request<Streaming<WorkerMessage>>, name: &str) -> Option<&'a str> {
+    req.metadata().get(name).and_then(|v| v.to_str().ok())
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    type SessionStream = Pin<Box<dyn Stream<Item = Result<MasterMessage, Status>> + Send + 'static>>;
+
+    async fn session(&self, req: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
+        let version = header(&req, "rbb-protocol").unwrap_or("").to_owned();
+        if version != proto::PROTOCOL_VERSION {
+            tracing::warn!(%peer, version, "refused a worker speaking another protocol version");
+            return Err(Status::failed_precondition(format!(
+                "this master speaks worker protocol {}, the worker speaks {}; run the same rbb version on both",
+                proto::PROTOCOL_VERSION,
+                if version.is_empty() { "none" } else { &version }
+            )));
+        }
+        let name = header(&req, "rbb-worker").unwrap_or("").to_owned();
+        let token = header(&req, "authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("").to_owned();
+        match self.engine.authenticate(&name, &token) {
+            Ok(()) => {}
+            Err(Refusal::UnknownWorker) => {
+                tracing::warn!(%peer, worker = %name, "refused an unknown worker");
+                return Err(Status::permission_denied(format!("no worker named `{name}` is configured on this master")));
+            }
+            Err(Refusal::BadToken) => {
+                tracing::warn!(%peer, worker = %name, "refused a worker with a wrong token");
+                return Err(Status::unauthenticated(format!("wrong token for worker `{name}`")));
+            }
+        }
+        let mut inbound = req.into_inner();
+        let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.next()).await {
+            Ok(Some(Ok(WorkerMessage { msg: Some(Msg::Hello(h)) }))) => h,
+            _ => return Err(Status::invalid_argument("the first message of a session must be Hello")),
+        };
+        if hello.name != name {
+            return Err(Status::invalid_argument(format!("Hello names `{}` but the metadata names `{name}`", hello.name)));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(4096);
+        let session = self.engine.connect(&hello, tx).map_err(|e| Status::internal(e.to_string()))?;
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            let why = loop {
+                match inbound.next().await {
+                    Some(Ok(WorkerMessage { msg: Some(m) })) => {
+                        if let Err(e) = engine.on_message(&name, session, m) {
+                            tracing::error!(worker = %name, error = %e, "cannot record a worker message");
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break format!("stream error: {}", e.message()),
+                    None => break "it closed the session".to_owned(),
+                }
+            };
+            engine.disconnect(&name, session, &why);
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

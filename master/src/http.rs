@@ -1,0 +1,204 @@
+//! The REST API (`/api/v2`), over the [`Engine`]'s queries and actions. Errors share one JSON
+//! shape ([`rbb_schema::api::ErrorBody`]); server errors reveal nothing internal.
+
+use crate::engine::{Engine, EngineError};
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rbb_schema::api;
+use serde::Deserialize;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/api/v2/builders", get(builders))
+        .route("/api/v2/builders/{builder}/force", post(force))
+        .route("/api/v2/builds", get(builds))
+        .route("/api/v2/builds/{id}", get(build))
+        .route("/api/v2/builds/{id}/steps", get(steps))
+        .route("/api/v2/builds/{id}/stop", post(stop))
+        .route("/api/v2/logs/{id}", get(log_meta))
+        .route("/api/v2/logs/{id}/raw", get(log_raw))
+        .route("/api/v2/workers", get(workers))
+        .route("/api/v2/plan", get(plan))
+        .fallback(not_found)
+        .with_state(engine)
+}
+
+pub struct ApiError(StatusCode, String, String);
+
+impl ApiError {
+    fn not_found(msg: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::NOT_FOUND, "not_found".into(), msg.into())
+    }
+    fn bad_request(msg: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::BAD_REQUEST, "bad_request".into(), msg.into())
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> ApiError {
+        match e {
+            EngineError::NotFound(m) => ApiError::not_found(m),
+            EngineError::BadRequest(m) => ApiError::bad_request(m),
+            EngineError::Conflict(m) => ApiError(StatusCode::CONFLICT, "conflict".into(), m),
+            other => {
+                tracing::error!(error = %other, "internal error serving a request");
+                ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), "internal error; see the master's log".into())
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = api::ErrorBody { error: api::ErrorDetail { code: self.1, message: self.2 } };
+        (self.0, Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint")
+}
+
+fn list<T: serde::Serialize>(name: &str, items: Vec<T>) -> Json<serde_json::Value> {
+    let total = items.len();
+    Json(serde_json::json!({ name: items, "meta": api::Meta { total } }))
+}
+
+async fn builders(State(e): State<Arc<Engine>>) -> Json<serde_json::Value> {
+    list("builders", e.builders())
+}
+
+async fn force(
+    State(e): State<Arc<Engine>>,
+    Path(builder): Path<String>,
+    body: Option<Json<serde_json::Value>>,
+) -> ApiResult<(StatusCode, Json<api::ForceResponse>)> {
+    let req: api::ForceRequest = match body {
+        None => api::ForceRequest::default(),
+        Some(Json(v)) => serde_json::from_value(v).map_err(|err| ApiError::bad_request(format!("bad force request: {err}")))?,
+    };
+    let engine = e.clone();
+    let resp = tokio::task::spawn_blocking(move || engine.force(&builder, req))
+        .await
+        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), "internal error".into()))??;
+    Ok((StatusCode::CREATED, Json(resp)))
+}
+
+#[derive(Deserialize)]
+struct BuildsQuery {
+    builder: Option<String>,
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+async fn builds(State(e): State<Arc<Engine>>, Query(q): Query<BuildsQuery>) -> ApiResult<Json<serde_json::Value>> {
+    let limit = q.limit.unwrap_or(100);
+    if limit > 1000 {
+        return Err(ApiError::bad_request("limit may be at most 1000"));
+    }
+    let all = e.builds(q.builder.as_deref());
+    let total = all.len();
+    let page: Vec<api::Build> = all.into_iter().skip(q.offset.unwrap_or(0)).take(limit).collect();
+    Ok(Json(serde_json::json!({ "builds": page, "meta": api::Meta { total } })))
+}
+
+fn parse_id(raw: &str, what: &str) -> ApiResult<u64> {
+    raw.parse().map_err(|_| ApiError::bad_request(format!("`{raw}` is not a {what} id (a number)")))
+}
+
+async fn build(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResult<Json<api::Build>> {
+    let id = parse_id(&id, "build")?;
+    e.build(id).map(Json).ok_or_else(|| ApiError::not_found(format!("no build {id}")))
+}
+
+async fn steps(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    let id = parse_id(&id, "build")?;
+    let b = e.build(id).ok_or_else(|| ApiError::not_found(format!("no build {id}")))?;
+    Ok(list("steps", b.steps))
+}
+
+async fn stop(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let id = parse_id(&id, "build")?;
+    e.stop(id, "stopped through the API")?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+async fn workers(State(e): State<Arc<Engine>>) -> Json<serde_json::Value> {
+    list("workers", e.workers())
+}
+
+async fn plan(State(e): State<Arc<Engine>>) -> Json<rbb_schema::plan::Plan> {
+    Json((*e.plan()).clone())
+}
+
+async fn log_meta(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    let id = parse_id(&id, "log")?;
+    let (rec, _, live) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
+    Ok(Json(serde_json::json!({ "id": rec.id, "build": rec.build, "step": rec.step, "bytes": rec.bytes, "complete": !live })))
+}
+
+#[derive(Deserialize)]
+struct RawQuery {
+    offset: Option<u64>,
+    limit: Option<u64>,
+}
+
+/// The log's bytes, whole or a range (`Range: bytes=a-b`, or `?offset=&limit=`), streamed
+/// from the file: memory use does not depend on the log's size.
+async fn log_raw(
+    State(e): State<Arc<Engine>>,
+    Path(id): Path<String>,
+    Query(q): Query<RawQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let id = parse_id(&id, "log")?;
+    let (rec, path, _) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
+    let len = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0).max(rec.bytes.min(0));
+    let mut start = q.offset.unwrap_or(0);
+    let mut end = q.limit.map_or(len, |l| start.saturating_add(l).min(len));
+    let mut partial = q.offset.is_some() || q.limit.is_some();
+    if let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        let spec = range.strip_prefix("bytes=").ok_or_else(|| ApiError::bad_request(format!("unsupported Range `{range}`")))?;
+        let (a, b) = spec.split_once('-').ok_or_else(|| ApiError::bad_request(format!("bad Range `{range}`")))?;
+        if a.is_empty() {
+            let n: u64 = b.parse().map_err(|_| ApiError::bad_request(format!("bad Range `{range}`")))?;
+            start = len.saturating_sub(n);
+            end = len;
+        } else {
+            start = a.parse().map_err(|_| ApiError::bad_request(format!("bad Range `{range}`")))?;
+            end = if b.is_empty() { len } else { b.parse::<u64>().map_err(|_| ApiError::bad_request(format!("bad Range `{range}`")))?.saturating_add(1).min(len) };
+        }
+        if start > len {
+            return Ok(Response::builder()
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_RANGE, format!("bytes */{len}"))
+                .body(Body::empty())
+                .unwrap_or_default());
+        }
+        partial = true;
+    }
+    let start = start.min(len);
+    let end = end.max(start).min(len);
+    let mut file = tokio::fs::File::open(&path).await.map_err(|_| ApiError::not_found(format!("log {id} has no file yet")))?;
+    file.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| EngineError::Io(e))?;
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(end - start), 256 * 1024);
+    let mut resp = Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(header::CONTENT_LENGTH, end - start)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header("x-rbb-log-size", len);
+    if partial {
+        resp = resp
+            .status(StatusCode::PARTIAL_CONTENT)
+            .header(header::CONTENT_RANGE, format!("bytes {start}-{}/{len}", end.saturating_sub(1).max(start)));
+    }
+    Ok(resp.body(Body::from_stream(stream)).unwrap_or_default())
+}

@@ -1,0 +1,14 @@
+//! The rbb master: runs the compiled plan on workers.
+//!
+//! [`server`] wires the parts: the [`engine`] (builds, steps, workers; the only place state
+//! changes), the [`store`] (redb) and [`logs`] (append-only files) beneath it, the gRPC
+//! service for workers ([`grpc`]) and the REST API ([`http`]) above it. Only this crate
+//! touches redb, axum and the gRPC server.
+
+pub mod engine;
+pub mod grpc;
+pub mod http;
+pub mod logs;
+pub mod model;
+pub mod server;
+pub mod store;

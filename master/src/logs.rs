@@ -1,0 +1,70 @@
+//! Step logs: one append-only file per step under `<state>/logs/`, written as chunks arrive
+//! and readable (by byte range) while still growing. Memory use does not depend on log
+//! size: chunks go straight to the file. The store keeps the index (which file, how long).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub struct LogFiles {
+    dir: PathBuf,
+    open: Mutex<HashMap<u64, (File, u64)>>,
+}
+
+impl LogFiles {
+    pub fn new(dir: &Path) -> std::io::Result<LogFiles> {
+        std::fs::create_dir_all(dir)?;
+        Ok(LogFiles { dir: dir.to_owned(), open: Mutex::new(HashMap::new()) })
+    }
+
+    /// The file name (relative to the log directory) of log `id`.
+    pub fn file_name(id: u64) -> String {
+        format!("{:04}/{id}.log", id / 1000)
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    /// Creates (or truncates) log `id`'s file and keeps it open for appending.
+    pub fn create(&self, id: u64) -> std::io::Result<String> {
+        let name = Self::file_name(id);
+        let path = self.dir.join(&name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let file = OpenOptions::new().create(true).write(true).truncate(true).open(&path)?;
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (file, 0));
+        Ok(name)
+    }
+
+    /// Appends to an open log; returns its new length. Unknown (closed) logs are ignored.
+    pub fn append(&self, id: u64, data: &[u8]) -> std::io::Result<Option<u64>> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((file, len)) = open.get_mut(&id) else {
+            return Ok(None);
+        };
+        file.write_all(data)?;
+        *len += data.len() as u64;
+        Ok(Some(*len))
+    }
+
+    /// Current length of an open log.
+    pub fn len(&self, id: u64) -> Option<u64> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|(_, l)| *l)
+    }
+
+    /// Closes a log; returns its final length.
+    pub fn close(&self, id: u64) -> Option<u64> {
+        let (file, len) = self.open.lock().unwrap_or_else(|p| p.into_inner()).remove(&id)?;
+        let _ = file.sync_data();
+        Some(len)
+    }
+
+    /// Length of a log file on disk (for logs that were open when the master stopped).
+    pub fn size_on_disk(&self, file: &str) -> u64 {
+        std::fs::metadata(self.dir.join(file)).map(|m| m.len()).unwrap_or(0)
+    }
+}

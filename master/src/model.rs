@@ -1,0 +1,78 @@
+//! The master's internal records of builds, steps and logs (what the store keeps). The REST
+//! API converts them into `rbb_schema::api` types; nothing else sees these outside the master.
+
+use rbb_schema::api::State;
+use rbb_schema::results::Outcome;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildRecord {
+    pub id: u64,
+    /// Plan builder id.
+    pub builder: String,
+    pub repo: String,
+    /// Where workers clone from.
+    pub repo_url: String,
+    pub branch: String,
+    pub commit: String,
+    /// The plan this build runs, pinned at creation.
+    pub plan_hash: String,
+    pub pipeline_blob: Option<String>,
+    pub reason: String,
+    /// `force`, `push`, `pull_request`, `schedule`: visible to `if:` as `event`.
+    pub event: String,
+    pub properties: BTreeMap<String, String>,
+    pub priority: i32,
+    pub state: State,
+    pub result: Option<Outcome>,
+    pub result_reason: String,
+    pub worker: Option<String>,
+    /// Builds of this build's `needs` at the same commit; it starts when all succeeded.
+    pub waits_for: Vec<u64>,
+    /// Set once a step failed with `halt_on_failure`: only `always_run` steps run after.
+    pub halted: bool,
+    /// Set by a stop request: nothing else runs.
+    pub cancelled: bool,
+    /// 1 for the first try; a build whose worker was lost is retried as a new build.
+    pub attempt: u32,
+    /// Whether the worker already has this build's checkout.
+    pub checked_out: bool,
+    pub submitted_at: u64,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    pub steps: Vec<StepRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub number: u32,
+    pub name: String,
+    pub state: State,
+    pub result: Option<Outcome>,
+    pub reason: String,
+    pub exit_code: Option<i32>,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    pub log_id: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub id: u64,
+    pub build: u64,
+    pub step: u32,
+    /// File under the log directory.
+    pub file: String,
+    /// Bytes written so far (exact once `finished`).
+    pub bytes: u64,
+    pub finished: bool,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,161 @@
+//! The master's durable state in one redb file: every table and key encoding lives here,
+//! with a schema version checked at open.
+//!
+//! Records are stored as JSON (small, debuggable, forward compatible by adding fields).
+//! Writes that finish something (a step, a build) are durable when `commit` returns; writes
+//! of intermediate progress may be lost in a crash and are repaired at start-up.
+//! Nothing outside this module names a table.
+
+use crate::model::{BuildRecord, LogRecord};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::{Path, PathBuf};
+
+/// Bumped when a table or encoding changes incompatibly.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const BUILDS: TableDefinition<u64, &[u8]> = TableDefinition::new("builds");
+const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
+/// Every plan a build was pinned to, by hash: a rebuild runs exactly the same plan.
+const PLANS: TableDefinition<&str, &[u8]> = TableDefinition::new("plans");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the state database {path}: {source}")]
+    Open { path: PathBuf, source: Box<redb::Error> },
+    #[error("the state database {path} has schema version {found}; this master reads version {SCHEMA_VERSION}")]
+    Version { path: PathBuf, found: u64 },
+    #[error("state database error: {0}")]
+    Db(#[from] Box<redb::Error>),
+    #[error("corrupt record in table {table} at key {key}: {message}")]
+    Corrupt { table: &'static str, key: u64, message: String },
+}
+
+fn db<E: Into<redb::Error>>(e: E) -> StoreError {
+    StoreError::Db(Box::new(e.into()))
+}
+
+pub struct Store {
+    db: Database,
+}
+
+/// Whether a write must be on disk before `commit` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    Durable,
+    Lazy,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let database = Database::create(path)
+            .map_err(|e| StoreError::Open { path: path.to_owned(), source: Box::new(e.into()) })?;
+        let store = Store { db: database };
+        let txn = store.db.begin_write().map_err(db)?;
+        {
+            let mut meta = txn.open_table(META).map_err(db)?;
+            let found = meta.get("schema_version").map_err(db)?.map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION).map_err(db)?;
+                }
+                Some(v) if v == SCHEMA_VERSION => {}
+                Some(v) => return Err(StoreError::Version { path: path.to_owned(), found: v }),
+            }
+            txn.open_table(BUILDS).map_err(db)?;
+            txn.open_table(LOGS).map_err(db)?;
+            txn.open_table(PLANS).map_err(db)?;
+        }
+        txn.commit().map_err(db)?;
+        Ok(store)
+    }
+
+    fn write(&self, sync: Sync, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(db)?;
+        txn.set_durability(match sync {
+            Sync::Durable => Durability::Immediate,
+            Sync::Lazy => Durability::None,
+        })
+        .map_err(db)?;
+        f(&txn)?;
+        txn.commit().map_err(db)
+    }
+
+    pub fn put_build(&self, b: &BuildRecord, sync: Sync) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(b).map_err(|e| StoreError::Corrupt { table: "builds", key: b.id, message: e.to_string() })?;
+        self.write(sync, |txn| {
+            txn.open_table(BUILDS).map_err(db)?.insert(b.id, bytes.as_slice()).map_err(db)?;
+            Ok(())
+        })
+    }
+
+    /// Writes several builds in one transaction.
+    pub fn put_builds<'a>(&self, builds: impl IntoIterator<Item = &'a BuildRecord>, sync: Sync) -> Result<(), StoreError> {
+        let encoded: Vec<(u64, Vec<u8>)> = builds
+            .into_iter()
+            .map(|b| serde_json::to_vec(b).map(|v| (b.id, v)).map_err(|e| StoreError::Corrupt { table: "builds", key: b.id, message: e.to_string() }))
+            .collect::<Result<_, _>>()?;
+        self.write(sync, |txn| {
+            let mut t = txn.open_table(BUILDS).map_err(db)?;
+            for (id, bytes) in &encoded {
+                t.insert(*id, bytes.as_slice()).map_err(db)?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn builds(&self) -> Result<Vec<BuildRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(BUILDS).map_err(db)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            let rec: BuildRecord = serde_json::from_slice(v.value())
+                .map_err(|e| StoreError::Corrupt { table: "builds", key: k.value(), message: e.to_string() })?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    pub fn put_plan(&self, plan: &rbb_schema::plan::Plan) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(plan).map_err(|e| StoreError::Corrupt { table: "plans", key: 0, message: e.to_string() })?;
+        self.write(Sync::Durable, |txn| {
+            txn.open_table(PLANS).map_err(db)?.insert(plan.hash.as_str(), bytes.as_slice()).map_err(db)?;
+            Ok(())
+        })
+    }
+
+    pub fn plans(&self) -> Result<Vec<rbb_schema::plan::Plan>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(PLANS).map_err(db)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db)? {
+            let (_, v) = row.map_err(db)?;
+            let plan = serde_json::from_slice(v.value())
+                .map_err(|e| StoreError::Corrupt { table: "plans", key: 0, message: e.to_string() })?;
+            out.push(plan);
+        }
+        Ok(out)
+    }
+
+    pub fn put_log(&self, l: &LogRecord, sync: Sync) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(l).map_err(|e| StoreError::Corrupt { table: "logs", key: l.id, message: e.to_string() })?;
+        self.write(sync, |txn| {
+            txn.open_table(LOGS).map_err(db)?.insert(l.id, bytes.as_slice()).map_err(db)?;
+            Ok(())
+        })
+    }
+
+    pub fn logs(&self) -> Result<Vec<LogRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(LOGS).map_err(db)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            let rec: LogRecord = serde_json::from_slice(v.value())
+                .map_err(|e| StoreError::Corrupt { table: "logs", key: k.value(), message: e.to_string() })?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,156 @@
+//! REST API bodies (`/api/v2`): what clients send and receive. Internal records of the
+//! master are separate types; these are the public JSON.
+
+use crate::results::Outcome;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Lifecycle of a build or step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Waiting for a worker or for the builds it needs.
+    Pending,
+    Running,
+    Finished,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Builder {
+    /// Plan id, e.g. `app/test[os=linux]`.
+    pub id: String,
+    pub repo: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub labels: Vec<String>,
+    pub tags: Vec<String>,
+    pub needs: Vec<String>,
+    pub steps: Vec<String>,
+    /// The newest build of this builder, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_build: Option<BuildSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BuildSummary {
+    pub id: u64,
+    pub state: State,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Outcome>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Build {
+    pub id: u64,
+    pub builder: String,
+    pub repo: String,
+    pub branch: String,
+    pub commit: String,
+    /// Hash of the plan this build runs (pinned at creation).
+    pub plan_hash: String,
+    /// Git blob id of the pipeline file the plan came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_blob: Option<String>,
+    /// Why it exists: "force", "needed by build 12", "retry of build 7", ...
+    pub reason: String,
+    pub state: State,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Outcome>,
+    /// Why the result is what it is, for anything but SUCCESS.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub result_reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Builds this one waits for (its `needs` at the same commit).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waits_for: Vec<u64>,
+    /// Unix milliseconds.
+    pub submitted_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Step {
+    pub number: u32,
+    pub name: String,
+    pub state: State,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Outcome>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
+    /// Id of the step's log (`/api/v2/logs/{id}/raw`), once it has started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_id: Option<u64>,
+    /// Bytes in the log so far.
+    pub log_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Worker {
+    pub name: String,
+    pub connected: bool,
+    pub labels: Vec<String>,
+    pub max_steps: u32,
+    pub running: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// Unix milliseconds of the last message, if it ever connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<u64>,
+}
+
+/// `POST /api/v2/builders/{id}/force`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForceRequest {
+    /// Branch to build; default the repository's pipeline branch.
+    #[serde(default)]
+    pub branch: Option<String>,
+    /// Commit (or any revision) to build; default the head of `branch`.
+    #[serde(default)]
+    pub revision: Option<String>,
+    /// Free-form reason shown with the build.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Properties, readable in `if:` as `props.<name>`.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// Answer to a force: the build of the forced builder, and builds started for its needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ForceResponse {
+    pub build: u64,
+    pub needed: Vec<u64>,
+}
+
+/// Lists carry `meta.total`, as Buildbot's data API does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Meta {
+    pub total: usize,
+}
+
+/// Every error has this shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorDetail {
+    /// Machine-readable: `not_found`, `bad_request`, `conflict`, `internal`.
+    pub code: String,
+    pub message: String,
+}

@@ -1,0 +1,311 @@
+//! Making `<workdir>/<checkout_dir>` a clean checkout of one commit with the `git` binary,
+//! and keeping every path a lease names inside the directory it is relative to.
+//!
+//! Each git command line and its output are streamed as [`Output::Header`] chunks. This module
+//! must not run step commands or know about the master; a failure is a [`CheckoutError`] with
+//! the command, directory and git's own message.
+
+use std::ffi::OsString;
+use std::path::{Component, Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::executor::{MAX_CHUNK, Output};
+
+/// A lease named a path that is not a plain relative path inside its base directory.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {path:?} must be a relative path inside {}, without `..`", base.display())]
+pub struct PathError {
+    /// Which path it is, e.g. `checkout_dir`.
+    pub what: &'static str,
+    pub path: String,
+    pub base: PathBuf,
+}
+
+/// Why a checkout could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("invalid commit id {commit:?}")]
+    BadCommit { commit: String },
+    #[error("cannot prepare {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot run `{command}` in {}: {source}", dir.display())]
+    Spawn {
+        command: String,
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed in {} ({status}): {message}", dir.display())]
+    Git {
+        command: String,
+        dir: PathBuf,
+        status: String,
+        /// The tail of git's stderr (or stdout).
+        message: String,
+    },
+    #[error("commit {commit} is not in {url}")]
+    CommitNotFound { commit: String, url: String },
+    #[error("checkout cancelled")]
+    Cancelled,
+}
+
+/// `base` joined with `relative`, which must consist of normal components only (no root, no
+/// `..`, no `.`-only path). An empty `relative` is allowed only when `allow_empty`.
+pub fn join_inside(
+    base: &Path,
+    relative: &str,
+    what: &'static str,
+    allow_empty: bool,
+) -> Result<PathBuf, PathError> {
+    let error = || PathError {
+        what,
+        path: relative.to_owned(),
+        base: base.to_owned(),
+    };
+    let mut joined = base.to_path_buf();
+    let mut normal = 0;
+    for component in Path::new(relative).components() {
+        match component {
+            Component::Normal(part) => {
+                joined.push(part);
+                normal += 1;
+            }
+            Component::CurDir => {}
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => {
+                return Err(error());
+            }
+        }
+    }
+    if normal == 0 && !allow_empty {
+        return Err(error());
+    }
+    Ok(joined)
+}
+
+/// Makes `<workdir>/<checkout_dir>` a clean, detached checkout of `commit` from `url`: clones
+/// if missing (reuses it otherwise), fetches branches and tags when the commit is not there
+/// yet, then `git checkout --force --detach` and `git clean -ffdx`. Returns the checkout's path.
+pub async fn checkout(
+    workdir: &Path,
+    checkout_dir: &str,
+    url: &str,
+    commit: &str,
+    out: &mpsc::Sender<Output>,
+    cancel: &CancellationToken,
+) -> Result<PathBuf, CheckoutError> {
+    let dir = join_inside(workdir, checkout_dir, "checkout_dir", false)?;
+    if commit.is_empty()
+        || commit.starts_with('-')
+        || commit.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(CheckoutError::BadCommit {
+            commit: commit.to_owned(),
+        });
+    }
+    let git = Git { out, cancel };
+
+    let reused = dir.join(".git").exists();
+    if reused {
+        git.ok(&dir, &["remote", "set-url", "origin", url]).await?;
+    } else {
+        if dir.exists() {
+            header(
+                out,
+                format!("# removing {} (not a git checkout)\n", dir.display()),
+            )
+            .await;
+            std::fs::remove_dir_all(&dir).map_err(|source| CheckoutError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        std::fs::create_dir_all(workdir).map_err(|source| CheckoutError::Io {
+            path: workdir.to_owned(),
+            source,
+        })?;
+        let dir_arg = dir.as_os_str().to_owned();
+        git.ok_os(
+            workdir,
+            &[
+                "clone".into(),
+                "--quiet".into(),
+                "--no-checkout".into(),
+                "--".into(),
+                url.into(),
+                dir_arg,
+            ],
+        )
+        .await?;
+    }
+
+    let wanted = format!("{commit}^{{commit}}");
+    if !git.succeeds(&dir, &["cat-file", "-e", &wanted]).await? {
+        if reused {
+            git.ok(
+                &dir,
+                &[
+                    "fetch",
+                    "--quiet",
+                    "--force",
+                    "--tags",
+                    "origin",
+                    "+refs/heads/*:refs/remotes/origin/*",
+                ],
+            )
+            .await?;
+        }
+        if !git.succeeds(&dir, &["cat-file", "-e", &wanted]).await? {
+            // Not on any branch or tag: ask for the commit itself (servers may refuse).
+            let fetched = git
+                .succeeds(&dir, &["fetch", "--quiet", "origin", commit])
+                .await?;
+            if !fetched || !git.succeeds(&dir, &["cat-file", "-e", &wanted]).await? {
+                return Err(CheckoutError::CommitNotFound {
+                    commit: commit.to_owned(),
+                    url: url.to_owned(),
+                });
+            }
+        }
+    }
+    git.ok(
+        &dir,
+        &["checkout", "--quiet", "--force", "--detach", commit, "--"],
+    )
+    .await?;
+    git.ok(&dir, &["clean", "-ffdx"]).await?;
+    Ok(dir)
+}
+
+async fn header(out: &mpsc::Sender<Output>, text: String) {
+    send_chunks(out, text.as_bytes()).await;
+}
+
+async fn send_chunks(out: &mpsc::Sender<Output>, data: &[u8]) {
+    for chunk in data.chunks(MAX_CHUNK) {
+        // A gone receiver only means nobody reads the log any more.
+        let _ = out.send(Output::Header(chunk.to_vec())).await;
+    }
+}
+
+/// Runs git commands, echoing each command line and its output as header chunks.
+struct Git<'a> {
+    out: &'a mpsc::Sender<Output>,
+    cancel: &'a CancellationToken,
+}
+
+impl Git<'_> {
+    async fn ok(&self, dir: &Path, args: &[&str]) -> Result<(), CheckoutError> {
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        self.ok_os(dir, &args).await
+    }
+
+    async fn ok_os(&self, dir: &Path, args: &[OsString]) -> Result<(), CheckoutError> {
+        let (command, output) = self.run(dir, args).await?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let text = if output.stderr.is_empty() {
+            &output.stdout
+        } else {
+            &output.stderr
+        };
+        Err(CheckoutError::Git {
+            command,
+            dir: dir.to_owned(),
+            status: output.status.to_string(),
+            message: tail(text),
+        })
+    }
+
+    /// Whether the command exits 0 (a non-zero exit is an answer, not an error).
+    async fn succeeds(&self, dir: &Path, args: &[&str]) -> Result<bool, CheckoutError> {
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        let (_, output) = self.run(dir, &args).await?;
+        Ok(output.status.success())
+    }
+
+    async fn run(
+        &self,
+        dir: &Path,
+        args: &[OsString],
+    ) -> Result<(String, std::process::Output), CheckoutError> {
+        let command = std::iter::once("git".to_owned())
+            .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        debug!(%command, dir = %dir.display(), "git");
+        header(self.out, format!("$ {command}\n")).await;
+        let child = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::select! {
+            output = child => output.map_err(|source| CheckoutError::Spawn {
+                command: command.clone(),
+                dir: dir.to_owned(),
+                source,
+            })?,
+            () = self.cancel.cancelled() => return Err(CheckoutError::Cancelled),
+        };
+        send_chunks(self.out, &output.stdout).await;
+        send_chunks(self.out, &output.stderr).await;
+        Ok((command, output))
+    }
+}
+
+/// The last few lines of git's message, for an error.
+fn tail(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    let start = lines.len().saturating_sub(5);
+    let joined = lines[start..].join(" / ");
+    if joined.is_empty() {
+        "no output".to_owned()
+    } else {
+        joined
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_stay_inside() {
+        let base = Path::new("/w");
+        assert_eq!(
+            join_inside(base, "a/b", "x", false).unwrap(),
+            PathBuf::from("/w/a/b")
+        );
+        assert_eq!(
+            join_inside(base, "./a", "x", false).unwrap(),
+            PathBuf::from("/w/a")
+        );
+        assert_eq!(
+            join_inside(base, "", "x", true).unwrap(),
+            PathBuf::from("/w")
+        );
+        for bad in ["", ".", "/etc", "../x", "a/../../x", "a/.."] {
+            assert!(
+                join_inside(base, bad, "x", false).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The rbb worker: connects to a master over gRPC and runs the steps it leases.
+//!
+//! - [`session`]: the connection loop (Hello, heartbeats, leases, cancels, reconnects).
+//! - [`checkout`]: making a build's checkout directory a clean checkout of one commit.
+//! - [`executor`]: the [`Executor`] trait and the native (`sh -c`) executor.
+//!
+//! This crate knows only `rbb-schema`; it never touches the master's store or web API, and
+//! never exits the process (only `main.rs` maps errors to exit codes).
+
+pub mod checkout;
+pub mod executor;
+pub mod session;
+
+pub use executor::{Executor, NativeExecutor, Output, StepOutcome, StepSpec};
+pub use session::{WorkerConfig, WorkerError, run, run_with_executor};

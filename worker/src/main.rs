@@ -1,0 +1,89 @@
+//! `rbb-worker`: the command line around [`rbb_worker::run`].
+//!
+//! Parses flags, sets up logging and signals, and maps the outcome to an exit code: 0 after
+//! SIGTERM/ctrl-c, 2 when the master refuses this worker, 1 for anything else. It holds no
+//! protocol or process logic.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use rbb_worker::{WorkerConfig, WorkerError};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+/// Connects to an rbb master and runs the steps it leases.
+#[derive(Debug, Parser)]
+#[command(name = "rbb-worker", version)]
+struct Cli {
+    /// Master URL, e.g. http://127.0.0.1:7070.
+    #[arg(long)]
+    master: String,
+    /// This worker's name, as configured on the master.
+    #[arg(long)]
+    name: String,
+    /// Token the master expects from this worker.
+    #[arg(long, env = "RBB_WORKER_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Labels offered to the master, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    labels: Vec<String>,
+    /// Directory holding the checkouts.
+    #[arg(long, default_value = "./rbb-work")]
+    workdir: PathBuf,
+    /// Steps run at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    max_steps: u32,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("RBB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match serve(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            error!("{err:#}");
+            if err
+                .downcast_ref::<WorkerError>()
+                .is_some_and(|err| matches!(err, WorkerError::Refused { .. }))
+            {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn serve(cli: Cli) -> anyhow::Result<()> {
+    let config = WorkerConfig {
+        master: cli.master,
+        name: cli.name,
+        token: cli.token,
+        labels: cli.labels.into_iter().filter(|l| !l.is_empty()).collect(),
+        workdir: cli.workdir,
+        max_steps: cli.max_steps,
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => info!("interrupted; stopping"),
+                _ = sigterm.recv() => info!("terminated; stopping"),
+            }
+            on_signal.cancel();
+        });
+        rbb_worker::run(config, shutdown).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,657 @@
+//! The worker's connection to its master: dial, say Hello, heartbeat, run leased steps and
+//! report them, and reconnect with capped exponential backoff when the stream is lost.
+//!
+//! This module speaks the protocol of `schema/proto/worker.proto` and owns the map of running
+//! leases; it must not run processes or git itself (that is [`crate::executor`] and
+//! [`crate::checkout`]) and must not exit the process: a refusal is returned as
+//! [`WorkerError::Refused`] and the binary decides what to do with it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rbb_schema::proto::master_message::Msg as MasterMsg;
+use rbb_schema::proto::worker_client::WorkerClient;
+use rbb_schema::proto::worker_message::Msg;
+use rbb_schema::proto::{
+    Heartbeat, Hello, Lease, LogChunk, LogStream, MasterMessage, PROTOCOL_VERSION, StepFinished,
+    StepResult, StepStarted, WorkerMessage,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::transport::Endpoint;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::checkout::{self, CheckoutError, join_inside};
+use crate::executor::{
+    Executor, MAX_CHUNK, NativeExecutor, Output, StepOutcome, StepSpec, format_secs,
+};
+
+/// First reconnect delay; doubled after each failed attempt up to [`MAX_BACKOFF`].
+pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Heartbeat interval when Welcome does not set one.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(1000);
+/// How long the master may take to answer Hello with Welcome.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long running steps get to stop and report when a session ends.
+const WIND_DOWN: Duration = Duration::from_secs(10);
+/// Messages queued towards the master (log chunks are up to 64 KiB each).
+const OUTBOUND_CAPACITY: usize = 64;
+/// Output chunks queued between an executor and the session.
+const OUTPUT_CAPACITY: usize = 16;
+
+/// What a worker needs to know to serve a master.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Master URL, e.g. `http://127.0.0.1:7070` (`http://` is assumed when no scheme is given).
+    pub master: String,
+    pub name: String,
+    pub token: String,
+    /// Labels offered in Hello.
+    pub labels: Vec<String>,
+    /// Root of all checkouts; created if missing.
+    pub workdir: PathBuf,
+    /// Steps run at once (at least 1).
+    pub max_steps: u32,
+}
+
+/// Why [`run`] stopped other than by shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The master refused the session (bad token, unknown worker, protocol version mismatch).
+    /// Retrying cannot fix it.
+    #[error("the master refused this worker ({code:?}): {message}")]
+    Refused { code: Code, message: String },
+    #[error("invalid master URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("invalid {what}: {reason}")]
+    BadConfig { what: &'static str, reason: String },
+    #[error("cannot prepare the work directory {}: {source}", path.display())]
+    Workdir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Serves the master with the native executor until `shutdown` fires (then `Ok`), or until
+/// the master refuses this worker or the config is unusable (then `Err`). Lost connections
+/// are retried forever.
+pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    run_with_executor(config, Arc::new(NativeExecutor), shutdown).await
+}
+
+/// [`run`] with any executor.
+pub async fn run_with_executor(
+    config: WorkerConfig,
+    executor: Arc<dyn Executor>,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let conn = Connection::new(&config, executor)?;
+    let mut backoff = INITIAL_BACKOFF;
+    let mut attempt: u32 = 0;
+    loop {
+        match conn.session(&shutdown).await {
+            Ok(SessionEnd::Shutdown) => {
+                info!("shut down");
+                return Ok(());
+            }
+            Ok(SessionEnd::Lost { reason, welcomed }) => {
+                if welcomed {
+                    backoff = INITIAL_BACKOFF;
+                    attempt = 0;
+                }
+                attempt += 1;
+                warn!(
+                    attempt,
+                    delay_ms = backoff.as_millis() as u64,
+                    %reason,
+                    master = %conn.url,
+                    "no session with the master; reconnecting"
+                );
+            }
+            Err(err) => {
+                error!(%err, master = %conn.url, "the master refused this worker; not retrying");
+                return Err(err);
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => {
+                info!("shut down");
+                return Ok(());
+            }
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost { reason: String, welcomed: bool },
+}
+
+fn lost(reason: impl Into<String>, welcomed: bool) -> Result<SessionEnd, WorkerError> {
+    Ok(SessionEnd::Lost {
+        reason: reason.into(),
+        welcomed,
+    })
+}
+
+/// A refusal status is fatal; any other status ends the session and is retried.
+fn status_end(status: &tonic::Status, welcomed: bool) -> Result<SessionEnd, WorkerError> {
+    match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied | Code::FailedPrecondition => {
+            Err(WorkerError::Refused {
+                code: status.code(),
+                message: status.message().to_owned(),
+            })
+        }
+        code => lost(format!("{code:?}: {}", status.message()), welcomed),
+    }
+}
+
+/// Everything fixed across sessions.
+struct Connection {
+    url: String,
+    endpoint: Endpoint,
+    hello: Hello,
+    protocol: AsciiMetadataValue,
+    name: AsciiMetadataValue,
+    authorization: AsciiMetadataValue,
+    max_steps: usize,
+    steps: Arc<StepContext>,
+}
+
+/// What a step task needs.
+struct StepContext {
+    workdir: PathBuf,
+    executor: Arc<dyn Executor>,
+}
+
+impl Connection {
+    fn new(config: &WorkerConfig, executor: Arc<dyn Executor>) -> Result<Connection, WorkerError> {
+        let url = if config.master.contains("://") {
+            config.master.clone()
+        } else {
+            format!("http://{}", config.master)
+        };
+        let bad_url = |reason: String| WorkerError::BadUrl {
+            url: url.clone(),
+            reason,
+        };
+        if !url.starts_with("http://") {
+            return Err(bad_url("only http:// is supported".to_owned()));
+        }
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|err| bad_url(err.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        if config.name.is_empty() {
+            return Err(WorkerError::BadConfig {
+                what: "worker name",
+                reason: "it is empty".to_owned(),
+            });
+        }
+        if config.max_steps == 0 {
+            return Err(WorkerError::BadConfig {
+                what: "max steps",
+                reason: "it must be at least 1".to_owned(),
+            });
+        }
+        let metadata = |what: &'static str, value: String| {
+            AsciiMetadataValue::try_from(value).map_err(|_| WorkerError::BadConfig {
+                what,
+                reason: "it must be printable ASCII".to_owned(),
+            })
+        };
+        std::fs::create_dir_all(&config.workdir).map_err(|source| WorkerError::Workdir {
+            path: config.workdir.clone(),
+            source,
+        })?;
+        let workdir = config
+            .workdir
+            .canonicalize()
+            .map_err(|source| WorkerError::Workdir {
+                path: config.workdir.clone(),
+                source,
+            })?;
+        Ok(Connection {
+            endpoint,
+            hello: Hello {
+                name: config.name.clone(),
+                labels: config.labels.clone(),
+                max_steps: config.max_steps,
+                platform: format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            },
+            protocol: metadata("protocol version", PROTOCOL_VERSION.to_owned())?,
+            name: metadata("worker name", config.name.clone())?,
+            authorization: metadata("token", format!("Bearer {}", config.token))?,
+            max_steps: usize::try_from(config.max_steps).unwrap_or(usize::MAX),
+            steps: Arc::new(StepContext { workdir, executor }),
+            url,
+        })
+    }
+
+    /// One session: connect, Hello/Welcome, serve until the stream ends or `shutdown`.
+    async fn session(&self, shutdown: &CancellationToken) -> Result<SessionEnd, WorkerError> {
+        let channel = tokio::select! {
+            channel = self.endpoint.connect() => match channel {
+                Ok(channel) => channel,
+                Err(err) => return lost(format!("cannot connect: {}", error_chain(&err)), false),
+            },
+            () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        };
+        let mut client = WorkerClient::new(channel);
+        let (tx, rx) = mpsc::channel::<WorkerMessage>(OUTBOUND_CAPACITY);
+        // The first message is Hello; it is queued before the call so it goes out at once.
+        let _ = tx.try_send(message(Msg::Hello(self.hello.clone())));
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        let headers = request.metadata_mut();
+        headers.insert("rbb-protocol", self.protocol.clone());
+        headers.insert("rbb-worker", self.name.clone());
+        headers.insert("authorization", self.authorization.clone());
+
+        let response = tokio::select! {
+            response = client.session(request) => response,
+            () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        };
+        let mut inbound = match response {
+            Ok(response) => response.into_inner(),
+            Err(status) => return status_end(&status, false),
+        };
+        let first = tokio::select! {
+            first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()) => first,
+            () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+        };
+        let welcome = match first {
+            Ok(Ok(Some(MasterMessage {
+                msg: Some(MasterMsg::Welcome(welcome)),
+            }))) => welcome,
+            Ok(Ok(Some(other))) => {
+                return lost(format!("expected Welcome, got {other:?}"), false);
+            }
+            Ok(Ok(None)) => return lost("the master closed the stream before Welcome", false),
+            Ok(Err(status)) => return status_end(&status, false),
+            Err(_) => {
+                return lost(
+                    format!("no Welcome within {}", format_secs(WELCOME_TIMEOUT)),
+                    false,
+                );
+            }
+        };
+        let interval = match welcome.heartbeat_interval_ms {
+            0 => DEFAULT_HEARTBEAT,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        info!(
+            master = %self.url,
+            master_version = %welcome.master_version,
+            labels = ?welcome.labels,
+            heartbeat_ms = interval.as_millis() as u64,
+            "connected"
+        );
+
+        let mut steps = Steps::default();
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break Ok(SessionEnd::Shutdown),
+                _ = ticker.tick() => {
+                    let beat = Heartbeat { sent_unix_ms: unix_ms() };
+                    // A full queue means messages are flowing anyway; never block on a beat.
+                    if tx.try_send(message(Msg::Heartbeat(beat))).is_err() {
+                        debug!("outbound queue full; heartbeat skipped");
+                    }
+                }
+                Some(joined) = steps.tasks.join_next_with_id(), if !steps.tasks.is_empty() => {
+                    steps.reap(joined, &tx);
+                }
+                received = inbound.message() => match received {
+                    Ok(Some(MasterMessage { msg: Some(msg) })) => {
+                        self.handle(msg, &mut steps, &tx, shutdown);
+                    }
+                    Ok(Some(MasterMessage { msg: None })) => debug!("empty message from the master"),
+                    Ok(None) => break lost("the master closed the stream", true),
+                    Err(status) => break status_end(&status, true),
+                },
+            }
+        };
+
+        // Running steps can only report on this stream: stop them all. Their results are not
+        // reported (on shutdown, or because the stream is gone): the master retries them when
+        // it sees the session end.
+        if !steps.running.is_empty() {
+            info!(steps = steps.running.len(), "stopping running steps");
+        }
+        for token in steps.running.values() {
+            token.cancel();
+        }
+        if tokio::time::timeout(WIND_DOWN, async {
+            while steps.tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
+        {
+            warn!("steps did not stop in time; aborting them");
+            steps.tasks.shutdown().await;
+        }
+        if matches!(end, Ok(SessionEnd::Shutdown)) {
+            // Let the last messages out: close our side and wait briefly for the master's end.
+            drop(tx);
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Ok(Some(_)) = inbound.message().await {}
+            })
+            .await;
+        }
+        end
+    }
+
+    fn handle(
+        &self,
+        msg: MasterMsg,
+        steps: &mut Steps,
+        tx: &mpsc::Sender<WorkerMessage>,
+        shutdown: &CancellationToken,
+    ) {
+        match msg {
+            MasterMsg::Welcome(_) => debug!("ignoring a second Welcome"),
+            MasterMsg::Cancel(cancel) => match steps.running.get(&cancel.lease) {
+                Some(token) => {
+                    info!(lease = cancel.lease, reason = %cancel.reason, "cancelling step");
+                    token.cancel();
+                }
+                None => debug!(
+                    lease = cancel.lease,
+                    "cancel for a lease that is not running"
+                ),
+            },
+            MasterMsg::Lease(lease) => {
+                let id = lease.lease;
+                if steps.running.contains_key(&id) {
+                    warn!(lease = id, "lease is already running; ignoring it");
+                    return;
+                }
+                if steps.running.len() >= self.max_steps {
+                    warn!(
+                        lease = id,
+                        max_steps = self.max_steps,
+                        "leased a step while full"
+                    );
+                    let refusal = finished(
+                        id,
+                        &StepOutcome::exception("worker is full", Duration::ZERO),
+                    );
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let _ = tx.send(refusal).await;
+                    });
+                    return;
+                }
+                let token = CancellationToken::new();
+                steps.running.insert(id, token.clone());
+                let task = run_step(
+                    lease,
+                    Arc::clone(&self.steps),
+                    tx.clone(),
+                    token,
+                    shutdown.clone(),
+                );
+                let handle = steps.tasks.spawn(task);
+                steps.leases.insert(handle.id(), id);
+            }
+        }
+    }
+}
+
+/// The steps running in one session.
+#[derive(Default)]
+struct Steps {
+    /// Lease id → the token that stops it.
+    running: HashMap<u64, CancellationToken>,
+    tasks: JoinSet<()>,
+    /// Task id → lease id, to know which lease a finished (or panicked) task was.
+    leases: HashMap<tokio::task::Id, u64>,
+}
+
+impl Steps {
+    fn reap(
+        &mut self,
+        joined: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+        tx: &mpsc::Sender<WorkerMessage>,
+    ) {
+        let (task, failure) = match joined {
+            Ok((task, ())) => (task, None),
+            Err(err) => (err.id(), Some(err)),
+        };
+        let Some(lease) = self.leases.remove(&task) else {
+            return;
+        };
+        self.running.remove(&lease);
+        if let Some(err) = failure {
+            error!(lease, %err, "step task failed");
+            let report = finished(
+                lease,
+                &StepOutcome::exception(format!("worker bug: {err}"), Duration::ZERO),
+            );
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(report).await;
+            });
+        }
+    }
+}
+
+/// Runs one lease: StepStarted, the checkout if the lease carries one, the command, then
+/// StepFinished, with all output as LogChunks in between.
+async fn run_step(
+    lease: Lease,
+    ctx: Arc<StepContext>,
+    tx: mpsc::Sender<WorkerMessage>,
+    cancel: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    let id = lease.lease;
+    let span = info_span!("step", lease = id, build = lease.build, step = %lease.step_name);
+    async move {
+        info!(builder = %lease.builder, command = %lease.command, "step started");
+        let start = Instant::now();
+        let _ = tx
+            .send(message(Msg::Started(StepStarted { lease: id })))
+            .await;
+        let (out_tx, out_rx) = mpsc::channel(OUTPUT_CAPACITY);
+        let work = async move {
+            let mut outcome = execute(&lease, &ctx, &out_tx, &cancel).await;
+            outcome.duration = start.elapsed();
+            // Stopped because the worker shuts down: not a result of the step. It is not
+            // reported; the master sees the session end and retries the step.
+            let interrupted = outcome.result == StepResult::Cancelled && shutdown.is_cancelled();
+            let summary = if interrupted {
+                format!(
+                    "# stopped: the worker is shutting down (after {})\n",
+                    took(outcome.duration)
+                )
+            } else if outcome.result == StepResult::Success {
+                format!("# exit code 0 (took {})\n", took(outcome.duration))
+            } else {
+                format!(
+                    "# {}: {} (took {})\n",
+                    outcome
+                        .result
+                        .as_str_name()
+                        .trim_start_matches("STEP_RESULT_"),
+                    outcome.reason,
+                    took(outcome.duration)
+                )
+            };
+            let _ = out_tx.send(Output::Header(summary.into_bytes())).await;
+            (outcome, interrupted)
+        };
+        let ((outcome, interrupted), ()) = tokio::join!(work, forward_logs(id, out_rx, tx.clone()));
+        if interrupted {
+            info!("step stopped by shutdown; left for the master to retry");
+            return;
+        }
+        info!(result = ?outcome.result, reason = %outcome.reason, "step finished");
+        let _ = tx.send(finished(id, &outcome)).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn execute(
+    lease: &Lease,
+    ctx: &StepContext,
+    out: &mpsc::Sender<Output>,
+    cancel: &CancellationToken,
+) -> StepOutcome {
+    let start = Instant::now();
+    let failed = |reason: String| async {
+        let _ = out
+            .send(Output::Header(format!("# {reason}\n").into_bytes()))
+            .await;
+        StepOutcome::exception(reason, start.elapsed())
+    };
+    let checkout_path = match join_inside(&ctx.workdir, &lease.checkout_dir, "checkout_dir", false)
+    {
+        Ok(path) => path,
+        Err(err) => return failed(err.to_string()).await,
+    };
+    if let Some(wanted) = &lease.checkout {
+        match checkout::checkout(
+            &ctx.workdir,
+            &lease.checkout_dir,
+            &wanted.url,
+            &wanted.commit,
+            out,
+            cancel,
+        )
+        .await
+        {
+            Ok(_) => {}
+            Err(CheckoutError::Cancelled) => {
+                return StepOutcome {
+                    result: StepResult::Cancelled,
+                    exit_code: None,
+                    reason: "cancelled".to_owned(),
+                    duration: start.elapsed(),
+                };
+            }
+            Err(err) => return failed(format!("checkout failed: {err}")).await,
+        }
+    } else if !checkout_path.is_dir() {
+        return failed(format!(
+            "checkout directory {} does not exist (no checkout was leased for it)",
+            checkout_path.display()
+        ))
+        .await;
+    }
+    let cwd = match join_inside(&checkout_path, &lease.workdir, "workdir", true) {
+        Ok(path) => path,
+        Err(err) => return failed(err.to_string()).await,
+    };
+    if !lease.workdir.is_empty() {
+        let _ = out
+            .send(Output::Header(
+                format!("$ cd {}\n", lease.workdir).into_bytes(),
+            ))
+            .await;
+    }
+    let _ = out
+        .send(Output::Header(
+            format!("$ {}\n", lease.command).into_bytes(),
+        ))
+        .await;
+    let spec = StepSpec {
+        command: lease.command.clone(),
+        env: lease
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<BTreeMap<_, _>>(),
+        cwd,
+        timeout: (lease.timeout_secs > 0).then(|| Duration::from_secs(lease.timeout_secs)),
+        image: (!lease.image.is_empty()).then(|| lease.image.clone()),
+    };
+    ctx.executor.run(spec, out.clone(), cancel.clone()).await
+}
+
+/// Forwards output chunks as LogChunks until the step drops its sender. If the session is
+/// gone, chunks are dropped so the step is never blocked.
+async fn forward_logs(
+    lease: u64,
+    mut out: mpsc::Receiver<Output>,
+    tx: mpsc::Sender<WorkerMessage>,
+) {
+    let mut open = true;
+    while let Some(chunk) = out.recv().await {
+        if !open {
+            continue;
+        }
+        let (stream, data) = match chunk {
+            Output::Stdout(data) => (LogStream::Stdout, data),
+            Output::Stderr(data) => (LogStream::Stderr, data),
+            Output::Header(data) => (LogStream::Header, data),
+        };
+        for piece in data.chunks(MAX_CHUNK) {
+            let log = LogChunk {
+                lease,
+                stream: stream as i32,
+                data: piece.to_vec(),
+            };
+            if tx.send(message(Msg::Log(log))).await.is_err() {
+                open = false;
+                break;
+            }
+        }
+    }
+}
+
+fn finished(lease: u64, outcome: &StepOutcome) -> WorkerMessage {
+    message(Msg::Finished(StepFinished {
+        lease,
+        result: outcome.result as i32,
+        exit_code: outcome.exit_code,
+        reason: outcome.reason.clone(),
+        duration_ms: u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
+    }))
+}
+
+fn message(msg: Msg) -> WorkerMessage {
+    WorkerMessage { msg: Some(msg) }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn took(d: Duration) -> String {
+    format!("{:.2}s", d.as_secs_f64())
+}
+
+/// An error and its sources, `: `-separated (transport errors hide the cause in sources).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

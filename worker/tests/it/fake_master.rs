@@ -1,0 +1,232 @@
+//! A small in-test master speaking the real protocol (`rbb.worker.v1.Worker/Session`) on
+//! 127.0.0.1, so the worker's session can be tested without the real master. Each accepted
+//! session is handed to the test as a [`MasterSession`] it drives message by message.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt as _};
+use rbb_schema::proto::master_message::Msg as MasterMsg;
+use rbb_schema::proto::worker_message::Msg;
+use rbb_schema::proto::worker_server::{Worker, WorkerServer};
+use rbb_schema::proto::{Hello, MasterMessage, StepFinished, Welcome, WorkerMessage};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+/// How long any single expected message may take.
+const RECV_LIMIT: Duration = Duration::from_secs(15);
+
+pub struct FakeMaster {
+    pub addr: SocketAddr,
+    sessions: mpsc::UnboundedReceiver<MasterSession>,
+    /// Ends every open session stream.
+    kill: CancellationToken,
+    /// Stops accepting and shuts the server down.
+    stop: CancellationToken,
+    server: JoinHandle<()>,
+}
+
+/// One worker session as the master sees it.
+pub struct MasterSession {
+    pub metadata: MetadataMap,
+    to_worker: mpsc::Sender<MasterMessage>,
+    from_worker: mpsc::UnboundedReceiver<WorkerMessage>,
+    /// Heartbeats received so far (they are skipped by [`MasterSession::recv`]).
+    pub heartbeats: usize,
+}
+
+struct Service {
+    refuse: Option<(Code, String)>,
+    sessions: mpsc::UnboundedSender<MasterSession>,
+    kill: CancellationToken,
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<MasterMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Worker for Service {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        if let Some((code, message)) = &self.refuse {
+            return Err(Status::new(*code, message.clone()));
+        }
+        let metadata = request.metadata().clone();
+        let mut inbound = request.into_inner();
+        let (from_tx, from_worker) = mpsc::unbounded_channel();
+        // Like a real master, end the session once the worker has closed its side.
+        let ended = self.kill.child_token();
+        let end = ended.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                if from_tx.send(message).is_err() {
+                    break;
+                }
+            }
+            end.cancel();
+        });
+        let (to_worker, rx) = mpsc::channel(16);
+        let _ = self.sessions.send(MasterSession {
+            metadata,
+            to_worker,
+            from_worker,
+            heartbeats: 0,
+        });
+        let stream = ReceiverStream::new(rx)
+            .map(Ok)
+            .take_until(ended.cancelled_owned());
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+impl FakeMaster {
+    /// Serves on `addr` (port 0 for any), accepting every session.
+    pub async fn start(addr: SocketAddr) -> FakeMaster {
+        FakeMaster::start_with(addr, None).await
+    }
+
+    /// Serves on `addr`, refusing every session with `code`.
+    pub async fn refusing(addr: SocketAddr, code: Code, message: &str) -> FakeMaster {
+        FakeMaster::start_with(addr, Some((code, message.to_owned()))).await
+    }
+
+    async fn start_with(addr: SocketAddr, refuse: Option<(Code, String)>) -> FakeMaster {
+        let listener = TcpListener::bind(addr).await.expect("bind the fake master");
+        let addr = listener.local_addr().unwrap();
+        let (sessions_tx, sessions) = mpsc::unbounded_channel();
+        let kill = CancellationToken::new();
+        let stop = CancellationToken::new();
+        let service = Service {
+            refuse,
+            sessions: sessions_tx,
+            kill: kill.clone(),
+        };
+        let server = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                tonic::transport::Server::builder()
+                    .add_service(WorkerServer::new(service))
+                    .serve_with_incoming_shutdown(
+                        TcpListenerStream::new(listener),
+                        stop.cancelled_owned(),
+                    )
+                    .await
+                    .expect("fake master server");
+            }
+        });
+        FakeMaster {
+            addr,
+            sessions,
+            kill,
+            stop,
+            server,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The next session a worker opens.
+    pub async fn next_session(&mut self) -> MasterSession {
+        tokio::time::timeout(RECV_LIMIT, self.sessions.recv())
+            .await
+            .expect("no worker session in time")
+            .expect("server gone")
+    }
+
+    /// Ends all sessions and stops listening; returns the address for a restart.
+    pub async fn stop(self) -> SocketAddr {
+        self.kill.cancel();
+        self.stop.cancel();
+        let abort = self.server.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), self.server)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+        self.addr
+    }
+}
+
+impl MasterSession {
+    /// The next message that is not a heartbeat.
+    pub async fn recv(&mut self) -> Msg {
+        loop {
+            let message = tokio::time::timeout(RECV_LIMIT, self.from_worker.recv())
+                .await
+                .expect("no message from the worker in time")
+                .expect("the worker closed the stream");
+            match message.msg.expect("empty WorkerMessage") {
+                Msg::Heartbeat(_) => self.heartbeats += 1,
+                msg => return msg,
+            }
+        }
+    }
+
+    /// The next message that is not a heartbeat, or `None` once the worker closed its side.
+    pub async fn try_recv(&mut self) -> Option<Msg> {
+        loop {
+            let message = tokio::time::timeout(RECV_LIMIT, self.from_worker.recv())
+                .await
+                .expect("the worker neither sent nor closed in time")?;
+            match message.msg.expect("empty WorkerMessage") {
+                Msg::Heartbeat(_) => self.heartbeats += 1,
+                msg => return Some(msg),
+            }
+        }
+    }
+
+    /// Whether the worker's side of the stream is closed (draining what is left).
+    pub async fn closed(&mut self) -> bool {
+        while let Ok(next) = tokio::time::timeout(RECV_LIMIT, self.from_worker.recv()).await {
+            if next.is_none() {
+                return true;
+            }
+        }
+        false
+    }
+
+    pub async fn send(&self, msg: MasterMsg) {
+        self.to_worker
+            .send(MasterMessage { msg: Some(msg) })
+            .await
+            .expect("session stream closed");
+    }
+
+    /// Reads Hello and answers Welcome.
+    pub async fn handshake(&mut self, heartbeat_interval_ms: u32) -> Hello {
+        let hello = match self.recv().await {
+            Msg::Hello(hello) => hello,
+            other => panic!("expected Hello first, got {other:?}"),
+        };
+        self.send(MasterMsg::Welcome(Welcome {
+            heartbeat_interval_ms,
+            master_version: "test".to_owned(),
+            labels: vec!["from-master".to_owned()],
+        }))
+        .await;
+        hello
+    }
+
+    /// Messages up to and including the StepFinished of `lease` (others are kept too).
+    pub async fn until_finished(&mut self, lease: u64) -> (Vec<Msg>, StepFinished) {
+        let mut seen = Vec::new();
+        loop {
+            match self.recv().await {
+                Msg::Finished(finished) if finished.lease == lease => return (seen, finished),
+                msg => seen.push(msg),
+            }
+        }
+    }
+}
