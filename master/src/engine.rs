@@ -482,7 +482,8 @@ impl Engine {
             return Err(EngineError::NotFound(format!("unknown worker {}", hello.name)));
         };
         w.labels = w.config.labels.iter().chain(hello.labels.iter()).cloned().collect();
-        w.max_steps = w.config.max_steps.unwrap_or(hello.max_steps.max(1)).max(1);
+        // The worker says what it can run; the config may only lower that.
+        w.max_steps = hello.max_steps.max(1).min(w.config.max_steps.unwrap_or(u32::MAX)).max(1);
         w.platform = Some(hello.platform.clone()).filter(|p| !p.is_empty());
         w.last_seen_ms = Some(now_ms());
         let welcome = MasterMsg::Welcome(proto::Welcome {

@@ -264,12 +264,18 @@ impl Connection {
         headers.insert("authorization", self.authorization.clone());
 
         let response = tokio::select! {
-            response = client.session(request) => response,
+            response = tokio::time::timeout(WELCOME_TIMEOUT, client.session(request)) => response,
             () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         };
         let mut inbound = match response {
-            Ok(response) => response.into_inner(),
-            Err(status) => return status_end(&status, false),
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return status_end(&status, false),
+            Err(_) => {
+                return lost(
+                    format!("no answer within {}", format_secs(WELCOME_TIMEOUT)),
+                    false,
+                );
+            }
         };
         let first = tokio::select! {
             first = tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()) => first,
@@ -518,16 +524,12 @@ async fn execute(
     cancel: &CancellationToken,
 ) -> StepOutcome {
     let start = Instant::now();
-    let failed = |reason: String| async {
-        let _ = out
-            .send(Output::Header(format!("# {reason}\n").into_bytes()))
-            .await;
-        StepOutcome::exception(reason, start.elapsed())
-    };
+    // The step's summary line carries the reason into the log as well.
+    let failed = |reason: String| StepOutcome::exception(reason, start.elapsed());
     let checkout_path = match join_inside(&ctx.workdir, &lease.checkout_dir, "checkout_dir", false)
     {
         Ok(path) => path,
-        Err(err) => return failed(err.to_string()).await,
+        Err(err) => return failed(err.to_string()),
     };
     if let Some(wanted) = &lease.checkout {
         match checkout::checkout(
@@ -549,18 +551,17 @@ async fn execute(
                     duration: start.elapsed(),
                 };
             }
-            Err(err) => return failed(format!("checkout failed: {err}")).await,
+            Err(err) => return failed(format!("checkout failed: {err}")),
         }
     } else if !checkout_path.is_dir() {
         return failed(format!(
             "checkout directory {} does not exist (no checkout was leased for it)",
             checkout_path.display()
-        ))
-        .await;
+        ));
     }
     let cwd = match join_inside(&checkout_path, &lease.workdir, "workdir", true) {
         Ok(path) => path,
-        Err(err) => return failed(err.to_string()).await,
+        Err(err) => return failed(err.to_string()),
     };
     if !lease.workdir.is_empty() {
         let _ = out

@@ -1,6 +1,6 @@
 //! `cargo xtask`: the project's automation, as a Rust program so it runs the same everywhere.
 //!
-//! - `serve`: build and run the demo (today: compile the demo repositories).
+//! - `serve`: build and run the demo: a master, one native worker, the demo repositories.
 //! - `test`: run every test of the workspace (what CI runs).
 //! - `bench`: print performance figures with a baseline measured in the same run.
 //! - `codegen`: rewrite generated files (the JSON Schemas under schema/).
@@ -23,7 +23,7 @@ fn main() -> Result<()> {
         Some("codegen") => codegen(&root),
         _ => {
             eprintln!("usage: cargo xtask <serve|test|bench|codegen> [args]");
-            eprintln!("  serve    make the demo repositories and compile them with `rbb compile`");
+            eprintln!("  serve    run the demo: master + local worker + git repositories [HTTP_ADDR]");
             eprintln!("  test     run every test (cargo nextest if installed, else cargo test)");
             eprintln!("  bench    print compile and snippet figures (release build)");
             eprintln!("  codegen  rewrite schema/*.schema.json from the Rust types");
@@ -71,13 +71,90 @@ pub(crate) fn make_demo(root: &Path, dir: &Path) -> Result<()> {
 }
 
 fn serve(root: &Path, args: &[String]) -> Result<()> {
+    let http_addr = args.first().cloned().unwrap_or_else(|| "127.0.0.1:8010".to_owned());
     let demo = root.join(".rbb-state/demo");
     make_demo(root, &demo)?;
-    run(cargo().current_dir(root).args(["build", "--quiet", "-p", "rbb-master", "-p", "rbb-compiler", "--bins"]))?;
-    let rbb = target_dir(root).join("debug/rbb");
-    println!("demo repositories: {}", demo.join("repos").display());
-    println!("$ rbb compile --config {}", demo.join("rbb.yaml").display());
-    run(Command::new(&rbb).arg("compile").arg("--config").arg(demo.join("rbb.yaml")).args(args))
+    run(cargo().current_dir(root).args(["build", "--quiet", "-p", "rbb-master", "-p", "rbb-worker", "--bins"]))?;
+    let bin = target_dir(root).join("debug");
+    let mut master = Command::new(bin.join("rbb"))
+        .args(["master", "--grpc", "127.0.0.1:0", "--http", &http_addr])
+        .arg("--config")
+        .arg(demo.join("rbb.yaml"))
+        .arg("--state-dir")
+        .arg(demo.join("state"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting rbb master")?;
+    let (http, grpc) = listening(&mut master)?;
+    let mut worker = Command::new(bin.join("rbb-worker"))
+        .args(["--master", &format!("http://{grpc}"), "--name", "local", "--token", "demo-token", "--labels", "linux", "--max-steps", "2"])
+        .arg("--workdir")
+        .arg(demo.join("work"))
+        .spawn()
+        .context("starting rbb-worker")?;
+    // The demo's first build: app/package needs every app/test combination, which need
+    // lib/build in the other repository.
+    let forced = http_post(&http, "/api/v2/builders/app%2Fpackage/force", "{}")?;
+    println!();
+    println!("rbb is running the demo: master, one native worker, three git repositories.");
+    println!("  builds:   http://{http}/api/v2/builds");
+    println!("  builders: http://{http}/api/v2/builders");
+    println!("  workers:  http://{http}/api/v2/workers");
+    println!("  force:    curl -X POST http://{http}/api/v2/builders/lib%2Fbuild/force");
+    println!("  forced app/package: {forced}");
+    println!("Ctrl-C stops it. State: {}", demo.join("state").display());
+    let status = master.wait()?;
+    let _ = worker.kill();
+    let _ = worker.wait();
+    if !status.success() {
+        bail!("rbb master exited with {status}");
+    }
+    Ok(())
+}
+
+/// Reads the master's "listening" line: (http address, grpc address).
+fn listening(master: &mut std::process::Child) -> Result<(String, String)> {
+    use std::io::BufRead;
+    let stdout = master.stdout.take().context("master stdout")?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
+        let line = line?;
+        if line.starts_with("rbb master listening:") {
+            let get = |k: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .map(|a| a.trim_start_matches("http://").to_owned())
+                    .context("malformed listening line")
+            };
+            let addrs = (get("http=")?, get("grpc=")?);
+            // Keep draining the master's stdout so it never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return Ok(addrs);
+        }
+    }
+    bail!("rbb master exited before listening")
+}
+
+/// A one-shot HTTP/1.1 POST on loopback; returns the response body.
+pub(crate) fn http_post(addr: &str, path: &str, body: &str) -> Result<String> {
+    http_request(addr, "POST", path, body)
+}
+
+pub(crate) fn http_request(addr: &str, method: &str, path: &str, body: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, rest) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    if !head.starts_with("HTTP/1.1 2") {
+        bail!("{method} {path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(rest.to_owned())
 }
 
 fn test(root: &Path, args: &[String]) -> Result<()> {

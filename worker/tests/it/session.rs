@@ -425,7 +425,12 @@ async fn shutdown_stops_running_steps_and_closes_the_session() {
         log[&LogStream::Header].contains("worker is shutting down"),
         "{log:?}"
     );
-    assert!(process_gone(pid));
+    wait_until(
+        "the step's processes are gone",
+        Duration::from_secs(10),
+        || process_gone(pid),
+    )
+    .await;
     let result = tokio::time::timeout(Duration::from_secs(10), worker.handle)
         .await
         .expect("worker did not stop")
