@@ -51,6 +51,8 @@ pub fn open_engine(opts: &MasterOptions) -> Result<Arc<Engine>> {
     let mut repos = Vec::new();
     for r in &cfg.config.repositories {
         let path = cfg.repo_path(r).map_err(anyhow::Error::msg)?;
+        // Workers run elsewhere: give them an absolute path.
+        let path = std::fs::canonicalize(&path).with_context(|| format!("repository {}: {}", r.effective_name(), path.display()))?;
         repos.push(Repo { name: r.effective_name(), path, branch: r.effective_branch().to_owned() });
     }
     let state_dir = opts
@@ -95,6 +97,10 @@ pub async fn serve(
     let grpc_task = tokio::spawn(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            // Workers stream logs in 64 KiB chunks: with the default 64 KiB window every chunk
+            // would wait a round trip for a window update.
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(16 << 20))
             .add_service(svc)
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move { grpc_stop.cancelled().await }),
     );

@@ -42,7 +42,7 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_millis(1000);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long running steps get to stop and report when a session ends.
 const WIND_DOWN: Duration = Duration::from_secs(10);
-/// Messages queued towards the master (log chunks are up to 64 KiB each).
+/// Messages queued towards the master (log chunks are up to 1 MiB each).
 const OUTBOUND_CAPACITY: usize = 64;
 /// Output chunks queued between an executor and the session.
 const OUTPUT_CAPACITY: usize = 16;
@@ -196,7 +196,11 @@ impl Connection {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(true)
+            // Log chunks flow to the master: large HTTP/2 windows keep them from waiting for
+            // a window update per chunk.
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(16 << 20));
         if config.name.is_empty() {
             return Err(WorkerError::BadConfig {
                 what: "worker name",

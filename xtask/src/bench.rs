@@ -21,7 +21,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     if !args.is_empty() {
         bail!("cargo xtask bench takes no arguments");
     }
-    run(cargo().current_dir(root).args(["build", "--release", "--quiet", "-p", "rbb-master", "-p", "rbb-compiler", "--bins"]))?;
+    run(cargo().current_dir(root).args(["build", "--release", "--quiet", "-p", "rbb-master", "-p", "rbb-compiler", "-p", "rbb-worker", "--bins"]))?;
     let bin = target_dir(root).join("release");
     let rbb = bin.join("rbb");
     let work = root.join(".rbb-state/bench");
@@ -108,10 +108,12 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     println!("  rbb compile --config (git)       {:>9}", ms(git_t));
     println!("  baseline: same files, no git     {:>9}", ms(git_files_t));
     println!(
-        "  git cost per repository          {:>9.2} ms",
+        "  git cost per repository          {:>9.2} ms\n",
         git_t.saturating_sub(git_files_t).as_secs_f64() * 1000.0 / GIT_REPOS as f64
     );
-    Ok(())
+
+    // 4. Running builds.
+    crate::runs::run(root, &bin, &work)
 }
 
 

@@ -8,6 +8,7 @@
 //! It only orchestrates: it spawns cargo and the project's binaries and holds no product logic.
 
 mod bench;
+mod runs;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -25,7 +26,7 @@ fn main() -> Result<()> {
             eprintln!("usage: cargo xtask <serve|test|bench|codegen> [args]");
             eprintln!("  serve    run the demo: master + local worker + git repositories [HTTP_ADDR]");
             eprintln!("  test     run every test (cargo nextest if installed, else cargo test)");
-            eprintln!("  bench    print compile and snippet figures (release build)");
+            eprintln!("  bench    print compile, snippet and build-running figures (release build)");
             eprintln!("  codegen  rewrite schema/*.schema.json from the Rust types");
             bail!("unknown or missing command");
         }
@@ -51,6 +52,18 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
 /// Where cargo puts binaries for `profile`.
 pub(crate) fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
+}
+
+/// Makes a git repository at `dest` from the files in `src` (fixture script, fixed dates).
+pub(crate) fn make_repo_from(root: &Path, src: &Path, dest: &Path) -> Result<()> {
+    if dest.exists() {
+        std::fs::remove_dir_all(dest)?;
+    }
+    run(Command::new("sh")
+        .arg(root.join("testdata/fixtures/mkrepo.sh"))
+        .arg(src)
+        .arg(dest)
+        .stdout(std::process::Stdio::null()))
 }
 
 /// Makes the demo repositories (real git, via the fixture script) under `dir`.
@@ -113,7 +126,7 @@ fn serve(root: &Path, args: &[String]) -> Result<()> {
 }
 
 /// Reads the master's "listening" line: (http address, grpc address).
-fn listening(master: &mut std::process::Child) -> Result<(String, String)> {
+pub(crate) fn listening(master: &mut std::process::Child) -> Result<(String, String)> {
     use std::io::BufRead;
     let stdout = master.stdout.take().context("master stdout")?;
     let mut lines = std::io::BufReader::new(stdout).lines();

@@ -83,7 +83,7 @@ fn logs(messages: &[Msg], lease: u64) -> HashMap<LogStream, String> {
     for msg in messages {
         if let Msg::Log(chunk) = msg {
             assert_eq!(chunk.lease, lease);
-            assert!(chunk.data.len() <= 64 * 1024);
+            assert!(chunk.data.len() <= rbb_worker::executor::MAX_CHUNK);
             let stream = LogStream::try_from(chunk.stream).unwrap();
             logs.entry(stream)
                 .or_default()

@@ -1,0 +1,260 @@
+//! `cargo xtask bench` figures for running builds: a real release `rbb master` and one
+//! `rbb-worker` on loopback, with the same commands timed in a bare shell as the baseline.
+
+use crate::{http_request, make_repo_from};
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Cluster {
+    master: Proc,
+    _worker: Proc,
+    http: String,
+}
+
+fn get(http: &str, path: &str) -> Result<Value> {
+    Ok(serde_json::from_str(&http_request(http, "GET", path, "")?)?)
+}
+
+fn force(http: &str, builder: &str) -> Result<u64> {
+    let path = format!("/api/v2/builders/{}/force", builder.replace('/', "%2F"));
+    let v: Value = serde_json::from_str(&http_request(http, "POST", &path, "{}")?)?;
+    v["build"].as_u64().context("force returned no build id")
+}
+
+fn wait_finished(http: &str, id: u64) -> Result<Value> {
+    let start = Instant::now();
+    loop {
+        let b = get(http, &format!("/api/v2/builds/{id}"))?;
+        if b["state"] == "finished" {
+            return Ok(b);
+        }
+        if start.elapsed() > Duration::from_secs(300) {
+            bail!("build {id} did not finish in 5 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn start(bin: &Path, dir: &Path) -> Result<Cluster> {
+    let mut master = Command::new(bin.join("rbb"))
+        .args(["master", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+        .arg("--config")
+        .arg(dir.join("rbb.yaml"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env("RBB_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting rbb master")?;
+    let (http, grpc) = crate::listening(&mut master)?;
+    let worker = Command::new(bin.join("rbb-worker"))
+        .args(["--master", &format!("http://{grpc}"), "--name", "w", "--token", "t", "--max-steps", "1"])
+        .arg("--workdir")
+        .arg(dir.join("work"))
+        .env("RBB_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting rbb-worker")?;
+    let c = Cluster { master: Proc(master), _worker: Proc(worker), http };
+    let t = Instant::now();
+    while get(&c.http, "/api/v2/workers")?["workers"][0]["connected"] != true {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("the worker did not connect");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(c)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs `sh -c cmd` `n` times in a row; the bare-shell floor.
+fn shell_floor(cmd: &str, n: usize) -> Result<Duration> {
+    let t = Instant::now();
+    for _ in 0..n {
+        let s = Command::new("sh").args(["-c", cmd]).stdout(Stdio::null()).status()?;
+        if !s.success() {
+            bail!("sh -c {cmd} failed");
+        }
+    }
+    Ok(t.elapsed())
+}
+
+pub fn run(root: &Path, bin: &Path, work: &Path) -> Result<()> {
+    let dir = work.join("run");
+    std::fs::create_dir_all(&dir)?;
+    let marker = dir.join("started-at");
+    let mut pipeline = String::from("builders:\n");
+    // 50 trivial steps in one builder.
+    pipeline.push_str("  fifty:\n    steps:\n");
+    for i in 0..50 {
+        pipeline.push_str(&format!("      - {{ name: s{i}, run: \"true\" }}\n"));
+    }
+    // 20 builders of 10 trivial steps.
+    for b in 0..20 {
+        pipeline.push_str(&format!("  b{b}:\n    steps:\n"));
+        for i in 0..10 {
+            pipeline.push_str(&format!("      - {{ name: s{i}, run: \"true\" }}\n"));
+        }
+    }
+    pipeline.push_str("  big:\n    steps:\n      - run: head -c 52428800 /dev/zero\n");
+    pipeline.push_str(&format!("  stamp:\n    steps:\n      - run: date +%s%N > {}\n", marker.display()));
+    let src = dir.join("repo-src");
+    std::fs::create_dir_all(src.join(".rbb"))?;
+    std::fs::write(src.join(".rbb/pipeline.yaml"), pipeline)?;
+    make_repo_from(root, &src, &dir.join("repo"))?;
+    std::fs::write(
+        dir.join("rbb.yaml"),
+        "repositories:\n  - url: repo\nworkers:\n  - name: w\n    token: t\n    max_steps: 1\n",
+    )?;
+    let c = start(bin, &dir)?;
+    let pid = c.master.0.id();
+    let idle_rss = rss_kib(pid, "VmRSS:");
+
+    println!("running builds: release rbb master + one rbb-worker (1 slot) on loopback");
+
+    // Overhead per trivial step.
+    let mut per_step = Vec::new();
+    let mut floors = Vec::new();
+    for _ in 0..5 {
+        let b = wait_finished(&c.http, force(&c.http, "repo/fifty")?)?;
+        let ms = (b["finished_at"].as_u64().unwrap_or(0) - b["started_at"].as_u64().unwrap_or(0)) as f64;
+        let floor = shell_floor("true", 50)?.as_secs_f64() * 1000.0;
+        per_step.push((ms - floor) / 50.0);
+        floors.push(floor / 50.0);
+    }
+    let overhead = median(per_step);
+    println!(
+        "  overhead per trivial step          {:>8.2} ms   target ≤ 3 ms   (50 × `true`; bare shell {:.2} ms per `sh -c true`, subtracted)",
+        overhead,
+        median(floors)
+    );
+
+    // Throughput: 20 builds × 10 steps.
+    let t = Instant::now();
+    let ids: Vec<u64> = (0..20).map(|b| force(&c.http, &format!("repo/b{b}"))).collect::<Result<_>>()?;
+    for id in &ids {
+        wait_finished(&c.http, *id)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let floor = shell_floor("true", 200)?.as_secs_f64();
+    println!(
+        "  20 builds × 10 steps, one worker   {:>8.0} steps/s   target ≥ 200   (bare shell: {:.0} steps/s; Buildbot 4.3: 5.7)",
+        200.0 / secs,
+        200.0 / floor
+    );
+
+    // Trigger → first step started.
+    let mut lat = Vec::new();
+    for _ in 0..7 {
+        let _ = std::fs::remove_file(&marker);
+        let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+        let id = force(&c.http, "repo/stamp")?;
+        wait_finished(&c.http, id)?;
+        let stamp: u128 = std::fs::read_to_string(&marker)?.trim().parse().context("stamp")?;
+        lat.push((stamp.saturating_sub(before)) as f64 / 1e6);
+    }
+    let spawn_floor = {
+        let t = Instant::now();
+        Command::new("sh").args(["-c", "date +%s%N > /dev/null"]).status()?;
+        t.elapsed().as_secs_f64() * 1000.0
+    };
+    println!(
+        "  trigger → first step started       {:>8.2} ms   target ≤ 20 ms  (HTTP force to the step's first instruction; a bare `sh -c date` takes {:.2} ms)",
+        median(lat),
+        spawn_floor
+    );
+
+    // 50 MB of output (the first run also clones the checkout: it is left out).
+    let file = dir.join("big.out");
+    let mut steps = Vec::new();
+    let mut bases = Vec::new();
+    let mut b = Value::Null;
+    for i in 0..6 {
+        b = wait_finished(&c.http, force(&c.http, "repo/big")?)?;
+        let s = &b["steps"][0];
+        if i > 0 {
+            steps.push((s["finished_at"].as_u64().unwrap_or(0) - s["started_at"].as_u64().unwrap_or(0)) as f64);
+        }
+        let bt = Instant::now();
+        Command::new("sh").args(["-c", &format!("head -c 52428800 /dev/zero > {}", file.display())]).status()?;
+        bases.push(bt.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (step_ms, base_ms) = (median(steps), median(bases));
+    let peak_rss = rss_kib(pid, "VmHWM:");
+    println!(
+        "  step writing 50 MiB to stdout      {:>8.0} ms   target ≤ 3× baseline ({:.1}×; the same command into a file: {:.0} ms; Buildbot 4.3: 16 s)",
+        step_ms,
+        step_ms / base_ms.max(0.001),
+        base_ms
+    );
+    let log = b["steps"][0]["log_id"].as_u64().context("log id")?;
+    let rt = Instant::now();
+    let body = raw_len(&c.http, &format!("/api/v2/logs/{log}/raw"))?;
+    let mbps = body as f64 / 1048576.0 / rt.elapsed().as_secs_f64();
+    println!("  raw log served back                {:>8.0} MiB/s target ≥ 200 MB/s ({} bytes)", mbps, body);
+    println!(
+        "  master RSS idle                    {:>8.1} MiB  target ≤ 25 MiB (Buildbot 4.3: 81 MiB)",
+        idle_rss as f64 / 1024.0
+    );
+    println!(
+        "  master peak RSS over the run       {:>8.1} MiB  (+{:.1} MiB over idle while ingesting; target ≤ +16 MiB)",
+        peak_rss as f64 / 1024.0,
+        (peak_rss.saturating_sub(idle_rss)) as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// GETs `path` and counts the body bytes without keeping them.
+fn raw_len(http: &str, path: &str) -> Result<u64> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut s = std::net::TcpStream::connect(http)?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n")?;
+    let mut r = BufReader::with_capacity(1 << 20, s);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = r.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+    }
+    Ok(n)
+}
