@@ -199,7 +199,7 @@ fn stopping_a_build_kills_the_whole_process_group() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pidfile = dir.path().join("bg.pid");
     let pipeline = format!(
-        "builders:\n  slow:\n    steps:\n      - run: 'sleep 60 & echo $! > {}; wait'\n      - run: echo after\n        always_run: true\n",
+        "builders:\n  slow:\n    steps:\n      - run: 'echo started; sleep 60 & echo $! > {}; wait'\n      - run: echo after\n        always_run: true\n",
         pidfile.display()
     );
     make_repo(&dir.path().join("app"), &pipeline, &[]);
@@ -208,6 +208,11 @@ fn stopping_a_build_kills_the_whole_process_group() {
     let _w = Worker::start(&m, "w1", "t", &dir.path().join("w1"), &[]);
     let id = m.force("app/slow");
     let pid: i32 = wait_for(T, "the step to start", || std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok());
+    // The log is readable while the step still runs.
+    let log = m.build(id)["steps"][0]["log_id"].as_u64().expect("log id");
+    wait_for(T, "the running step's output in its log", || m.get(&format!("/api/v2/logs/{log}/raw")).text().contains("started").then_some(()));
+    assert_eq!(m.build(id)["state"], "running");
+    assert_eq!(m.get(&format!("/api/v2/logs/{log}")).json()["complete"], false);
     let r = m.post(&format!("/api/v2/builds/{id}/stop"), "");
     assert_eq!(r.status, 202, "{}", r.text());
     let b = m.finished(id, Duration::from_secs(20));
@@ -356,4 +361,22 @@ fn binary_garbage_and_a_huge_line_are_stored_whole() {
         .map(|f| f.expect("f").metadata().expect("meta").len())
         .sum();
     assert_eq!(on_disk, bytes);
+}
+
+#[test]
+fn a_worker_speaking_another_protocol_version_is_refused() {
+    let s = setup("builders:\n  b:\n    steps: [{ run: echo ok }]\n", &[("w1", "t", &[])]);
+    let m = Master::start(&s.config, &s.state);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let status = rt.block_on(async {
+        let mut client = rbb_schema::proto::worker_client::WorkerClient::connect(format!("http://{}", m.grpc)).await.expect("connect");
+        let mut req = tonic::Request::new(tokio_stream::iter(Vec::<rbb_schema::proto::WorkerMessage>::new()));
+        req.metadata_mut().insert("rbb-protocol", "0".parse().expect("header"));
+        req.metadata_mut().insert("rbb-worker", "w1".parse().expect("header"));
+        req.metadata_mut().insert("authorization", "Bearer t".parse().expect("header"));
+        client.session(req).await.expect_err("refused")
+    });
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    assert!(status.message().contains("speaks worker protocol 1, the worker speaks 0"), "{}", status.message());
+    wait_for(T, "the refusal in the master's log", || m.log_text().contains("another protocol version").then_some(()));
 }
