@@ -42,6 +42,15 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
     Ok(total)
 }
 
+/// Milliseconds in `text`: everything [`parse_duration`] reads, plus `ms` (`500ms`).
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    if let Some(ms) = t.strip_suffix("ms") {
+        return ms.trim().parse::<u64>().map_err(|_| format!("`{t}` is not a duration"));
+    }
+    parse_duration(t).map(|s| s.saturating_mul(1000))
+}
+
 /// `3600` → `1h`, `90` → `1m30s`.
 pub fn format_duration(secs: u64) -> String {
     if secs == 0 {
@@ -72,6 +81,9 @@ mod tests {
         assert!(parse_duration("1h30").is_err());
         assert!(parse_duration("99999999999999999999d").is_err());
         assert_eq!(format_duration(5400), "1h30m");
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
+        assert_eq!(parse_duration_ms("2s"), Ok(2000));
+        assert!(parse_duration_ms("xms").is_err());
         assert_eq!(format_duration(61), "1m1s");
     }
 }

@@ -39,11 +39,14 @@ pub struct Options {
     /// Other repositories are not part of this compile (`rbb validate`): `needs` naming
     /// them are not checked.
     pub other_repos_unknown: bool,
+    /// Lock names the master config declares; when given, a builder taking another lock is
+    /// an error.
+    pub locks: Option<Vec<String>>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { max_matrix: 256, default_timeout_secs: 3600, worker_labels: None, other_repos_unknown: false }
+        Options { max_matrix: 256, default_timeout_secs: 3600, worker_labels: None, other_repos_unknown: false, locks: None }
     }
 }
 

@@ -120,6 +120,27 @@ pub(crate) fn lower(
         .map(|(i, s)| s.timeout.as_ref().and_then(|t| duration(ctx, b, &[key("steps"), Seg::Index(i), key("timeout")], t, diags)))
         .collect();
 
+    if let Some(known) = &opts.locks {
+        for (i, l) in spec.locks.iter().enumerate() {
+            if !known.iter().any(|k| k == &l.name) {
+                diags.push(ctx.diag(
+                    "unknown-lock",
+                    b.pos(ctx, &[key("locks"), Seg::Index(i), key("name")]),
+                    format!("{what} takes lock `{}`, which the master config does not declare", l.name),
+                    did_you_mean(&l.name, known.iter().map(String::as_str))
+                        .or_else(|| Some(format!("declare it under `locks:` in the master config (declared: {})", name_list(known, 10)))),
+                ));
+            }
+        }
+    }
+    if spec.concurrency == Some(0) {
+        diags.push(ctx.diag(
+            "bad-concurrency",
+            b.pos(ctx, &[key("concurrency")]),
+            format!("`concurrency: 0` would never let {what} run"),
+            Some("use 1 or more, or leave it out".into()),
+        ));
+    }
     if let Some(workers) = &opts.worker_labels
         && !spec.labels.is_empty() && !workers.is_empty() {
             let wanted: BTreeSet<&str> = spec.labels.iter().map(String::as_str).collect();
@@ -225,6 +246,10 @@ pub(crate) fn lower(
                 labels,
                 image,
                 priority: spec.priority.unwrap_or(0),
+                collapse: spec.collapse.unwrap_or(true),
+                cancel_superseded: spec.cancel_superseded.unwrap_or(false),
+                concurrency: spec.concurrency,
+                locks: spec.locks.clone(),
                 triggers: triggers.clone(),
                 needs: Vec::new(),
                 steps,

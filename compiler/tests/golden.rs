@@ -2,7 +2,8 @@
 //!
 //! Inputs: every `<repo>.yaml` in the folder is that repository's `.rbb/pipeline.yaml`;
 //! optional `files.txt` lists the commit's files (given to snippets), optional `workers.txt`
-//! gives one worker label set per line. Expected output: `expected.txt` (diagnostics as the
+//! gives one worker label set per line, optional `locks.txt` the lock names the master config
+//! declares. Expected output: `expected.txt` (diagnostics as the
 //! CLI prints them, then the text plan and the DOT picture), and `plan.json` when the case
 //! compiles. `RBB_BLESS=1 cargo test -p rbb-compiler --test golden` rewrites them.
 
@@ -48,7 +49,9 @@ fn load_case(dir: &Path) -> (Vec<Source>, Options) {
         })
         .collect();
     let workers = dir.join("workers.txt");
+    let locks = dir.join("locks.txt");
     let opts = Options {
+        locks: locks.exists().then(|| read_lines(&locks)),
         worker_labels: workers.exists().then(|| {
             read_lines(&workers).iter().map(|l| l.split_whitespace().map(str::to_owned).collect()).collect()
         }),

@@ -27,6 +27,39 @@ pub struct MasterConfig {
     /// Directory of the master's state (database, logs, mirrors). Default `.rbb-state`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<String>,
+    /// Secrets of the forge webhooks (`POST /api/v2/hooks/{github,gitlab,gitea}`). A forge
+    /// without a secret here is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<WebhookConfig>,
+    /// Named locks builders can take (`locks:` in a builder): `max` holders at once.
+    #[serde(default, skip_serializing_if = "indexmap::IndexMap::is_empty")]
+    pub locks: indexmap::IndexMap<String, LockConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// HMAC secret of GitHub webhooks (`X-Hub-Signature-256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_secret: Option<String>,
+    /// Token of GitLab webhooks (`X-Gitlab-Token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gitlab_token: Option<String>,
+    /// HMAC secret of Gitea and Forgejo webhooks (`X-Gitea-Signature`, `X-Forgejo-Signature`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gitea_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LockConfig {
+    /// How many builds may hold it at once in `counting` mode (`exclusive` always means one).
+    #[serde(default = "one")]
+    pub max: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -44,7 +77,8 @@ pub struct RepositoryConfig {
     /// Branches watched for changes (globs). Default: `branch` only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub branches: Vec<String>,
-    /// How often to poll: seconds or a duration such as `30s`, `5m`. Default 60s.
+    /// How often to poll: seconds or a duration such as `500ms`, `30s`, `5m`. Default 60s.
+    /// Webhooks trigger a fetch at once, whatever the interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_interval: Option<Scalar>,
 }

@@ -82,9 +82,39 @@ pub struct Builder {
     /// Higher runs first when builders wait for the same worker. Default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
+    /// Replace a waiting build of the same branch by the newer one (its changes move along).
+    /// Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collapse: Option<bool>,
+    /// Stop a running build of the same branch when a newer commit is queued. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel_superseded: Option<bool>,
+    /// At most this many builds of this builder run at once (all workers together).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// Locks (declared in the master config) a build holds while it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<LockUse>,
     /// The steps, run in order in one checkout.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<Step>,
+}
+
+/// A lock a build takes: `exclusive` (alone) or `counting` (up to the lock's `max` holders).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LockUse {
+    pub name: String,
+    #[serde(default)]
+    pub mode: LockMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LockMode {
+    #[default]
+    Counting,
+    Exclusive,
 }
 
 /// When a builder runs.

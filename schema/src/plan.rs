@@ -68,6 +68,17 @@ pub struct PlanBuilder {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
     pub priority: i32,
+    /// Queue policy: a newer waiting build of the same branch replaces an older one.
+    pub collapse: bool,
+    /// Queue policy: a newer commit stops a running build of the same branch.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_superseded: bool,
+    /// Most builds of this builder running at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// Locks held while a build runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<crate::pipeline::LockUse>,
     pub triggers: PlanTriggers,
     /// Ids of the builders that must succeed first, sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
