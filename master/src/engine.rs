@@ -6,7 +6,8 @@
 //! messages to workers go into each session's channel without blocking.
 
 use crate::logs::LogFiles;
-use crate::model::{BuildRecord, LogRecord, StepRecord, now_ms};
+use crate::model::{BuildRecord, ChangeRecord, LogRecord, ScheduleRecord, StepRecord, now_ms};
+use crate::planner::Planner;
 use crate::store::{Store, StoreError, Sync};
 use rbb_compiler::condition;
 use rbb_schema::api::{self, State};
@@ -44,6 +45,8 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("log file: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the pipelines do not compile:\n{0}")]
+    Plan(String),
 }
 
 /// Why a worker was refused.
@@ -59,6 +62,8 @@ pub struct Repo {
     pub name: String,
     /// Local path of the repository (what workers clone).
     pub path: PathBuf,
+    /// Where the master reads commits from (the repository's bare mirror).
+    pub git_dir: PathBuf,
     pub branch: String,
 }
 
@@ -95,6 +100,9 @@ struct Inner {
     logs: HashMap<u64, LogRecord>,
     workers: BTreeMap<String, WorkerState>,
     leases: HashMap<u64, LeaseInfo>,
+    changes: BTreeMap<u64, ChangeRecord>,
+    schedules: HashMap<String, ScheduleRecord>,
+    next_change: u64,
     next_build: u64,
     next_lease: u64,
     next_log: u64,
@@ -107,6 +115,9 @@ pub struct Engine {
     pub logs: LogFiles,
     events: broadcast::Sender<Event>,
     repos: BTreeMap<String, Repo>,
+    planner: Planner,
+    /// Declared locks and their `max`.
+    locks: BTreeMap<String, u32>,
     pub heartbeat: Duration,
 }
 
@@ -115,12 +126,15 @@ impl Engine {
     /// kept; builds that were running are marked RETRY and queued again; pending ones wait.
     pub fn open(
         state_dir: &std::path::Path,
-        plan: Plan,
+        planner: Planner,
         repos: Vec<Repo>,
         workers: Vec<WorkerConfig>,
+        locks: BTreeMap<String, u32>,
         heartbeat: Duration,
     ) -> Result<Arc<Engine>, EngineError> {
         std::fs::create_dir_all(state_dir)?;
+        planner.refresh_heads().map_err(EngineError::Plan)?;
+        let plan = (*planner.head_plan().map_err(|e| EngineError::Plan(e.to_string()))?).clone();
         let store = Store::open(&state_dir.join("state.redb"))?;
         let logs = LogFiles::new(&state_dir.join("logs"))?;
         store.put_plan(&plan)?;
@@ -132,6 +146,9 @@ impl Engine {
         let mut log_records: HashMap<u64, LogRecord> = store.logs()?.into_iter().map(|l| (l.id, l)).collect();
         let next_build = builds.keys().next_back().map_or(1, |k| k + 1);
         let next_log = log_records.keys().max().map_or(1, |k| k + 1);
+        let changes: BTreeMap<u64, ChangeRecord> = store.changes()?.into_iter().map(|c| (c.id, c)).collect();
+        let next_change = changes.keys().next_back().map_or(1, |k| k + 1);
+        let schedules = store.schedules()?.into_iter().collect();
         // Logs that were being written when the master stopped: their length is what reached
         // the disk.
         for l in log_records.values_mut() {
@@ -169,6 +186,9 @@ impl Engine {
                 logs: log_records,
                 workers,
                 leases: HashMap::new(),
+                changes,
+                schedules,
+                next_change,
                 next_build,
                 next_lease: 1,
                 next_log,
@@ -178,6 +198,8 @@ impl Engine {
             logs,
             events,
             repos: repos.into_iter().map(|r| (r.name.clone(), r)).collect(),
+            planner,
+            locks,
             heartbeat,
         });
         engine.recover()?;
@@ -283,17 +305,13 @@ impl Engine {
     /// Forces `builder` at a branch or revision. Builders it needs get builds at the same
     /// commit too, unless one already succeeded there.
     pub fn force(&self, builder: &str, req: api::ForceRequest) -> Result<api::ForceResponse, EngineError> {
-        let mut st = self.lock();
-        let plan = st.plan.clone();
-        let Some(pb) = plan.builder(builder) else {
-            let ids: Vec<&str> = plan.builders.iter().map(|b| b.id.as_str()).collect();
+        let head = self.plan();
+        let Some(pb) = head.builder(builder) else {
+            let ids: Vec<&str> = head.builders.iter().map(|b| b.id.as_str()).collect();
             let close = rbb_compiler::diagnostic::suggest(builder, ids.iter().copied());
             let hint = if close.is_empty() { String::new() } else { format!("; did you mean {}?", close.join(" or ")) };
             return Err(EngineError::NotFound(format!("no builder `{builder}` in the plan{hint}")));
         };
-        if !pb.triggers.force {
-            return Err(EngineError::BadRequest(format!("builder `{builder}` cannot be forced (`on.force: false`)")));
-        }
         let repo = self
             .repos
             .get(&pb.repo)
@@ -301,18 +319,80 @@ impl Engine {
             .clone();
         let branch = req.branch.clone().unwrap_or_else(|| repo.branch.clone());
         let rev = req.revision.clone().unwrap_or_else(|| branch.clone());
-        let commit = resolve(&repo.path, &rev)
+        let commit = resolve(&repo.git_dir, &rev)
             .map_err(|e| EngineError::BadRequest(format!("cannot resolve `{rev}` in repository `{}`: {e}", repo.name)))?;
         let reason = req.reason.clone().unwrap_or_else(|| "force".to_owned());
-        let mut created = Vec::new();
-        let id = self.create_build(&mut st, &plan, pb, &repo, &branch, &commit, &reason, "force", &req.properties, &mut created)?;
-        let ids: Vec<&BuildRecord> = created.iter().filter_map(|i| st.builds.get(i)).collect();
-        self.store.put_builds(ids, Sync::Durable)?;
-        for i in &created {
-            self.emit(Event::Build { id: *i });
+        // The plan comes from the commit being built.
+        let plan = match self.planner.plan_at(&repo.name, &commit) {
+            Ok(p) => p,
+            Err(diags) => {
+                let mut st = self.lock();
+                let id = self.pipeline_failure(&mut st, &repo, &branch, &commit, &diags, "force", &[])?;
+                return Ok(api::ForceResponse { build: id, needed: Vec::new() });
+            }
+        };
+        let Some(pb) = plan.builder(builder).cloned() else {
+            return Err(EngineError::NotFound(format!("builder `{builder}` does not exist at commit {commit}")));
+        };
+        if !pb.triggers.force {
+            return Err(EngineError::BadRequest(format!("builder `{builder}` cannot be forced (`on.force: false`)")));
         }
+        let mut st = self.lock();
+        self.remember_plan(&mut st, &plan)?;
+        let mut created = Vec::new();
+        let id = self.create_build(&mut st, &plan, &pb, &repo, &branch, &commit, &reason, "force", &req.properties, &[], &mut created)?;
+        self.persist_created(&mut st, &created)?;
         self.dispatch(&mut st)?;
         Ok(api::ForceResponse { build: id, needed: created.into_iter().filter(|i| *i != id).collect() })
+    }
+
+    /// Runs a finished build again with exactly the plan it was pinned to.
+    pub fn rebuild(&self, id: u64) -> Result<u64, EngineError> {
+        let mut st = self.lock();
+        let Some(old) = st.builds.get(&id).cloned() else {
+            return Err(EngineError::NotFound(format!("no build {id}")));
+        };
+        let Some(plan) = st.plans.get(&old.plan_hash).cloned() else {
+            return Err(EngineError::Conflict(format!("build {id} has no plan to run again")));
+        };
+        let Some(pb) = plan.builder(&old.builder).cloned() else {
+            return Err(EngineError::Conflict(format!("build {id} is not a builder's build")));
+        };
+        let repo = self.repos.get(&old.repo).cloned().ok_or_else(|| EngineError::NotFound(format!("repository `{}` is not configured", old.repo)))?;
+        let mut created = Vec::new();
+        let new = self.create_build(
+            &mut st,
+            &plan,
+            &pb,
+            &repo,
+            &old.branch,
+            &old.commit,
+            &format!("rebuild of build {id}"),
+            &old.event,
+            &old.properties,
+            &old.changes,
+            &mut created,
+        )?;
+        self.persist_created(&mut st, &created)?;
+        self.dispatch(&mut st)?;
+        Ok(new)
+    }
+
+    fn remember_plan(&self, st: &mut Inner, plan: &Arc<Plan>) -> Result<(), EngineError> {
+        if !st.plans.contains_key(&plan.hash) {
+            self.store.put_plan(plan)?;
+            st.plans.insert(plan.hash.clone(), plan.clone());
+        }
+        Ok(())
+    }
+
+    fn persist_created(&self, st: &mut Inner, created: &[u64]) -> Result<(), EngineError> {
+        let recs: Vec<&BuildRecord> = created.iter().filter_map(|i| st.builds.get(i)).collect();
+        self.store.put_builds(recs, Sync::Durable)?;
+        for i in created {
+            self.emit(Event::Build { id: *i });
+        }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -327,6 +407,7 @@ impl Engine {
         reason: &str,
         event: &str,
         props: &BTreeMap<String, String>,
+        changes: &[u64],
         created: &mut Vec<u64>,
     ) -> Result<u64, EngineError> {
         // Needs first: reuse a pending, running or successful build of the same commit.
@@ -339,7 +420,7 @@ impl Engine {
             let (ncommit, nbranch) = if nrepo.name == repo.name {
                 (commit.to_owned(), branch.to_owned())
             } else {
-                let c = resolve(&nrepo.path, &nrepo.branch).map_err(|e| {
+                let c = resolve(&nrepo.git_dir, &nrepo.branch).map_err(|e| {
                     EngineError::BadRequest(format!("cannot resolve `{}` in repository `{}`: {e}", nrepo.branch, nrepo.name))
                 })?;
                 (c, nrepo.branch.clone())
@@ -358,7 +439,7 @@ impl Engine {
                 Some(id) => id,
                 None => {
                     let why = format!("needed by {}", pb.id);
-                    self.create_build(st, plan, nb, &nrepo, &nbranch, &ncommit, &why, event, props, created)?
+                    self.create_build(st, plan, nb, &nrepo, &nbranch, &ncommit, &why, event, props, changes, created)?
                 }
             };
             waits.push(id);
@@ -406,6 +487,7 @@ impl Engine {
                 cancelled: false,
                 attempt: 1,
                 checked_out: false,
+                changes: changes.to_vec(),
                 submitted_at: now_ms(),
                 started_at: None,
                 finished_at: None,
@@ -414,6 +496,9 @@ impl Engine {
         );
         created.push(id);
         tracing::info!(build = id, builder = %pb.id, commit = %commit, reason, "build queued");
+        if event != "force" {
+            self.apply_queue_policy(st, pb, id, created)?;
+        }
         Ok(id)
     }
 
@@ -453,6 +538,356 @@ impl Engine {
                 }
             }
         }
+    }
+
+
+    // ---- changes and schedulers ----------------------------------------------------
+
+    /// Commits pushed to `branch` of `repo` (newest first, as the mirror lists them). Records
+    /// one change per commit, then schedules the builders whose `on:` wants them.
+    pub fn on_push(&self, repo: &str, branch: &str, commits: &[NewCommit], source: &str) -> Result<Vec<u64>, EngineError> {
+        let Some(head) = commits.first() else { return Ok(Vec::new()) };
+        let r = self.repos.get(repo).cloned().ok_or_else(|| EngineError::NotFound(format!("no repository `{repo}`")))?;
+        if branch == r.branch {
+            if let Err(e) = self.planner.head_moved(repo, &head.id) {
+                tracing::warn!(repo, error = %e, "cannot read the new head's pipeline");
+            }
+        }
+        let plan = self.planner.plan_at(repo, &head.id);
+        let head_plan = if branch == r.branch { self.planner.head_plan().ok() } else { None };
+        let mut st = self.lock();
+        if let Some(hp) = head_plan {
+            self.remember_plan(&mut st, &hp)?;
+            st.plan = hp;
+        }
+        let ids = self.record_changes(&mut st, repo, branch, commits.iter().rev(), "push", source, None)?;
+        let files: BTreeSet<&str> = commits.iter().flat_map(|c| c.files.iter().map(String::as_str)).collect();
+        let plan = match plan {
+            Ok(p) => p,
+            Err(diags) => {
+                let id = self.pipeline_failure(&mut st, &r, branch, &head.id, &diags, "push", &ids)?;
+                return Ok(vec![id]);
+            }
+        };
+        self.remember_plan(&mut st, &plan)?;
+        let mut created = Vec::new();
+        let mut out = Vec::new();
+        for pb in plan.builders.iter().filter(|b| b.repo == repo) {
+            let Some(filter) = &pb.triggers.push else { continue };
+            if !branch_matches(filter, branch) {
+                continue;
+            }
+            if !paths_match(&pb.triggers, &files) {
+                out.push(self.not_affected(&mut st, &plan, pb, &r, branch, &head.id, &ids)?);
+                continue;
+            }
+            out.push(self.create_build(&mut st, &plan, pb, &r, branch, &head.id, &format!("push to {branch}"), "push", &BTreeMap::new(), &ids, &mut created)?);
+        }
+        self.persist_created(&mut st, &created)?;
+        self.dispatch(&mut st)?;
+        Ok(out)
+    }
+
+    /// A pull request opened or updated: builders whose `on.pull_request` matches its target
+    /// branch build its head.
+    pub fn on_pull_request(&self, repo: &str, pr: &PullRequestChange, source: &str) -> Result<Vec<u64>, EngineError> {
+        let r = self.repos.get(repo).cloned().ok_or_else(|| EngineError::NotFound(format!("no repository `{repo}`")))?;
+        let plan = self.planner.plan_at(repo, &pr.commit.id);
+        let mut st = self.lock();
+        let ids = self.record_changes(&mut st, repo, &pr.source_branch, std::iter::once(&pr.commit), "pull_request", source, Some(pr.number))?;
+        let plan = match plan {
+            Ok(p) => p,
+            Err(diags) => return Ok(vec![self.pipeline_failure(&mut st, &r, &pr.source_branch, &pr.commit.id, &diags, "pull_request", &ids)?]),
+        };
+        self.remember_plan(&mut st, &plan)?;
+        let mut props = BTreeMap::new();
+        props.insert("pr_number".to_owned(), pr.number.to_string());
+        props.insert("target_branch".to_owned(), pr.target_branch.clone());
+        let mut created = Vec::new();
+        let mut out = Vec::new();
+        for pb in plan.builders.iter().filter(|b| b.repo == repo) {
+            let Some(filter) = &pb.triggers.pull_request else { continue };
+            if !branch_matches(filter, &pr.target_branch) {
+                continue;
+            }
+            let why = format!("pull request #{} into {}", pr.number, pr.target_branch);
+            out.push(self.create_build(&mut st, &plan, pb, &r, &pr.source_branch, &pr.commit.id, &why, "pull_request", &props, &ids, &mut created)?);
+        }
+        self.persist_created(&mut st, &created)?;
+        self.dispatch(&mut st)?;
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_changes<'a>(
+        &self,
+        st: &mut Inner,
+        repo: &str,
+        branch: &str,
+        oldest_first: impl Iterator<Item = &'a NewCommit>,
+        event: &str,
+        source: &str,
+        pull_request: Option<u64>,
+    ) -> Result<Vec<u64>, EngineError> {
+        let mut recs = Vec::new();
+        for c in oldest_first {
+            let id = st.next_change;
+            st.next_change += 1;
+            recs.push(ChangeRecord {
+                id,
+                repo: repo.to_owned(),
+                branch: branch.to_owned(),
+                commit: c.id.clone(),
+                author: c.author.clone(),
+                email: c.email.clone(),
+                time: c.time,
+                message: c.message.clone(),
+                files: c.files.clone(),
+                event: event.to_owned(),
+                source: source.to_owned(),
+                recorded_at: now_ms(),
+                pull_request,
+            });
+        }
+        self.store.put_changes(&recs)?;
+        let ids = recs.iter().map(|c| c.id).collect();
+        tracing::info!(repo, branch, count = recs.len(), source, "changes recorded");
+        for c in recs {
+            st.changes.insert(c.id, c);
+        }
+        Ok(ids)
+    }
+
+    /// A finished build that says the commit's pipeline does not compile, with the
+    /// diagnostics as its log.
+    #[allow(clippy::too_many_arguments)]
+    fn pipeline_failure(&self, st: &mut Inner, repo: &Repo, branch: &str, commit: &str, diags: &str, event: &str, changes: &[u64]) -> Result<u64, EngineError> {
+        let id = st.next_build;
+        st.next_build += 1;
+        let log = st.next_log;
+        st.next_log += 1;
+        let file = self.logs.create(log)?;
+        self.logs.append(log, diags.as_bytes())?;
+        let bytes = self.logs.close(log).unwrap_or(0);
+        let rec = LogRecord { id: log, build: id, step: 0, file, bytes, finished: true };
+        self.store.put_log(&rec, Sync::Lazy)?;
+        st.logs.insert(log, rec);
+        let now = now_ms();
+        let b = BuildRecord {
+            id,
+            builder: format!("{}/{}", repo.name, PIPELINE_BUILDER),
+            repo: repo.name.clone(),
+            repo_url: repo.path.display().to_string(),
+            branch: branch.to_owned(),
+            commit: commit.to_owned(),
+            plan_hash: String::new(),
+            pipeline_blob: None,
+            reason: format!("{PIPELINE_PATH} at {} does not compile", &commit[..commit.len().min(12)]),
+            event: event.to_owned(),
+            properties: BTreeMap::new(),
+            priority: 0,
+            state: State::Finished,
+            result: Some(Outcome::Failure),
+            result_reason: diags.lines().next().unwrap_or("the pipeline does not compile").to_owned(),
+            worker: None,
+            waits_for: Vec::new(),
+            halted: true,
+            cancelled: false,
+            attempt: 1,
+            checked_out: false,
+            changes: changes.to_vec(),
+            submitted_at: now,
+            started_at: Some(now),
+            finished_at: Some(now),
+            steps: vec![StepRecord {
+                number: 0,
+                name: "compile pipeline".to_owned(),
+                state: State::Finished,
+                result: Some(Outcome::Failure),
+                reason: "the pipeline does not compile".to_owned(),
+                exit_code: None,
+                started_at: Some(now),
+                finished_at: Some(now),
+                log_id: Some(log),
+            }],
+        };
+        self.store.put_build(&b, Sync::Durable)?;
+        tracing::warn!(build = id, repo = %repo.name, commit, "pipeline does not compile");
+        st.builds.insert(id, b);
+        self.emit(Event::Build { id });
+        Ok(id)
+    }
+
+    /// A builder whose `paths:` no changed file matches: recorded as NOT_AFFECTED (it counts
+    /// as passing for required checks) without running anything.
+    #[allow(clippy::too_many_arguments)]
+    fn not_affected(&self, st: &mut Inner, plan: &Plan, pb: &PlanBuilder, repo: &Repo, branch: &str, commit: &str, changes: &[u64]) -> Result<u64, EngineError> {
+        let mut created = Vec::new();
+        let id = st.next_build;
+        // Built like any build, then finished at once (its needs are not started).
+        let mut bare = pb.clone();
+        bare.needs.clear();
+        self.create_build(st, plan, &bare, repo, branch, commit, "no changed file matches `paths`", "push", &BTreeMap::new(), changes, &mut created)?;
+        if let Some(b) = st.builds.get_mut(&id) {
+            b.result = Some(Outcome::NotAffected);
+            b.result_reason = "no changed file matches `paths`".to_owned();
+            for s in &mut b.steps {
+                s.reason = "not affected by the change".to_owned();
+            }
+        }
+        self.finish_build(st, id)?;
+        Ok(id)
+    }
+
+    /// Stops or replaces older requests of the same builder and branch, as the builder's
+    /// queue policy says.
+    fn apply_queue_policy(&self, st: &mut Inner, pb: &PlanBuilder, new: u64, created: &[u64]) -> Result<(), EngineError> {
+        let Some(nb) = st.builds.get(&new).cloned() else { return Ok(()) };
+        if pb.collapse {
+            let older: Vec<u64> = st
+                .builds
+                .values()
+                .filter(|b| b.id != new && !created.contains(&b.id))
+                .filter(|b| b.builder == nb.builder && b.branch == nb.branch && b.state == State::Pending && b.event != "force")
+                .map(|b| b.id)
+                .collect();
+            for old in older {
+                let moved = st.builds.get(&old).map(|b| b.changes.clone()).unwrap_or_default();
+                if let Some(b) = st.builds.get_mut(&old) {
+                    b.result = Some(Outcome::Skipped);
+                    b.result_reason = format!("collapsed into build {new}");
+                }
+                self.finish_build(st, old)?;
+                let mut touched = vec![new];
+                if let Some(n) = st.builds.get_mut(&new) {
+                    let mut all: BTreeSet<u64> = n.changes.iter().copied().collect();
+                    all.extend(moved);
+                    n.changes = all.into_iter().collect();
+                }
+                for b in st.builds.values_mut() {
+                    if b.state == State::Pending && b.waits_for.contains(&old) {
+                        for w in &mut b.waits_for {
+                            if *w == old {
+                                *w = new;
+                            }
+                        }
+                        touched.push(b.id);
+                    }
+                }
+                let recs: Vec<&BuildRecord> = touched.iter().filter_map(|i| st.builds.get(i)).collect();
+                self.store.put_builds(recs, Sync::Lazy)?;
+                tracing::info!(build = old, into = new, "build request collapsed");
+            }
+        }
+        if pb.cancel_superseded {
+            let running: Vec<(u64, Option<u64>, Option<String>)> = st
+                .builds
+                .values()
+                .filter(|b| b.builder == nb.builder && b.branch == nb.branch && b.state == State::Running && b.commit != nb.commit)
+                .map(|b| (b.id, st.leases.iter().find(|(_, l)| l.build == b.id).map(|(k, _)| *k), b.worker.clone()))
+                .collect();
+            for (id, lease, worker) in running {
+                if let Some(b) = st.builds.get_mut(&id) {
+                    b.cancelled = true;
+                    b.result_reason = format!("superseded by build {new}");
+                }
+                if let (Some(lease), Some(worker)) = (lease, worker) {
+                    self.send(st, &worker, MasterMsg::Cancel(proto::Cancel { lease, reason: format!("superseded by build {new}") }));
+                }
+                tracing::info!(build = id, by = new, "running build superseded");
+            }
+        }
+        Ok(())
+    }
+
+    /// Fires the cron schedules due at `now` (Unix seconds). Each schedule fires at most
+    /// once per minute it matches, and a minute missed while the master was down fires once
+    /// at the next tick (the newest missed minute only, within a day).
+    pub fn cron_tick(&self, now: i64) -> Result<Vec<u64>, EngineError> {
+        let plan = self.plan();
+        let minute = now.div_euclid(60);
+        let mut due = Vec::new();
+        {
+            let st = self.lock();
+            for pb in &plan.builders {
+                for (i, sched) in pb.triggers.schedule.iter().enumerate() {
+                    let key = format!("{}#{i}", pb.id);
+                    let rec = st.schedules.get(&key).cloned().unwrap_or(ScheduleRecord { checked_minute: minute - 1, ..Default::default() });
+                    if rec.checked_minute >= minute {
+                        continue;
+                    }
+                    let Ok(cron) = rbb_compiler::cron::Cron::parse(&sched.cron) else { continue };
+                    let from = (rec.checked_minute + 1).max(minute - 24 * 60);
+                    let fire = (from..=minute).rev().find(|m| cron_matches(&cron, *m));
+                    due.push((pb.clone(), sched.clone(), key, rec, fire));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (pb, sched, key, mut rec, fire) in due {
+            rec.checked_minute = minute;
+            if let Some(m) = fire.filter(|m| rec.fired_minute.is_none_or(|f| f < *m)) {
+                rec.fired_minute = Some(m);
+                let Some(repo) = self.repos.get(&pb.repo).cloned() else { continue };
+                match resolve(&repo.git_dir, &sched.branch) {
+                    Ok(commit) if sched.only_if_changed && rec.last_commit.as_deref() == Some(commit.as_str()) => {
+                        tracing::info!(builder = %pb.id, "schedule due, but {} has not moved; not building", sched.branch);
+                    }
+                    Ok(commit) => {
+                        rec.last_commit = Some(commit.clone());
+                        let plan = self.planner.plan_at(&repo.name, &commit);
+                        let mut st = self.lock();
+                        match plan {
+                            Ok(plan) => {
+                                if let Some(b) = plan.builder(&pb.id).cloned() {
+                                    self.remember_plan(&mut st, &plan)?;
+                                    let mut created = Vec::new();
+                                    let why = format!("schedule \"{}\"", sched.cron);
+                                    out.push(self.create_build(&mut st, &plan, &b, &repo, &sched.branch, &commit, &why, "schedule", &BTreeMap::new(), &[], &mut created)?);
+                                    self.persist_created(&mut st, &created)?;
+                                }
+                            }
+                            Err(diags) => out.push(self.pipeline_failure(&mut st, &repo, &sched.branch, &commit, &diags, "schedule", &[])?),
+                        }
+                        self.dispatch(&mut st)?;
+                    }
+                    Err(e) => tracing::warn!(builder = %pb.id, error = %e, "schedule due, but its branch cannot be resolved"),
+                }
+            }
+            self.store.put_schedule(&key, &rec)?;
+            self.lock().schedules.insert(key, rec);
+        }
+        Ok(out)
+    }
+
+    pub fn changes(&self) -> Vec<api::Change> {
+        let st = self.lock();
+        let mut builds_of: HashMap<u64, Vec<u64>> = HashMap::new();
+        for b in st.builds.values() {
+            for c in &b.changes {
+                builds_of.entry(*c).or_default().push(b.id);
+            }
+        }
+        st.changes
+            .values()
+            .rev()
+            .map(|c| api::Change {
+                id: c.id,
+                repo: c.repo.clone(),
+                branch: c.branch.clone(),
+                commit: c.commit.clone(),
+                author: c.author.clone(),
+                email: c.email.clone(),
+                time: c.time,
+                message: c.message.clone(),
+                files: c.files.clone(),
+                event: c.event.clone(),
+                source: c.source.clone(),
+                recorded_at: c.recorded_at,
+                pull_request: c.pull_request,
+                builds: builds_of.remove(&c.id).unwrap_or_default(),
+            })
+            .collect()
     }
 
     // ---- workers -------------------------------------------------------------------
@@ -868,7 +1303,57 @@ impl Engine {
             }
         }
         self.emit(Event::Build { id });
+        self.trigger_downstream(st, id)?;
         Ok(())
+    }
+
+    /// A build of a change succeeded: builders of other repositories that need it start for
+    /// the same change (at their own branch head), unless one is already queued for it.
+    fn trigger_downstream(&self, st: &mut Inner, id: u64) -> Result<(), EngineError> {
+        let Some(b) = st.builds.get(&id).cloned() else { return Ok(()) };
+        if b.changes.is_empty() || b.event != "push" || !b.result.is_some_and(Outcome::is_ok) || b.result == Some(Outcome::NotAffected) {
+            return Ok(());
+        }
+        let Some(plan) = st.plans.get(&b.plan_hash).cloned() else { return Ok(()) };
+        let mut created = Vec::new();
+        for x in plan.builders.iter().filter(|x| x.repo != b.repo && x.needs.contains(&b.builder)) {
+            let queued = st.builds.values().any(|o| o.builder == x.id && o.changes.iter().any(|c| b.changes.contains(c)));
+            if queued {
+                continue;
+            }
+            let Some(repo) = self.repos.get(&x.repo).cloned() else { continue };
+            let Ok(commit) = resolve(&repo.git_dir, &repo.branch) else { continue };
+            let why = format!("{} succeeded for change {}", b.builder, b.changes.last().copied().unwrap_or(0));
+            self.create_build(st, &plan, x, &repo, &repo.branch, &commit, &why, "push", &BTreeMap::new(), &b.changes, &mut created)?;
+        }
+        if !created.is_empty() {
+            self.persist_created(st, &created)?;
+        }
+        Ok(())
+    }
+
+    /// Whether every lock `pb` takes has room (running builds hold their locks).
+    fn locks_free(&self, st: &Inner, pb: &PlanBuilder) -> bool {
+        if pb.locks.is_empty() {
+            return true;
+        }
+        let mut held: HashMap<&str, (u32, bool)> = HashMap::new();
+        for b in st.builds.values().filter(|b| b.state == State::Running) {
+            let Some(p) = st.plans.get(&b.plan_hash).and_then(|p| p.builder(&b.builder)) else { continue };
+            for l in &p.locks {
+                let e = held.entry(l.name.as_str()).or_default();
+                e.0 += 1;
+                e.1 |= l.mode == rbb_schema::pipeline::LockMode::Exclusive;
+            }
+        }
+        pb.locks.iter().all(|l| {
+            let (count, exclusive) = held.get(l.name.as_str()).copied().unwrap_or((0, false));
+            let max = self.locks.get(&l.name).copied().unwrap_or(1).max(1);
+            match l.mode {
+                rbb_schema::pipeline::LockMode::Exclusive => count == 0,
+                rbb_schema::pipeline::LockMode::Counting => !exclusive && count < max,
+            }
+        })
     }
 
     /// Starts every pending build whose needs are met on a capable, free worker.
@@ -910,6 +1395,15 @@ impl Engine {
             let mut need: BTreeSet<&str> = pb.labels.iter().map(String::as_str).collect();
             if pb.image.is_some() || pb.steps.iter().any(|s| s.image.is_some()) {
                 need.insert("docker");
+            }
+            if let Some(max) = pb.concurrency {
+                let running = st.builds.values().filter(|x| x.state == State::Running && x.builder == pb.id).count() as u32;
+                if running >= max {
+                    continue;
+                }
+            }
+            if !self.locks_free(st, pb) {
+                continue;
             }
             let leases_of = |name: &str| st.leases.values().filter(|l| l.worker == name).count() as u32;
             let chosen = st
@@ -992,6 +1486,7 @@ fn to_api(b: &BuildRecord, logs: &HashMap<u64, LogRecord>, files: &LogFiles) -> 
         result: b.result.filter(|_| b.state == State::Finished),
         result_reason: b.result_reason.clone(),
         worker: b.worker.clone(),
+        changes: b.changes.clone(),
         waits_for: b.waits_for.clone(),
         submitted_at: b.submitted_at,
         started_at: b.started_at,
@@ -1012,5 +1507,92 @@ fn to_api(b: &BuildRecord, logs: &HashMap<u64, LogRecord>, files: &LogFiles) -> 
                 log_bytes: s.log_id.map_or(0, |l| files.len(l).or_else(|| logs.get(&l).map(|r| r.bytes)).unwrap_or(0)),
             })
             .collect(),
+    }
+}
+
+/// Builder-name suffix of the build that reports a pipeline that does not compile.
+pub const PIPELINE_BUILDER: &str = "(pipeline)";
+const PIPELINE_PATH: &str = rbb_schema::config::PIPELINE_PATH;
+
+/// A commit as a change source reports it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NewCommit {
+    pub id: String,
+    pub author: String,
+    pub email: String,
+    pub time: i64,
+    pub message: String,
+    pub files: Vec<String>,
+}
+
+/// A pull request opened or updated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PullRequestChange {
+    pub number: u64,
+    pub target_branch: String,
+    pub source_branch: String,
+    pub commit: NewCommit,
+}
+
+fn glob_set(globs: &[String]) -> Option<globset::GlobSet> {
+    let mut b = globset::GlobSetBuilder::new();
+    for g in globs {
+        b.add(globset::Glob::new(g).ok()?);
+    }
+    b.build().ok()
+}
+
+/// Whether `branch` passes a trigger's branch globs (empty means every branch).
+pub fn branch_matches(f: &rbb_schema::plan::PlanBranchFilter, branch: &str) -> bool {
+    let inc = f.branches.is_empty() || glob_set(&f.branches).is_some_and(|s| s.is_match(branch));
+    let exc = !f.branches_ignore.is_empty() && glob_set(&f.branches_ignore).is_some_and(|s| s.is_match(branch));
+    inc && !exc
+}
+
+/// Whether the changed files make a builder with `paths:`/`paths_ignore:` run.
+pub fn paths_match(t: &rbb_schema::plan::PlanTriggers, files: &BTreeSet<&str>) -> bool {
+    if t.paths.is_empty() && t.paths_ignore.is_empty() {
+        return true;
+    }
+    let inc = glob_set(&t.paths);
+    let exc = glob_set(&t.paths_ignore);
+    files.iter().any(|f| {
+        let wanted = t.paths.is_empty() || inc.as_ref().is_some_and(|s| s.is_match(f));
+        let ignored = !t.paths_ignore.is_empty() && exc.as_ref().is_some_and(|s| s.is_match(f));
+        wanted && !ignored
+    })
+}
+
+/// Whether a cron schedule fires in minute `m` (Unix minutes, UTC).
+fn cron_matches(cron: &rbb_compiler::cron::Cron, m: i64) -> bool {
+    let secs = m * 60;
+    let days = secs.div_euclid(86_400);
+    let in_day = secs.rem_euclid(86_400);
+    let (hour, minute) = ((in_day / 3600) as u8, ((in_day % 3600) / 60) as u8);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let weekday = (days + 4).rem_euclid(7) as u8; // 1970-01-01 was a Thursday
+    cron.matches(minute, hour, day, month, weekday)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cron_minutes_map_to_the_calendar() {
+        let c = rbb_compiler::cron::Cron::parse("30 3 24 11 *").expect("cron");
+        // 2026-11-24T03:30:00Z
+        assert!(cron_matches(&c, 1_795_491_000 / 60));
+        assert!(!cron_matches(&c, 1_795_491_000 / 60 + 1));
+        let tuesday = rbb_compiler::cron::Cron::parse("0 0 * * tue").expect("cron");
+        assert!(cron_matches(&tuesday, 1_795_478_400 / 60)); // 2026-11-24 is a Tuesday
     }
 }

@@ -2,6 +2,7 @@
 //! shape ([`rbb_schema::api::ErrorBody`]); server errors reveal nothing internal.
 
 use crate::engine::{Engine, EngineError};
+use crate::sources::{HookOutcome, Sources};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -13,7 +14,24 @@ use serde::Deserialize;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+/// What the handlers reach: the engine, and the change sources behind the webhooks.
+#[derive(Clone)]
+pub struct App {
+    pub engine: Arc<Engine>,
+    pub sources: Option<Arc<Sources>>,
+}
+
+impl axum::extract::FromRef<App> for Arc<Engine> {
+    fn from_ref(app: &App) -> Arc<Engine> {
+        app.engine.clone()
+    }
+}
+
 pub fn router(engine: Arc<Engine>) -> Router {
+    router_with(engine, None)
+}
+
+pub fn router_with(engine: Arc<Engine>, sources: Option<Arc<Sources>>) -> Router {
     Router::new()
         .route("/api/v2/builders", get(builders))
         .route("/api/v2/builders/{builder}/force", post(force))
@@ -23,10 +41,13 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/api/v2/builds/{id}/stop", post(stop))
         .route("/api/v2/logs/{id}", get(log_meta))
         .route("/api/v2/logs/{id}/raw", get(log_raw))
+        .route("/api/v2/builds/{id}/rebuild", post(rebuild))
+        .route("/api/v2/changes", get(changes))
+        .route("/api/v2/hooks/{forge}", post(hook))
         .route("/api/v2/workers", get(workers))
         .route("/api/v2/plan", get(plan))
         .fallback(not_found)
-        .with_state(engine)
+        .with_state(App { engine, sources })
 }
 
 pub struct ApiError(StatusCode, String, String);
@@ -201,4 +222,48 @@ async fn log_raw(
             .header(header::CONTENT_RANGE, format!("bytes {start}-{}/{len}", end.saturating_sub(1).max(start)));
     }
     Ok(resp.body(Body::from_stream(stream)).unwrap_or_default())
+}
+
+async fn rebuild(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let id = parse_id(&id, "build")?;
+    let engine = e.clone();
+    let new = tokio::task::spawn_blocking(move || engine.rebuild(id))
+        .await
+        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), "internal error".into()))??;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "build": new }))))
+}
+
+async fn changes(State(e): State<Arc<Engine>>, Query(q): Query<BuildsQuery>) -> ApiResult<Json<serde_json::Value>> {
+    let limit = q.limit.unwrap_or(100);
+    if limit > 1000 {
+        return Err(ApiError::bad_request("limit may be at most 1000"));
+    }
+    let all = e.changes();
+    let total = all.len();
+    let page: Vec<_> = all.into_iter().skip(q.offset.unwrap_or(0)).take(limit).collect();
+    Ok(Json(serde_json::json!({ "changes": page, "meta": api::Meta { total } })))
+}
+
+/// `POST /api/v2/hooks/{github,gitlab,gitea,forgejo}`: a forge's webhook.
+async fn hook(State(app): State<App>, Path(forge): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> ApiResult<Response> {
+    let Some(f) = crate::webhooks::Forge::from_path(&forge) else {
+        return Err(ApiError::not_found(format!("no webhook for `{forge}` (github, gitlab, gitea, forgejo)")));
+    };
+    let Some(sources) = app.sources.clone() else {
+        return Err(ApiError::not_found("this master has no change sources"));
+    };
+    let pairs: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_owned(), v.to_owned())))
+        .collect();
+    let outcome = sources.webhook(&app.engine, f, &pairs, &body).await;
+    let (status, code, message) = match outcome {
+        HookOutcome::Unsigned(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m),
+        HookOutcome::Refused(m) => (StatusCode::FORBIDDEN, "forbidden", m),
+        HookOutcome::Bad(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
+        HookOutcome::Accepted(m) => return Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "accepted": m }))).into_response()),
+        HookOutcome::Ignored(m) => return Ok((StatusCode::OK, Json(serde_json::json!({ "ignored": m }))).into_response()),
+    };
+    tracing::warn!(forge = %forge, status = status.as_u16(), reason = %message, "webhook refused");
+    Err(ApiError(status, code.into(), message))
 }

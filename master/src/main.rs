@@ -170,9 +170,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let engine = rbb_master::server::open_engine(&opts)?;
+    let master = rbb_master::server::open(&opts)?;
     runtime.block_on(rbb_master::server::serve(
-        engine,
+        master,
         &opts,
         |bound| {
             // The one line scripts and tests wait for.

@@ -38,6 +38,9 @@ pub struct BuildRecord {
     pub attempt: u32,
     /// Whether the worker already has this build's checkout.
     pub checked_out: bool,
+    /// The changes (commits) this build builds.
+    #[serde(default)]
+    pub changes: Vec<u64>,
     pub submitted_at: u64,
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
@@ -67,6 +70,40 @@ pub struct LogRecord {
     /// Bytes written so far (exact once `finished`).
     pub bytes: u64,
     pub finished: bool,
+}
+
+/// A commit seen on a watched branch (or a pull request's head), as the change log keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeRecord {
+    pub id: u64,
+    pub repo: String,
+    pub branch: String,
+    pub commit: String,
+    pub author: String,
+    pub email: String,
+    /// Author time, Unix seconds.
+    pub time: i64,
+    pub message: String,
+    pub files: Vec<String>,
+    /// `push` or `pull_request`.
+    pub event: String,
+    /// Where it was seen: `poll`, `webhook:github`, ...
+    pub source: String,
+    /// Unix milliseconds when the master recorded it.
+    pub recorded_at: u64,
+    #[serde(default)]
+    pub pull_request: Option<u64>,
+}
+
+/// What a cron schedule last did, so a restart neither skips nor repeats a firing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleRecord {
+    /// Last minute (Unix seconds / 60) looked at.
+    pub checked_minute: i64,
+    /// Last minute it fired in.
+    pub fired_minute: Option<i64>,
+    /// Commit its last build ran (for `only_if_changed`).
+    pub last_commit: Option<String>,
 }
 
 /// Milliseconds since the Unix epoch.

@@ -2,9 +2,13 @@
 //! (gRPC) and people (HTTP) until stopped.
 
 use crate::engine::{Engine, Repo};
-use anyhow::{Context, Result, bail};
-use rbb_compiler::snippet::{ChildEvaluator, Limits};
-use rbb_compiler::{Options, compile, git, render_diagnostics};
+use crate::mirror::Mirror;
+use crate::planner::{PlanRepo, Planner};
+use crate::sources::{SourceRepo, Sources};
+use anyhow::{Context, Result};
+use rbb_compiler::duration::parse_duration_ms;
+use rbb_compiler::{Options, git, render_diagnostics};
+use std::collections::BTreeMap;
 use rbb_schema::proto::worker_server::WorkerServer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,44 +33,72 @@ pub struct Bound {
     pub grpc: SocketAddr,
 }
 
-/// Compiles the configured repositories and opens the engine.
-pub fn open_engine(opts: &MasterOptions) -> Result<Arc<Engine>> {
+/// The engine and the change sources feeding it.
+pub struct Master {
+    pub engine: Arc<Engine>,
+    pub sources: Arc<Sources>,
+    /// Per repository: whether its mirror was just created (its first fetch is a baseline).
+    fresh: Vec<bool>,
+}
+
+/// Opens the mirrors, compiles the plan at every branch head and opens the engine.
+pub fn open(opts: &MasterOptions) -> Result<Master> {
     let cfg = git::load_config(&opts.config).map_err(|diags| {
         anyhow::anyhow!("the master config has errors:\n{}", render_diagnostics(&diags, &[]))
     })?;
-    let (sources, mut diags) = git::sources_from_config(&cfg, &Default::default());
-    let eval = ChildEvaluator::current_exe_with(&["snippet-runner"], Limits::default());
-    let opts_c = Options {
-        worker_labels: Some(cfg.config.workers.iter().map(|w| w.labels.clone()).collect()),
-        ..Options::default()
-    };
-    let result = compile(&sources, &eval, &opts_c);
-    diags.extend(result.diagnostics.iter().cloned());
-    if !diags.is_empty() {
-        eprint!("{}", render_diagnostics(&diags, &sources));
-    }
-    let Some(plan) = result.plan.filter(|_| !diags.iter().any(|d| d.is_error())) else {
-        bail!("the pipelines do not compile; fix the errors above (`rbb compile` shows them too)");
-    };
-    let mut repos = Vec::new();
-    for r in &cfg.config.repositories {
-        let path = cfg.repo_path(r).map_err(anyhow::Error::msg)?;
-        // Workers run elsewhere: give them an absolute path.
-        let path = std::fs::canonicalize(&path).with_context(|| format!("repository {}: {}", r.effective_name(), path.display()))?;
-        repos.push(Repo { name: r.effective_name(), path, branch: r.effective_branch().to_owned() });
-    }
     let state_dir = opts
         .state_dir
         .clone()
         .unwrap_or_else(|| cfg.dir().join(cfg.config.state_dir.as_deref().unwrap_or(".rbb-state")));
+    std::fs::create_dir_all(state_dir.join("mirrors")).with_context(|| format!("creating {}", state_dir.display()))?;
+    let mut repos = Vec::new();
+    let mut plan_repos = Vec::new();
+    let mut source_repos = Vec::new();
+    let mut fresh = Vec::new();
+    for r in &cfg.config.repositories {
+        let name = r.effective_name();
+        let path = cfg.repo_path(r).map_err(anyhow::Error::msg)?;
+        // Workers run elsewhere: give them an absolute path.
+        let path = std::fs::canonicalize(&path).with_context(|| format!("repository {name}: {}", path.display()))?;
+        let mirror_dir = state_dir.join("mirrors").join(format!("{name}.git"));
+        fresh.push(!mirror_dir.exists());
+        let mirror = Mirror::open(&path.display().to_string(), &mirror_dir).with_context(|| format!("mirroring repository {name}"))?;
+        let branch = r.effective_branch().to_owned();
+        let mut branches = if r.branches.is_empty() { vec![branch.clone()] } else { r.branches.clone() };
+        if !branches.iter().any(|b| b == &branch) {
+            // The pipeline branch is always fetched: plans are read from it.
+            branches.push(branch.clone());
+        }
+        // A first fetch makes the mirror usable before anything is built from it.
+        mirror.fetch(&branches).with_context(|| format!("fetching repository {name}"))?;
+        let interval = match &r.poll_interval {
+            Some(v) => Duration::from_millis(
+                parse_duration_ms(v.as_str()).map_err(|e| anyhow::anyhow!("repository {name}: poll_interval: {e}"))?.max(50),
+            ),
+            None => Duration::from_secs(60),
+        };
+        repos.push(Repo { name: name.clone(), path: path.clone(), git_dir: mirror_dir.clone(), branch: branch.clone() });
+        plan_repos.push(PlanRepo { name: name.clone(), url: r.url.clone(), path: mirror_dir.clone(), branch: branch.clone() });
+        source_repos.push(Arc::new(SourceRepo::new(name, r.url.clone(), mirror, branches, interval)));
+    }
+    let copts = Options {
+        worker_labels: Some(cfg.config.workers.iter().map(|w| w.labels.clone()).collect()),
+        locks: Some(cfg.config.locks.keys().cloned().collect()),
+        ..Options::default()
+    };
+    let planner = Planner::new(plan_repos, copts, Planner::default_evaluator());
+    let locks: BTreeMap<String, u32> = cfg.config.locks.iter().map(|(k, v)| (k.clone(), v.max)).collect();
+    let engine = Engine::open(&state_dir, planner, repos, cfg.config.workers.clone(), locks, opts.heartbeat)
+        .with_context(|| format!("opening the state in {}", state_dir.display()))?;
+    let plan = engine.plan();
     tracing::info!(plan = %plan.hash, builders = plan.builders.len(), state = %state_dir.display(), "plan compiled");
-    Engine::open(&state_dir, plan, repos, cfg.config.workers.clone(), opts.heartbeat)
-        .with_context(|| format!("opening the state in {}", state_dir.display()))
+    let sources = Arc::new(Sources { repos: source_repos, webhooks: cfg.config.webhooks.clone().unwrap_or_default() });
+    Ok(Master { engine, sources, fresh })
 }
 
 /// Serves until `shutdown` resolves. Calls `ready` once both listeners are bound.
 pub async fn serve(
-    engine: Arc<Engine>,
+    master: Master,
     opts: &MasterOptions,
     ready: impl FnOnce(Bound),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -75,6 +107,29 @@ pub async fn serve(
     let http = tokio::net::TcpListener::bind(opts.http).await.with_context(|| format!("binding HTTP on {}", opts.http))?;
     let bound = Bound { http: http.local_addr()?, grpc: grpc.local_addr()? };
     let stop = tokio_util::sync::CancellationToken::new();
+    let Master { engine, sources, fresh } = master;
+    sources.spawn_pollers(engine.clone(), fresh, stop.clone());
+
+    // Cron schedules: a tick every second; each schedule fires once per matching minute.
+    let cron_engine = engine.clone();
+    let cron_stop = stop.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = cron_stop.cancelled() => break,
+                _ = tick.tick() => {
+                    let e = cron_engine.clone();
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+                    match tokio::task::spawn_blocking(move || e.cron_tick(now)).await {
+                        Ok(Err(err)) => tracing::error!(error = %err, "cron tick failed"),
+                        Err(err) => tracing::error!(error = %err, "cron task failed"),
+                        Ok(Ok(_)) => {}
+                    }
+                }
+            }
+        }
+    });
 
     let hb_engine = engine.clone();
     let hb_stop = stop.clone();
@@ -105,7 +160,7 @@ pub async fn serve(
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move { grpc_stop.cancelled().await }),
     );
     let http_stop = stop.clone();
-    let app = crate::http::router(engine.clone());
+    let app = crate::http::router_with(engine.clone(), Some(sources.clone()));
     let http_task = tokio::spawn(async move {
         axum::serve(http, app).with_graceful_shutdown(async move { http_stop.cancelled().await }).await
     });

@@ -6,7 +6,7 @@
 //! of intermediate progress may be lost in a crash and are repaired at start-up.
 //! Nothing outside this module names a table.
 
-use crate::model::{BuildRecord, LogRecord};
+use crate::model::{BuildRecord, ChangeRecord, LogRecord, ScheduleRecord};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
 
@@ -16,6 +16,9 @@ pub const SCHEMA_VERSION: u64 = 1;
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const BUILDS: TableDefinition<u64, &[u8]> = TableDefinition::new("builds");
 const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
+const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
+/// Cron schedule state, keyed `<builder id>#<schedule index>`.
+const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules");
 /// Every plan a build was pinned to, by hash: a rebuild runs exactly the same plan.
 const PLANS: TableDefinition<&str, &[u8]> = TableDefinition::new("plans");
 
@@ -65,6 +68,8 @@ impl Store {
             txn.open_table(BUILDS).map_err(db)?;
             txn.open_table(LOGS).map_err(db)?;
             txn.open_table(PLANS).map_err(db)?;
+            txn.open_table(CHANGES).map_err(db)?;
+            txn.open_table(SCHEDULES).map_err(db)?;
         }
         txn.commit().map_err(db)?;
         Ok(store)
@@ -113,6 +118,55 @@ impl Store {
             let rec: BuildRecord = serde_json::from_slice(v.value())
                 .map_err(|e| StoreError::Corrupt { table: "builds", key: k.value(), message: e.to_string() })?;
             out.push(rec);
+        }
+        Ok(out)
+    }
+
+    pub fn put_changes(&self, changes: &[ChangeRecord]) -> Result<(), StoreError> {
+        let encoded: Vec<(u64, Vec<u8>)> = changes
+            .iter()
+            .map(|c| serde_json::to_vec(c).map(|v| (c.id, v)).map_err(|e| StoreError::Corrupt { table: "changes", key: c.id, message: e.to_string() }))
+            .collect::<Result<_, _>>()?;
+        self.write(Sync::Durable, |txn| {
+            let mut t = txn.open_table(CHANGES).map_err(db)?;
+            for (id, bytes) in &encoded {
+                t.insert(*id, bytes.as_slice()).map_err(db)?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn changes(&self) -> Result<Vec<ChangeRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(CHANGES).map_err(db)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            out.push(
+                serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::Corrupt { table: "changes", key: k.value(), message: e.to_string() })?,
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn put_schedule(&self, key: &str, rec: &ScheduleRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(rec).map_err(|e| StoreError::Corrupt { table: "schedules", key: 0, message: e.to_string() })?;
+        self.write(Sync::Durable, |txn| {
+            txn.open_table(SCHEDULES).map_err(db)?.insert(key, bytes.as_slice()).map_err(db)?;
+            Ok(())
+        })
+    }
+
+    pub fn schedules(&self) -> Result<Vec<(String, ScheduleRecord)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(SCHEDULES).map_err(db)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            let rec = serde_json::from_slice(v.value())
+                .map_err(|e| StoreError::Corrupt { table: "schedules", key: 0, message: e.to_string() })?;
+            out.push((k.value().to_owned(), rec));
         }
         Ok(out)
     }

@@ -63,6 +63,9 @@ pub struct Build {
     pub result_reason: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
+    /// Changes (commits) this build builds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<u64>,
     /// Builds this one waits for (its `needs` at the same commit).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waits_for: Vec<u64>,
@@ -109,6 +112,30 @@ pub struct Worker {
     /// Unix milliseconds of the last message, if it ever connected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<u64>,
+}
+
+/// A commit seen on a watched branch, or a pull request's head.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Change {
+    pub id: u64,
+    pub repo: String,
+    pub branch: String,
+    pub commit: String,
+    pub author: String,
+    pub email: String,
+    /// Author time, Unix seconds.
+    pub time: i64,
+    pub message: String,
+    pub files: Vec<String>,
+    /// `push` or `pull_request`.
+    pub event: String,
+    /// `poll`, `webhook:github`, `webhook:gitlab`, `webhook:gitea`.
+    pub source: String,
+    pub recorded_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_request: Option<u64>,
+    /// Builds created for it.
+    pub builds: Vec<u64>,
 }
 
 /// `POST /api/v2/builders/{id}/force`.

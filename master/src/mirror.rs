@@ -1,0 +1,480 @@
+//! A bare mirror of one watched repository under the master's state dir, fetched with gix.
+//!
+//! Its one job is to keep the mirror's branches equal to the remote's (forced, pruned), report
+//! which branches moved, and read commits, trees and files out of it. It must not decide what
+//! a moved branch means (that is the poller's job: turning updates into changes), must not
+//! serialise callers (the caller runs one call per repository at a time), and never touches a
+//! working tree: the mirror is bare.
+//!
+//! All ids crossing this API are lowercase hex strings.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use gix::bstr::{BString, ByteSlice};
+use gix::hash::ObjectId;
+use gix::refs::transaction::{Change, PreviousValue, RefEdit, RefLog};
+use tracing::{debug, info, warn};
+
+/// Refspecs used for every fetch: all branches and tags, forced, into the same names.
+const FETCH_REFSPECS: [&str; 2] = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
+/// Namespaces pruned after a fetch: local refs there that the remote no longer has are deleted.
+const PRUNED_PREFIXES: [&str; 2] = ["refs/heads/", "refs/tags/"];
+
+/// A bare mirror of one repository. Cheap to clone and `Send + Sync`: it holds only the url
+/// and path, and each call opens its own view of the repository (gix's repository handles are
+/// not `Send` without gix's `parallel` feature).
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    url: String,
+    path: PathBuf,
+}
+
+/// A branch that moved during a [`Mirror::fetch`]. `old: None` means the branch is new to the
+/// mirror, `new: None` that it was deleted on the remote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefUpdate {
+    /// The short branch name, e.g. `main` or `release/1.0`.
+    pub branch: String,
+    pub old: Option<String>,
+    pub new: Option<String>,
+}
+
+/// One commit as reported by [`Mirror::commits_between`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitInfo {
+    pub id: String,
+    pub author: String,
+    pub email: String,
+    /// Author time, seconds since the unix epoch.
+    pub time: i64,
+    /// The full commit message (subject and body), without trailing newlines.
+    pub message: String,
+    /// Paths changed against the first parent (every file for a root commit), sorted.
+    pub files: Vec<String>,
+}
+
+/// What went wrong, naming the mirror (url or path) and the operation.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("cannot create the directory for the mirror of {url} at {}", path.display())]
+    CreateDir {
+        url: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot initialise a bare mirror of {url} at {}", path.display())]
+    Init {
+        url: String,
+        path: PathBuf,
+        #[source]
+        source: gix::Error,
+    },
+    #[error("cannot open the mirror of {url} at {}", path.display())]
+    Open {
+        url: String,
+        path: PathBuf,
+        #[source]
+        source: gix::Error,
+    },
+    #[error("invalid branch glob {glob:?}")]
+    Glob {
+        glob: String,
+        #[source]
+        source: globset::Error,
+    },
+    #[error("cannot fetch {url} into {}: {step}", path.display())]
+    Fetch {
+        url: String,
+        path: PathBuf,
+        step: &'static str,
+        #[source]
+        source: gix::Error,
+    },
+    #[error("cannot {action} in the mirror of {url} at {}", path.display())]
+    Refs {
+        url: String,
+        path: PathBuf,
+        action: String,
+        #[source]
+        source: gix::Error,
+    },
+    #[error("cannot resolve {rev:?} to a commit in the mirror of {url}")]
+    Resolve {
+        url: String,
+        rev: String,
+        #[source]
+        source: gix::Error,
+    },
+    #[error("cannot read {what} of commit {commit} in the mirror of {url}")]
+    Read {
+        url: String,
+        commit: String,
+        what: String,
+        #[source]
+        source: gix::Error,
+    },
+}
+
+impl Mirror {
+    /// Opens the bare mirror at `path`, creating it (bare init) if missing or empty. Nothing is
+    /// fetched here: the first [`fetch`](Self::fetch) reports every branch as new.
+    pub fn open(url: &str, path: &Path) -> Result<Mirror, MirrorError> {
+        let is_empty_or_missing = match std::fs::read_dir(path) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(source) => {
+                return Err(MirrorError::CreateDir { url: url.to_owned(), path: path.to_owned(), source });
+            }
+        };
+        if is_empty_or_missing {
+            std::fs::create_dir_all(path).map_err(|source| MirrorError::CreateDir {
+                url: url.to_owned(),
+                path: path.to_owned(),
+                source,
+            })?;
+            info!(url, path = %path.display(), "creating bare mirror");
+            gix::init_bare(path).map_err(|source| MirrorError::Init {
+                url: url.to_owned(),
+                path: path.to_owned(),
+                source,
+            })?;
+        }
+        let mirror = Mirror { url: url.to_owned(), path: path.to_owned() };
+        mirror.repo()?;
+        Ok(mirror)
+    }
+
+    fn repo(&self) -> Result<gix::Repository, MirrorError> {
+        gix::open(&self.path).map_err(|source| MirrorError::Open {
+            url: self.url.clone(),
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// The url this mirror fetches from.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The mirror's git directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Fetches every branch (and tag) of the remote into the same names in the mirror, forced,
+    /// deleting those the remote no longer has, and returns the branches matching any of
+    /// `branch_globs` whose head changed, sorted by branch name.
+    ///
+    /// Globs match the short branch name; `*` does not cross `/`, `**` does.
+    pub fn fetch(&self, branch_globs: &[String]) -> Result<Vec<RefUpdate>, MirrorError> {
+        let span = tracing::info_span!("mirror_fetch", url = %self.url);
+        let _guard = span.enter();
+        let globs = compile_globs(branch_globs)?;
+        let mut repo = self.repo()?;
+        // Reflogs are off in bare repositories, but a committer keeps ref transactions happy
+        // where a user's config turns them on without an identity.
+        if let Err(e) = repo.committer_or_set_fallback("rbb", "rbb@localhost") {
+            debug!(error = %e, "cannot set a fallback committer");
+        }
+
+        let before = self.branch_heads(&repo)?;
+        let fetch_err = |step: &'static str| {
+            move |source: gix::Error| MirrorError::Fetch {
+                url: self.url.clone(),
+                path: self.path.clone(),
+                step,
+                source,
+            }
+        };
+        let remote = repo
+            .remote_at(self.url.as_str())
+            .map_err(fetch_err("invalid url"))?
+            .with_refspecs(FETCH_REFSPECS, gix::remote::Direction::Fetch)
+            .map_err(fetch_err("invalid refspec"))?
+            .with_fetch_tags(gix::remote::fetch::Tags::None);
+        let outcome = remote
+            .connect(gix::remote::Direction::Fetch)
+            .map_err(fetch_err("connecting"))?
+            .prepare_fetch(gix::progress::Discard, Default::default())
+            .map_err(fetch_err("listing remote refs"))?
+            .receive(gix::progress::Discard, &AtomicBool::new(false))
+            .map_err(fetch_err("receiving objects"))?;
+        let update_refs = match &outcome.status {
+            gix::remote::fetch::Status::NoPackReceived { update_refs, .. }
+            | gix::remote::fetch::Status::Change { update_refs, .. } => update_refs,
+        };
+        for (update, mapping) in update_refs.updates.iter().zip(&outcome.ref_map.mappings) {
+            use gix::remote::fetch::refs::update::Mode;
+            match &update.mode {
+                Mode::RejectedSourceObjectNotFound { .. }
+                | Mode::RejectedTagUpdate
+                | Mode::RejectedNonFastForward
+                | Mode::RejectedToReplaceWithUnborn
+                | Mode::RejectedCurrentlyCheckedOut { .. } => {
+                    warn!(local = ?mapping.local, mode = %update.mode, "ref update rejected");
+                }
+                _ => {}
+            }
+        }
+
+        // Prune: the remote's refs are exactly the mappings' local names.
+        let on_remote: HashSet<BString> = outcome.ref_map.mappings.iter().filter_map(|m| m.local.clone()).collect();
+        self.prune(&repo, &on_remote)?;
+
+        let after = self.branch_heads(&repo)?;
+        let updates = diff_heads(&before, &after, &globs);
+        for u in &updates {
+            info!(branch = %u.branch, old = ?u.old, new = ?u.new, "branch moved");
+        }
+        debug!(branches = after.len(), moved = updates.len(), "fetched");
+        Ok(updates)
+    }
+
+    /// Current head of `branch` (short name) in the mirror, or `None` if there is no such branch.
+    pub fn head(&self, branch: &str) -> Result<Option<String>, MirrorError> {
+        let repo = self.repo()?;
+        let name = format!("refs/heads/{branch}");
+        let reference = repo.try_find_reference(name.as_str()).map_err(|source| self.refs_err(&name, source))?;
+        match reference {
+            None => Ok(None),
+            Some(mut r) => {
+                let id = r.peel_to_id().map_err(|source| self.refs_err(&name, source))?;
+                Ok(Some(id.to_hex().to_string()))
+            }
+        }
+    }
+
+    /// Commits reachable from `new` but not from `old`, newest first (by commit time), at most
+    /// `limit`. With `old: None`, or an `old` id the mirror does not have, only `new` itself.
+    ///
+    /// Each commit comes with its author, message and the paths changed against its first
+    /// parent (all files for a root commit).
+    pub fn commits_between(&self, old: Option<&str>, new: &str, limit: usize) -> Result<Vec<CommitInfo>, MirrorError> {
+        let repo = self.repo()?;
+        let new_id = self.resolve_in(&repo, new)?;
+        let old_id = match old {
+            None => None,
+            Some(old) => match ObjectId::from_hex(old.as_bytes()) {
+                Ok(id) if !repo.has_object(id) => {
+                    warn!(url = %self.url, old, new, "old commit is unknown to the mirror; reporting only the new head");
+                    None
+                }
+                _ => Some(self.resolve_in(&repo, old)?),
+            },
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<ObjectId> = match old_id {
+            None => vec![new_id],
+            Some(old_id) => repo
+                .rev_walk([new_id])
+                .with_hidden([old_id])
+                .sorting(gix::revision::walk::Sorting::ByCommitTime(
+                    gix::traverse::commit::simple::CommitTimeOrder::NewestFirst,
+                ))
+                .all()
+                .map_err(|source| self.read_err(new, "history", source))?
+                .take(limit)
+                .map(|info| info.map(|info| info.id).map_err(|source| self.read_err(new, "history", source)))
+                .collect::<Result<_, _>>()?,
+        };
+        ids.into_iter().map(|id| self.commit_info(&repo, id)).collect()
+    }
+
+    /// A file at `commit`: its blob id and content, or `None` if there is no file at `path`
+    /// (absent, or a directory or submodule).
+    pub fn read_file(&self, commit: &str, path: &str) -> Result<Option<(String, Vec<u8>)>, MirrorError> {
+        let repo = self.repo()?;
+        let id = self.resolve_in(&repo, commit)?;
+        let what = || format!("file {path:?}");
+        let tree = self.tree_of(&repo, id)?;
+        let Some(entry) = tree.lookup_entry_by_path(path).map_err(|source| self.read_err(commit, what(), source))?
+        else {
+            return Ok(None);
+        };
+        if !(entry.mode().is_blob() || entry.mode().is_link()) {
+            return Ok(None);
+        }
+        let object = entry.object().map_err(|source| self.read_err(commit, what(), source))?;
+        Ok(Some((entry.object_id().to_hex().to_string(), object.detach().data)))
+    }
+
+    /// Every file path (blobs, symlinks, submodules; not directories) in `commit`'s tree, sorted.
+    pub fn files(&self, commit: &str) -> Result<Vec<String>, MirrorError> {
+        let repo = self.repo()?;
+        let id = self.resolve_in(&repo, commit)?;
+        let tree = self.tree_of(&repo, id)?;
+        let entries = tree.traverse().breadthfirst.files().map_err(|source| self.read_err(commit, "tree", source))?;
+        let mut files: Vec<String> =
+            entries.into_iter().filter(|e| !e.mode.is_tree()).map(|e| e.filepath.to_str_lossy().into_owned()).collect();
+        files.sort();
+        Ok(files)
+    }
+
+    /// Resolves any revision (branch, tag, full or short commit id, `main~1`, ...) to a full
+    /// commit id.
+    pub fn resolve(&self, rev: &str) -> Result<String, MirrorError> {
+        let repo = self.repo()?;
+        Ok(self.resolve_in(&repo, rev)?.to_hex().to_string())
+    }
+
+    fn resolve_in(&self, repo: &gix::Repository, rev: &str) -> Result<ObjectId, MirrorError> {
+        let err = |source| MirrorError::Resolve { url: self.url.clone(), rev: rev.to_owned(), source };
+        let id = repo.rev_parse_single(rev).map_err(err)?;
+        let commit = id.object().and_then(|o| o.peel_to_commit()).map_err(err)?;
+        Ok(commit.id)
+    }
+
+    fn tree_of<'r>(&self, repo: &'r gix::Repository, id: ObjectId) -> Result<gix::Tree<'r>, MirrorError> {
+        repo.find_commit(id)
+            .and_then(|c| c.tree())
+            .map_err(|source| self.read_err(&id.to_hex().to_string(), "tree", source))
+    }
+
+    fn commit_info(&self, repo: &gix::Repository, id: ObjectId) -> Result<CommitInfo, MirrorError> {
+        let hex = id.to_hex().to_string();
+        let err = |what: &str| {
+            let hex = hex.clone();
+            let what = what.to_owned();
+            move |source| MirrorError::Read { url: self.url.clone(), commit: hex, what, source }
+        };
+        let commit = repo.find_commit(id).map_err(err("commit"))?;
+        let author = commit.author().map_err(err("author"))?.trim();
+        let time = author.time().map_err(err("author time"))?.seconds;
+        let message = commit.message_raw().map_err(err("message"))?;
+        let message = message.to_str_lossy().trim_end().to_owned();
+
+        let tree = commit.tree().map_err(err("tree"))?;
+        let parent_tree = match commit.parent_ids().next() {
+            Some(parent) => Some(repo.find_commit(parent).and_then(|p| p.tree()).map_err(err("first parent's tree"))?),
+            None => None,
+        };
+        let empty = repo.empty_tree();
+        let lhs = parent_tree.as_ref().unwrap_or(&empty);
+        let mut recorder = gix::diff::tree::Recorder::default();
+        gix::diff::tree(
+            gix::objs::TreeRefIter::from_bytes(&lhs.data, lhs.id.kind()),
+            gix::objs::TreeRefIter::from_bytes(&tree.data, tree.id.kind()),
+            gix::diff::tree::State::default(),
+            &repo.objects,
+            &mut recorder,
+        )
+        .map_err(|e| err("changed paths")(gix::Error::from_error(e)))?;
+        let mut files: Vec<String> = recorder
+            .records
+            .into_iter()
+            .filter_map(|change| {
+                use gix::diff::tree::recorder::Change;
+                match change {
+                    Change::Addition { entry_mode, path, .. } | Change::Deletion { entry_mode, path, .. } => {
+                        (!entry_mode.is_tree()).then_some(path)
+                    }
+                    Change::Modification { previous_entry_mode, entry_mode, path, .. } => {
+                        (!(entry_mode.is_tree() && previous_entry_mode.is_tree())).then_some(path)
+                    }
+                }
+            })
+            .map(|p| p.to_str_lossy().into_owned())
+            .collect();
+        files.sort();
+        files.dedup();
+
+        Ok(CommitInfo {
+            id: hex,
+            author: author.name.to_str_lossy().into_owned(),
+            email: author.email.to_str_lossy().into_owned(),
+            time,
+            message,
+            files,
+        })
+    }
+
+    /// Short branch name → head id, for every branch in the mirror.
+    fn branch_heads(&self, repo: &gix::Repository) -> Result<BTreeMap<String, ObjectId>, MirrorError> {
+        let err = |source| self.refs_err("list branches", source);
+        let mut heads = BTreeMap::new();
+        for r in repo.references().map_err(err)?.local_branches().map_err(err)? {
+            let r = r.map_err(err)?;
+            let Some(id) = r.try_id() else { continue };
+            let name = r.name().as_bstr().to_str_lossy();
+            let short = name.strip_prefix("refs/heads/").unwrap_or(&name).to_owned();
+            heads.insert(short, id.detach());
+        }
+        Ok(heads)
+    }
+
+    /// Deletes local branches and tags that are not in `on_remote` (full ref names).
+    fn prune(&self, repo: &gix::Repository, on_remote: &HashSet<BString>) -> Result<(), MirrorError> {
+        let err = |source| self.refs_err("list refs to prune", source);
+        let platform = repo.references().map_err(err)?;
+        let mut edits = Vec::new();
+        for prefix in PRUNED_PREFIXES {
+            for r in platform.prefixed(prefix).map_err(err)? {
+                let r = r.map_err(err)?;
+                if on_remote.contains(r.name().as_bstr()) {
+                    continue;
+                }
+                debug!(name = %r.name().as_bstr(), "pruning ref gone from the remote");
+                edits.push(RefEdit {
+                    change: Change::Delete {
+                        expected: PreviousValue::MustExistAndMatch(r.target().into_owned()),
+                        log: RefLog::AndReference,
+                    },
+                    name: r.name().to_owned(),
+                    deref: false,
+                });
+            }
+        }
+        if !edits.is_empty() {
+            repo.edit_references(edits).map_err(|source| self.refs_err("delete refs gone from the remote", source))?;
+        }
+        Ok(())
+    }
+
+    fn refs_err(&self, action: &str, source: gix::Error) -> MirrorError {
+        MirrorError::Refs { url: self.url.clone(), path: self.path.clone(), action: action.to_owned(), source }
+    }
+
+    fn read_err(&self, commit: &str, what: impl Into<String>, source: gix::Error) -> MirrorError {
+        MirrorError::Read { url: self.url.clone(), commit: commit.to_owned(), what: what.into(), source }
+    }
+}
+
+fn compile_globs(globs: &[String]) -> Result<globset::GlobSet, MirrorError> {
+    let mut set = globset::GlobSetBuilder::new();
+    for glob in globs {
+        let g = globset::GlobBuilder::new(glob)
+            .literal_separator(true)
+            .build()
+            .map_err(|source| MirrorError::Glob { glob: glob.clone(), source })?;
+        set.add(g);
+    }
+    set.build().map_err(|source| MirrorError::Glob { glob: globs.join(", "), source })
+}
+
+/// Branches matching `globs` whose head differs between `before` and `after`, sorted by name.
+fn diff_heads(
+    before: &BTreeMap<String, ObjectId>,
+    after: &BTreeMap<String, ObjectId>,
+    globs: &globset::GlobSet,
+) -> Vec<RefUpdate> {
+    let names: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    names
+        .into_iter()
+        .filter(|name| globs.is_match(name.as_str()))
+        .filter_map(|name| {
+            let old = before.get(name);
+            let new = after.get(name);
+            (old != new).then(|| RefUpdate {
+                branch: name.clone(),
+                old: old.map(|id| id.to_hex().to_string()),
+                new: new.map(|id| id.to_hex().to_string()),
+            })
+        })
+        .collect()
+}
