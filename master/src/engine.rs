@@ -1142,7 +1142,8 @@ impl Engine {
             let before = b.result;
             b.result = Some(b.result.map_or(c, |r| r.worst(c)));
             // The reason names the step that made the result what it is.
-            if b.result != before || b.result_reason.is_empty() {
+            let stopped = b.cancelled && !b.result_reason.is_empty();
+            if !stopped && (b.result != before || b.result_reason.is_empty()) {
                 b.result_reason = format!("step {} ({}): {}", lease.step + 1, b.steps[lease.step as usize].name, f.reason);
             }
         }

@@ -141,7 +141,12 @@ fn header_value(header: &impl Fn(&str) -> Option<String>, name: &str) -> Option<
         .filter(|value| !value.is_empty())
 }
 
-fn check_hmac(header: &'static str, hex: &str, body: &[u8], secret: &str) -> Result<(), VerifyError> {
+fn check_hmac(
+    header: &'static str,
+    hex: &str,
+    body: &[u8],
+    secret: &str,
+) -> Result<(), VerifyError> {
     let expected = decode_sha256_hex(hex).map_err(|why| VerifyError::Malformed { header, why })?;
     // HMAC takes keys of any length, so this never fails; failing closed all the same.
     let mut mac = HmacSha256::new_from_slice(secret.as_bytes())
@@ -153,7 +158,10 @@ fn check_hmac(header: &'static str, hex: &str, body: &[u8], secret: &str) -> Res
 
 fn decode_sha256_hex(hex: &str) -> Result<[u8; 32], String> {
     if hex.len() != 64 {
-        return Err(format!("expected 64 hex digits, got {} characters", hex.chars().count()));
+        return Err(format!(
+            "expected 64 hex digits, got {} characters",
+            hex.chars().count()
+        ));
     }
     let mut out = [0u8; 32];
     for (i, pair) in hex.as_bytes().chunks_exact(2).enumerate() {
@@ -195,7 +203,10 @@ pub enum Event {
     /// A ping or an event rbb does not act on (issue comments, tag creation events, PR
     /// "labeled", pushes to refs that are neither branches nor tags...): answered 200 and
     /// ignored. `kind` is the forge's event name; `why` says why it is ignored.
-    Ignored { kind: String, why: String },
+    Ignored {
+        kind: String,
+        why: String,
+    },
 }
 
 /// Commits pushed to a branch or a tag, or a branch or tag created or deleted.
@@ -273,7 +284,11 @@ impl RepoRef {
     pub fn matches(&self, configured_url: &str, configured_name: &str) -> bool {
         let configured_url = configured_url.trim();
         match remote_key(configured_url) {
-            Some(key) => self.urls.iter().filter_map(|url| remote_key(url)).any(|k| k == key),
+            Some(key) => self
+                .urls
+                .iter()
+                .filter_map(|url| remote_key(url))
+                .any(|k| k == key),
             None => {
                 let last = local_last_component(configured_url);
                 [last, configured_name.trim()]
@@ -302,13 +317,18 @@ fn remote_key(url: &str) -> Option<String> {
         format!("{host}/{path}")
     };
     let (authority, path) = rest.split_once('/').unwrap_or((rest.as_str(), ""));
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
     let host = match host_port.rsplit_once(':') {
         Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
         _ => host_port,
     };
     let path = path.trim_matches('/');
-    let path = path.strip_suffix(".git").unwrap_or(path).trim_end_matches('/');
+    let path = path
+        .strip_suffix(".git")
+        .unwrap_or(path)
+        .trim_end_matches('/');
     if host.is_empty() {
         return None;
     }
@@ -617,7 +637,10 @@ fn github_like_pr(forge: Forge, p: HubPrPayload) -> Result<Event, ParseError> {
         target_branch: required_str(base.git_ref, "pull_request.base.ref")?,
         source_branch: required_str(head.git_ref, "pull_request.head.ref")?,
         head_sha: required_str(head.sha, "pull_request.head.sha")?,
-        head_repo_url: head.repo.and_then(|r| r.clone_url).filter(|u| !u.is_empty()),
+        head_repo_url: head
+            .repo
+            .and_then(|r| r.clone_url)
+            .filter(|u| !u.is_empty()),
         author: pr.user.and_then(HubUser::handle),
     }))
 }
@@ -740,7 +763,10 @@ fn gitlab_mr(p: LabMrPayload) -> Result<Event, ParseError> {
         target_branch: required_str(mr.target_branch, "object_attributes.target_branch")?,
         source_branch: required_str(mr.source_branch, "object_attributes.source_branch")?,
         head_sha: required_str(last_commit.id, "object_attributes.last_commit.id")?,
-        head_repo_url: mr.source.and_then(|s| s.git_http_url).filter(|u| !u.is_empty()),
+        head_repo_url: mr
+            .source
+            .and_then(|s| s.git_http_url)
+            .filter(|u| !u.is_empty()),
         author: p.user.and_then(|u| u.username).filter(|u| !u.is_empty()),
     }))
 }

@@ -290,3 +290,39 @@ pub fn write_config(dir: &Path, repos: &[&str], workers: &[(&str, &str, &[&str])
     std::fs::write(&p, text).expect("write config");
     p
 }
+
+/// Commits `content` as `file` on the current branch of `repo` (fixture script, fixed
+/// identity; `minutes` after the fixture epoch). Returns the commit id.
+pub fn commit(repo: &Path, file: &str, content: &str, minutes: u32, message: &str) -> String {
+    let mut child = Command::new("sh")
+        .arg(root().join("testdata/fixtures/commit.sh"))
+        .arg(repo)
+        .arg(file)
+        .arg(minutes.to_string())
+        .arg(message)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("commit.sh");
+    child.stdin.take().expect("stdin").write_all(content.as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success(), "commit.sh failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Runs git in `repo`.
+pub fn git(repo: &Path, args: &[&str]) -> String {
+    let out = Command::new("git").arg("-C").arg(repo).args(args).output().expect("git");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// All builds, newest first.
+pub fn builds(m: &Master) -> Vec<serde_json::Value> {
+    m.get("/api/v2/builds?limit=1000").json()["builds"].as_array().cloned().unwrap_or_default()
+}
+
+/// All changes, newest first.
+pub fn changes(m: &Master) -> Vec<serde_json::Value> {
+    m.get("/api/v2/changes?limit=1000").json()["changes"].as_array().cloned().unwrap_or_default()
+}
