@@ -548,11 +548,10 @@ impl Engine {
     pub fn on_push(&self, repo: &str, branch: &str, commits: &[NewCommit], source: &str) -> Result<Vec<u64>, EngineError> {
         let Some(head) = commits.first() else { return Ok(Vec::new()) };
         let r = self.repos.get(repo).cloned().ok_or_else(|| EngineError::NotFound(format!("no repository `{repo}`")))?;
-        if branch == r.branch {
-            if let Err(e) = self.planner.head_moved(repo, &head.id) {
+        if branch == r.branch
+            && let Err(e) = self.planner.head_moved(repo, &head.id) {
                 tracing::warn!(repo, error = %e, "cannot read the new head's pipeline");
             }
-        }
         let plan = self.planner.plan_at(repo, &head.id);
         let head_plan = if branch == r.branch { self.planner.head_plan().ok() } else { None };
         let mut st = self.lock();
@@ -1298,11 +1297,10 @@ impl Engine {
         let (worker, builder) = (b.worker.clone(), b.builder.clone());
         self.store.put_build(b, Sync::Durable)?;
         tracing::info!(build = id, builder = %builder, result = %result, "build finished");
-        if let Some(w) = worker.and_then(|w| st.workers.get_mut(&w)) {
-            if w.builds.get(&builder) == Some(&id) {
+        if let Some(w) = worker.and_then(|w| st.workers.get_mut(&w))
+            && w.builds.get(&builder) == Some(&id) {
                 w.builds.remove(&builder);
             }
-        }
         self.emit(Event::Build { id });
         self.trigger_downstream(st, id)?;
         Ok(())
@@ -1464,7 +1462,7 @@ pub fn resolve(path: &std::path::Path, rev: &str) -> Result<String, String> {
     let repo = gix::open(path).map_err(|e| e.to_string())?;
     for spec in [format!("refs/heads/{rev}"), format!("refs/remotes/origin/{rev}"), rev.to_owned()] {
         if let Ok(id) = repo.rev_parse_single(spec.as_str()) {
-            if let Ok(commit) = id.object().and_then(|o| o.peel_to_commit().map_err(Into::into)) {
+            if let Ok(commit) = id.object().and_then(|o| o.peel_to_commit()) {
                 return Ok(commit.id.to_string());
             }
             return Ok(id.to_string());

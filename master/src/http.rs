@@ -181,8 +181,8 @@ async fn log_raw(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let id = parse_id(&id, "log")?;
-    let (rec, path, _) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
-    let len = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0).max(rec.bytes.min(0));
+    let (_, path, _) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
+    let len = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
     let mut start = q.offset.unwrap_or(0);
     let mut end = q.limit.map_or(len, |l| start.saturating_add(l).min(len));
     let mut partial = q.offset.is_some() || q.limit.is_some();
@@ -209,7 +209,7 @@ async fn log_raw(
     let start = start.min(len);
     let end = end.max(start).min(len);
     let mut file = tokio::fs::File::open(&path).await.map_err(|_| ApiError::not_found(format!("log {id} has no file yet")))?;
-    file.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| EngineError::Io(e))?;
+    file.seek(std::io::SeekFrom::Start(start)).await.map_err(EngineError::Io)?;
     let stream = tokio_util::io::ReaderStream::with_capacity(file.take(end - start), 256 * 1024);
     let mut resp = Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")

@@ -24,13 +24,16 @@ pub struct PlanRepo {
     pub branch: String,
 }
 
+/// A compiled plan, or the rendered diagnostics of a pipeline that does not compile.
+pub type Compiled = Result<Arc<Plan>, Arc<String>>;
+
 pub struct Planner {
     repos: BTreeMap<String, PlanRepo>,
     eval: ChildEvaluator,
     opts: Options,
     /// Each repository's pipeline at the head of its pipeline branch.
     heads: Mutex<BTreeMap<String, Option<Source>>>,
-    cache: Mutex<HashMap<String, Result<Arc<Plan>, Arc<String>>>>,
+    cache: Mutex<HashMap<String, Compiled>>,
 }
 
 impl Planner {
