@@ -267,6 +267,36 @@ impl Engine {
             .collect()
     }
 
+    /// Builds waiting to start, oldest first.
+    pub fn build_requests(&self) -> Vec<api::BuildRequest> {
+        let st = self.lock();
+        st.builds
+            .values()
+            .filter(|b| b.state == State::Pending)
+            .map(|b| api::BuildRequest {
+                id: b.id,
+                builder: b.builder.clone(),
+                repo: b.repo.clone(),
+                branch: b.branch.clone(),
+                commit: b.commit.clone(),
+                reason: b.reason.clone(),
+                priority: b.priority,
+                submitted_at: b.submitted_at,
+                waits_for: b.waits_for.clone(),
+                changes: b.changes.clone(),
+            })
+            .collect()
+    }
+
+    /// Cancels a build request (a build that has not started).
+    pub fn cancel_request(&self, id: u64) -> Result<(), EngineError> {
+        match self.build(id).map(|b| b.state) {
+            None => Err(EngineError::NotFound(format!("no build request {id}"))),
+            Some(State::Pending) => self.stop(id, "request cancelled through the API"),
+            Some(_) => Err(EngineError::Conflict(format!("build {id} has already started; stop it instead"))),
+        }
+    }
+
     pub fn build(&self, id: u64) -> Option<api::Build> {
         let st = self.lock();
         st.builds.get(&id).map(|b| to_api(b, &st.logs, &self.logs))
@@ -857,6 +887,64 @@ impl Engine {
             self.lock().schedules.insert(key, rec);
         }
         Ok(out)
+    }
+
+    /// The grid: builders × the `limit` newest commits (of changes and builds), with the
+    /// newest build of each builder at each commit.
+    pub fn grid(&self, limit: usize) -> serde_json::Value {
+        use serde_json::json;
+        let st = self.lock();
+        // (when seen, repo, commit, branch), newest first.
+        let mut cols: Vec<(u64, &str, &str, &str)> = Vec::new();
+        for c in st.changes.values() {
+            cols.push((c.recorded_at, &c.repo, &c.commit, &c.branch));
+        }
+        for b in st.builds.values() {
+            cols.push((b.submitted_at, &b.repo, &b.commit, &b.branch));
+        }
+        cols.sort_by_key(|c| std::cmp::Reverse(c.0));
+        let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
+        let mut columns = Vec::new();
+        for (_, repo, commit, branch) in &cols {
+            if columns.len() >= limit {
+                break;
+            }
+            if seen.insert((repo, commit)) {
+                let info = st.changes.values().rev().find(|c| c.repo == *repo && c.commit == *commit);
+                let mut col = json!({ "repo": repo, "commit": commit, "branch": branch });
+                if let Some(c) = info {
+                    col["message"] = json!(c.message.lines().next().unwrap_or(""));
+                    col["author"] = json!(c.author);
+                    col["time"] = json!(c.time);
+                }
+                columns.push(col);
+            }
+        }
+        let mut cells: BTreeMap<&str, BTreeMap<&str, serde_json::Value>> = BTreeMap::new();
+        let mut extra: BTreeSet<&str> = BTreeSet::new();
+        for b in st.builds.values().rev() {
+            if !seen.contains(&(b.repo.as_str(), b.commit.as_str())) {
+                continue;
+            }
+            let row = cells.entry(b.builder.as_str()).or_default();
+            row.entry(b.commit.as_str()).or_insert_with(|| {
+                json!({ "build": b.id, "state": b.state, "result": b.result.filter(|_| b.state == State::Finished) })
+            });
+            if st.plan.builder(&b.builder).is_none() {
+                extra.insert(b.builder.as_str());
+            }
+        }
+        let mut builders: Vec<serde_json::Value> = st
+            .plan
+            .builders
+            .iter()
+            .map(|b| json!({ "id": b.id, "repo": b.repo, "name": b.name, "tags": b.tags, "description": b.description }))
+            .collect();
+        for id in extra {
+            let (repo, name) = id.split_once('/').unwrap_or(("", id));
+            builders.push(json!({ "id": id, "repo": repo, "name": name, "tags": [] }));
+        }
+        json!({ "builders": builders, "columns": columns, "cells": cells })
     }
 
     pub fn changes(&self) -> Vec<api::Change> {

@@ -4,21 +4,24 @@
 use crate::engine::{Engine, EngineError};
 use crate::sources::{HookOutcome, Sources};
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use crate::query::ListQuery;
 use axum::{Json, Router};
 use rbb_schema::api;
 use serde::Deserialize;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-/// What the handlers reach: the engine, and the change sources behind the webhooks.
+/// What the handlers reach: the engine, the change sources behind the webhooks, and the
+/// token control actions need.
 #[derive(Clone)]
 pub struct App {
     pub engine: Arc<Engine>,
     pub sources: Option<Arc<Sources>>,
+    pub api_token: Option<String>,
 }
 
 impl axum::extract::FromRef<App> for Arc<Engine> {
@@ -27,27 +30,111 @@ impl axum::extract::FromRef<App> for Arc<Engine> {
     }
 }
 
-pub fn router(engine: Arc<Engine>) -> Router {
-    router_with(engine, None)
+/// One endpoint: how the OpenAPI document describes it, and its handler.
+pub struct Endpoint {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub summary: &'static str,
+    /// Needs `Authorization: Bearer <api_token>`.
+    pub control: bool,
+    /// A list endpoint taking filters, `order`, `limit` and `offset` over this item type.
+    pub list_of: Option<&'static str>,
+    /// Schema of a 2xx JSON answer (a component name), if any.
+    pub answers: Option<&'static str>,
+    /// Schema of the JSON request body, if any.
+    pub body: Option<&'static str>,
+    handler: axum::routing::MethodRouter<App>,
 }
 
-pub fn router_with(engine: Arc<Engine>, sources: Option<Arc<Sources>>) -> Router {
-    Router::new()
-        .route("/api/v2/builders", get(builders))
-        .route("/api/v2/builders/{builder}/force", post(force))
-        .route("/api/v2/builds", get(builds))
-        .route("/api/v2/builds/{id}", get(build))
-        .route("/api/v2/builds/{id}/steps", get(steps))
-        .route("/api/v2/builds/{id}/stop", post(stop))
-        .route("/api/v2/logs/{id}", get(log_meta))
-        .route("/api/v2/logs/{id}/raw", get(log_raw))
-        .route("/api/v2/builds/{id}/rebuild", post(rebuild))
-        .route("/api/v2/changes", get(changes))
-        .route("/api/v2/hooks/{forge}", post(hook))
-        .route("/api/v2/workers", get(workers))
-        .route("/api/v2/plan", get(plan))
-        .fallback(not_found)
-        .with_state(App { engine, sources })
+fn ep(
+    method: &'static str,
+    path: &'static str,
+    summary: &'static str,
+    handler: axum::routing::MethodRouter<App>,
+) -> Endpoint {
+    Endpoint { method, path, summary, control: false, list_of: None, answers: None, body: None, handler }
+}
+
+impl Endpoint {
+    fn control(mut self) -> Self {
+        self.control = true;
+        self
+    }
+    fn list(mut self, item: &'static str) -> Self {
+        self.list_of = Some(item);
+        self
+    }
+    fn answers(mut self, schema: &'static str) -> Self {
+        self.answers = Some(schema);
+        self
+    }
+    fn body(mut self, schema: &'static str) -> Self {
+        self.body = Some(schema);
+        self
+    }
+}
+
+/// Every endpoint of the API. The router and the OpenAPI document are both made from this
+/// table, so they cannot disagree.
+pub fn endpoints() -> Vec<Endpoint> {
+    vec![
+        ep("get", "/api/v2/builders", "Builders of the current plan, with their last build", get(builders)).list("Builder"),
+        ep("post", "/api/v2/builders/{builder}/force", "Force a build (builder id URL-encoded)", post(force))
+            .control()
+            .body("ForceRequest")
+            .answers("ForceResponse"),
+        ep("get", "/api/v2/builders/{builder}", "One builder with its 50 newest builds (builder id URL-encoded)", get(builder_page)),
+        ep("get", "/api/v2/buildrequests", "Builds waiting to start, oldest first", get(build_requests)).list("BuildRequest"),
+        ep("post", "/api/v2/buildrequests/{id}/cancel", "Cancel a build that has not started", post(cancel_request)).control(),
+        ep("get", "/api/v2/builds", "Builds, newest first", get(builds)).list("Build"),
+        ep("get", "/api/v2/builds/{id}", "One build with its steps", get(build)).answers("Build"),
+        ep("get", "/api/v2/builds/{id}/steps", "The steps of a build", get(steps)).list("Step"),
+        ep("post", "/api/v2/builds/{id}/stop", "Stop a build (a running step's process group is killed)", post(stop)).control(),
+        ep("post", "/api/v2/builds/{id}/rebuild", "Run a build again with its pinned plan", post(rebuild)).control(),
+        ep("get", "/api/v2/changes", "The change log: commits seen on watched branches", get(changes)).list("Change"),
+        ep("get", "/api/v2/workers", "Workers and whether they are connected", get(workers)).list("Worker"),
+        ep("get", "/api/v2/logs/{id}", "A log's size and whether it is complete", get(log_meta)),
+        ep("get", "/api/v2/logs/{id}/raw", "A log's bytes; supports Range and ?offset=&limit=", get(log_raw)),
+        ep("get", "/api/v2/plan", "The compiled plan (the central DAG)", get(plan)).answers("Plan"),
+        ep("get", "/api/v2/grid", "Builders × recent commits with the newest build of each, in one request", get(grid)),
+        ep("get", "/api/v2/events", "Live events (Server-Sent Events): build, step, log, worker", get(events)),
+        ep("post", "/api/v2/hooks/{forge}", "Webhook of a forge: github, gitlab, gitea or forgejo", post(hook)),
+        ep("get", "/api/v2/openapi.json", "This document", get(openapi)),
+    ]
+}
+
+pub fn router(engine: Arc<Engine>) -> Router {
+    router_with(engine, None, None)
+}
+
+pub fn router_with(engine: Arc<Engine>, sources: Option<Arc<Sources>>, api_token: Option<String>) -> Router {
+    let mut r: Router<App> = Router::new();
+    for e in endpoints() {
+        r = r.route(e.path, e.handler);
+    }
+    r.merge(crate::ui::router()).fallback(not_found).with_state(App { engine, sources, api_token })
+}
+
+/// Checks the bearer token of a control action.
+fn authorize(app: &App, headers: &HeaderMap) -> ApiResult<()> {
+    let Some(want) = &app.api_token else { return Ok(()) };
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if constant_eq(t.as_bytes(), want.as_bytes()) => Ok(()),
+        Some(_) => {
+            tracing::warn!("a control request with a wrong API token was refused");
+            Err(ApiError(StatusCode::UNAUTHORIZED, "unauthorized".into(), "wrong API token".into()))
+        }
+        None => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized".into(),
+            "this action needs `Authorization: Bearer <api_token>`".into(),
+        )),
+    }
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub struct ApiError(StatusCode, String, String);
@@ -88,20 +175,104 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
 }
 
-fn list<T: serde::Serialize>(name: &str, items: Vec<T>) -> Json<serde_json::Value> {
-    let total = items.len();
-    Json(serde_json::json!({ name: items, "meta": api::Meta { total } }))
+/// Query pairs of a request, decoded.
+fn pairs(raw: Option<String>) -> Vec<(String, String)> {
+    raw.map(|q| serde_urlencoded_pairs(&q)).unwrap_or_default()
 }
 
-async fn builders(State(e): State<Arc<Engine>>) -> Json<serde_json::Value> {
-    list("builders", e.builders())
+fn serde_urlencoded_pairs(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Field names of a REST type (its JSON Schema's properties).
+fn fields_of<T: schemars::JsonSchema>() -> Vec<String> {
+    let schema = schemars::schema_for!(T);
+    schema
+        .as_object()
+        .and_then(|o| o.get("properties"))
+        .and_then(|p| p.as_object())
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// A filtered, ordered page of `items` as `{ name: [...], meta: { total } }`.
+fn list<T: serde::Serialize + schemars::JsonSchema>(
+    name: &str,
+    items: Vec<T>,
+    raw: Option<String>,
+    extra: &[&str],
+) -> ApiResult<Json<serde_json::Value>> {
+    let fields = fields_of::<T>();
+    let names: Vec<&str> = fields.iter().map(String::as_str).collect();
+    let q = ListQuery::parse(&pairs(raw), &names, extra).map_err(ApiError::bad_request)?;
+    let values: Vec<serde_json::Value> = items.iter().filter_map(|i| serde_json::to_value(i).ok()).collect();
+    let (page, total) = q.apply(values);
+    Ok(Json(serde_json::json!({ name: page, "meta": api::Meta { total } })))
+}
+
+async fn builders(State(e): State<Arc<Engine>>, RawQuery(q): RawQuery) -> ApiResult<Json<serde_json::Value>> {
+    list("builders", e.builders(), q, &[])
+}
+
+/// The builder page in one request: its definition and its newest builds.
+async fn builder_page(State(e): State<Arc<Engine>>, Path(builder): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+    let b = e
+        .builders()
+        .into_iter()
+        .find(|b| b.id == builder)
+        .ok_or_else(|| ApiError::not_found(format!("no builder `{builder}`")))?;
+    let builds: Vec<api::Build> = e.builds(Some(&builder)).into_iter().take(50).collect();
+    Ok(Json(serde_json::json!({ "builder": b, "builds": builds })))
+}
+
+async fn build_requests(State(e): State<Arc<Engine>>, RawQuery(q): RawQuery) -> ApiResult<Json<serde_json::Value>> {
+    list("buildrequests", e.build_requests(), q, &[])
+}
+
+async fn cancel_request(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
+    authorize(&app, &headers)?;
+    let id = parse_id(&id, "build request")?;
+    app.engine.cancel_request(id)?;
+    Ok(StatusCode::ACCEPTED)
 }
 
 async fn force(
-    State(e): State<Arc<Engine>>,
+    State(app): State<App>,
     Path(builder): Path<String>,
+    headers: HeaderMap,
     body: Option<Json<serde_json::Value>>,
 ) -> ApiResult<(StatusCode, Json<api::ForceResponse>)> {
+    authorize(&app, &headers)?;
+    let e = app.engine.clone();
     let req: api::ForceRequest = match body {
         None => api::ForceRequest::default(),
         Some(Json(v)) => serde_json::from_value(v).map_err(|err| ApiError::bad_request(format!("bad force request: {err}")))?,
@@ -113,22 +284,8 @@ async fn force(
     Ok((StatusCode::CREATED, Json(resp)))
 }
 
-#[derive(Deserialize)]
-struct BuildsQuery {
-    builder: Option<String>,
-    limit: Option<usize>,
-    offset: Option<usize>,
-}
-
-async fn builds(State(e): State<Arc<Engine>>, Query(q): Query<BuildsQuery>) -> ApiResult<Json<serde_json::Value>> {
-    let limit = q.limit.unwrap_or(100);
-    if limit > 1000 {
-        return Err(ApiError::bad_request("limit may be at most 1000"));
-    }
-    let all = e.builds(q.builder.as_deref());
-    let total = all.len();
-    let page: Vec<api::Build> = all.into_iter().skip(q.offset.unwrap_or(0)).take(limit).collect();
-    Ok(Json(serde_json::json!({ "builds": page, "meta": api::Meta { total } })))
+async fn builds(State(e): State<Arc<Engine>>, RawQuery(q): RawQuery) -> ApiResult<Json<serde_json::Value>> {
+    list("builds", e.builds(None), q, &[])
 }
 
 fn parse_id(raw: &str, what: &str) -> ApiResult<u64> {
@@ -140,20 +297,21 @@ async fn build(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResul
     e.build(id).map(Json).ok_or_else(|| ApiError::not_found(format!("no build {id}")))
 }
 
-async fn steps(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+async fn steps(State(e): State<Arc<Engine>>, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult<Json<serde_json::Value>> {
     let id = parse_id(&id, "build")?;
     let b = e.build(id).ok_or_else(|| ApiError::not_found(format!("no build {id}")))?;
-    Ok(list("steps", b.steps))
+    list("steps", b.steps, q, &[])
 }
 
-async fn stop(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+async fn stop(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
+    authorize(&app, &headers)?;
     let id = parse_id(&id, "build")?;
-    e.stop(id, "stopped through the API")?;
+    app.engine.stop(id, "stopped through the API")?;
     Ok(StatusCode::ACCEPTED)
 }
 
-async fn workers(State(e): State<Arc<Engine>>) -> Json<serde_json::Value> {
-    list("workers", e.workers())
+async fn workers(State(e): State<Arc<Engine>>, RawQuery(q): RawQuery) -> ApiResult<Json<serde_json::Value>> {
+    list("workers", e.workers(), q, &[])
 }
 
 async fn plan(State(e): State<Arc<Engine>>) -> Json<rbb_schema::plan::Plan> {
@@ -167,7 +325,7 @@ async fn log_meta(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiRe
 }
 
 #[derive(Deserialize)]
-struct RawQuery {
+struct RangeQuery {
     offset: Option<u64>,
     limit: Option<u64>,
 }
@@ -177,7 +335,7 @@ struct RawQuery {
 async fn log_raw(
     State(e): State<Arc<Engine>>,
     Path(id): Path<String>,
-    Query(q): Query<RawQuery>,
+    Query(q): Query<RangeQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let id = parse_id(&id, "log")?;
@@ -224,24 +382,53 @@ async fn log_raw(
     Ok(resp.body(Body::from_stream(stream)).unwrap_or_default())
 }
 
-async fn rebuild(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+async fn rebuild(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    authorize(&app, &headers)?;
     let id = parse_id(&id, "build")?;
-    let engine = e.clone();
+    let engine = app.engine.clone();
     let new = tokio::task::spawn_blocking(move || engine.rebuild(id))
         .await
         .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), "internal error".into()))??;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "build": new }))))
 }
 
-async fn changes(State(e): State<Arc<Engine>>, Query(q): Query<BuildsQuery>) -> ApiResult<Json<serde_json::Value>> {
-    let limit = q.limit.unwrap_or(100);
-    if limit > 1000 {
-        return Err(ApiError::bad_request("limit may be at most 1000"));
+async fn changes(State(e): State<Arc<Engine>>, RawQuery(q): RawQuery) -> ApiResult<Json<serde_json::Value>> {
+    list("changes", e.changes(), q, &[])
+}
+
+#[derive(Deserialize)]
+struct GridQuery {
+    limit: Option<usize>,
+}
+
+/// `GET /api/v2/grid`: what the grid page shows, in one answer.
+async fn grid(State(e): State<Arc<Engine>>, Query(q): Query<GridQuery>) -> ApiResult<Json<serde_json::Value>> {
+    let limit = q.limit.unwrap_or(50);
+    if limit > 500 {
+        return Err(ApiError::bad_request("limit may be at most 500 columns"));
     }
-    let all = e.changes();
-    let total = all.len();
-    let page: Vec<_> = all.into_iter().skip(q.offset.unwrap_or(0)).take(limit).collect();
-    Ok(Json(serde_json::json!({ "changes": page, "meta": api::Meta { total } })))
+    Ok(Json(e.grid(limit)))
+}
+
+/// `GET /api/v2/events`: build, step, log and worker events as Server-Sent Events.
+async fn events(State(e): State<Arc<Engine>>) -> axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>> {
+    use axum::response::sse::{Event as Sse, KeepAlive};
+    use tokio_stream::StreamExt;
+    let stream = tokio_stream::wrappers::BroadcastStream::new(e.subscribe()).filter_map(|ev| {
+        let ev = ev.ok()?;
+        let (kind, data) = match ev {
+            crate::engine::Event::Build { id } => ("build", serde_json::json!({ "id": id })),
+            crate::engine::Event::Step { build, step } => ("step", serde_json::json!({ "build": build, "step": step })),
+            crate::engine::Event::Log { id, bytes } => ("log", serde_json::json!({ "id": id, "bytes": bytes })),
+            crate::engine::Event::Worker { name } => ("worker", serde_json::json!({ "name": name })),
+        };
+        Some(Ok(Sse::default().event(kind).data(data.to_string())))
+    });
+    axum::response::sse::Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+async fn openapi() -> Json<serde_json::Value> {
+    Json(crate::openapi::document(&endpoints()))
 }
 
 /// `POST /api/v2/hooks/{github,gitlab,gitea,forgejo}`: a forge's webhook.
@@ -252,11 +439,11 @@ async fn hook(State(app): State<App>, Path(forge): Path<String>, headers: Header
     let Some(sources) = app.sources.clone() else {
         return Err(ApiError::not_found("this master has no change sources"));
     };
-    let pairs: Vec<(String, String)> = headers
+    let header_pairs: Vec<(String, String)> = headers
         .iter()
         .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_owned(), v.to_owned())))
         .collect();
-    let outcome = sources.webhook(&app.engine, f, &pairs, &body).await;
+    let outcome = sources.webhook(&app.engine, f, &header_pairs, &body).await;
     let (status, code, message) = match outcome {
         HookOutcome::Unsigned(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m),
         HookOutcome::Refused(m) => (StatusCode::FORBIDDEN, "forbidden", m),

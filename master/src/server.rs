@@ -37,6 +37,7 @@ pub struct Bound {
 pub struct Master {
     pub engine: Arc<Engine>,
     pub sources: Arc<Sources>,
+    pub api_token: Option<String>,
     /// Per repository: whether its mirror was just created (its first fetch is a baseline).
     fresh: Vec<bool>,
 }
@@ -93,7 +94,10 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
     let plan = engine.plan();
     tracing::info!(plan = %plan.hash, builders = plan.builders.len(), state = %state_dir.display(), "plan compiled");
     let sources = Arc::new(Sources { repos: source_repos, webhooks: cfg.config.webhooks.clone().unwrap_or_default() });
-    Ok(Master { engine, sources, fresh })
+    if cfg.config.api_token.is_none() {
+        tracing::warn!("no api_token in the master config: force, stop and rebuild are open to anyone who reaches the HTTP port");
+    }
+    Ok(Master { engine, sources, api_token: cfg.config.api_token.clone(), fresh })
 }
 
 /// Serves until `shutdown` resolves. Calls `ready` once both listeners are bound.
@@ -107,7 +111,7 @@ pub async fn serve(
     let http = tokio::net::TcpListener::bind(opts.http).await.with_context(|| format!("binding HTTP on {}", opts.http))?;
     let bound = Bound { http: http.local_addr()?, grpc: grpc.local_addr()? };
     let stop = tokio_util::sync::CancellationToken::new();
-    let Master { engine, sources, fresh } = master;
+    let Master { engine, sources, api_token, fresh } = master;
     sources.spawn_pollers(engine.clone(), fresh, stop.clone());
 
     // Cron schedules: a tick every second; each schedule fires once per matching minute.
@@ -160,7 +164,7 @@ pub async fn serve(
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move { grpc_stop.cancelled().await }),
     );
     let http_stop = stop.clone();
-    let app = crate::http::router_with(engine.clone(), Some(sources.clone()));
+    let app = crate::http::router_with(engine.clone(), Some(sources.clone()), api_token);
     let http_task = tokio::spawn(async move {
         axum::serve(http, app).with_graceful_shutdown(async move { http_stop.cancelled().await }).await
     });

@@ -114,6 +114,25 @@ pub struct Worker {
     pub last_seen: Option<u64>,
 }
 
+/// A build that waits to start (Buildbot's build request): for a worker, a lock, or the
+/// builds it needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BuildRequest {
+    /// The id of the build it becomes.
+    pub id: u64,
+    pub builder: String,
+    pub repo: String,
+    pub branch: String,
+    pub commit: String,
+    pub reason: String,
+    pub priority: i32,
+    pub submitted_at: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waits_for: Vec<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<u64>,
+}
+
 /// A commit seen on a watched branch, or a pull request's head.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Change {

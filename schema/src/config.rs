@@ -31,6 +31,10 @@ pub struct MasterConfig {
     /// without a secret here is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhooks: Option<WebhookConfig>,
+    /// Bearer token required by the REST API's control actions (force, stop, rebuild).
+    /// Without it they are open to anyone who can reach the HTTP port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_token: Option<String>,
     /// Named locks builders can take (`locks:` in a builder): `max` holders at once.
     #[serde(default, skip_serializing_if = "indexmap::IndexMap::is_empty")]
     pub locks: indexmap::IndexMap<String, LockConfig>,

@@ -113,7 +113,8 @@ fn serve(root: &Path, args: &[String]) -> Result<()> {
     println!("  builds:   http://{http}/api/v2/builds");
     println!("  builders: http://{http}/api/v2/builders");
     println!("  workers:  http://{http}/api/v2/workers");
-    println!("  force:    curl -X POST http://{http}/api/v2/builders/lib%2Fbuild/force");
+    println!("  UI:       http://{http}/  (API token for the buttons: {DEMO_TOKEN})");
+    println!("  force:    curl -X POST -H 'Authorization: Bearer {DEMO_TOKEN}' http://{http}/api/v2/builders/lib%2Fbuild/force");
     println!("  forced app/package: {forced}");
     println!("Ctrl-C stops it. State: {}", demo.join("state").display());
     let status = master.wait()?;
@@ -148,6 +149,9 @@ pub(crate) fn listening(master: &mut std::process::Child) -> Result<(String, Str
     bail!("rbb master exited before listening")
 }
 
+/// The demo's `api_token` (testdata/demo/rbb.yaml), sent with every request xtask makes.
+const DEMO_TOKEN: &str = "demo-api-token";
+
 /// A one-shot HTTP/1.1 POST on loopback; returns the response body.
 pub(crate) fn http_post(addr: &str, path: &str, body: &str) -> Result<String> {
     http_request(addr, "POST", path, body)
@@ -158,7 +162,7 @@ pub(crate) fn http_request(addr: &str, method: &str, path: &str, body: &str) -> 
     let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {DEMO_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut out = String::new();

@@ -1,0 +1,196 @@
+//! List queries of the REST API, with Buildbot's data-API conventions: `field=value`,
+//! `field__op=value` (eq, ne, lt, le, gt, ge, contains), `order=-field,other`, `limit`,
+//! `offset`. Every input is checked against the resource's fields; a bad one is an error
+//! message (HTTP 400), never a panic.
+
+use serde_json::Value;
+use std::cmp::Ordering;
+
+/// Most items one page may hold.
+pub const MAX_LIMIT: usize = 1000;
+const DEFAULT_LIMIT: usize = 100;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Contains,
+}
+
+#[derive(Debug, Clone)]
+struct Filter {
+    field: String,
+    op: Op,
+    value: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    filters: Vec<Filter>,
+    order: Vec<(String, bool)>,
+    limit: usize,
+    offset: usize,
+}
+
+impl ListQuery {
+    /// Parses query pairs for a resource whose items have `fields`. `extra` names parameters
+    /// the endpoint reads itself (skipped here).
+    pub fn parse(pairs: &[(String, String)], fields: &[&str], extra: &[&str]) -> Result<ListQuery, String> {
+        let mut q = ListQuery { limit: DEFAULT_LIMIT, ..Default::default() };
+        let known = |f: &str| -> Result<String, String> {
+            if fields.contains(&f) {
+                Ok(f.to_owned())
+            } else {
+                let close = rbb_compiler::diagnostic::did_you_mean(f, fields.iter().copied());
+                Err(format!(
+                    "unknown field `{f}`{}; fields: {}",
+                    close.map(|c| format!(" ({c})")).unwrap_or_default(),
+                    fields.join(", ")
+                ))
+            }
+        };
+        for (k, v) in pairs {
+            match k.as_str() {
+                "limit" => {
+                    q.limit = v.parse().map_err(|_| format!("limit must be a number, got `{v}`"))?;
+                    if q.limit > MAX_LIMIT {
+                        return Err(format!("limit may be at most {MAX_LIMIT}, got {}", q.limit));
+                    }
+                }
+                "offset" => q.offset = v.parse().map_err(|_| format!("offset must be a number, got `{v}`"))?,
+                "order" => {
+                    for part in v.split(',').filter(|p| !p.is_empty()) {
+                        let (desc, name) = match part.strip_prefix('-') {
+                            Some(n) => (true, n),
+                            None => (false, part),
+                        };
+                        q.order.push((known(name)?, desc));
+                    }
+                }
+                k if extra.contains(&k) => {}
+                k => {
+                    let (field, op) = match k.rsplit_once("__") {
+                        Some((f, op)) => (
+                            f,
+                            match op {
+                                "eq" => Op::Eq,
+                                "ne" => Op::Ne,
+                                "lt" => Op::Lt,
+                                "le" => Op::Le,
+                                "gt" => Op::Gt,
+                                "ge" => Op::Ge,
+                                "contains" => Op::Contains,
+                                other => return Err(format!("unknown operator `{other}` in `{k}` (eq, ne, lt, le, gt, ge, contains)")),
+                            },
+                        ),
+                        None => (k, Op::Eq),
+                    };
+                    q.filters.push(Filter { field: known(field)?, op, value: v.clone() });
+                }
+            }
+        }
+        Ok(q)
+    }
+
+    /// Filters, orders and pages `items`; returns the page and the total before paging.
+    pub fn apply(&self, items: Vec<Value>) -> (Vec<Value>, usize) {
+        let mut kept: Vec<Value> = items.into_iter().filter(|it| self.filters.iter().all(|f| matches(it.get(&f.field), f))).collect();
+        if !self.order.is_empty() {
+            kept.sort_by(|a, b| {
+                for (field, desc) in &self.order {
+                    let o = compare(a.get(field), b.get(field));
+                    let o = if *desc { o.reverse() } else { o };
+                    if o != Ordering::Equal {
+                        return o;
+                    }
+                }
+                Ordering::Equal
+            });
+        }
+        let total = kept.len();
+        let page = kept.into_iter().skip(self.offset).take(self.limit).collect();
+        (page, total)
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "null".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+fn matches(v: Option<&Value>, f: &Filter) -> bool {
+    let v = v.unwrap_or(&Value::Null);
+    if f.op == Op::Contains {
+        return match v {
+            Value::Array(items) => items.iter().any(|i| text(i) == f.value),
+            other => text(other).contains(&f.value),
+        };
+    }
+    let o = match (v, f.value.parse::<f64>()) {
+        (Value::Number(n), Ok(want)) => n.as_f64().map(|x| x.total_cmp(&want)),
+        (Value::Bool(b), _) => f.value.parse::<bool>().ok().map(|w| b.cmp(&w)),
+        (Value::Null, _) => Some(if f.value == "null" { Ordering::Equal } else { Ordering::Less }),
+        (other, _) => Some(text(other).as_str().cmp(f.value.as_str())),
+    };
+    let Some(o) = o else { return false };
+    match f.op {
+        Op::Eq => o == Ordering::Equal,
+        Op::Ne => o != Ordering::Equal,
+        Op::Lt => o == Ordering::Less,
+        Op::Le => o != Ordering::Greater,
+        Op::Gt => o == Ordering::Greater,
+        Op::Ge => o != Ordering::Less,
+        Op::Contains => false,
+    }
+}
+
+fn compare(a: Option<&Value>, b: Option<&Value>) -> Ordering {
+    match (a.unwrap_or(&Value::Null), b.unwrap_or(&Value::Null)) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64().unwrap_or(0.0).total_cmp(&y.as_f64().unwrap_or(0.0)),
+        (Value::Null, Value::Null) => Ordering::Equal,
+        (Value::Null, _) => Ordering::Less,
+        (_, Value::Null) => Ordering::Greater,
+        (x, y) => text(x).cmp(&text(y)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
+        q.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect()
+    }
+
+    #[test]
+    fn filters_orders_and_pages() {
+        let items = vec![json!({"id": 1, "r": "a", "t": ["x"]}), json!({"id": 2, "r": "b", "t": []}), json!({"id": 3, "r": "a", "t": ["x", "y"]})];
+        let q = ListQuery::parse(&pairs(&[("r", "a"), ("order", "-id")]), &["id", "r", "t"], &[]).expect("query");
+        let (page, total) = q.apply(items.clone());
+        assert_eq!(total, 2);
+        assert_eq!(page[0]["id"], 3);
+        let q = ListQuery::parse(&pairs(&[("id__ge", "2"), ("limit", "1"), ("offset", "1")]), &["id", "r", "t"], &[]).expect("query");
+        let (page, total) = q.apply(items.clone());
+        assert_eq!((total, page[0]["id"].clone()), (2, json!(3)));
+        let q = ListQuery::parse(&pairs(&[("t__contains", "y")]), &["id", "r", "t"], &[]).expect("query");
+        assert_eq!(q.apply(items).1, 1);
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let f = &["id", "result"];
+        assert!(ListQuery::parse(&pairs(&[("resutl", "x")]), f, &[]).unwrap_err().contains("did you mean `result`"));
+        assert!(ListQuery::parse(&pairs(&[("id__like", "1")]), f, &[]).unwrap_err().contains("unknown operator"));
+        assert!(ListQuery::parse(&pairs(&[("limit", "1000000")]), f, &[]).is_err());
+        assert!(ListQuery::parse(&pairs(&[("limit", "ten")]), f, &[]).is_err());
+        assert!(ListQuery::parse(&pairs(&[("order", "-nope")]), f, &[]).is_err());
+    }
+}

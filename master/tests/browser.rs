@@ -1,0 +1,428 @@
+//! Browser tests: the real web UI in a real headless Chromium, driven over WebDriver
+//! (`chromedriver` + fantoccini), against the real `rbb master` and `rbb-worker` binaries.
+//! Needs `chromium` and `chromedriver` on PATH (`.ci/run` installs them); says so loudly
+//! when they are missing. Screenshots go to `$CARGO_TARGET_DIR/rbb-artifacts/`.
+
+mod support;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn on_path(names: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).flat_map(|d| names.iter().map(move |n| d.join(n))).find(|p| p.is_file())
+}
+
+/// Where test artifacts (screenshots) go.
+fn artifacts() -> PathBuf {
+    let base = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    let dir = base.join("rbb-artifacts");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    dir
+}
+
+/// Saves a screenshot of the page as a test artifact.
+async fn screenshot(c: &Client, name: &str) {
+    let png = c.screenshot().await.expect("screenshot");
+    let path = artifacts().join(name);
+    std::fs::write(&path, &png).unwrap_or_else(|e| panic!("save {}: {e}", path.display()));
+    eprintln!("screenshot: {}", path.display());
+}
+
+/// A `chromedriver` on a free port, in its own process group: dropping it kills the driver
+/// and every browser it started.
+struct Driver {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Driver {
+    fn start(dir: &Path) -> Driver {
+        let bin = on_path(&["chromedriver"]).unwrap_or_else(|| {
+            panic!("chromedriver is not on PATH: the browser tests need Chromium and its driver (Debian: apt-get install chromium chromium-driver; .ci/run installs them)")
+        });
+        let log = dir.join("chromedriver.log");
+        let out = std::fs::File::create(&log).expect("chromedriver log");
+        let err = out.try_clone().expect("clone log");
+        let mut cmd = Command::new(&bin);
+        // Port 0: the system picks a free port, which the driver's log then names.
+        cmd.arg("--port=0").stdin(Stdio::null()).stdout(out).stderr(err);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+        let addr = wait_for(Duration::from_secs(20), "chromedriver to listen", || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("chromedriver exited with {status}: {text}");
+            }
+            let port: u16 = text.split("started successfully on port ").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+            let addr = format!("127.0.0.1:{port}");
+            std::net::TcpStream::connect(&addr).ok().map(|_| addr)
+        });
+        Driver { child, url: format!("http://{addr}"), log }
+    }
+
+    /// A new headless Chromium session with its own profile under `dir`.
+    async fn browser(&self, dir: &Path) -> Client {
+        let chromium = on_path(&["chromium", "chromium-browser", "google-chrome"]).unwrap_or_else(|| {
+            panic!("chromium is not on PATH: the browser tests need it (Debian: apt-get install chromium chromium-driver; .ci/run installs them)")
+        });
+        let profile = dir.join("chromium-profile");
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({
+                "binary": chromium,
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--window-size=1400,900", "--no-first-run", "--no-default-browser-check",
+                    format!("--user-data-dir={}", profile.display()),
+                ],
+            }),
+        );
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        ClientBuilder::new(connector)
+            .capabilities(caps)
+            .connect(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot open a Chromium session: {e}\n--- chromedriver log\n{}", std::fs::read_to_string(&self.log).unwrap_or_default()))
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with the negated pid of the process group this test created.
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- chromedriver log ({})\n{}", self.log.display(), std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+    }
+}
+
+/// Runs a script in the page; returns its value.
+async fn js(c: &Client, script: &str) -> Value {
+    c.execute(script, vec![]).await.unwrap_or_else(|e| panic!("script failed: {e}\n{script}"))
+}
+
+/// What the page shows, for failure messages.
+async fn page_state(c: &Client) -> String {
+    let url = c.current_url().await.map(|u| u.to_string()).unwrap_or_default();
+    let text = c.execute("return document.getElementById('view')?.innerText ?? ''", vec![]).await.unwrap_or_default();
+    let text = text.as_str().unwrap_or_default();
+    let errors = c.execute("return window.rbbErrors ?? []", vec![]).await.unwrap_or_default();
+    let text: String = text.chars().take(3000).collect();
+    let log = c.execute("return (document.querySelector('pre.log')?.textContent ?? '').slice(-500)", vec![]).await.unwrap_or_default();
+    format!("at {url}; script errors: {errors}; the page says:\n{text}\n--- the log viewer ends with:\n{}", log.as_str().unwrap_or_default())
+}
+
+/// Polls `f` until it gives `Some`, failing after `timeout` with `what` and the page's state.
+async fn until<T, F, Fut>(c: &Client, timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}, {}", page_state(c).await);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits for an element matching `css` and returns it.
+async fn element(c: &Client, css: &str) -> fantoccini::elements::Element {
+    until(c, T, &format!("`{css}`"), || async { c.find(Locator::Css(css)).await.ok() }).await
+}
+
+/// Waits until the script's value is `true`.
+async fn until_js(c: &Client, timeout: Duration, what: &str, script: &str) {
+    until(c, timeout, what, || async { (js(c, script).await == Value::Bool(true)).then_some(()) }).await
+}
+
+fn pipeline(gate: &Path) -> String {
+    format!(
+        r#"
+builders:
+  hello:
+    description: says hello, then waits for the test to open the gate
+    labels: [linux]
+    tags: [smoke]
+    steps:
+      - name: greet
+        run: |
+          echo "hello from the browser test"
+          while [ ! -e '{gate}.1' ]; do sleep 0.05; done
+          echo "gate one opened"
+          while [ ! -e '{gate}.2' ]; do sleep 0.05; done
+          echo "gate two opened"
+  after:
+    labels: [linux]
+    needs: [hello]
+    steps:
+      - name: done
+        run: echo done
+"#,
+        gate = gate.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_forced_in_the_ui_turns_its_cell_green_live_and_shows_its_log() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = dir.path().join("gate");
+    make_repo(&dir.path().join("app"), &pipeline(&gate), &[("README.md", "hi\n")]);
+    let config = write_config(dir.path(), &["app"], &[("w1", "secret", &["linux"])]);
+    let m = Master::start(&config, &dir.path().join("state"));
+    let _w = Worker::start(&m, "w1", "secret", &dir.path().join("w1"), &[]);
+    wait_for(T, "worker w1 to connect", || {
+        let w = m.get("/api/v2/workers").json();
+        w["workers"].as_array()?.iter().any(|w| w["name"] == "w1" && w["connected"] == true).then_some(())
+    });
+    let driver = Driver::start(dir.path());
+    let c = driver.browser(dir.path()).await;
+    let base = format!("http://{}", m.http);
+
+    // The grid: both builders, grouped under their repository; live events connected.
+    c.goto(&format!("{base}/")).await.expect("open the UI");
+    element(&c, "#grid-wrap[data-loaded] div.chunk[data-repo='app'] a[href='#/builders/app%2Fhello']").await;
+    element(&c, "a[href='#/builders/app%2Fafter']").await;
+    until_js(&c, T, "live events to connect", "return document.getElementById('live').dataset.state === 'open'").await;
+    // Marks this page load: a reload would lose it.
+    js(&c, "window.rbbSamePage = true; return null").await;
+
+    // Builder page → force form → the new build's page.
+    element(&c, "a[href='#/builders/app%2Fhello']").await.click().await.expect("open the builder");
+    element(&c, "#force-link").await.click().await.expect("open the force form");
+    let reason = element(&c, "#force-form input[name='reason']").await;
+    reason.clear().await.expect("clear");
+    reason.send_keys("forced by the browser test").await.expect("type a reason");
+    element(&c, "#force-form textarea[name='properties']").await.send_keys("who=chromium").await.expect("type properties");
+    screenshot(&c, "force.png").await;
+    element(&c, "#force-submit").await.click().await.expect("submit");
+    let id: u64 = until(&c, T, "the new build's page", || async {
+        let url = c.current_url().await.ok()?;
+        url.fragment()?.strip_prefix("/builds/")?.parse().ok()
+    })
+    .await;
+    let b = m.build(id);
+    assert_eq!(b["builder"], "app/hello");
+    assert_eq!(b["reason"], "forced by the browser test");
+
+    // The running step's log is followed live.
+    until_js(&c, T, "the running step's log", "return (document.querySelector('pre.log')?.textContent ?? '').includes('hello from the browser test')").await;
+    until_js(&c, T, "the build page to show it running", "return document.getElementById('view').dataset.state === 'running'").await;
+    std::fs::write(gate.with_extension("1"), "open").expect("open gate one");
+    until_js(&c, T, "the followed log to grow", "return (document.querySelector('pre.log')?.textContent ?? '').includes('gate one opened')").await;
+
+    // Back to the grid (no reload): the cell is running; opening the gate turns it green
+    // through live events alone.
+    element(&c, "a[data-nav='grid']").await.click().await.expect("back to the grid");
+    let cell = format!("a[href='#/builds/{id}']");
+    element(&c, &format!("td.s-running > {cell}")).await;
+    std::fs::write(gate.with_extension("2"), "open").expect("open gate two");
+    element(&c, &format!("td.r-SUCCESS > {cell}")).await;
+    assert_eq!(js(&c, "return window.rbbSamePage === true").await, Value::Bool(true), "the page was reloaded");
+    assert_eq!(js(&c, "return document.getElementById('live').dataset.state").await, "open");
+
+    screenshot(&c, "grid.png").await;
+
+    // The cell links to the build page, which shows the whole log of the finished step.
+    element(&c, &cell).await.click().await.expect("open the build from its cell");
+    until_js(&c, T, "the finished build page", "return document.getElementById('view').dataset.result === 'SUCCESS'").await;
+    until_js(&c, T, "the step's log", "const t = document.querySelector('pre.log')?.textContent ?? ''; return t.includes('hello from the browser test') && t.includes('gate two opened')").await;
+    let steps = element(&c, "#build-steps").await.text().await.expect("steps text");
+    assert!(steps.contains("greet") && steps.contains("SUCCESS"), "{steps}");
+    let why = element(&c, "#build-why").await.text().await.expect("why text");
+    assert!(why.contains("forced by the browser test"), "{why}");
+    screenshot(&c, "build.png").await;
+
+    // The other pages render from the API.
+    element(&c, "a[data-nav='workers']").await.click().await.expect("workers");
+    element(&c, "tr[data-worker='w1'].on").await;
+    screenshot(&c, "workers.png").await;
+    element(&c, "a[data-nav='plan']").await.click().await.expect("plan");
+    element(&c, "svg.dag a.node[data-id='app/after']").await;
+    let edges = js(&c, "return document.querySelectorAll('svg.dag path.edge').length").await;
+    assert_eq!(edges, 1, "one arrow: app/after needs app/hello");
+    screenshot(&c, "plan.png").await;
+
+    // A node of the plan leads to its builder's page, whose history has the build.
+    element(&c, "svg.dag a.node[data-id='app/hello']").await.click().await.expect("open a builder from the plan");
+    element(&c, &format!("#builder-history a[href='#/builds/{id}']")).await;
+    let def = element(&c, "#builder-def").await.text().await.expect("definition");
+    assert!(def.contains("greet") && def.contains("smoke") && def.contains("linux"), "{def}");
+    screenshot(&c, "builder.png").await;
+
+    c.close().await.expect("close the browser");
+    eprintln!("browser test took {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_log_is_shown_a_page_at_a_time() {
+    const BIG: &str = "builders:\n  big:\n    steps:\n      - name: count\n        run: seq 1 400000\n";
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_repo(&dir.path().join("app"), BIG, &[]);
+    let config = write_config(dir.path(), &["app"], &[("w1", "secret", &[])]);
+    let m = Master::start(&config, &dir.path().join("state"));
+    let _w = Worker::start(&m, "w1", "secret", &dir.path().join("w1"), &[]);
+    let id = m.force("app/big");
+    let b = m.finished(id, T);
+    let size = b["steps"][0]["log_bytes"].as_u64().expect("log size");
+    assert!(size > 2_000_000, "the log is {size} bytes");
+    let driver = Driver::start(dir.path());
+    let c = driver.browser(dir.path()).await;
+    const TEXT: &str = "return document.querySelector('pre.log')?.textContent ?? ''";
+    const PAGE: usize = 256 * 1024;
+
+    // A finished log opens at its end.
+    c.goto(&format!("http://{}/#/builds/{id}", m.http)).await.expect("open the build");
+    until_js(&c, T, "the end of the log", "return (document.querySelector('pre.log')?.textContent ?? '').includes('\\n400000\\n')").await;
+    let tail = js(&c, TEXT).await;
+    let tail = tail.as_str().expect("text");
+    assert!(tail.len() <= PAGE && !tail.contains("\n200000\n"), "the tail is one page: {} bytes", tail.len());
+
+    // first, next, last move a page at a time.
+    element(&c, "button[data-log='first']").await.click().await.expect("first");
+    until_js(&c, T, "the first page", "return (document.querySelector('pre.log')?.textContent ?? '').includes('\\n1\\n2\\n3\\n')").await;
+    assert!(js(&c, TEXT).await.as_str().expect("text").len() <= PAGE);
+    element(&c, "button[data-log='next']").await.click().await.expect("next");
+    until_js(&c, T, "the second page", "return document.querySelector('.log-range').textContent.startsWith('256 KiB–512 KiB of ')").await;
+    element(&c, "button[data-log='last']").await.click().await.expect("last");
+    until_js(&c, T, "the last page again", "return (document.querySelector('pre.log')?.textContent ?? '').includes('\\n400000\\n')").await;
+
+    // No request read more than a page of the log.
+    let sizes = js(&c, "return performance.getEntriesByType('resource').filter(e => e.name.includes('/raw')).map(e => e.encodedBodySize)").await;
+    let sizes: Vec<u64> = sizes.as_array().expect("sizes").iter().map(|v| v.as_u64().expect("size")).collect();
+    assert!(sizes.len() >= 4, "{sizes:?}");
+    assert!(sizes.iter().all(|s| *s <= PAGE as u64), "a log request read more than a page: {sizes:?}");
+    screenshot(&c, "log.png").await;
+    c.close().await.expect("close the browser");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_and_rebuild_use_the_api_token_kept_in_the_browser() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gate = dir.path().join("gate");
+    let pipeline = format!("builders:\n  wait:\n    steps:\n      - name: wait\n        run: while [ ! -e '{}' ]; do sleep 0.05; done\n", gate.display());
+    make_repo(&dir.path().join("app"), &pipeline, &[]);
+    let config = write_config(dir.path(), &["app"], &[("w1", "secret", &[])]);
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str("api_token: s3cret\n");
+    std::fs::write(&config, text).expect("config");
+    let m = Master::start(&config, &dir.path().join("state"));
+    let _w = Worker::start(&m, "w1", "secret", &dir.path().join("w1"), &[]);
+    let driver = Driver::start(dir.path());
+    let c = driver.browser(dir.path()).await;
+    let base = format!("http://{}", m.http);
+
+    // Without the token the master refuses, and the form says what to do.
+    c.goto(&format!("{base}/#/builders/app%2Fwait/force")).await.expect("open the force form");
+    element(&c, "#force-submit").await.click().await.expect("submit");
+    let err = element(&c, "#force-error .error").await.text().await.expect("error text");
+    assert!(err.contains("API token"), "{err}");
+    assert!(builds(&m).is_empty());
+
+    // Set it in the header's token box; it is kept in localStorage.
+    element(&c, "#token-summary").await.click().await.expect("open the token box");
+    element(&c, "#token-input").await.send_keys("s3cret").await.expect("type the token");
+    element(&c, "#token-form button[type='submit']").await.click().await.expect("save the token");
+    assert_eq!(js(&c, "return localStorage.getItem('rbb.token')").await, "s3cret");
+    element(&c, "#force-submit").await.click().await.expect("submit again");
+    let id: u64 = until(&c, T, "the new build's page", || async {
+        let url = c.current_url().await.ok()?;
+        url.fragment()?.strip_prefix("/builds/")?.parse().ok()
+    })
+    .await;
+
+    // Stop the running build from its page.
+    until_js(&c, T, "the build to run", "return document.getElementById('view').dataset.state === 'running'").await;
+    element(&c, "#btn-stop:not([disabled])").await.click().await.expect("stop");
+    let b = m.finished(id, T);
+    assert_eq!(b["result"], "CANCELLED", "{b:#}");
+    until_js(&c, T, "the page to show it cancelled", "return document.getElementById('view').dataset.result === 'CANCELLED'").await;
+
+    // Rebuild it: a new build of the same builder and commit.
+    element(&c, "#btn-rebuild").await.click().await.expect("rebuild");
+    let again: u64 = until(&c, T, "the rebuild's page", || async {
+        let url = c.current_url().await.ok()?;
+        url.fragment()?.strip_prefix("/builds/")?.parse().ok().filter(|n| *n != id)
+    })
+    .await;
+    let r = m.build(again);
+    assert_eq!((r["builder"].as_str(), r["commit"].as_str()), (b["builder"].as_str(), b["commit"].as_str()));
+    std::fs::write(&gate, "open").expect("open the gate");
+    assert_eq!(m.finished(again, T)["result"], "SUCCESS");
+    until_js(&c, T, "the rebuild's page to show it green", "return document.getElementById('view').dataset.result === 'SUCCESS'").await;
+    c.close().await.expect("close the browser");
+}
+
+/// Serves only the UI (no API) in-process, for pages that need no master.
+async fn ui_only() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, rbb_master::ui::router::<()>()).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grid_of_1000_builders_by_50_commits_renders_quickly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = ui_only().await;
+    let driver = Driver::start(dir.path());
+    let c = driver.browser(dir.path()).await;
+    let mut figures = Vec::new();
+    for run in 1..=3 {
+        c.goto(&format!("{base}/#/grid?synthetic=1000x50&run={run}")).await.expect("open the synthetic grid");
+        let r = until(&c, T, "the synthetic grid to render", || async {
+            let v = js(&c, "return window.rbbGridRender ?? null").await;
+            (!v.is_null()).then_some(v)
+        })
+        .await;
+        let cells = js(&c, "return document.querySelectorAll('table.grid td > a').length").await;
+        assert_eq!(cells, 50_000, "every cell of the synthetic grid is a link to its build");
+        let ms = r["ms"].as_f64().expect("ms");
+        let paint = r["paintMs"].as_f64().expect("paintMs");
+        let phase = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        eprintln!(
+            "run {run}: 1000 builders × 50 commits: rendered in {ms:.0} ms (HTML string {:.0} ms, DOM {:.0} ms, layout {:.0} ms), painted after {paint:.0} ms",
+            phase("htmlMs"),
+            phase("domMs"),
+            phase("layoutMs")
+        );
+        figures.push((ms, paint));
+        if run == 1 {
+            screenshot(&c, "grid-synthetic.png").await;
+        }
+    }
+    // A generous bound: a figure, not a timing test.
+    let worst = figures.iter().map(|f| f.0).fold(0.0, f64::max);
+    assert!(worst < 5000.0, "rendering 50,000 cells took {worst:.0} ms");
+
+    // The filter re-renders from the same data; a group collapses without re-rendering.
+    let filter = element(&c, "#grid-filter").await;
+    filter.send_keys("builder-0042").await.expect("type a filter");
+    until_js(&c, T, "the filter to apply", "return document.querySelectorAll('tr[data-b]').length === 1").await;
+    filter.clear().await.expect("clear");
+    filter.send_keys("nightly").await.expect("filter by tag");
+    until_js(&c, T, "the tag filter", "return document.querySelectorAll('tr[data-b]').length === 143").await;
+    let toggle = element(&c, "button[data-toggle='repo-000']").await;
+    toggle.click().await.expect("collapse a repository");
+    until_js(&c, T, "repo-000 to collapse", "return document.querySelector(\"div.chunk[data-repo='repo-000']\").classList.contains('collapsed')").await;
+    js(&c, "localStorage.clear(); return null").await;
+    c.close().await.expect("close the browser");
+}

@@ -1,0 +1,214 @@
+// The build page: what ran (builder, commit, branch, worker, times), its steps, Stop and
+// Rebuild, why it ran (reason and changes; the cache explanation will go there), and the log
+// viewer for the selected step. Live: `build` and `step` events re-read the build, `log`
+// events grow the followed log.
+
+import { coalesce, enc, get, post } from './api.js';
+import { flash } from './flash.js';
+import { LogView } from './logview.js';
+import { badge, duration, errorBox, esc, firstLine, short, span, statusClass, when } from './view.js';
+
+export const name = 'build';
+
+/** The step to show when none is chosen: the running one, else the first that failed, else the last with a log. */
+function defaultStep(b) {
+  const steps = b.steps || [];
+  const running = steps.find((s) => s.state === 'running');
+  if (running) return running.number;
+  const bad = steps.find((s) => s.state === 'finished' && ['FAILURE', 'EXCEPTION'].includes(s.result));
+  if (bad) return bad.number;
+  const withLog = steps.filter((s) => s.log_id != null);
+  if (withLog.length) return withLog[withLog.length - 1].number;
+  return steps.length ? steps[0].number : null;
+}
+
+/** A duration from `start` to `end`; while `end` is unset it counts up (the page timer updates `.tick`). */
+function tick(start, end) {
+  if (end) return esc(duration(end - start));
+  return `<span class="tick" data-from="${start}">${esc(span(start, null))}</span>`;
+}
+
+function stepsHtml(b, selected) {
+  if (!b.steps || !b.steps.length) return '<p class="muted">No steps.</p>';
+  const rows = b.steps.map((s) => `
+    <tr class="${s.number === selected ? 'selected' : ''}" data-step="${s.number}">
+      <td class="num">${s.number}</td>
+      <td><a href="#/builds/${b.id}?step=${s.number}">${esc(s.name)}</a></td>
+      <td>${badge(s)}</td>
+      <td class="num">${s.started_at ? tick(s.started_at, s.finished_at) : ''}</td>
+      <td class="num">${s.exit_code == null ? '' : esc(s.exit_code)}</td>
+      <td class="reason">${esc(s.reason || '')}</td>
+    </tr>`).join('');
+  return `<table class="list steps"><thead><tr><th class="num">#</th><th>step</th><th>result</th><th class="num">took</th><th class="num">exit</th><th>why</th></tr></thead><tbody>${rows}</tbody></table>`;
+}
+
+/** The build's facts (the buttons above them stay put, so a click never lands on a replaced node). */
+function factsHtml(b) {
+  const waited = b.started_at ? esc(duration(b.started_at - b.submitted_at)) : (b.state === 'pending' ? tick(b.submitted_at, null) : '');
+  const ran = b.started_at ? tick(b.started_at, b.finished_at) : '';
+  return `
+      <dt>builder</dt><dd><a href="#/builders/${esc(enc(b.builder))}">${esc(b.builder)}</a></dd>
+      <dt>commit</dt><dd><code title="${esc(b.commit)}">${esc(short(b.commit))}</code> on <b>${esc(b.branch)}</b> of ${esc(b.repo)}</dd>
+      <dt>result</dt><dd class="${statusClass(b)}-text">${esc(b.state === 'finished' ? (b.result || 'finished') : b.state)}${b.result_reason ? ' — ' + esc(b.result_reason) : ''}</dd>
+      <dt>reason</dt><dd>${esc(b.reason)}</dd>
+      <dt>worker</dt><dd>${b.worker ? esc(b.worker) : '<span class="muted">none yet</span>'}</dd>
+      <dt>submitted</dt><dd>${esc(when(b.submitted_at))}${waited ? ` <span class="muted">(waited ${waited})</span>` : ''}</dd>
+      <dt>ran</dt><dd>${b.started_at ? esc(when(b.started_at)) + ` <span class="muted">(${ran})</span>` : '<span class="muted">not started</span>'}</dd>
+      <dt>plan</dt><dd><code title="${esc(b.plan_hash)}">${esc(String(b.plan_hash || '').slice(0, 19))}</code>${b.pipeline_blob ? ` <span class="muted">pipeline blob ${esc(short(b.pipeline_blob))}</span>` : ''}</dd>
+      ${b.waits_for && b.waits_for.length ? `<dt>needs</dt><dd>${b.waits_for.map((w) => `<a href="#/builds/${w}">build ${w}</a>`).join(', ')}</dd>` : ''}`;
+}
+
+function whyHtml(b, changes) {
+  const list = changes === null
+    ? '<p class="muted">Loading changes…</p>'
+    : changes.length
+      ? `<ul class="changes">${changes.map((c) => `<li><code>${esc(short(c.commit))}</code> ${esc(firstLine(c.message))} <span class="muted">— ${esc(c.author)}, ${esc(c.branch)}, ${esc(c.event)} via ${esc(c.source)}</span>${c.files && c.files.length ? `<div class="files muted">${c.files.slice(0, 20).map(esc).join(' ')}${c.files.length > 20 ? ` … ${c.files.length - 20} more` : ''}</div>` : ''}</li>`).join('')}</ul>`
+      : '<p class="muted">No recorded changes (forced, rebuilt or scheduled).</p>';
+  return `
+    <h2>Why did this run?</h2>
+    <p><b>${esc(b.reason)}</b>${b.result_reason ? ` · result: ${esc(b.result_reason)}` : ''}</p>
+    ${list}
+    <label class="why-cache">Cache explanation (which inputs of the cache key changed since the last run) — not reported by the master yet
+      <textarea readonly rows="3" placeholder="When the master reports cache key manifests, the differences from the previous run of each step will be shown here."></textarea>
+    </label>`;
+}
+
+export function mount(view, { params, query, ctx }) {
+  const id = Number(params[0]);
+  let build = null;
+  let changes = null;
+  let selected = query.has('step') ? Number(query.get('step')) : null;
+
+  view.innerHTML = `
+    <div class="page-head">
+      <h1 id="build-title">Build ${id}</h1>
+      <span class="spacer"></span>
+      <button type="button" id="btn-stop" class="danger" disabled>Stop</button>
+      <button type="button" id="btn-rebuild" disabled>Rebuild</button>
+    </div>
+    <div id="build-error"></div>
+    <dl class="facts wide" id="build-facts"><dd class="muted">Loading build ${id}…</dd></dl>
+    <div class="cols">
+      <section id="build-steps" class="panel"></section>
+      <section id="build-why" class="panel why"></section>
+    </div>
+    <section id="build-log" class="panel logview"></section>`;
+  const title = view.querySelector('#build-title');
+  const facts = view.querySelector('#build-facts');
+  const errorEl = view.querySelector('#build-error');
+  const stopBtn = view.querySelector('#btn-stop');
+  const rebuildBtn = view.querySelector('#btn-rebuild');
+  let stopping = false; // a stop was requested: keep the button off
+  const stepsEl = view.querySelector('#build-steps');
+  const whyEl = view.querySelector('#build-why');
+  const log = new LogView(view.querySelector('#build-log'), ctx);
+
+  function current() {
+    return selected ?? (build ? defaultStep(build) : null);
+  }
+
+  function showLog() {
+    const step = build && (build.steps || []).find((s) => s.number === current());
+    log.show(step || null);
+  }
+
+  async function loadChanges(b) {
+    const ids = (b.changes || []).slice(0, 10);
+    if (!ids.length) { changes = []; return; }
+    // One filtered request per change (usually one); filtered again here in case the
+    // server ignores the filter.
+    const lists = await Promise.all(ids.map((c) => get(`/api/v2/changes?id=${c}`, ctx.signal).catch(() => ({ changes: [] }))));
+    const want = new Set(ids);
+    const seen = new Set();
+    changes = lists.flatMap((l) => l.changes || []).filter((c) => want.has(c.id) && !seen.has(c.id) && seen.add(c.id));
+  }
+
+  let loads = 0; // the newest read wins when several overlap
+  async function load(first) {
+    const mine = ++loads;
+    try {
+      const b = await get(`/api/v2/builds/${id}`, ctx.signal);
+      if (!ctx.alive || mine !== loads) return;
+      const before = build;
+      build = b;
+      title.innerHTML = `Build ${b.id} ${badge(b)}`;
+      facts.innerHTML = factsHtml(b);
+      errorEl.innerHTML = '';
+      stopBtn.disabled = stopping || b.state === 'finished';
+      rebuildBtn.disabled = false;
+      stepsEl.innerHTML = stepsHtml(b, current());
+      view.dataset.state = b.state;
+      view.dataset.result = b.result || '';
+      if (first) {
+        whyEl.innerHTML = whyHtml(b, null);
+        await loadChanges(b);
+        if (!ctx.alive) return;
+        whyEl.innerHTML = whyHtml(b, changes);
+        showLog();
+      } else {
+        whyEl.querySelector('p').innerHTML = `<b>${esc(b.reason)}</b>${b.result_reason ? ` · result: ${esc(b.result_reason)}` : ''}`;
+        const step = (b.steps || []).find((s) => s.number === current());
+        const old = before && (before.steps || []).find((s) => s.number === current());
+        // The shown step changed log (it started), or no step was chosen and another runs now.
+        if (step && (!old || old.log_id !== step.log_id || (selected == null && log.id !== step.log_id))) showLog();
+        else log.stepChanged(step);
+      }
+    } catch (e) {
+      if (e.name === 'AbortError') return;
+      errorEl.innerHTML = errorBox(e);
+    }
+  }
+
+  view.addEventListener('click', async (ev) => {
+    const btn = ev.target.closest('button');
+    if (!btn || !build) return;
+    if (btn.id === 'btn-stop') {
+      btn.disabled = true;
+      stopping = true;
+      try {
+        await post(`/api/v2/builds/${id}/stop`);
+        flash(`Stop requested for build ${id}.`);
+      } catch (e) {
+        flash(e.message, 'error');
+        stopping = false;
+        btn.disabled = build.state === 'finished';
+      }
+    } else if (btn.id === 'btn-rebuild') {
+      btn.disabled = true;
+      try {
+        const r = await post(`/api/v2/builds/${id}/rebuild`);
+        flash(`Build ${r.build} submitted (rebuild of ${id}).`);
+        location.hash = `#/builds/${r.build}`;
+      } catch (e) {
+        flash(e.message, 'error');
+        btn.disabled = false;
+      }
+    }
+  });
+  // A click on a step row (outside its link) selects it too.
+  stepsEl.addEventListener('click', (ev) => {
+    const tr = ev.target.closest('tr[data-step]');
+    if (tr && !ev.target.closest('a')) location.hash = `#/builds/${id}?step=${tr.dataset.step}`;
+  });
+
+  const reload = coalesce(() => load(false), 250);
+  ctx.on('build', (ev) => { if (ev.id === id) reload(); });
+  ctx.on('step', (ev) => { if (ev.build === id) reload(); });
+  ctx.on('log', (ev) => { if (ev.id === log.id) log.grow(ev.bytes); });
+  ctx.on('resync', () => reload());
+  // Running durations count up.
+  ctx.every(1000, () => {
+    for (const el of view.querySelectorAll('.tick')) el.textContent = span(Number(el.dataset.from), null);
+  });
+  ctx.onLeave(() => reload.cancel());
+  load(true);
+
+  return {
+    update(q) {
+      selected = q.has('step') ? Number(q.get('step')) : null;
+      if (!build) return;
+      stepsEl.innerHTML = stepsHtml(build, current());
+      showLog();
+    },
+  };
+}
