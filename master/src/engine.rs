@@ -480,17 +480,7 @@ impl Engine {
             .steps
             .iter()
             .enumerate()
-            .map(|(i, s)| StepRecord {
-                number: i as u32,
-                name: s.name.clone(),
-                state: State::Pending,
-                result: None,
-                reason: String::new(),
-                exit_code: None,
-                started_at: None,
-                finished_at: None,
-                log_id: None,
-            })
+            .map(|(i, s)| StepRecord::pending(i as u32, &s.name))
             .collect();
         let source = plan.repos.iter().find(|r| r.name == pb.repo);
         st.builds.insert(
@@ -1123,17 +1113,7 @@ impl Engine {
             nb.finished_at = None;
             nb.waits_for = Vec::new();
             for s in &mut nb.steps {
-                *s = StepRecord {
-                    number: s.number,
-                    name: s.name.clone(),
-                    state: State::Pending,
-                    result: None,
-                    reason: String::new(),
-                    exit_code: None,
-                    started_at: None,
-                    finished_at: None,
-                    log_id: None,
-                };
+                *s = StepRecord::pending(s.number, &s.name);
             }
             // Builds waiting for the lost one wait for its retry instead.
             let mut touched = vec![new_id];

@@ -60,6 +60,23 @@ pub struct StepRecord {
     pub log_id: Option<u64>,
 }
 
+impl StepRecord {
+    /// A step that has not run yet.
+    pub fn pending(number: u32, name: &str) -> StepRecord {
+        StepRecord {
+            number,
+            name: name.to_owned(),
+            state: State::Pending,
+            result: None,
+            reason: String::new(),
+            exit_code: None,
+            started_at: None,
+            finished_at: None,
+            log_id: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LogRecord {
     pub id: u64,

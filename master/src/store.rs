@@ -34,6 +34,9 @@ pub enum StoreError {
     Corrupt { table: &'static str, key: u64, message: String },
 }
 
+/// A table of JSON records keyed by id, with its name for error messages.
+type Table = (TableDefinition<'static, u64, &'static [u8]>, &'static str);
+
 fn db<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(Box::new(e.into()))
 }
@@ -86,22 +89,21 @@ impl Store {
         txn.commit().map_err(db)
     }
 
-    pub fn put_build(&self, b: &BuildRecord, sync: Sync) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(b).map_err(|e| StoreError::Corrupt { table: "builds", key: b.id, message: e.to_string() })?;
-        self.write(sync, |txn| {
-            txn.open_table(BUILDS).map_err(db)?.insert(b.id, bytes.as_slice()).map_err(db)?;
-            Ok(())
-        })
-    }
-
-    /// Writes several builds in one transaction.
-    pub fn put_builds<'a>(&self, builds: impl IntoIterator<Item = &'a BuildRecord>, sync: Sync) -> Result<(), StoreError> {
-        let encoded: Vec<(u64, Vec<u8>)> = builds
+    /// Writes JSON records keyed by id into `table`, in one transaction.
+    fn put_all<'a, T: serde::Serialize + 'a>(
+        &self,
+        (table, name): Table,
+        records: impl IntoIterator<Item = (u64, &'a T)>,
+        sync: Sync,
+    ) -> Result<(), StoreError> {
+        let encoded: Vec<(u64, Vec<u8>)> = records
             .into_iter()
-            .map(|b| serde_json::to_vec(b).map(|v| (b.id, v)).map_err(|e| StoreError::Corrupt { table: "builds", key: b.id, message: e.to_string() }))
+            .map(|(id, r)| {
+                serde_json::to_vec(r).map(|v| (id, v)).map_err(|e| StoreError::Corrupt { table: name, key: id, message: e.to_string() })
+            })
             .collect::<Result<_, _>>()?;
         self.write(sync, |txn| {
-            let mut t = txn.open_table(BUILDS).map_err(db)?;
+            let mut t = txn.open_table(table).map_err(db)?;
             for (id, bytes) in &encoded {
                 t.insert(*id, bytes.as_slice()).map_err(db)?;
             }
@@ -109,45 +111,40 @@ impl Store {
         })
     }
 
-    pub fn builds(&self) -> Result<Vec<BuildRecord>, StoreError> {
+    /// Every JSON record of `table`, in key order.
+    fn all<T: serde::de::DeserializeOwned>(&self, (table, name): Table) -> Result<Vec<T>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(BUILDS).map_err(db)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            let rec: BuildRecord = serde_json::from_slice(v.value())
-                .map_err(|e| StoreError::Corrupt { table: "builds", key: k.value(), message: e.to_string() })?;
-            out.push(rec);
-        }
-        Ok(out)
-    }
-
-    pub fn put_changes(&self, changes: &[ChangeRecord]) -> Result<(), StoreError> {
-        let encoded: Vec<(u64, Vec<u8>)> = changes
-            .iter()
-            .map(|c| serde_json::to_vec(c).map(|v| (c.id, v)).map_err(|e| StoreError::Corrupt { table: "changes", key: c.id, message: e.to_string() }))
-            .collect::<Result<_, _>>()?;
-        self.write(Sync::Durable, |txn| {
-            let mut t = txn.open_table(CHANGES).map_err(db)?;
-            for (id, bytes) in &encoded {
-                t.insert(*id, bytes.as_slice()).map_err(db)?;
-            }
-            Ok(())
-        })
-    }
-
-    pub fn changes(&self) -> Result<Vec<ChangeRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(CHANGES).map_err(db)?;
+        let t = txn.open_table(table).map_err(db)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(db)? {
             let (k, v) = row.map_err(db)?;
             out.push(
                 serde_json::from_slice(v.value())
-                    .map_err(|e| StoreError::Corrupt { table: "changes", key: k.value(), message: e.to_string() })?,
+                    .map_err(|e| StoreError::Corrupt { table: name, key: k.value(), message: e.to_string() })?,
             );
         }
         Ok(out)
+    }
+
+    pub fn put_build(&self, b: &BuildRecord, sync: Sync) -> Result<(), StoreError> {
+        self.put_all((BUILDS, "builds"), [(b.id, b)], sync)
+    }
+
+    /// Writes several builds in one transaction.
+    pub fn put_builds<'a>(&self, builds: impl IntoIterator<Item = &'a BuildRecord>, sync: Sync) -> Result<(), StoreError> {
+        self.put_all((BUILDS, "builds"), builds.into_iter().map(|b| (b.id, b)), sync)
+    }
+
+    pub fn builds(&self) -> Result<Vec<BuildRecord>, StoreError> {
+        self.all((BUILDS, "builds"))
+    }
+
+    pub fn put_changes(&self, changes: &[ChangeRecord]) -> Result<(), StoreError> {
+        self.put_all((CHANGES, "changes"), changes.iter().map(|c| (c.id, c)), Sync::Durable)
+    }
+
+    pub fn changes(&self) -> Result<Vec<ChangeRecord>, StoreError> {
+        self.all((CHANGES, "changes"))
     }
 
     pub fn put_schedule(&self, key: &str, rec: &ScheduleRecord) -> Result<(), StoreError> {
@@ -193,23 +190,10 @@ impl Store {
     }
 
     pub fn put_log(&self, l: &LogRecord, sync: Sync) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(l).map_err(|e| StoreError::Corrupt { table: "logs", key: l.id, message: e.to_string() })?;
-        self.write(sync, |txn| {
-            txn.open_table(LOGS).map_err(db)?.insert(l.id, bytes.as_slice()).map_err(db)?;
-            Ok(())
-        })
+        self.put_all((LOGS, "logs"), [(l.id, l)], sync)
     }
 
     pub fn logs(&self) -> Result<Vec<LogRecord>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(LOGS).map_err(db)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            let rec: LogRecord = serde_json::from_slice(v.value())
-                .map_err(|e| StoreError::Corrupt { table: "logs", key: k.value(), message: e.to_string() })?;
-            out.push(rec);
-        }
-        Ok(out)
+        self.all((LOGS, "logs"))
     }
 }
