@@ -98,6 +98,8 @@ struct Running {
 pub struct ChildEvaluator {
     program: PathBuf,
     args: Vec<String>,
+    /// The child's whole environment (it starts from an empty one).
+    env: Vec<(String, String)>,
     limits: Limits,
     running: Mutex<Option<Running>>,
 }
@@ -110,7 +112,7 @@ impl std::fmt::Debug for ChildEvaluator {
 
 impl ChildEvaluator {
     pub fn new(program: impl Into<PathBuf>, limits: Limits) -> ChildEvaluator {
-        ChildEvaluator { program: program.into(), args: Vec::new(), limits, running: Mutex::new(None) }
+        ChildEvaluator { program: program.into(), args: Vec::new(), env: Vec::new(), limits, running: Mutex::new(None) }
     }
 
     /// Runs the current executable with `args` as the runner (for programs that embed
@@ -120,9 +122,16 @@ impl ChildEvaluator {
         ChildEvaluator {
             program,
             args: args.iter().map(|a| (*a).to_owned()).collect(),
+            env: Vec::new(),
             limits,
             running: Mutex::new(None),
         }
+    }
+
+    /// Sets a variable in the runner's (otherwise empty) environment.
+    pub fn env(mut self, key: &str, value: &str) -> ChildEvaluator {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     fn spawn(&self) -> Result<Running, SnippetError> {
@@ -136,6 +145,7 @@ impl ChildEvaluator {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .map_err(|e| SnippetError::Runner {
                 message: format!("cannot start snippet runner {}: {e}", self.program.display()),

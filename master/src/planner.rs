@@ -47,9 +47,9 @@ impl Planner {
         }
     }
 
-    /// An evaluator for tests and tools that run snippets in `rbb snippet-runner`.
+    /// An evaluator that runs snippets in `rbb snippet-runner`.
     pub fn default_evaluator() -> ChildEvaluator {
-        ChildEvaluator::current_exe_with(&["snippet-runner"], Limits::default())
+        snippet_evaluator(Limits::default())
     }
 
     fn source_at(&self, repo: &PlanRepo, rev: &str) -> Result<Option<Source>, String> {
@@ -130,6 +130,13 @@ impl Planner {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, out.clone());
         out
     }
+}
+
+/// Runs snippets in this executable (`rbb snippet-runner`). rbb uses mimalloc, whose default
+/// 1 GiB arena reservation would not fit under the runner's address-space limit: the runner
+/// reserves small arenas instead.
+pub fn snippet_evaluator(limits: Limits) -> ChildEvaluator {
+    ChildEvaluator::current_exe_with(&["snippet-runner"], limits).env("MIMALLOC_ARENA_RESERVE", "16MiB")
 }
 
 /// `plan` with its repositories' commits and blob ids taken from `sources`.

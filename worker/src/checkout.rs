@@ -183,7 +183,10 @@ pub async fn checkout(
         &["checkout", "--quiet", "--force", "--detach", commit, "--"],
     )
     .await?;
-    git.ok(&dir, &["clean", "-ffdx"]).await?;
+    // A fresh clone has nothing untracked to remove.
+    if reused {
+        git.ok(&dir, &["clean", "-ffdx"]).await?;
+    }
     Ok(dir)
 }
 
