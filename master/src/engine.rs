@@ -324,6 +324,24 @@ impl Engine {
                 labels: w.labels.iter().cloned().collect(),
                 max_steps: w.max_steps,
                 running: st.leases.values().filter(|l| l.worker == w.config.name).count() as u32,
+                current: {
+                    let mut cur: Vec<api::CurrentStep> = st
+                        .leases
+                        .values()
+                        .filter(|l| l.worker == w.config.name)
+                        .filter_map(|l| {
+                            let b = st.builds.get(&l.build)?;
+                            Some(api::CurrentStep {
+                                build: b.id,
+                                builder: b.builder.clone(),
+                                step: l.step,
+                                name: b.steps.get(l.step as usize).map(|s| s.name.clone()).unwrap_or_default(),
+                            })
+                        })
+                        .collect();
+                    cur.sort_by_key(|c| c.build);
+                    cur
+                },
                 platform: w.platform.clone(),
                 last_seen: w.last_seen_ms,
             })

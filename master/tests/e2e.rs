@@ -213,6 +213,9 @@ fn stopping_a_build_kills_the_whole_process_group() {
     wait_for(T, "the running step's output in its log", || m.get(&format!("/api/v2/logs/{log}/raw")).text().contains("started").then_some(()));
     assert_eq!(m.build(id)["state"], "running");
     assert_eq!(m.get(&format!("/api/v2/logs/{log}")).json()["complete"], false);
+    let w = m.get("/api/v2/workers").json();
+    assert_eq!(w["workers"][0]["current"][0]["build"], id, "{w}");
+    assert_eq!(w["workers"][0]["current"][0]["name"], "step-1");
     let r = m.post(&format!("/api/v2/builds/{id}/stop"), "");
     assert_eq!(r.status, 202, "{}", r.text());
     let b = m.finished(id, Duration::from_secs(20));

@@ -107,6 +107,9 @@ pub struct Worker {
     pub labels: Vec<String>,
     pub max_steps: u32,
     pub running: u32,
+    /// The steps it runs now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub current: Vec<CurrentStep>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<String>,
     /// Unix milliseconds of the last message, if it ever connected.
@@ -155,6 +158,15 @@ pub struct Change {
     pub pull_request: Option<u64>,
     /// Builds created for it.
     pub builds: Vec<u64>,
+}
+
+/// A step a worker is running.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CurrentStep {
+    pub build: u64,
+    pub builder: String,
+    pub step: u32,
+    pub name: String,
 }
 
 /// `POST /api/v2/builders/{id}/force`.

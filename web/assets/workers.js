@@ -20,12 +20,13 @@ export function mount(view, { ctx }) {
       const on = list.filter((w) => w.connected).length;
       count.textContent = `${on} of ${list.length} connected`;
       if (!list.length) { box.innerHTML = '<p class="muted">No workers are configured.</p>'; return; }
-      box.innerHTML = `<table class="list workers"><thead><tr><th></th><th>name</th><th>labels</th><th class="num">running</th><th>platform</th><th>last seen</th></tr></thead><tbody>${list.map((w) => `
+      box.innerHTML = `<table class="list workers"><thead><tr><th></th><th>name</th><th>labels</th><th class="num">running</th><th>current step</th><th>platform</th><th>last seen</th></tr></thead><tbody>${list.map((w) => `
         <tr data-worker="${esc(w.name)}" class="${w.connected ? 'on' : 'off'}">
           <td><span class="dot ${w.connected ? 'on' : 'off'}" title="${w.connected ? 'connected' : 'not connected'}"></span></td>
           <td><b>${esc(w.name)}</b></td>
           <td>${chips(w.labels) || '<span class="muted">none</span>'}</td>
           <td class="num"><span class="slots" style="--used:${w.max_steps ? Math.min(1, w.running / w.max_steps) : 0}"></span> ${w.running} / ${w.max_steps}</td>
+          <td>${(w.current || []).map((c) => `<a href="#/builds/${c.build}">${esc(c.builder)} · ${esc(c.name)}</a>`).join('<br>') || '<span class="muted">idle</span>'}</td>
           <td>${esc(w.platform || '')}</td>
           <td title="${esc(when(w.last_seen))}" class="ago" data-ms="${w.last_seen || ''}">${w.connected && !w.last_seen ? 'now' : esc(ago(w.last_seen))}</td>
         </tr>`).join('')}</tbody></table>`;
