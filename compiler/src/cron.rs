@@ -24,13 +24,8 @@ pub struct CronError {
     pub message: String,
 }
 
-const FIELDS: [(&str, u8, u8); 5] = [
-    ("minute", 0, 59),
-    ("hour", 0, 23),
-    ("day-of-month", 1, 31),
-    ("month", 1, 12),
-    ("day-of-week", 0, 7),
-];
+const FIELDS: [(&str, u8, u8); 5] =
+    [("minute", 0, 59), ("hour", 0, 23), ("day-of-month", 1, 31), ("month", 1, 12), ("day-of-week", 0, 7)];
 const MONTHS: [&str; 12] = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
 const DAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
 
@@ -131,9 +126,7 @@ fn value(text: &str, field: usize) -> Result<u8, String> {
     };
     let v = match named {
         Some(v) => v,
-        None => text
-            .parse::<u8>()
-            .map_err(|_| format!("{name}: `{text}` is not a number or a name"))?,
+        None => text.parse::<u8>().map_err(|_| format!("{name}: `{text}` is not a number or a name"))?,
     };
     if v < lo || v > hi {
         return Err(format!("{name}: {v} is out of range {lo}-{hi}"));

@@ -47,11 +47,7 @@ impl Diagnostic {
             Severity::Warning => "warning",
         };
         let _ = writeln!(out, "{level}[{}]: {}", self.code, self.message);
-        let repo = self
-            .repo
-            .as_deref()
-            .map(|r| format!(" (repository {r})"))
-            .unwrap_or_default();
+        let repo = self.repo.as_deref().map(|r| format!(" (repository {r})")).unwrap_or_default();
         if self.line > 0 {
             let _ = writeln!(out, "  --> {}:{}:{}{repo}", self.file, self.line, self.col);
         } else {
@@ -66,11 +62,7 @@ impl Diagnostic {
             let pad = " ".repeat(num.len());
             let shown: String = text.chars().take(160).collect();
             let caret_at = (self.col.max(1) as usize - 1).min(shown.chars().count());
-            let caret_pad: String = shown
-                .chars()
-                .take(caret_at)
-                .map(|c| if c == '\t' { '\t' } else { ' ' })
-                .collect();
+            let caret_pad: String = shown.chars().take(caret_at).map(|c| if c == '\t' { '\t' } else { ' ' }).collect();
             let _ = writeln!(out, " {pad} |");
             let _ = writeln!(out, " {num} | {shown}");
             let _ = writeln!(out, " {pad} | {caret_pad}^");
@@ -119,9 +111,7 @@ impl Diagnostics {
 
     /// Sorted by file, line, column, then message: the order a user reads them in.
     pub fn into_sorted(mut self) -> Vec<Diagnostic> {
-        self.items.sort_by(|a, b| {
-            (&a.file, a.line, a.col, &a.message).cmp(&(&b.file, b.line, b.col, &b.message))
-        });
+        self.items.sort_by(|a, b| (&a.file, a.line, a.col, &a.message).cmp(&(&b.file, b.line, b.col, &b.message)));
         self.items.dedup();
         self.items
     }
@@ -149,10 +139,9 @@ pub fn did_you_mean<'a>(wanted: &str, candidates: impl IntoIterator<Item = &'a s
     match close.as_slice() {
         [] => None,
         [one] => Some(format!("did you mean `{one}`?")),
-        many => Some(format!(
-            "did you mean {}?",
-            many.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(" or ")
-        )),
+        many => {
+            Some(format!("did you mean {}?", many.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(" or ")))
+        }
     }
 }
 

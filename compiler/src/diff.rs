@@ -74,13 +74,8 @@ fn list_change(name: &str, old: &[String], new: &[String]) -> Option<String> {
 }
 
 fn opt_change(name: &str, old: &Option<String>, new: &Option<String>) -> Option<String> {
-    (old != new).then(|| {
-        format!(
-            "{name}: {} → {}",
-            old.as_deref().unwrap_or("(none)"),
-            new.as_deref().unwrap_or("(none)")
-        )
-    })
+    (old != new)
+        .then(|| format!("{name}: {} → {}", old.as_deref().unwrap_or("(none)"), new.as_deref().unwrap_or("(none)")))
 }
 
 fn builder_change(o: &PlanBuilder, n: &PlanBuilder) -> BuilderChange {
@@ -133,8 +128,11 @@ fn step_change(o: &PlanStep, n: &PlanStep) -> Vec<String> {
     check("pass_env", o.pass_env != n.pass_env);
     check("workdir", o.workdir != n.workdir);
     check("timeout", o.timeout_secs != n.timeout_secs);
-    check("flags", (o.halt_on_failure, o.flunk_on_failure, o.warn_on_failure, o.always_run)
-        != (n.halt_on_failure, n.flunk_on_failure, n.warn_on_failure, n.always_run));
+    check(
+        "flags",
+        (o.halt_on_failure, o.flunk_on_failure, o.warn_on_failure, o.always_run)
+            != (n.halt_on_failure, n.flunk_on_failure, n.warn_on_failure, n.always_run),
+    );
     check("if", o.condition != n.condition);
     check("image", o.image != n.image);
     check("inputs", o.inputs != n.inputs);

@@ -27,9 +27,7 @@ pub fn parse_duration(text: &str) -> Result<u64, String> {
             'd' => 86_400,
             _ => return Err(format!("unexpected `{c}` in duration `{t}`")),
         };
-        let n: u64 = number
-            .parse()
-            .map_err(|_| format!("a number must come before `{c}` in duration `{t}`"))?;
+        let n: u64 = number.parse().map_err(|_| format!("a number must come before `{c}` in duration `{t}`"))?;
         total = total
             .checked_add(n.checked_mul(unit).ok_or_else(|| format!("duration `{t}` is too large"))?)
             .ok_or_else(|| format!("duration `{t}` is too large"))?;

@@ -34,7 +34,8 @@ pub enum GitError {
 
 /// Reads the pipeline file and the file list at `rev` (a branch, tag or commit id).
 pub fn read_pipeline(repo_path: &Path, rev: &str) -> Result<PipelineAtRev, GitError> {
-    let repo = gix::open(repo_path).map_err(|e| GitError::Open { path: repo_path.to_owned(), message: e.to_string() })?;
+    let repo =
+        gix::open(repo_path).map_err(|e| GitError::Open { path: repo_path.to_owned(), message: e.to_string() })?;
     let read_err = |what: &str, e: &dyn std::fmt::Display| GitError::Read {
         path: repo_path.to_owned(),
         rev: rev.to_owned(),
@@ -58,12 +59,8 @@ pub fn read_pipeline(repo_path: &Path, rev: &str) -> Result<PipelineAtRev, GitEr
     };
     let mut recorder = gix::traverse::tree::Recorder::default();
     tree.traverse().breadthfirst(&mut recorder).map_err(|e| read_err("file list", &e))?;
-    let mut files: Vec<String> = recorder
-        .records
-        .into_iter()
-        .filter(|e| !e.mode.is_tree())
-        .map(|e| e.filepath.to_string())
-        .collect();
+    let mut files: Vec<String> =
+        recorder.records.into_iter().filter(|e| !e.mode.is_tree()).map(|e| e.filepath.to_string()).collect();
     files.sort();
     Ok(PipelineAtRev { commit: id.to_string(), blob, text, files })
 }
@@ -137,7 +134,10 @@ pub fn load_config(path: &Path) -> Result<LoadedConfig, Vec<Diagnostic>> {
             return Err(vec![fix(ctx.diag(
                 "yaml-syntax",
                 Pos { line, col },
-                format!("YAML syntax error in the master config: {}", e.to_string().split(" at line ").next().unwrap_or("")),
+                format!(
+                    "YAML syntax error in the master config: {}",
+                    e.to_string().split(" at line ").next().unwrap_or("")
+                ),
                 Some("check the indentation and quoting around this position".into()),
             ))]);
         }

@@ -46,7 +46,13 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { max_matrix: 256, default_timeout_secs: 3600, worker_labels: None, other_repos_unknown: false, locks: None }
+        Options {
+            max_matrix: 256,
+            default_timeout_secs: 3600,
+            worker_labels: None,
+            other_repos_unknown: false,
+            locks: None,
+        }
     }
 }
 
@@ -78,7 +84,9 @@ pub fn compile(sources: &[Source], eval: &dyn snippet::Evaluator, opts: &Options
                 line: 0,
                 col: 0,
                 message: format!("invalid repository name `{}`", s.repo),
-                hint: Some("set `name:` for this repository in the master config (letters, digits, `.`, `_`, `-`)".into()),
+                hint: Some(
+                    "set `name:` for this repository in the master config (letters, digits, `.`, `_`, `-`)".into(),
+                ),
             });
         }
         if let Some(other) = seen_repos.insert(s.repo.clone(), s.file.clone()) {
@@ -103,10 +111,7 @@ pub fn compile(sources: &[Source], eval: &dyn snippet::Evaluator, opts: &Options
             .enumerate()
             .map(|(n, part)| scope.spawn(move || front_end(part, n * chunk, eval, opts)))
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-            .collect()
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
     });
     let mut lowered = Vec::new();
     let mut broken = std::collections::BTreeSet::new();

@@ -4,6 +4,7 @@
 //!
 //! `needs` stay unresolved names here; resolving them needs every repository ([`crate::merge`]).
 
+use crate::Options;
 use crate::condition;
 use crate::cron::Cron;
 use crate::diagnostic::{Diagnostics, did_you_mean, name_list};
@@ -11,7 +12,6 @@ use crate::duration::parse_duration;
 use crate::parse::{FileCtx, ParsedBuilder, json_kind, snippet_diag, valid_name};
 use crate::snippet::Evaluator;
 use crate::spans::{Pos, Seg, key};
-use crate::Options;
 use indexmap::IndexMap;
 use rbb_schema::pipeline::{BranchFilter, Matrix, Scalar};
 use rbb_schema::plan::{PlanBranchFilter, PlanBuilder, PlanSchedule, PlanStep, PlanTriggers, SourceLocation};
@@ -66,31 +66,41 @@ pub(crate) fn lower(
     for (i, step) in spec.steps.iter().enumerate() {
         let at = |k: &str| vec![key("steps"), Seg::Index(i), key(k)];
         if let Some(name) = &step.name
-            && !step_names.insert(name.clone()) {
-                diags.push(ctx.diag(
-                    "duplicate-step",
-                    b.pos(ctx, &at("name")),
-                    format!("{what} has two steps named `{name}`"),
-                    Some("step names are unique within a builder".into()),
-                ));
-            }
+            && !step_names.insert(name.clone())
+        {
+            diags.push(ctx.diag(
+                "duplicate-step",
+                b.pos(ctx, &at("name")),
+                format!("{what} has two steps named `{name}`"),
+                Some("step names are unique within a builder".into()),
+            ));
+        }
         if step.run.trim().is_empty() {
-            diags.push(ctx.diag("empty-run", b.pos(ctx, &at("run")), format!("step {} of {what} has an empty `run`", i + 1), None));
+            diags.push(ctx.diag(
+                "empty-run",
+                b.pos(ctx, &at("run")),
+                format!("step {} of {what} has an empty `run`", i + 1),
+                None,
+            ));
         }
         if let Some(cond) = &step.condition
-            && let Err(e) = condition::parse(cond) {
-                let p = b.pos(ctx, &at("if"));
-                let quoted = ctx.src.text.lines().nth(p.line.saturating_sub(1) as usize).and_then(|l| {
-                    l.chars().nth(p.col.saturating_sub(1) as usize).map(|c| c == '"' || c == '\'')
-                });
-                let shift = if quoted == Some(true) { 1 } else { 0 };
-                diags.push(ctx.diag(
-                    "bad-condition",
-                    Pos { line: p.line, col: p.col + shift + e.offset as u32 },
-                    format!("in the `if:` of step {} of {what}: {}", i + 1, e.message),
-                    Some("example: if: \"branch == 'main' && event != 'pull_request'\"".into()),
-                ));
-            }
+            && let Err(e) = condition::parse(cond)
+        {
+            let p = b.pos(ctx, &at("if"));
+            let quoted = ctx
+                .src
+                .text
+                .lines()
+                .nth(p.line.saturating_sub(1) as usize)
+                .and_then(|l| l.chars().nth(p.col.saturating_sub(1) as usize).map(|c| c == '"' || c == '\''));
+            let shift = if quoted == Some(true) { 1 } else { 0 };
+            diags.push(ctx.diag(
+                "bad-condition",
+                Pos { line: p.line, col: p.col + shift + e.offset as u32 },
+                format!("in the `if:` of step {} of {what}: {}", i + 1, e.message),
+                Some("example: if: \"branch == 'main' && event != 'pull_request'\"".into()),
+            ));
+        }
         for (k, _) in &step.env {
             check_env_name(ctx, b, &at("env"), k, diags);
         }
@@ -117,7 +127,9 @@ pub(crate) fn lower(
         .steps
         .iter()
         .enumerate()
-        .map(|(i, s)| s.timeout.as_ref().and_then(|t| duration(ctx, b, &[key("steps"), Seg::Index(i), key("timeout")], t, diags)))
+        .map(|(i, s)| {
+            s.timeout.as_ref().and_then(|t| duration(ctx, b, &[key("steps"), Seg::Index(i), key("timeout")], t, diags))
+        })
         .collect();
 
     if let Some(known) = &opts.locks {
@@ -127,8 +139,12 @@ pub(crate) fn lower(
                     "unknown-lock",
                     b.pos(ctx, &[key("locks"), Seg::Index(i), key("name")]),
                     format!("{what} takes lock `{}`, which the master config does not declare", l.name),
-                    did_you_mean(&l.name, known.iter().map(String::as_str))
-                        .or_else(|| Some(format!("declare it under `locks:` in the master config (declared: {})", name_list(known, 10)))),
+                    did_you_mean(&l.name, known.iter().map(String::as_str)).or_else(|| {
+                        Some(format!(
+                            "declare it under `locks:` in the master config (declared: {})",
+                            name_list(known, 10)
+                        ))
+                    }),
                 ));
             }
         }
@@ -142,30 +158,27 @@ pub(crate) fn lower(
         ));
     }
     if let Some(workers) = &opts.worker_labels
-        && !spec.labels.is_empty() && !workers.is_empty() {
-            let wanted: BTreeSet<&str> = spec.labels.iter().map(String::as_str).collect();
-            let any = workers.iter().any(|w| wanted.iter().all(|l| w.iter().any(|x| x == l)));
-            if !any && !spec.labels.iter().any(|l| l.contains("${{")) {
-                diags.push(ctx.warn(
-                    "no-capable-worker",
-                    b.pos(ctx, &[key("labels")]),
-                    format!("no configured worker has all labels of {what}: {}", spec.labels.join(", ")),
-                    Some("add the labels to a worker in the master config, or change `labels:`".into()),
-                ));
-            }
+        && !spec.labels.is_empty()
+        && !workers.is_empty()
+    {
+        let wanted: BTreeSet<&str> = spec.labels.iter().map(String::as_str).collect();
+        let any = workers.iter().any(|w| wanted.iter().all(|l| w.iter().any(|x| x == l)));
+        if !any && !spec.labels.iter().any(|l| l.contains("${{")) {
+            diags.push(ctx.warn(
+                "no-capable-worker",
+                b.pos(ctx, &[key("labels")]),
+                format!("no configured worker has all labels of {what}: {}", spec.labels.join(", ")),
+                Some("add the labels to a worker in the master config, or change `labels:`".into()),
+            ));
         }
+    }
 
     if diags.error_count() > errors_before {
         return Vec::new();
     }
 
-    let needs: Vec<(String, Pos)> = spec
-        .needs
-        .0
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.clone(), b.pos(ctx, &[key("needs"), Seg::Index(i)])))
-        .collect();
+    let needs: Vec<(String, Pos)> =
+        spec.needs.0.iter().enumerate().map(|(i, n)| (n.clone(), b.pos(ctx, &[key("needs"), Seg::Index(i)]))).collect();
 
     let mut out = Vec::new();
     let mut subst_errors = BTreeSet::new();
@@ -293,7 +306,12 @@ fn check_relative(ctx: &FileCtx, b: &ParsedBuilder, rel: &[Seg], path: Option<&s
 fn duration(ctx: &FileCtx, b: &ParsedBuilder, rel: &[Seg], v: &Scalar, diags: &mut Diagnostics) -> Option<u64> {
     match parse_duration(v.as_str()) {
         Ok(0) => {
-            diags.push(ctx.diag("bad-duration", b.pos(ctx, rel), "a timeout of 0 would stop every step at once".into(), Some("use e.g. `10m`".into())));
+            diags.push(ctx.diag(
+                "bad-duration",
+                b.pos(ctx, rel),
+                "a timeout of 0 would stop every step at once".into(),
+                Some("use e.g. `10m`".into()),
+            ));
             None
         }
         Ok(s) => Some(s),
@@ -345,7 +363,8 @@ fn lower_triggers(ctx: &FileCtx, b: &ParsedBuilder, diags: &mut Diagnostics) -> 
                     let offset: usize = s.cron.split_whitespace().take(field).map(|f| f.len() + 1).sum::<usize>()
                         + (s.cron.len() - s.cron.trim_start().len());
                     let line = ctx.src.text.lines().nth(pos.line.saturating_sub(1) as usize).unwrap_or("");
-                    let quoted = line.chars().nth(pos.col.saturating_sub(1) as usize).is_some_and(|c| c == '"' || c == '\'');
+                    let quoted =
+                        line.chars().nth(pos.col.saturating_sub(1) as usize).is_some_and(|c| c == '"' || c == '\'');
                     pos.col += offset as u32 + u32::from(quoted);
                 }
                 diags.push(ctx.diag(
@@ -443,7 +462,13 @@ fn expand_matrix(
                 let mut combos = Vec::new();
                 for (i, item) in items.iter().enumerate() {
                     let serde_json::Value::Object(obj) = item else {
-                        bad(diags, format!("the snippet of `matrix:` of {what} returned {} at [{i}], not a dict", json_kind(item)));
+                        bad(
+                            diags,
+                            format!(
+                                "the snippet of `matrix:` of {what} returned {} at [{i}], not a dict",
+                                json_kind(item)
+                            ),
+                        );
                         return None;
                     };
                     let mut combo = IndexMap::new();
@@ -453,7 +478,13 @@ fn expand_matrix(
                                 combo.insert(k.clone(), s);
                             }
                             None => {
-                                bad(diags, format!("the snippet of `matrix:` of {what} returned {} for `{k}` at [{i}]; values must be text, numbers or booleans", json_kind(v)));
+                                bad(
+                                    diags,
+                                    format!(
+                                        "the snippet of `matrix:` of {what} returned {} for `{k}` at [{i}]; values must be text, numbers or booleans",
+                                        json_kind(v)
+                                    ),
+                                );
                                 return None;
                             }
                         }
@@ -465,7 +496,13 @@ fn expand_matrix(
             serde_json::Value::Object(obj) => {
                 for (k, v) in obj {
                     let serde_json::Value::Array(vals) = v else {
-                        bad(diags, format!("the snippet of `matrix:` of {what} returned {} for axis `{k}`, not a list", json_kind(&v)));
+                        bad(
+                            diags,
+                            format!(
+                                "the snippet of `matrix:` of {what} returned {} for axis `{k}`, not a list",
+                                json_kind(&v)
+                            ),
+                        );
                         return None;
                     };
                     let mut out = Vec::new();
@@ -473,7 +510,13 @@ fn expand_matrix(
                         match json_scalar(v) {
                             Some(s) => out.push(s),
                             None => {
-                                bad(diags, format!("the snippet of `matrix:` of {what} returned {} in axis `{k}`", json_kind(v)));
+                                bad(
+                                    diags,
+                                    format!(
+                                        "the snippet of `matrix:` of {what} returned {} in axis `{k}`",
+                                        json_kind(v)
+                                    ),
+                                );
                                 return None;
                             }
                         }
@@ -491,7 +534,12 @@ fn expand_matrix(
     for (axis, values) in &axes {
         let apos = b.pos(ctx, &[key("matrix"), key(axis)]);
         if !valid_name(axis) || axis.contains('.') {
-            diags.push(ctx.diag("bad-name", apos, format!("invalid matrix axis name `{axis}` in {what}"), Some("use letters, digits, `_` and `-`".into())));
+            diags.push(ctx.diag(
+                "bad-name",
+                apos,
+                format!("invalid matrix axis name `{axis}` in {what}"),
+                Some("use letters, digits, `_` and `-`".into()),
+            ));
             return None;
         }
         if values.is_empty() {
@@ -517,16 +565,21 @@ fn expand_matrix(
             let total = axes.values().fold(1usize, |acc, v| acc.saturating_mul(v.len()));
             if total > opts.max_matrix {
                 let sizes: Vec<String> = axes.iter().map(|(k, v)| format!("{k}: {}", v.len())).collect();
-                diags.push(ctx.diag(
-                    "matrix-too-large",
-                    mpos,
-                    format!(
-                        "the matrix of {what} expands to {total} combinations ({}), more than the limit of {}",
-                        sizes.join(" × "),
-                        opts.max_matrix
+                diags.push(
+                    ctx.diag(
+                        "matrix-too-large",
+                        mpos,
+                        format!(
+                            "the matrix of {what} expands to {total} combinations ({}), more than the limit of {}",
+                            sizes.join(" × "),
+                            opts.max_matrix
+                        ),
+                        Some(
+                            "split the builder, trim an axis, or list only the combinations you need under `include:`"
+                                .into(),
+                        ),
                     ),
-                    Some("split the builder, trim an axis, or list only the combinations you need under `include:`".into()),
-                ));
+                );
                 return None;
             }
             let mut out = vec![IndexMap::new()];
@@ -552,12 +605,15 @@ fn expand_matrix(
     for (i, ex) in m.exclude.iter().enumerate() {
         for k in ex.keys() {
             if !axes.contains_key(k) {
-                diags.push(ctx.diag(
-                    "unknown-axis",
-                    b.pos(ctx, &[key("matrix"), key("exclude"), Seg::Index(i), key(k)]),
-                    format!("`exclude` names axis `{k}`, which the matrix of {what} does not have"),
-                    did_you_mean(k, axis_names.iter().copied()).or_else(|| Some(format!("axes: {}", name_list(&axis_names, 10)))),
-                ));
+                diags.push(
+                    ctx.diag(
+                        "unknown-axis",
+                        b.pos(ctx, &[key("matrix"), key("exclude"), Seg::Index(i), key(k)]),
+                        format!("`exclude` names axis `{k}`, which the matrix of {what} does not have"),
+                        did_you_mean(k, axis_names.iter().copied())
+                            .or_else(|| Some(format!("axes: {}", name_list(&axis_names, 10)))),
+                    ),
+                );
                 return None;
             }
         }
@@ -573,7 +629,11 @@ fn expand_matrix(
         diags.push(ctx.diag(
             "matrix-too-large",
             mpos,
-            format!("the matrix of {what} has {} combinations, more than the limit of {}", combos.len(), opts.max_matrix),
+            format!(
+                "the matrix of {what} has {} combinations, more than the limit of {}",
+                combos.len(),
+                opts.max_matrix
+            ),
             Some("split the builder or trim the list".into()),
         ));
         return None;

@@ -5,12 +5,12 @@
 //! topological order and the plan hash. The output is sorted, so the same inputs give
 //! byte-identical JSON whatever order the repositories came in.
 
+use crate::Options;
 use crate::cache_key;
 use crate::diagnostic::{Diagnostic, Diagnostics, Severity, did_you_mean, name_list};
 use crate::lower::Lowered;
 use crate::parse::Source;
 use crate::spans::Pos;
-use crate::Options;
 use petgraph::graph::{DiGraph, NodeIndex};
 use rbb_schema::plan::{PLAN_FORMAT, Plan, PlanRepo};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -74,7 +74,9 @@ pub(crate) fn merge(
             if targets.is_empty() && opts.other_repos_unknown && !repos.contains(repo) {
                 continue;
             }
-            if targets.is_empty() && broken.contains(&(repo.to_owned(), name.split('[').next().unwrap_or(name).to_owned())) {
+            if targets.is_empty()
+                && broken.contains(&(repo.to_owned(), name.split('[').next().unwrap_or(name).to_owned()))
+            {
                 // Needs a builder that has its own errors, already reported.
                 continue;
             }
@@ -92,8 +94,7 @@ pub(crate) fn merge(
                         }),
                     )
                 } else {
-                    let mut known: Vec<&str> =
-                        families.keys().filter(|(r, _)| *r == repo).map(|(_, n)| *n).collect();
+                    let mut known: Vec<&str> = families.keys().filter(|(r, _)| *r == repo).map(|(_, n)| *n).collect();
                     known.dedup();
                     let candidates = match did_you_mean(name, known.iter().copied()) {
                         Some(d) => format!("{d} builders in {repo}: {}", name_list(&known, 10)),
@@ -103,7 +104,10 @@ pub(crate) fn merge(
                         l,
                         *pos,
                         "needs-unknown",
-                        format!("builder `{}` needs `{raw}`, but repository `{repo}` has no builder `{name}`", l.builder.id),
+                        format!(
+                            "builder `{}` needs `{raw}`, but repository `{repo}` has no builder `{name}`",
+                            l.builder.id
+                        ),
                         Some(candidates),
                     )
                 };
@@ -162,10 +166,8 @@ pub(crate) fn merge(
     }
     for n in order {
         let i = graph[n];
-        let mut upstream: Vec<String> = graph
-            .neighbors_directed(n, petgraph::Direction::Incoming)
-            .map(|u| last_key[graph[u]].clone())
-            .collect();
+        let mut upstream: Vec<String> =
+            graph.neighbors_directed(n, petgraph::Direction::Incoming).map(|u| last_key[graph[u]].clone()).collect();
         upstream.sort();
         upstream.dedup();
         let builder = &mut lowered[i].builder;
@@ -221,7 +223,8 @@ fn spell_cycle(graph: &DiGraph<usize, Pos>, scc: &[NodeIndex]) -> Vec<usize> {
         visited: &mut BTreeSet<NodeIndex>,
     ) -> bool {
         let Some(&at) = path.last() else { return false };
-        let mut next: Vec<NodeIndex> = graph.neighbors_directed(at, petgraph::Direction::Incoming).filter(|n| members.contains(n)).collect();
+        let mut next: Vec<NodeIndex> =
+            graph.neighbors_directed(at, petgraph::Direction::Incoming).filter(|n| members.contains(n)).collect();
         next.sort_by_key(|n| graph[*n]);
         for n in next {
             if n == start {

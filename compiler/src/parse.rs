@@ -169,14 +169,15 @@ pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut 
     }
 
     if let Some(v) = top.get("version")
-        && v.as_u64() != Some(1) {
-            diags.push(ctx.diag(
-                "version",
-                ctx.spans.value(&[key("version")]),
-                format!("unsupported pipeline version {}", scalar_text(v)),
-                Some("this rbb reads `version: 1`".into()),
-            ));
-        }
+        && v.as_u64() != Some(1)
+    {
+        diags.push(ctx.diag(
+            "version",
+            ctx.spans.value(&[key("version")]),
+            format!("unsupported pipeline version {}", scalar_text(v)),
+            Some("this rbb reads `version: 1`".into()),
+        ));
+    }
 
     let templates = mapping_at(&ctx, &top, "templates", diags);
     let mut broken_templates = HashSet::new();
@@ -201,7 +202,12 @@ pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut 
     let mut seen = HashSet::new();
     for (name, bv) in &declared {
         let Some(name) = name.as_str() else {
-            diags.push(ctx.diag("wrong-type", ctx.spans.value(&[key("builders")]), "builder names must be strings".into(), None));
+            diags.push(ctx.diag(
+                "wrong-type",
+                ctx.spans.value(&[key("builders")]),
+                "builder names must be strings".into(),
+                None,
+            ));
             continue;
         };
         let base = vec![key("builders"), key(name)];
@@ -283,7 +289,10 @@ fn generate(
         diags.push(ctx.diag(
             "snippet-result",
             at,
-            format!("the snippet of `generate:` returned {}, not a mapping of builder name to builder", json_kind(&result)),
+            format!(
+                "the snippet of `generate:` returned {}, not a mapping of builder name to builder",
+                json_kind(&result)
+            ),
             Some("return a dict such as {\"test\": {\"steps\": [{\"run\": \"make test\"}]}}".into()),
         ));
         return;
@@ -312,7 +321,13 @@ fn generate(
         let Some(merged) = apply_extends(ctx, &bv, templates, &gen_path, &mut Vec::new(), diags) else {
             continue;
         };
-        match type_builder(ctx, merged, &base, Some(at), &format!("builder `{name}` returned by the snippet of `generate:`")) {
+        match type_builder(
+            ctx,
+            merged,
+            &base,
+            Some(at),
+            &format!("builder `{name}` returned by the snippet of `generate:`"),
+        ) {
             Ok(spec) => builders.push(ParsedBuilder { name, spec, base, generated_at: Some(at) }),
             Err(d) => diags.push(d),
         }
@@ -391,7 +406,12 @@ fn apply_extends(
             let hint = did_you_mean(&name, known.iter().copied())
                 .map(|d| format!("{d} templates: {}", name_list(&known, 10)))
                 .unwrap_or_else(|| format!("templates in this file: {}", name_list(&known, 10)));
-            diags.push(ctx.diag("unknown-template", ctx.spans.value(&ext_path), format!("no template named `{name}`"), Some(hint)));
+            diags.push(ctx.diag(
+                "unknown-template",
+                ctx.spans.value(&ext_path),
+                format!("no template named `{name}`"),
+                Some(hint),
+            ));
             return None;
         };
         if chain.contains(&name) {
@@ -513,7 +533,12 @@ pub(crate) fn type_diag(
             "a whole number" => Some("write a number without quotes, e.g. `10`".to_owned()),
             _ => None,
         };
-        return ctx.diag("wrong-type", pos_of(&path), format!("{place} must be {expected}, found {}", yaml_words(found)), hint);
+        return ctx.diag(
+            "wrong-type",
+            pos_of(&path),
+            format!("{place} must be {expected}, found {}", yaml_words(found)),
+            hint,
+        );
     }
     if inner.starts_with("invalid value") {
         return ctx.diag("wrong-type", pos_of(&path), format!("{place}: {inner}"), None);
@@ -604,12 +629,9 @@ pub(crate) fn snippet_diag(ctx: &FileCtx, code_path: &Path, err: &SnippetError, 
             },
             Some("snippets get little memory; build smaller values".into()),
         ),
-        SnippetError::Runner { message } => ctx.diag(
-            "snippet-runner",
-            block,
-            format!("cannot evaluate the snippet of {what}: {message}"),
-            None,
-        ),
+        SnippetError::Runner { message } => {
+            ctx.diag("snippet-runner", block, format!("cannot evaluate the snippet of {what}: {message}"), None)
+        }
     }
 }
 

@@ -81,9 +81,10 @@ fn builder(out: &mut String, b: &PlanBuilder) {
             flags.push(format!("in {w}"));
         }
         if s.image != b.image
-            && let Some(img) = &s.image {
-                flags.push(format!("image {img}"));
-            }
+            && let Some(img) = &s.image
+        {
+            flags.push(format!("image {img}"));
+        }
         if !s.env.is_empty() {
             let keys: Vec<&str> = s.env.keys().map(String::as_str).collect();
             flags.push(format!("env {}", keys.join(",")));
@@ -137,14 +138,24 @@ pub fn triggers(t: &PlanTriggers) -> String {
 pub fn dot(plan: &Plan) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "digraph rbb {{");
-    let _ = writeln!(out, "  graph [rankdir=LR, fontname=\"sans-serif\", label={}];", quote(&format!("plan {}", short(&plan.hash))));
-    let _ = writeln!(out, "  node [shape=box, style=\"rounded,filled\", fillcolor=\"#eef3fb\", fontname=\"sans-serif\"];");
+    let _ = writeln!(
+        out,
+        "  graph [rankdir=LR, fontname=\"sans-serif\", label={}];",
+        quote(&format!("plan {}", short(&plan.hash)))
+    );
+    let _ =
+        writeln!(out, "  node [shape=box, style=\"rounded,filled\", fillcolor=\"#eef3fb\", fontname=\"sans-serif\"];");
     for (i, repo) in plan.repos.iter().enumerate() {
         let _ = writeln!(out, "  subgraph cluster_{i} {{");
         let _ = writeln!(out, "    label={};", quote(&repo.name));
         let _ = writeln!(out, "    style=rounded; color=\"#8899aa\";");
         for b in plan.builders.iter().filter(|b| b.repo == repo.name) {
-            let label = format!("{}\n{} step{}", b.id.split_once('/').map(|(_, n)| n).unwrap_or(&b.id), b.steps.len(), if b.steps.len() == 1 { "" } else { "s" });
+            let label = format!(
+                "{}\n{} step{}",
+                b.id.split_once('/').map(|(_, n)| n).unwrap_or(&b.id),
+                b.steps.len(),
+                if b.steps.len() == 1 { "" } else { "s" }
+            );
             let _ = writeln!(out, "    {} [label={}];", quote(&b.id), quote(&label));
         }
         let _ = writeln!(out, "  }}");

@@ -240,11 +240,7 @@ fn serve() -> i32 {
 }
 
 fn evaluate(vm: &VirtualMachine, run: &PyObjectRef, req: Request) -> Response {
-    let fail = |message: String| Response {
-        id: req.id,
-        value: None,
-        error: Some(SnippetError::Runner { message }),
-    };
+    let fail = |message: String| Response { id: req.id, value: None, error: Some(SnippetError::Runner { message }) };
     let ctx = match py_serde::deserialize(vm, req.ctx.clone()) {
         Ok(ctx) => ctx,
         Err(e) => return fail(format!("cannot pass ctx: {e}")),

@@ -211,10 +211,11 @@ impl Evaluator for ChildEvaluator {
                 err,
                 SnippetError::Timeout { .. } | SnippetError::OutOfMemory { .. } | SnippetError::Runner { .. }
             )
-                && let Some(mut dead) = guard.take() {
-                    let _ = dead.child.kill();
-                    let _ = dead.child.wait();
-                }
+            && let Some(mut dead) = guard.take()
+        {
+            let _ = dead.child.kill();
+            let _ = dead.child.wait();
+        }
         outcome
     }
 }

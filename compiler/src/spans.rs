@@ -179,9 +179,10 @@ impl SpanIndex {
                     if !*seen_key {
                         *seen_key = true;
                         if let Some(start) = self.values.get_mut(path)
-                            && (pos.line, pos.col) < (start.line, start.col) {
-                                *start = pos;
-                            }
+                            && (pos.line, pos.col) < (start.line, start.col)
+                        {
+                            *start = pos;
+                        }
                     }
                     // The hash includes the mapping's own path: a repeat is a duplicate key.
                     if let std::collections::hash_map::Entry::Vacant(e) = self.keys.entry(p) {

@@ -52,9 +52,9 @@ fn load_case(dir: &Path) -> (Vec<Source>, Options) {
     let locks = dir.join("locks.txt");
     let opts = Options {
         locks: locks.exists().then(|| read_lines(&locks)),
-        worker_labels: workers.exists().then(|| {
-            read_lines(&workers).iter().map(|l| l.split_whitespace().map(str::to_owned).collect()).collect()
-        }),
+        worker_labels: workers
+            .exists()
+            .then(|| read_lines(&workers).iter().map(|l| l.split_whitespace().map(str::to_owned).collect()).collect()),
         ..Options::default()
     };
     (sources, opts)
@@ -69,10 +69,7 @@ fn check_file(path: &Path, actual: &str, bless: bool, failures: &mut Vec<String>
         std::fs::write(path, actual).expect("write expectation");
         return;
     }
-    failures.push(format!(
-        "── {} differs ──\n--- expected\n{expected}\n--- actual\n{actual}",
-        path.display()
-    ));
+    failures.push(format!("── {} differs ──\n--- expected\n{expected}\n--- actual\n{actual}", path.display()));
 }
 
 #[test]
@@ -112,9 +109,18 @@ fn golden_cases() {
             if bless {
                 let _ = std::fs::remove_file(dir.join("plan.json"));
             }
-            assert!(!dir.join("plan.json").exists(), "{}: plan.json exists but the case does not compile", dir.display());
+            assert!(
+                !dir.join("plan.json").exists(),
+                "{}: plan.json exists but the case does not compile",
+                dir.display()
+            );
         }
         check_file(&dir.join("expected.txt"), &out, bless, &mut failures);
     }
-    assert!(failures.is_empty(), "{} golden file(s) differ (RBB_BLESS=1 rewrites them):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} golden file(s) differ (RBB_BLESS=1 rewrites them):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -13,7 +13,11 @@ fn source(repo: &str, text: String) -> Source {
         text,
         branch: "main".into(),
         files: vec![],
-        origin: Origin { url: format!("repos/{repo}"), pipeline_path: ".rbb/pipeline.yaml".into(), ..Default::default() },
+        origin: Origin {
+            url: format!("repos/{repo}"),
+            pipeline_path: ".rbb/pipeline.yaml".into(),
+            ..Default::default()
+        },
     }
 }
 

@@ -252,7 +252,11 @@ impl Engine {
                 tags: b.tags.clone(),
                 needs: b.needs.clone(),
                 steps: b.steps.iter().map(|s| s.name.clone()).collect(),
-                last_build: last.get(b.id.as_str()).map(|r| api::BuildSummary { id: r.id, state: r.state, result: r.result }),
+                last_build: last.get(b.id.as_str()).map(|r| api::BuildSummary {
+                    id: r.id,
+                    state: r.state,
+                    result: r.result,
+                }),
             })
             .collect()
     }
@@ -367,8 +371,9 @@ impl Engine {
             .clone();
         let branch = req.branch.clone().unwrap_or_else(|| repo.branch.clone());
         let rev = req.revision.clone().unwrap_or_else(|| branch.clone());
-        let commit = resolve(&repo.git_dir, &rev)
-            .map_err(|e| EngineError::BadRequest(format!("cannot resolve `{rev}` in repository `{}`: {e}", repo.name)))?;
+        let commit = resolve(&repo.git_dir, &rev).map_err(|e| {
+            EngineError::BadRequest(format!("cannot resolve `{rev}` in repository `{}`: {e}", repo.name))
+        })?;
         let reason = req.reason.clone().unwrap_or_else(|| "force".to_owned());
         // The plan comes from the commit being built.
         let plan = match self.planner.plan_at(&repo.name, &commit) {
@@ -388,7 +393,19 @@ impl Engine {
         let mut st = self.lock();
         self.remember_plan(&mut st, &plan)?;
         let mut created = Vec::new();
-        let id = self.create_build(&mut st, &plan, &pb, &repo, &branch, &commit, &reason, "force", &req.properties, &[], &mut created)?;
+        let id = self.create_build(
+            &mut st,
+            &plan,
+            &pb,
+            &repo,
+            &branch,
+            &commit,
+            &reason,
+            "force",
+            &req.properties,
+            &[],
+            &mut created,
+        )?;
         self.persist_created(&mut st, &created)?;
         self.dispatch(&mut st)?;
         Ok(api::ForceResponse { build: id, needed: created.into_iter().filter(|i| *i != id).collect() })
@@ -406,7 +423,11 @@ impl Engine {
         let Some(pb) = plan.builder(&old.builder).cloned() else {
             return Err(EngineError::Conflict(format!("build {id} is not a builder's build")));
         };
-        let repo = self.repos.get(&old.repo).cloned().ok_or_else(|| EngineError::NotFound(format!("repository `{}` is not configured", old.repo)))?;
+        let repo = self
+            .repos
+            .get(&old.repo)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(format!("repository `{}` is not configured", old.repo)))?;
         let mut created = Vec::new();
         let new = self.create_build(
             &mut st,
@@ -469,7 +490,10 @@ impl Engine {
                 (commit.to_owned(), branch.to_owned())
             } else {
                 let c = resolve(&nrepo.git_dir, &nrepo.branch).map_err(|e| {
-                    EngineError::BadRequest(format!("cannot resolve `{}` in repository `{}`: {e}", nrepo.branch, nrepo.name))
+                    EngineError::BadRequest(format!(
+                        "cannot resolve `{}` in repository `{}`: {e}",
+                        nrepo.branch, nrepo.name
+                    ))
                 })?;
                 (c, nrepo.branch.clone())
             };
@@ -494,12 +518,7 @@ impl Engine {
         }
         let id = st.next_build;
         st.next_build += 1;
-        let steps = pb
-            .steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| StepRecord::pending(i as u32, &s.name))
-            .collect();
+        let steps = pb.steps.iter().enumerate().map(|(i, s)| StepRecord::pending(i as u32, &s.name)).collect();
         let source = plan.repos.iter().find(|r| r.name == pb.repo);
         st.builds.insert(
             id,
@@ -578,18 +597,25 @@ impl Engine {
         }
     }
 
-
     // ---- changes and schedulers ----------------------------------------------------
 
     /// Commits pushed to `branch` of `repo` (newest first, as the mirror lists them). Records
     /// one change per commit, then schedules the builders whose `on:` wants them.
-    pub fn on_push(&self, repo: &str, branch: &str, commits: &[NewCommit], source: &str) -> Result<Vec<u64>, EngineError> {
+    pub fn on_push(
+        &self,
+        repo: &str,
+        branch: &str,
+        commits: &[NewCommit],
+        source: &str,
+    ) -> Result<Vec<u64>, EngineError> {
         let Some(head) = commits.first() else { return Ok(Vec::new()) };
-        let r = self.repos.get(repo).cloned().ok_or_else(|| EngineError::NotFound(format!("no repository `{repo}`")))?;
+        let r =
+            self.repos.get(repo).cloned().ok_or_else(|| EngineError::NotFound(format!("no repository `{repo}`")))?;
         if branch == r.branch
-            && let Err(e) = self.planner.head_moved(repo, &head.id) {
-                tracing::warn!(repo, error = %e, "cannot read the new head's pipeline");
-            }
+            && let Err(e) = self.planner.head_moved(repo, &head.id)
+        {
+            tracing::warn!(repo, error = %e, "cannot read the new head's pipeline");
+        }
         let plan = self.planner.plan_at(repo, &head.id);
         let head_plan = if branch == r.branch { self.planner.head_plan().ok() } else { None };
         let mut st = self.lock();
@@ -618,7 +644,19 @@ impl Engine {
                 out.push(self.not_affected(&mut st, &plan, pb, &r, branch, &head.id, &ids)?);
                 continue;
             }
-            out.push(self.create_build(&mut st, &plan, pb, &r, branch, &head.id, &format!("push to {branch}"), "push", &BTreeMap::new(), &ids, &mut created)?);
+            out.push(self.create_build(
+                &mut st,
+                &plan,
+                pb,
+                &r,
+                branch,
+                &head.id,
+                &format!("push to {branch}"),
+                "push",
+                &BTreeMap::new(),
+                &ids,
+                &mut created,
+            )?);
         }
         self.persist_created(&mut st, &created)?;
         self.dispatch(&mut st)?;
@@ -628,13 +666,32 @@ impl Engine {
     /// A pull request opened or updated: builders whose `on.pull_request` matches its target
     /// branch build its head.
     pub fn on_pull_request(&self, repo: &str, pr: &PullRequestChange, source: &str) -> Result<Vec<u64>, EngineError> {
-        let r = self.repos.get(repo).cloned().ok_or_else(|| EngineError::NotFound(format!("no repository `{repo}`")))?;
+        let r =
+            self.repos.get(repo).cloned().ok_or_else(|| EngineError::NotFound(format!("no repository `{repo}`")))?;
         let plan = self.planner.plan_at(repo, &pr.commit.id);
         let mut st = self.lock();
-        let ids = self.record_changes(&mut st, repo, &pr.source_branch, std::iter::once(&pr.commit), "pull_request", source, Some(pr.number))?;
+        let ids = self.record_changes(
+            &mut st,
+            repo,
+            &pr.source_branch,
+            std::iter::once(&pr.commit),
+            "pull_request",
+            source,
+            Some(pr.number),
+        )?;
         let plan = match plan {
             Ok(p) => p,
-            Err(diags) => return Ok(vec![self.pipeline_failure(&mut st, &r, &pr.source_branch, &pr.commit.id, &diags, "pull_request", &ids)?]),
+            Err(diags) => {
+                return Ok(vec![self.pipeline_failure(
+                    &mut st,
+                    &r,
+                    &pr.source_branch,
+                    &pr.commit.id,
+                    &diags,
+                    "pull_request",
+                    &ids,
+                )?]);
+            }
         };
         self.remember_plan(&mut st, &plan)?;
         let mut props = BTreeMap::new();
@@ -648,7 +705,19 @@ impl Engine {
                 continue;
             }
             let why = format!("pull request #{} into {}", pr.number, pr.target_branch);
-            out.push(self.create_build(&mut st, &plan, pb, &r, &pr.source_branch, &pr.commit.id, &why, "pull_request", &props, &ids, &mut created)?);
+            out.push(self.create_build(
+                &mut st,
+                &plan,
+                pb,
+                &r,
+                &pr.source_branch,
+                &pr.commit.id,
+                &why,
+                "pull_request",
+                &props,
+                &ids,
+                &mut created,
+            )?);
         }
         self.persist_created(&mut st, &created)?;
         self.dispatch(&mut st)?;
@@ -698,7 +767,16 @@ impl Engine {
     /// A finished build that says the commit's pipeline does not compile, with the
     /// diagnostics as its log.
     #[allow(clippy::too_many_arguments)]
-    fn pipeline_failure(&self, st: &mut Inner, repo: &Repo, branch: &str, commit: &str, diags: &str, event: &str, changes: &[u64]) -> Result<u64, EngineError> {
+    fn pipeline_failure(
+        &self,
+        st: &mut Inner,
+        repo: &Repo,
+        branch: &str,
+        commit: &str,
+        diags: &str,
+        event: &str,
+        changes: &[u64],
+    ) -> Result<u64, EngineError> {
         let id = st.next_build;
         st.next_build += 1;
         let log = st.next_log;
@@ -758,13 +836,34 @@ impl Engine {
     /// A builder whose `paths:` no changed file matches: recorded as NOT_AFFECTED (it counts
     /// as passing for required checks) without running anything.
     #[allow(clippy::too_many_arguments)]
-    fn not_affected(&self, st: &mut Inner, plan: &Plan, pb: &PlanBuilder, repo: &Repo, branch: &str, commit: &str, changes: &[u64]) -> Result<u64, EngineError> {
+    fn not_affected(
+        &self,
+        st: &mut Inner,
+        plan: &Plan,
+        pb: &PlanBuilder,
+        repo: &Repo,
+        branch: &str,
+        commit: &str,
+        changes: &[u64],
+    ) -> Result<u64, EngineError> {
         let mut created = Vec::new();
         let id = st.next_build;
         // Built like any build, then finished at once (its needs are not started).
         let mut bare = pb.clone();
         bare.needs.clear();
-        self.create_build(st, plan, &bare, repo, branch, commit, "no changed file matches `paths`", "push", &BTreeMap::new(), changes, &mut created)?;
+        self.create_build(
+            st,
+            plan,
+            &bare,
+            repo,
+            branch,
+            commit,
+            "no changed file matches `paths`",
+            "push",
+            &BTreeMap::new(),
+            changes,
+            &mut created,
+        )?;
         if let Some(b) = st.builds.get_mut(&id) {
             b.result = Some(Outcome::NotAffected);
             b.result_reason = "no changed file matches `paths`".to_owned();
@@ -778,14 +877,22 @@ impl Engine {
 
     /// Stops or replaces older requests of the same builder and branch, as the builder's
     /// queue policy says.
-    fn apply_queue_policy(&self, st: &mut Inner, pb: &PlanBuilder, new: u64, created: &[u64]) -> Result<(), EngineError> {
+    fn apply_queue_policy(
+        &self,
+        st: &mut Inner,
+        pb: &PlanBuilder,
+        new: u64,
+        created: &[u64],
+    ) -> Result<(), EngineError> {
         let Some(nb) = st.builds.get(&new).cloned() else { return Ok(()) };
         if pb.collapse {
             let older: Vec<u64> = st
                 .builds
                 .values()
                 .filter(|b| b.id != new && !created.contains(&b.id))
-                .filter(|b| b.builder == nb.builder && b.branch == nb.branch && b.state == State::Pending && b.event != "force")
+                .filter(|b| {
+                    b.builder == nb.builder && b.branch == nb.branch && b.state == State::Pending && b.event != "force"
+                })
                 .map(|b| b.id)
                 .collect();
             for old in older {
@@ -820,7 +927,12 @@ impl Engine {
             let running: Vec<(u64, Option<u64>, Option<String>)> = st
                 .builds
                 .values()
-                .filter(|b| b.builder == nb.builder && b.branch == nb.branch && b.state == State::Running && b.commit != nb.commit)
+                .filter(|b| {
+                    b.builder == nb.builder
+                        && b.branch == nb.branch
+                        && b.state == State::Running
+                        && b.commit != nb.commit
+                })
                 .map(|b| (b.id, st.leases.iter().find(|(_, l)| l.build == b.id).map(|(k, _)| *k), b.worker.clone()))
                 .collect();
             for (id, lease, worker) in running {
@@ -829,7 +941,11 @@ impl Engine {
                     b.result_reason = format!("superseded by build {new}");
                 }
                 if let (Some(lease), Some(worker)) = (lease, worker) {
-                    self.send(st, &worker, MasterMsg::Cancel(proto::Cancel { lease, reason: format!("superseded by build {new}") }));
+                    self.send(
+                        st,
+                        &worker,
+                        MasterMsg::Cancel(proto::Cancel { lease, reason: format!("superseded by build {new}") }),
+                    );
                 }
                 tracing::info!(build = id, by = new, "running build superseded");
             }
@@ -849,7 +965,11 @@ impl Engine {
             for pb in &plan.builders {
                 for (i, sched) in pb.triggers.schedule.iter().enumerate() {
                     let key = format!("{}#{i}", pb.id);
-                    let rec = st.schedules.get(&key).cloned().unwrap_or(ScheduleRecord { checked_minute: minute - 1, ..Default::default() });
+                    let rec = st
+                        .schedules
+                        .get(&key)
+                        .cloned()
+                        .unwrap_or(ScheduleRecord { checked_minute: minute - 1, ..Default::default() });
                     if rec.checked_minute >= minute {
                         continue;
                     }
@@ -880,15 +1000,37 @@ impl Engine {
                                     self.remember_plan(&mut st, &plan)?;
                                     let mut created = Vec::new();
                                     let why = format!("schedule \"{}\"", sched.cron);
-                                    out.push(self.create_build(&mut st, &plan, &b, &repo, &sched.branch, &commit, &why, "schedule", &BTreeMap::new(), &[], &mut created)?);
+                                    out.push(self.create_build(
+                                        &mut st,
+                                        &plan,
+                                        &b,
+                                        &repo,
+                                        &sched.branch,
+                                        &commit,
+                                        &why,
+                                        "schedule",
+                                        &BTreeMap::new(),
+                                        &[],
+                                        &mut created,
+                                    )?);
                                     self.persist_created(&mut st, &created)?;
                                 }
                             }
-                            Err(diags) => out.push(self.pipeline_failure(&mut st, &repo, &sched.branch, &commit, &diags, "schedule", &[])?),
+                            Err(diags) => out.push(self.pipeline_failure(
+                                &mut st,
+                                &repo,
+                                &sched.branch,
+                                &commit,
+                                &diags,
+                                "schedule",
+                                &[],
+                            )?),
                         }
                         self.dispatch(&mut st)?;
                     }
-                    Err(e) => tracing::warn!(builder = %pb.id, error = %e, "schedule due, but its branch cannot be resolved"),
+                    Err(e) => {
+                        tracing::warn!(builder = %pb.id, error = %e, "schedule due, but its branch cannot be resolved")
+                    }
                 }
             }
             self.store.put_schedule(&key, &rec)?;
@@ -946,7 +1088,9 @@ impl Engine {
             .plan
             .builders
             .iter()
-            .map(|b| json!({ "id": b.id, "repo": b.repo, "name": b.name, "tags": b.tags, "description": b.description }))
+            .map(
+                |b| json!({ "id": b.id, "repo": b.repo, "name": b.name, "tags": b.tags, "description": b.description }),
+            )
             .collect();
         for id in extra {
             let (repo, name) = id.split_once('/').unwrap_or(("", id));
@@ -1047,7 +1191,9 @@ impl Engine {
         let silent: Vec<(String, u64)> = st
             .workers
             .values()
-            .filter_map(|w| w.session.as_ref().filter(|s| s.last_seen.elapsed() > limit).map(|s| (w.config.name.clone(), s.id)))
+            .filter_map(|w| {
+                w.session.as_ref().filter(|s| s.last_seen.elapsed() > limit).map(|s| (w.config.name.clone(), s.id))
+            })
             .collect();
         for (name, session) in silent {
             tracing::warn!(worker = %name, "no heartbeat for {:?}; treating the worker as lost", limit);
@@ -1107,7 +1253,8 @@ impl Engine {
         } else {
             Outcome::Exception
         });
-        b.result_reason = if retry || b.cancelled { why.to_owned() } else { format!("{why}; gave up after {} attempts", b.attempt) };
+        b.result_reason =
+            if retry || b.cancelled { why.to_owned() } else { format!("{why}; gave up after {} attempts", b.attempt) };
         for log in closed_logs {
             self.close_log(st, log)?;
         }
@@ -1176,7 +1323,9 @@ impl Engine {
             }
             Msg::Log(chunk) => {
                 let Some(l) = st.leases.get(&chunk.lease) else { return Ok(()) };
-                let Some(log) = st.builds.get(&l.build).and_then(|b| b.steps.get(l.step as usize)).and_then(|s| s.log_id) else {
+                let Some(log) =
+                    st.builds.get(&l.build).and_then(|b| b.steps.get(l.step as usize)).and_then(|s| s.log_id)
+                else {
                     return Ok(());
                 };
                 drop(st);
@@ -1204,7 +1353,8 @@ impl Engine {
         };
         let plan = self.plan_of(st, lease.build);
         let Some(b) = st.builds.get_mut(&lease.build) else { return Ok(()) };
-        let spec = plan.as_ref().and_then(|p| p.builder(&b.builder)).and_then(|pb| pb.steps.get(lease.step as usize)).cloned();
+        let spec =
+            plan.as_ref().and_then(|p| p.builder(&b.builder)).and_then(|pb| pb.steps.get(lease.step as usize)).cloned();
         let now = now_ms();
         let log_id = {
             let s = &mut b.steps[lease.step as usize];
@@ -1215,7 +1365,8 @@ impl Engine {
             s.finished_at = Some(now);
             s.log_id
         };
-        let (flunk, warn, halt) = spec.map_or((true, false, true), |s| (s.flunk_on_failure, s.warn_on_failure, s.halt_on_failure));
+        let (flunk, warn, halt) =
+            spec.map_or((true, false, true), |s| (s.flunk_on_failure, s.warn_on_failure, s.halt_on_failure));
         let contribution = match result {
             Outcome::Failure if flunk => Some(Outcome::Failure),
             Outcome::Failure if warn => Some(Outcome::Warnings),
@@ -1229,7 +1380,8 @@ impl Engine {
             // The reason names the step that made the result what it is.
             let stopped = b.cancelled && !b.result_reason.is_empty();
             if !stopped && (b.result != before || b.result_reason.is_empty()) {
-                b.result_reason = format!("step {} ({}): {}", lease.step + 1, b.steps[lease.step as usize].name, f.reason);
+                b.result_reason =
+                    format!("step {} ({}): {}", lease.step + 1, b.steps[lease.step as usize].name, f.reason);
             }
         }
         if (result == Outcome::Failure && halt) || matches!(result, Outcome::Exception) {
@@ -1384,9 +1536,10 @@ impl Engine {
         self.store.put_build(b, Sync::Durable)?;
         tracing::info!(build = id, builder = %builder, result = %result, "build finished");
         if let Some(w) = worker.and_then(|w| st.workers.get_mut(&w))
-            && w.builds.get(&builder) == Some(&id) {
-                w.builds.remove(&builder);
-            }
+            && w.builds.get(&builder) == Some(&id)
+        {
+            w.builds.remove(&builder);
+        }
         self.emit(Event::Build { id });
         self.trigger_downstream(st, id)?;
         Ok(())
@@ -1396,20 +1549,37 @@ impl Engine {
     /// the same change (at their own branch head), unless one is already queued for it.
     fn trigger_downstream(&self, st: &mut Inner, id: u64) -> Result<(), EngineError> {
         let Some(b) = st.builds.get(&id).cloned() else { return Ok(()) };
-        if b.changes.is_empty() || b.event != "push" || !b.result.is_some_and(Outcome::is_ok) || b.result == Some(Outcome::NotAffected) {
+        if b.changes.is_empty()
+            || b.event != "push"
+            || !b.result.is_some_and(Outcome::is_ok)
+            || b.result == Some(Outcome::NotAffected)
+        {
             return Ok(());
         }
         let Some(plan) = st.plans.get(&b.plan_hash).cloned() else { return Ok(()) };
         let mut created = Vec::new();
         for x in plan.builders.iter().filter(|x| x.repo != b.repo && x.needs.contains(&b.builder)) {
-            let queued = st.builds.values().any(|o| o.builder == x.id && o.changes.iter().any(|c| b.changes.contains(c)));
+            let queued =
+                st.builds.values().any(|o| o.builder == x.id && o.changes.iter().any(|c| b.changes.contains(c)));
             if queued {
                 continue;
             }
             let Some(repo) = self.repos.get(&x.repo).cloned() else { continue };
             let Ok(commit) = resolve(&repo.git_dir, &repo.branch) else { continue };
             let why = format!("{} succeeded for change {}", b.builder, b.changes.last().copied().unwrap_or(0));
-            self.create_build(st, &plan, x, &repo, &repo.branch, &commit, &why, "push", &BTreeMap::new(), &b.changes, &mut created)?;
+            self.create_build(
+                st,
+                &plan,
+                x,
+                &repo,
+                &repo.branch,
+                &commit,
+                &why,
+                "push",
+                &BTreeMap::new(),
+                &b.changes,
+                &mut created,
+            )?;
         }
         if !created.is_empty() {
             self.persist_created(st, &created)?;
@@ -1443,12 +1613,8 @@ impl Engine {
 
     /// Starts every pending build whose needs are met on a capable, free worker.
     fn dispatch(&self, st: &mut Inner) -> Result<(), EngineError> {
-        let mut pending: Vec<(i32, u64)> = st
-            .builds
-            .values()
-            .filter(|b| b.state == State::Pending)
-            .map(|b| (-b.priority, b.id))
-            .collect();
+        let mut pending: Vec<(i32, u64)> =
+            st.builds.values().filter(|b| b.state == State::Pending).map(|b| (-b.priority, b.id)).collect();
         pending.sort();
         for (_, id) in pending {
             let waits = st.builds[&id].waits_for.clone();
@@ -1458,7 +1624,12 @@ impl Engine {
                 match st.builds.get(w) {
                     Some(d) if d.state != State::Finished => blocked = true,
                     Some(d) if !d.result.is_some_and(Outcome::is_ok) => {
-                        failed = Some(format!("needed build {} ({}) ended {}", d.id, d.builder, d.result.unwrap_or(Outcome::Exception)));
+                        failed = Some(format!(
+                            "needed build {} ({}) ended {}",
+                            d.id,
+                            d.builder,
+                            d.result.unwrap_or(Outcome::Exception)
+                        ));
                     }
                     _ => {}
                 }
@@ -1482,7 +1653,8 @@ impl Engine {
                 need.insert("docker");
             }
             if let Some(max) = pb.concurrency {
-                let running = st.builds.values().filter(|x| x.state == State::Running && x.builder == pb.id).count() as u32;
+                let running =
+                    st.builds.values().filter(|x| x.state == State::Running && x.builder == pb.id).count() as u32;
                 if running >= max {
                     continue;
                 }

@@ -38,7 +38,9 @@ impl Worker for WorkerService {
             Ok(()) => {}
             Err(Refusal::UnknownWorker) => {
                 tracing::warn!(%peer, worker = %name, "refused an unknown worker");
-                return Err(Status::permission_denied(format!("no worker named `{name}` is configured on this master")));
+                return Err(Status::permission_denied(format!(
+                    "no worker named `{name}` is configured on this master"
+                )));
             }
             Err(Refusal::BadToken) => {
                 tracing::warn!(%peer, worker = %name, "refused a worker with a wrong token");
@@ -51,7 +53,10 @@ impl Worker for WorkerService {
             _ => return Err(Status::invalid_argument("the first message of a session must be Hello")),
         };
         if hello.name != name {
-            return Err(Status::invalid_argument(format!("Hello names `{}` but the metadata names `{name}`", hello.name)));
+            return Err(Status::invalid_argument(format!(
+                "Hello names `{}` but the metadata names `{name}`",
+                hello.name
+            )));
         }
         let (tx, rx) = tokio::sync::mpsc::channel(4096);
         let session = self.engine.connect(&hello, tx).map_err(|e| Status::internal(e.to_string()))?;

@@ -2,13 +2,13 @@
 //! shape ([`rbb_schema::api::ErrorBody`]); server errors reveal nothing internal.
 
 use crate::engine::{Engine, EngineError};
+use crate::query::ListQuery;
 use crate::sources::{HookOutcome, Sources};
 use axum::body::Body;
 use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use crate::query::ListQuery;
 use axum::{Json, Router};
 use rbb_schema::api;
 use serde::Deserialize;
@@ -78,18 +78,27 @@ impl Endpoint {
 /// table, so they cannot disagree.
 pub fn endpoints() -> Vec<Endpoint> {
     vec![
-        ep("get", "/api/v2/builders", "Builders of the current plan, with their last build", get(builders)).list("Builder"),
+        ep("get", "/api/v2/builders", "Builders of the current plan, with their last build", get(builders))
+            .list("Builder"),
         ep("post", "/api/v2/builders/{builder}/force", "Force a build (builder id URL-encoded)", post(force))
             .control()
             .body("ForceRequest")
             .answers("ForceResponse"),
-        ep("get", "/api/v2/builders/{builder}", "One builder with its 50 newest builds (builder id URL-encoded)", get(builder_page)),
-        ep("get", "/api/v2/buildrequests", "Builds waiting to start, oldest first", get(build_requests)).list("BuildRequest"),
-        ep("post", "/api/v2/buildrequests/{id}/cancel", "Cancel a build that has not started", post(cancel_request)).control(),
+        ep(
+            "get",
+            "/api/v2/builders/{builder}",
+            "One builder with its 50 newest builds (builder id URL-encoded)",
+            get(builder_page),
+        ),
+        ep("get", "/api/v2/buildrequests", "Builds waiting to start, oldest first", get(build_requests))
+            .list("BuildRequest"),
+        ep("post", "/api/v2/buildrequests/{id}/cancel", "Cancel a build that has not started", post(cancel_request))
+            .control(),
         ep("get", "/api/v2/builds", "Builds, newest first", get(builds)).list("Build"),
         ep("get", "/api/v2/builds/{id}", "One build with its steps", get(build)).answers("Build"),
         ep("get", "/api/v2/builds/{id}/steps", "The steps of a build", get(steps)).list("Step"),
-        ep("post", "/api/v2/builds/{id}/stop", "Stop a build (a running step's process group is killed)", post(stop)).control(),
+        ep("post", "/api/v2/builds/{id}/stop", "Stop a build (a running step's process group is killed)", post(stop))
+            .control(),
         ep("post", "/api/v2/builds/{id}/rebuild", "Run a build again with its pinned plan", post(rebuild)).control(),
         ep("get", "/api/v2/changes", "The change log: commits seen on watched branches", get(changes)).list("Change"),
         ep("get", "/api/v2/workers", "Workers and whether they are connected", get(workers)).list("Worker"),
@@ -118,7 +127,8 @@ pub fn router_with(engine: Arc<Engine>, sources: Option<Arc<Sources>>, api_token
 /// Checks the bearer token of a control action.
 fn authorize(app: &App, headers: &HeaderMap) -> ApiResult<()> {
     let Some(want) = &app.api_token else { return Ok(()) };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(t) if constant_eq(t.as_bytes(), want.as_bytes()) => Ok(()),
         Some(_) => {
@@ -156,7 +166,11 @@ impl From<EngineError> for ApiError {
             EngineError::Conflict(m) => ApiError(StatusCode::CONFLICT, "conflict".into(), m),
             other => {
                 tracing::error!(error = %other, "internal error serving a request");
-                ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), "internal error; see the master's log".into())
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal".into(),
+                    "internal error; see the master's log".into(),
+                )
             }
         }
     }
@@ -275,7 +289,9 @@ async fn force(
     let e = app.engine.clone();
     let req: api::ForceRequest = match body {
         None => api::ForceRequest::default(),
-        Some(Json(v)) => serde_json::from_value(v).map_err(|err| ApiError::bad_request(format!("bad force request: {err}")))?,
+        Some(Json(v)) => {
+            serde_json::from_value(v).map_err(|err| ApiError::bad_request(format!("bad force request: {err}")))?
+        }
     };
     let engine = e.clone();
     let resp = tokio::task::spawn_blocking(move || engine.force(&builder, req))
@@ -297,7 +313,11 @@ async fn build(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResul
     e.build(id).map(Json).ok_or_else(|| ApiError::not_found(format!("no build {id}")))
 }
 
-async fn steps(State(e): State<Arc<Engine>>, Path(id): Path<String>, RawQuery(q): RawQuery) -> ApiResult<Json<serde_json::Value>> {
+async fn steps(
+    State(e): State<Arc<Engine>>,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> ApiResult<Json<serde_json::Value>> {
     let id = parse_id(&id, "build")?;
     let b = e.build(id).ok_or_else(|| ApiError::not_found(format!("no build {id}")))?;
     list("steps", b.steps, q, &[])
@@ -321,7 +341,9 @@ async fn plan(State(e): State<Arc<Engine>>) -> Json<rbb_schema::plan::Plan> {
 async fn log_meta(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
     let id = parse_id(&id, "log")?;
     let (rec, _, live) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
-    Ok(Json(serde_json::json!({ "id": rec.id, "build": rec.build, "step": rec.step, "bytes": rec.bytes, "complete": !live })))
+    Ok(Json(
+        serde_json::json!({ "id": rec.id, "build": rec.build, "step": rec.step, "bytes": rec.bytes, "complete": !live }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -345,7 +367,9 @@ async fn log_raw(
     let mut end = q.limit.map_or(len, |l| start.saturating_add(l).min(len));
     let mut partial = q.offset.is_some() || q.limit.is_some();
     if let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-        let spec = range.strip_prefix("bytes=").ok_or_else(|| ApiError::bad_request(format!("unsupported Range `{range}`")))?;
+        let spec = range
+            .strip_prefix("bytes=")
+            .ok_or_else(|| ApiError::bad_request(format!("unsupported Range `{range}`")))?;
         let (a, b) = spec.split_once('-').ok_or_else(|| ApiError::bad_request(format!("bad Range `{range}`")))?;
         if a.is_empty() {
             let n: u64 = b.parse().map_err(|_| ApiError::bad_request(format!("bad Range `{range}`")))?;
@@ -353,7 +377,14 @@ async fn log_raw(
             end = len;
         } else {
             start = a.parse().map_err(|_| ApiError::bad_request(format!("bad Range `{range}`")))?;
-            end = if b.is_empty() { len } else { b.parse::<u64>().map_err(|_| ApiError::bad_request(format!("bad Range `{range}`")))?.saturating_add(1).min(len) };
+            end = if b.is_empty() {
+                len
+            } else {
+                b.parse::<u64>()
+                    .map_err(|_| ApiError::bad_request(format!("bad Range `{range}`")))?
+                    .saturating_add(1)
+                    .min(len)
+            };
         }
         if start > len {
             return Ok(Response::builder()
@@ -366,7 +397,8 @@ async fn log_raw(
     }
     let start = start.min(len);
     let end = end.max(start).min(len);
-    let mut file = tokio::fs::File::open(&path).await.map_err(|_| ApiError::not_found(format!("log {id} has no file yet")))?;
+    let mut file =
+        tokio::fs::File::open(&path).await.map_err(|_| ApiError::not_found(format!("log {id} has no file yet")))?;
     file.seek(std::io::SeekFrom::Start(start)).await.map_err(EngineError::Io)?;
     let stream = tokio_util::io::ReaderStream::with_capacity(file.take(end - start), 256 * 1024);
     let mut resp = Response::builder()
@@ -382,7 +414,11 @@ async fn log_raw(
     Ok(resp.body(Body::from_stream(stream)).unwrap_or_default())
 }
 
-async fn rebuild(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+async fn rebuild(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     authorize(&app, &headers)?;
     let id = parse_id(&id, "build")?;
     let engine = app.engine.clone();
@@ -411,7 +447,10 @@ async fn grid(State(e): State<Arc<Engine>>, Query(q): Query<GridQuery>) -> ApiRe
 }
 
 /// `GET /api/v2/events`: build, step, log and worker events as Server-Sent Events.
-async fn events(State(e): State<Arc<Engine>>) -> axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>> {
+async fn events(
+    State(e): State<Arc<Engine>>,
+) -> axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>
+{
     use axum::response::sse::{Event as Sse, KeepAlive};
     use tokio_stream::StreamExt;
     let stream = tokio_stream::wrappers::BroadcastStream::new(e.subscribe()).filter_map(|ev| {
@@ -432,24 +471,31 @@ async fn openapi() -> Json<serde_json::Value> {
 }
 
 /// `POST /api/v2/hooks/{github,gitlab,gitea,forgejo}`: a forge's webhook.
-async fn hook(State(app): State<App>, Path(forge): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> ApiResult<Response> {
+async fn hook(
+    State(app): State<App>,
+    Path(forge): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
     let Some(f) = crate::webhooks::Forge::from_path(&forge) else {
         return Err(ApiError::not_found(format!("no webhook for `{forge}` (github, gitlab, gitea, forgejo)")));
     };
     let Some(sources) = app.sources.clone() else {
         return Err(ApiError::not_found("this master has no change sources"));
     };
-    let header_pairs: Vec<(String, String)> = headers
-        .iter()
-        .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_owned(), v.to_owned())))
-        .collect();
+    let header_pairs: Vec<(String, String)> =
+        headers.iter().filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_owned(), v.to_owned()))).collect();
     let outcome = sources.webhook(&app.engine, f, &header_pairs, &body).await;
     let (status, code, message) = match outcome {
         HookOutcome::Unsigned(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m),
         HookOutcome::Refused(m) => (StatusCode::FORBIDDEN, "forbidden", m),
         HookOutcome::Bad(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
-        HookOutcome::Accepted(m) => return Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "accepted": m }))).into_response()),
-        HookOutcome::Ignored(m) => return Ok((StatusCode::OK, Json(serde_json::json!({ "ignored": m }))).into_response()),
+        HookOutcome::Accepted(m) => {
+            return Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "accepted": m }))).into_response());
+        }
+        HookOutcome::Ignored(m) => {
+            return Ok((StatusCode::OK, Json(serde_json::json!({ "ignored": m }))).into_response());
+        }
     };
     tracing::warn!(forge = %forge, status = status.as_u16(), reason = %message, "webhook refused");
     Err(ApiError(status, code.into(), message))

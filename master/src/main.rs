@@ -152,14 +152,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             cmd_compile(&config, format, &revs, diff.as_deref(), &snippets)
         }
         Command::Validate { files, snippets } => cmd_validate(&files, &snippets),
-        Command::Master { config, state_dir, http, grpc, heartbeat_ms } => cmd_master(rbb_master::server::MasterOptions {
-            config,
-            state_dir,
-            http,
-            grpc,
-            heartbeat: Duration::from_millis(heartbeat_ms.max(50)),
-        }),
-        Command::SnippetRunner { args } => Ok(ExitCode::from(u8::try_from(rbb_compiler::runner::main(args)).unwrap_or(70))),
+        Command::Master { config, state_dir, http, grpc, heartbeat_ms } => {
+            cmd_master(rbb_master::server::MasterOptions {
+                config,
+                state_dir,
+                http,
+                grpc,
+                heartbeat: Duration::from_millis(heartbeat_ms.max(50)),
+            })
+        }
+        Command::SnippetRunner { args } => {
+            Ok(ExitCode::from(u8::try_from(rbb_compiler::runner::main(args)).unwrap_or(70)))
+        }
         Command::Schema { kind } => {
             print!(
                 "{}",
@@ -301,7 +305,11 @@ fn load_old_plan(
         Some((repo, rev)) => {
             if !cfg.config.repositories.iter().any(|r| r.effective_name() == repo) {
                 let names: Vec<String> = cfg.config.repositories.iter().map(|r| r.effective_name()).collect();
-                bail!("--diff {old}: no repository `{repo}` in {} (repositories: {})", cfg.path.display(), names.join(", "));
+                bail!(
+                    "--diff {old}: no repository `{repo}` in {} (repositories: {})",
+                    cfg.path.display(),
+                    names.join(", ")
+                );
             }
             old_revs.insert(repo.to_owned(), rev.to_owned());
         }
@@ -397,7 +405,11 @@ fn cmd_validate(files: &[PathBuf], snippets: &SnippetArgs) -> Result<ExitCode> {
             text,
             branch: rbb_schema::config::DEFAULT_BRANCH.to_owned(),
             files: Vec::new(),
-            origin: rbb_compiler::Origin { url: f.display().to_string(), pipeline_path: f.display().to_string(), ..Default::default() },
+            origin: rbb_compiler::Origin {
+                url: f.display().to_string(),
+                pipeline_path: f.display().to_string(),
+                ..Default::default()
+            },
         });
     }
     let eval = snippets.evaluator();
@@ -411,12 +423,9 @@ fn cmd_validate(files: &[PathBuf], snippets: &SnippetArgs) -> Result<ExitCode> {
             eprint!("{}", render_diagnostics(&result.diagnostics, std::slice::from_ref(source)));
         }
         match result.plan {
-            Some(plan) => println!(
-                "{}: ok ({} builders, {} steps)",
-                source.file,
-                plan.builders.len(),
-                plan.step_count()
-            ),
+            Some(plan) => {
+                println!("{}: ok ({} builders, {} steps)", source.file, plan.builders.len(), plan.step_count())
+            }
             None => failed = true,
         }
     }

@@ -58,7 +58,10 @@ pub fn document(endpoints: &[Endpoint]) -> Value {
             }));
         } else if let Some(s) = e.answers {
             let code = if e.method == "post" { "201" } else { "200" };
-            responses.insert(code.into(), json!({ "description": "OK", "content": { "application/json": { "schema": schema_ref(s) } } }));
+            responses.insert(
+                code.into(),
+                json!({ "description": "OK", "content": { "application/json": { "schema": schema_ref(s) } } }),
+            );
         } else {
             responses.insert("200".into(), json!({ "description": "OK" }));
         }
@@ -70,7 +73,8 @@ pub fn document(endpoints: &[Endpoint]) -> Value {
             "responses": responses,
         });
         if let Some(b) = e.body {
-            op["requestBody"] = json!({ "required": false, "content": { "application/json": { "schema": schema_ref(b) } } });
+            op["requestBody"] =
+                json!({ "required": false, "content": { "application/json": { "schema": schema_ref(b) } } });
         }
         if e.control {
             op["security"] = json!([{ "bearer": [] }]);

@@ -89,7 +89,8 @@ impl Planner {
 
     /// The plan of every repository at its branch head.
     pub fn head_plan(&self) -> Result<Arc<Plan>, Arc<String>> {
-        let sources: Vec<Source> = self.heads.lock().unwrap_or_else(|p| p.into_inner()).values().flatten().cloned().collect();
+        let sources: Vec<Source> =
+            self.heads.lock().unwrap_or_else(|p| p.into_inner()).values().flatten().cloned().collect();
         self.compile_cached(sources)
     }
 
@@ -111,10 +112,8 @@ impl Planner {
 
     fn compile_cached(&self, mut sources: Vec<Source>) -> Result<Arc<Plan>, Arc<String>> {
         sources.sort_by(|a, b| a.repo.cmp(&b.repo));
-        let key: String = sources
-            .iter()
-            .map(|s| format!("{}={};", s.repo, s.origin.blob.as_deref().unwrap_or("")))
-            .collect();
+        let key: String =
+            sources.iter().map(|s| format!("{}={};", s.repo, s.origin.blob.as_deref().unwrap_or(""))).collect();
         if let Some(hit) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             // Same pipeline files: same plan; provenance (commits) follows the newest read.
             return hit.clone().map(|p| Arc::new(with_origins(&p, &sources)));

@@ -84,7 +84,11 @@ impl ListQuery {
                                 "gt" => Op::Gt,
                                 "ge" => Op::Ge,
                                 "contains" => Op::Contains,
-                                other => return Err(format!("unknown operator `{other}` in `{k}` (eq, ne, lt, le, gt, ge, contains)")),
+                                other => {
+                                    return Err(format!(
+                                        "unknown operator `{other}` in `{k}` (eq, ne, lt, le, gt, ge, contains)"
+                                    ));
+                                }
                             },
                         ),
                         None => (k, Op::Eq),
@@ -98,7 +102,8 @@ impl ListQuery {
 
     /// Filters, orders and pages `items`; returns the page and the total before paging.
     pub fn apply(&self, items: Vec<Value>) -> (Vec<Value>, usize) {
-        let mut kept: Vec<Value> = items.into_iter().filter(|it| self.filters.iter().all(|f| matches(it.get(&f.field), f))).collect();
+        let mut kept: Vec<Value> =
+            items.into_iter().filter(|it| self.filters.iter().all(|f| matches(it.get(&f.field), f))).collect();
         if !self.order.is_empty() {
             kept.sort_by(|a, b| {
                 for (field, desc) in &self.order {
@@ -172,12 +177,17 @@ mod tests {
 
     #[test]
     fn filters_orders_and_pages() {
-        let items = vec![json!({"id": 1, "r": "a", "t": ["x"]}), json!({"id": 2, "r": "b", "t": []}), json!({"id": 3, "r": "a", "t": ["x", "y"]})];
+        let items = vec![
+            json!({"id": 1, "r": "a", "t": ["x"]}),
+            json!({"id": 2, "r": "b", "t": []}),
+            json!({"id": 3, "r": "a", "t": ["x", "y"]}),
+        ];
         let q = ListQuery::parse(&pairs(&[("r", "a"), ("order", "-id")]), &["id", "r", "t"], &[]).expect("query");
         let (page, total) = q.apply(items.clone());
         assert_eq!(total, 2);
         assert_eq!(page[0]["id"], 3);
-        let q = ListQuery::parse(&pairs(&[("id__ge", "2"), ("limit", "1"), ("offset", "1")]), &["id", "r", "t"], &[]).expect("query");
+        let q = ListQuery::parse(&pairs(&[("id__ge", "2"), ("limit", "1"), ("offset", "1")]), &["id", "r", "t"], &[])
+            .expect("query");
         let (page, total) = q.apply(items.clone());
         assert_eq!((total, page[0]["id"].clone()), (2, json!(3)));
         let q = ListQuery::parse(&pairs(&[("t__contains", "y")]), &["id", "r", "t"], &[]).expect("query");

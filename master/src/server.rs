@@ -8,8 +8,8 @@ use crate::sources::{SourceRepo, Sources};
 use anyhow::{Context, Result};
 use rbb_compiler::duration::parse_duration_ms;
 use rbb_compiler::{Options, git, render_diagnostics};
-use std::collections::BTreeMap;
 use rbb_schema::proto::worker_server::WorkerServer;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,9 +44,8 @@ pub struct Master {
 
 /// Opens the mirrors, compiles the plan at every branch head and opens the engine.
 pub fn open(opts: &MasterOptions) -> Result<Master> {
-    let cfg = git::load_config(&opts.config).map_err(|diags| {
-        anyhow::anyhow!("the master config has errors:\n{}", render_diagnostics(&diags, &[]))
-    })?;
+    let cfg = git::load_config(&opts.config)
+        .map_err(|diags| anyhow::anyhow!("the master config has errors:\n{}", render_diagnostics(&diags, &[])))?;
     let state_dir = opts
         .state_dir
         .clone()
@@ -63,7 +62,8 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
         let path = std::fs::canonicalize(&path).with_context(|| format!("repository {name}: {}", path.display()))?;
         let mirror_dir = state_dir.join("mirrors").join(format!("{name}.git"));
         fresh.push(!mirror_dir.exists());
-        let mirror = Mirror::open(&path.display().to_string(), &mirror_dir).with_context(|| format!("mirroring repository {name}"))?;
+        let mirror = Mirror::open(&path.display().to_string(), &mirror_dir)
+            .with_context(|| format!("mirroring repository {name}"))?;
         let branch = r.effective_branch().to_owned();
         let mut branches = if r.branches.is_empty() { vec![branch.clone()] } else { r.branches.clone() };
         if !branches.iter().any(|b| b == &branch) {
@@ -74,12 +74,24 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
         mirror.fetch(&branches).with_context(|| format!("fetching repository {name}"))?;
         let interval = match &r.poll_interval {
             Some(v) => Duration::from_millis(
-                parse_duration_ms(v.as_str()).map_err(|e| anyhow::anyhow!("repository {name}: poll_interval: {e}"))?.max(50),
+                parse_duration_ms(v.as_str())
+                    .map_err(|e| anyhow::anyhow!("repository {name}: poll_interval: {e}"))?
+                    .max(50),
             ),
             None => Duration::from_secs(60),
         };
-        repos.push(Repo { name: name.clone(), path: path.clone(), git_dir: mirror_dir.clone(), branch: branch.clone() });
-        plan_repos.push(PlanRepo { name: name.clone(), url: r.url.clone(), path: mirror_dir.clone(), branch: branch.clone() });
+        repos.push(Repo {
+            name: name.clone(),
+            path: path.clone(),
+            git_dir: mirror_dir.clone(),
+            branch: branch.clone(),
+        });
+        plan_repos.push(PlanRepo {
+            name: name.clone(),
+            url: r.url.clone(),
+            path: mirror_dir.clone(),
+            branch: branch.clone(),
+        });
         source_repos.push(Arc::new(SourceRepo::new(name, r.url.clone(), mirror, branches, interval)));
     }
     let copts = Options {
@@ -95,7 +107,9 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
     tracing::info!(plan = %plan.hash, builders = plan.builders.len(), state = %state_dir.display(), "plan compiled");
     let sources = Arc::new(Sources { repos: source_repos, webhooks: cfg.config.webhooks.clone().unwrap_or_default() });
     if cfg.config.api_token.is_none() {
-        tracing::warn!("no api_token in the master config: force, stop and rebuild are open to anyone who reaches the HTTP port");
+        tracing::warn!(
+            "no api_token in the master config: force, stop and rebuild are open to anyone who reaches the HTTP port"
+        );
     }
     Ok(Master { engine, sources, api_token: cfg.config.api_token.clone(), fresh })
 }
@@ -107,8 +121,10 @@ pub async fn serve(
     ready: impl FnOnce(Bound),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let grpc = tokio::net::TcpListener::bind(opts.grpc).await.with_context(|| format!("binding gRPC on {}", opts.grpc))?;
-    let http = tokio::net::TcpListener::bind(opts.http).await.with_context(|| format!("binding HTTP on {}", opts.http))?;
+    let grpc =
+        tokio::net::TcpListener::bind(opts.grpc).await.with_context(|| format!("binding gRPC on {}", opts.grpc))?;
+    let http =
+        tokio::net::TcpListener::bind(opts.http).await.with_context(|| format!("binding HTTP on {}", opts.http))?;
     let bound = Bound { http: http.local_addr()?, grpc: grpc.local_addr()? };
     let stop = tokio_util::sync::CancellationToken::new();
     let Master { engine, sources, api_token, fresh } = master;

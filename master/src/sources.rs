@@ -105,7 +105,8 @@ impl Sources {
             };
             let (r, e, src) = (repo.clone(), engine.clone(), source.to_owned());
             let res = tokio::task::spawn_blocking(move || {
-                let commits = r.mirror.commits_between(u.old.as_deref(), &new, MAX_COMMITS).map_err(|e| e.to_string())?;
+                let commits =
+                    r.mirror.commits_between(u.old.as_deref(), &new, MAX_COMMITS).map_err(|e| e.to_string())?;
                 let commits: Vec<NewCommit> = commits.iter().map(to_new).collect();
                 e.on_push(&r.name, &u.branch, &commits, &src).map_err(|e| e.to_string())
             })
@@ -131,7 +132,12 @@ impl Sources {
                         _ = tokio::time::sleep(repo.interval) => {}
                         _ = repo.wake.notified() => {}
                     }
-                    let source = repo.wake_source.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_else(|| "poll".to_owned());
+                    let source = repo
+                        .wake_source
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take()
+                        .unwrap_or_else(|| "poll".to_owned());
                     me.fetch(&engine, &repo, &source, false).await;
                 }
             });
@@ -143,14 +149,23 @@ impl Sources {
     }
 
     /// Verifies and handles one webhook request.
-    pub async fn webhook(&self, engine: &Arc<Engine>, forge: Forge, headers: &[(String, String)], body: &[u8]) -> HookOutcome {
+    pub async fn webhook(
+        &self,
+        engine: &Arc<Engine>,
+        forge: Forge,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> HookOutcome {
         let secret = match forge {
             Forge::GitHub => self.webhooks.github_secret.as_deref(),
             Forge::GitLab => self.webhooks.gitlab_token.as_deref(),
             Forge::Gitea => self.webhooks.gitea_secret.as_deref(),
         };
         let Some(secret) = secret else {
-            return HookOutcome::Refused(format!("no secret is configured for {} webhooks (webhooks: in the master config)", forge.as_str()));
+            return HookOutcome::Refused(format!(
+                "no secret is configured for {} webhooks (webhooks: in the master config)",
+                forge.as_str()
+            ));
         };
         match webhooks::verify(forge, webhooks::header_lookup(headers), body, secret) {
             Ok(()) => {}
@@ -189,7 +204,11 @@ impl Sources {
                         .ok()
                         .and_then(|v| v.into_iter().next())
                         .map(|c| to_new(&c))
-                        .unwrap_or(NewCommit { id: pr.head_sha.clone(), message: pr.title.clone(), ..Default::default() });
+                        .unwrap_or(NewCommit {
+                            id: pr.head_sha.clone(),
+                            message: pr.title.clone(),
+                            ..Default::default()
+                        });
                     let change = PullRequestChange {
                         number: pr.number,
                         target_branch: pr.target_branch.clone(),

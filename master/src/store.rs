@@ -78,7 +78,11 @@ impl Store {
         Ok(store)
     }
 
-    fn write(&self, sync: Sync, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
+    fn write(
+        &self,
+        sync: Sync,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(db)?;
         txn.set_durability(match sync {
             Sync::Durable => Durability::Immediate,
@@ -99,7 +103,11 @@ impl Store {
         let encoded: Vec<(u64, Vec<u8>)> = records
             .into_iter()
             .map(|(id, r)| {
-                serde_json::to_vec(r).map(|v| (id, v)).map_err(|e| StoreError::Corrupt { table: name, key: id, message: e.to_string() })
+                serde_json::to_vec(r).map(|v| (id, v)).map_err(|e| StoreError::Corrupt {
+                    table: name,
+                    key: id,
+                    message: e.to_string(),
+                })
             })
             .collect::<Result<_, _>>()?;
         self.write(sync, |txn| {
@@ -118,10 +126,11 @@ impl Store {
         let mut out = Vec::new();
         for row in t.iter().map_err(db)? {
             let (k, v) = row.map_err(db)?;
-            out.push(
-                serde_json::from_slice(v.value())
-                    .map_err(|e| StoreError::Corrupt { table: name, key: k.value(), message: e.to_string() })?,
-            );
+            out.push(serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                table: name,
+                key: k.value(),
+                message: e.to_string(),
+            })?);
         }
         Ok(out)
     }
@@ -131,7 +140,11 @@ impl Store {
     }
 
     /// Writes several builds in one transaction.
-    pub fn put_builds<'a>(&self, builds: impl IntoIterator<Item = &'a BuildRecord>, sync: Sync) -> Result<(), StoreError> {
+    pub fn put_builds<'a>(
+        &self,
+        builds: impl IntoIterator<Item = &'a BuildRecord>,
+        sync: Sync,
+    ) -> Result<(), StoreError> {
         self.put_all((BUILDS, "builds"), builds.into_iter().map(|b| (b.id, b)), sync)
     }
 
@@ -148,7 +161,11 @@ impl Store {
     }
 
     pub fn put_schedule(&self, key: &str, rec: &ScheduleRecord) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(rec).map_err(|e| StoreError::Corrupt { table: "schedules", key: 0, message: e.to_string() })?;
+        let bytes = serde_json::to_vec(rec).map_err(|e| StoreError::Corrupt {
+            table: "schedules",
+            key: 0,
+            message: e.to_string(),
+        })?;
         self.write(Sync::Durable, |txn| {
             txn.open_table(SCHEDULES).map_err(db)?.insert(key, bytes.as_slice()).map_err(db)?;
             Ok(())
@@ -161,15 +178,22 @@ impl Store {
         let mut out = Vec::new();
         for row in t.iter().map_err(db)? {
             let (k, v) = row.map_err(db)?;
-            let rec = serde_json::from_slice(v.value())
-                .map_err(|e| StoreError::Corrupt { table: "schedules", key: 0, message: e.to_string() })?;
+            let rec = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                table: "schedules",
+                key: 0,
+                message: e.to_string(),
+            })?;
             out.push((k.value().to_owned(), rec));
         }
         Ok(out)
     }
 
     pub fn put_plan(&self, plan: &rbb_schema::plan::Plan) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(plan).map_err(|e| StoreError::Corrupt { table: "plans", key: 0, message: e.to_string() })?;
+        let bytes = serde_json::to_vec(plan).map_err(|e| StoreError::Corrupt {
+            table: "plans",
+            key: 0,
+            message: e.to_string(),
+        })?;
         self.write(Sync::Durable, |txn| {
             txn.open_table(PLANS).map_err(db)?.insert(plan.hash.as_str(), bytes.as_slice()).map_err(db)?;
             Ok(())
@@ -182,8 +206,11 @@ impl Store {
         let mut out = Vec::new();
         for row in t.iter().map_err(db)? {
             let (_, v) = row.map_err(db)?;
-            let plan = serde_json::from_slice(v.value())
-                .map_err(|e| StoreError::Corrupt { table: "plans", key: 0, message: e.to_string() })?;
+            let plan = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
+                table: "plans",
+                key: 0,
+                message: e.to_string(),
+            })?;
             out.push(plan);
         }
         Ok(out)

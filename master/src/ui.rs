@@ -73,7 +73,11 @@ mod tests {
         assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
         assert_eq!(headers[header::CACHE_CONTROL], "no-cache");
         assert!(String::from_utf8_lossy(&body).contains("/ui/app.js"));
-        for (path, mime) in [("/ui/app.js", "text/javascript; charset=utf-8"), ("/ui/app.css", "text/css; charset=utf-8"), ("/ui/favicon.svg", "image/svg+xml")] {
+        for (path, mime) in [
+            ("/ui/app.js", "text/javascript; charset=utf-8"),
+            ("/ui/app.css", "text/css; charset=utf-8"),
+            ("/ui/favicon.svg", "image/svg+xml"),
+        ] {
             let (status, headers, body) = get(path, &[]).await;
             assert_eq!(status, StatusCode::OK, "{path}");
             assert_eq!(headers[header::CONTENT_TYPE], mime, "{path}");

@@ -56,12 +56,7 @@ impl std::fmt::Display for Forge {
 /// A header lookup over name/value pairs, matching names ASCII case-insensitively — for
 /// callers (and tests) that do not have a case-insensitive map such as axum's `HeaderMap`.
 pub fn header_lookup(pairs: &[(String, String)]) -> impl Fn(&str) -> Option<String> + '_ {
-    move |name| {
-        pairs
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-    }
+    move |name| pairs.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
 }
 
 // ------------------------------------------------------------------------------------------
@@ -116,19 +111,13 @@ pub fn verify(
             let (name, value) = [FORGEJO_SIGNATURE, GITEA_SIGNATURE]
                 .into_iter()
                 .find_map(|name| header_value(&header, name).map(|value| (name, value)))
-                .ok_or(VerifyError::Missing {
-                    header: GITEA_SIGNATURE,
-                })?;
+                .ok_or(VerifyError::Missing { header: GITEA_SIGNATURE })?;
             check_hmac(name, &value, body, secret)
         }
         Forge::GitLab => {
             let name = GITLAB_TOKEN;
             let value = header_value(&header, name).ok_or(VerifyError::Missing { header: name })?;
-            if same_secret(&value, secret) {
-                Ok(())
-            } else {
-                Err(VerifyError::Mismatch { header: name })
-            }
+            if same_secret(&value, secret) { Ok(()) } else { Err(VerifyError::Mismatch { header: name }) }
         }
     }
 }
@@ -141,34 +130,22 @@ fn header_value(header: &impl Fn(&str) -> Option<String>, name: &str) -> Option<
         .filter(|value| !value.is_empty())
 }
 
-fn check_hmac(
-    header: &'static str,
-    hex: &str,
-    body: &[u8],
-    secret: &str,
-) -> Result<(), VerifyError> {
+fn check_hmac(header: &'static str, hex: &str, body: &[u8], secret: &str) -> Result<(), VerifyError> {
     let expected = decode_sha256_hex(hex).map_err(|why| VerifyError::Malformed { header, why })?;
     // HMAC takes keys of any length, so this never fails; failing closed all the same.
-    let mut mac = HmacSha256::new_from_slice(secret.as_bytes())
-        .map_err(|_| VerifyError::Mismatch { header })?;
+    let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).map_err(|_| VerifyError::Mismatch { header })?;
     mac.update(body);
-    mac.verify_slice(&expected)
-        .map_err(|_| VerifyError::Mismatch { header })
+    mac.verify_slice(&expected).map_err(|_| VerifyError::Mismatch { header })
 }
 
 fn decode_sha256_hex(hex: &str) -> Result<[u8; 32], String> {
     if hex.len() != 64 {
-        return Err(format!(
-            "expected 64 hex digits, got {} characters",
-            hex.chars().count()
-        ));
+        return Err(format!("expected 64 hex digits, got {} characters", hex.chars().count()));
     }
     let mut out = [0u8; 32];
     for (i, pair) in hex.as_bytes().chunks_exact(2).enumerate() {
         let digit = |at: usize| {
-            char::from(pair[at])
-                .to_digit(16)
-                .ok_or_else(|| format!("not a hex digit at position {}", 2 * i + at + 1))
+            char::from(pair[at]).to_digit(16).ok_or_else(|| format!("not a hex digit at position {}", 2 * i + at + 1))
         };
         // Both digits are < 16, so the byte cannot overflow.
         out[i] = u8::try_from(digit(0)? * 16 + digit(1)?).map_err(|e| e.to_string())?;
@@ -284,16 +261,10 @@ impl RepoRef {
     pub fn matches(&self, configured_url: &str, configured_name: &str) -> bool {
         let configured_url = configured_url.trim();
         match remote_key(configured_url) {
-            Some(key) => self
-                .urls
-                .iter()
-                .filter_map(|url| remote_key(url))
-                .any(|k| k == key),
+            Some(key) => self.urls.iter().filter_map(|url| remote_key(url)).any(|k| k == key),
             None => {
                 let last = local_last_component(configured_url);
-                [last, configured_name.trim()]
-                    .iter()
-                    .any(|n| !n.is_empty() && n.eq_ignore_ascii_case(&self.name))
+                [last, configured_name.trim()].iter().any(|n| !n.is_empty() && n.eq_ignore_ascii_case(&self.name))
             }
         }
     }
@@ -317,18 +288,13 @@ fn remote_key(url: &str) -> Option<String> {
         format!("{host}/{path}")
     };
     let (authority, path) = rest.split_once('/').unwrap_or((rest.as_str(), ""));
-    let host_port = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
     let host = match host_port.rsplit_once(':') {
         Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
         _ => host_port,
     };
     let path = path.trim_matches('/');
-    let path = path
-        .strip_suffix(".git")
-        .unwrap_or(path)
-        .trim_end_matches('/');
+    let path = path.strip_suffix(".git").unwrap_or(path).trim_end_matches('/');
     if host.is_empty() {
         return None;
     }
@@ -364,11 +330,7 @@ const FORGEJO_EVENT: &str = "X-Forgejo-Event";
 /// `Merge Request Hook`...), `X-Forgejo-Event` or else `X-Gitea-Event` (`push`,
 /// `pull_request`, `create`...) — from the body. The body is only read for events rbb acts
 /// on; any other event is [`Event::Ignored`] whatever its body. Never panics.
-pub fn parse(
-    forge: Forge,
-    header: impl Fn(&str) -> Option<String>,
-    body: &[u8],
-) -> Result<Event, ParseError> {
+pub fn parse(forge: Forge, header: impl Fn(&str) -> Option<String>, body: &[u8]) -> Result<Event, ParseError> {
     let names: &[&'static str] = match forge {
         Forge::GitHub => &[GITHUB_EVENT],
         Forge::GitLab => &[GITLAB_EVENT],
@@ -377,9 +339,7 @@ pub fn parse(
     let kind = names
         .iter()
         .find_map(|name| header_value(&header, name))
-        .ok_or(ParseError::MissingEventHeader {
-            header: names[names.len() - 1],
-        })?;
+        .ok_or(ParseError::MissingEventHeader { header: names[names.len() - 1] })?;
     match (forge, kind.as_str()) {
         (Forge::GitHub | Forge::Gitea, "push") => github_like_push(json(body)?),
         (Forge::GitHub | Forge::Gitea, "pull_request") => github_like_pr(forge, json(body)?),
@@ -391,17 +351,13 @@ pub fn parse(
 }
 
 fn ignored(kind: &str, why: &str) -> Event {
-    Event::Ignored {
-        kind: kind.to_owned(),
-        why: why.to_owned(),
-    }
+    Event::Ignored { kind: kind.to_owned(), why: why.to_owned() }
 }
 
 fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ParseError> {
     if body.starts_with(b"payload=") {
         return Err(ParseError::Json {
-            why: "the body is form-encoded; set the webhook's content type to application/json"
-                .into(),
+            why: "the body is form-encoded; set the webhook's content type to application/json".into(),
         });
     }
     serde_json::from_slice(body).map_err(|e| ParseError::Json { why: e.to_string() })
@@ -425,20 +381,14 @@ fn last_segment(full_name: &str) -> String {
 }
 
 fn repo_ref(full_name: String, name: Option<String>, urls: Vec<Option<String>>) -> RepoRef {
-    let name = name
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| last_segment(&full_name));
+    let name = name.filter(|n| !n.is_empty()).unwrap_or_else(|| last_segment(&full_name));
     let mut unique: Vec<String> = Vec::new();
     for url in urls.into_iter().flatten() {
         if !url.is_empty() && !unique.contains(&url) {
             unique.push(url);
         }
     }
-    RepoRef {
-        full_name,
-        name,
-        urls: unique,
-    }
+    RepoRef { full_name, name, urls: unique }
 }
 
 /// Branch push, tag push, or [`Event::Ignored`] for other refs.
@@ -465,15 +415,7 @@ fn push_event(
     {
         commits.reverse();
     }
-    Event::Push(Push {
-        repo,
-        branch,
-        tag,
-        before,
-        after,
-        commits,
-        pusher,
-    })
+    Event::Push(Push { repo, branch, tag, before, after, commits, pusher })
 }
 
 // --- wire types shared by the three forges -----------------------------------------------
@@ -501,15 +443,9 @@ fn commits(wire: Option<Vec<WireCommit>>) -> Result<Vec<PushedCommit>, ParseErro
     wire.unwrap_or_default()
         .into_iter()
         .map(|c| {
-            let (author, email) = c
-                .author
-                .map(|a| (a.name.unwrap_or_default(), a.email.unwrap_or_default()))
-                .unwrap_or_default();
-            let files = [c.added, c.modified, c.removed]
-                .into_iter()
-                .flatten()
-                .flatten()
-                .collect();
+            let (author, email) =
+                c.author.map(|a| (a.name.unwrap_or_default(), a.email.unwrap_or_default())).unwrap_or_default();
+            let files = [c.added, c.modified, c.removed].into_iter().flatten().flatten().collect();
             Ok(PushedCommit {
                 id: required_str(c.id, "commits[].id")?,
                 message: c.message.unwrap_or_default(),
@@ -537,11 +473,7 @@ struct HubRepo {
 impl HubRepo {
     fn into_ref(self, field: &'static str) -> Result<RepoRef, ParseError> {
         let full_name = required_str(self.full_name, field)?;
-        Ok(repo_ref(
-            full_name,
-            self.name,
-            vec![self.clone_url, self.ssh_url, self.html_url, self.git_url],
-        ))
+        Ok(repo_ref(full_name, self.name, vec![self.clone_url, self.ssh_url, self.html_url, self.git_url]))
     }
 }
 
@@ -555,10 +487,7 @@ struct HubUser {
 
 impl HubUser {
     fn handle(self) -> Option<String> {
-        [self.login, self.username, self.name]
-            .into_iter()
-            .flatten()
-            .find(|s| !s.is_empty())
+        [self.login, self.username, self.name].into_iter().flatten().find(|s| !s.is_empty())
     }
 }
 
@@ -620,10 +549,7 @@ fn github_like_pr(forge: Forge, p: HubPrPayload) -> Result<Event, ParseError> {
         (_, "opened" | "reopened" | "closed") => raw_action.clone(),
         (Forge::GitHub, "synchronize") | (Forge::Gitea, "synchronized") => "synchronize".into(),
         _ => {
-            return Ok(ignored(
-                "pull_request",
-                &format!("action `{raw_action}` does not change the code to build"),
-            ));
+            return Ok(ignored("pull_request", &format!("action `{raw_action}` does not change the code to build")));
         }
     };
     let pr = required(p.pull_request, "pull_request")?;
@@ -637,10 +563,7 @@ fn github_like_pr(forge: Forge, p: HubPrPayload) -> Result<Event, ParseError> {
         target_branch: required_str(base.git_ref, "pull_request.base.ref")?,
         source_branch: required_str(head.git_ref, "pull_request.head.ref")?,
         head_sha: required_str(head.sha, "pull_request.head.sha")?,
-        head_repo_url: head
-            .repo
-            .and_then(|r| r.clone_url)
-            .filter(|u| !u.is_empty()),
+        head_repo_url: head.repo.and_then(|r| r.clone_url).filter(|u| !u.is_empty()),
         author: pr.user.and_then(HubUser::handle),
     }))
 }
@@ -663,13 +586,7 @@ impl LabProject {
         Ok(repo_ref(
             full_name,
             None,
-            vec![
-                self.git_http_url,
-                self.git_ssh_url,
-                self.web_url,
-                self.http_url,
-                self.ssh_url,
-            ],
+            vec![self.git_http_url, self.git_ssh_url, self.web_url, self.http_url, self.ssh_url],
         ))
     }
 }
@@ -694,19 +611,8 @@ fn gitlab_push(p: LabPush) -> Result<Event, ParseError> {
     // `checkout_sha` is the commit (also for annotated tags, where `after` is the tag
     // object); it is null when the ref was deleted.
     let after = object_id(p.checkout_sha).or_else(|| object_id(Some(after)));
-    let pusher = [p.user_username, p.user_name]
-        .into_iter()
-        .flatten()
-        .find(|s| !s.is_empty());
-    Ok(push_event(
-        "Push Hook",
-        git_ref,
-        repo,
-        object_id(p.before),
-        after,
-        commits(p.commits)?,
-        pusher,
-    ))
+    let pusher = [p.user_username, p.user_name].into_iter().flatten().find(|s| !s.is_empty());
+    Ok(push_event("Push Hook", git_ref, repo, object_id(p.before), after, commits(p.commits)?, pusher))
 }
 
 #[derive(Deserialize)]
@@ -763,10 +669,7 @@ fn gitlab_mr(p: LabMrPayload) -> Result<Event, ParseError> {
         target_branch: required_str(mr.target_branch, "object_attributes.target_branch")?,
         source_branch: required_str(mr.source_branch, "object_attributes.source_branch")?,
         head_sha: required_str(last_commit.id, "object_attributes.last_commit.id")?,
-        head_repo_url: mr
-            .source
-            .and_then(|s| s.git_http_url)
-            .filter(|u| !u.is_empty()),
+        head_repo_url: mr.source.and_then(|s| s.git_http_url).filter(|u| !u.is_empty()),
         author: p.user.and_then(|u| u.username).filter(|u| !u.is_empty()),
     }))
 }

@@ -40,7 +40,13 @@ fn api() -> Api {
     Api { _dir: dir, router, engine: m.engine }
 }
 
-async fn call(api: &Api, method: &str, uri: &str, token: Option<&str>, body: Option<&str>) -> (StatusCode, serde_json::Value) {
+async fn call(
+    api: &Api,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (StatusCode, serde_json::Value) {
     let mut req = Request::builder().method(method).uri(uri);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
@@ -104,7 +110,8 @@ fn lists_filter_order_and_page() {
         let (_, all) = call(&a, "GET", "/api/v2/builds", None, None).await;
         assert_eq!(all["meta"]["total"], 3);
         let (_, r) = call(&a, "GET", "/api/v2/builds?builder=app%2Fbuild&order=id", None, None).await;
-        let ids: Vec<u64> = r["builds"].as_array().expect("list").iter().map(|b| b["id"].as_u64().expect("id")).collect();
+        let ids: Vec<u64> =
+            r["builds"].as_array().expect("list").iter().map(|b| b["id"].as_u64().expect("id")).collect();
         assert_eq!(ids, [1, 3]);
         let (_, r) = call(&a, "GET", "/api/v2/builds?id__gt=1&order=-id", None, None).await;
         assert_eq!(r["builds"][0]["id"], 3);
@@ -159,7 +166,14 @@ fn control_actions_need_the_token_and_change_nothing_without_it() {
             assert_eq!(body["error"]["code"], "unauthorized");
         }
         assert!(a.engine.builds(None).is_empty(), "a refused force created a build");
-        let (s, r) = call(&a, "POST", "/api/v2/builders/app%2Fbuild/force", Some("tok"), Some(r#"{"reason": "because", "properties": {"k": "v"}}"#)).await;
+        let (s, r) = call(
+            &a,
+            "POST",
+            "/api/v2/builders/app%2Fbuild/force",
+            Some("tok"),
+            Some(r#"{"reason": "because", "properties": {"k": "v"}}"#),
+        )
+        .await;
         assert_eq!(s, StatusCode::CREATED);
         let id = r["build"].as_u64().expect("id");
         for path in [format!("/api/v2/builds/{id}/stop"), format!("/api/v2/builds/{id}/rebuild")] {
@@ -196,7 +210,11 @@ fn the_grid_is_one_request_and_events_stream_live() {
         let (_, r) = call(&a, "POST", "/api/v2/builders/app%2Flint/force", Some("tok"), Some("{}")).await;
         let id = r["build"].as_u64().expect("id");
         use futures::StreamExt;
-        let frame = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("an event in time").expect("frame").expect("bytes");
+        let frame = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("an event in time")
+            .expect("frame")
+            .expect("bytes");
         let text = String::from_utf8_lossy(&frame);
         assert!(text.contains("event: build") && text.contains(&format!("\"id\":{id}")), "{text}");
 

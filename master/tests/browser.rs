@@ -62,7 +62,13 @@ impl Driver {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("chromedriver exited with {status}: {text}");
             }
-            let port: u16 = text.split("started successfully on port ").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+            let port: u16 = text
+                .split("started successfully on port ")
+                .nth(1)?
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()?;
             let addr = format!("127.0.0.1:{port}");
             std::net::TcpStream::connect(&addr).ok().map(|_| addr)
         });
@@ -88,11 +94,12 @@ impl Driver {
             }),
         );
         let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        ClientBuilder::new(connector)
-            .capabilities(caps)
-            .connect(&self.url)
-            .await
-            .unwrap_or_else(|e| panic!("cannot open a Chromium session: {e}\n--- chromedriver log\n{}", std::fs::read_to_string(&self.log).unwrap_or_default()))
+        ClientBuilder::new(connector).capabilities(caps).connect(&self.url).await.unwrap_or_else(|e| {
+            panic!(
+                "cannot open a Chromium session: {e}\n--- chromedriver log\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            )
+        })
     }
 }
 
@@ -104,7 +111,11 @@ impl Drop for Driver {
         }
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("--- chromedriver log ({})\n{}", self.log.display(), std::fs::read_to_string(&self.log).unwrap_or_default());
+            eprintln!(
+                "--- chromedriver log ({})\n{}",
+                self.log.display(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
         }
     }
 }
@@ -121,8 +132,14 @@ async fn page_state(c: &Client) -> String {
     let text = text.as_str().unwrap_or_default();
     let errors = c.execute("return window.rbbErrors ?? []", vec![]).await.unwrap_or_default();
     let text: String = text.chars().take(3000).collect();
-    let log = c.execute("return (document.querySelector('pre.log')?.textContent ?? '').slice(-500)", vec![]).await.unwrap_or_default();
-    format!("at {url}; script errors: {errors}; the page says:\n{text}\n--- the log viewer ends with:\n{}", log.as_str().unwrap_or_default())
+    let log = c
+        .execute("return (document.querySelector('pre.log')?.textContent ?? '').slice(-500)", vec![])
+        .await
+        .unwrap_or_default();
+    format!(
+        "at {url}; script errors: {errors}; the page says:\n{text}\n--- the log viewer ends with:\n{}",
+        log.as_str().unwrap_or_default()
+    )
 }
 
 /// Polls `f` until it gives `Some`, failing after `timeout` with `what` and the page's state.
@@ -211,7 +228,11 @@ async fn a_build_forced_in_the_ui_turns_its_cell_green_live_and_shows_its_log() 
     let reason = element(&c, "#force-form input[name='reason']").await;
     reason.clear().await.expect("clear");
     reason.send_keys("forced by the browser test").await.expect("type a reason");
-    element(&c, "#force-form textarea[name='properties']").await.send_keys("who=chromium").await.expect("type properties");
+    element(&c, "#force-form textarea[name='properties']")
+        .await
+        .send_keys("who=chromium")
+        .await
+        .expect("type properties");
     screenshot(&c, "force.png").await;
     element(&c, "#force-submit").await.click().await.expect("submit");
     let id: u64 = until(&c, T, "the new build's page", || async {
@@ -224,10 +245,28 @@ async fn a_build_forced_in_the_ui_turns_its_cell_green_live_and_shows_its_log() 
     assert_eq!(b["reason"], "forced by the browser test");
 
     // The running step's log is followed live.
-    until_js(&c, T, "the running step's log", "return (document.querySelector('pre.log')?.textContent ?? '').includes('hello from the browser test')").await;
-    until_js(&c, T, "the build page to show it running", "return document.getElementById('view').dataset.state === 'running'").await;
+    until_js(
+        &c,
+        T,
+        "the running step's log",
+        "return (document.querySelector('pre.log')?.textContent ?? '').includes('hello from the browser test')",
+    )
+    .await;
+    until_js(
+        &c,
+        T,
+        "the build page to show it running",
+        "return document.getElementById('view').dataset.state === 'running'",
+    )
+    .await;
     std::fs::write(gate.with_extension("1"), "open").expect("open gate one");
-    until_js(&c, T, "the followed log to grow", "return (document.querySelector('pre.log')?.textContent ?? '').includes('gate one opened')").await;
+    until_js(
+        &c,
+        T,
+        "the followed log to grow",
+        "return (document.querySelector('pre.log')?.textContent ?? '').includes('gate one opened')",
+    )
+    .await;
 
     // Back to the grid (no reload): the cell is running; opening the gate turns it green
     // through live events alone.
@@ -243,7 +282,8 @@ async fn a_build_forced_in_the_ui_turns_its_cell_green_live_and_shows_its_log() 
 
     // The cell links to the build page, which shows the whole log of the finished step.
     element(&c, &cell).await.click().await.expect("open the build from its cell");
-    until_js(&c, T, "the finished build page", "return document.getElementById('view').dataset.result === 'SUCCESS'").await;
+    until_js(&c, T, "the finished build page", "return document.getElementById('view').dataset.result === 'SUCCESS'")
+        .await;
     until_js(&c, T, "the step's log", "const t = document.querySelector('pre.log')?.textContent ?? ''; return t.includes('hello from the browser test') && t.includes('gate two opened')").await;
     let steps = element(&c, "#build-steps").await.text().await.expect("steps text");
     assert!(steps.contains("greet") && steps.contains("SUCCESS"), "{steps}");
@@ -291,19 +331,43 @@ async fn a_big_log_is_shown_a_page_at_a_time() {
 
     // A finished log opens at its end.
     c.goto(&format!("http://{}/#/builds/{id}", m.http)).await.expect("open the build");
-    until_js(&c, T, "the end of the log", "return (document.querySelector('pre.log')?.textContent ?? '').includes('\\n400000\\n')").await;
+    until_js(
+        &c,
+        T,
+        "the end of the log",
+        "return (document.querySelector('pre.log')?.textContent ?? '').includes('\\n400000\\n')",
+    )
+    .await;
     let tail = js(&c, TEXT).await;
     let tail = tail.as_str().expect("text");
     assert!(tail.len() <= PAGE && !tail.contains("\n200000\n"), "the tail is one page: {} bytes", tail.len());
 
     // first, next, last move a page at a time.
     element(&c, "button[data-log='first']").await.click().await.expect("first");
-    until_js(&c, T, "the first page", "return (document.querySelector('pre.log')?.textContent ?? '').includes('\\n1\\n2\\n3\\n')").await;
+    until_js(
+        &c,
+        T,
+        "the first page",
+        "return (document.querySelector('pre.log')?.textContent ?? '').includes('\\n1\\n2\\n3\\n')",
+    )
+    .await;
     assert!(js(&c, TEXT).await.as_str().expect("text").len() <= PAGE);
     element(&c, "button[data-log='next']").await.click().await.expect("next");
-    until_js(&c, T, "the second page", "return document.querySelector('.log-range').textContent.startsWith('256 KiB–512 KiB of ')").await;
+    until_js(
+        &c,
+        T,
+        "the second page",
+        "return document.querySelector('.log-range').textContent.startsWith('256 KiB–512 KiB of ')",
+    )
+    .await;
     element(&c, "button[data-log='last']").await.click().await.expect("last");
-    until_js(&c, T, "the last page again", "return (document.querySelector('pre.log')?.textContent ?? '').includes('\\n400000\\n')").await;
+    until_js(
+        &c,
+        T,
+        "the last page again",
+        "return (document.querySelector('pre.log')?.textContent ?? '').includes('\\n400000\\n')",
+    )
+    .await;
 
     // No request read more than a page of the log.
     let sizes = js(&c, "return performance.getEntriesByType('resource').filter(e => e.name.includes('/raw')).map(e => e.encodedBodySize)").await;
@@ -318,7 +382,10 @@ async fn a_big_log_is_shown_a_page_at_a_time() {
 async fn stop_and_rebuild_use_the_api_token_kept_in_the_browser() {
     let dir = tempfile::tempdir().expect("tempdir");
     let gate = dir.path().join("gate");
-    let pipeline = format!("builders:\n  wait:\n    steps:\n      - name: wait\n        run: while [ ! -e '{}' ]; do sleep 0.05; done\n", gate.display());
+    let pipeline = format!(
+        "builders:\n  wait:\n    steps:\n      - name: wait\n        run: while [ ! -e '{}' ]; do sleep 0.05; done\n",
+        gate.display()
+    );
     make_repo(&dir.path().join("app"), &pipeline, &[]);
     let config = write_config(dir.path(), &["app"], &[("w1", "secret", &[])]);
     let mut text = std::fs::read_to_string(&config).expect("config");
@@ -354,7 +421,13 @@ async fn stop_and_rebuild_use_the_api_token_kept_in_the_browser() {
     element(&c, "#btn-stop:not([disabled])").await.click().await.expect("stop");
     let b = m.finished(id, T);
     assert_eq!(b["result"], "CANCELLED", "{b:#}");
-    until_js(&c, T, "the page to show it cancelled", "return document.getElementById('view').dataset.result === 'CANCELLED'").await;
+    until_js(
+        &c,
+        T,
+        "the page to show it cancelled",
+        "return document.getElementById('view').dataset.result === 'CANCELLED'",
+    )
+    .await;
 
     // Rebuild it: a new build of the same builder and commit.
     element(&c, "#btn-rebuild").await.click().await.expect("rebuild");
@@ -367,7 +440,13 @@ async fn stop_and_rebuild_use_the_api_token_kept_in_the_browser() {
     assert_eq!((r["builder"].as_str(), r["commit"].as_str()), (b["builder"].as_str(), b["commit"].as_str()));
     std::fs::write(&gate, "open").expect("open the gate");
     assert_eq!(m.finished(again, T)["result"], "SUCCESS");
-    until_js(&c, T, "the rebuild's page to show it green", "return document.getElementById('view').dataset.result === 'SUCCESS'").await;
+    until_js(
+        &c,
+        T,
+        "the rebuild's page to show it green",
+        "return document.getElementById('view').dataset.result === 'SUCCESS'",
+    )
+    .await;
     c.close().await.expect("close the browser");
 }
 
@@ -422,7 +501,13 @@ async fn a_grid_of_1000_builders_by_50_commits_renders_quickly() {
     until_js(&c, T, "the tag filter", "return document.querySelectorAll('tr[data-b]').length === 143").await;
     let toggle = element(&c, "button[data-toggle='repo-000']").await;
     toggle.click().await.expect("collapse a repository");
-    until_js(&c, T, "repo-000 to collapse", "return document.querySelector(\"div.chunk[data-repo='repo-000']\").classList.contains('collapsed')").await;
+    until_js(
+        &c,
+        T,
+        "repo-000 to collapse",
+        "return document.querySelector(\"div.chunk[data-repo='repo-000']\").classList.contains('collapsed')",
+    )
+    .await;
     js(&c, "localStorage.clear(); return null").await;
     c.close().await.expect("close the browser");
 }

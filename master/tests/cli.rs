@@ -51,7 +51,6 @@ fn commit(repo: &Path, file: &str, minutes: u32, message: &str, content: &str) -
 }
 
 fn rbb(dir: &Path, args: &[&str]) -> Output {
-    
     Command::new(env!("CARGO_BIN_EXE_rbb")).current_dir(dir).args(args).output().expect("run rbb")
 }
 
@@ -87,7 +86,8 @@ fn compiles_the_demo_repositories_from_git() {
     for (repo, id) in &commits {
         let r = plan.repos.iter().find(|r| &r.name == repo).expect("repo in plan");
         assert_eq!(r.commit.as_deref(), Some(id.as_str()), "{repo}");
-        let blob = sh(&["-c", &format!("git -C {}/repos/{repo} rev-parse main:.rbb/pipeline.yaml", dir.path().display())]);
+        let blob =
+            sh(&["-c", &format!("git -C {}/repos/{repo} rev-parse main:.rbb/pipeline.yaml", dir.path().display())]);
         assert_eq!(r.pipeline_blob.as_deref(), Some(blob.as_str()), "{repo}");
     }
     // Cross-repository needs and matrix families resolved.
@@ -158,7 +158,13 @@ fn diff_against_a_revision_and_a_saved_plan() {
 fn a_broken_pipeline_in_git_is_reported_with_its_position() {
     let (dir, _) = demo();
     let lib = dir.path().join("repos/lib");
-    commit(&lib, ".rbb/pipeline.yaml", 5, "Break it", "builders:\n  build:\n    steps:\n      - run: make\n    needs: [nope]\n");
+    commit(
+        &lib,
+        ".rbb/pipeline.yaml",
+        5,
+        "Break it",
+        "builders:\n  build:\n    steps:\n      - run: make\n    needs: [nope]\n",
+    );
     let out = rbb(dir.path(), &["compile"]);
     assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
     let err = text(&out.stderr);
@@ -172,18 +178,34 @@ fn a_broken_pipeline_in_git_is_reported_with_its_position() {
 #[test]
 fn config_mistakes_point_into_the_config() {
     let (dir, _) = demo();
-    std::fs::write(dir.path().join("bad.yaml"), "repositories:\n  - url: repos/app\n    brnach: main\n").expect("write");
+    std::fs::write(dir.path().join("bad.yaml"), "repositories:\n  - url: repos/app\n    brnach: main\n")
+        .expect("write");
     let out = rbb(dir.path(), &["compile", "--config", "bad.yaml"]);
     assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
     let err = text(&out.stderr);
-    assert!(err.contains("unknown key `brnach`") && err.contains("bad.yaml:3:5") && err.contains(" 3 |     brnach: main") && err.contains("did you mean `branch`"), "{err}");
+    assert!(
+        err.contains("unknown key `brnach`")
+            && err.contains("bad.yaml:3:5")
+            && err.contains(" 3 |     brnach: main")
+            && err.contains("did you mean `branch`"),
+        "{err}"
+    );
 
-    std::fs::write(dir.path().join("missing.yaml"), "repositories:\n  - url: repos/nothing-here\n  - url: repos/app\n    branch: develop\n").expect("write");
+    std::fs::write(
+        dir.path().join("missing.yaml"),
+        "repositories:\n  - url: repos/nothing-here\n  - url: repos/app\n    branch: develop\n",
+    )
+    .expect("write");
     let out = rbb(dir.path(), &["compile", "--config", "missing.yaml"]);
     assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
     let err = text(&out.stderr);
     assert!(err.contains("error[repo-read]") && err.contains("missing.yaml:2:10"), "{err}");
-    assert!(err.contains("revision `develop` does not exist") && err.contains("missing.yaml:4:13") && err.contains(" 4 |     branch: develop"), "{err}");
+    assert!(
+        err.contains("revision `develop` does not exist")
+            && err.contains("missing.yaml:4:13")
+            && err.contains(" 4 |     branch: develop"),
+        "{err}"
+    );
 
     let out = rbb(dir.path(), &["compile", "--config", "absent.yaml"]);
     assert_eq!(out.status.code(), Some(1));

@@ -29,7 +29,11 @@ fn a_schedule_fires_once_per_minute_across_restarts() {
         "builders:\n  nightly:\n    on:\n      schedule: [{ cron: \"*/5 * * * *\", only_if_changed: false }]\n    steps: [{ run: echo nightly }]\n",
         &[],
     );
-    std::fs::write(dir.path().join("rbb.yaml"), "repositories:\n  - url: app\n    poll_interval: 1h\nworkers:\n  - name: w1\n").expect("config");
+    std::fs::write(
+        dir.path().join("rbb.yaml"),
+        "repositories:\n  - url: app\n    poll_interval: 1h\nworkers:\n  - name: w1\n",
+    )
+    .expect("config");
     let opts = options(dir.path());
     let count = |m: &rbb_master::server::Master| m.engine.builds(Some("app/nightly")).len();
 

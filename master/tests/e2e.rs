@@ -25,7 +25,12 @@ fn setup(pipeline: &str, workers: &[(&str, &str, &[&str])]) -> Setup {
 }
 
 fn step<'a>(build: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    build["steps"].as_array().expect("steps").iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("no step {name} in {build}"))
+    build["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {build}"))
 }
 
 fn log_of(m: &Master, build: &serde_json::Value, name: &str) -> String {
@@ -210,7 +215,9 @@ fn stopping_a_build_kills_the_whole_process_group() {
     let pid: i32 = wait_for(T, "the step to start", || std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok());
     // The log is readable while the step still runs.
     let log = m.build(id)["steps"][0]["log_id"].as_u64().expect("log id");
-    wait_for(T, "the running step's output in its log", || m.get(&format!("/api/v2/logs/{log}/raw")).text().contains("started").then_some(()));
+    wait_for(T, "the running step's output in its log", || {
+        m.get(&format!("/api/v2/logs/{log}/raw")).text().contains("started").then_some(())
+    });
     assert_eq!(m.build(id)["state"], "running");
     assert_eq!(m.get(&format!("/api/v2/logs/{log}")).json()["complete"], false);
     let w = m.get("/api/v2/workers").json();
@@ -251,7 +258,11 @@ fn a_killed_worker_loses_its_step_to_another_worker() {
     wait_for(T, "the step to run on w1", || (m.build(id)["steps"][0]["state"] == "running").then_some(()));
     let _w2 = Worker::start(&m, "w2", "t", &s.dir.path().join("w2"), &[("HOSTNAME_TAG", "w2")]);
     wait_for(T, "w2 to connect", || {
-        m.get("/api/v2/workers").json()["workers"].as_array()?.iter().find(|w| w["name"] == "w2" && w["connected"] == true).map(|_| ())
+        m.get("/api/v2/workers").json()["workers"]
+            .as_array()?
+            .iter()
+            .find(|w| w["name"] == "w2" && w["connected"] == true)
+            .map(|_| ())
     });
     let killed = Instant::now();
     w1.kill9();
@@ -261,7 +272,11 @@ fn a_killed_worker_loses_its_step_to_another_worker() {
     assert_eq!(b["steps"][0]["result"], "RETRY");
     assert!(b["result_reason"].as_str().expect("reason").contains("worker w1 was lost"), "{b:#}");
     let retry = wait_for(T, "a retry build", || {
-        m.get("/api/v2/builds").json()["builds"].as_array()?.iter().find(|x| x["reason"] == format!("retry of build {id}")).cloned()
+        m.get("/api/v2/builds").json()["builds"]
+            .as_array()?
+            .iter()
+            .find(|x| x["reason"] == format!("retry of build {id}"))
+            .cloned()
     });
     let r = m.finished(retry["id"].as_u64().expect("id"), T);
     assert_eq!(r["result"], "SUCCESS", "{r:#}");
@@ -321,7 +336,11 @@ fn a_master_restart_keeps_finished_results_and_retries_running_builds() {
     assert!(s["result_reason"].as_str().expect("reason").contains("master restarted"), "{s:#}");
     // The worker reconnects by itself and runs the retry.
     let retry = wait_for(T, "the retry", || {
-        m2.get("/api/v2/builds").json()["builds"].as_array()?.iter().find(|x| x["reason"] == format!("retry of build {slow}")).cloned()
+        m2.get("/api/v2/builds").json()["builds"]
+            .as_array()?
+            .iter()
+            .find(|x| x["reason"] == format!("retry of build {slow}"))
+            .cloned()
     });
     let r = m2.finished(retry["id"].as_u64().expect("id"), T);
     assert_eq!(r["result"], "SUCCESS", "{r:#}");
@@ -332,7 +351,9 @@ fn a_master_restart_keeps_finished_results_and_retries_running_builds() {
 fn garbage_on_the_grpc_port_does_not_hurt_the_master() {
     let s = setup("builders:\n  b:\n    steps: [{ run: echo ok }]\n", &[("w1", "t", &[])]);
     let m = Master::start(&s.config, &s.state);
-    for junk in [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0xff; 4096][..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x04garbage"] {
+    for junk in
+        [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0xff; 4096][..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x04garbage"]
+    {
         let mut c = std::net::TcpStream::connect(&m.grpc).expect("connect");
         let _ = c.write_all(junk);
     }
@@ -355,7 +376,13 @@ fn binary_garbage_and_a_100_mb_line_are_stored_whole() {
     let bytes = b["steps"][0]["log_bytes"].as_u64().expect("bytes");
     assert!((101_000_000..101_010_000).contains(&bytes), "{bytes}");
     let log = b["steps"][0]["log_id"].as_u64().expect("log");
-    let mid = support::http(&m.http, "GET", &format!("/api/v2/logs/{log}/raw"), &[("Range", "bytes=20000000-20000009")], None);
+    let mid = support::http(
+        &m.http,
+        "GET",
+        &format!("/api/v2/logs/{log}/raw"),
+        &[("Range", "bytes=20000000-20000009")],
+        None,
+    );
     assert_eq!(mid.body, b"xxxxxxxxxx");
     assert_eq!(mid.header("x-rbb-log-size"), Some(bytes.to_string().as_str()));
     let on_disk: u64 = std::fs::read_dir(s.state.join("logs"))
@@ -372,7 +399,9 @@ fn a_worker_speaking_another_protocol_version_is_refused() {
     let m = Master::start(&s.config, &s.state);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let status = rt.block_on(async {
-        let mut client = rbb_schema::proto::worker_client::WorkerClient::connect(format!("http://{}", m.grpc)).await.expect("connect");
+        let mut client = rbb_schema::proto::worker_client::WorkerClient::connect(format!("http://{}", m.grpc))
+            .await
+            .expect("connect");
         let mut req = tonic::Request::new(tokio_stream::iter(Vec::<rbb_schema::proto::WorkerMessage>::new()));
         req.metadata_mut().insert("rbb-protocol", "0".parse().expect("header"));
         req.metadata_mut().insert("rbb-worker", "w1".parse().expect("header"));

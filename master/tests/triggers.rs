@@ -38,7 +38,9 @@ fn fixture(pipeline: &str, extra_config: &str, poll: &str) -> Fixture {
 fn start(f: &Fixture) -> (Master, Worker) {
     let m = Master::start(&f.config, &f.state);
     let w = Worker::start(&m, "w1", "t", &f.dir.path().join("w1"), &[]);
-    wait_for(T, "the worker to connect", || (m.get("/api/v2/workers").json()["workers"][0]["connected"] == true).then_some(()));
+    wait_for(T, "the worker to connect", || {
+        (m.get("/api/v2/workers").json()["workers"][0]["connected"] == true).then_some(())
+    });
     (m, w)
 }
 
@@ -46,7 +48,8 @@ fn build_for<'a>(all: &'a [serde_json::Value], builder: &str, commit: &str) -> O
     all.iter().find(|b| b["builder"] == builder && b["commit"] == commit)
 }
 
-const SIMPLE: &str = "builders:\n  build:\n    on:\n      push: { branches: [main] }\n    steps: [{ run: echo built }]\n";
+const SIMPLE: &str =
+    "builders:\n  build:\n    on:\n      push: { branches: [main] }\n    steps: [{ run: echo built }]\n";
 
 #[test]
 fn a_commit_is_polled_recorded_and_built() {
@@ -99,11 +102,20 @@ fn the_plan_comes_from_the_commit_and_a_broken_pipeline_is_a_visible_failure() {
     let lint = m.finished(lint["id"].as_u64().expect("id"), T);
     assert_eq!(lint["result"], "SUCCESS");
     assert_ne!(lint["plan_hash"], plan0);
-    assert_eq!(lint["pipeline_blob"].as_str().expect("blob"), git(&f.repo, &["rev-parse", &format!("{c2}:.rbb/pipeline.yaml")]));
+    assert_eq!(
+        lint["pipeline_blob"].as_str().expect("blob"),
+        git(&f.repo, &["rev-parse", &format!("{c2}:.rbb/pipeline.yaml")])
+    );
     assert_ne!(m.get("/api/v2/plan").json()["hash"], plan0, "the head plan follows main");
 
     // A broken pipeline: a failed build says why, with file:line:col.
-    let broken = commit(&f.repo, ".rbb/pipeline.yaml", "builders:\n  build:\n    needs: [nope]\n    steps: [{ run: x }]\n", 6, "Break it");
+    let broken = commit(
+        &f.repo,
+        ".rbb/pipeline.yaml",
+        "builders:\n  build:\n    needs: [nope]\n    steps: [{ run: x }]\n",
+        6,
+        "Break it",
+    );
     let fail = wait_for(T, "the failure build", || build_for(&builds(&m), "app/(pipeline)", &broken).cloned());
     assert_eq!(fail["result"], "FAILURE");
     let log = fail["steps"][0]["log_id"].as_u64().expect("log");
@@ -132,7 +144,8 @@ fn sign(secret: &str, body: &[u8]) -> String {
 
 fn payload(forge: &str, file: &str, f: impl FnOnce(&mut serde_json::Value)) -> String {
     let path = root().join("testdata/webhooks").join(forge).join(file);
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).expect("payload")).expect("json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("payload")).expect("json");
     f(&mut v);
     v.to_string()
 }
@@ -178,26 +191,62 @@ fn signed_webhooks_start_builds_at_once_and_bad_ones_are_refused() {
     let body = payload("github", "push.json", |_| {});
     let r = post_hook(&m, "github", &[("X-GitHub-Event", "push")], &body);
     assert_eq!(r.status, 401, "{}", r.text());
-    let r = post_hook(&m, "github", &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &format!("sha256={}", sign("wrong", body.as_bytes())))], &body);
+    let r = post_hook(
+        &m,
+        "github",
+        &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &format!("sha256={}", sign("wrong", body.as_bytes())))],
+        &body,
+    );
     assert_eq!(r.status, 403, "{}", r.text());
-    let r = post_hook(&m, "gitlab", &[("X-Gitlab-Event", "Push Hook"), ("X-Gitlab-Token", "nope")], &payload("gitlab", "push.json", |_| {}));
+    let r = post_hook(
+        &m,
+        "gitlab",
+        &[("X-Gitlab-Event", "Push Hook"), ("X-Gitlab-Token", "nope")],
+        &payload("gitlab", "push.json", |_| {}),
+    );
     assert_eq!(r.status, 403, "{}", r.text());
     let junk = "{not json";
-    let r = post_hook(&m, "github", &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &format!("sha256={}", sign("gh-secret", junk.as_bytes())))], junk);
+    let r = post_hook(
+        &m,
+        "github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", &format!("sha256={}", sign("gh-secret", junk.as_bytes()))),
+        ],
+        junk,
+    );
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "bad_request");
     assert_eq!(post_hook(&m, "bitbucket", &[], "{}").status, 404);
-    wait_for(T, "refusals in the master's log", || (m.log_text().matches("webhook refused").count() >= 4).then_some(()));
+    wait_for(T, "refusals in the master's log", || {
+        (m.log_text().matches("webhook refused").count() >= 4).then_some(())
+    });
     // A push to a branch that is not watched starts nothing.
     git(&f.repo, &["checkout", "-q", "-b", "experiment"]);
     let exp = commit(&f.repo, "src/e.c", "e\n", 30, "Experiment");
     let body = payload("github", "push.json", |v| v["ref"] = "refs/heads/experiment".into());
-    let r = post_hook(&m, "github", &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &format!("sha256={}", sign("gh-secret", body.as_bytes())))], &body);
+    let r = post_hook(
+        &m,
+        "github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", &format!("sha256={}", sign("gh-secret", body.as_bytes()))),
+        ],
+        &body,
+    );
     assert_eq!(r.status, 202);
     git(&f.repo, &["checkout", "-q", "main"]);
     let marker = commit(&f.repo, "src/m.c", "m\n", 31, "After the experiment");
     let body = payload("github", "push.json", |_| {});
-    let r = post_hook(&m, "github", &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &format!("sha256={}", sign("gh-secret", body.as_bytes())))], &body);
+    let r = post_hook(
+        &m,
+        "github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", &format!("sha256={}", sign("gh-secret", body.as_bytes()))),
+        ],
+        &body,
+    );
     assert_eq!(r.status, 202);
     wait_for(T, "the main commit's build", || build_for(&builds(&m), "app/build", &marker).map(|_| ()));
     assert!(builds(&m).iter().all(|b| b["commit"] != exp.as_str()), "the unwatched branch was built");
@@ -216,7 +265,15 @@ fn a_pull_request_webhook_builds_its_head() {
         v["pull_request"]["head"]["sha"] = head.clone().into();
         v["pull_request"]["head"]["ref"] = "release/pr-42".into();
     });
-    let r = post_hook(&m, "github", &[("X-GitHub-Event", "pull_request"), ("X-Hub-Signature-256", &format!("sha256={}", sign("gh-secret", body.as_bytes())))], &body);
+    let r = post_hook(
+        &m,
+        "github",
+        &[
+            ("X-GitHub-Event", "pull_request"),
+            ("X-Hub-Signature-256", &format!("sha256={}", sign("gh-secret", body.as_bytes()))),
+        ],
+        &body,
+    );
     assert_eq!(r.status, 202, "{}", r.text());
     let b = wait_for(T, "the pull request build", || build_for(&builds(&m), "app/check", &head).cloned());
     let b = m.finished(b["id"].as_u64().expect("id"), T);
@@ -229,7 +286,8 @@ fn a_pull_request_webhook_builds_its_head() {
 
 #[test]
 fn a_burst_of_pushes_is_collapsed_and_every_change_is_kept() {
-    let pipeline = "builders:\n  build:\n    on:\n      push: { branches: [main] }\n    steps: [{ run: 'sleep 0.2' }]\n";
+    let pipeline =
+        "builders:\n  build:\n    on:\n      push: { branches: [main] }\n    steps: [{ run: 'sleep 0.2' }]\n";
     let f = fixture(pipeline, "", "100ms");
     let (m, _w) = start(&f);
     let script = format!(
@@ -242,7 +300,8 @@ fn a_burst_of_pushes_is_collapsed_and_every_change_is_kept() {
     let b = wait_for(T, "a build of the last commit", || build_for(&builds(&m), "app/build", &last).cloned());
     m.finished(b["id"].as_u64().expect("id"), T);
     let ch = changes(&m);
-    let burst: Vec<&serde_json::Value> = ch.iter().filter(|c| c["message"].as_str().is_some_and(|s| s.starts_with("burst "))).collect();
+    let burst: Vec<&serde_json::Value> =
+        ch.iter().filter(|c| c["message"].as_str().is_some_and(|s| s.starts_with("burst "))).collect();
     assert_eq!(burst.len(), 100, "every commit is in the change log");
     let all = builds(&m);
     let ran = all.iter().filter(|b| b["result"] != "SKIPPED").count();
@@ -266,7 +325,9 @@ fn a_newer_commit_stops_a_superseded_build_and_locks_serialise() {
     let f = fixture(pipeline, "locks:\n  db: { max: 2 }\n", "100ms");
     let (m, _w) = start(&f);
     let c1 = commit(&f.repo, "src/1.c", "1\n", 1, "one");
-    let b1 = wait_for(T, "the first build running", || build_for(&builds(&m), "app/slow", &c1).filter(|b| b["state"] == "running").cloned());
+    let b1 = wait_for(T, "the first build running", || {
+        build_for(&builds(&m), "app/slow", &c1).filter(|b| b["state"] == "running").cloned()
+    });
     let c2 = commit(&f.repo, "src/2.c", "2\n", 2, "two");
     let b1 = m.finished(b1["id"].as_u64().expect("id"), T);
     assert_eq!(b1["result"], "CANCELLED", "{b1:#}");
@@ -287,8 +348,16 @@ fn a_newer_commit_stops_a_superseded_build_and_locks_serialise() {
 fn a_downstream_builder_in_another_repository_starts_when_its_upstream_succeeds() {
     let dir = tempfile::tempdir().expect("tempdir");
     let lib = dir.path().join("lib");
-    make_repo(&lib, "builders:\n  build:\n    on:\n      push: { branches: [main] }\n    steps: [{ run: echo lib }]\n", &[]);
-    make_repo(&dir.path().join("app"), "builders:\n  test:\n    needs: [lib/build]\n    on:\n      push: { branches: [main] }\n    steps: [{ run: echo app }]\n", &[]);
+    make_repo(
+        &lib,
+        "builders:\n  build:\n    on:\n      push: { branches: [main] }\n    steps: [{ run: echo lib }]\n",
+        &[],
+    );
+    make_repo(
+        &dir.path().join("app"),
+        "builders:\n  test:\n    needs: [lib/build]\n    on:\n      push: { branches: [main] }\n    steps: [{ run: echo app }]\n",
+        &[],
+    );
     let config = dir.path().join("rbb.yaml");
     std::fs::write(&config, "repositories:\n  - url: lib\n    poll_interval: 100ms\n  - url: app\n    poll_interval: 100ms\nworkers:\n  - name: w1\n    token: t\n    max_steps: 2\n").expect("config");
     let m = Master::start(&config, &dir.path().join("state"));

@@ -19,63 +19,35 @@ const SAMPLES: &[(Forge, &str, &str)] = &[
     (Forge::GitHub, "github/push.json", "push"),
     (Forge::GitHub, "github/push_new_branch.json", "push"),
     (Forge::GitHub, "github/push_delete_branch.json", "push"),
-    (
-        Forge::GitHub,
-        "github/pull_request_opened.json",
-        "pull_request",
-    ),
-    (
-        Forge::GitHub,
-        "github/pull_request_synchronize.json",
-        "pull_request",
-    ),
+    (Forge::GitHub, "github/pull_request_opened.json", "pull_request"),
+    (Forge::GitHub, "github/pull_request_synchronize.json", "pull_request"),
     (Forge::GitHub, "github/ping.json", "ping"),
     (Forge::GitLab, "gitlab/push.json", "Push Hook"),
     (Forge::GitLab, "gitlab/tag_push.json", "Tag Push Hook"),
-    (
-        Forge::GitLab,
-        "gitlab/merge_request_open.json",
-        "Merge Request Hook",
-    ),
+    (Forge::GitLab, "gitlab/merge_request_open.json", "Merge Request Hook"),
     (Forge::Gitea, "gitea/push.json", "push"),
-    (
-        Forge::Gitea,
-        "gitea/pull_request_opened.json",
-        "pull_request",
-    ),
+    (Forge::Gitea, "gitea/pull_request_opened.json", "pull_request"),
 ];
 
 fn sample(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../testdata/webhooks")
-        .join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/webhooks").join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
 fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn hmac_hex(secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(body);
-    mac.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The headers the forge sends with `body` signed with `secret`.
 fn signed(forge: Forge, secret: &str, body: &[u8]) -> Vec<(String, String)> {
     match forge {
-        Forge::GitHub => headers(&[(
-            "X-Hub-Signature-256",
-            &format!("sha256={}", hmac_hex(secret, body)),
-        )]),
+        Forge::GitHub => headers(&[("X-Hub-Signature-256", &format!("sha256={}", hmac_hex(secret, body)))]),
         Forge::Gitea => headers(&[("X-Gitea-Signature", &hmac_hex(secret, body))]),
         Forge::GitLab => headers(&[("X-Gitlab-Token", secret)]),
     }
@@ -91,8 +63,7 @@ fn event_header(forge: Forge) -> &'static str {
 
 fn parse_sample(forge: Forge, name: &str, kind: &str) -> Event {
     let h = headers(&[(event_header(forge), kind)]);
-    parse(forge, header_lookup(&h), &sample(name))
-        .unwrap_or_else(|e| panic!("parsing {name}: {e} ({e:?})"))
+    parse(forge, header_lookup(&h), &sample(name)).unwrap_or_else(|e| panic!("parsing {name}: {e} ({e:?})"))
 }
 
 fn push(event: Event) -> Push {
@@ -125,19 +96,9 @@ fn forge_from_path() {
 /// The example in GitHub's "Validating webhook deliveries" documentation.
 #[test]
 fn github_documented_signature_verifies() {
-    let h = headers(&[(
-        "X-Hub-Signature-256",
-        "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
-    )]);
-    assert_eq!(
-        verify(
-            Forge::GitHub,
-            header_lookup(&h),
-            b"Hello, World!",
-            "It's a Secret to Everybody"
-        ),
-        Ok(())
-    );
+    let h =
+        headers(&[("X-Hub-Signature-256", "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17")]);
+    assert_eq!(verify(Forge::GitHub, header_lookup(&h), b"Hello, World!", "It's a Secret to Everybody"), Ok(()));
 }
 
 #[test]
@@ -145,11 +106,7 @@ fn correctly_signed_samples_verify() {
     for &(forge, name, _) in SAMPLES {
         let body = sample(name);
         let h = signed(forge, SECRET, &body);
-        assert_eq!(
-            verify(forge, header_lookup(&h), &body, SECRET),
-            Ok(()),
-            "{name}"
-        );
+        assert_eq!(verify(forge, header_lookup(&h), &body, SECRET), Ok(()), "{name}");
     }
 }
 
@@ -158,10 +115,7 @@ fn header_names_are_case_insensitive() {
     let body = sample("github/push.json");
     let sig = format!("sha256={}", hmac_hex(SECRET, &body));
     let h = headers(&[("x-hub-signature-256", &sig)]);
-    assert_eq!(
-        verify(Forge::GitHub, header_lookup(&h), &body, SECRET),
-        Ok(())
-    );
+    assert_eq!(verify(Forge::GitHub, header_lookup(&h), &body, SECRET), Ok(()));
     // A lookup that only knows lower-case names (like a lower-cased map) works too.
     let lower_only = |name: &str| (name == "x-hub-signature-256").then(|| sig.clone());
     assert_eq!(verify(Forge::GitHub, lower_only, &body, SECRET), Ok(()));
@@ -171,20 +125,13 @@ fn header_names_are_case_insensitive() {
 fn forgejo_signature_header_verifies() {
     let body = sample("gitea/push.json");
     let h = headers(&[("X-Forgejo-Signature", &hmac_hex(SECRET, &body))]);
-    assert_eq!(
-        verify(Forge::Gitea, header_lookup(&h), &body, SECRET),
-        Ok(())
-    );
+    assert_eq!(verify(Forge::Gitea, header_lookup(&h), &body, SECRET), Ok(()));
     // Forgejo sends both; a wrong X-Forgejo-Signature is not rescued by X-Gitea-Signature.
-    let h = headers(&[
-        ("X-Forgejo-Signature", &hmac_hex("other", &body)),
-        ("X-Gitea-Signature", &hmac_hex(SECRET, &body)),
-    ]);
+    let h =
+        headers(&[("X-Forgejo-Signature", &hmac_hex("other", &body)), ("X-Gitea-Signature", &hmac_hex(SECRET, &body))]);
     assert_eq!(
         verify(Forge::Gitea, header_lookup(&h), &body, SECRET),
-        Err(VerifyError::Mismatch {
-            header: "X-Forgejo-Signature"
-        })
+        Err(VerifyError::Mismatch { header: "X-Forgejo-Signature" })
     );
 }
 
@@ -197,30 +144,21 @@ fn wrong_secret_is_a_mismatch() {
     ] {
         let body = sample(name);
         let h = signed(forge, "not-the-secret", &body);
-        assert_eq!(
-            verify(forge, header_lookup(&h), &body, SECRET),
-            Err(VerifyError::Mismatch { header }),
-            "{name}"
-        );
+        assert_eq!(verify(forge, header_lookup(&h), &body, SECRET), Err(VerifyError::Mismatch { header }), "{name}");
     }
     // A GitLab token that is a prefix or an extension of the secret does not pass either.
     for token in ["rbb-webhook-test", "rbb-webhook-test-secret2", ""] {
         let h = headers(&[("X-Gitlab-Token", token)]);
-        assert!(
-            verify(Forge::GitLab, header_lookup(&h), b"{}", SECRET).is_err(),
-            "{token:?}"
-        );
+        assert!(verify(Forge::GitLab, header_lookup(&h), b"{}", SECRET).is_err(), "{token:?}");
     }
 }
 
 #[test]
 fn missing_header_is_missing() {
     let nothing: Vec<(String, String)> = Vec::new();
-    for (forge, header) in [
-        (Forge::GitHub, "X-Hub-Signature-256"),
-        (Forge::GitLab, "X-Gitlab-Token"),
-        (Forge::Gitea, "X-Gitea-Signature"),
-    ] {
+    for (forge, header) in
+        [(Forge::GitHub, "X-Hub-Signature-256"), (Forge::GitLab, "X-Gitlab-Token"), (Forge::Gitea, "X-Gitea-Signature")]
+    {
         assert_eq!(
             verify(forge, header_lookup(&nothing), b"{}", SECRET),
             Err(VerifyError::Missing { header }),
@@ -228,23 +166,16 @@ fn missing_header_is_missing() {
         );
     }
     // GitHub's legacy SHA-1 header alone is not enough.
-    let h = headers(&[(
-        "X-Hub-Signature",
-        "sha1=0123456789abcdef0123456789abcdef01234567",
-    )]);
+    let h = headers(&[("X-Hub-Signature", "sha1=0123456789abcdef0123456789abcdef01234567")]);
     assert_eq!(
         verify(Forge::GitHub, header_lookup(&h), b"{}", SECRET),
-        Err(VerifyError::Missing {
-            header: "X-Hub-Signature-256"
-        })
+        Err(VerifyError::Missing { header: "X-Hub-Signature-256" })
     );
     // Gitea sends an empty signature when its webhook has no secret.
     let h = headers(&[("X-Gitea-Signature", "")]);
     assert_eq!(
         verify(Forge::Gitea, header_lookup(&h), b"{}", SECRET),
-        Err(VerifyError::Missing {
-            header: "X-Gitea-Signature"
-        })
+        Err(VerifyError::Missing { header: "X-Gitea-Signature" })
     );
 }
 
@@ -263,42 +194,17 @@ fn malformed_signature_header_is_malformed() {
     for value in github_cases {
         let h = headers(&[("X-Hub-Signature-256", &value)]);
         let got = verify(Forge::GitHub, header_lookup(&h), &body, SECRET);
-        assert!(
-            matches!(
-                got,
-                Err(VerifyError::Malformed {
-                    header: "X-Hub-Signature-256",
-                    ..
-                })
-            ),
-            "{value}: {got:?}"
-        );
+        assert!(matches!(got, Err(VerifyError::Malformed { header: "X-Hub-Signature-256", .. })), "{value}: {got:?}");
     }
-    let gitea_cases = [
-        format!("sha256={good}"),
-        "xyz".to_string(),
-        good[..63].to_string(),
-    ];
+    let gitea_cases = [format!("sha256={good}"), "xyz".to_string(), good[..63].to_string()];
     for value in gitea_cases {
         let h = headers(&[("X-Gitea-Signature", &value)]);
         let got = verify(Forge::Gitea, header_lookup(&h), &body, SECRET);
-        assert!(
-            matches!(
-                got,
-                Err(VerifyError::Malformed {
-                    header: "X-Gitea-Signature",
-                    ..
-                })
-            ),
-            "{value}: {got:?}"
-        );
+        assert!(matches!(got, Err(VerifyError::Malformed { header: "X-Gitea-Signature", .. })), "{value}: {got:?}");
     }
     // Upper-case hex is still hex.
     let h = headers(&[("X-Gitea-Signature", &good.to_uppercase())]);
-    assert_eq!(
-        verify(Forge::Gitea, header_lookup(&h), &body, SECRET),
-        Ok(())
-    );
+    assert_eq!(verify(Forge::Gitea, header_lookup(&h), &body, SECRET), Ok(()));
 }
 
 #[test]
@@ -309,10 +215,7 @@ fn body_tampered_after_signing_is_a_mismatch() {
     ] {
         let body = sample(name);
         let h = signed(forge, SECRET, &body);
-        let tampered = String::from_utf8(body)
-            .unwrap()
-            .replace("refs/heads/main", "refs/heads/prod")
-            .into_bytes();
+        let tampered = String::from_utf8(body).unwrap().replace("refs/heads/main", "refs/heads/prod").into_bytes();
         assert_eq!(
             verify(forge, header_lookup(&h), &tampered, SECRET),
             Err(VerifyError::Mismatch { header }),
@@ -323,10 +226,7 @@ fn body_tampered_after_signing_is_a_mismatch() {
     // token: the token only proves the sender knows the secret.
     let body = sample("gitlab/push.json");
     let h = signed(Forge::GitLab, SECRET, &body);
-    assert_eq!(
-        verify(Forge::GitLab, header_lookup(&h), b"{\"other\":1}", SECRET),
-        Ok(())
-    );
+    assert_eq!(verify(Forge::GitLab, header_lookup(&h), b"{\"other\":1}", SECRET), Ok(()));
 }
 
 // ------------------------------------------------------------------------------- parse
@@ -334,10 +234,7 @@ fn body_tampered_after_signing_is_a_mismatch() {
 fn assert_github_acme_app(repo: &RepoRef) {
     assert_eq!(repo.full_name, "acme/app");
     assert_eq!(repo.name, "app");
-    assert!(
-        repo.matches("https://github.com/acme/app.git", "app"),
-        "{repo:?}"
-    );
+    assert!(repo.matches("https://github.com/acme/app.git", "app"), "{repo:?}");
 }
 
 #[test]
@@ -355,14 +252,8 @@ fn github_push() {
     );
     assert_eq!(p.branch.as_deref(), Some("main"));
     assert_eq!(p.tag, None);
-    assert_eq!(
-        p.before.as_deref(),
-        Some("9c1f7a3e5b2d4c6a8e0f1b3d5c7e9a1b2c4d6e8f")
-    );
-    assert_eq!(
-        p.after.as_deref(),
-        Some("e4b8c2d6f0a1935b7d2c8e6f4a0b1c3d5e7f9a2b")
-    );
+    assert_eq!(p.before.as_deref(), Some("9c1f7a3e5b2d4c6a8e0f1b3d5c7e9a1b2c4d6e8f"));
+    assert_eq!(p.after.as_deref(), Some("e4b8c2d6f0a1935b7d2c8e6f4a0b1c3d5e7f9a2b"));
     assert_eq!(p.pusher.as_deref(), Some("jdoe"));
     assert_eq!(p.commits.len(), 2);
     let first = &p.commits[0];
@@ -370,10 +261,7 @@ fn github_push() {
     assert!(first.message.starts_with("Add retry to the fetch step\n\n"));
     assert_eq!(first.author, "Jane Doe");
     assert_eq!(first.email, "jane.doe@example.com");
-    assert_eq!(
-        first.timestamp.as_deref(),
-        Some("2025-03-11T10:55:02+01:00")
-    );
+    assert_eq!(first.timestamp.as_deref(), Some("2025-03-11T10:55:02+01:00"));
     assert_eq!(first.files, ["src/retry.rs", "src/lib.rs", "Cargo.toml"]);
     assert_eq!(p.commits[1].id, "e4b8c2d6f0a1935b7d2c8e6f4a0b1c3d5e7f9a2b");
     assert_eq!(p.commits[1].files, ["README.md", "docs/old.md"]);
@@ -381,47 +269,26 @@ fn github_push() {
 
 #[test]
 fn github_push_new_branch_has_no_before() {
-    let p = push(parse_sample(
-        Forge::GitHub,
-        "github/push_new_branch.json",
-        "push",
-    ));
+    let p = push(parse_sample(Forge::GitHub, "github/push_new_branch.json", "push"));
     assert_eq!(p.branch.as_deref(), Some("feature/login"));
     assert_eq!(p.before, None);
-    assert_eq!(
-        p.after.as_deref(),
-        Some("5d1e9b7c3a2f4e6d8c0b1a3f5e7d9c2b4a6f8e01")
-    );
+    assert_eq!(p.after.as_deref(), Some("5d1e9b7c3a2f4e6d8c0b1a3f5e7d9c2b4a6f8e01"));
     assert_eq!(p.commits.len(), 1);
-    assert_eq!(
-        p.commits[0].files,
-        ["src/login.rs", "templates/login.html", "src/main.rs"]
-    );
+    assert_eq!(p.commits[0].files, ["src/login.rs", "templates/login.html", "src/main.rs"]);
 }
 
 #[test]
 fn github_push_delete_branch_has_no_after() {
-    let p = push(parse_sample(
-        Forge::GitHub,
-        "github/push_delete_branch.json",
-        "push",
-    ));
+    let p = push(parse_sample(Forge::GitHub, "github/push_delete_branch.json", "push"));
     assert_eq!(p.branch.as_deref(), Some("feature/old-ui"));
-    assert_eq!(
-        p.before.as_deref(),
-        Some("7f3b9d1e5c2a4f6b8d0e2c4a6f8b1d3e5c7a9f02")
-    );
+    assert_eq!(p.before.as_deref(), Some("7f3b9d1e5c2a4f6b8d0e2c4a6f8b1d3e5c7a9f02"));
     assert_eq!(p.after, None);
     assert!(p.commits.is_empty());
 }
 
 #[test]
 fn github_pull_request_opened() {
-    let pr = pull_request(parse_sample(
-        Forge::GitHub,
-        "github/pull_request_opened.json",
-        "pull_request",
-    ));
+    let pr = pull_request(parse_sample(Forge::GitHub, "github/pull_request_opened.json", "pull_request"));
     assert_github_acme_app(&pr.repo);
     assert_eq!(pr.action, "opened");
     assert_eq!(pr.number, 42);
@@ -429,20 +296,13 @@ fn github_pull_request_opened() {
     assert_eq!(pr.target_branch, "main");
     assert_eq!(pr.source_branch, "feature/login");
     assert_eq!(pr.head_sha, "5d1e9b7c3a2f4e6d8c0b1a3f5e7d9c2b4a6f8e01");
-    assert_eq!(
-        pr.head_repo_url.as_deref(),
-        Some("https://github.com/jdoe/app.git")
-    );
+    assert_eq!(pr.head_repo_url.as_deref(), Some("https://github.com/jdoe/app.git"));
     assert_eq!(pr.author.as_deref(), Some("jdoe"));
 }
 
 #[test]
 fn github_pull_request_synchronize() {
-    let pr = pull_request(parse_sample(
-        Forge::GitHub,
-        "github/pull_request_synchronize.json",
-        "pull_request",
-    ));
+    let pr = pull_request(parse_sample(Forge::GitHub, "github/pull_request_synchronize.json", "pull_request"));
     assert_eq!(pr.action, "synchronize");
     assert_eq!(pr.number, 42);
     assert_eq!(pr.head_sha, "a9c7e5b3d1f9a7c5e3b1d9f7a5c3e1b9d7f5a3c1");
@@ -450,9 +310,11 @@ fn github_pull_request_synchronize() {
 
 #[test]
 fn github_pull_request_other_actions_are_ignored() {
-    let body = String::from_utf8(sample("github/pull_request_opened.json"))
-        .unwrap()
-        .replacen("\"action\": \"opened\"", "\"action\": \"labeled\"", 1);
+    let body = String::from_utf8(sample("github/pull_request_opened.json")).unwrap().replacen(
+        "\"action\": \"opened\"",
+        "\"action\": \"labeled\"",
+        1,
+    );
     let h = headers(&[("X-GitHub-Event", "pull_request")]);
     let got = parse(Forge::GitHub, header_lookup(&h), body.as_bytes()).unwrap();
     assert!(
@@ -468,33 +330,22 @@ fn github_pull_request_other_actions_are_ignored() {
 #[test]
 fn github_ping_and_other_events_are_ignored() {
     let got = parse_sample(Forge::GitHub, "github/ping.json", "ping");
-    assert!(
-        matches!(&got, Event::Ignored { kind, .. } if kind == "ping"),
-        "{got:?}"
-    );
+    assert!(matches!(&got, Event::Ignored { kind, .. } if kind == "ping"), "{got:?}");
     let h = headers(&[("X-GitHub-Event", "issue_comment")]);
     let got = parse(Forge::GitHub, header_lookup(&h), b"{}").unwrap();
-    assert!(
-        matches!(&got, Event::Ignored { kind, .. } if kind == "issue_comment"),
-        "{got:?}"
-    );
+    assert!(matches!(&got, Event::Ignored { kind, .. } if kind == "issue_comment"), "{got:?}");
 }
 
 #[test]
 fn push_to_other_refs_is_ignored() {
-    let body = String::from_utf8(sample("github/push.json"))
-        .unwrap()
-        .replacen(
-            "\"ref\": \"refs/heads/main\"",
-            "\"ref\": \"refs/notes/commits\"",
-            1,
-        );
+    let body = String::from_utf8(sample("github/push.json")).unwrap().replacen(
+        "\"ref\": \"refs/heads/main\"",
+        "\"ref\": \"refs/notes/commits\"",
+        1,
+    );
     let h = headers(&[("X-GitHub-Event", "push")]);
     let got = parse(Forge::GitHub, header_lookup(&h), body.as_bytes()).unwrap();
-    assert!(
-        matches!(&got, Event::Ignored { why, .. } if why.contains("refs/notes/commits")),
-        "{got:?}"
-    );
+    assert!(matches!(&got, Event::Ignored { why, .. } if why.contains("refs/notes/commits")), "{got:?}");
 }
 
 #[test]
@@ -504,51 +355,25 @@ fn gitlab_push() {
     assert_eq!(p.repo.name, "app");
     assert_eq!(
         p.repo.urls,
-        [
-            "https://gitlab.com/acme/app.git",
-            "git@gitlab.com:acme/app.git",
-            "https://gitlab.com/acme/app",
-        ]
+        ["https://gitlab.com/acme/app.git", "git@gitlab.com:acme/app.git", "https://gitlab.com/acme/app",]
     );
     assert_eq!(p.branch.as_deref(), Some("main"));
-    assert_eq!(
-        p.before.as_deref(),
-        Some("e4b8c2d6f0a1935b7d2c8e6f4a0b1c3d5e7f9a2b")
-    );
-    assert_eq!(
-        p.after.as_deref(),
-        Some("d8f0b2e4a6c8e0f2a4b6c8d0e2f4a6b8c0d2e415")
-    );
+    assert_eq!(p.before.as_deref(), Some("e4b8c2d6f0a1935b7d2c8e6f4a0b1c3d5e7f9a2b"));
+    assert_eq!(p.after.as_deref(), Some("d8f0b2e4a6c8e0f2a4b6c8d0e2f4a6b8c0d2e415"));
     assert_eq!(p.pusher.as_deref(), Some("jdoe"));
     let ids: Vec<_> = p.commits.iter().map(|c| c.id.as_str()).collect();
-    assert_eq!(
-        ids,
-        [
-            "b6e2a4c8d0f1e3a5b7c9d1e3f5a7b9c1d3e5f702",
-            "d8f0b2e4a6c8e0f2a4b6c8d0e2f4a6b8c0d2e415"
-        ]
-    );
-    assert_eq!(
-        p.commits[1].files,
-        [".rbb/cache.yml", "rbb.yml", "ci/old-cache.sh"]
-    );
+    assert_eq!(ids, ["b6e2a4c8d0f1e3a5b7c9d1e3f5a7b9c1d3e5f702", "d8f0b2e4a6c8e0f2a4b6c8d0e2f4a6b8c0d2e415"]);
+    assert_eq!(p.commits[1].files, [".rbb/cache.yml", "rbb.yml", "ci/old-cache.sh"]);
 }
 
 #[test]
 fn gitlab_tag_push_uses_checkout_sha() {
-    let p = push(parse_sample(
-        Forge::GitLab,
-        "gitlab/tag_push.json",
-        "Tag Push Hook",
-    ));
+    let p = push(parse_sample(Forge::GitLab, "gitlab/tag_push.json", "Tag Push Hook"));
     assert_eq!(p.tag.as_deref(), Some("v1.2.0"));
     assert_eq!(p.branch, None);
     assert_eq!(p.before, None);
     // The commit, not the annotated tag object in `after`.
-    assert_eq!(
-        p.after.as_deref(),
-        Some("d8f0b2e4a6c8e0f2a4b6c8d0e2f4a6b8c0d2e415")
-    );
+    assert_eq!(p.after.as_deref(), Some("d8f0b2e4a6c8e0f2a4b6c8d0e2f4a6b8c0d2e415"));
     assert!(p.commits.is_empty());
 }
 
@@ -561,11 +386,7 @@ fn gitlab_deleted_branch_has_no_after() {
             "\"after\": \"0000000000000000000000000000000000000000\"",
             1,
         )
-        .replacen(
-            "\"checkout_sha\": \"d8f0b2e4a6c8e0f2a4b6c8d0e2f4a6b8c0d2e415\"",
-            "\"checkout_sha\": null",
-            1,
-        );
+        .replacen("\"checkout_sha\": \"d8f0b2e4a6c8e0f2a4b6c8d0e2f4a6b8c0d2e415\"", "\"checkout_sha\": null", 1);
     let h = headers(&[("X-Gitlab-Event", "Push Hook")]);
     let p = push(parse(Forge::GitLab, header_lookup(&h), body.as_bytes()).unwrap());
     assert_eq!(p.after, None);
@@ -573,11 +394,7 @@ fn gitlab_deleted_branch_has_no_after() {
 
 #[test]
 fn gitlab_merge_request_open() {
-    let pr = pull_request(parse_sample(
-        Forge::GitLab,
-        "gitlab/merge_request_open.json",
-        "Merge Request Hook",
-    ));
+    let pr = pull_request(parse_sample(Forge::GitLab, "gitlab/merge_request_open.json", "Merge Request Hook"));
     assert_eq!(pr.repo.full_name, "acme/app");
     assert_eq!(pr.repo.name, "app");
     assert_eq!(pr.action, "opened");
@@ -586,10 +403,7 @@ fn gitlab_merge_request_open() {
     assert_eq!(pr.target_branch, "main");
     assert_eq!(pr.source_branch, "feature/login");
     assert_eq!(pr.head_sha, "f1a3c5e7b9d1f3a5c7e9b1d3f5a7c9e1b3d5f7a9");
-    assert_eq!(
-        pr.head_repo_url.as_deref(),
-        Some("https://gitlab.com/jdoe/app.git")
-    );
+    assert_eq!(pr.head_repo_url.as_deref(), Some("https://gitlab.com/jdoe/app.git"));
     assert_eq!(pr.author.as_deref(), Some("jdoe"));
 }
 
@@ -598,17 +412,9 @@ fn gitlab_merge_request_actions_are_normalised() {
     let body = String::from_utf8(sample("gitlab/merge_request_open.json")).unwrap();
     let h = headers(&[("X-Gitlab-Event", "Merge Request Hook")]);
     let with_action = |action: &str, oldrev: bool| {
-        let mut b = body.replacen(
-            "\"action\": \"open\"",
-            &format!("\"action\": \"{action}\""),
-            1,
-        );
+        let mut b = body.replacen("\"action\": \"open\"", &format!("\"action\": \"{action}\""), 1);
         if oldrev {
-            b = b.replacen(
-                "\"action\":",
-                "\"oldrev\": \"5d1e9b7c3a2f4e6d8c0b1a3f5e7d9c2b4a6f8e01\", \"action\":",
-                1,
-            );
+            b = b.replacen("\"action\":", "\"oldrev\": \"5d1e9b7c3a2f4e6d8c0b1a3f5e7d9c2b4a6f8e01\", \"action\":", 1);
         }
         parse(Forge::GitLab, header_lookup(&h), b.as_bytes()).unwrap()
     };
@@ -618,11 +424,7 @@ fn gitlab_merge_request_actions_are_normalised() {
         ("merge", false, "closed"),
         ("update", true, "synchronize"),
     ] {
-        assert_eq!(
-            pull_request(with_action(action, oldrev)).action,
-            want,
-            "{action}"
-        );
+        assert_eq!(pull_request(with_action(action, oldrev)).action, want, "{action}");
     }
     // An update without new commits (title, labels...) and approvals build nothing.
     for action in ["update", "approved"] {
@@ -636,48 +438,21 @@ fn gitea_push_lists_commits_oldest_first() {
     let p = push(parse_sample(Forge::Gitea, "gitea/push.json", "push"));
     assert_eq!(p.repo.full_name, "acme/app");
     assert_eq!(p.repo.name, "app");
-    assert!(
-        p.repo
-            .urls
-            .contains(&"https://gitea.example.com/acme/app.git".to_string())
-    );
-    assert!(
-        p.repo
-            .urls
-            .contains(&"git@gitea.example.com:acme/app.git".to_string())
-    );
+    assert!(p.repo.urls.contains(&"https://gitea.example.com/acme/app.git".to_string()));
+    assert!(p.repo.urls.contains(&"git@gitea.example.com:acme/app.git".to_string()));
     assert_eq!(p.branch.as_deref(), Some("main"));
-    assert_eq!(
-        p.before.as_deref(),
-        Some("6e8a0c2e4b6d8f0a2c4e6b8d0f2a4c6e8b0d2f47")
-    );
-    assert_eq!(
-        p.after.as_deref(),
-        Some("0b2d4f6a8c0e2b4d6f8a0c2e4b6d8f0a2c4e6b85")
-    );
+    assert_eq!(p.before.as_deref(), Some("6e8a0c2e4b6d8f0a2c4e6b8d0f2a4c6e8b0d2f47"));
+    assert_eq!(p.after.as_deref(), Some("0b2d4f6a8c0e2b4d6f8a0c2e4b6d8f0a2c4e6b85"));
     assert_eq!(p.pusher.as_deref(), Some("jdoe"));
     // Gitea sends them newest first.
     let ids: Vec<_> = p.commits.iter().map(|c| c.id.as_str()).collect();
-    assert_eq!(
-        ids,
-        [
-            "c4e6a8b0d2f4a6c8e0b2d4f6a8c0e2b4d6f8a0c3",
-            "0b2d4f6a8c0e2b4d6f8a0c2e4b6d8f0a2c4e6b85"
-        ]
-    );
-    assert_eq!(
-        p.commits[0].files,
-        ["src/parser/mod.rs", "src/parser/lexer.rs", "src/parser.rs"]
-    );
+    assert_eq!(ids, ["c4e6a8b0d2f4a6c8e0b2d4f6a8c0e2b4d6f8a0c3", "0b2d4f6a8c0e2b4d6f8a0c2e4b6d8f0a2c4e6b85"]);
+    assert_eq!(p.commits[0].files, ["src/parser/mod.rs", "src/parser/lexer.rs", "src/parser.rs"]);
 }
 
 #[test]
 fn gitea_pull_request_opened() {
-    let pr = pull_request(parse_sample(
-        Forge::Gitea,
-        "gitea/pull_request_opened.json",
-        "pull_request",
-    ));
+    let pr = pull_request(parse_sample(Forge::Gitea, "gitea/pull_request_opened.json", "pull_request"));
     assert_eq!(pr.repo.full_name, "acme/app");
     assert_eq!(pr.action, "opened");
     assert_eq!(pr.number, 3);
@@ -685,15 +460,14 @@ fn gitea_pull_request_opened() {
     assert_eq!(pr.target_branch, "main");
     assert_eq!(pr.source_branch, "feature/login");
     assert_eq!(pr.head_sha, "9e1b3d5f7a9c1e3b5d7f9a1c3e5b7d9f1a3c5e72");
-    assert_eq!(
-        pr.head_repo_url.as_deref(),
-        Some("https://gitea.example.com/jdoe/app.git")
-    );
+    assert_eq!(pr.head_repo_url.as_deref(), Some("https://gitea.example.com/jdoe/app.git"));
     assert_eq!(pr.author.as_deref(), Some("jdoe"));
     // Gitea spells it "synchronized".
-    let body = String::from_utf8(sample("gitea/pull_request_opened.json"))
-        .unwrap()
-        .replacen("\"action\": \"opened\"", "\"action\": \"synchronized\"", 1);
+    let body = String::from_utf8(sample("gitea/pull_request_opened.json")).unwrap().replacen(
+        "\"action\": \"opened\"",
+        "\"action\": \"synchronized\"",
+        1,
+    );
     let h = headers(&[("X-Forgejo-Event", "pull_request")]);
     let pr = pull_request(parse(Forge::Gitea, header_lookup(&h), body.as_bytes()).unwrap());
     assert_eq!(pr.action, "synchronize");
@@ -706,24 +480,16 @@ fn forgejo_event_header_is_read() {
     assert_eq!(p.branch.as_deref(), Some("main"));
     let h = headers(&[("X-Gitea-Event", "create")]);
     let got = parse(Forge::Gitea, header_lookup(&h), b"{}").unwrap();
-    assert!(
-        matches!(&got, Event::Ignored { kind, .. } if kind == "create"),
-        "{got:?}"
-    );
+    assert!(matches!(&got, Event::Ignored { kind, .. } if kind == "create"), "{got:?}");
 }
 
 #[test]
 fn missing_event_header_is_an_error() {
     let nothing: Vec<(String, String)> = Vec::new();
-    for (forge, header) in [
-        (Forge::GitHub, "X-GitHub-Event"),
-        (Forge::GitLab, "X-Gitlab-Event"),
-        (Forge::Gitea, "X-Gitea-Event"),
-    ] {
-        assert_eq!(
-            parse(forge, header_lookup(&nothing), b"{}"),
-            Err(ParseError::MissingEventHeader { header })
-        );
+    for (forge, header) in
+        [(Forge::GitHub, "X-GitHub-Event"), (Forge::GitLab, "X-Gitlab-Event"), (Forge::Gitea, "X-Gitea-Event")]
+    {
+        assert_eq!(parse(forge, header_lookup(&nothing), b"{}"), Err(ParseError::MissingEventHeader { header }));
     }
 }
 
@@ -740,18 +506,10 @@ fn malformed_json_is_a_json_error() {
         b"payload=%7B%22ref%22%3A%22refs%2Fheads%2Fmain%22%7D",
     ] {
         let got = parse(Forge::GitHub, header_lookup(&h), body);
-        assert!(
-            matches!(got, Err(ParseError::Json { .. })),
-            "{}: {got:?}",
-            String::from_utf8_lossy(body)
-        );
+        assert!(matches!(got, Err(ParseError::Json { .. })), "{}: {got:?}", String::from_utf8_lossy(body));
     }
     let h = headers(&[("X-Gitlab-Event", "Merge Request Hook")]);
-    let got = parse(
-        Forge::GitLab,
-        header_lookup(&h),
-        b"{\"object_attributes\": {\"iid\": -1}}",
-    );
+    let got = parse(Forge::GitLab, header_lookup(&h), b"{\"object_attributes\": {\"iid\": -1}}");
     assert!(matches!(got, Err(ParseError::Json { .. })), "{got:?}");
 }
 
@@ -759,24 +517,9 @@ fn malformed_json_is_a_json_error() {
 fn missing_required_fields_are_named() {
     let cases: &[(Forge, &str, &str, &str)] = &[
         (Forge::GitHub, "push", "{}", "ref"),
-        (
-            Forge::GitHub,
-            "push",
-            r#"{"ref": "refs/heads/main"}"#,
-            "repository",
-        ),
-        (
-            Forge::GitHub,
-            "push",
-            r#"{"ref": "refs/heads/main", "repository": {"name": "app"}}"#,
-            "repository.full_name",
-        ),
-        (
-            Forge::GitHub,
-            "push",
-            r#"{"ref": "refs/heads/main", "repository": {"full_name": "acme/app"}}"#,
-            "after",
-        ),
+        (Forge::GitHub, "push", r#"{"ref": "refs/heads/main"}"#, "repository"),
+        (Forge::GitHub, "push", r#"{"ref": "refs/heads/main", "repository": {"name": "app"}}"#, "repository.full_name"),
+        (Forge::GitHub, "push", r#"{"ref": "refs/heads/main", "repository": {"full_name": "acme/app"}}"#, "after"),
         (
             Forge::GitHub,
             "push",
@@ -784,12 +527,7 @@ fn missing_required_fields_are_named() {
             "commits[].id",
         ),
         (Forge::GitHub, "pull_request", "{}", "action"),
-        (
-            Forge::GitHub,
-            "pull_request",
-            r#"{"action": "opened"}"#,
-            "pull_request",
-        ),
+        (Forge::GitHub, "pull_request", r#"{"action": "opened"}"#, "pull_request"),
         (
             Forge::GitHub,
             "pull_request",
@@ -802,24 +540,14 @@ fn missing_required_fields_are_named() {
             r#"{"action": "opened", "pull_request": {"head": {"ref": "x"}, "base": {"ref": "main"}}, "repository": {"full_name": "acme/app"}, "number": 1}"#,
             "pull_request.head.sha",
         ),
-        (
-            Forge::GitLab,
-            "Push Hook",
-            r#"{"ref": "refs/heads/main"}"#,
-            "project",
-        ),
+        (Forge::GitLab, "Push Hook", r#"{"ref": "refs/heads/main"}"#, "project"),
         (
             Forge::GitLab,
             "Push Hook",
             r#"{"ref": "refs/heads/main", "project": {"name": "app"}}"#,
             "project.path_with_namespace",
         ),
-        (
-            Forge::GitLab,
-            "Merge Request Hook",
-            "{}",
-            "object_attributes",
-        ),
+        (Forge::GitLab, "Merge Request Hook", "{}", "object_attributes"),
         (
             Forge::GitLab,
             "Merge Request Hook",
@@ -958,16 +686,9 @@ fn truncated_samples_never_panic() {
 
 #[test]
 fn deeply_nested_json_is_an_error_not_a_stack_overflow() {
-    let body = format!(
-        "{{\"commits\": {}{}}}",
-        "[".repeat(100_000),
-        "]".repeat(100_000)
-    );
+    let body = format!("{{\"commits\": {}{}}}", "[".repeat(100_000), "]".repeat(100_000));
     let h = headers(&[("X-GitHub-Event", "push")]);
-    assert!(matches!(
-        parse(Forge::GitHub, header_lookup(&h), body.as_bytes()),
-        Err(ParseError::Json { .. })
-    ));
+    assert!(matches!(parse(Forge::GitHub, header_lookup(&h), body.as_bytes()), Err(ParseError::Json { .. })));
 }
 
 fn all_samples() -> Vec<Vec<u8>> {
@@ -1023,9 +744,7 @@ fn arb_json() -> impl Strategy<Value = serde_json::Value> {
         any::<i64>().prop_map(serde_json::Value::from),
         "[a-z0/]{0,12}".prop_map(serde_json::Value::from),
         Just(serde_json::Value::from("refs/heads/main")),
-        Just(serde_json::Value::from(
-            "0000000000000000000000000000000000000000"
-        )),
+        Just(serde_json::Value::from("0000000000000000000000000000000000000000")),
     ];
     let keys = prop::sample::select(vec![
         "ref",
@@ -1062,9 +781,8 @@ fn arb_json() -> impl Strategy<Value = serde_json::Value> {
     leaf.prop_recursive(4, 64, 8, move |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
-            prop::collection::btree_map(keys.clone(), inner, 0..8).prop_map(|m| {
-                serde_json::Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
-            }),
+            prop::collection::btree_map(keys.clone(), inner, 0..8)
+                .prop_map(|m| { serde_json::Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect()) }),
         ]
     })
 }

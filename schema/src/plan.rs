@@ -159,10 +159,7 @@ pub struct SourceLocation {
 
 impl Plan {
     pub fn builder(&self, id: &str) -> Option<&PlanBuilder> {
-        self.builders
-            .binary_search_by(|b| b.id.as_str().cmp(id))
-            .ok()
-            .map(|i| &self.builders[i])
+        self.builders.binary_search_by(|b| b.id.as_str().cmp(id)).ok().map(|i| &self.builders[i])
     }
 
     pub fn step_count(&self) -> usize {

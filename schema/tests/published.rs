@@ -6,11 +6,7 @@ use std::path::Path;
 fn check(file: &str, generated: String) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        committed == generated,
-        "{} is stale: run `cargo xtask codegen` and commit the result",
-        path.display()
-    );
+    assert!(committed == generated, "{} is stale: run `cargo xtask codegen` and commit the result", path.display());
 }
 
 #[test]
@@ -29,9 +25,6 @@ fn schema_describes_every_builder_key() {
     let builder = &schema["$defs"]["Builder"]["properties"];
     for key in ["extends", "on", "needs", "labels", "image", "matrix", "steps", "env", "timeout"] {
         assert!(builder.get(key).is_some(), "Builder schema lacks `{key}`");
-        assert!(
-            builder[key].get("description").is_some(),
-            "Builder key `{key}` has no description for editors"
-        );
+        assert!(builder[key].get("description").is_some(), "Builder key `{key}` has no description for editors");
     }
 }

@@ -62,17 +62,8 @@ pub enum CheckoutError {
 
 /// `base` joined with `relative`, which must consist of normal components only (no root, no
 /// `..`, no `.`-only path). An empty `relative` is allowed only when `allow_empty`.
-pub fn join_inside(
-    base: &Path,
-    relative: &str,
-    what: &'static str,
-    allow_empty: bool,
-) -> Result<PathBuf, PathError> {
-    let error = || PathError {
-        what,
-        path: relative.to_owned(),
-        base: base.to_owned(),
-    };
+pub fn join_inside(base: &Path, relative: &str, what: &'static str, allow_empty: bool) -> Result<PathBuf, PathError> {
+    let error = || PathError { what, path: relative.to_owned(), base: base.to_owned() };
     let mut joined = base.to_path_buf();
     let mut normal = 0;
     for component in Path::new(relative).components() {
@@ -105,13 +96,8 @@ pub async fn checkout(
     cancel: &CancellationToken,
 ) -> Result<PathBuf, CheckoutError> {
     let dir = join_inside(workdir, checkout_dir, "checkout_dir", false)?;
-    if commit.is_empty()
-        || commit.starts_with('-')
-        || commit.chars().any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err(CheckoutError::BadCommit {
-            commit: commit.to_owned(),
-        });
+    if commit.is_empty() || commit.starts_with('-') || commit.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(CheckoutError::BadCommit { commit: commit.to_owned() });
     }
     let git = Git { out, cancel };
 
@@ -120,31 +106,14 @@ pub async fn checkout(
         git.ok(&dir, &["remote", "set-url", "origin", url]).await?;
     } else {
         if dir.exists() {
-            header(
-                out,
-                format!("# removing {} (not a git checkout)\n", dir.display()),
-            )
-            .await;
-            std::fs::remove_dir_all(&dir).map_err(|source| CheckoutError::Io {
-                path: dir.clone(),
-                source,
-            })?;
+            header(out, format!("# removing {} (not a git checkout)\n", dir.display())).await;
+            std::fs::remove_dir_all(&dir).map_err(|source| CheckoutError::Io { path: dir.clone(), source })?;
         }
-        std::fs::create_dir_all(workdir).map_err(|source| CheckoutError::Io {
-            path: workdir.to_owned(),
-            source,
-        })?;
+        std::fs::create_dir_all(workdir).map_err(|source| CheckoutError::Io { path: workdir.to_owned(), source })?;
         let dir_arg = dir.as_os_str().to_owned();
         git.ok_os(
             workdir,
-            &[
-                "clone".into(),
-                "--quiet".into(),
-                "--no-checkout".into(),
-                "--".into(),
-                url.into(),
-                dir_arg,
-            ],
+            &["clone".into(), "--quiet".into(), "--no-checkout".into(), "--".into(), url.into(), dir_arg],
         )
         .await?;
     }
@@ -152,37 +121,18 @@ pub async fn checkout(
     let wanted = format!("{commit}^{{commit}}");
     if !git.succeeds(&dir, &["cat-file", "-e", &wanted]).await? {
         if reused {
-            git.ok(
-                &dir,
-                &[
-                    "fetch",
-                    "--quiet",
-                    "--force",
-                    "--tags",
-                    "origin",
-                    "+refs/heads/*:refs/remotes/origin/*",
-                ],
-            )
-            .await?;
+            git.ok(&dir, &["fetch", "--quiet", "--force", "--tags", "origin", "+refs/heads/*:refs/remotes/origin/*"])
+                .await?;
         }
         if !git.succeeds(&dir, &["cat-file", "-e", &wanted]).await? {
             // Not on any branch or tag: ask for the commit itself (servers may refuse).
-            let fetched = git
-                .succeeds(&dir, &["fetch", "--quiet", "origin", commit])
-                .await?;
+            let fetched = git.succeeds(&dir, &["fetch", "--quiet", "origin", commit]).await?;
             if !fetched || !git.succeeds(&dir, &["cat-file", "-e", &wanted]).await? {
-                return Err(CheckoutError::CommitNotFound {
-                    commit: commit.to_owned(),
-                    url: url.to_owned(),
-                });
+                return Err(CheckoutError::CommitNotFound { commit: commit.to_owned(), url: url.to_owned() });
             }
         }
     }
-    git.ok(
-        &dir,
-        &["checkout", "--quiet", "--force", "--detach", commit, "--"],
-    )
-    .await?;
+    git.ok(&dir, &["checkout", "--quiet", "--force", "--detach", commit, "--"]).await?;
     // A fresh clone has nothing untracked to remove.
     if reused {
         git.ok(&dir, &["clean", "-ffdx"]).await?;
@@ -218,17 +168,8 @@ impl Git<'_> {
         if output.status.success() {
             return Ok(());
         }
-        let text = if output.stderr.is_empty() {
-            &output.stdout
-        } else {
-            &output.stderr
-        };
-        Err(CheckoutError::Git {
-            command,
-            dir: dir.to_owned(),
-            status: output.status.to_string(),
-            message: tail(text),
-        })
+        let text = if output.stderr.is_empty() { &output.stdout } else { &output.stderr };
+        Err(CheckoutError::Git { command, dir: dir.to_owned(), status: output.status.to_string(), message: tail(text) })
     }
 
     /// Whether the command exits 0 (a non-zero exit is an answer, not an error).
@@ -238,11 +179,7 @@ impl Git<'_> {
         Ok(output.status.success())
     }
 
-    async fn run(
-        &self,
-        dir: &Path,
-        args: &[OsString],
-    ) -> Result<(String, std::process::Output), CheckoutError> {
+    async fn run(&self, dir: &Path, args: &[OsString]) -> Result<(String, std::process::Output), CheckoutError> {
         let command = std::iter::once("git".to_owned())
             .chain(args.iter().map(|a| a.to_string_lossy().into_owned()))
             .collect::<Vec<_>>()
@@ -278,11 +215,7 @@ fn tail(bytes: &[u8]) -> String {
     let lines: Vec<&str> = text.trim_end().lines().collect();
     let start = lines.len().saturating_sub(5);
     let joined = lines[start..].join(" / ");
-    if joined.is_empty() {
-        "no output".to_owned()
-    } else {
-        joined
-    }
+    if joined.is_empty() { "no output".to_owned() } else { joined }
 }
 
 #[cfg(test)]
@@ -292,23 +225,11 @@ mod tests {
     #[test]
     fn paths_stay_inside() {
         let base = Path::new("/w");
-        assert_eq!(
-            join_inside(base, "a/b", "x", false).unwrap(),
-            PathBuf::from("/w/a/b")
-        );
-        assert_eq!(
-            join_inside(base, "./a", "x", false).unwrap(),
-            PathBuf::from("/w/a")
-        );
-        assert_eq!(
-            join_inside(base, "", "x", true).unwrap(),
-            PathBuf::from("/w")
-        );
+        assert_eq!(join_inside(base, "a/b", "x", false).unwrap(), PathBuf::from("/w/a/b"));
+        assert_eq!(join_inside(base, "./a", "x", false).unwrap(), PathBuf::from("/w/a"));
+        assert_eq!(join_inside(base, "", "x", true).unwrap(), PathBuf::from("/w"));
         for bad in ["", ".", "/etc", "../x", "a/../../x", "a/.."] {
-            assert!(
-                join_inside(base, bad, "x", false).is_err(),
-                "{bad:?} accepted"
-            );
+            assert!(join_inside(base, bad, "x", false).is_err(), "{bad:?} accepted");
         }
     }
 }

@@ -77,12 +77,7 @@ pub struct StepOutcome {
 impl StepOutcome {
     /// An EXCEPTION outcome: the step could not be run at all.
     pub fn exception(reason: impl Into<String>, duration: Duration) -> StepOutcome {
-        StepOutcome {
-            result: StepResult::Exception,
-            exit_code: None,
-            reason: reason.into(),
-            duration,
-        }
+        StepOutcome { result: StepResult::Exception, exit_code: None, reason: reason.into(), duration }
     }
 }
 
@@ -90,12 +85,7 @@ impl StepOutcome {
 /// channel is bounded: a slow receiver slows the step, memory does not grow), stop the step
 /// when `cancel` fires (reporting CANCELLED), and never panic on a failing command.
 pub trait Executor: Send + Sync {
-    fn run(
-        &self,
-        spec: StepSpec,
-        out: mpsc::Sender<Output>,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'_, StepOutcome>;
+    fn run(&self, spec: StepSpec, out: mpsc::Sender<Output>, cancel: CancellationToken) -> BoxFuture<'_, StepOutcome>;
 }
 
 /// Runs steps as local processes: `sh -c <command>` in a new process group, stdin null.
@@ -103,12 +93,7 @@ pub trait Executor: Send + Sync {
 pub struct NativeExecutor;
 
 impl Executor for NativeExecutor {
-    fn run(
-        &self,
-        spec: StepSpec,
-        out: mpsc::Sender<Output>,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'_, StepOutcome> {
+    fn run(&self, spec: StepSpec, out: mpsc::Sender<Output>, cancel: CancellationToken) -> BoxFuture<'_, StepOutcome> {
         Box::pin(run_native(spec, out, cancel))
     }
 }
@@ -130,11 +115,7 @@ enum Ending {
     Cancelled,
 }
 
-async fn run_native(
-    spec: StepSpec,
-    out: mpsc::Sender<Output>,
-    cancel: CancellationToken,
-) -> StepOutcome {
+async fn run_native(spec: StepSpec, out: mpsc::Sender<Output>, cancel: CancellationToken) -> StepOutcome {
     let start = Instant::now();
     if spec.image.as_deref().is_some_and(|image| !image.is_empty()) {
         return StepOutcome::exception("this worker has no Docker executor", start.elapsed());
@@ -163,9 +144,7 @@ async fn run_native(
             );
         }
     };
-    let (Some(pid), Some(stdout), Some(stderr)) =
-        (child.id(), child.stdout.take(), child.stderr.take())
-    else {
+    let (Some(pid), Some(stdout), Some(stderr)) = (child.id(), child.stdout.take(), child.stderr.take()) else {
         // Cannot happen with piped stdio and a fresh child; report rather than panic.
         return StepOutcome::exception("spawned process has no pid or pipes", start.elapsed());
     };
@@ -196,10 +175,7 @@ async fn run_native(
         (ending, status)
     };
     let pumps = async {
-        tokio::join!(
-            pump(stdout, &out, Output::Stdout, &closing),
-            pump(stderr, &out, Output::Stderr, &closing),
-        )
+        tokio::join!(pump(stdout, &out, Output::Stdout, &closing), pump(stderr, &out, Output::Stderr, &closing),)
     };
     let ((ending, status), _) = tokio::join!(waiter, pumps);
     let duration = start.elapsed();
@@ -227,22 +203,14 @@ fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
 }
 
 fn cancelled(duration: Duration) -> StepOutcome {
-    StepOutcome {
-        result: StepResult::Cancelled,
-        exit_code: None,
-        reason: "cancelled".to_owned(),
-        duration,
-    }
+    StepOutcome { result: StepResult::Cancelled, exit_code: None, reason: "cancelled".to_owned(), duration }
 }
 
 fn exited(status: ExitStatus, duration: Duration) -> StepOutcome {
     match (status.code(), status.signal()) {
-        (Some(0), _) => StepOutcome {
-            result: StepResult::Success,
-            exit_code: Some(0),
-            reason: String::new(),
-            duration,
-        },
+        (Some(0), _) => {
+            StepOutcome { result: StepResult::Success, exit_code: Some(0), reason: String::new(), duration }
+        }
         (Some(code), _) => StepOutcome {
             result: StepResult::Failure,
             exit_code: Some(code),
@@ -277,10 +245,7 @@ async fn terminate(child: &mut Child, group: &ProcessGroup) -> std::io::Result<E
     match tokio::time::timeout(KILL_GRACE, child.wait()).await {
         Ok(status) => status,
         Err(_) => {
-            debug!(
-                pgid = group.pgid,
-                "still alive after the grace period; SIGKILL"
-            );
+            debug!(pgid = group.pgid, "still alive after the grace period; SIGKILL");
             group.signal(libc::SIGKILL);
             child.wait().await
         }
@@ -303,9 +268,7 @@ async fn pump<R: AsyncRead + Unpin>(
             match tokio::time::timeout(DRAIN_IDLE, pipe.read(&mut buf)).await {
                 Ok(read) => read,
                 Err(_) => {
-                    warn!(
-                        "a process outside the step's group keeps its output open; abandoning it"
-                    );
+                    warn!("a process outside the step's group keeps its output open; abandoning it");
                     return;
                 }
             }

@@ -41,18 +41,12 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("RBB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match serve(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!("{err:#}");
-            if err
-                .downcast_ref::<WorkerError>()
-                .is_some_and(|err| matches!(err, WorkerError::Refused { .. }))
-            {
+            if err.downcast_ref::<WorkerError>().is_some_and(|err| matches!(err, WorkerError::Refused { .. })) {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

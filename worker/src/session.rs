@@ -15,8 +15,8 @@ use rbb_schema::proto::master_message::Msg as MasterMsg;
 use rbb_schema::proto::worker_client::WorkerClient;
 use rbb_schema::proto::worker_message::Msg;
 use rbb_schema::proto::{
-    Heartbeat, Hello, Lease, LogChunk, LogStream, MasterMessage, PROTOCOL_VERSION, StepFinished,
-    StepResult, StepStarted, WorkerMessage,
+    Heartbeat, Hello, Lease, LogChunk, LogStream, MasterMessage, PROTOCOL_VERSION, StepFinished, StepResult,
+    StepStarted, WorkerMessage,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -28,9 +28,7 @@ use tonic::transport::Endpoint;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::checkout::{self, CheckoutError, join_inside};
-use crate::executor::{
-    Executor, MAX_CHUNK, NativeExecutor, Output, StepOutcome, StepSpec, format_secs,
-};
+use crate::executor::{Executor, MAX_CHUNK, NativeExecutor, Output, StepOutcome, StepSpec, format_secs};
 
 /// First reconnect delay; doubled after each failed attempt up to [`MAX_BACKOFF`].
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -139,20 +137,14 @@ enum SessionEnd {
 }
 
 fn lost(reason: impl Into<String>, welcomed: bool) -> Result<SessionEnd, WorkerError> {
-    Ok(SessionEnd::Lost {
-        reason: reason.into(),
-        welcomed,
-    })
+    Ok(SessionEnd::Lost { reason: reason.into(), welcomed })
 }
 
 /// A refusal status is fatal; any other status ends the session and is retried.
 fn status_end(status: &tonic::Status, welcomed: bool) -> Result<SessionEnd, WorkerError> {
     match status.code() {
         Code::Unauthenticated | Code::PermissionDenied | Code::FailedPrecondition => {
-            Err(WorkerError::Refused {
-                code: status.code(),
-                message: status.message().to_owned(),
-            })
+            Err(WorkerError::Refused { code: status.code(), message: status.message().to_owned() })
         }
         code => lost(format!("{code:?}: {}", status.message()), welcomed),
     }
@@ -178,15 +170,9 @@ struct StepContext {
 
 impl Connection {
     fn new(config: &WorkerConfig, executor: Arc<dyn Executor>) -> Result<Connection, WorkerError> {
-        let url = if config.master.contains("://") {
-            config.master.clone()
-        } else {
-            format!("http://{}", config.master)
-        };
-        let bad_url = |reason: String| WorkerError::BadUrl {
-            url: url.clone(),
-            reason,
-        };
+        let url =
+            if config.master.contains("://") { config.master.clone() } else { format!("http://{}", config.master) };
+        let bad_url = |reason: String| WorkerError::BadUrl { url: url.clone(), reason };
         if !url.starts_with("http://") {
             return Err(bad_url("only http:// is supported".to_owned()));
         }
@@ -202,34 +188,21 @@ impl Connection {
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(16 << 20));
         if config.name.is_empty() {
-            return Err(WorkerError::BadConfig {
-                what: "worker name",
-                reason: "it is empty".to_owned(),
-            });
+            return Err(WorkerError::BadConfig { what: "worker name", reason: "it is empty".to_owned() });
         }
         if config.max_steps == 0 {
-            return Err(WorkerError::BadConfig {
-                what: "max steps",
-                reason: "it must be at least 1".to_owned(),
-            });
+            return Err(WorkerError::BadConfig { what: "max steps", reason: "it must be at least 1".to_owned() });
         }
         let metadata = |what: &'static str, value: String| {
-            AsciiMetadataValue::try_from(value).map_err(|_| WorkerError::BadConfig {
-                what,
-                reason: "it must be printable ASCII".to_owned(),
-            })
+            AsciiMetadataValue::try_from(value)
+                .map_err(|_| WorkerError::BadConfig { what, reason: "it must be printable ASCII".to_owned() })
         };
-        std::fs::create_dir_all(&config.workdir).map_err(|source| WorkerError::Workdir {
-            path: config.workdir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&config.workdir)
+            .map_err(|source| WorkerError::Workdir { path: config.workdir.clone(), source })?;
         let workdir = config
             .workdir
             .canonicalize()
-            .map_err(|source| WorkerError::Workdir {
-                path: config.workdir.clone(),
-                source,
-            })?;
+            .map_err(|source| WorkerError::Workdir { path: config.workdir.clone(), source })?;
         Ok(Connection {
             endpoint,
             hello: Hello {
@@ -275,10 +248,7 @@ impl Connection {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) => return status_end(&status, false),
             Err(_) => {
-                return lost(
-                    format!("no answer within {}", format_secs(WELCOME_TIMEOUT)),
-                    false,
-                );
+                return lost(format!("no answer within {}", format_secs(WELCOME_TIMEOUT)), false);
             }
         };
         let first = tokio::select! {
@@ -286,19 +256,14 @@ impl Connection {
             () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         };
         let welcome = match first {
-            Ok(Ok(Some(MasterMessage {
-                msg: Some(MasterMsg::Welcome(welcome)),
-            }))) => welcome,
+            Ok(Ok(Some(MasterMessage { msg: Some(MasterMsg::Welcome(welcome)) }))) => welcome,
             Ok(Ok(Some(other))) => {
                 return lost(format!("expected Welcome, got {other:?}"), false);
             }
             Ok(Ok(None)) => return lost("the master closed the stream before Welcome", false),
             Ok(Err(status)) => return status_end(&status, false),
             Err(_) => {
-                return lost(
-                    format!("no Welcome within {}", format_secs(WELCOME_TIMEOUT)),
-                    false,
-                );
+                return lost(format!("no Welcome within {}", format_secs(WELCOME_TIMEOUT)), false);
             }
         };
         let interval = match welcome.heartbeat_interval_ms {
@@ -349,12 +314,7 @@ impl Connection {
         for token in steps.running.values() {
             token.cancel();
         }
-        if tokio::time::timeout(WIND_DOWN, async {
-            while steps.tasks.join_next().await.is_some() {}
-        })
-        .await
-        .is_err()
-        {
+        if tokio::time::timeout(WIND_DOWN, async { while steps.tasks.join_next().await.is_some() {} }).await.is_err() {
             warn!("steps did not stop in time; aborting them");
             steps.tasks.shutdown().await;
         }
@@ -383,10 +343,7 @@ impl Connection {
                     info!(lease = cancel.lease, reason = %cancel.reason, "cancelling step");
                     token.cancel();
                 }
-                None => debug!(
-                    lease = cancel.lease,
-                    "cancel for a lease that is not running"
-                ),
+                None => debug!(lease = cancel.lease, "cancel for a lease that is not running"),
             },
             MasterMsg::Lease(lease) => {
                 let id = lease.lease;
@@ -395,15 +352,8 @@ impl Connection {
                     return;
                 }
                 if steps.running.len() >= self.max_steps {
-                    warn!(
-                        lease = id,
-                        max_steps = self.max_steps,
-                        "leased a step while full"
-                    );
-                    let refusal = finished(
-                        id,
-                        &StepOutcome::exception("worker is full", Duration::ZERO),
-                    );
+                    warn!(lease = id, max_steps = self.max_steps, "leased a step while full");
+                    let refusal = finished(id, &StepOutcome::exception("worker is full", Duration::ZERO));
                     let tx = tx.clone();
                     tokio::spawn(async move {
                         let _ = tx.send(refusal).await;
@@ -412,13 +362,7 @@ impl Connection {
                 }
                 let token = CancellationToken::new();
                 steps.running.insert(id, token.clone());
-                let task = run_step(
-                    lease,
-                    Arc::clone(&self.steps),
-                    tx.clone(),
-                    token,
-                    shutdown.clone(),
-                );
+                let task = run_step(lease, Arc::clone(&self.steps), tx.clone(), token, shutdown.clone());
                 let handle = steps.tasks.spawn(task);
                 steps.leases.insert(handle.id(), id);
             }
@@ -452,10 +396,7 @@ impl Steps {
         self.running.remove(&lease);
         if let Some(err) = failure {
             error!(lease, %err, "step task failed");
-            let report = finished(
-                lease,
-                &StepOutcome::exception(format!("worker bug: {err}"), Duration::ZERO),
-            );
+            let report = finished(lease, &StepOutcome::exception(format!("worker bug: {err}"), Duration::ZERO));
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _ = tx.send(report).await;
@@ -478,9 +419,7 @@ async fn run_step(
     async move {
         info!(builder = %lease.builder, command = %lease.command, "step started");
         let start = Instant::now();
-        let _ = tx
-            .send(message(Msg::Started(StepStarted { lease: id })))
-            .await;
+        let _ = tx.send(message(Msg::Started(StepStarted { lease: id }))).await;
         let (out_tx, out_rx) = mpsc::channel(OUTPUT_CAPACITY);
         let work = async move {
             let mut outcome = execute(&lease, &ctx, &out_tx, &cancel).await;
@@ -489,19 +428,13 @@ async fn run_step(
             // reported; the master sees the session end and retries the step.
             let interrupted = outcome.result == StepResult::Cancelled && shutdown.is_cancelled();
             let summary = if interrupted {
-                format!(
-                    "# stopped: the worker is shutting down (after {})\n",
-                    took(outcome.duration)
-                )
+                format!("# stopped: the worker is shutting down (after {})\n", took(outcome.duration))
             } else if outcome.result == StepResult::Success {
                 format!("# exit code 0 (took {})\n", took(outcome.duration))
             } else {
                 format!(
                     "# {}: {} (took {})\n",
-                    outcome
-                        .result
-                        .as_str_name()
-                        .trim_start_matches("STEP_RESULT_"),
+                    outcome.result.as_str_name().trim_start_matches("STEP_RESULT_"),
                     outcome.reason,
                     took(outcome.duration)
                 )
@@ -530,22 +463,12 @@ async fn execute(
     let start = Instant::now();
     // The step's summary line carries the reason into the log as well.
     let failed = |reason: String| StepOutcome::exception(reason, start.elapsed());
-    let checkout_path = match join_inside(&ctx.workdir, &lease.checkout_dir, "checkout_dir", false)
-    {
+    let checkout_path = match join_inside(&ctx.workdir, &lease.checkout_dir, "checkout_dir", false) {
         Ok(path) => path,
         Err(err) => return failed(err.to_string()),
     };
     if let Some(wanted) = &lease.checkout {
-        match checkout::checkout(
-            &ctx.workdir,
-            &lease.checkout_dir,
-            &wanted.url,
-            &wanted.commit,
-            out,
-            cancel,
-        )
-        .await
-        {
+        match checkout::checkout(&ctx.workdir, &lease.checkout_dir, &wanted.url, &wanted.commit, out, cancel).await {
             Ok(_) => {}
             Err(CheckoutError::Cancelled) => {
                 return StepOutcome {
@@ -568,24 +491,12 @@ async fn execute(
         Err(err) => return failed(err.to_string()),
     };
     if !lease.workdir.is_empty() {
-        let _ = out
-            .send(Output::Header(
-                format!("$ cd {}\n", lease.workdir).into_bytes(),
-            ))
-            .await;
+        let _ = out.send(Output::Header(format!("$ cd {}\n", lease.workdir).into_bytes())).await;
     }
-    let _ = out
-        .send(Output::Header(
-            format!("$ {}\n", lease.command).into_bytes(),
-        ))
-        .await;
+    let _ = out.send(Output::Header(format!("$ {}\n", lease.command).into_bytes())).await;
     let spec = StepSpec {
         command: lease.command.clone(),
-        env: lease
-            .env
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect::<BTreeMap<_, _>>(),
+        env: lease.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>(),
         cwd,
         timeout: (lease.timeout_secs > 0).then(|| Duration::from_secs(lease.timeout_secs)),
         image: (!lease.image.is_empty()).then(|| lease.image.clone()),
@@ -595,11 +506,7 @@ async fn execute(
 
 /// Forwards output chunks as LogChunks until the step drops its sender. If the session is
 /// gone, chunks are dropped so the step is never blocked.
-async fn forward_logs(
-    lease: u64,
-    mut out: mpsc::Receiver<Output>,
-    tx: mpsc::Sender<WorkerMessage>,
-) {
+async fn forward_logs(lease: u64, mut out: mpsc::Receiver<Output>, tx: mpsc::Sender<WorkerMessage>) {
     let mut open = true;
     while let Some(chunk) = out.recv().await {
         if !open {
@@ -611,11 +518,7 @@ async fn forward_logs(
             Output::Header(data) => (LogStream::Header, data),
         };
         for piece in data.chunks(MAX_CHUNK) {
-            let log = LogChunk {
-                lease,
-                stream: stream as i32,
-                data: piece.to_vec(),
-            };
+            let log = LogChunk { lease, stream: stream as i32, data: piece.to_vec() };
             if tx.send(message(Msg::Log(log))).await.is_err() {
                 open = false;
                 break;
@@ -639,10 +542,7 @@ fn message(msg: Msg) -> WorkerMessage {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
 }
 
 fn took(d: Duration) -> String {

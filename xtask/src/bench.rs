@@ -21,7 +21,18 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     if !args.is_empty() {
         bail!("cargo xtask bench takes no arguments");
     }
-    run(cargo().current_dir(root).args(["build", "--release", "--quiet", "-p", "rbb-master", "-p", "rbb-compiler", "-p", "rbb-worker", "--bins"]))?;
+    run(cargo().current_dir(root).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "rbb-master",
+        "-p",
+        "rbb-compiler",
+        "-p",
+        "rbb-worker",
+        "--bins",
+    ]))?;
     let bin = target_dir(root).join("release");
     let rbb = bin.join("rbb");
     let work = root.join(".rbb-state/bench");
@@ -50,9 +61,17 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let cat_t = median(7, || time(Command::new("sh").arg("-c").arg(format!("cat {}/*.yaml", fleet.display()))))?;
     let steps = REPOS * BUILDERS * STEPS;
     println!("compile: {REPOS} repositories × {BUILDERS} builders × {STEPS} steps ({steps} steps), no snippets");
-    println!("  rbb compile --format json        {:>9}   target < 1000 ms ({:.2} of target)", ms(fleet_t), fleet_t.as_secs_f64());
+    println!(
+        "  rbb compile --format json        {:>9}   target < 1000 ms ({:.2} of target)",
+        ms(fleet_t),
+        fleet_t.as_secs_f64()
+    );
     println!("  baseline: 1-builder compile      {:>9}   (process start, config, output)", ms(tiny_t));
-    println!("  baseline: cat of the same files  {:>9}   (reading the input only; compile is {:.0}× that)", ms(cat_t), ratio(fleet_t, cat_t));
+    println!(
+        "  baseline: cat of the same files  {:>9}   (reading the input only; compile is {:.0}× that)",
+        ms(cat_t),
+        ratio(fleet_t, cat_t)
+    );
     println!("  per step                         {:>9.2} µs\n", fleet_t.as_secs_f64() * 1e6 / steps as f64);
 
     // 2. Snippet cost: N matrix snippets versus the same matrices written out in YAML.
@@ -116,7 +135,6 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     crate::runs::run(root, &bin, &work)
 }
 
-
 /// Copies `<src>/<repo>/.rbb/pipeline.yaml` to `<dst>/<repo>.yaml`.
 fn src_flat(src: &Path, dst: &Path) -> Result<std::path::PathBuf> {
     if !dst.exists() {
@@ -143,7 +161,10 @@ fn fleet_pipeline(r: usize) -> String {
         let _ = writeln!(s, "    on:\n      push: {{ branches: [main, \"release/*\"] }}");
         let _ = writeln!(s, "    steps:");
         for st in 0..STEPS {
-            let _ = writeln!(s, "      - name: s{st}\n        run: make target-{r}-{b}-{st}\n        env: {{ LEVEL: \"{st}\" }}\n        inputs: [src]");
+            let _ = writeln!(
+                s,
+                "      - name: s{st}\n        run: make target-{r}-{b}-{st}\n        env: {{ LEVEL: \"{st}\" }}\n        inputs: [src]"
+            );
         }
     }
     s

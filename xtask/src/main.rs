@@ -100,7 +100,18 @@ fn serve(root: &Path, args: &[String]) -> Result<()> {
         .context("starting rbb master")?;
     let (http, grpc) = listening(&mut master)?;
     let mut worker = Command::new(bin.join("rbb-worker"))
-        .args(["--master", &format!("http://{grpc}"), "--name", "local", "--token", "demo-token", "--labels", "linux", "--max-steps", "2"])
+        .args([
+            "--master",
+            &format!("http://{grpc}"),
+            "--name",
+            "local",
+            "--token",
+            "demo-token",
+            "--labels",
+            "linux",
+            "--max-steps",
+            "2",
+        ])
         .arg("--workdir")
         .arg(demo.join("work"))
         .spawn()
@@ -114,7 +125,9 @@ fn serve(root: &Path, args: &[String]) -> Result<()> {
     println!("  builders: http://{http}/api/v2/builders");
     println!("  workers:  http://{http}/api/v2/workers");
     println!("  UI:       http://{http}/  (API token for the buttons: {DEMO_TOKEN})");
-    println!("  force:    curl -X POST -H 'Authorization: Bearer {DEMO_TOKEN}' http://{http}/api/v2/builders/lib%2Fbuild/force");
+    println!(
+        "  force:    curl -X POST -H 'Authorization: Bearer {DEMO_TOKEN}' http://{http}/api/v2/builders/lib%2Fbuild/force"
+    );
     println!("  forced app/package: {forced}");
     println!("Ctrl-C stops it. State: {}", demo.join("state").display());
     let status = master.wait()?;
@@ -175,6 +188,8 @@ pub(crate) fn http_request(addr: &str, method: &str, path: &str, body: &str) -> 
 }
 
 fn test(root: &Path, args: &[String]) -> Result<()> {
+    // Formatting is part of the checks (rustfmt.toml); rustfmt ships with the toolchain.
+    run(cargo().current_dir(root).args(["fmt", "--all", "--check"]))?;
     let nextest = Command::new("cargo")
         .args(["nextest", "--version"])
         .stdout(std::process::Stdio::null())

@@ -66,7 +66,8 @@ pub struct Http {
 
 impl Http {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -95,7 +96,11 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body
     let mut r = BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line).expect("status line");
-    let status: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad status line {line:?}"));
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
     let mut headers = Vec::new();
     loop {
         let mut h = String::new();
@@ -272,7 +277,13 @@ impl Drop for Worker {
 /// Percent-encodes a builder id for a URL path.
 pub fn encode(s: &str) -> String {
     s.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -284,7 +295,10 @@ pub fn write_config(dir: &Path, repos: &[&str], workers: &[(&str, &str, &[&str])
     }
     text.push_str("workers:\n");
     for (name, token, labels) in workers {
-        text.push_str(&format!("  - name: {name}\n    token: {token}\n    labels: [{}]\n    max_steps: 2\n", labels.join(", ")));
+        text.push_str(&format!(
+            "  - name: {name}\n    token: {token}\n    labels: [{}]\n    max_steps: 2\n",
+            labels.join(", ")
+        ));
     }
     let p = dir.join("rbb.yaml");
     std::fs::write(&p, text).expect("write config");

@@ -29,23 +29,16 @@ async fn finish(mut child: Child) -> (Option<i32>, String) {
     let mut stderr = child.stderr.take().unwrap();
     let mut text = String::new();
     let read = async { stderr.read_to_string(&mut text).await };
-    let (status, _) = tokio::time::timeout(Duration::from_secs(15), async {
-        tokio::join!(child.wait(), read)
-    })
-    .await
-    .expect("rbb-worker did not exit in time");
+    let (status, _) = tokio::time::timeout(Duration::from_secs(15), async { tokio::join!(child.wait(), read) })
+        .await
+        .expect("rbb-worker did not exit in time");
     (status.unwrap().code(), text)
 }
 
 #[tokio::test]
 async fn a_refused_binary_exits_with_code_2() {
     let scratch = tempfile::tempdir().unwrap();
-    let master = FakeMaster::refusing(
-        "127.0.0.1:0".parse().unwrap(),
-        Code::Unauthenticated,
-        "unknown token",
-    )
-    .await;
+    let master = FakeMaster::refusing("127.0.0.1:0".parse().unwrap(), Code::Unauthenticated, "unknown token").await;
     let child = worker(&master.url(), &scratch.path().join("work"));
     let (code, stderr) = finish(child).await;
     assert_eq!(code, Some(2), "stderr:\n{stderr}");
@@ -59,15 +52,7 @@ async fn sigterm_stops_the_binary_with_code_0() {
     let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
     let child = worker(&master.url(), &scratch.path().join("work"));
     let mut session = master.next_session().await;
-    assert_eq!(
-        session
-            .metadata
-            .get("authorization")
-            .unwrap()
-            .to_str()
-            .unwrap(),
-        "Bearer from-env"
-    );
+    assert_eq!(session.metadata.get("authorization").unwrap().to_str().unwrap(), "Bearer from-env");
     let hello = session.handshake(1000).await;
     assert_eq!(hello.name, "bin-worker");
     assert_eq!(hello.labels, ["a", "b"]);

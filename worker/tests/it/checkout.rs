@@ -28,26 +28,13 @@ async fn run(
         }
         String::from_utf8(text).unwrap()
     });
-    let result = checkout(
-        workdir,
-        dir,
-        url.to_str().unwrap(),
-        commit,
-        &tx,
-        &CancellationToken::new(),
-    )
-    .await;
+    let result = checkout(workdir, dir, url.to_str().unwrap(), commit, &tx, &CancellationToken::new()).await;
     drop(tx);
     (result, log.await.unwrap())
 }
 
 fn head(repo: &Path) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(repo)
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .unwrap();
+    let out = Command::new("git").arg("-C").arg(repo).args(["rev-parse", "HEAD"]).output().unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
@@ -56,20 +43,13 @@ async fn checks_out_commits_into_a_clean_directory() {
     init_logs();
     let scratch = tempfile::tempdir().unwrap();
     let repo = scratch.path().join("repo");
-    let first = make_repo(
-        scratch.path(),
-        &repo,
-        &[("hello.txt", "one\n"), ("lib/a.txt", "a\n")],
-    );
+    let first = make_repo(scratch.path(), &repo, &[("hello.txt", "one\n"), ("lib/a.txt", "a\n")]);
     let workdir = scratch.path().join("work");
 
     let (result, log) = run(&workdir, "builds/1", &repo, &first).await;
     let dir = result.unwrap_or_else(|err| panic!("{err}\n{log}"));
     assert_eq!(dir, workdir.join("builds/1"));
-    assert_eq!(
-        std::fs::read_to_string(dir.join("hello.txt")).unwrap(),
-        "one\n"
-    );
+    assert_eq!(std::fs::read_to_string(dir.join("hello.txt")).unwrap(), "one\n");
     assert_eq!(head(&dir), first);
     assert!(log.contains("$ git clone --quiet --no-checkout"), "{log}");
 
@@ -82,30 +62,18 @@ async fn checks_out_commits_into_a_clean_directory() {
     let (result, log) = run(&workdir, "builds/1", &repo, &second).await;
     let dir = result.unwrap_or_else(|err| panic!("{err}\n{log}"));
     assert_eq!(head(&dir), second);
-    assert_eq!(
-        std::fs::read_to_string(dir.join("hello.txt")).unwrap(),
-        "two\n"
-    );
-    assert_eq!(
-        std::fs::read_to_string(dir.join("lib/a.txt")).unwrap(),
-        "a\n"
-    );
+    assert_eq!(std::fs::read_to_string(dir.join("hello.txt")).unwrap(), "two\n");
+    assert_eq!(std::fs::read_to_string(dir.join("lib/a.txt")).unwrap(), "a\n");
     assert!(!dir.join("junk.txt").exists());
     assert!(!dir.join("target").exists());
-    assert!(
-        !log.contains("git clone"),
-        "the checkout should be reused: {log}"
-    );
+    assert!(!log.contains("git clone"), "the checkout should be reused: {log}");
     assert!(log.contains("$ git fetch"), "{log}");
 
     // Back to the first commit: already present, no fetch needed.
     let (result, log) = run(&workdir, "builds/1", &repo, &first).await;
     let dir = result.unwrap_or_else(|err| panic!("{err}\n{log}"));
     assert_eq!(head(&dir), first);
-    assert_eq!(
-        std::fs::read_to_string(dir.join("hello.txt")).unwrap(),
-        "one\n"
-    );
+    assert_eq!(std::fs::read_to_string(dir.join("hello.txt")).unwrap(), "one\n");
 }
 
 #[tokio::test]
@@ -122,10 +90,7 @@ async fn a_missing_commit_is_an_error() {
     }
 
     let (result, _) = run(&workdir, "b", &repo, "--upload-pack=evil").await;
-    assert!(
-        matches!(result, Err(CheckoutError::BadCommit { .. })),
-        "{result:?}"
-    );
+    assert!(matches!(result, Err(CheckoutError::BadCommit { .. })), "{result:?}");
 }
 
 #[tokio::test]
@@ -151,10 +116,7 @@ async fn checkout_dirs_cannot_escape_the_workdir() {
     let workdir = scratch.path().join("work");
     for bad in ["../escape", "/tmp/abs", "", ".", "a/../../b"] {
         let (result, _) = run(&workdir, bad, &repo, &id).await;
-        assert!(
-            matches!(result, Err(CheckoutError::Path(_))),
-            "{bad:?}: {result:?}"
-        );
+        assert!(matches!(result, Err(CheckoutError::Path(_))), "{bad:?}: {result:?}");
     }
     assert!(!scratch.path().join("escape").exists());
 }

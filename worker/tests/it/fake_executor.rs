@@ -50,12 +50,7 @@ impl FakeExecutor {
 
     /// Commands run so far, in call order.
     pub fn calls(&self) -> Vec<String> {
-        self.calls
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|s| s.command.clone())
-            .collect()
+        self.calls.lock().unwrap().iter().map(|s| s.command.clone()).collect()
     }
 
     pub fn specs(&self) -> Vec<StepSpec> {
@@ -71,39 +66,25 @@ impl FakeExecutor {
     pub fn assert_done(&self) {
         let violations = self.violations();
         assert!(violations.is_empty(), "calls out of order: {violations:?}");
-        let left: Vec<String> = self
-            .expected
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|e| e.command.clone())
-            .collect();
+        let left: Vec<String> = self.expected.lock().unwrap().iter().map(|e| e.command.clone()).collect();
         assert!(left.is_empty(), "expected calls never made: {left:?}");
     }
 }
 
 impl Executor for FakeExecutor {
-    fn run(
-        &self,
-        spec: StepSpec,
-        out: mpsc::Sender<Output>,
-        cancel: CancellationToken,
-    ) -> BoxFuture<'_, StepOutcome> {
+    fn run(&self, spec: StepSpec, out: mpsc::Sender<Output>, cancel: CancellationToken) -> BoxFuture<'_, StepOutcome> {
         Box::pin(async move {
             self.calls.lock().unwrap().push(spec.clone());
             let next = self.expected.lock().unwrap().pop_front();
             let Some(expected) = next else {
-                self.violations
-                    .lock()
-                    .unwrap()
-                    .push(format!("unexpected call {:?}", spec.command));
+                self.violations.lock().unwrap().push(format!("unexpected call {:?}", spec.command));
                 return StepOutcome::exception("unexpected call", Duration::ZERO);
             };
             if expected.command != spec.command {
-                self.violations.lock().unwrap().push(format!(
-                    "expected {:?}, got {:?}",
-                    expected.command, spec.command
-                ));
+                self.violations
+                    .lock()
+                    .unwrap()
+                    .push(format!("expected {:?}, got {:?}", expected.command, spec.command));
             }
             if !expected.stdout.is_empty() {
                 let _ = out.send(Output::Stdout(expected.stdout.clone())).await;
@@ -144,26 +125,19 @@ async fn the_fake_checks_call_order() {
         fake.run(spec, tx, CancellationToken::new()).await
     }
 
-    let fake = FakeExecutor::default()
-        .expect("build", StepResult::Success, "built\n")
-        .expect("test", StepResult::Failure, "");
+    let fake =
+        FakeExecutor::default().expect("build", StepResult::Success, "built\n").expect("test", StepResult::Failure, "");
     assert_eq!(run(&fake, spec("build")).await.result, StepResult::Success);
     assert_eq!(run(&fake, spec("test")).await.result, StepResult::Failure);
     fake.assert_done();
     assert_eq!(fake.calls(), ["build", "test"]);
 
-    let fake = FakeExecutor::default()
-        .expect("build", StepResult::Success, "")
-        .expect("test", StepResult::Success, "");
+    let fake = FakeExecutor::default().expect("build", StepResult::Success, "").expect("test", StepResult::Success, "");
     run(&fake, spec("test")).await;
     run(&fake, spec("build")).await;
     run(&fake, spec("deploy")).await;
     assert_eq!(
         fake.violations(),
-        [
-            "expected \"build\", got \"test\"",
-            "expected \"test\", got \"build\"",
-            "unexpected call \"deploy\"",
-        ]
+        ["expected \"build\", got \"test\"", "expected \"test\", got \"build\"", "unexpected call \"deploy\"",]
     );
 }

@@ -53,10 +53,7 @@ type SessionStream = Pin<Box<dyn Stream<Item = Result<MasterMessage, Status>> + 
 impl Worker for Service {
     type SessionStream = SessionStream;
 
-    async fn session(
-        &self,
-        request: Request<Streaming<WorkerMessage>>,
-    ) -> Result<Response<SessionStream>, Status> {
+    async fn session(&self, request: Request<Streaming<WorkerMessage>>) -> Result<Response<SessionStream>, Status> {
         if let Some((code, message)) = &self.refuse {
             return Err(Status::new(*code, message.clone()));
         }
@@ -75,15 +72,8 @@ impl Worker for Service {
             end.cancel();
         });
         let (to_worker, rx) = mpsc::channel(16);
-        let _ = self.sessions.send(MasterSession {
-            metadata,
-            to_worker,
-            from_worker,
-            heartbeats: 0,
-        });
-        let stream = ReceiverStream::new(rx)
-            .map(Ok)
-            .take_until(ended.cancelled_owned());
+        let _ = self.sessions.send(MasterSession { metadata, to_worker, from_worker, heartbeats: 0 });
+        let stream = ReceiverStream::new(rx).map(Ok).take_until(ended.cancelled_owned());
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -105,31 +95,18 @@ impl FakeMaster {
         let (sessions_tx, sessions) = mpsc::unbounded_channel();
         let kill = CancellationToken::new();
         let stop = CancellationToken::new();
-        let service = Service {
-            refuse,
-            sessions: sessions_tx,
-            kill: kill.clone(),
-        };
+        let service = Service { refuse, sessions: sessions_tx, kill: kill.clone() };
         let server = tokio::spawn({
             let stop = stop.clone();
             async move {
                 tonic::transport::Server::builder()
                     .add_service(WorkerServer::new(service))
-                    .serve_with_incoming_shutdown(
-                        TcpListenerStream::new(listener),
-                        stop.cancelled_owned(),
-                    )
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
                     .await
                     .expect("fake master server");
             }
         });
-        FakeMaster {
-            addr,
-            sessions,
-            kill,
-            stop,
-            server,
-        }
+        FakeMaster { addr, sessions, kill, stop, server }
     }
 
     pub fn url(&self) -> String {
@@ -149,10 +126,7 @@ impl FakeMaster {
         self.kill.cancel();
         self.stop.cancel();
         let abort = self.server.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(5), self.server)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(5), self.server).await.is_err() {
             abort.abort();
         }
         self.addr
@@ -198,10 +172,7 @@ impl MasterSession {
     }
 
     pub async fn send(&self, msg: MasterMsg) {
-        self.to_worker
-            .send(MasterMessage { msg: Some(msg) })
-            .await
-            .expect("session stream closed");
+        self.to_worker.send(MasterMessage { msg: Some(msg) }).await.expect("session stream closed");
     }
 
     /// Reads Hello and answers Welcome.

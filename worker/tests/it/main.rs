@@ -21,47 +21,31 @@ use std::time::Duration;
 pub fn init_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RBB_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("rbb_worker=debug"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
 
 /// Polls `condition` every 20 ms until it holds; panics with `what` after `limit`.
 pub async fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting until {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting until {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 fn fixture_script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../testdata/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/fixtures").join(name)
 }
 
 /// A real git repository at `dest` holding `files` as one commit on `main`; returns its id.
 pub fn make_repo(scratch: &Path, dest: &Path, files: &[(&str, &str)]) -> String {
-    let src = scratch.join(format!(
-        "src-{}",
-        dest.file_name().unwrap().to_string_lossy()
-    ));
+    let src = scratch.join(format!("src-{}", dest.file_name().unwrap().to_string_lossy()));
     for (name, content) in files {
         let path = src.join(name);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, content).unwrap();
     }
-    let output = Command::new("sh")
-        .arg(fixture_script("mkrepo.sh"))
-        .arg(&src)
-        .arg(dest)
-        .output()
-        .unwrap();
+    let output = Command::new("sh").arg(fixture_script("mkrepo.sh")).arg(&src).arg(dest).output().unwrap();
     assert!(output.status.success(), "mkrepo.sh failed: {output:?}");
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
@@ -80,12 +64,7 @@ pub fn commit(repo: &Path, file: &str, minutes: u32, content: &str) -> String {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(content.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(content.as_bytes()).unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(output.status.success(), "commit.sh failed: {output:?}");
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
@@ -98,9 +77,7 @@ pub fn process_gone(pid: i32) -> bool {
         return true;
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => true,
     }
 }

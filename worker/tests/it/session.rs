@@ -26,12 +26,7 @@ struct TestWorker {
 }
 
 impl TestWorker {
-    fn start(
-        url: String,
-        workdir: &Path,
-        max_steps: u32,
-        executor: Arc<dyn Executor>,
-    ) -> TestWorker {
+    fn start(url: String, workdir: &Path, max_steps: u32, executor: Arc<dyn Executor>) -> TestWorker {
         let config = WorkerConfig {
             master: url,
             name: "w1".to_owned(),
@@ -85,9 +80,7 @@ fn logs(messages: &[Msg], lease: u64) -> HashMap<LogStream, String> {
             assert_eq!(chunk.lease, lease);
             assert!(chunk.data.len() <= rbb_worker::executor::MAX_CHUNK);
             let stream = LogStream::try_from(chunk.stream).unwrap();
-            logs.entry(stream)
-                .or_default()
-                .push_str(&String::from_utf8_lossy(&chunk.data));
+            logs.entry(stream).or_default().push_str(&String::from_utf8_lossy(&chunk.data));
         }
     }
     logs
@@ -98,21 +91,12 @@ async fn runs_leased_steps_with_a_checkout() {
     init_logs();
     let scratch = tempfile::tempdir().unwrap();
     let repo = scratch.path().join("repo");
-    let commit = make_repo(
-        scratch.path(),
-        &repo,
-        &[("hello.txt", "hello from git\n"), ("sub/x.txt", "x\n")],
-    );
+    let commit = make_repo(scratch.path(), &repo, &[("hello.txt", "hello from git\n"), ("sub/x.txt", "x\n")]);
     let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
     let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
 
     let mut session = master.next_session().await;
-    let header = |key: &str| {
-        session
-            .metadata
-            .get(key)
-            .map(|v| v.to_str().unwrap().to_owned())
-    };
+    let header = |key: &str| session.metadata.get(key).map(|v| v.to_str().unwrap().to_owned());
     assert_eq!(header("rbb-protocol").as_deref(), Some("1"));
     assert_eq!(header("rbb-worker").as_deref(), Some("w1"));
     assert_eq!(header("authorization"), Some(format!("Bearer {TOKEN}")));
@@ -120,17 +104,11 @@ async fn runs_leased_steps_with_a_checkout() {
     assert_eq!(hello.name, "w1");
     assert_eq!(hello.labels, ["linux", "fast"]);
     assert_eq!(hello.max_steps, 1);
-    assert_eq!(
-        hello.platform,
-        format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH)
-    );
+    assert_eq!(hello.platform, format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH));
     assert_eq!(hello.version, env!("CARGO_PKG_VERSION"));
 
     let mut first = lease(1, "cat hello.txt; echo oops >&2; echo \"$GREETING\"");
-    first.checkout = Some(Checkout {
-        url: repo.to_str().unwrap().to_owned(),
-        commit: commit.clone(),
-    });
+    first.checkout = Some(Checkout { url: repo.to_str().unwrap().to_owned(), commit: commit.clone() });
     first.env.insert("GREETING".to_owned(), "hi".to_owned());
     session.send(MasterMsg::Lease(first)).await;
     let (messages, finished) = session.until_finished(1).await;
@@ -139,11 +117,7 @@ async fn runs_leased_steps_with_a_checkout() {
         "StepStarted must come first: {messages:?}"
     );
     let log = logs(&messages[1..], 1);
-    assert_eq!(
-        finished.result,
-        StepResult::Success as i32,
-        "{finished:?}\n{log:?}"
-    );
+    assert_eq!(finished.result, StepResult::Success as i32, "{finished:?}\n{log:?}");
     assert_eq!(finished.exit_code, Some(0));
     assert_eq!(log[&LogStream::Stdout], "hello from git\nhi\n");
     assert_eq!(log[&LogStream::Stderr], "oops\n");
@@ -161,11 +135,7 @@ async fn runs_leased_steps_with_a_checkout() {
     assert_eq!(finished.result, StepResult::Failure as i32);
     assert_eq!(finished.exit_code, Some(4));
     assert_eq!(finished.reason, "exit code 4");
-    let sub = scratch
-        .path()
-        .join("work/builds/7/sub")
-        .canonicalize()
-        .unwrap();
+    let sub = scratch.path().join("work/builds/7/sub").canonicalize().unwrap();
     assert_eq!(log[&LogStream::Stdout], format!("x\n{}\n", sub.display()));
 
     // A checkout that fails is an EXCEPTION with git's story in the log.
@@ -178,17 +148,10 @@ async fn runs_leased_steps_with_a_checkout() {
     session.send(MasterMsg::Lease(broken)).await;
     let (_, finished) = session.until_finished(3).await;
     assert_eq!(finished.result, StepResult::Exception as i32);
-    assert!(
-        finished.reason.contains("checkout failed"),
-        "{}",
-        finished.reason
-    );
+    assert!(finished.reason.contains("checkout failed"), "{}", finished.reason);
 
     // Heartbeats flow at the Welcome's interval.
-    wait_until("heartbeats arrive", Duration::from_secs(10), || {
-        session.heartbeats > 0
-    })
-    .await;
+    wait_until("heartbeats arrive", Duration::from_secs(10), || session.heartbeats > 0).await;
     worker.stop().await;
 }
 
@@ -205,18 +168,9 @@ async fn cancel_stops_a_running_step() {
     session.send(MasterMsg::Lease(lease(5, "sleep 30"))).await;
     assert!(matches!(session.recv().await, Msg::Started(s) if s.lease == 5));
     let start = Instant::now();
-    session
-        .send(MasterMsg::Cancel(Cancel {
-            lease: 5,
-            reason: "user asked".to_owned(),
-        }))
-        .await;
+    session.send(MasterMsg::Cancel(Cancel { lease: 5, reason: "user asked".to_owned() })).await;
     let (_, finished) = session.until_finished(5).await;
-    assert_eq!(
-        finished.result,
-        StepResult::Cancelled as i32,
-        "{finished:?}"
-    );
+    assert_eq!(finished.result, StepResult::Cancelled as i32, "{finished:?}");
     assert_eq!(finished.reason, "cancelled");
     assert!(start.elapsed() < Duration::from_secs(5));
     worker.stop().await;
@@ -247,20 +201,12 @@ async fn steps_run_in_lease_order() {
         if id == 1 {
             assert_eq!(logs(&messages[1..], 1)[&LogStream::Stdout], "made\n");
         }
-        let expected = if id == 2 {
-            StepResult::Failure
-        } else {
-            StepResult::Success
-        };
+        let expected = if id == 2 { StepResult::Failure } else { StepResult::Success };
         assert_eq!(finished.result, expected as i32);
     }
     fake.assert_done();
     let specs = fake.specs();
-    assert!(
-        specs
-            .iter()
-            .all(|s| s.timeout.is_none() && s.image.is_none())
-    );
+    assert!(specs.iter().all(|s| s.timeout.is_none() && s.image.is_none()));
     assert!(specs.iter().all(|s| s.cwd.ends_with("work/builds/7")));
     worker.stop().await;
 }
@@ -283,12 +229,7 @@ async fn an_over_lease_is_answered_worker_is_full() {
     assert_eq!(finished.result, StepResult::Exception as i32);
     assert_eq!(finished.reason, "worker is full");
 
-    session
-        .send(MasterMsg::Cancel(Cancel {
-            lease: 1,
-            reason: String::new(),
-        }))
-        .await;
+    session.send(MasterMsg::Cancel(Cancel { lease: 1, reason: String::new() })).await;
     let (_, finished) = session.until_finished(1).await;
     assert_eq!(finished.result, StepResult::Cancelled as i32);
     fake.assert_done();
@@ -300,11 +241,7 @@ async fn an_over_lease_is_answered_worker_is_full() {
 async fn a_refused_worker_stops_with_an_error() {
     init_logs();
     let scratch = tempfile::tempdir().unwrap();
-    for code in [
-        Code::Unauthenticated,
-        Code::PermissionDenied,
-        Code::FailedPrecondition,
-    ] {
+    for code in [Code::Unauthenticated, Code::PermissionDenied, Code::FailedPrecondition] {
         let master = FakeMaster::refusing("127.0.0.1:0".parse().unwrap(), code, "go away").await;
         let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
         let result = tokio::time::timeout(Duration::from_secs(10), worker.handle)
@@ -333,31 +270,17 @@ async fn reconnects_when_the_master_restarts() {
     session.handshake(1000).await;
 
     // A running step is stopped when the stream is lost (the master retries it).
-    session
-        .send(MasterMsg::Lease(lease(
-            1,
-            "sleep 60 & echo $! > bg.pid; wait",
-        )))
-        .await;
+    session.send(MasterMsg::Lease(lease(1, "sleep 60 & echo $! > bg.pid; wait"))).await;
     assert!(matches!(session.recv().await, Msg::Started(_)));
     let pidfile = scratch.path().join("work/builds/7/bg.pid");
     wait_until("the step writes its pid", Duration::from_secs(10), || {
         std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
     })
     .await;
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
 
     let addr = master.stop().await;
-    wait_until(
-        "the lost step's processes are gone",
-        Duration::from_secs(10),
-        || process_gone(pid),
-    )
-    .await;
+    wait_until("the lost step's processes are gone", Duration::from_secs(10), || process_gone(pid)).await;
 
     // While the master is down, connections fail; the worker keeps retrying.
     let down = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -391,23 +314,14 @@ async fn shutdown_stops_running_steps_and_closes_the_session() {
     let mut session = master.next_session().await;
     session.handshake(1000).await;
 
-    session
-        .send(MasterMsg::Lease(lease(
-            9,
-            "sleep 60 & echo $! > bg.pid; wait",
-        )))
-        .await;
+    session.send(MasterMsg::Lease(lease(9, "sleep 60 & echo $! > bg.pid; wait"))).await;
     assert!(matches!(session.recv().await, Msg::Started(_)));
     let pidfile = scratch.path().join("work/builds/7/bg.pid");
     wait_until("the step writes its pid", Duration::from_secs(10), || {
         std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
     })
     .await;
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
 
     worker.shutdown.cancel();
     // The step's processes die; no result is reported (the master retries the step when the
@@ -416,24 +330,11 @@ async fn shutdown_stops_running_steps_and_closes_the_session() {
     while let Some(msg) = session.try_recv().await {
         rest.push(msg);
     }
-    assert!(
-        !rest.iter().any(|m| matches!(m, Msg::Finished(_))),
-        "no StepFinished expected: {rest:?}"
-    );
+    assert!(!rest.iter().any(|m| matches!(m, Msg::Finished(_))), "no StepFinished expected: {rest:?}");
     let log = logs(&rest, 9);
-    assert!(
-        log[&LogStream::Header].contains("worker is shutting down"),
-        "{log:?}"
-    );
-    wait_until(
-        "the step's processes are gone",
-        Duration::from_secs(10),
-        || process_gone(pid),
-    )
-    .await;
-    let result = tokio::time::timeout(Duration::from_secs(10), worker.handle)
-        .await
-        .expect("worker did not stop")
-        .unwrap();
+    assert!(log[&LogStream::Header].contains("worker is shutting down"), "{log:?}");
+    wait_until("the step's processes are gone", Duration::from_secs(10), || process_gone(pid)).await;
+    let result =
+        tokio::time::timeout(Duration::from_secs(10), worker.handle).await.expect("worker did not stop").unwrap();
     assert!(result.is_ok(), "{result:?}");
 }
