@@ -32,6 +32,27 @@ pub enum GitError {
     Read { path: PathBuf, rev: String, what: String, message: String },
 }
 
+/// The commit `rev` names: a local branch, a remote-tracking branch of `origin`, or any
+/// revision (tags are peeled).
+fn find_commit<'r>(repo: &'r gix::Repository, repo_path: &Path, rev: &str) -> Result<gix::Commit<'r>, GitError> {
+    let not_found = || GitError::Rev { path: repo_path.to_owned(), rev: rev.to_owned() };
+    let candidates = [format!("refs/heads/{rev}"), format!("refs/remotes/origin/{rev}"), rev.to_owned()];
+    let id = candidates.iter().find_map(|spec| repo.rev_parse_single(spec.as_str()).ok()).ok_or_else(not_found)?;
+    id.object().and_then(|o| o.peel_to_commit()).map_err(|e| GitError::Read {
+        path: repo_path.to_owned(),
+        rev: rev.to_owned(),
+        what: "commit".to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Resolves `rev` in the repository at `repo_path` to a commit id.
+pub fn resolve_commit(repo_path: &Path, rev: &str) -> Result<String, GitError> {
+    let repo =
+        gix::open(repo_path).map_err(|e| GitError::Open { path: repo_path.to_owned(), message: e.to_string() })?;
+    Ok(find_commit(&repo, repo_path, rev)?.id.to_string())
+}
+
 /// Reads the pipeline file and the file list at `rev` (a branch, tag or commit id).
 pub fn read_pipeline(repo_path: &Path, rev: &str) -> Result<PipelineAtRev, GitError> {
     let repo =
@@ -42,12 +63,7 @@ pub fn read_pipeline(repo_path: &Path, rev: &str) -> Result<PipelineAtRev, GitEr
         what: what.to_owned(),
         message: e.to_string(),
     };
-    let candidates = [format!("refs/heads/{rev}"), format!("refs/remotes/origin/{rev}"), rev.to_owned()];
-    let id = candidates
-        .iter()
-        .find_map(|spec| repo.rev_parse_single(spec.as_str()).ok())
-        .ok_or_else(|| GitError::Rev { path: repo_path.to_owned(), rev: rev.to_owned() })?;
-    let commit = repo.find_commit(id.detach()).map_err(|e| read_err("commit", &e))?;
+    let commit = find_commit(&repo, repo_path, rev)?;
     let tree = commit.tree().map_err(|e| read_err("tree", &e))?;
     let (blob, text) = match tree.lookup_entry_by_path(PIPELINE_PATH).map_err(|e| read_err(PIPELINE_PATH, &e))? {
         None => (None, None),
@@ -62,7 +78,7 @@ pub fn read_pipeline(repo_path: &Path, rev: &str) -> Result<PipelineAtRev, GitEr
     let mut files: Vec<String> =
         recorder.records.into_iter().filter(|e| !e.mode.is_tree()).map(|e| e.filepath.to_string()).collect();
     files.sort();
-    Ok(PipelineAtRev { commit: id.to_string(), blob, text, files })
+    Ok(PipelineAtRev { commit: commit.id.to_string(), blob, text, files })
 }
 
 /// A master config read from disk.
@@ -71,7 +87,7 @@ pub struct LoadedConfig {
     pub config: MasterConfig,
     pub path: PathBuf,
     pub text: String,
-    spans_text: String,
+    spans: SpanIndex,
 }
 
 impl LoadedConfig {
@@ -81,7 +97,7 @@ impl LoadedConfig {
     }
 
     fn pos(&self, path: &[Seg]) -> Pos {
-        SpanIndex::build(&self.spans_text).value(path)
+        self.spans.value(path)
     }
 
     /// Local filesystem path of a repository entry (`file://` stripped, relative to the config).
@@ -145,7 +161,7 @@ pub fn load_config(path: &Path) -> Result<LoadedConfig, Vec<Diagnostic>> {
     let value = if value.is_null() { serde_yaml::Value::Mapping(Default::default()) } else { value };
     let config: MasterConfig = serde_path_to_error::deserialize(value)
         .map_err(|e| vec![fix(type_diag(&ctx, &Vec::new(), None, e, "the master config"))])?;
-    let loaded = LoadedConfig { config, path: path.to_owned(), text: text.clone(), spans_text: text };
+    let loaded = LoadedConfig { config, path: path.to_owned(), spans: SpanIndex::build(&text), text };
     let mut diags = Vec::new();
     let mut names = BTreeMap::new();
     for (i, r) in loaded.config.repositories.iter().enumerate() {

@@ -75,31 +75,29 @@ pub fn compile(sources: &[Source], eval: &dyn snippet::Evaluator, opts: &Options
     let mut diags = Diagnostics::default();
     let mut seen_repos = std::collections::BTreeMap::new();
     for s in sources {
+        let repo_error = |code, message: String, hint: String| Diagnostic {
+            severity: Severity::Error,
+            code,
+            repo: Some(s.repo.clone()),
+            file: s.file.clone(),
+            line: 0,
+            col: 0,
+            message,
+            hint: Some(hint),
+        };
         if !valid_name(&s.repo) {
-            diags.push(Diagnostic {
-                severity: Severity::Error,
-                code: "bad-name",
-                repo: Some(s.repo.clone()),
-                file: s.file.clone(),
-                line: 0,
-                col: 0,
-                message: format!("invalid repository name `{}`", s.repo),
-                hint: Some(
-                    "set `name:` for this repository in the master config (letters, digits, `.`, `_`, `-`)".into(),
-                ),
-            });
+            diags.push(repo_error(
+                "bad-name",
+                format!("invalid repository name `{}`", s.repo),
+                "set `name:` for this repository in the master config (letters, digits, `.`, `_`, `-`)".into(),
+            ));
         }
         if let Some(other) = seen_repos.insert(s.repo.clone(), s.file.clone()) {
-            diags.push(Diagnostic {
-                severity: Severity::Error,
-                code: "duplicate-repo",
-                repo: Some(s.repo.clone()),
-                file: s.file.clone(),
-                line: 0,
-                col: 0,
-                message: format!("two repositories are named `{}`", s.repo),
-                hint: Some(format!("the other is {other}; set a distinct `name:` in the master config")),
-            });
+            diags.push(repo_error(
+                "duplicate-repo",
+                format!("two repositories are named `{}`", s.repo),
+                format!("the other is {other}; set a distinct `name:` in the master config"),
+            ));
         }
     }
     // Files are independent until the merge: parse and lower them on every core.

@@ -106,7 +106,7 @@ impl std::hash::Hasher for Passthrough {
 
 type Map = HashMap<PathHash, Pos, std::hash::BuildHasherDefault<Passthrough>>;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct SpanIndex {
     values: Map,
     keys: Map,

@@ -1717,16 +1717,7 @@ pub fn checkout_dir(builder: &str) -> String {
 
 /// Resolves a revision (branch, tag, commit) in a local repository to a commit id.
 pub fn resolve(path: &std::path::Path, rev: &str) -> Result<String, String> {
-    let repo = gix::open(path).map_err(|e| e.to_string())?;
-    for spec in [format!("refs/heads/{rev}"), format!("refs/remotes/origin/{rev}"), rev.to_owned()] {
-        if let Ok(id) = repo.rev_parse_single(spec.as_str()) {
-            if let Ok(commit) = id.object().and_then(|o| o.peel_to_commit()) {
-                return Ok(commit.id.to_string());
-            }
-            return Ok(id.to_string());
-        }
-    }
-    Err(format!("no branch, tag or commit `{rev}`"))
+    rbb_compiler::git::resolve_commit(path, rev).map_err(|e| e.to_string())
 }
 
 fn to_api(b: &BuildRecord, logs: &HashMap<u64, LogRecord>, files: &LogFiles) -> api::Build {

@@ -1,18 +1,11 @@
 //! The real `rbb` binary against real git repositories made by the fixture scripts.
 
+mod support;
+
 use rbb_schema::plan::Plan;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
-}
-
-fn sh(args: &[&str]) -> String {
-    let out = Command::new("sh").args(args).output().expect("run sh");
-    assert!(out.status.success(), "sh {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
+use support::{commit, git, root, sh};
 
 /// Makes the demo repositories under a temp dir; returns (dir, commit ids by repo).
 fn demo() -> (tempfile::TempDir, Vec<(String, String)>) {
@@ -22,32 +15,13 @@ fn demo() -> (tempfile::TempDir, Vec<(String, String)>) {
     for repo in ["lib", "app", "docs"] {
         let src = root().join("testdata/repos").join(repo);
         let dst = dir.path().join("repos").join(repo);
-        let id = sh(&[
-            root().join("testdata/fixtures/mkrepo.sh").to_str().expect("utf8"),
-            src.to_str().expect("utf8"),
-            dst.to_str().expect("utf8"),
-        ]);
+        let id = sh(
+            &root().join("testdata/fixtures/mkrepo.sh"),
+            &[src.to_str().expect("utf8"), dst.to_str().expect("utf8")],
+        );
         commits.push((repo.to_owned(), id));
     }
     (dir, commits)
-}
-
-fn commit(repo: &Path, file: &str, minutes: u32, message: &str, content: &str) -> String {
-    let mut child = Command::new("sh")
-        .arg(root().join("testdata/fixtures/commit.sh"))
-        .arg(repo)
-        .arg(file)
-        .arg(minutes.to_string())
-        .arg(message)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("commit.sh");
-    use std::io::Write;
-    child.stdin.take().expect("stdin").write_all(content.as_bytes()).expect("write");
-    let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success(), "commit.sh failed");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn rbb(dir: &Path, args: &[&str]) -> Output {
@@ -86,8 +60,7 @@ fn compiles_the_demo_repositories_from_git() {
     for (repo, id) in &commits {
         let r = plan.repos.iter().find(|r| &r.name == repo).expect("repo in plan");
         assert_eq!(r.commit.as_deref(), Some(id.as_str()), "{repo}");
-        let blob =
-            sh(&["-c", &format!("git -C {}/repos/{repo} rev-parse main:.rbb/pipeline.yaml", dir.path().display())]);
+        let blob = git(&dir.path().join("repos").join(repo), &["rev-parse", "main:.rbb/pipeline.yaml"]);
         assert_eq!(r.pipeline_blob.as_deref(), Some(blob.as_str()), "{repo}");
     }
     // Cross-repository needs and matrix families resolved.
@@ -132,7 +105,7 @@ fn diff_against_a_revision_and_a_saved_plan() {
     let changed = pipeline
         .replace("run: tar cf app.tar src", "run: tar czf app.tar.gz src")
         .replace("  nightly:\n", "  deploy:\n    needs: package\n    steps:\n      - run: ./deploy.sh\n\n  nightly:\n");
-    commit(&app, ".rbb/pipeline.yaml", 10, "Compress the package, add deploy", &changed);
+    commit(&app, ".rbb/pipeline.yaml", &changed, 10, "Compress the package, add deploy");
 
     let by_rev = rbb(dir.path(), &["compile", "--diff", &format!("app@{old_app}")]);
     assert!(by_rev.status.success(), "{}", explain(&by_rev));
@@ -161,9 +134,9 @@ fn a_broken_pipeline_in_git_is_reported_with_its_position() {
     commit(
         &lib,
         ".rbb/pipeline.yaml",
+        "builders:\n  build:\n    steps:\n      - run: make\n    needs: [nope]\n",
         5,
         "Break it",
-        "builders:\n  build:\n    steps:\n      - run: make\n    needs: [nope]\n",
     );
     let out = rbb(dir.path(), &["compile"]);
     assert_eq!(out.status.code(), Some(1), "{}", explain(&out));

@@ -1,5 +1,7 @@
 //! The bare mirror against real git repositories made by the fixture scripts.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -39,23 +41,9 @@ fn make_repo(dir: &Path, files: &[(&str, &str)]) -> (PathBuf, String) {
     (repo, id)
 }
 
+/// Commits `content` as `file` (the shared fixture helper takes the content first).
 fn commit(repo: &Path, file: &str, minutes: u32, message: &str, content: &str) -> String {
-    use std::io::Write;
-    let mut child = Command::new("sh")
-        .arg(fixture("commit.sh"))
-        .arg(repo)
-        .arg(file)
-        .arg(minutes.to_string())
-        .arg(message)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn commit.sh");
-    child.stdin.take().expect("stdin").write_all(content.as_bytes()).expect("write content");
-    let out = child.wait_with_output().expect("wait for commit.sh");
-    assert!(out.status.success(), "commit.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    support::commit(repo, file, content, minutes, message)
 }
 
 fn globs(g: &[&str]) -> Vec<String> {
