@@ -1053,6 +1053,11 @@ impl Engine {
             cols.push((b.submitted_at, &b.repo, &b.commit, &b.branch));
         }
         cols.sort_by_key(|c| std::cmp::Reverse(c.0));
+        // The newest change of each (repo, commit), for the column headings.
+        let mut change_of: HashMap<(&str, &str), &ChangeRecord> = HashMap::new();
+        for c in st.changes.values() {
+            change_of.insert((c.repo.as_str(), c.commit.as_str()), c);
+        }
         let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
         let mut columns = Vec::new();
         for (_, repo, commit, branch) in &cols {
@@ -1060,7 +1065,7 @@ impl Engine {
                 break;
             }
             if seen.insert((repo, commit)) {
-                let info = st.changes.values().rev().find(|c| c.repo == *repo && c.commit == *commit);
+                let info = change_of.get(&(*repo, *commit));
                 let mut col = json!({ "repo": repo, "commit": commit, "branch": branch });
                 if let Some(c) = info {
                     col["message"] = json!(c.message.lines().next().unwrap_or(""));

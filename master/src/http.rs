@@ -5,7 +5,7 @@ use crate::engine::{Engine, EngineError};
 use crate::query::ListQuery;
 use crate::sources::{HookOutcome, Sources};
 use axum::body::Body;
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -189,71 +189,48 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
 }
 
-/// Query pairs of a request, decoded.
-fn pairs(raw: Option<String>) -> Vec<(String, String)> {
-    raw.map(|q| serde_urlencoded_pairs(&q)).unwrap_or_default()
-}
+/// A request's query pairs, decoded (a malformed query string becomes a 400 in our shape).
+type Pairs = Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>;
 
-fn serde_urlencoded_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (percent_decode(k), percent_decode(v))
+/// Field names of a REST type (its JSON Schema's properties), computed once per type.
+fn fields_of<T: schemars::JsonSchema>() -> Arc<Vec<String>> {
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Arc<Vec<String>>>>> =
+        std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    cache
+        .entry(T::schema_name().into_owned())
+        .or_insert_with(|| {
+            let schema = schemars::schema_for!(T);
+            Arc::new(
+                schema
+                    .as_object()
+                    .and_then(|o| o.get("properties"))
+                    .and_then(|p| p.as_object())
+                    .map(|p| p.keys().cloned().collect())
+                    .unwrap_or_default(),
+            )
         })
-        .collect()
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Field names of a REST type (its JSON Schema's properties).
-fn fields_of<T: schemars::JsonSchema>() -> Vec<String> {
-    let schema = schemars::schema_for!(T);
-    schema
-        .as_object()
-        .and_then(|o| o.get("properties"))
-        .and_then(|p| p.as_object())
-        .map(|p| p.keys().cloned().collect())
-        .unwrap_or_default()
+        .clone()
 }
 
 /// A filtered, ordered page of `items` as `{ name: [...], meta: { total } }`.
 fn list<T: serde::Serialize + schemars::JsonSchema>(
     name: &str,
     items: Vec<T>,
-    raw: Option<String>,
+    query: Pairs,
     extra: &[&str],
 ) -> ApiResult<Json<serde_json::Value>> {
+    let Query(pairs) = query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
     let fields = fields_of::<T>();
     let names: Vec<&str> = fields.iter().map(String::as_str).collect();
-    let q = ListQuery::parse(&pairs(raw), &names, extra).map_err(ApiError::bad_request)?;
+    let q = ListQuery::parse(&pairs, &names, extra).map_err(ApiError::bad_request)?;
     let values: Vec<serde_json::Value> = items.iter().filter_map(|i| serde_json::to_value(i).ok()).collect();
     let (page, total) = q.apply(values);
     Ok(Json(serde_json::json!({ name: page, "meta": api::Meta { total } })))
 }
 
-async fn builders(State(e): State<Arc<Engine>>, RawQuery(q): RawQuery) -> ApiResult<Json<serde_json::Value>> {
+async fn builders(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde_json::Value>> {
     list("builders", e.builders(), q, &[])
 }
 
@@ -268,7 +245,7 @@ async fn builder_page(State(e): State<Arc<Engine>>, Path(builder): Path<String>)
     Ok(Json(serde_json::json!({ "builder": b, "builds": builds })))
 }
 
-async fn build_requests(State(e): State<Arc<Engine>>, RawQuery(q): RawQuery) -> ApiResult<Json<serde_json::Value>> {
+async fn build_requests(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde_json::Value>> {
     list("buildrequests", e.build_requests(), q, &[])
 }
 
@@ -300,7 +277,7 @@ async fn force(
     Ok((StatusCode::CREATED, Json(resp)))
 }
 
-async fn builds(State(e): State<Arc<Engine>>, RawQuery(q): RawQuery) -> ApiResult<Json<serde_json::Value>> {
+async fn builds(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde_json::Value>> {
     list("builds", e.builds(None), q, &[])
 }
 
@@ -313,11 +290,7 @@ async fn build(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResul
     e.build(id).map(Json).ok_or_else(|| ApiError::not_found(format!("no build {id}")))
 }
 
-async fn steps(
-    State(e): State<Arc<Engine>>,
-    Path(id): Path<String>,
-    RawQuery(q): RawQuery,
-) -> ApiResult<Json<serde_json::Value>> {
+async fn steps(State(e): State<Arc<Engine>>, Path(id): Path<String>, q: Pairs) -> ApiResult<Json<serde_json::Value>> {
     let id = parse_id(&id, "build")?;
     let b = e.build(id).ok_or_else(|| ApiError::not_found(format!("no build {id}")))?;
     list("steps", b.steps, q, &[])
@@ -330,7 +303,7 @@ async fn stop(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap
     Ok(StatusCode::ACCEPTED)
 }
 
-async fn workers(State(e): State<Arc<Engine>>, RawQuery(q): RawQuery) -> ApiResult<Json<serde_json::Value>> {
+async fn workers(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde_json::Value>> {
     list("workers", e.workers(), q, &[])
 }
 
@@ -428,7 +401,7 @@ async fn rebuild(
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "build": new }))))
 }
 
-async fn changes(State(e): State<Arc<Engine>>, RawQuery(q): RawQuery) -> ApiResult<Json<serde_json::Value>> {
+async fn changes(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde_json::Value>> {
     list("changes", e.changes(), q, &[])
 }
 
