@@ -100,6 +100,8 @@ struct Inner {
     logs: HashMap<u64, LogRecord>,
     workers: BTreeMap<String, WorkerState>,
     leases: HashMap<u64, LeaseInfo>,
+    /// Running builds whose last lease was refused: their next step waits for a free slot.
+    stalled: BTreeSet<u64>,
     changes: BTreeMap<u64, ChangeRecord>,
     schedules: HashMap<String, ScheduleRecord>,
     next_change: u64,
@@ -186,6 +188,7 @@ impl Engine {
                 logs: log_records,
                 workers,
                 leases: HashMap::new(),
+                stalled: BTreeSet::new(),
                 changes,
                 schedules,
                 next_change,
@@ -1340,7 +1343,27 @@ impl Engine {
                 Ok(())
             }
             Msg::Finished(f) => self.step_finished(&mut st, f),
+            Msg::Refused(r) => self.lease_refused(&mut st, worker, r),
         }
+    }
+
+    /// The worker could not take a lease. Not a result: the step goes back to pending and
+    /// is leased again when the worker has a free slot.
+    fn lease_refused(&self, st: &mut Inner, worker: &str, r: proto::LeaseRefused) -> Result<(), EngineError> {
+        let Some(lease) = st.leases.remove(&r.lease) else { return Ok(()) };
+        tracing::warn!(worker, lease = r.lease, build = lease.build, reason = %r.reason, "lease refused; step queued again");
+        let log = st.builds.get_mut(&lease.build).and_then(|b| {
+            let s = b.steps.get_mut(lease.step as usize)?;
+            s.state = State::Pending;
+            s.started_at = None;
+            s.log_id.take()
+        });
+        if let Some(log) = log {
+            self.close_log(st, log)?;
+        }
+        st.stalled.insert(lease.build);
+        self.emit(Event::Step { build: lease.build, step: lease.step });
+        Ok(())
     }
 
     fn step_finished(&self, st: &mut Inner, f: proto::StepFinished) -> Result<(), EngineError> {
@@ -1524,6 +1547,7 @@ impl Engine {
     }
 
     fn finish_build(&self, st: &mut Inner, id: u64) -> Result<(), EngineError> {
+        st.stalled.remove(&id);
         let Some(b) = st.builds.get_mut(&id) else { return Ok(()) };
         for s in &mut b.steps {
             if s.state != State::Finished {
@@ -1618,6 +1642,20 @@ impl Engine {
 
     /// Starts every pending build whose needs are met on a capable, free worker.
     fn dispatch(&self, st: &mut Inner) -> Result<(), EngineError> {
+        // Running builds whose lease was refused go first: their worker holds their checkout.
+        for id in std::mem::take(&mut st.stalled) {
+            let Some(worker) = st.builds.get(&id).filter(|b| b.state == State::Running).and_then(|b| b.worker.clone())
+            else {
+                continue;
+            };
+            let busy = st.leases.values().filter(|l| l.worker == worker).count() as u32;
+            let max = st.workers.get(&worker).map_or(0, |w| w.max_steps);
+            if busy < max {
+                self.next_step(st, id)?;
+            } else {
+                st.stalled.insert(id);
+            }
+        }
         let mut pending: Vec<(i32, u64)> =
             st.builds.values().filter(|b| b.state == State::Pending).map(|b| (-b.priority, b.id)).collect();
         pending.sort();
