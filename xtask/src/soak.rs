@@ -1,7 +1,7 @@
 //! `cargo xtask soak`: a chaos soak of the real binaries, judged only through the REST API
 //! and `/proc`.
 //!
-//! One release `rbb master` and four `rbb-worker` processes on loopback run N builds (2,000 by
+//! One release (`--debug`: debug) `rbb master` and four `rbb-worker` processes on loopback run N builds (2,000 by
 //! default, `--builds N`) of mixed builders: trivial steps, short sleeps, output, and builders
 //! whose failures are expected (each with its exact build and step results). Meanwhile workers
 //! are killed with SIGKILL and restarted, the master is killed once with SIGKILL and once
@@ -60,7 +60,7 @@ const KINDS: &[Kind] = &[
         steps: &[("run: seq 1 20000", "SUCCESS"), ("run: seq 1 2000 >&2", "SUCCESS")],
         result: "SUCCESS",
     },
-    Kind { name: "slow", weight: 3, steps: &[("run: sleep 4", "SUCCESS")], result: "SUCCESS" },
+    Kind { name: "slow", weight: 3, steps: &[("run: sleep 8", "SUCCESS")], result: "SUCCESS" },
     Kind {
         name: "fails",
         weight: 12,
@@ -97,12 +97,14 @@ const WORKERS: &[(&str, u32)] = &[("w0", 1), ("w1", 1), ("w2", 2), ("w3", 2)];
 
 struct Options {
     builds: usize,
+    /// Debug binaries instead of release (quicker to build while developing).
+    debug: bool,
     seed: u64,
     in_flight: usize,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
-    let mut o = Options { builds: 2000, seed: 0, in_flight: 10 };
+    let mut o = Options { builds: 2000, debug: false, seed: 0, in_flight: 10 };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| -> Result<u64> {
@@ -114,8 +116,11 @@ fn parse(args: &[String]) -> Result<Options> {
         match a.as_str() {
             "--builds" => o.builds = value("--builds")? as usize,
             "--seed" => o.seed = value("--seed")?,
+            "--debug" => o.debug = true,
             "--in-flight" => o.in_flight = (value("--in-flight")? as usize).max(1),
-            other => bail!("unknown argument `{other}` (cargo xtask soak [--builds N] [--seed S] [--in-flight K])"),
+            other => {
+                bail!("unknown argument `{other}` (cargo xtask soak [--builds N] [--seed S] [--in-flight K] [--debug])")
+            }
         }
     }
     if o.builds < 10 {
@@ -188,24 +193,21 @@ struct Soak {
     forced: BTreeSet<u64>,
     in_flight: BTreeSet<u64>,
     force_errors: u32,
-    violations: Vec<String>,
+    /// (class, what): every way the run fell short of the acceptance criteria.
+    violations: Vec<(&'static str, String)>,
     notes: Vec<String>,
     rng: Rng,
 }
 
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let opts = parse(args)?;
-    run(cargo().current_dir(root).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "rbb-master",
-        "-p",
-        "rbb-worker",
-        "--bins",
-    ]))?;
-    let bin = target_dir(root).join("release");
+    let mut build = cargo();
+    build.current_dir(root).args(["build", "--quiet", "-p", "rbb-master", "-p", "rbb-worker", "--bins"]);
+    if !opts.debug {
+        build.arg("--release");
+    }
+    run(&mut build)?;
+    let bin = target_dir(root).join(if opts.debug { "debug" } else { "release" });
     let dir = root.join(".rbb-state/soak");
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
@@ -234,9 +236,10 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         rng: Rng(opts.seed),
     };
     println!(
-        "rbb soak: {} builds, {} workers, seed {} (state in {})",
+        "rbb soak: {} builds, {} workers, {} binaries, seed {} (state in {})",
         opts.builds,
         WORKERS.len(),
+        if opts.debug { "debug" } else { "release" },
         opts.seed,
         soak.dir.display()
     );
@@ -244,7 +247,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     // Whatever happened, leave nothing running.
     soak.stop_all();
     if let Err(e) = &outcome {
-        soak.violations.push(format!("the soak could not finish: {e:#}"));
+        soak.violations.push(("the soak could not finish", format!("the soak could not finish: {e:#}")));
     }
     soak.report(&opts)
 }
@@ -377,7 +380,7 @@ impl Soak {
                 RSS_TOLERANCE * 100.0
             );
             if end_rss as f64 > limit {
-                self.violations.push(line);
+                self.violations.push(("master RSS grew", line));
             } else {
                 self.notes.push(line);
             }
@@ -385,7 +388,8 @@ impl Soak {
         self.check_api()?;
         let left = self.step_processes(None);
         for p in &left {
-            self.violations.push(format!("step process left running after the soak: {p}"));
+            self.violations
+                .push(("step process left running", format!("step process left running after the soak: {p}")));
         }
         Ok(())
     }
@@ -452,30 +456,32 @@ impl Soak {
         }
     }
 
-    /// Kills a worker with SIGKILL (preferably one running a step) and schedules its restart
-    /// and the check that its steps died with it.
+    /// Kills a worker with SIGKILL and schedules its restart and the check that its steps
+    /// died with it. It prefers a worker running a `slow` step (a step that would outlive the
+    /// grace period if orphaned), then any busy worker.
     fn kill_worker(&mut self) {
-        let busy: Vec<String> = get(&self.http, "/api/v2/workers")
-            .ok()
-            .and_then(|v| v["workers"].as_array().cloned())
-            .unwrap_or_default()
-            .iter()
-            .filter(|w| w["running"].as_u64().unwrap_or(0) > 0)
-            .filter_map(|w| w["name"].as_str().map(str::to_owned))
-            .filter(|w| self.workers.get(w).is_some_and(Option::is_some))
-            .collect();
-        let alive: Vec<String> = self.workers.iter().filter(|(_, c)| c.is_some()).map(|(w, _)| w.clone()).collect();
-        let pool = if busy.is_empty() { alive } else { busy };
+        let listed =
+            get(&self.http, "/api/v2/workers").ok().and_then(|v| v["workers"].as_array().cloned()).unwrap_or_default();
+        let alive = |w: &&Value| self.workers.get(str_of(&w["name"])).is_some_and(Option::is_some);
+        let names = |f: &dyn Fn(&Value) -> bool| -> Vec<String> {
+            listed.iter().filter(alive).filter(|w| f(w)).map(|w| str_of(&w["name"]).to_owned()).collect()
+        };
+        let slow = names(&|w| {
+            w["current"].as_array().is_some_and(|c| c.iter().any(|s| str_of(&s["builder"]).contains("/slow")))
+        });
+        let busy = names(&|w| w["running"].as_u64().unwrap_or(0) > 0);
+        let idle: Vec<String> = self.workers.iter().filter(|(_, c)| c.is_some()).map(|(w, _)| w.clone()).collect();
+        let pool = [slow, busy, idle].into_iter().find(|p| !p.is_empty()).unwrap_or_default();
         if pool.is_empty() {
             return;
         }
         let name = pool[self.rng.below(pool.len() as u64) as usize].clone();
         let procs = self.step_processes(Some(&name));
+        self.chaos.push((now_ms(), Chaos::KillWorker(name.clone())));
         if let Some(Some(mut child)) = self.workers.insert(name.clone(), None) {
             let _ = child.kill();
             let _ = child.wait();
         }
-        self.chaos.push((now_ms(), Chaos::KillWorker(name.clone())));
         let now = Instant::now();
         self.orphan_checks.push((now + ORPHAN_GRACE, name.clone(), procs));
         let delay = Duration::from_millis(100 + self.rng.below(1400));
@@ -484,11 +490,11 @@ impl Soak {
 
     fn kill_master(&mut self) -> Result<()> {
         println!("  kill -9 of the master");
+        self.chaos.push((now_ms(), Chaos::KillMaster));
         if let Some(mut m) = self.master.take() {
             let _ = m.kill();
             let _ = m.wait();
         }
-        self.chaos.push((now_ms(), Chaos::KillMaster));
         self.start_master()
     }
 
@@ -498,7 +504,7 @@ impl Soak {
             self.chaos.push((now_ms(), Chaos::TermMaster));
             match self.terminate(m, "master") {
                 Ok(took) => self.notes.push(format!("master exited {:.1} s after SIGTERM", took.as_secs_f64())),
-                Err(e) => self.violations.push(format!("SIGTERM restart: {e}")),
+                Err(e) => self.violations.push(("SIGTERM restart", format!("SIGTERM restart: {e}"))),
             }
         }
         self.start_master()
@@ -531,7 +537,7 @@ impl Soak {
         self.restarts.retain(|(t, _)| *t > now);
         for w in due {
             if let Err(e) = self.start_worker(&w) {
-                self.violations.push(format!("restarting worker {w}: {e:#}"));
+                self.violations.push(("worker restart failed", format!("restarting worker {w}: {e:#}")));
             }
         }
         let checks: Vec<(String, Vec<StepProc>)> =
@@ -539,9 +545,9 @@ impl Soak {
         self.orphan_checks.retain(|(t, _, _)| *t > now);
         for (w, procs) in checks {
             for p in procs.into_iter().filter(|p| proc_start(p.pid) == Some(p.start)) {
-                self.violations.push(format!(
-                    "step process of killed worker {w} still running {} s later: {p}",
-                    ORPHAN_GRACE.as_secs()
+                self.violations.push((
+                    "step outlived its killed worker",
+                    format!("step process of killed worker {w} still running {} s later: {p}", ORPHAN_GRACE.as_secs()),
                 ));
             }
         }
@@ -633,7 +639,7 @@ impl Soak {
             if let Some(Some(child)) = self.workers.insert(w.clone(), None)
                 && let Err(e) = self.terminate(child, &format!("worker {w}"))
             {
-                self.violations.push(format!("stopping: {e}"));
+                self.violations.push(("stop at the end", format!("stopping: {e}")));
             }
         }
         if let Some(m) = self.master.take() {
@@ -641,12 +647,15 @@ impl Soak {
                 Ok(took) => {
                     self.notes.push(format!("final stop: master exited {:.1} s after SIGTERM", took.as_secs_f64()))
                 }
-                Err(e) => self.violations.push(format!("final stop: {e}")),
+                Err(e) => self.violations.push(("stop at the end", format!("final stop: {e}"))),
             }
         }
         // What the stopped workers left behind is theirs too; the soak cleans it up.
         for p in self.step_processes(None) {
-            self.violations.push(format!("step process left after the workers stopped: {p}"));
+            self.violations.push((
+                "step process left after the workers stopped",
+                format!("step process left after the workers stopped: {p}"),
+            ));
             let _ = Command::new("kill").args(["-KILL", &p.pid.to_string()]).status();
         }
     }
@@ -680,30 +689,33 @@ impl Soak {
         let mut c = Counts::default();
         for id in &self.forced {
             if !builds.contains_key(id) {
-                self.violations.push(format!("build {id} was accepted by a force but is gone"));
+                self.violations.push(("forced build lost", format!("build {id} was accepted by a force but is gone")));
             }
         }
         for (id, b) in &builds {
             *c.by_result.entry(str_of(&b["result"]).to_owned()).or_default() += 1;
             if b["state"] != "finished" {
-                self.violations.push(format!("build {id} is still {}", str_of(&b["state"])));
+                self.violations.push(("build left open", format!("build {id} is still {}", str_of(&b["state"]))));
             }
             for s in b["steps"].as_array().map(Vec::as_slice).unwrap_or_default() {
                 if s["state"] != "finished" {
-                    self.violations.push(format!("build {id} step {} is still {}", s["number"], str_of(&s["state"])));
+                    self.violations.push((
+                        "step left open",
+                        format!("build {id} step {} is still {}", s["number"], str_of(&s["state"])),
+                    ));
                 }
             }
             if b["result"] == "EXCEPTION" {
-                self.violations.push(format!(
-                    "build {id} ({}): EXCEPTION: {}",
-                    str_of(&b["builder"]),
-                    str_of(&b["result_reason"])
+                self.violations.push((
+                    "EXCEPTION",
+                    format!("build {id} ({}): EXCEPTION: {}", str_of(&b["builder"]), str_of(&b["result_reason"])),
                 ));
             }
             let reason = str_of(&b["reason"]);
             let is_retry = reason.starts_with("retry of build ");
             if !is_retry && reason != "force" {
-                self.violations.push(format!("build {id}: unexpected reason `{reason}`"));
+                self.violations
+                    .push(("build with an unexpected reason", format!("build {id}: unexpected reason `{reason}`")));
                 continue;
             }
             if is_retry {
@@ -722,10 +734,13 @@ impl Soak {
                 match self.retry_cause(b) {
                     Some(Chaos::KillWorker(_)) => c.retried_worker += 1,
                     Some(Chaos::KillMaster) | Some(Chaos::TermMaster) => c.retried_master += 1,
-                    None => self.violations.push(format!(
-                        "build {cur} ({}): RETRY with no kill while it ran: {}",
-                        str_of(&b["builder"]),
-                        str_of(&b["result_reason"])
+                    None => self.violations.push((
+                        "RETRY with no kill while it ran",
+                        format!(
+                            "build {cur} ({}): RETRY with no kill while it ran: {}",
+                            str_of(&b["builder"]),
+                            str_of(&b["result_reason"])
+                        ),
                     )),
                 }
                 match retry_of.get(&cur) {
@@ -734,7 +749,8 @@ impl Soak {
                         attempts += 1;
                     }
                     None => {
-                        self.violations.push(format!("build {cur}: RETRY without a new attempt"));
+                        self.violations
+                            .push(("RETRY without a new attempt", format!("build {cur}: RETRY without a new attempt")));
                         break;
                     }
                 }
@@ -745,7 +761,7 @@ impl Soak {
             let Some(last) = builds.get(&cur) else { continue };
             let builder = str_of(&last["builder"]);
             let Some(kind) = kind_of(builder) else {
-                self.violations.push(format!("build {cur}: unknown builder {builder}"));
+                self.violations.push(("unknown builder", format!("build {cur}: unknown builder {builder}")));
                 continue;
             };
             let got: Vec<&str> = last["steps"]
@@ -757,15 +773,18 @@ impl Soak {
                 .collect();
             let want: Vec<&str> = kind.steps.iter().map(|(_, r)| *r).collect();
             let result = str_of(&last["result"]);
-            if result == "RETRY" {
-                continue; // already reported: no new attempt
+            if result == "RETRY" || result == "EXCEPTION" {
+                continue; // already reported
             }
             if result != kind.result || got != want {
                 c.wrong += 1;
-                self.violations.push(format!(
-                    "build {cur} ({builder}): {result} with steps {got:?}, expected {} with {want:?}: {}",
-                    kind.result,
-                    str_of(&last["result_reason"])
+                self.violations.push((
+                    "result other than expected",
+                    format!(
+                        "build {cur} ({builder}): {result} with steps {got:?}, expected {} with {want:?}: {}",
+                        kind.result,
+                        str_of(&last["result_reason"])
+                    ),
                 ));
             } else {
                 *c.as_expected.entry(kind.name).or_default() += 1;
@@ -775,10 +794,14 @@ impl Soak {
         let workers = get(&self.http, "/api/v2/workers")?;
         for w in workers["workers"].as_array().map(Vec::as_slice).unwrap_or_default() {
             if w["running"] != 0 || w["current"].as_array().is_some_and(|c| !c.is_empty()) {
-                self.violations.push(format!("worker {} still holds leases: {}", str_of(&w["name"]), w));
+                self.violations
+                    .push(("lease left running", format!("worker {} still holds leases: {}", str_of(&w["name"]), w)));
             }
             if w["connected"] != true {
-                self.violations.push(format!("worker {} is not connected at the end", str_of(&w["name"])));
+                self.violations.push((
+                    "worker not connected at the end",
+                    format!("worker {} is not connected at the end", str_of(&w["name"])),
+                ));
             }
         }
         c.total = builds.len();
@@ -794,7 +817,9 @@ impl Soak {
         let worker = str_of(&b["worker"]);
         self.chaos
             .iter()
-            .filter(|(at, _)| *at + 1000 >= start && *at <= end)
+            // The clocks are the same machine's; a second either side covers the gap between
+            // the kill and the moment it was noted.
+            .filter(|(at, _)| *at + 1000 >= start && *at <= end.saturating_add(1000))
             .map(|(_, c)| c)
             .find(|c| match c {
                 Chaos::KillWorker(w) => w == worker,
@@ -833,6 +858,7 @@ impl Soak {
         println!("chaos: {kills} worker kills (SIGKILL), master runs {} (one SIGKILL, one SIGTERM)", self.master_runs);
     }
 
+    /// Prints the notes and the violations by class; the exit code says whether there were any.
     fn report(&self, o: &Options) -> Result<()> {
         for n in &self.notes {
             println!("{n}");
@@ -842,11 +868,11 @@ impl Soak {
             return Ok(());
         }
         println!("\n{} violations:", self.violations.len());
-        let mut by_kind: BTreeMap<String, Vec<&String>> = BTreeMap::new();
-        for v in &self.violations {
-            by_kind.entry(violation_class(v)).or_default().push(v);
+        let mut by_class: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
+        for (class, v) in &self.violations {
+            by_class.entry(class).or_default().push(v);
         }
-        for (class, list) in &by_kind {
+        for (class, list) in &by_class {
             println!("  {class}: {}", list.len());
             for v in list.iter().take(5) {
                 println!("    {v}");
@@ -856,7 +882,7 @@ impl Soak {
             }
         }
         println!("(state and logs kept in {}; seed {})", self.dir.display(), o.seed);
-        bail!("the soak found {} violations", self.violations.len())
+        std::process::exit(1)
     }
 }
 
@@ -879,25 +905,6 @@ struct Counts {
     retried_worker: usize,
     retried_master: usize,
     chains: usize,
-}
-
-/// A violation's class for the summary: its text with numbers and details dropped.
-fn violation_class(v: &str) -> String {
-    let head = v.split(": ").next().unwrap_or(v);
-    let mut out = String::new();
-    for w in head.split_whitespace() {
-        if w.chars().any(|c| c.is_ascii_digit()) || w.starts_with('(') {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push(' ');
-        }
-        out.push_str(w);
-    }
-    if v.contains("EXCEPTION") {
-        out = "EXCEPTION".to_owned();
-    }
-    out
 }
 
 /// A process's start time (field 22 of /proc/PID/stat), to tell it from a later one with the
