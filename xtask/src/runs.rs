@@ -59,35 +59,34 @@ pub(crate) fn force(http: &str, builder: &str) -> Result<u64> {
 /// Why `build` (a finished build's JSON) is not a success: its result and reason, and each
 /// step that did not succeed. `None` when the build and all its steps are SUCCESS.
 pub(crate) fn not_success(build: &Value) -> Option<String> {
-    let bad_steps: Vec<String> = build["steps"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
+    let steps = build["steps"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let bad: Vec<String> = steps
         .iter()
-        .filter(|s| s["result"] != "SUCCESS")
+        .filter(|s| s["result"] != "SUCCESS" && s["result"] != "SKIPPED")
         .map(|s| {
-            format!(
-                "step {} `{}`: {} ({})",
-                s["number"],
-                str_of(&s["name"]),
-                str_of(&s["result"]),
-                str_of(&s["reason"])
-            )
+            let n = s["number"].as_u64().map_or_else(|| "?".to_owned(), |n| (n + 1).to_string());
+            format!("step {n} ({}): {} ({})", str_of(&s["name"]), str_of(&s["result"]), str_of(&s["reason"]))
         })
         .collect();
-    if build["result"] == "SUCCESS" && bad_steps.is_empty() && build["steps"].as_array().is_some_and(|s| !s.is_empty())
-    {
+    let skipped = steps.iter().filter(|s| s["result"] == "SKIPPED").count();
+    if build["result"] == "SUCCESS" && bad.is_empty() && skipped == 0 && !steps.is_empty() {
         return None;
     }
-    Some(format!(
-        "build {} of {}: result {} ({}){}{}",
+    let mut why = format!(
+        "build {} of {}: result {} ({})",
         build["id"],
         str_of(&build["builder"]),
         str_of(&build["result"]),
-        str_of(&build["result_reason"]),
-        if bad_steps.is_empty() { "" } else { "; " },
-        bad_steps.join("; ")
-    ))
+        str_of(&build["result_reason"])
+    );
+    for b in bad {
+        why.push_str("; ");
+        why.push_str(&b);
+    }
+    if skipped > 0 {
+        why.push_str(&format!("; {skipped} of {} steps SKIPPED", steps.len()));
+    }
+    Some(why)
 }
 
 pub(crate) fn str_of(v: &Value) -> &str {
