@@ -27,6 +27,15 @@ pub struct PlanRepo {
 /// A compiled plan, or the rendered diagnostics of a pipeline that does not compile.
 pub type Compiled = Result<Arc<Plan>, Arc<String>>;
 
+/// Why a commit has no plan.
+#[derive(Debug, Clone)]
+pub enum PlanError {
+    /// The repository's own pipeline at that commit does not compile: rendered diagnostics.
+    Pipeline(Arc<String>),
+    /// The commit or its pipeline could not be read from git: the cause.
+    Read(Arc<String>),
+}
+
 pub struct Planner {
     repos: BTreeMap<String, PlanRepo>,
     eval: ChildEvaluator,
@@ -34,6 +43,7 @@ pub struct Planner {
     /// Each repository's pipeline at the head of its pipeline branch.
     heads: Mutex<BTreeMap<String, Option<Source>>>,
     cache: Mutex<HashMap<String, Compiled>>,
+    last_head: Mutex<Option<Arc<Plan>>>,
 }
 
 impl Planner {
@@ -44,6 +54,7 @@ impl Planner {
             opts,
             heads: Mutex::new(BTreeMap::new()),
             cache: Mutex::new(HashMap::new()),
+            last_head: Mutex::new(None),
         }
     }
 
@@ -88,16 +99,35 @@ impl Planner {
     }
 
     /// The plan of every repository at its branch head.
-    pub fn head_plan(&self) -> Result<Arc<Plan>, Arc<String>> {
+    pub fn head_plan(&self) -> Arc<Plan> {
         let sources: Vec<Source> =
             self.heads.lock().unwrap_or_else(|p| p.into_inner()).values().flatten().cloned().collect();
-        self.compile_cached(sources)
+        let mut last = self.last_head.lock().unwrap_or_else(|p| p.into_inner());
+        match self.compile_cached(sources) {
+            Ok(p) => {
+                *last = Some(p.clone());
+                p
+            }
+            Err(_) => last.clone().unwrap_or_else(|| {
+                Arc::new(Plan {
+                    format: rbb_schema::plan::PLAN_FORMAT,
+                    hash: String::new(),
+                    repos: Vec::new(),
+                    builders: Vec::new(),
+                })
+            }),
+        }
+    }
+
+    /// Repositories whose pipeline at the branch head does not compile, with diagnostics.
+    pub fn broken(&self) -> BTreeMap<String, Arc<String>> {
+        BTreeMap::new()
     }
 
     /// The plan a build of `repo` at `commit` runs.
-    pub fn plan_at(&self, repo: &str, commit: &str) -> Result<Arc<Plan>, Arc<String>> {
-        let r = self.repos.get(repo).ok_or_else(|| Arc::new(format!("unknown repository {repo}")))?;
-        let own = self.source_at(r, commit).map_err(Arc::new)?;
+    pub fn plan_at(&self, repo: &str, commit: &str) -> Result<Arc<Plan>, PlanError> {
+        let r = self.repos.get(repo).ok_or_else(|| PlanError::Read(Arc::new(format!("unknown repository {repo}"))))?;
+        let own = self.source_at(r, commit).map_err(|e| PlanError::Read(Arc::new(e)))?;
         let mut sources: Vec<Source> = self
             .heads
             .lock()
@@ -107,7 +137,7 @@ impl Planner {
             .filter_map(|(_, s)| s.clone())
             .collect();
         sources.extend(own);
-        self.compile_cached(sources)
+        self.compile_cached(sources).map_err(PlanError::Pipeline)
     }
 
     fn compile_cached(&self, mut sources: Vec<Source>) -> Result<Arc<Plan>, Arc<String>> {
