@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::fake_executor::FakeExecutor;
-use crate::fake_master::FakeMaster;
+use crate::fake_master::{FakeMaster, MasterSession};
 use crate::{init_logs, make_repo, process_gone, wait_until};
 
 const TOKEN: &str = "s3cret";
@@ -41,7 +41,7 @@ impl TestWorker {
     }
 
     fn native(url: String, workdir: &Path) -> TestWorker {
-        TestWorker::start(url, workdir, 1, Arc::new(rbb_worker::NativeExecutor))
+        TestWorker::start(url, workdir, 1, Arc::new(rbb_worker::NativeExecutor::new()))
     }
 
     /// Shuts the worker down; it must stop cleanly and in time.
@@ -211,8 +211,20 @@ async fn steps_run_in_lease_order() {
     worker.stop().await;
 }
 
+/// The next LeaseRefused (lease, reason); log chunks of running steps are skipped, anything
+/// else (a StepFinished above all) is a failure.
+async fn refusal(session: &mut MasterSession) -> (u64, String) {
+    loop {
+        match session.recv().await {
+            Msg::Refused(refused) => return (refused.lease, refused.reason),
+            Msg::Log(_) => {}
+            other => panic!("expected LeaseRefused, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
-async fn an_over_lease_is_answered_worker_is_full() {
+async fn an_over_lease_is_refused_not_failed() {
     init_logs();
     let scratch = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(scratch.path().join("work/builds/7")).unwrap();
@@ -225,9 +237,10 @@ async fn an_over_lease_is_answered_worker_is_full() {
     session.send(MasterMsg::Lease(lease(1, "long"))).await;
     assert!(matches!(session.recv().await, Msg::Started(s) if s.lease == 1));
     session.send(MasterMsg::Lease(lease(2, "second"))).await;
-    let (_, finished) = session.until_finished(2).await;
-    assert_eq!(finished.result, StepResult::Exception as i32);
-    assert_eq!(finished.reason, "worker is full");
+    assert_eq!(refusal(&mut session).await, (2, "the worker is full (1 of 1 steps running)".to_owned()));
+    // A lease already running is refused too, and the running one is untouched.
+    session.send(MasterMsg::Lease(lease(1, "long"))).await;
+    assert_eq!(refusal(&mut session).await, (1, "lease 1 is already running on this worker".to_owned()));
 
     session.send(MasterMsg::Cancel(Cancel { lease: 1, reason: String::new() })).await;
     let (_, finished) = session.until_finished(1).await;
@@ -337,4 +350,72 @@ async fn shutdown_stops_running_steps_and_closes_the_session() {
     let result =
         tokio::time::timeout(Duration::from_secs(10), worker.handle).await.expect("worker did not stop").unwrap();
     assert!(result.is_ok(), "{result:?}");
+}
+
+/// A master that leases the next step the instant it reads a StepFinished must find the slot
+/// free: the worker frees it before it reports the step, so a 1-slot worker never refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_sent_right_after_a_result_finds_the_slot_free() {
+    init_logs();
+    const STEPS: u64 = 200;
+    let scratch = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(scratch.path().join("work/builds/7")).unwrap();
+    let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
+    let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
+    let mut session = master.next_session().await;
+    session.handshake(1000).await;
+
+    session.send(MasterMsg::Lease(lease(1, "true"))).await;
+    let mut next = 1;
+    let mut unexpected = Vec::new();
+    while next <= STEPS {
+        match session.recv().await {
+            Msg::Finished(finished) => {
+                assert_eq!(finished.lease, next, "{finished:?}");
+                if finished.result != StepResult::Success as i32 {
+                    unexpected.push(format!("lease {}: {:?} {}", finished.lease, finished.result, finished.reason));
+                }
+                next += 1;
+                if next <= STEPS {
+                    session.send(MasterMsg::Lease(lease(next, "true"))).await;
+                }
+            }
+            Msg::Refused(refused) => {
+                unexpected.push(format!("lease {} refused: {}", refused.lease, refused.reason));
+                next += 1;
+                if next <= STEPS {
+                    session.send(MasterMsg::Lease(lease(next, "true"))).await;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(unexpected.is_empty(), "{} of {STEPS} leases not run: {unexpected:?}", unexpected.len());
+    worker.stop().await;
+}
+
+/// A step stopped because the session ended did not end by itself: the worker reports no
+/// result for it (a CANCELLED would be taken for the step's own), the master retries it.
+#[tokio::test]
+async fn steps_stopped_by_a_lost_session_report_nothing() {
+    init_logs();
+    let scratch = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(scratch.path().join("work/builds/7")).unwrap();
+    let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
+    let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
+    let mut session = master.next_session().await;
+    session.handshake(1000).await;
+
+    session.send(MasterMsg::Lease(lease(4, "sleep 30"))).await;
+    assert!(matches!(session.recv().await, Msg::Started(s) if s.lease == 4));
+    session.hang_up();
+    let mut rest = Vec::new();
+    while let Some(msg) = session.try_recv().await {
+        rest.push(msg);
+    }
+    assert!(!rest.iter().any(|m| matches!(m, Msg::Finished(_))), "no StepFinished expected: {rest:?}");
+    // The worker reconnects; the step is not running any more.
+    let mut again = master.next_session().await;
+    again.handshake(1000).await;
+    worker.stop().await;
 }
