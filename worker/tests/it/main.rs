@@ -10,6 +10,7 @@ mod binary;
 mod checkout;
 mod fake_executor;
 mod fake_master;
+mod guard;
 mod native;
 mod session;
 
