@@ -1,6 +1,10 @@
 //! Making `<workdir>/<checkout_dir>` a clean checkout of one commit with the `git` binary,
 //! and keeping every path a lease names inside the directory it is relative to.
 //!
+//! A checkout directory says which build's checkout it holds (`.git/rbb-build`, written when a
+//! checkout succeeds); a checkout that fails removes the directory, so no later step of the
+//! build can run in the tree an earlier build left.
+//!
 //! Each git command line and its output are streamed as [`Output::Header`] chunks. This module
 //! must not run step commands or know about the master; a failure is a [`CheckoutError`] with
 //! the command, directory and git's own message.
@@ -12,7 +16,7 @@ use std::process::Stdio;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::executor::{MAX_CHUNK, Output};
 
@@ -84,18 +88,67 @@ pub fn join_inside(base: &Path, relative: &str, what: &'static str, allow_empty:
     Ok(joined)
 }
 
-/// Makes `<workdir>/<checkout_dir>` a clean, detached checkout of `commit` from `url`: clones
-/// if missing (reuses it otherwise), fetches branches and tags when the commit is not there
-/// yet, then `git checkout --force --detach` and `git clean -ffdx`. Returns the checkout's path.
+/// Where a checkout directory names the build whose checkout it holds.
+const BUILD_MARK: &str = ".git/rbb-build";
+
+/// Records that `dir` holds the checkout of `build` (`dir/.git` must exist).
+pub fn mark_build(dir: &Path, build: u64) -> std::io::Result<()> {
+    std::fs::write(dir.join(BUILD_MARK), format!("{build}\n"))
+}
+
+/// The build whose checkout `dir` holds, if a checkout into it succeeded and none started since.
+pub fn marked_build(dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(dir.join(BUILD_MARK)).ok()?.trim().parse().ok()
+}
+
+/// Makes `<workdir>/<checkout_dir>` a clean, detached checkout of `commit` from `url` for
+/// `build`: clones if missing (reuses it otherwise), fetches branches and tags when the commit
+/// is not there yet, then `git checkout --force --detach` and `git clean -ffdx`. Returns the
+/// checkout's path. On failure (cancel included) the directory is removed: an older build's
+/// tree must not stay behind for this build's later steps.
 pub async fn checkout(
     workdir: &Path,
     checkout_dir: &str,
     url: &str,
     commit: &str,
+    build: u64,
     out: &mpsc::Sender<Output>,
     cancel: &CancellationToken,
 ) -> Result<PathBuf, CheckoutError> {
     let dir = join_inside(workdir, checkout_dir, "checkout_dir", false)?;
+    match checkout_into(workdir, &dir, url, commit, out, cancel).await {
+        Ok(()) => {
+            mark_build(&dir, build).map_err(|source| CheckoutError::Io { path: dir.join(BUILD_MARK), source })?;
+            Ok(dir)
+        }
+        Err(err) => {
+            discard(&dir, out).await;
+            Err(err)
+        }
+    }
+}
+
+/// Removes what a failed checkout left in `dir`.
+async fn discard(dir: &Path, out: &mpsc::Sender<Output>) {
+    if std::fs::symlink_metadata(dir).is_err() {
+        return;
+    }
+    header(out, format!("# removing {}: the checkout failed\n", dir.display())).await;
+    if let Err(err) = std::fs::remove_dir_all(dir) {
+        warn!(dir = %dir.display(), %err, "cannot remove a failed checkout");
+        header(out, format!("# cannot remove {}: {err}\n", dir.display())).await;
+    }
+}
+
+async fn checkout_into(
+    workdir: &Path,
+    dir: &Path,
+    url: &str,
+    commit: &str,
+    out: &mpsc::Sender<Output>,
+    cancel: &CancellationToken,
+) -> Result<(), CheckoutError> {
+    let dir = dir.to_owned();
     if commit.is_empty() || commit.starts_with('-') || commit.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(CheckoutError::BadCommit { commit: commit.to_owned() });
     }
@@ -103,6 +156,12 @@ pub async fn checkout(
 
     let reused = dir.join(".git").exists();
     if reused {
+        // From here on the tree is no build's checkout until this one succeeds.
+        match std::fs::remove_file(dir.join(BUILD_MARK)) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(CheckoutError::Io { path: dir.join(BUILD_MARK), source }),
+        }
         git.ok(&dir, &["remote", "set-url", "origin", url]).await?;
     } else {
         if dir.exists() {
@@ -137,7 +196,7 @@ pub async fn checkout(
     if reused {
         git.ok(&dir, &["clean", "-ffdx"]).await?;
     }
-    Ok(dir)
+    Ok(())
 }
 
 async fn header(out: &mpsc::Sender<Output>, text: String) {

@@ -530,7 +530,16 @@ async fn execute(
         return failed(format!("checkout_dir {:?} is the worker's own directory", lease.checkout_dir));
     }
     if let Some(wanted) = &lease.checkout {
-        match checkout::checkout(&ctx.workdir, &lease.checkout_dir, &wanted.url, &wanted.commit, out, cancel).await {
+        let checkout = checkout::checkout(
+            &ctx.workdir,
+            &lease.checkout_dir,
+            &wanted.url,
+            &wanted.commit,
+            lease.build,
+            out,
+            cancel,
+        );
+        match checkout.await {
             Ok(_) => {}
             Err(CheckoutError::Cancelled) => {
                 return StepOutcome {
@@ -542,11 +551,29 @@ async fn execute(
             }
             Err(err) => return failed(format!("checkout failed: {err}")),
         }
-    } else if !checkout_path.is_dir() {
-        return failed(format!(
-            "checkout directory {} does not exist (no checkout was leased for it)",
-            checkout_path.display()
-        ));
+    } else {
+        // A later step of a build runs in that build's checkout, never in a tree another build
+        // (or a failed checkout) left there.
+        let path = checkout_path.display();
+        let build = lease.build;
+        match checkout::marked_build(&checkout_path) {
+            Some(held) if held == build => {}
+            _ if !checkout_path.is_dir() => {
+                return failed(format!(
+                    "checkout directory {path} does not exist (the build's checkout failed or was never leased to this worker)"
+                ));
+            }
+            Some(held) => {
+                return failed(format!(
+                    "checkout directory {path} holds build {held}'s checkout, not build {build}'s (this build's checkout failed or was never leased to this worker)"
+                ));
+            }
+            None => {
+                return failed(format!(
+                    "checkout directory {path} holds no checkout of build {build} (its checkout failed or was never leased to this worker)"
+                ));
+            }
+        }
     }
     let cwd = match join_inside(&checkout_path, &lease.workdir, "workdir", true) {
         Ok(path) => path,

@@ -111,7 +111,7 @@ fn guard_of(workdir: &Path) -> i32 {
 /// Starts the binary, leases it `sleep 30` and a step whose shell forks, and waits until both
 /// sleeps run. Returns the worker and its session.
 async fn worker_with_two_sleeps(master: &mut FakeMaster, workdir: &Path, mark: &str) -> (Child, MasterSession) {
-    std::fs::create_dir_all(workdir.join("builds/7")).unwrap();
+    crate::prepared_checkout(workdir, "builds/7", 7);
     let child = worker(&master.url(), workdir);
     let mut session = master.next_session().await;
     session.handshake(1000).await;

@@ -15,7 +15,7 @@ use tonic::Code;
 
 use crate::fake_executor::FakeExecutor;
 use crate::fake_master::{FakeMaster, MasterSession};
-use crate::{init_logs, make_repo, process_gone, wait_until};
+use crate::{init_logs, make_repo, prepared_checkout, process_gone, wait_until};
 
 const TOKEN: &str = "s3cret";
 
@@ -159,7 +159,7 @@ async fn runs_leased_steps_with_a_checkout() {
 async fn cancel_stops_a_running_step() {
     init_logs();
     let scratch = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(scratch.path().join("work/builds/7")).unwrap();
+    prepared_checkout(&scratch.path().join("work"), "builds/7", 7);
     let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
     let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
     let mut session = master.next_session().await;
@@ -180,7 +180,7 @@ async fn cancel_stops_a_running_step() {
 async fn steps_run_in_lease_order() {
     init_logs();
     let scratch = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(scratch.path().join("work/builds/7")).unwrap();
+    prepared_checkout(&scratch.path().join("work"), "builds/7", 7);
     let fake = Arc::new(
         FakeExecutor::default()
             .expect("make", StepResult::Success, "made\n")
@@ -227,7 +227,7 @@ async fn refusal(session: &mut MasterSession) -> (u64, String) {
 async fn an_over_lease_is_refused_not_failed() {
     init_logs();
     let scratch = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(scratch.path().join("work/builds/7")).unwrap();
+    prepared_checkout(&scratch.path().join("work"), "builds/7", 7);
     let fake = Arc::new(FakeExecutor::default().expect_blocking("long"));
     let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
     let worker = TestWorker::start(master.url(), &scratch.path().join("work"), 1, fake.clone());
@@ -276,7 +276,7 @@ async fn a_refused_worker_stops_with_an_error() {
 async fn reconnects_when_the_master_restarts() {
     init_logs();
     let scratch = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(scratch.path().join("work/builds/7")).unwrap();
+    prepared_checkout(&scratch.path().join("work"), "builds/7", 7);
     let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
     let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
     let mut session = master.next_session().await;
@@ -321,7 +321,7 @@ async fn reconnects_when_the_master_restarts() {
 async fn shutdown_stops_running_steps_and_closes_the_session() {
     init_logs();
     let scratch = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(scratch.path().join("work/builds/7")).unwrap();
+    prepared_checkout(&scratch.path().join("work"), "builds/7", 7);
     let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
     let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
     let mut session = master.next_session().await;
@@ -359,7 +359,7 @@ async fn a_lease_sent_right_after_a_result_finds_the_slot_free() {
     init_logs();
     const STEPS: u64 = 200;
     let scratch = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(scratch.path().join("work/builds/7")).unwrap();
+    prepared_checkout(&scratch.path().join("work"), "builds/7", 7);
     let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
     let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
     let mut session = master.next_session().await;
@@ -400,7 +400,7 @@ async fn a_lease_sent_right_after_a_result_finds_the_slot_free() {
 async fn steps_stopped_by_a_lost_session_report_nothing() {
     init_logs();
     let scratch = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(scratch.path().join("work/builds/7")).unwrap();
+    prepared_checkout(&scratch.path().join("work"), "builds/7", 7);
     let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
     let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
     let mut session = master.next_session().await;
@@ -417,5 +417,58 @@ async fn steps_stopped_by_a_lost_session_report_nothing() {
     // The worker reconnects; the step is not running any more.
     let mut again = master.next_session().await;
     again.handshake(1000).await;
+    worker.stop().await;
+}
+
+/// A build's later steps (`always_run` ones too) run in that build's checkout or not at all:
+/// never in the tree an earlier build, or a failed checkout, left in the directory.
+#[tokio::test]
+async fn a_step_never_runs_in_another_builds_tree() {
+    init_logs();
+    let scratch = tempfile::tempdir().unwrap();
+    let repo = scratch.path().join("repo");
+    let commit = make_repo(scratch.path(), &repo, &[("hello.txt", "hello\n")]);
+    let ran = scratch.path().join("ran");
+    let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
+    let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
+    let mut session = master.next_session().await;
+    session.handshake(1000).await;
+    let checkout = |commit: &str| Some(Checkout { url: repo.to_str().unwrap().to_owned(), commit: commit.to_owned() });
+    let step = |id: u64, build: u64| {
+        let mut step = lease(id, &format!("cat hello.txt && echo {id} >> {}", ran.display()));
+        step.build = build;
+        step
+    };
+
+    // Build 7 checks out and runs.
+    let mut first = step(1, 7);
+    first.checkout = checkout(&commit);
+    session.send(MasterMsg::Lease(first)).await;
+    let (_, finished) = session.until_finished(1).await;
+    assert_eq!(finished.result, StepResult::Success as i32, "{finished:?}");
+
+    // Build 8's checkout fails; its always_run step must not run in build 7's tree.
+    let mut broken = step(2, 8);
+    broken.checkout = checkout("0123456789abcdef0123456789abcdef01234567");
+    session.send(MasterMsg::Lease(broken)).await;
+    let (_, finished) = session.until_finished(2).await;
+    assert_eq!(finished.result, StepResult::Exception as i32, "{finished:?}");
+    session.send(MasterMsg::Lease(step(3, 8))).await;
+    let (_, finished) = session.until_finished(3).await;
+    assert_eq!(finished.result, StepResult::Exception as i32, "{finished:?}");
+    assert!(finished.reason.contains("does not exist"), "{}", finished.reason);
+
+    // Build 9 checks out; build 10, whose checkout this worker never got, may not use it.
+    let mut third = step(4, 9);
+    third.checkout = checkout(&commit);
+    session.send(MasterMsg::Lease(third)).await;
+    let (_, finished) = session.until_finished(4).await;
+    assert_eq!(finished.result, StepResult::Success as i32, "{finished:?}");
+    session.send(MasterMsg::Lease(step(5, 10))).await;
+    let (_, finished) = session.until_finished(5).await;
+    assert_eq!(finished.result, StepResult::Exception as i32, "{finished:?}");
+    assert!(finished.reason.contains("holds build 9's checkout, not build 10's"), "{}", finished.reason);
+
+    assert_eq!(std::fs::read_to_string(&ran).unwrap(), "1\n4\n", "only the steps of checked-out builds ran");
     worker.stop().await;
 }
