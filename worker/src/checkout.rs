@@ -12,6 +12,7 @@
 use std::ffi::OsString;
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 
 use tokio::process::Command;
 use tokio::sync::mpsc;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::executor::{MAX_CHUNK, Output};
+use crate::guard::{GuardLink, ProcessGroup, own_group};
 
 /// A lease named a path that is not a plain relative path inside its base directory.
 #[derive(Debug, thiserror::Error)]
@@ -101,24 +103,37 @@ pub fn marked_build(dir: &Path) -> Option<u64> {
     std::fs::read_to_string(dir.join(BUILD_MARK)).ok()?.trim().parse().ok()
 }
 
+/// Which checkout to make.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckoutSpec<'a> {
+    /// The worker's work directory.
+    pub workdir: &'a Path,
+    /// The checkout's directory, relative to `workdir`.
+    pub checkout_dir: &'a str,
+    /// Path or URL `git clone` accepts.
+    pub url: &'a str,
+    pub commit: &'a str,
+    /// The build the checkout is for.
+    pub build: u64,
+}
+
 /// Makes `<workdir>/<checkout_dir>` a clean, detached checkout of `commit` from `url` for
 /// `build`: clones if missing (reuses it otherwise), fetches branches and tags when the commit
 /// is not there yet, then `git checkout --force --detach` and `git clean -ffdx`. Returns the
 /// checkout's path. On failure (cancel included) the directory is removed: an older build's
-/// tree must not stay behind for this build's later steps.
+/// tree must not stay behind for this build's later steps. Each git command runs in a process
+/// group of its own, registered with `guard` when there is one.
 pub async fn checkout(
-    workdir: &Path,
-    checkout_dir: &str,
-    url: &str,
-    commit: &str,
-    build: u64,
+    spec: &CheckoutSpec<'_>,
     out: &mpsc::Sender<Output>,
     cancel: &CancellationToken,
+    guard: Option<&Arc<GuardLink>>,
 ) -> Result<PathBuf, CheckoutError> {
-    let dir = join_inside(workdir, checkout_dir, "checkout_dir", false)?;
-    match checkout_into(workdir, &dir, url, commit, out, cancel).await {
+    let dir = join_inside(spec.workdir, spec.checkout_dir, "checkout_dir", false)?;
+    let git = Git { out, cancel, guard };
+    match checkout_into(spec.workdir, &dir, spec.url, spec.commit, &git).await {
         Ok(()) => {
-            mark_build(&dir, build).map_err(|source| CheckoutError::Io { path: dir.join(BUILD_MARK), source })?;
+            mark_build(&dir, spec.build).map_err(|source| CheckoutError::Io { path: dir.join(BUILD_MARK), source })?;
             Ok(dir)
         }
         Err(err) => {
@@ -145,15 +160,13 @@ async fn checkout_into(
     dir: &Path,
     url: &str,
     commit: &str,
-    out: &mpsc::Sender<Output>,
-    cancel: &CancellationToken,
+    git: &Git<'_>,
 ) -> Result<(), CheckoutError> {
     let dir = dir.to_owned();
+    let out = git.out;
     if commit.is_empty() || commit.starts_with('-') || commit.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(CheckoutError::BadCommit { commit: commit.to_owned() });
     }
-    let git = Git { out, cancel };
-
     let reused = dir.join(".git").exists();
     if reused {
         // From here on the tree is no build's checkout until this one succeeds.
@@ -214,6 +227,7 @@ async fn send_chunks(out: &mpsc::Sender<Output>, data: &[u8]) {
 struct Git<'a> {
     out: &'a mpsc::Sender<Output>,
     cancel: &'a CancellationToken,
+    guard: Option<&'a Arc<GuardLink>>,
 }
 
 impl Git<'_> {
@@ -245,23 +259,30 @@ impl Git<'_> {
             .join(" ");
         debug!(%command, dir = %dir.display(), "git");
         header(self.out, format!("$ {command}\n")).await;
-        let child = Command::new("git")
-            .args(args)
+        let mut git = Command::new("git");
+        git.args(args)
             .current_dir(dir)
             .env("GIT_TERMINAL_PROMPT", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output();
+            .kill_on_drop(true);
+        // Git starts helpers (ssh, remote helpers, pack tools): the whole group goes when the
+        // command is done, cancelled, or the worker dies.
+        own_group(&mut git, self.guard);
+        let spawn_error = |source| CheckoutError::Spawn { command: command.clone(), dir: dir.to_owned(), source };
+        let child = git.spawn().map_err(spawn_error)?;
+        let mut group = child
+            .id()
+            .and_then(|pid| libc::pid_t::try_from(pid).ok())
+            .map(|pgid| ProcessGroup::new(pgid, self.guard.cloned()));
         let output = tokio::select! {
-            output = child => output.map_err(|source| CheckoutError::Spawn {
-                command: command.clone(),
-                dir: dir.to_owned(),
-                source,
-            })?,
+            output = child.wait_with_output() => output.map_err(spawn_error)?,
             () = self.cancel.cancelled() => return Err(CheckoutError::Cancelled),
         };
+        if let Some(group) = group.as_mut() {
+            group.kill_and_forget();
+        }
         send_chunks(self.out, &output.stdout).await;
         send_chunks(self.out, &output.stderr).await;
         Ok((command, output))

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::guard::GuardLink;
+use crate::guard::{GuardLink, ProcessGroup, own_group};
 
 /// Largest output chunk an executor sends (the protocol's LogChunk limit).
 pub const MAX_CHUNK: usize = 1024 * 1024;
@@ -157,19 +157,8 @@ async fn run_native(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
         .kill_on_drop(true);
-    if let Some(guard) = &guard {
-        let fd = guard.raw_fd();
-        // SAFETY: the hook runs after `setpgid` and only makes async-signal-safe calls; `fd`
-        // stays open for as long as `guard` lives, which outlives the spawn.
-        unsafe {
-            command.pre_exec(move || {
-                GuardLink::register_in_child(fd);
-                Ok(())
-            });
-        }
-    }
+    own_group(&mut command, guard.as_ref());
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(err) => {
@@ -190,7 +179,7 @@ async fn run_native(
     let Ok(pgid) = libc::pid_t::try_from(pid) else {
         return StepOutcome::exception(format!("pid {pid} out of range"), start.elapsed());
     };
-    let mut group = ProcessGroup { pgid, armed: true, guard };
+    let mut group = ProcessGroup::new(pgid, guard);
     debug!(pgid, command = %spec.command, "step process started");
 
     // Set once the whole group has been killed: from then on, pipes only drain.
@@ -280,7 +269,7 @@ async fn terminate(child: &mut Child, group: &ProcessGroup) -> std::io::Result<E
     match tokio::time::timeout(KILL_GRACE, child.wait()).await {
         Ok(status) => status,
         Err(_) => {
-            debug!(pgid = group.pgid, "still alive after the grace period; SIGKILL");
+            debug!(pgid = group.pgid(), "still alive after the grace period; SIGKILL");
             group.signal(libc::SIGKILL);
             child.wait().await
         }
@@ -327,44 +316,5 @@ async fn pump<R: AsyncRead + Unpin>(
                 return;
             }
         }
-    }
-}
-
-/// A process group the step owns: SIGKILLed when dropped (e.g. when the step's future is
-/// dropped mid-run) unless already killed, and then released from the guard.
-struct ProcessGroup {
-    pgid: libc::pid_t,
-    armed: bool,
-    guard: Option<Arc<GuardLink>>,
-}
-
-impl ProcessGroup {
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: killpg has no memory-safety preconditions; a stale group only yields ESRCH.
-        let rc = unsafe { libc::killpg(self.pgid, signal) };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            // ESRCH: the whole group is already gone, the usual case after a clean exit.
-            if err.raw_os_error() != Some(libc::ESRCH) {
-                warn!(pgid = self.pgid, signal, %err, "cannot signal the step's process group");
-            }
-        }
-    }
-
-    /// SIGKILL whatever is left of the group and stop owning it.
-    fn kill_and_forget(&mut self) {
-        if self.armed {
-            self.signal(libc::SIGKILL);
-            self.armed = false;
-            if let Some(guard) = &self.guard {
-                guard.release(self.pgid);
-            }
-        }
-    }
-}
-
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        self.kill_and_forget();
     }
 }

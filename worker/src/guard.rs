@@ -1,6 +1,8 @@
-//! Steps die with their worker: a guard process that kills every step's process group when
-//! the worker disappears (even by `kill -9`), a record of running groups under the work
-//! directory, and the sweep a restarted worker runs over what a dead one left behind.
+//! Steps die with their worker: every process a step starts (its command, the git commands
+//! of its checkout) runs in a process group of its own ([`own_group`], [`ProcessGroup`]); a
+//! guard process kills the groups still running when the worker disappears (even by
+//! `kill -9`), keeping a record of them under the work directory; a restarted worker sweeps
+//! what a dead one left behind.
 //!
 //! The worker starts the guard (its own binary, re-executed with [`GUARD_ARG`]) with one end
 //! of a `SOCK_SEQPACKET` socket pair as its stdin. Each step's child registers its process
@@ -23,6 +25,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -68,7 +71,7 @@ pub enum GuardError {
 /// killing whatever is still registered).
 #[derive(Debug)]
 pub struct Guard {
-    link: std::sync::Arc<GuardLink>,
+    link: Arc<GuardLink>,
     child: Child,
     _lock: File,
 }
@@ -147,12 +150,12 @@ impl Guard {
         let child = command.spawn().map_err(|source| GuardError::Spawn { exe: exe.to_owned(), source })?;
         debug!(pid = child.id(), "guard started");
         let link = GuardLink { socket: ours, lost: AtomicBool::new(false) };
-        Ok((Guard { link: std::sync::Arc::new(link), child, _lock: lock }, swept))
+        Ok((Guard { link: Arc::new(link), child, _lock: lock }, swept))
     }
 
     /// The link steps register through.
-    pub fn link(&self) -> std::sync::Arc<GuardLink> {
-        std::sync::Arc::clone(&self.link)
+    pub fn link(&self) -> Arc<GuardLink> {
+        Arc::clone(&self.link)
     }
 
     /// The guard's process id.
@@ -198,6 +201,72 @@ impl GuardLink {
         {
             warn!("the guard process is gone: steps will not be stopped if this worker is killed");
         }
+    }
+}
+
+/// Makes `command` start in a new process group of its own (its id is the child's pid) and,
+/// with a guard, registers that group from the child before it runs anything.
+pub fn own_group(command: &mut tokio::process::Command, guard: Option<&Arc<GuardLink>>) {
+    command.process_group(0);
+    if let Some(guard) = guard {
+        let fd = guard.raw_fd();
+        // SAFETY: the hook runs after `setpgid` and only makes async-signal-safe calls; `fd`
+        // stays open as long as the guard link lives, which outlives the spawn.
+        unsafe {
+            command.pre_exec(move || {
+                GuardLink::register_in_child(fd);
+                Ok(())
+            });
+        }
+    }
+}
+
+/// A process group a step owns: SIGKILLed when dropped (e.g. when the step's future is
+/// dropped mid-run) unless already killed, and then released from the guard.
+#[derive(Debug)]
+pub struct ProcessGroup {
+    pgid: libc::pid_t,
+    armed: bool,
+    guard: Option<Arc<GuardLink>>,
+}
+
+impl ProcessGroup {
+    /// The group `pgid`, started with [`own_group`] and the same `guard`.
+    pub fn new(pgid: libc::pid_t, guard: Option<Arc<GuardLink>>) -> ProcessGroup {
+        ProcessGroup { pgid, armed: true, guard }
+    }
+
+    pub fn pgid(&self) -> libc::pid_t {
+        self.pgid
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: killpg has no memory-safety preconditions; a stale group only yields ESRCH.
+        let rc = unsafe { libc::killpg(self.pgid, signal) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            // ESRCH: the whole group is already gone, the usual case after a clean exit.
+            if err.raw_os_error() != Some(libc::ESRCH) {
+                warn!(pgid = self.pgid, signal, %err, "cannot signal a step's process group");
+            }
+        }
+    }
+
+    /// SIGKILL whatever is left of the group and stop owning it.
+    pub fn kill_and_forget(&mut self) {
+        if self.armed {
+            self.signal(libc::SIGKILL);
+            self.armed = false;
+            if let Some(guard) = &self.guard {
+                guard.release(self.pgid);
+            }
+        }
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.kill_and_forget();
     }
 }
 

@@ -94,6 +94,7 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
         labels: cli.labels.into_iter().filter(|l| !l.is_empty()).collect(),
         workdir: cli.workdir,
         max_steps: cli.max_steps,
+        guard: Some(guard.link()),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {

@@ -27,9 +27,9 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Endpoint;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::checkout::{self, CheckoutError, join_inside};
+use crate::checkout::{self, CheckoutError, CheckoutSpec, join_inside};
 use crate::executor::{Executor, MAX_CHUNK, NativeExecutor, Output, StepOutcome, StepSpec, format_secs};
-use crate::guard::STATE_DIR;
+use crate::guard::{GuardLink, STATE_DIR};
 
 /// First reconnect delay; doubled after each failed attempt up to [`MAX_BACKOFF`].
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -59,6 +59,9 @@ pub struct WorkerConfig {
     pub workdir: PathBuf,
     /// Steps run at once (at least 1).
     pub max_steps: u32,
+    /// The guard that kills the processes of checkouts if the worker dies (the executor has
+    /// its own for the steps' commands); `None` leaves them to the worker alone.
+    pub guard: Option<Arc<GuardLink>>,
 }
 
 /// Why [`run`] stopped other than by shutdown.
@@ -167,6 +170,7 @@ struct Connection {
 struct StepContext {
     workdir: PathBuf,
     executor: Arc<dyn Executor>,
+    guard: Option<Arc<GuardLink>>,
 }
 
 impl Connection {
@@ -217,7 +221,7 @@ impl Connection {
             name: metadata("worker name", config.name.clone())?,
             authorization: metadata("token", format!("Bearer {}", config.token))?,
             max_steps: usize::try_from(config.max_steps).unwrap_or(usize::MAX),
-            steps: Arc::new(StepContext { workdir, executor }),
+            steps: Arc::new(StepContext { workdir, executor, guard: config.guard.clone() }),
             url,
         })
     }
@@ -530,16 +534,14 @@ async fn execute(
         return failed(format!("checkout_dir {:?} is the worker's own directory", lease.checkout_dir));
     }
     if let Some(wanted) = &lease.checkout {
-        let checkout = checkout::checkout(
-            &ctx.workdir,
-            &lease.checkout_dir,
-            &wanted.url,
-            &wanted.commit,
-            lease.build,
-            out,
-            cancel,
-        );
-        match checkout.await {
+        let spec = CheckoutSpec {
+            workdir: &ctx.workdir,
+            checkout_dir: &lease.checkout_dir,
+            url: &wanted.url,
+            commit: &wanted.commit,
+            build: lease.build,
+        };
+        match checkout::checkout(&spec, out, cancel, ctx.guard.as_ref()).await {
             Ok(_) => {}
             Err(CheckoutError::Cancelled) => {
                 return StepOutcome {

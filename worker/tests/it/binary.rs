@@ -109,7 +109,7 @@ fn guard_of(workdir: &Path) -> i32 {
 }
 
 /// Starts the binary, leases it `sleep 30` and a step whose shell forks, and waits until both
-/// sleeps run. Returns the worker and its session.
+/// sleeps run and the guard has recorded both groups. Returns the worker and its session.
 async fn worker_with_two_sleeps(master: &mut FakeMaster, workdir: &Path, mark: &str) -> (Child, MasterSession) {
     crate::prepared_checkout(workdir, "builds/7", 7);
     let child = worker(&master.url(), workdir);
@@ -133,6 +133,10 @@ async fn worker_with_two_sleeps(master: &mut FakeMaster, workdir: &Path, mark: &
         marked(mark).iter().filter(|(_, cmd)| cmd == "sleep 30").count() == 2
     })
     .await;
+    wait_until("the guard records each running step group", Duration::from_secs(5), || {
+        std::fs::read_dir(steps_dir(workdir)).unwrap().count() == 2
+    })
+    .await;
     (child, session)
 }
 
@@ -144,8 +148,6 @@ async fn steps_die_with_a_killed_worker() {
     let mark = scratch.path().display().to_string();
     let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
     let (mut child, mut session) = worker_with_two_sleeps(&mut master, &workdir, &mark).await;
-    let records = std::fs::read_dir(steps_dir(&workdir)).unwrap().count();
-    assert_eq!(records, 2, "one record per running step group");
 
     child.kill().await.unwrap();
     wait_until("no step process is left", Duration::from_secs(5), || marked(&mark).is_empty()).await;
@@ -212,4 +214,48 @@ async fn a_second_worker_on_a_busy_work_directory_is_refused() {
     assert_eq!(code, Some(1), "stderr:\n{stderr}");
     assert!(stderr.contains("is in use by another rbb-worker"), "stderr:\n{stderr}");
     first.kill().await.unwrap();
+}
+
+/// The processes of a checkout (git and the transport it starts) die with a killed worker too.
+#[tokio::test]
+async fn a_checkout_dies_with_a_killed_worker() {
+    crate::init_logs();
+    let scratch = tempfile::tempdir().unwrap();
+    let workdir = scratch.path().join("work");
+    let mark = scratch.path().display().to_string();
+    let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
+    // A transport that never answers: git waits on it as on a slow server.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rbb-worker"))
+        .args(["--master", &master.url(), "--name", "bin-worker", "--token", "t"])
+        .arg("--workdir")
+        .arg(&workdir)
+        .env("RBB_TEST_MARK", &mark)
+        .env("GIT_SSH_COMMAND", "sh -c 'sleep 30' --")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut session = master.next_session().await;
+    session.handshake(1000).await;
+    let lease = Lease {
+        lease: 1,
+        build: 7,
+        checkout_dir: "builds/7".to_owned(),
+        checkout: Some(rbb_schema::proto::Checkout {
+            url: "ssh://git.invalid/repo".to_owned(),
+            commit: "0123456789abcdef0123456789abcdef01234567".to_owned(),
+        }),
+        command: "true".to_owned(),
+        ..Lease::default()
+    };
+    session.send(MasterMsg::Lease(lease)).await;
+    wait_until("the checkout's transport runs", Duration::from_secs(10), || {
+        marked(&mark).iter().any(|(_, cmd)| cmd == "sleep 30")
+    })
+    .await;
+
+    child.kill().await.unwrap();
+    wait_until("no process of the checkout is left", Duration::from_secs(5), || marked(&mark).is_empty()).await;
 }

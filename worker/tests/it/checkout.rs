@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 
 use rbb_worker::Output;
-use rbb_worker::checkout::{CheckoutError, checkout, marked_build};
+use rbb_worker::checkout::{CheckoutError, CheckoutSpec, checkout, marked_build};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +28,8 @@ async fn run(
         }
         String::from_utf8(text).unwrap()
     });
-    let result = checkout(workdir, dir, url.to_str().unwrap(), commit, 1, &tx, &CancellationToken::new()).await;
+    let spec = CheckoutSpec { workdir, checkout_dir: dir, url: url.to_str().unwrap(), commit, build: 1 };
+    let result = checkout(&spec, &tx, &CancellationToken::new(), None).await;
     drop(tx);
     (result, log.await.unwrap())
 }

@@ -34,6 +34,7 @@ impl TestWorker {
             labels: vec!["linux".to_owned(), "fast".to_owned()],
             workdir: workdir.to_owned(),
             max_steps,
+            guard: None,
         };
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(run_with_executor(config, executor, shutdown.clone()));
