@@ -45,6 +45,7 @@ fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
     if args.next().is_some_and(|arg| guard::is_guard_arg(&arg)) {
         init_logs();
+        let _span = tracing::info_span!("guard").entered();
         let Some(dir) = args.next() else {
             error!("usage: rbb-worker {} <steps directory>", guard::GUARD_ARG);
             return ExitCode::from(2);
