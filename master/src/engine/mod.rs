@@ -18,6 +18,8 @@ mod read;
 pub mod rules;
 mod sessions;
 mod steps;
+#[cfg(test)]
+mod tests;
 mod triggers;
 
 use crate::logs::LogFiles;

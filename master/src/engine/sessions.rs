@@ -30,7 +30,7 @@ impl Liveness {
     }
 
     /// Silent for longer than `limit_ms`, with nothing of it waiting to be handled.
-    fn silent(&self, now_ms: u64, limit_ms: u64) -> bool {
+    pub(super) fn silent(&self, now_ms: u64, limit_ms: u64) -> bool {
         self.backlog.load(Ordering::Acquire) == 0
             && now_ms.saturating_sub(self.last_ms.load(Ordering::Acquire)) > limit_ms
     }
@@ -226,10 +226,9 @@ impl Engine {
                 }
                 r
             }
-            Msg::Refused(r) => self.transact(&mut st, |e, tx| {
-                e.lease_refused(tx, worker, r)?;
-                e.dispatch(tx)
-            }),
+            // Leased again when the worker reports a step or on the next tick, not at once:
+            // a worker that really is full must not be asked again in a loop.
+            Msg::Refused(r) => self.transact(&mut st, |e, tx| e.lease_refused(tx, worker, r)),
         }
     }
 }
