@@ -174,6 +174,12 @@ impl ChildEvaluator {
         }
     }
 
+    /// Adds an argument before the runner's own (e.g. `snippet-runner` for `rbb`).
+    pub fn arg(mut self, arg: &str) -> ChildEvaluator {
+        self.args.push(arg.to_owned());
+        self
+    }
+
     /// Sets a variable in the runner's (otherwise empty) environment.
     pub fn env(mut self, key: &str, value: &str) -> ChildEvaluator {
         self.env.push((key.to_owned(), value.to_owned()));

@@ -136,7 +136,7 @@ impl Engine {
     ) -> Result<Arc<Engine>, EngineError> {
         std::fs::create_dir_all(state_dir)?;
         planner.refresh_heads().map_err(EngineError::Plan)?;
-        let plan = (*planner.head_plan().map_err(|e| EngineError::Plan(e.to_string()))?).clone();
+        let plan = (*planner.head_plan()).clone();
         let store = Store::open(&state_dir.join("state.redb"))?;
         let logs = LogFiles::new(&state_dir.join("logs"))?;
         store.put_plan(&plan)?;
@@ -381,9 +381,9 @@ impl Engine {
         // The plan comes from the commit being built.
         let plan = match self.planner.plan_at(&repo.name, &commit) {
             Ok(p) => p,
-            Err(diags) => {
+            Err(plan_error) => {
                 let mut st = self.lock();
-                let id = self.pipeline_failure(&mut st, &repo, &branch, &commit, &diags, "force", &[])?;
+                let id = self.pipeline_failure(&mut st, &repo, &branch, &commit, plan_error.text(), "force", &[])?;
                 return Ok(api::ForceResponse { build: id, needed: Vec::new() });
             }
         };
@@ -620,7 +620,7 @@ impl Engine {
             tracing::warn!(repo, error = %e, "cannot read the new head's pipeline");
         }
         let plan = self.planner.plan_at(repo, &head.id);
-        let head_plan = if branch == r.branch { self.planner.head_plan().ok() } else { None };
+        let head_plan = if branch == r.branch { Some(self.planner.head_plan()) } else { None };
         let mut st = self.lock();
         if let Some(hp) = head_plan {
             self.remember_plan(&mut st, &hp)?;
@@ -630,8 +630,8 @@ impl Engine {
         let files: BTreeSet<&str> = commits.iter().flat_map(|c| c.files.iter().map(String::as_str)).collect();
         let plan = match plan {
             Ok(p) => p,
-            Err(diags) => {
-                let id = self.pipeline_failure(&mut st, &r, branch, &head.id, &diags, "push", &ids)?;
+            Err(plan_error) => {
+                let id = self.pipeline_failure(&mut st, &r, branch, &head.id, plan_error.text(), "push", &ids)?;
                 return Ok(vec![id]);
             }
         };
@@ -684,13 +684,13 @@ impl Engine {
         )?;
         let plan = match plan {
             Ok(p) => p,
-            Err(diags) => {
+            Err(plan_error) => {
                 return Ok(vec![self.pipeline_failure(
                     &mut st,
                     &r,
                     &pr.source_branch,
                     &pr.commit.id,
-                    &diags,
+                    plan_error.text(),
                     "pull_request",
                     &ids,
                 )?]);
@@ -1019,12 +1019,12 @@ impl Engine {
                                     self.persist_created(&mut st, &created)?;
                                 }
                             }
-                            Err(diags) => out.push(self.pipeline_failure(
+                            Err(plan_error) => out.push(self.pipeline_failure(
                                 &mut st,
                                 &repo,
                                 &sched.branch,
                                 &commit,
-                                &diags,
+                                plan_error.text(),
                                 "schedule",
                                 &[],
                             )?),
