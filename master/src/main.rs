@@ -8,7 +8,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use rbb_compiler::snippet::{ChildEvaluator, Limits};
-use rbb_compiler::{Compilation, Options, Source, compile, diff, git, render, render_diagnostics};
+use rbb_compiler::{Compilation, Options, Source, compile, decode_text, diff, git, render, render_diagnostics};
 use rbb_schema::plan::Plan;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -98,6 +98,10 @@ struct SnippetArgs {
     /// Memory limit of the snippet runner, in MiB.
     #[arg(long, default_value_t = 512)]
     snippet_memory_mib: u64,
+    /// Show what snippets printed (`print()`), also when they succeed. A failing snippet's
+    /// output is always part of its diagnostic.
+    #[arg(long, short)]
+    verbose: bool,
 }
 
 impl SnippetArgs {
@@ -106,6 +110,15 @@ impl SnippetArgs {
             wall: Duration::from_millis(self.snippet_timeout_ms),
             memory_mib: self.snippet_memory_mib,
         })
+    }
+
+    /// Prints what snippets printed, with `--verbose`.
+    fn show_printed(&self, result: &Compilation) {
+        if self.verbose {
+            for p in &result.printed {
+                eprint!("{}", p.render());
+            }
+        }
     }
 }
 
@@ -248,6 +261,7 @@ fn compile_config(
         branch: String::new(),
         files: Vec::new(),
         origin: rbb_compiler::Origin::default(),
+        not_utf8: None,
     });
     (result, sources)
 }
@@ -270,6 +284,7 @@ fn cmd_compile(
                 branch: String::new(),
                 files: Vec::new(),
                 origin: rbb_compiler::Origin::default(),
+                not_utf8: None,
             };
             eprint!("{}", render_diagnostics(&diags, &[shown]));
             return Ok(ExitCode::from(1));
@@ -278,6 +293,7 @@ fn cmd_compile(
     let revs = parse_revs(revs)?;
     let eval = snippets.evaluator();
     let (result, sources) = compile_config(&cfg, &revs, &eval);
+    snippets.show_printed(&result);
     if !result.diagnostics.is_empty() {
         eprint!("{}", render_diagnostics(&result.diagnostics, &sources));
     }
@@ -371,7 +387,9 @@ fn sources_from_dir(dir: &Path) -> Result<Vec<Source>> {
         } else {
             continue;
         };
-        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        // Not UTF-8 is the file's mistake (a diagnostic), not a failure of the command.
+        let (text, not_utf8) =
+            decode_text(std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?);
         sources.push(Source {
             repo,
             file: file.display().to_string(),
@@ -383,6 +401,7 @@ fn sources_from_dir(dir: &Path) -> Result<Vec<Source>> {
                 pipeline_path: rbb_schema::config::PIPELINE_PATH.to_owned(),
                 ..Default::default()
             },
+            not_utf8,
         });
     }
     if sources.is_empty() {
@@ -395,6 +414,7 @@ fn cmd_compile_dir(dir: &Path, format: Format, snippets: &SnippetArgs) -> Result
     let sources = sources_from_dir(dir)?;
     let eval = snippets.evaluator();
     let result = compile(&sources, &eval, &Options::default());
+    snippets.show_printed(&result);
     if !result.diagnostics.is_empty() {
         eprint!("{}", render_diagnostics(&result.diagnostics, &sources));
     }
@@ -410,7 +430,7 @@ fn cmd_compile_dir(dir: &Path, format: Format, snippets: &SnippetArgs) -> Result
 fn cmd_validate(files: &[PathBuf], snippets: &SnippetArgs) -> Result<ExitCode> {
     let mut sources = Vec::new();
     for f in files {
-        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let (text, not_utf8) = decode_text(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?);
         sources.push(Source {
             repo: repo_name_for(f),
             file: f.display().to_string(),
@@ -422,6 +442,7 @@ fn cmd_validate(files: &[PathBuf], snippets: &SnippetArgs) -> Result<ExitCode> {
                 pipeline_path: f.display().to_string(),
                 ..Default::default()
             },
+            not_utf8,
         });
     }
     let eval = snippets.evaluator();
@@ -431,6 +452,7 @@ fn cmd_validate(files: &[PathBuf], snippets: &SnippetArgs) -> Result<ExitCode> {
     for source in &sources {
         let opts = Options { other_repos_unknown: true, ..Options::default() };
         let result = compile(std::slice::from_ref(source), &eval, &opts);
+        snippets.show_printed(&result);
         if !result.diagnostics.is_empty() {
             eprint!("{}", render_diagnostics(&result.diagnostics, std::slice::from_ref(source)));
         }
