@@ -112,7 +112,7 @@ impl SourceRepo {
     pub fn poll<E: std::fmt::Display>(
         &self,
         baseline: bool,
-        record: &mut dyn FnMut(&str, &[NewCommit]) -> Result<(), E>,
+        mut record: impl FnMut(&str, &[NewCommit]) -> Result<(), E>,
     ) -> Result<PollReport, MirrorError> {
         let _turn = self.take_turn();
         self.mirror.fetch(&self.branches)?;
@@ -218,7 +218,7 @@ impl SourceRepo {
         &self,
         forge: Forge,
         pr: &webhooks::PullRequest,
-        record: &mut dyn FnMut(&PullRequestChange) -> Result<Vec<u64>, E>,
+        mut record: impl FnMut(&PullRequestChange) -> Result<Vec<u64>, E>,
     ) -> Result<PullRequestOutcome, PullRequestError> {
         let number = pr.number;
         let mirror_err = |source| PullRequestError::Mirror { number, source };
@@ -309,7 +309,7 @@ impl Sources {
     pub async fn fetch(&self, engine: &Arc<Engine>, repo: &Arc<SourceRepo>, source: &str, baseline: bool) {
         let (r, e, src) = (repo.clone(), engine.clone(), source.to_owned());
         let res = tokio::task::spawn_blocking(move || {
-            r.poll(baseline, &mut |branch, commits| {
+            r.poll(baseline, |branch: &str, commits: &[NewCommit]| {
                 e.on_push(&r.name, branch, commits, &src).map(|builds| {
                     tracing::info!(repo = %r.name, branch, ?builds, "push handled");
                 })
@@ -401,11 +401,13 @@ impl Sources {
                 if !matches!(pr.action.as_str(), "opened" | "synchronize" | "reopened" | "closed") {
                     return HookOutcome::Ignored(format!("pull request #{} {}", pr.number, pr.action));
                 }
-                // Target branches move too: the poll brings them (and their pushes) up to date.
-                self.fetch(engine, &repo, &source, false).await;
+                if pr.action != "closed" {
+                    // Target branches move too: the poll brings them (and their pushes) up to date.
+                    self.fetch(engine, &repo, &source, false).await;
+                }
                 let (e, r) = (engine.clone(), repo.clone());
                 let res = tokio::task::spawn_blocking(move || {
-                    r.pull_request(forge, &pr, &mut |change| e.on_pull_request(&r.name, change, &source))
+                    r.pull_request(forge, &pr, |change: &PullRequestChange| e.on_pull_request(&r.name, change, &source))
                 })
                 .await;
                 match res {

@@ -356,7 +356,7 @@ fn poll_ok(repo: &SourceRepo) -> (PollReport, Vec<(String, Vec<NewCommit>)>) {
             seen.push((branch.to_owned(), commits.to_vec()));
             Ok::<(), String>(())
         })
-        .unwrap();
+        .expect("poll");
     (report, seen)
 }
 
