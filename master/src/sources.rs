@@ -53,6 +53,8 @@ pub struct PollReport {
     pub failed: Vec<(String, String)>,
     /// Branches only recorded where they are (a new mirror's first poll).
     pub baseline: usize,
+    /// Why the fetch failed, if it did (what was fetched before is still handed over).
+    pub fetch_error: Option<String>,
 }
 
 /// What became of a pull request event.
@@ -102,7 +104,7 @@ impl SourceRepo {
         self.turn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Fetches, then hands `record` the commits of every watched branch whose fetched head
+    /// Fetches (a failed fetch is reported, not fatal), then hands `record` the commits of every watched branch whose fetched head
     /// differs from its recorded head: (branch, commits newest first, at most
     /// [`MAX_COMMITS`]). A branch's recorded ref moves only after `record` returned Ok, so a
     /// failure (or a crash) leaves the commits to the next poll. `baseline`: only record where
@@ -115,8 +117,13 @@ impl SourceRepo {
         mut record: impl FnMut(&str, &[NewCommit]) -> Result<(), E>,
     ) -> Result<PollReport, MirrorError> {
         let _turn = self.take_turn();
-        self.mirror.fetch(&self.branches)?;
         let mut report = PollReport::default();
+        // An unreachable remote does not hold back what an earlier fetch brought and the
+        // engine has not recorded yet (nor a new mirror's baseline).
+        if let Err(e) = self.mirror.fetch(&self.branches) {
+            tracing::warn!(repo = %self.name, error = %e, "fetch failed");
+            report.fetch_error = Some(e.to_string());
+        }
         if baseline {
             report.baseline = self.mirror.record_all(&self.branches)?;
             return Ok(report);
@@ -321,7 +328,7 @@ impl Sources {
                 tracing::info!(repo = %repo.name, branches = report.baseline, "mirror ready")
             }
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(repo = %repo.name, error = %e, "fetch failed"),
+            Ok(Err(e)) => tracing::warn!(repo = %repo.name, error = %e, "poll failed"),
             Err(e) => tracing::error!(repo = %repo.name, error = %e, "poll task failed"),
         }
     }

@@ -494,3 +494,20 @@ fn a_new_branch_is_compared_with_the_recorded_branches_not_its_tip_alone() {
     assert_eq!(report.deleted, ["release/2"]);
     assert!(!repo.mirror.recorded().unwrap().contains_key("release/2"));
 }
+
+#[test]
+fn an_unreachable_remote_does_not_hold_back_a_push_already_fetched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, _first) = make_repo(tmp.path(), &[("a.txt", "a\n")]);
+    let repo = source_repo(&src, &tmp.path().join("m.git"), &["main"]);
+    repo.poll(true, &mut |_: &str, _: &[NewCommit]| Ok::<(), String>(())).unwrap();
+    let second = commit(&src, "a.txt", 1, "second", "a2\n");
+    let report = repo.poll(false, &mut |_: &str, _: &[NewCommit]| Err("the engine is busy")).unwrap();
+    assert_eq!(report.failed.len(), 1);
+    // The remote goes away; the push fetched before is handed over all the same.
+    std::fs::rename(&src, tmp.path().join("gone")).unwrap();
+    let (report, seen) = poll_ok(&repo);
+    assert!(report.fetch_error.as_deref().is_some_and(|e| e.contains("cannot fetch")), "{report:?}");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].1[0].id, second);
+}
