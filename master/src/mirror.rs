@@ -120,6 +120,8 @@ pub enum MirrorError {
         #[source]
         source: gix::Error,
     },
+    #[error("{name} in the mirror of {url} is the remote's: only refs under refs/rbb/ are moved by rbb")]
+    NotPrivate { url: String, name: String },
     #[error("cannot resolve {rev:?} to a commit in the mirror of {url}")]
     Resolve {
         url: String,
@@ -297,10 +299,7 @@ impl Mirror {
     /// delete it), failing if it no longer points at `expected` (`None`: must not exist).
     pub fn move_ref(&self, name: &str, expected: Option<&str>, new: Option<&str>) -> Result<(), MirrorError> {
         if !name.starts_with("refs/rbb/") {
-            return Err(self.refs_err(
-                &format!("move {name}"),
-                gix::Error::from_error(std::io::Error::other("only refs under refs/rbb/ are the poller's")),
-            ));
+            return Err(MirrorError::NotPrivate { url: self.url.clone(), name: name.to_owned() });
         }
         let repo = self.repo()?;
         let id = |hex: &str| {

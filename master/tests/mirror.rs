@@ -511,3 +511,20 @@ fn an_unreachable_remote_does_not_hold_back_a_push_already_fetched() {
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].1[0].id, second);
 }
+
+#[test]
+fn only_private_refs_are_moved() {
+    let (_tmp, _src, first, mirror) = setup(&[("a.txt", "a\n")]);
+    mirror.fetch(&globs(&["main"])).unwrap();
+    let err = mirror.move_ref("refs/heads/main", Some(&first), None).unwrap_err();
+    assert!(matches!(err, MirrorError::NotPrivate { .. }), "{err:?}");
+    assert_eq!(mirror.head("main").unwrap().as_deref(), Some(first.as_str()));
+    // A compare-and-swap: a stale expectation moves nothing.
+    mirror.move_ref("refs/rbb/recorded/main", None, Some(&first)).unwrap();
+    let stale = "0123456789abcdef0123456789abcdef01234567";
+    assert!(mirror.move_ref("refs/rbb/recorded/main", Some(stale), Some(&first)).is_err());
+    assert!(mirror.move_ref("refs/rbb/recorded/main", Some(stale), None).is_err());
+    assert_eq!(mirror.recorded().unwrap().get("main"), Some(&first));
+    mirror.move_ref("refs/rbb/recorded/main", Some(&first), None).unwrap();
+    assert!(mirror.recorded().unwrap().is_empty());
+}
