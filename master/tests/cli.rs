@@ -292,3 +292,23 @@ fn a_snippet_that_crashes_the_interpreter_is_its_own_diagnostic() {
         "{err}"
     );
 }
+
+#[test]
+fn a_master_starts_while_one_pipeline_is_broken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    support::make_repo(&dir.path().join("lib"), "builders:\n  build:\n    stepz: []\n", &[]);
+    support::make_repo(
+        &dir.path().join("app"),
+        "builders:\n  test:\n    needs: [lib/build]\n    steps: [{ run: make test }]\n  lint:\n    steps: [{ run: make lint }]\n",
+        &[],
+    );
+    let config = support::write_config(dir.path(), &["lib", "app"], &[("w", "t", &["linux"])]);
+    let m = support::Master::start(&config, &dir.path().join("state"));
+    let plan = m.get("/api/v2/plan").json();
+    let ids: Vec<&str> =
+        plan["builders"].as_array().expect("builders").iter().filter_map(|b| b["id"].as_str()).collect();
+    // lib has no builders until it compiles; what needs it is left out, the rest runs.
+    assert_eq!(ids, ["app/lint"], "{plan}");
+    let log = m.log_text();
+    assert!(log.contains("lib/.rbb/pipeline.yaml:3:5") && log.contains("needs-broken-repo"), "{log}");
+}
