@@ -209,13 +209,20 @@ impl Planner {
                 good.insert(name.clone(), used.clone());
             }
         }
+        let before = self.heads().broken.clone();
         for (name, diags) in &isolated.failed {
+            if before.get(name) == Some(diags) {
+                continue;
+            }
             let fallback = if isolated.used.contains_key(name) {
                 "its last good version stays in the plan"
             } else {
                 "it has no builders in the plan until it compiles"
             };
             tracing::warn!(repo = %name, "the pipeline at the branch head does not compile; {fallback}:\n{diags}");
+        }
+        for name in before.keys().filter(|n| !isolated.failed.contains_key(*n)) {
+            tracing::info!(repo = %name, "the pipeline at the branch head compiles again");
         }
         let mut heads = self.heads();
         heads.sources = sources;

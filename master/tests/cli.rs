@@ -268,6 +268,13 @@ fn a_pipeline_that_is_not_utf8_is_a_diagnostic_at_the_first_bad_byte() {
     );
     // app/test needs lib/build: not reported again as an unknown builder.
     assert!(!err.contains("needs-unknown") && err.contains("1 error(s)"), "{err}");
+
+    // The master config too.
+    std::fs::write(dir.path().join("latin1.yaml"), b"repositories:\n  - url: repos/caf\xe9\n").expect("write");
+    let out = rbb(dir.path(), &["compile", "--config", "latin1.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
+    let err = text(&out.stderr);
+    assert!(err.contains("error[not-utf8]") && err.contains("--> latin1.yaml:2:19"), "{err}");
 }
 
 #[test]
