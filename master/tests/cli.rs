@@ -289,6 +289,9 @@ fn a_snippet_that_crashes_the_interpreter_is_its_own_diagnostic() {
         "{err}"
     );
     assert!(!err.contains("exited unexpectedly") && !err.contains("NoneType"), "{err}");
+    // A native stack overflow is said as such, not as running out of memory.
+    assert!(err.contains("builder `nested` crashed the interpreter (stack overflow: deep recursion)"), "{err}");
+    assert!(!err.contains("MiB"), "{err}");
     // The snippets after the crash still ran, in a fresh runner.
     assert!(err.contains("`sys.setrecursionlimit()` is not available"), "{err}");
     assert!(err.contains("RecursionError"), "{err}");
