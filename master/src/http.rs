@@ -419,23 +419,31 @@ async fn grid(State(e): State<Arc<Engine>>, Query(q): Query<GridQuery>) -> ApiRe
     Ok(Json(e.grid(limit)))
 }
 
-/// `GET /api/v2/events`: build, step, log and worker events as Server-Sent Events.
+/// `GET /api/v2/events`: build, step, log and worker events as Server-Sent Events. Log
+/// progress travels on its own channel, so a busy log never pushes build events out; a
+/// client too slow for either gets a `reset` event (reload what you show) instead of a
+/// silent gap.
 async fn events(
     State(e): State<Arc<Engine>>,
 ) -> axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>
 {
     use axum::response::sse::{Event as Sse, KeepAlive};
     use tokio_stream::StreamExt;
-    let stream = tokio_stream::wrappers::BroadcastStream::new(e.subscribe()).filter_map(|ev| {
-        let ev = ev.ok()?;
+    use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
+    let to_sse = |ev: Result<crate::engine::Event, BroadcastStreamRecvError>| {
         let (kind, data) = match ev {
-            crate::engine::Event::Build { id } => ("build", serde_json::json!({ "id": id })),
-            crate::engine::Event::Step { build, step } => ("step", serde_json::json!({ "build": build, "step": step })),
-            crate::engine::Event::Log { id, bytes } => ("log", serde_json::json!({ "id": id, "bytes": bytes })),
-            crate::engine::Event::Worker { name } => ("worker", serde_json::json!({ "name": name })),
+            Ok(crate::engine::Event::Build { id }) => ("build", serde_json::json!({ "id": id })),
+            Ok(crate::engine::Event::Step { build, step }) => {
+                ("step", serde_json::json!({ "build": build, "step": step }))
+            }
+            Ok(crate::engine::Event::Log { id, bytes }) => ("log", serde_json::json!({ "id": id, "bytes": bytes })),
+            Ok(crate::engine::Event::Worker { name }) => ("worker", serde_json::json!({ "name": name })),
+            Err(BroadcastStreamRecvError::Lagged(n)) => ("reset", serde_json::json!({ "missed": n })),
         };
-        Some(Ok(Sse::default().event(kind).data(data.to_string())))
-    });
+        Ok(Sse::default().event(kind).data(data.to_string()))
+    };
+    let stream =
+        BroadcastStream::new(e.subscribe()).map(to_sse).merge(BroadcastStream::new(e.subscribe_logs()).map(to_sse));
     axum::response::sse::Sse::new(stream).keep_alive(KeepAlive::default())
 }
 

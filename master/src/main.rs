@@ -203,15 +203,27 @@ fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
             let _ = std::io::stdout().flush();
         },
         async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
-            }
-            tracing::info!("stopping");
+            signalled().await;
+            tracing::info!("stopping (a second signal stops at once)");
+            tokio::spawn(async move {
+                signalled().await;
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(130);
+            });
         },
     ))?;
+    // Tasks still blocked (a git fetch, a slow client) do not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn signalled() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+    }
 }
 
 fn parse_revs(revs: &[String]) -> Result<BTreeMap<String, String>> {

@@ -44,6 +44,9 @@ pub struct BuildRecord {
     pub submitted_at: u64,
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
+    /// Set on a build a person asked to run again: queue policy never replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild_of: Option<u64>,
     pub steps: Vec<StepRecord>,
 }
 

@@ -43,6 +43,32 @@ fn db<E: Into<redb::Error>>(e: E) -> StoreError {
 
 pub struct Store {
     db: Database,
+    #[cfg(test)]
+    fail_writes: std::sync::atomic::AtomicBool,
+}
+
+/// Records written together by [`Store::commit`]: all of them or none.
+#[derive(Default)]
+pub struct Batch<'a> {
+    pub builds: Vec<&'a BuildRecord>,
+    pub logs: Vec<&'a LogRecord>,
+    pub changes: Vec<&'a ChangeRecord>,
+    pub schedules: Vec<(&'a str, &'a ScheduleRecord)>,
+    pub plans: Vec<&'a rbb_schema::plan::Plan>,
+}
+
+impl Batch<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.builds.is_empty()
+            && self.logs.is_empty()
+            && self.changes.is_empty()
+            && self.schedules.is_empty()
+            && self.plans.is_empty()
+    }
+}
+
+fn encode<T: serde::Serialize>(table: &'static str, key: u64, r: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(r).map_err(|e| StoreError::Corrupt { table, key, message: e.to_string() })
 }
 
 /// Whether a write must be on disk before `commit` returns.
@@ -56,7 +82,11 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let database = Database::create(path)
             .map_err(|e| StoreError::Open { path: path.to_owned(), source: Box::new(e.into()) })?;
-        let store = Store { db: database };
+        let store = Store {
+            db: database,
+            #[cfg(test)]
+            fail_writes: std::sync::atomic::AtomicBool::new(false),
+        };
         let txn = store.db.begin_write().map_err(db)?;
         {
             let mut meta = txn.open_table(META).map_err(db)?;
@@ -76,6 +106,65 @@ impl Store {
         }
         txn.commit().map_err(db)?;
         Ok(store)
+    }
+
+    /// Writes every record of `batch` in one transaction: a state change is stored whole or
+    /// not at all.
+    pub fn commit(&self, batch: Batch<'_>, sync: Sync) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self.fail_writes.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Db(Box::new(redb::Error::Io(std::io::Error::other(
+                "no space left on device (test)",
+            )))));
+        }
+        let builds: Vec<(u64, Vec<u8>)> =
+            batch.builds.iter().map(|b| encode("builds", b.id, b).map(|v| (b.id, v))).collect::<Result<_, _>>()?;
+        let logs: Vec<(u64, Vec<u8>)> =
+            batch.logs.iter().map(|l| encode("logs", l.id, l).map(|v| (l.id, v))).collect::<Result<_, _>>()?;
+        let changes: Vec<(u64, Vec<u8>)> =
+            batch.changes.iter().map(|c| encode("changes", c.id, c).map(|v| (c.id, v))).collect::<Result<_, _>>()?;
+        let schedules: Vec<(&str, Vec<u8>)> = batch
+            .schedules
+            .iter()
+            .map(|(k, r)| encode("schedules", 0, r).map(|v| (*k, v)))
+            .collect::<Result<_, _>>()?;
+        let plans: Vec<(&str, Vec<u8>)> = batch
+            .plans
+            .iter()
+            .map(|p| encode("plans", 0, p).map(|v| (p.hash.as_str(), v)))
+            .collect::<Result<_, _>>()?;
+        self.write(sync, |txn| {
+            for (table, rows) in [(BUILDS, &builds), (LOGS, &logs), (CHANGES, &changes)] {
+                if rows.is_empty() {
+                    continue;
+                }
+                let mut t = txn.open_table(table).map_err(db)?;
+                for (id, bytes) in rows {
+                    t.insert(*id, bytes.as_slice()).map_err(db)?;
+                }
+            }
+            for (table, rows) in [(SCHEDULES, &schedules), (PLANS, &plans)] {
+                if rows.is_empty() {
+                    continue;
+                }
+                let mut t = txn.open_table(table).map_err(db)?;
+                for (k, bytes) in rows {
+                    t.insert(*k, bytes.as_slice()).map_err(db)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Makes every earlier lazy write durable.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.write(Sync::Durable, |_| Ok(()))
+    }
+
+    /// Makes every later write fail, as a full disk would (tests only).
+    #[cfg(test)]
+    pub fn fail_writes(&self, fail: bool) {
+        self.fail_writes.store(fail, std::sync::atomic::Ordering::Release);
     }
 
     fn write(

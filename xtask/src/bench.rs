@@ -2,7 +2,8 @@
 //!
 //! Builds release binaries, generates inputs under `.rbb-state/bench/`, times whole commands
 //! (median of several runs) and prints figures with their ratio to the baseline and target.
-//! Nothing here asserts: benchmarks inform, tests decide.
+//! Figures are not asserted (benchmarks inform, tests decide), but the work they time is: a
+//! command or build that fails stops the bench, since its time would mean nothing.
 
 use crate::{cargo, run, target_dir};
 use anyhow::{Context, Result, bail};

@@ -3,12 +3,14 @@
 //! - `serve`: build and run the demo: a master, one native worker, the demo repositories.
 //! - `test`: run every test of the workspace (what CI runs).
 //! - `bench`: print performance figures with a baseline measured in the same run.
+//! - `soak`: a chaos soak of the real binaries (killed workers and masters), judged at the end.
 //! - `codegen`: rewrite generated files (the JSON Schemas under schema/).
 //!
 //! It only orchestrates: it spawns cargo and the project's binaries and holds no product logic.
 
 mod bench;
 mod runs;
+mod soak;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -21,12 +23,14 @@ fn main() -> Result<()> {
         Some("serve") => serve(&root, &args[1..]),
         Some("test") => test(&root, &args[1..]),
         Some("bench") => bench::main(&root, &args[1..]),
+        Some("soak") => soak::main(&root, &args[1..]),
         Some("codegen") => codegen(&root),
         _ => {
-            eprintln!("usage: cargo xtask <serve|test|bench|codegen> [args]");
+            eprintln!("usage: cargo xtask <serve|test|bench|soak|codegen> [args]");
             eprintln!("  serve    run the demo: master + local worker + git repositories [HTTP_ADDR]");
             eprintln!("  test     run every test (cargo nextest if installed, else cargo test)");
             eprintln!("  bench    print compile, snippet and build-running figures (release build)");
+            eprintln!("  soak     chaos soak: 4 workers, N builds, killed workers and masters [--builds N] [--seed S]");
             eprintln!("  codegen  rewrite schema/*.schema.json from the Rust types");
             bail!("unknown or missing command");
         }
@@ -172,7 +176,12 @@ pub(crate) fn http_post(addr: &str, path: &str, body: &str) -> Result<String> {
 
 pub(crate) fn http_request(addr: &str, method: &str, path: &str, body: &str) -> Result<String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    let sock: std::net::SocketAddr = addr.parse().with_context(|| format!("bad address {addr}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&sock, std::time::Duration::from_secs(5))
+        .with_context(|| format!("connecting to {addr}"))?;
+    // A master that stopped answering must not hang xtask.
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    s.set_write_timeout(Some(std::time::Duration::from_secs(60)))?;
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {DEMO_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
