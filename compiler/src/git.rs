@@ -121,7 +121,7 @@ impl LoadedConfig {
 /// Reads and types a master config; mistakes come back as diagnostics.
 pub fn load_config(path: &Path) -> Result<LoadedConfig, Vec<Diagnostic>> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let bytes = std::fs::read(path).map_err(|e| {
         vec![Diagnostic {
             severity: Severity::Error,
             code: "config-read",
@@ -133,6 +133,19 @@ pub fn load_config(path: &Path) -> Result<LoadedConfig, Vec<Diagnostic>> {
             hint: Some("pass the config with --config PATH".into()),
         }]
     })?;
+    let (text, not_utf8) = decode_text(bytes);
+    if let Some(bad) = not_utf8 {
+        return Err(vec![Diagnostic {
+            severity: Severity::Error,
+            code: "not-utf8",
+            repo: None,
+            file: shown,
+            line: bad.line,
+            col: bad.col,
+            message: format!("the master config is not UTF-8: byte 0x{:02X} cannot be read as text", bad.byte),
+            hint: Some("save the file as UTF-8".into()),
+        }]);
+    }
     let src = Source {
         repo: String::new(),
         file: shown.clone(),

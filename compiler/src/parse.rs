@@ -721,7 +721,7 @@ pub(crate) fn snippet_diag(ctx: &FileCtx, code_path: &Path, err: &SnippetError, 
             block,
             format!("the snippet of {what} crashed the interpreter ({message})"),
             Some(if message.starts_with("stack overflow") {
-                "recurse less deeply (the recursion limit cannot be raised in a snippet), or use a loop".into()
+                "nest calls or data less deeply: the recursion limit cannot be raised in a snippet".into()
             } else {
                 "the interpreter cannot run this code; simplify the snippet (plain data in, plain data out)".into()
             }),

@@ -208,8 +208,10 @@ impl ChildEvaluator {
         let stderr = Arc::new(Mutex::new(VecDeque::new()));
         let tail = stderr.clone();
         let stderr_reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr_pipe).lines() {
+            // Read to the end whatever it is, so the child never blocks on a full pipe.
+            for line in BufReader::new(stderr_pipe).split(b'\n') {
                 let Ok(line) = line else { break };
+                let line = String::from_utf8_lossy(&line).into_owned();
                 let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
                 if tail.len() == STDERR_LINES {
                     tail.pop_front();

@@ -203,19 +203,26 @@ impl Planner {
                 Some((name.clone(), list))
             })
             .collect();
-        let isolated = self.compile_isolated(&candidates, &BTreeMap::new());
+        let isolated = self.compile_isolated(&candidates, &BTreeMap::new(), true);
         for (name, used) in &isolated.used {
             if candidates.get(name).and_then(|c| c.first()).is_some_and(|head| same_input(head, used)) {
                 good.insert(name.clone(), used.clone());
             }
         }
+        let before = self.heads().broken.clone();
         for (name, diags) in &isolated.failed {
+            if before.get(name) == Some(diags) {
+                continue;
+            }
             let fallback = if isolated.used.contains_key(name) {
                 "its last good version stays in the plan"
             } else {
                 "it has no builders in the plan until it compiles"
             };
             tracing::warn!(repo = %name, "the pipeline at the branch head does not compile; {fallback}:\n{diags}");
+        }
+        for name in before.keys().filter(|n| !isolated.failed.contains_key(*n)) {
+            tracing::info!(repo = %name, "the pipeline at the branch head compiles again");
         }
         let mut heads = self.heads();
         heads.sources = sources;
@@ -232,6 +239,8 @@ impl Planner {
     }
 
     /// Repositories whose pipeline at their branch head does not compile, with diagnostics.
+    /// For one with no last good version, the text also lists the builders of other
+    /// repositories left out of the head plan because they need its builders.
     pub fn broken(&self) -> BTreeMap<String, Arc<String>> {
         self.heads().broken.clone()
     }
@@ -259,7 +268,7 @@ impl Planner {
         if let Some(own) = own {
             candidates.insert(repo.to_owned(), vec![own]);
         }
-        let isolated = self.compile_isolated(&candidates, &left_out);
+        let isolated = self.compile_isolated(&candidates, &left_out, false);
         match isolated.failed.get(repo) {
             Some(diags) => Err(PlanError::Pipeline(diags.clone())),
             None => Ok(isolated.plan),
@@ -273,6 +282,7 @@ impl Planner {
         &self,
         candidates: &BTreeMap<String, Vec<Source>>,
         left_out: &BTreeMap<String, String>,
+        explain_left_out: bool,
     ) -> Isolated {
         let mut next: BTreeMap<&str, usize> = candidates.keys().map(|k| (k.as_str(), 0)).collect();
         let mut failed = BTreeMap::new();
@@ -293,6 +303,23 @@ impl Planner {
             let sources: Vec<Source> = used.values().cloned().collect();
             let compiled = self.compile_cached(&sources, &broken);
             if let Some(plan) = &compiled.plan {
+                // For the head plan, a repository left out says which builders of the others
+                // went with it (a build's diagnostics stay its own repository's).
+                for (name, text) in failed.iter_mut().filter(|_| explain_left_out) {
+                    let needing = format!("pipeline of repository `{name}` does not compile");
+                    let left: Vec<Diagnostic> = compiled
+                        .diagnostics
+                        .iter()
+                        .filter(|d| d.code == "needs-broken-repo" && d.message.contains(&needing))
+                        .cloned()
+                        .collect();
+                    if !left.is_empty() && !used.contains_key(name) {
+                        *text = Arc::new(format!(
+                            "{text}\nWhile it does not compile, these builders of other repositories are left out:\n{}",
+                            render_diagnostics(&left, &sources)
+                        ));
+                    }
+                }
                 return Isolated { plan: Arc::new(with_origins(plan, &sources)), used, failed };
             }
             let mut failing: Vec<&str> = compiled

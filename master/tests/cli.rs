@@ -268,6 +268,13 @@ fn a_pipeline_that_is_not_utf8_is_a_diagnostic_at_the_first_bad_byte() {
     );
     // app/test needs lib/build: not reported again as an unknown builder.
     assert!(!err.contains("needs-unknown") && err.contains("1 error(s)"), "{err}");
+
+    // The master config too.
+    std::fs::write(dir.path().join("latin1.yaml"), b"repositories:\n  - url: repos/caf\xe9\n").expect("write");
+    let out = rbb(dir.path(), &["compile", "--config", "latin1.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
+    let err = text(&out.stderr);
+    assert!(err.contains("error[not-utf8]") && err.contains("--> latin1.yaml:2:19"), "{err}");
 }
 
 #[test]
@@ -282,6 +289,9 @@ fn a_snippet_that_crashes_the_interpreter_is_its_own_diagnostic() {
         "{err}"
     );
     assert!(!err.contains("exited unexpectedly") && !err.contains("NoneType"), "{err}");
+    // A native stack overflow is said as such, not as running out of memory.
+    assert!(err.contains("builder `nested` crashed the interpreter (stack overflow: deep recursion)"), "{err}");
+    assert!(!err.contains("MiB"), "{err}");
     // The snippets after the crash still ran, in a fresh runner.
     assert!(err.contains("`sys.setrecursionlimit()` is not available"), "{err}");
     assert!(err.contains("RecursionError"), "{err}");
@@ -291,4 +301,24 @@ fn a_snippet_that_crashes_the_interpreter_is_its_own_diagnostic() {
         err.contains("note: the snippet of `matrix:` of builder `fine` printed:") && err.contains("   | two shards"),
         "{err}"
     );
+}
+
+#[test]
+fn a_master_starts_while_one_pipeline_is_broken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    support::make_repo(&dir.path().join("lib"), "builders:\n  build:\n    stepz: []\n", &[]);
+    support::make_repo(
+        &dir.path().join("app"),
+        "builders:\n  test:\n    needs: [lib/build]\n    steps: [{ run: make test }]\n  lint:\n    steps: [{ run: make lint }]\n",
+        &[],
+    );
+    let config = support::write_config(dir.path(), &["lib", "app"], &[("w", "t", &["linux"])]);
+    let m = support::Master::start(&config, &dir.path().join("state"));
+    let plan = m.get("/api/v2/plan").json();
+    let ids: Vec<&str> =
+        plan["builders"].as_array().expect("builders").iter().filter_map(|b| b["id"].as_str()).collect();
+    // lib has no builders until it compiles; what needs it is left out, the rest runs.
+    assert_eq!(ids, ["app/lint"], "{plan}");
+    let log = m.log_text();
+    assert!(log.contains("lib/.rbb/pipeline.yaml:3:5") && log.contains("needs-broken-repo"), "{log}");
 }

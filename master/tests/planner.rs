@@ -98,7 +98,9 @@ fn a_broken_repository_fails_only_its_own_builds() {
     let restarted = planner(&[("app", &app), ("lib", &lib)]);
     restarted.refresh_heads().expect("heads");
     assert_eq!(ids(&restarted.head_plan()), ["app/lint"], "{:?}", restarted.broken());
-    assert!(restarted.broken()["lib"].contains("lib/.rbb/pipeline.yaml:3:5"));
+    let why = &restarted.broken()["lib"];
+    assert!(why.contains("lib/.rbb/pipeline.yaml:3:5"), "{why}");
+    assert!(why.contains("builder `app/test` needs `lib/build`, but the pipeline of repository `lib`"), "{why}");
     let plan = restarted.plan_at("app", &app_head).expect("app's plan after a restart");
     assert_eq!(ids(&plan), ["app/lint"]);
 
