@@ -5,8 +5,9 @@
 //! RustPython built without host access (no files, sockets, processes or clock). Snippets run
 //! with pruned builtins and an import allow-list so a forbidden call fails with a clear
 //! message instead of a missing attribute. `print()` writes to a buffer that goes back with
-//! the response. The recursion limit cannot be raised from a snippet (`sys` is reachable
-//! through allowed modules, e.g. `collections._sys`), so deep recursion is a RecursionError;
+//! the response. `sys` is reachable through allowed modules (`collections._sys`), so its
+//! knobs that could hurt are disabled: the recursion limit cannot be raised (deep recursion
+//! is a RecursionError) and no thread can be started through `sys.modules["_thread"]`;
 //! should the interpreter still crash (a panic inside RustPython), the response says so and
 //! this process exits, and the parent starts a fresh one for the next snippet. The wall clock
 //! is enforced by the parent, which kills this process; nothing here tries to stop a runaway
@@ -52,6 +53,12 @@ _builtins.__import__ = _guarded_import
 # `sys` is one attribute away from allowed modules; its one knob that can crash the
 # interpreter is the recursion limit (a native stack overflow instead of a RecursionError).
 _sys.setrecursionlimit = _forbidden("sys.setrecursionlimit")
+# `sys.modules` reaches `_thread`: a thread left running would outlive its snippet and
+# spend the next snippets' time.
+import _thread
+_thread.start_new_thread = _forbidden("_thread.start_new_thread")
+_thread.start_joinable_thread = _forbidden("_thread.start_joinable_thread")
+del _thread
 
 _OUTPUT_LIMIT = %OUTPUT_LIMIT%
 

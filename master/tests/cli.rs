@@ -217,7 +217,7 @@ fn snippets_run_in_the_rbb_binary_itself() {
     let dir = root().join("testdata/compiler/err-snippet-sandbox");
     let out = rbb(&root(), &["compile", "--pipelines", dir.to_str().expect("utf8")]);
     assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
-    assert_eq!(text(&out.stderr).matches("error[snippet-forbidden]").count(), 3, "{}", explain(&out));
+    assert_eq!(text(&out.stderr).matches("error[snippet-forbidden]").count(), 4, "{}", explain(&out));
     let ok = root().join("testdata/compiler/matrix-python");
     let out = rbb(&root(), &["compile", "--pipelines", ok.to_str().expect("utf8")]);
     assert!(out.status.success(), "{}", explain(&out));
