@@ -36,6 +36,10 @@ pub struct BuildRecord {
     pub cancelled: bool,
     /// 1 for the first try; a build whose worker was lost is retried as a new build.
     pub attempt: u32,
+    /// How many of its attempts lost their worker (a master restart does not count): a
+    /// build that keeps killing its worker is given up on.
+    #[serde(default)]
+    pub worker_losses: u32,
     /// Whether the worker already has this build's checkout.
     pub checked_out: bool,
     /// The changes (commits) this build builds.

@@ -39,8 +39,8 @@ use tokio::sync::{broadcast, mpsc};
 pub use sessions::Liveness;
 pub use triggers::{NewCommit, PullRequestChange, branch_matches, paths_match};
 
-/// A lost worker's build is retried as a new build this many times in all.
-const MAX_ATTEMPTS: u32 = 3;
+/// A build is given up on (EXCEPTION) once this many of its attempts lost their worker.
+const MAX_WORKER_LOSSES: u32 = 3;
 
 /// What changed, for live subscribers (SSE, tests).
 #[derive(Debug, Clone, PartialEq)]
@@ -390,7 +390,9 @@ impl Engine {
         let running: Vec<u64> = st.running.iter().copied().collect();
         for id in running {
             tracing::warn!(build = id, "build was running when the master stopped");
-            self.transact(&mut st, |e, tx| e.lose_build(tx, id, "the master restarted while it ran"))?;
+            self.transact(&mut st, |e, tx| {
+                e.lose_build(tx, id, "the master restarted while it ran", rules::Loss::Master)
+            })?;
         }
         Ok(())
     }

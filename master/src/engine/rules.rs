@@ -134,10 +134,19 @@ pub struct Lost {
     pub logs: Vec<u64>,
 }
 
-/// A running build lost its worker: its running step becomes RETRY; the build ends RETRY
-/// (a new attempt follows), CANCELLED if it had been stopped, or EXCEPTION after the last
-/// attempt.
-pub fn lose(b: &mut BuildRecord, why: &str, max_attempts: u32, now: u64) -> Lost {
+/// Who was lost while a build ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loss {
+    /// Its worker: counts towards giving up (a step that kills its worker every time).
+    Worker,
+    /// The master (a restart): not the build's doing, always retried.
+    Master,
+}
+
+/// A running build lost its worker or the master: its running step becomes RETRY; the build
+/// ends RETRY (a new attempt follows), CANCELLED if it had been stopped, or EXCEPTION once
+/// `max_worker_losses` attempts lost their worker.
+pub fn lose(b: &mut BuildRecord, why: &str, loss: Loss, max_worker_losses: u32, now: u64) -> Lost {
     let mut logs = Vec::new();
     for s in &mut b.steps {
         if s.state == State::Running {
@@ -148,7 +157,10 @@ pub fn lose(b: &mut BuildRecord, why: &str, max_attempts: u32, now: u64) -> Lost
             logs.extend(s.log_id);
         }
     }
-    let retry = !b.cancelled && b.attempt < max_attempts;
+    if loss == Loss::Worker {
+        b.worker_losses += 1;
+    }
+    let retry = !b.cancelled && (loss == Loss::Master || b.worker_losses < max_worker_losses);
     if b.cancelled {
         // close_build makes it CANCELLED with the stop's reason.
     } else if retry {
@@ -156,7 +168,7 @@ pub fn lose(b: &mut BuildRecord, why: &str, max_attempts: u32, now: u64) -> Lost
         b.result_reason = why.to_owned();
     } else {
         b.result = Some(Outcome::Exception);
-        b.result_reason = format!("{why}; gave up after {} attempts", b.attempt);
+        b.result_reason = format!("{why}; gave up after {} attempts lost their worker", b.worker_losses);
     }
     Lost { retry, logs }
 }
@@ -279,6 +291,7 @@ mod tests {
             started_at: Some(0),
             finished_at: None,
             rebuild_of: None,
+            worker_losses: 0,
             steps: (0..steps).map(|i| StepRecord::pending(i, &format!("s{i}"))).collect(),
         }
     }
@@ -332,7 +345,7 @@ mod tests {
         let mut b = build(1, 2);
         b.steps[0].state = State::Running;
         b.steps[0].log_id = Some(9);
-        let lost = lose(&mut b, "worker w was lost", 3, 7);
+        let lost = lose(&mut b, "worker w was lost", Loss::Worker, 3, 7);
         assert_eq!(lost, Lost { retry: true, logs: vec![9] });
         assert_eq!(b.steps[0].result, Some(Outcome::Retry));
         assert_eq!(close_build(&mut b, 7), Outcome::Retry);
@@ -340,10 +353,13 @@ mod tests {
         assert_eq!((next.attempt, next.state, next.result), (2, State::Pending, None));
         assert!(next.steps.iter().all(|s| s.state == State::Pending));
         let mut last = build(3, 1);
-        last.attempt = 3;
-        assert!(!lose(&mut last, "gone", 3, 9).retry);
+        last.attempt = 5;
+        last.worker_losses = 2;
+        // Master restarts never use up attempts.
+        assert!(lose(&mut last.clone(), "the master restarted", Loss::Master, 3, 9).retry);
+        assert!(!lose(&mut last, "gone", Loss::Worker, 3, 9).retry);
         assert_eq!(close_build(&mut last, 9), Outcome::Exception);
-        assert!(last.result_reason.contains("gave up after 3 attempts"));
+        assert!(last.result_reason.contains("gave up after 3 attempts lost their worker"), "{}", last.result_reason);
     }
 
     #[test]
@@ -351,7 +367,7 @@ mod tests {
         let mut b = build(1, 1);
         b.steps[0].state = State::Running;
         stop(&mut b, "stopped: by bob");
-        assert!(!lose(&mut b, "the master restarted while it ran", 3, 1).retry);
+        assert!(!lose(&mut b, "the master restarted while it ran", Loss::Master, 3, 1).retry);
         assert_eq!(close_build(&mut b, 1), Outcome::Cancelled);
         assert_eq!(b.result_reason, "stopped: by bob");
     }

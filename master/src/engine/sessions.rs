@@ -155,7 +155,9 @@ impl Engine {
             })
             .collect();
         for id in orphans {
-            if let Err(e) = self.transact(&mut st, |e, tx| e.lose_build(tx, id, "its worker is gone")) {
+            if let Err(e) =
+                self.transact(&mut st, |e, tx| e.lose_build(tx, id, "its worker is gone", super::rules::Loss::Worker))
+            {
                 tracing::error!(build = id, error = %e, "cannot record a lost build");
             }
         }
@@ -181,7 +183,7 @@ impl Engine {
         tracing::warn!(worker, session, why, "worker disconnected");
         let builds: Vec<u64> = w.builds.values().copied().collect();
         for id in builds {
-            self.lose_build(tx, id, &format!("worker {worker} was lost ({why})"))?;
+            self.lose_build(tx, id, &format!("worker {worker} was lost ({why})"), super::rules::Loss::Worker)?;
         }
         tx.emit(Event::Worker { name: worker.to_owned() });
         Ok(())

@@ -3,7 +3,7 @@
 //! pure rules of [`super::rules`]; this module applies them through a transaction.
 
 use super::rules::{self, StepFlags, StepReport};
-use super::{Engine, EngineError, Event, LeaseInfo, MAX_ATTEMPTS, Tx, checkout_dir, resolve};
+use super::{Engine, EngineError, Event, LeaseInfo, MAX_WORKER_LOSSES, Tx, checkout_dir, resolve};
 use crate::model::{BuildRecord, LogRecord, now_ms};
 use rbb_compiler::condition;
 use rbb_schema::api::State;
@@ -204,7 +204,7 @@ impl Engine {
     /// A running build lost its worker: its running step becomes RETRY, the build finishes
     /// as RETRY and a new attempt is queued (EXCEPTION after the last attempt; CANCELLED if
     /// it had been stopped).
-    pub(super) fn lose_build(&self, tx: &mut Tx<'_>, id: u64, why: &str) -> Result<(), EngineError> {
+    pub(super) fn lose_build(&self, tx: &mut Tx<'_>, id: u64, why: &str, loss: rules::Loss) -> Result<(), EngineError> {
         let leases: Vec<u64> = tx.leases.iter().filter(|(_, l)| l.build == id).map(|(k, _)| *k).collect();
         for l in leases {
             tx.leases_mut().remove(&l);
@@ -214,7 +214,7 @@ impl Engine {
         }
         let now = now_ms();
         let Some(b) = tx.build_mut(id) else { return Ok(()) };
-        let lost = rules::lose(b, why, MAX_ATTEMPTS, now);
+        let lost = rules::lose(b, why, loss, MAX_WORKER_LOSSES, now);
         for log in lost.logs {
             self.close_log(tx, log)?;
         }

@@ -408,6 +408,7 @@ impl Engine {
             started_at: Some(now),
             finished_at: Some(now),
             rebuild_of: None,
+            worker_losses: 0,
             steps: vec![StepRecord {
                 number: 0,
                 name: "compile pipeline".to_owned(),
@@ -724,6 +725,7 @@ fn new_record(
         started_at: None,
         finished_at: None,
         rebuild_of: req.rebuild_of,
+        worker_losses: 0,
         steps: pb.steps.iter().enumerate().map(|(i, s)| StepRecord::pending(i as u32, &s.name)).collect(),
     }
 }
