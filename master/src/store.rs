@@ -9,8 +9,8 @@
 //! Nothing outside this module names a table.
 
 use crate::model::{BuildRecord, ChangeRecord, LogRecord, ScheduleRecord};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use rbb_schema::api::State;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -28,13 +28,15 @@ const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules"
 const PLANS: TableDefinition<&str, &[u8]> = TableDefinition::new("plans");
 /// Build index: (`<field>\0<value>`, build id). Fields: [`BUILD_INDEXES`].
 const BUILD_IDX: TableDefinition<(&str, u64), ()> = TableDefinition::new("build_idx");
-/// Change index: (`<field>\0<value>`, change id). Fields: `repo`, `commit` (`<repo>\0<sha>`).
+/// Change index: (`<field>\0<value>`, change id). Fields: `change_repo`, `change_commit`
+/// (`<repo>\0<sha>`): named apart from the build index's, as both share the counts.
 const CHANGE_IDX: TableDefinition<(&str, u64), ()> = TableDefinition::new("change_idx");
 /// Record counts: `builds`, `changes`, and one per index key.
 const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
 
 /// Build fields with an index (each answers `field=value` with a key-range scan).
-pub const BUILD_INDEXES: &[&str] = &["builder", "repo", "branch", "commit", "result", "state", "worker", "event", "change"];
+pub const BUILD_INDEXES: &[&str] =
+    &["builder", "repo", "branch", "commit", "result", "state", "worker", "event", "change"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -88,7 +90,9 @@ pub fn build_keys(b: &BuildRecord) -> BTreeSet<String> {
 }
 
 fn change_keys(c: &ChangeRecord) -> BTreeSet<String> {
-    [index_key("repo", &c.repo), index_key("commit", &format!("{}\0{}", c.repo, c.commit))].into_iter().collect()
+    [index_key("change_repo", &c.repo), index_key("change_commit", &format!("{}\0{}", c.repo, c.commit))]
+        .into_iter()
+        .collect()
 }
 
 /// The key of `field=value` in an index.
@@ -229,10 +233,16 @@ impl Store {
             batch.logs.iter().map(|l| encode("logs", l.id, l).map(|v| (l.id, v))).collect::<Result<_, _>>()?;
         let changes: Vec<(&ChangeRecord, Vec<u8>)> =
             batch.changes.iter().map(|c| encode("changes", c.id, c).map(|v| (*c, v))).collect::<Result<_, _>>()?;
-        let schedules: Vec<(&str, Vec<u8>)> =
-            batch.schedules.iter().map(|(k, r)| encode("schedules", 0, r).map(|v| (*k, v))).collect::<Result<_, _>>()?;
-        let plans: Vec<(&str, Vec<u8>)> =
-            batch.plans.iter().map(|p| encode("plans", 0, p).map(|v| (p.hash.as_str(), v))).collect::<Result<_, _>>()?;
+        let schedules: Vec<(&str, Vec<u8>)> = batch
+            .schedules
+            .iter()
+            .map(|(k, r)| encode("schedules", 0, r).map(|v| (*k, v)))
+            .collect::<Result<_, _>>()?;
+        let plans: Vec<(&str, Vec<u8>)> = batch
+            .plans
+            .iter()
+            .map(|p| encode("plans", 0, p).map(|v| (p.hash.as_str(), v)))
+            .collect::<Result<_, _>>()?;
         self.write(sync, |txn| {
             for (b, bytes) in &builds {
                 put_indexed(txn, (BUILDS, BUILD_IDX, "builds"), b.id, bytes, build_keys(b), |old| {
@@ -391,14 +401,15 @@ impl Store {
             Some(key) => {
                 let ix = txn.open_table(idx).map_err(db)?;
                 let range = ix.range((key, 0)..=(key, u64::MAX)).map_err(db)?;
-                let mut step = |row: Result<(redb::AccessGuard<(&str, u64)>, redb::AccessGuard<()>), redb::StorageError>| {
-                    let (k, _) = row.map_err(db)?;
-                    let id = k.value().1;
-                    match t.get(id).map_err(db)? {
-                        Some(v) => Ok::<bool, StoreError>(f(decode(name, id, v.value())?)),
-                        None => Ok(true),
-                    }
-                };
+                let mut step =
+                    |row: Result<(redb::AccessGuard<(&str, u64)>, redb::AccessGuard<()>), redb::StorageError>| {
+                        let (k, _) = row.map_err(db)?;
+                        let id = k.value().1;
+                        match t.get(id).map_err(db)? {
+                            Some(v) => Ok::<bool, StoreError>(f(decode(name, id, v.value())?)),
+                            None => Ok(true),
+                        }
+                    };
                 if newest_first {
                     for row in range.rev() {
                         if !step(row)? {

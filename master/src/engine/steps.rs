@@ -263,7 +263,8 @@ impl Engine {
         let Some(plan) = tx.plan(&b.plan_hash) else { return Ok(()) };
         let mut created = Vec::new();
         for x in plan.builders.iter().filter(|x| x.repo != b.repo && x.needs.contains(&b.builder)) {
-            let mut queued = tx.builds.values().any(|o| o.builder == x.id && o.changes.iter().any(|c| b.changes.contains(c)));
+            let mut queued =
+                tx.builds.values().any(|o| o.builder == x.id && o.changes.iter().any(|c| b.changes.contains(c)));
             for c in &b.changes {
                 if queued {
                     break;
