@@ -74,15 +74,53 @@ impl Diagnostic {
     }
 }
 
-/// Diagnostics of one compile, in the order found.
+/// What a snippet that ran printed, and where the snippet is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Printed {
+    pub repo: String,
+    pub file: String,
+    pub line: u32,
+    pub col: u32,
+    /// Which snippet, e.g. "`matrix:` of builder `test`".
+    pub what: String,
+    pub text: String,
+}
+
+impl Printed {
+    /// `note: ...printed:` and the output, indented.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "note: the snippet of {} printed:\n  --> {}:{}:{} (repository {})\n",
+            self.what, self.file, self.line, self.col, self.repo
+        );
+        for line in self.text.trim_end_matches('\n').lines() {
+            let _ = writeln!(out, "   | {line}");
+        }
+        out
+    }
+}
+
+/// Diagnostics of one compile, in the order found, and what snippets printed.
 #[derive(Debug, Clone, Default)]
 pub struct Diagnostics {
     items: Vec<Diagnostic>,
+    printed: Vec<Printed>,
 }
 
 impl Diagnostics {
     pub fn push(&mut self, d: Diagnostic) {
         self.items.push(d);
+    }
+
+    pub fn push_printed(&mut self, p: Printed) {
+        self.printed.push(p);
+    }
+
+    /// What snippets printed, sorted by file and position.
+    pub fn take_printed(&mut self) -> Vec<Printed> {
+        let mut printed = std::mem::take(&mut self.printed);
+        printed.sort_by(|a, b| (&a.file, a.line, a.col).cmp(&(&b.file, b.line, b.col)));
+        printed
     }
 
     pub fn has_errors(&self) -> bool {
@@ -107,6 +145,7 @@ impl Diagnostics {
 
     pub fn extend(&mut self, other: Diagnostics) {
         self.items.extend(other.items);
+        self.printed.extend(other.printed);
     }
 
     /// Sorted by file, line, column, then message: the order a user reads them in.

@@ -5,7 +5,7 @@
 //! repository are diagnostics pointing at its entry in the master config.
 
 use crate::diagnostic::{Diagnostic, Severity};
-use crate::parse::{FileCtx, Origin, Source, type_diag};
+use crate::parse::{FileCtx, NotUtf8, Origin, Source, decode_text, type_diag};
 use crate::spans::{Pos, Seg, SpanIndex, key};
 use rbb_schema::config::{MasterConfig, PIPELINE_PATH, RepositoryConfig};
 use std::collections::BTreeMap;
@@ -18,6 +18,8 @@ pub struct PipelineAtRev {
     /// Blob id and text of `.rbb/pipeline.yaml`; `None` if the commit has no such file.
     pub blob: Option<String>,
     pub text: Option<String>,
+    /// Where the file stops being UTF-8, if it does (`text` is then for display only).
+    pub not_utf8: Option<NotUtf8>,
     /// Every file path in the commit's tree.
     pub files: Vec<String>,
 }
@@ -65,20 +67,21 @@ pub fn read_pipeline(repo_path: &Path, rev: &str) -> Result<PipelineAtRev, GitEr
     };
     let commit = find_commit(&repo, repo_path, rev)?;
     let tree = commit.tree().map_err(|e| read_err("tree", &e))?;
-    let (blob, text) = match tree.lookup_entry_by_path(PIPELINE_PATH).map_err(|e| read_err(PIPELINE_PATH, &e))? {
-        None => (None, None),
-        Some(entry) => {
-            let object = entry.object().map_err(|e| read_err(PIPELINE_PATH, &e))?;
-            let text = String::from_utf8_lossy(&object.data).into_owned();
-            (Some(entry.oid().to_string()), Some(text))
-        }
-    };
+    let (blob, text, not_utf8) =
+        match tree.lookup_entry_by_path(PIPELINE_PATH).map_err(|e| read_err(PIPELINE_PATH, &e))? {
+            None => (None, None, None),
+            Some(entry) => {
+                let object = entry.object().map_err(|e| read_err(PIPELINE_PATH, &e))?;
+                let (text, not_utf8) = decode_text(object.detach().data);
+                (Some(entry.oid().to_string()), Some(text), not_utf8)
+            }
+        };
     let mut recorder = gix::traverse::tree::Recorder::default();
     tree.traverse().breadthfirst(&mut recorder).map_err(|e| read_err("file list", &e))?;
     let mut files: Vec<String> =
         recorder.records.into_iter().filter(|e| !e.mode.is_tree()).map(|e| e.filepath.to_string()).collect();
     files.sort();
-    Ok(PipelineAtRev { commit: commit.id.to_string(), blob, text, files })
+    Ok(PipelineAtRev { commit: commit.id.to_string(), blob, text, not_utf8, files })
 }
 
 /// A master config read from disk.
@@ -118,7 +121,7 @@ impl LoadedConfig {
 /// Reads and types a master config; mistakes come back as diagnostics.
 pub fn load_config(path: &Path) -> Result<LoadedConfig, Vec<Diagnostic>> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let bytes = std::fs::read(path).map_err(|e| {
         vec![Diagnostic {
             severity: Severity::Error,
             code: "config-read",
@@ -130,6 +133,19 @@ pub fn load_config(path: &Path) -> Result<LoadedConfig, Vec<Diagnostic>> {
             hint: Some("pass the config with --config PATH".into()),
         }]
     })?;
+    let (text, not_utf8) = decode_text(bytes);
+    if let Some(bad) = not_utf8 {
+        return Err(vec![Diagnostic {
+            severity: Severity::Error,
+            code: "not-utf8",
+            repo: None,
+            file: shown,
+            line: bad.line,
+            col: bad.col,
+            message: format!("the master config is not UTF-8: byte 0x{:02X} cannot be read as text", bad.byte),
+            hint: Some("save the file as UTF-8".into()),
+        }]);
+    }
     let src = Source {
         repo: String::new(),
         file: shown.clone(),
@@ -137,6 +153,7 @@ pub fn load_config(path: &Path) -> Result<LoadedConfig, Vec<Diagnostic>> {
         branch: String::new(),
         files: Vec::new(),
         origin: Origin::default(),
+        not_utf8: None,
     };
     let ctx = FileCtx { src: &src, spans: SpanIndex::build(&text) };
     let fix = |mut d: Diagnostic| {
@@ -241,6 +258,7 @@ pub fn sources_from_config(cfg: &LoadedConfig, revs: &BTreeMap<String, String>) 
                         blob: found.blob,
                         pipeline_path: PIPELINE_PATH.to_owned(),
                     },
+                    not_utf8: found.not_utf8,
                 }),
             },
         }

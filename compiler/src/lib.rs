@@ -22,8 +22,8 @@ pub mod runner;
 pub mod snippet;
 pub mod spans;
 
-pub use diagnostic::{Diagnostic, Diagnostics, Severity};
-pub use parse::{Origin, Source, valid_name};
+pub use diagnostic::{Diagnostic, Diagnostics, Printed, Severity};
+pub use parse::{NotUtf8, Origin, Source, decode_text, valid_name};
 use rbb_schema::plan::Plan;
 
 /// Knobs of one compile.
@@ -42,6 +42,11 @@ pub struct Options {
     /// Lock names the master config declares; when given, a builder taking another lock is
     /// an error.
     pub locks: Option<Vec<String>>,
+    /// Repositories left out of this compile because their pipeline does not compile (name →
+    /// the file to fix). A builder that needs one of their builders is left out of the plan
+    /// with a warning naming that repository, and so is everything that needs it: one
+    /// repository's mistake never becomes another's error.
+    pub broken_repos: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Options {
@@ -52,6 +57,7 @@ impl Default for Options {
             worker_labels: None,
             other_repos_unknown: false,
             locks: None,
+            broken_repos: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -62,6 +68,9 @@ pub struct Compilation {
     pub plan: Option<Plan>,
     /// Sorted by file, line and column.
     pub diagnostics: Vec<Diagnostic>,
+    /// What snippets printed (`rbb compile --verbose` shows it; a failing snippet's output
+    /// is also part of its diagnostic).
+    pub printed: Vec<Printed>,
 }
 
 impl Compilation {
@@ -112,22 +121,24 @@ pub fn compile(sources: &[Source], eval: &dyn snippet::Evaluator, opts: &Options
         handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
     });
     let mut lowered = Vec::new();
-    let mut broken = std::collections::BTreeSet::new();
+    let mut broken = merge::Broken::default();
     for part in parts {
         lowered.extend(part.lowered);
-        broken.extend(part.broken);
+        broken.builders.extend(part.broken.builders);
+        broken.repos.extend(part.broken.repos);
         diags.extend(part.diags);
     }
     // Merge even after errors, to report unknown `needs` and cycles among what did compile.
     let plan = merge::merge(sources, lowered, &broken, opts, &mut diags);
     let plan = if diags.has_errors() { None } else { plan };
-    Compilation { plan, diagnostics: diags.into_sorted() }
+    let printed = diags.take_printed();
+    Compilation { plan, diagnostics: diags.into_sorted(), printed }
 }
 
 /// What the per-file passes produce for a run of sources.
 struct FrontEnd {
     lowered: Vec<lower::Lowered>,
-    broken: std::collections::BTreeSet<(String, String)>,
+    broken: merge::Broken,
     diags: Diagnostics,
 }
 
@@ -136,13 +147,16 @@ fn front_end(sources: &[Source], first: usize, eval: &dyn snippet::Evaluator, op
     let mut out = FrontEnd { lowered: Vec::new(), broken: Default::default(), diags: Diagnostics::default() };
     for (i, src) in sources.iter().enumerate() {
         let parsed = parse::parse_file(src, eval, &mut out.diags);
+        if parsed.unreadable {
+            out.broken.repos.insert(src.repo.clone());
+        }
         for name in parsed.broken {
-            out.broken.insert((src.repo.clone(), name));
+            out.broken.builders.insert((src.repo.clone(), name));
         }
         for b in &parsed.builders {
             let lowered = lower::lower(&parsed.ctx, first + i, b, eval, opts, &mut out.diags);
             if lowered.is_empty() {
-                out.broken.insert((src.repo.clone(), b.name.clone()));
+                out.broken.builders.insert((src.repo.clone(), b.name.clone()));
             }
             out.lowered.extend(lowered);
         }

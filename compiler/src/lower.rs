@@ -9,7 +9,7 @@ use crate::condition;
 use crate::cron::Cron;
 use crate::diagnostic::{Diagnostics, did_you_mean, name_list};
 use crate::duration::parse_duration;
-use crate::parse::{FileCtx, ParsedBuilder, json_kind, snippet_diag, valid_name};
+use crate::parse::{FileCtx, ParsedBuilder, json_kind, run_snippet, valid_name};
 use crate::snippet::Evaluator;
 use crate::spans::{Pos, Seg, key};
 use indexmap::IndexMap;
@@ -441,13 +441,7 @@ fn expand_matrix(
         });
         let mut code_path = b.base.clone();
         code_path.extend([key("matrix"), key("python")]);
-        let value = match eval.eval(code, &snippet_ctx) {
-            Ok(v) => v,
-            Err(e) => {
-                diags.push(snippet_diag(ctx, &code_path, &e, &format!("`matrix:` of {what}")));
-                return None;
-            }
-        };
+        let value = run_snippet(ctx, &code_path, eval, code, &snippet_ctx, &format!("`matrix:` of {what}"), diags)?;
         let spos = ctx.spans.value(&code_path);
         let bad = |diags: &mut Diagnostics, msg: String| {
             diags.push(ctx.diag(

@@ -15,10 +15,20 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use rbb_schema::plan::{PLAN_FORMAT, Plan, PlanRepo};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+/// What the per-file passes could not read, already reported: `needs` naming it are not
+/// reported a second time.
+#[derive(Debug, Default)]
+pub(crate) struct Broken {
+    /// (repository, builder name) of builders with errors of their own.
+    pub builders: BTreeSet<(String, String)>,
+    /// Repositories whose whole file could not be read.
+    pub repos: BTreeSet<String>,
+}
+
 pub(crate) fn merge(
     sources: &[Source],
     mut lowered: Vec<Lowered>,
-    broken: &BTreeSet<(String, String)>,
+    broken: &Broken,
     opts: &Options,
     diags: &mut Diagnostics,
 ) -> Option<Plan> {
@@ -60,6 +70,9 @@ pub(crate) fn merge(
 
     // Resolve needs into edges (upstream index, downstream index, position of the need).
     let mut edges: Vec<(usize, usize, Pos)> = Vec::new();
+    // Builders left out because they need a repository whose pipeline does not compile:
+    // index → that repository.
+    let mut left_out: BTreeMap<usize, String> = BTreeMap::new();
     for (i, l) in lowered.iter().enumerate() {
         for (raw, pos) in &l.needs {
             let (repo, name) = match raw.split_once('/') {
@@ -75,9 +88,31 @@ pub(crate) fn merge(
                 continue;
             }
             if targets.is_empty()
-                && broken.contains(&(repo.to_owned(), name.split('[').next().unwrap_or(name).to_owned()))
+                && (broken.repos.contains(repo)
+                    || broken.builders.contains(&(repo.to_owned(), name.split('[').next().unwrap_or(name).to_owned())))
             {
                 // Needs a builder that has its own errors, already reported.
+                continue;
+            }
+            if targets.is_empty()
+                && !repos.contains(repo)
+                && let Some(file) = opts.broken_repos.get(repo)
+            {
+                diags.push(Diagnostic {
+                    severity: Severity::Warning,
+                    ..err(
+                        l,
+                        *pos,
+                        "needs-broken-repo",
+                        format!(
+                            "builder `{}` needs `{raw}`, but the pipeline of repository `{repo}` does not compile; \
+                             `{}` is left out of the plan until it does",
+                            l.builder.id, l.builder.id
+                        ),
+                        Some(format!("the mistake is in {file}, not here: fix that file")),
+                    )
+                });
+                left_out.insert(i, repo.to_owned());
                 continue;
             }
             if targets.is_empty() {
@@ -119,6 +154,38 @@ pub(crate) fn merge(
             }
         }
     }
+
+    // Whatever needs a left-out builder is left out too.
+    loop {
+        let mut grew = false;
+        for (from, to, pos) in &edges {
+            if let Some(repo) = left_out.get(from).cloned()
+                && !left_out.contains_key(to)
+            {
+                let l = &lowered[*to];
+                diags.push(Diagnostic {
+                    severity: Severity::Warning,
+                    ..err(
+                        l,
+                        *pos,
+                        "needs-broken-repo",
+                        format!(
+                            "builder `{}` needs `{}`, which is left out of the plan because the pipeline of \
+                             repository `{repo}` does not compile; `{}` is left out too",
+                            l.builder.id, lowered[*from].builder.id, l.builder.id
+                        ),
+                        opts.broken_repos.get(&repo).map(|file| format!("the mistake is in {file}: fix that file")),
+                    )
+                });
+                left_out.insert(*to, repo);
+                grew = true;
+            }
+        }
+        if !grew {
+            break;
+        }
+    }
+    edges.retain(|(from, to, _)| !left_out.contains_key(from) && !left_out.contains_key(to));
 
     let mut graph: DiGraph<usize, Pos> = DiGraph::with_capacity(lowered.len(), edges.len());
     let nodes: Vec<NodeIndex> = (0..lowered.len()).map(|i| graph.add_node(i)).collect();
@@ -181,6 +248,9 @@ pub(crate) fn merge(
 
     let mut builders = Vec::with_capacity(lowered.len());
     for (i, l) in lowered.into_iter().enumerate() {
+        if left_out.contains_key(&i) {
+            continue;
+        }
         let mut b = l.builder;
         b.needs = needs_ids[i].iter().cloned().collect();
         builders.push(b);

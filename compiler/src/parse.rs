@@ -5,7 +5,7 @@
 //! applied at the value level, then typed through serde with the error's path kept), so one
 //! bad builder does not hide the mistakes in the next. Positions come from [`SpanIndex`].
 
-use crate::diagnostic::{Diagnostic, Diagnostics, Severity, did_you_mean, name_list};
+use crate::diagnostic::{Diagnostic, Diagnostics, Printed, Severity, did_you_mean, name_list};
 use crate::snippet::{Evaluator, SnippetError};
 use crate::spans::{Path, Pos, Seg, SpanIndex, key};
 use rbb_schema::pipeline::Builder;
@@ -26,6 +26,40 @@ pub struct Source {
     pub files: Vec<String>,
     /// Where it came from, recorded in the plan.
     pub origin: Origin,
+    /// Set when the file's bytes are not UTF-8: `text` is then a lossy copy, good only for
+    /// showing the line, and the file yields one diagnostic and no builders.
+    pub not_utf8: Option<NotUtf8>,
+}
+
+/// The first byte of a file that is not UTF-8, with its 1-based line and column (the column
+/// counts characters, as every other diagnostic does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotUtf8 {
+    pub line: u32,
+    pub col: u32,
+    pub byte: u8,
+}
+
+/// A file's bytes as text. Invalid UTF-8 is never replaced silently: the second value says
+/// where the first bad byte is, and the text (lossy, for display only) must not be compiled.
+pub fn decode_text(bytes: Vec<u8>) -> (String, Option<NotUtf8>) {
+    match String::from_utf8(bytes) {
+        Ok(text) => (text, None),
+        Err(e) => {
+            let bytes = e.into_bytes();
+            let valid = match std::str::from_utf8(&bytes) {
+                Ok(_) => bytes.len(),
+                Err(e) => e.valid_up_to(),
+            };
+            // The prefix up to `valid` is UTF-8 by construction.
+            let prefix = std::str::from_utf8(&bytes[..valid]).unwrap_or_default();
+            let line = prefix.matches('\n').count() as u32 + 1;
+            let line_start = prefix.rfind('\n').map_or(0, |i| i + 1);
+            let col = prefix[line_start..].chars().count() as u32 + 1;
+            let byte = bytes.get(valid).copied().unwrap_or_default();
+            (String::from_utf8_lossy(&bytes).into_owned(), Some(NotUtf8 { line, col, byte }))
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -103,6 +137,9 @@ pub(crate) struct ParsedFile<'a> {
     /// Builders that exist but could not be read (already reported): `needs` naming them
     /// are not reported again.
     pub broken: Vec<String>,
+    /// The whole file could not be read (encoding, YAML syntax, not a mapping): no builder
+    /// of this repository is known, so `needs` naming any of them are not reported again.
+    pub unreadable: bool,
 }
 
 /// Whether `name` may name a builder, a template, a repository or a matrix axis.
@@ -114,19 +151,35 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut Diagnostics) -> ParsedFile<'a> {
+    if let Some(bad) = src.not_utf8 {
+        let ctx = FileCtx { src, spans: SpanIndex::default() };
+        diags.push(
+            ctx.diag(
+                "not-utf8",
+                Pos { line: bad.line, col: bad.col },
+                format!("the pipeline file is not UTF-8: byte 0x{:02X} cannot be read as text", bad.byte),
+                Some(
+                    "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`); rbb never guesses an encoding, \
+                 so a step always runs the command that was committed"
+                        .into(),
+                ),
+            ),
+        );
+        return ParsedFile { ctx, builders: Vec::new(), broken: Vec::new(), unreadable: true };
+    }
     let ctx = FileCtx { src, spans: SpanIndex::build(&src.text) };
     let mut builders = Vec::new();
     let value: Value = match serde_yaml::from_str(&src.text) {
         Ok(v) => v,
         Err(e) => {
             diags.push(yaml_error(&ctx, &e));
-            return ParsedFile { ctx, builders, broken: Vec::new() };
+            return ParsedFile { ctx, builders, broken: Vec::new(), unreadable: true };
         }
     };
     let mut value = value;
     if let Err(e) = value.apply_merge() {
         diags.push(ctx.diag("yaml-merge", Pos { line: 1, col: 1 }, format!("cannot apply `<<` merge: {e}"), None));
-        return ParsedFile { ctx, builders, broken: Vec::new() };
+        return ParsedFile { ctx, builders, broken: Vec::new(), unreadable: true };
     }
     let top = match value {
         Value::Mapping(m) => m,
@@ -137,7 +190,7 @@ pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut 
                 "the pipeline file is empty".into(),
                 Some("add `builders:` with at least one builder".into()),
             ));
-            return ParsedFile { ctx, builders, broken: Vec::new() };
+            return ParsedFile { ctx, builders, broken: Vec::new(), unreadable: false };
         }
         other => {
             diags.push(ctx.diag(
@@ -146,7 +199,7 @@ pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut 
                 format!("a pipeline is a mapping with `builders:`, found {}", kind(&other)),
                 Some("start the file with `builders:`".into()),
             ));
-            return ParsedFile { ctx, builders, broken: Vec::new() };
+            return ParsedFile { ctx, builders, broken: Vec::new(), unreadable: true };
         }
     };
 
@@ -248,7 +301,7 @@ pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut 
             Some("add a builder under `builders:`".into()),
         ));
     }
-    ParsedFile { ctx, builders, broken }
+    ParsedFile { ctx, builders, broken, unreadable: false }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -278,12 +331,8 @@ fn generate(
         "pipeline": serde_json::to_value(Value::Mapping(top.clone())).unwrap_or_default(),
     });
     let at = ctx.spans.value(&code_path);
-    let result = match eval.eval(&code, &snippet_ctx) {
-        Ok(v) => v,
-        Err(e) => {
-            diags.push(snippet_diag(ctx, &code_path, &e, "`generate:`"));
-            return;
-        }
+    let Some(result) = run_snippet(ctx, &code_path, eval, &code, &snippet_ctx, "`generate:`", diags) else {
+        return;
     };
     let serde_json::Value::Object(map) = result else {
         diags.push(ctx.diag(
@@ -572,6 +621,44 @@ fn yaml_error(ctx: &FileCtx, e: &serde_yaml::Error) -> Diagnostic {
     ctx.diag("yaml-syntax", Pos { line, col }, format!("YAML syntax error: {message}"), hint)
 }
 
+/// Runs the snippet at `code_path`: its value, or `None` after reporting why not. What it
+/// printed goes with the diagnostic when it fails, and to the compile's printed output.
+pub(crate) fn run_snippet(
+    ctx: &FileCtx,
+    code_path: &Path,
+    eval: &dyn Evaluator,
+    code: &str,
+    snippet_ctx: &serde_json::Value,
+    what: &str,
+    diags: &mut Diagnostics,
+) -> Option<serde_json::Value> {
+    let evaluation = eval.eval(code, snippet_ctx);
+    if !evaluation.output.is_empty() {
+        let at = ctx.spans.value(code_path);
+        diags.push_printed(Printed {
+            repo: ctx.src.repo.clone(),
+            file: ctx.src.file.clone(),
+            line: at.line,
+            col: at.col,
+            what: what.to_owned(),
+            text: evaluation.output.clone(),
+        });
+    }
+    match evaluation.result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let mut d = snippet_diag(ctx, code_path, &e, what);
+            if !evaluation.output.is_empty() {
+                let shown: String = evaluation.output.trim_end().chars().take(400).collect();
+                let more = if shown.len() < evaluation.output.trim_end().len() { "…" } else { "" };
+                d.message.push_str(&format!(" (it printed {shown:?}{more})"));
+            }
+            diags.push(d);
+            None
+        }
+    }
+}
+
 /// A snippet failure as a diagnostic, with snippet lines mapped into the YAML file.
 pub(crate) fn snippet_diag(ctx: &FileCtx, code_path: &Path, err: &SnippetError, what: &str) -> Diagnostic {
     // The position index puts a block scalar (`python: |`) at its first content line and
@@ -628,6 +715,16 @@ pub(crate) fn snippet_diag(ctx: &FileCtx, code_path: &Path, err: &SnippetError, 
                 format!("the snippet of {what} ran out of memory and was stopped")
             },
             Some("snippets get little memory; build smaller values".into()),
+        ),
+        SnippetError::Crashed { message } => ctx.diag(
+            "snippet-crash",
+            block,
+            format!("the snippet of {what} crashed the interpreter ({message})"),
+            Some(if message.starts_with("stack overflow") {
+                "nest calls or data less deeply: the recursion limit cannot be raised in a snippet".into()
+            } else {
+                "the interpreter cannot run this code; simplify the snippet (plain data in, plain data out)".into()
+            }),
         ),
         SnippetError::Runner { message } => {
             ctx.diag("snippet-runner", block, format!("cannot evaluate the snippet of {what}: {message}"), None)

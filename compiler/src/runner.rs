@@ -4,16 +4,23 @@
 //! It caps its own address space and CPU time before starting the interpreter, and runs
 //! RustPython built without host access (no files, sockets, processes or clock). Snippets run
 //! with pruned builtins and an import allow-list so a forbidden call fails with a clear
-//! message instead of a missing attribute. The wall clock is enforced by the parent, which
-//! kills this process; nothing here tries to stop a runaway snippet.
+//! message instead of a missing attribute. `print()` writes to a buffer that goes back with
+//! the response. `sys` is reachable through allowed modules (`collections._sys`), so its
+//! knobs that could hurt are disabled: the recursion limit cannot be raised (deep recursion
+//! is a RecursionError) and no thread can be started through `sys.modules["_thread"]`;
+//! should the interpreter still crash (a panic inside RustPython), the response says so and
+//! this process exits, and the parent starts a fresh one for the next snippet. The wall clock
+//! is enforced by the parent, which kills this process; nothing here tries to stop a runaway
+//! snippet.
 
-use crate::snippet::{Request, Response, SnippetError};
+use crate::snippet::{OUTPUT_LIMIT, Request, Response, SnippetError};
 use rustpython_vm::{PyObjectRef, VirtualMachine, py_serde};
 use std::io::{BufRead, Write};
 
 /// Runs one snippet and returns a plain dict: `{"value": ...}` or `{"error": {...}}`.
-const DRIVER: &str = r##"
+const DRIVER_SOURCE: &str = r##"
 import builtins as _builtins
+import sys as _sys
 
 _ALLOWED = frozenset(["json", "re", "math", "itertools", "functools", "collections",
                       "string", "operator", "copy", "textwrap"])
@@ -43,6 +50,37 @@ for _n in _FORBIDDEN_BUILTINS:
 _safe["__import__"] = _guarded_import
 # The VM resolves `import` through the real builtins module, so guard it there too.
 _builtins.__import__ = _guarded_import
+# `sys` is one attribute away from allowed modules; its one knob that can crash the
+# interpreter is the recursion limit (a native stack overflow instead of a RecursionError).
+_sys.setrecursionlimit = _forbidden("sys.setrecursionlimit")
+# `sys.modules` reaches `_thread`: a thread left running would outlive its snippet and
+# spend the next snippets' time.
+import _thread
+_thread.start_new_thread = _forbidden("_thread.start_new_thread")
+_thread.start_joinable_thread = _forbidden("_thread.start_joinable_thread")
+del _thread
+
+_OUTPUT_LIMIT = %OUTPUT_LIMIT%
+
+class _Output:
+    """Where `print()` goes while a snippet runs: kept, up to a limit, for the response."""
+    def __init__(self):
+        self.parts = []
+        self.size = 0
+    def write(self, text):
+        text = str(text)
+        room = _OUTPUT_LIMIT - self.size
+        if room > 0:
+            self.parts.append(text[:room])
+        self.size += len(text)
+        return len(text)
+    def flush(self):
+        pass
+    def text(self):
+        out = "".join(self.parts)
+        if self.size > _OUTPUT_LIMIT:
+            out += "\n… (%d more characters)" % (self.size - _OUTPUT_LIMIT)
+        return out
 
 def _snippet_line(tb):
     line = None
@@ -113,6 +151,18 @@ def _unclosed_bracket(code):
     return stack[0] if stack else None
 
 def _run(code, ctx):
+    output = _Output()
+    _sys.stdout = output
+    _sys.stderr = output
+    try:
+        result = _run_captured(code, ctx)
+    finally:
+        _sys.stdout = None
+        _sys.stderr = None
+    result["output"] = output.text()
+    return result
+
+def _run_captured(code, ctx):
     body = "\n".join("    " + line for line in code.split("\n"))
     wrapped = "def __snippet(ctx):\n" + body + "\n    return None\n"
     try:
@@ -192,7 +242,8 @@ fn serve() -> i32 {
     let interp = rustpython::InterpreterBuilder::new().init_stdlib().interpreter();
     interp.enter(|vm| {
         let scope = vm.new_scope_with_builtins();
-        let driver = match vm.compile(DRIVER, rustpython_vm::compiler::Mode::Exec, "<driver>".to_owned()) {
+        let source = DRIVER_SOURCE.replace("%OUTPUT_LIMIT%", &OUTPUT_LIMIT.to_string());
+        let driver = match vm.compile(&source, rustpython_vm::compiler::Mode::Exec, "<driver>".to_owned()) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("rbb-snippet: driver does not compile: {e}");
@@ -221,17 +272,46 @@ fn serve() -> i32 {
             if line.trim().is_empty() {
                 continue;
             }
+            let mut crashed = false;
             let response = match serde_json::from_str::<Request>(&line) {
-                Ok(req) => evaluate(vm, &run, req),
+                Ok(req) => {
+                    let id = req.id;
+                    // A panic inside RustPython (reachable from Python, e.g. by reading the
+                    // names of every `object.__subclasses__()`) is that snippet's crash.
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| evaluate(vm, &run, req))) {
+                        Ok(response) => response,
+                        Err(panic) => {
+                            crashed = true;
+                            let what = panic
+                                .downcast_ref::<&str>()
+                                .map(|s| (*s).to_owned())
+                                .or_else(|| panic.downcast_ref::<String>().cloned())
+                                .unwrap_or_else(|| "a panic".to_owned());
+                            Response {
+                                id,
+                                value: None,
+                                error: Some(SnippetError::Crashed {
+                                    message: format!("a fault inside RustPython: {what}"),
+                                }),
+                                output: String::new(),
+                            }
+                        }
+                    }
+                }
                 Err(e) => Response {
                     id: 0,
                     value: None,
                     error: Some(SnippetError::Runner { message: format!("bad request: {e}") }),
+                    output: String::new(),
                 },
             };
             let Ok(mut text) = serde_json::to_string(&response) else { return 70 };
             text.push('\n');
             if stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()).is_err() {
+                return 0;
+            }
+            if crashed {
+                // The interpreter may be left half-way through something: never reuse it.
                 return 0;
             }
         }
@@ -240,7 +320,12 @@ fn serve() -> i32 {
 }
 
 fn evaluate(vm: &VirtualMachine, run: &PyObjectRef, req: Request) -> Response {
-    let fail = |message: String| Response { id: req.id, value: None, error: Some(SnippetError::Runner { message }) };
+    let fail = |message: String| Response {
+        id: req.id,
+        value: None,
+        error: Some(SnippetError::Runner { message }),
+        output: String::new(),
+    };
     let ctx = match py_serde::deserialize(vm, req.ctx.clone()) {
         Ok(ctx) => ctx,
         Err(e) => return fail(format!("cannot pass ctx: {e}")),
@@ -258,11 +343,12 @@ fn evaluate(vm: &VirtualMachine, run: &PyObjectRef, req: Request) -> Response {
         Ok(json) => json,
         Err(e) => return fail(format!("cannot read result: {e}")),
     };
+    let output = json.get("output").and_then(|o| o.as_str()).unwrap_or_default().to_owned();
     if let Some(error) = json.get("error") {
         return match serde_json::from_value::<SnippetError>(error.clone()) {
-            Ok(error) => Response { id: req.id, value: None, error: Some(error) },
+            Ok(error) => Response { id: req.id, value: None, error: Some(error), output },
             Err(e) => fail(format!("bad driver error: {e}")),
         };
     }
-    Response { id: req.id, value: Some(json.get("value").cloned().unwrap_or_default()), error: None }
+    Response { id: req.id, value: Some(json.get("value").cloned().unwrap_or_default()), error: None, output }
 }

@@ -2,19 +2,23 @@
 //! runs snippets in a child process (`rbb-snippet`) under hard limits.
 //!
 //! A snippet is the body of `def snippet(ctx): ...` and returns plain data (dicts, lists,
-//! strings, numbers, booleans, None). The child applies `RLIMIT_AS` and `RLIMIT_CPU` to
-//! itself; this side enforces the wall clock by killing the child, and reads a crash (an
-//! aborted allocation) as "out of memory". One child serves many snippets in turn and is
-//! replaced after any failure that may have left it in a bad state.
+//! strings, numbers, booleans, None); what it prints is captured and comes back with the
+//! result. The child applies `RLIMIT_AS` and `RLIMIT_CPU` to itself; this side enforces the
+//! wall clock by killing the child, and reads how it died from its exit status and the last
+//! lines of its stderr: a stack overflow or a panic inside the interpreter is a crash, an
+//! aborted allocation is "out of memory". One child serves many snippets in turn and is
+//! replaced after any failure that may have left it in a bad state, so one snippet's crash
+//! never stops the next snippet.
 //!
 //! This module never interprets Python itself: that happens only in the child binary.
 
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long the runner may take to start its interpreter.
@@ -49,6 +53,26 @@ pub struct Response {
     pub value: Option<serde_json::Value>,
     #[serde(default)]
     pub error: Option<SnippetError>,
+    /// What the snippet printed (`print()`, writes to `sys.stdout`/`sys.stderr`), cut at
+    /// [`OUTPUT_LIMIT`] characters.
+    #[serde(default)]
+    pub output: String,
+}
+
+/// Most characters of a snippet's printed output that are kept.
+pub const OUTPUT_LIMIT: usize = 8192;
+
+/// What evaluating one snippet gave: its value or why not, and what it printed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    pub result: Result<serde_json::Value, SnippetError>,
+    pub output: String,
+}
+
+impl Evaluation {
+    pub fn failed(error: SnippetError) -> Evaluation {
+        Evaluation { result: Err(error), output: String::new() }
+    }
 }
 
 /// Why a snippet produced no value. Lines and columns are 1-based within the snippet.
@@ -67,6 +91,9 @@ pub enum SnippetError {
     Timeout { limit_ms: u64 },
     /// It ran out of memory (the child died allocating).
     OutOfMemory { limit_mib: u64 },
+    /// It crashed the interpreter (a stack overflow, or a fault inside RustPython); `message`
+    /// says which.
+    Crashed { message: String },
     /// The snippet runner could not be started or crashed for another reason.
     Runner { message: String },
 }
@@ -74,7 +101,7 @@ pub enum SnippetError {
 /// Evaluates snippets. The compiler core only knows this trait. Files are compiled on
 /// several threads, so an evaluator is shared between them.
 pub trait Evaluator: Sync {
-    fn eval(&self, code: &str, ctx: &serde_json::Value) -> Result<serde_json::Value, SnippetError>;
+    fn eval(&self, code: &str, ctx: &serde_json::Value) -> Evaluation;
 }
 
 /// An evaluator for pipelines that must not contain snippets (every call fails).
@@ -82,8 +109,8 @@ pub trait Evaluator: Sync {
 pub struct NoSnippets;
 
 impl Evaluator for NoSnippets {
-    fn eval(&self, _: &str, _: &serde_json::Value) -> Result<serde_json::Value, SnippetError> {
-        Err(SnippetError::Runner { message: "Python snippets are disabled here".to_owned() })
+    fn eval(&self, _: &str, _: &serde_json::Value) -> Evaluation {
+        Evaluation::failed(SnippetError::Runner { message: "Python snippets are disabled here".to_owned() })
     }
 }
 
@@ -91,7 +118,26 @@ struct Running {
     child: Child,
     stdin: ChildStdin,
     lines: Receiver<String>,
+    /// The last lines the child wrote to stderr (where Rust reports a panic, a stack
+    /// overflow or a failed allocation before the process dies).
+    stderr: Arc<Mutex<VecDeque<String>>>,
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
     next_id: u64,
+}
+
+/// How many stderr lines of the child are kept.
+const STDERR_LINES: usize = 16;
+
+impl Running {
+    /// Waits for the child to exit and returns its status with the end of its stderr.
+    fn reap(&mut self) -> (Option<std::process::ExitStatus>, String) {
+        let status = self.child.wait().ok();
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = reader.join();
+        }
+        let tail = self.stderr.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect::<Vec<_>>();
+        (status, tail.join("\n"))
+    }
 }
 
 /// Runs snippets in `rbb-snippet` child processes.
@@ -128,6 +174,12 @@ impl ChildEvaluator {
         }
     }
 
+    /// Adds an argument before the runner's own (e.g. `snippet-runner` for `rbb`).
+    pub fn arg(mut self, arg: &str) -> ChildEvaluator {
+        self.args.push(arg.to_owned());
+        self
+    }
+
     /// Sets a variable in the runner's (otherwise empty) environment.
     pub fn env(mut self, key: &str, value: &str) -> ChildEvaluator {
         self.env.push((key.to_owned(), value.to_owned()));
@@ -143,7 +195,7 @@ impl ChildEvaluator {
             .arg((self.limits.wall.as_secs() + 2).to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .spawn()
@@ -152,6 +204,21 @@ impl ChildEvaluator {
             })?;
         let stdin = child.stdin.take().ok_or_else(|| SnippetError::Runner { message: "no stdin".into() })?;
         let stdout = child.stdout.take().ok_or_else(|| SnippetError::Runner { message: "no stdout".into() })?;
+        let stderr_pipe = child.stderr.take().ok_or_else(|| SnippetError::Runner { message: "no stderr".into() })?;
+        let stderr = Arc::new(Mutex::new(VecDeque::new()));
+        let tail = stderr.clone();
+        let stderr_reader = std::thread::spawn(move || {
+            // Read to the end whatever it is, so the child never blocks on a full pipe.
+            for line in BufReader::new(stderr_pipe).split(b'\n') {
+                let Ok(line) = line else { break };
+                let line = String::from_utf8_lossy(&line).into_owned();
+                let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+                if tail.len() == STDERR_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+        });
         let (tx, rx) = channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -161,7 +228,7 @@ impl ChildEvaluator {
                 }
             }
         });
-        let mut running = Running { child, stdin, lines: rx, next_id: 1 };
+        let mut running = Running { child, stdin, lines: rx, stderr, stderr_reader: Some(stderr_reader), next_id: 1 };
         // Interpreter start-up is not the snippet's time: wait for the ready line first.
         match running.lines.recv_timeout(STARTUP_LIMIT) {
             Ok(line) if line.contains("\"ready\"") => Ok(running),
@@ -174,12 +241,13 @@ impl ChildEvaluator {
                 })
             }
             Err(RecvTimeoutError::Disconnected) => {
-                let status = running.child.wait().ok();
+                let (status, stderr) = running.reap();
                 Err(SnippetError::Runner {
                     message: format!(
-                        "snippet runner {} exited at start ({})",
+                        "snippet runner {} exited at start ({}){}",
                         self.program.display(),
-                        status.map(|s| s.to_string()).unwrap_or_default()
+                        status.map(|s| s.to_string()).unwrap_or_default(),
+                        if stderr.is_empty() { String::new() } else { format!(": {stderr}") }
                     ),
                 })
             }
@@ -188,39 +256,54 @@ impl ChildEvaluator {
 }
 
 impl Evaluator for ChildEvaluator {
-    fn eval(&self, code: &str, ctx: &serde_json::Value) -> Result<serde_json::Value, SnippetError> {
+    fn eval(&self, code: &str, ctx: &serde_json::Value) -> Evaluation {
         let mut guard = self.running.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
-            *guard = Some(self.spawn()?);
+            match self.spawn() {
+                Ok(running) => *guard = Some(running),
+                Err(e) => return Evaluation::failed(e),
+            }
         }
         let Some(running) = guard.as_mut() else {
-            return Err(SnippetError::Runner { message: "snippet runner unavailable".into() });
+            return Evaluation::failed(SnippetError::Runner { message: "snippet runner unavailable".into() });
         };
         let id = running.next_id;
         running.next_id += 1;
         let request = Request { id, code: code.to_owned(), ctx: ctx.clone() };
-        let mut line = serde_json::to_string(&request).map_err(|e| SnippetError::Runner { message: e.to_string() })?;
+        let mut line = match serde_json::to_string(&request) {
+            Ok(line) => line,
+            Err(e) => return Evaluation::failed(SnippetError::Runner { message: e.to_string() }),
+        };
         line.push('\n');
         let write = running.stdin.write_all(line.as_bytes()).and_then(|()| running.stdin.flush());
         let outcome = match write {
-            Err(e) => Err(SnippetError::Runner { message: format!("snippet runner went away: {e}") }),
+            // The child died before reading: find out how.
+            Err(_) => {
+                let _ = running.child.kill();
+                let (status, stderr) = running.reap();
+                Evaluation::failed(died(status, &stderr, self.limits))
+            }
             Ok(()) => wait_for(running, id, self.limits),
         };
-        if let Err(err) = &outcome
+        if let Err(err) = &outcome.result
             && matches!(
                 err,
-                SnippetError::Timeout { .. } | SnippetError::OutOfMemory { .. } | SnippetError::Runner { .. }
+                SnippetError::Timeout { .. }
+                    | SnippetError::OutOfMemory { .. }
+                    | SnippetError::Crashed { .. }
+                    | SnippetError::Runner { .. }
             )
             && let Some(mut dead) = guard.take()
         {
+            // The next snippet gets a fresh runner.
             let _ = dead.child.kill();
-            let _ = dead.child.wait();
+            let _ = dead.reap();
         }
         outcome
     }
 }
 
-fn wait_for(running: &mut Running, id: u64, limits: Limits) -> Result<serde_json::Value, SnippetError> {
+fn wait_for(running: &mut Running, id: u64, limits: Limits) -> Evaluation {
     loop {
         match running.lines.recv_timeout(limits.wall) {
             Ok(line) => {
@@ -230,26 +313,34 @@ fn wait_for(running: &mut Running, id: u64, limits: Limits) -> Result<serde_json
                 if resp.id != id {
                     continue;
                 }
-                return match (resp.value, resp.error) {
+                let result = match (resp.value, resp.error) {
                     (_, Some(err)) => Err(err),
                     (Some(v), None) => Ok(v),
                     (None, None) => Ok(serde_json::Value::Null),
                 };
+                return Evaluation { result, output: resp.output };
             }
             Err(RecvTimeoutError::Timeout) => {
                 let _ = running.child.kill();
-                return Err(SnippetError::Timeout { limit_ms: limits.wall.as_millis() as u64 });
+                return Evaluation::failed(SnippetError::Timeout { limit_ms: limits.wall.as_millis() as u64 });
             }
             Err(RecvTimeoutError::Disconnected) => {
-                let status = running.child.wait().ok();
-                return Err(died(status, limits));
+                let (status, stderr) = running.reap();
+                return Evaluation::failed(died(status, &stderr, limits));
             }
         }
     }
 }
 
-fn died(status: Option<std::process::ExitStatus>, limits: Limits) -> SnippetError {
+/// Why the runner died, from its exit status and the end of its stderr.
+fn died(status: Option<std::process::ExitStatus>, stderr: &str, limits: Limits) -> SnippetError {
     use std::os::unix::process::ExitStatusExt;
+    if stderr.contains("has overflowed its stack") {
+        return SnippetError::Crashed { message: "stack overflow: deep recursion".to_owned() };
+    }
+    if let Some(panic) = stderr.lines().skip_while(|l| !l.contains("panicked at")).nth(1) {
+        return SnippetError::Crashed { message: format!("a fault inside RustPython: {}", panic.trim()) };
+    }
     match status.and_then(|s| s.signal()) {
         // An allocation past RLIMIT_AS aborts (SIGABRT); the kernel may also SIGKILL/SIGSEGV.
         Some(libc::SIGABRT) | Some(libc::SIGKILL) | Some(libc::SIGSEGV) | Some(libc::SIGBUS) => {
@@ -258,8 +349,9 @@ fn died(status: Option<std::process::ExitStatus>, limits: Limits) -> SnippetErro
         Some(libc::SIGXCPU) => SnippetError::Timeout { limit_ms: limits.wall.as_millis() as u64 },
         _ => SnippetError::Runner {
             message: format!(
-                "snippet runner exited unexpectedly ({})",
-                status.map(|s| s.to_string()).unwrap_or_else(|| "unknown status".into())
+                "snippet runner exited unexpectedly ({}){}",
+                status.map(|s| s.to_string()).unwrap_or_else(|| "unknown status".into()),
+                if stderr.is_empty() { String::new() } else { format!(": {stderr}") }
             ),
         },
     }
@@ -268,9 +360,39 @@ fn died(status: Option<std::process::ExitStatus>, limits: Limits) -> SnippetErro
 impl Drop for ChildEvaluator {
     fn drop(&mut self) {
         if let Some(mut running) = self.running.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            drop(running.stdin);
             let _ = running.child.kill();
-            let _ = running.child.wait();
+            let _ = running.reap();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signalled(signal: i32) -> Option<std::process::ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        Some(std::process::ExitStatus::from_raw(signal))
+    }
+
+    #[test]
+    fn a_dead_runner_says_what_killed_it() {
+        let limits = Limits::default();
+        // What Rust writes before aborting on a native stack overflow: not "out of memory".
+        let overflow =
+            "\nthread '<unnamed>' (24446) has overflowed its stack\nfatal runtime error: stack overflow, aborting";
+        assert_eq!(
+            died(signalled(libc::SIGABRT), overflow, limits),
+            SnippetError::Crashed { message: "stack overflow: deep recursion".into() }
+        );
+        let panic = "thread '<unnamed>' (1) panicked at src/builtins/type.rs:1400:25:\nstatic type name must be interned\nnote: run with `RUST_BACKTRACE=1`";
+        assert_eq!(
+            died(None, panic, limits),
+            SnippetError::Crashed { message: "a fault inside RustPython: static type name must be interned".into() }
+        );
+        assert_eq!(
+            died(signalled(libc::SIGABRT), "memory allocation of 67108864 bytes failed", limits),
+            SnippetError::OutOfMemory { limit_mib: 512 }
+        );
     }
 }

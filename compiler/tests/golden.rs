@@ -3,12 +3,13 @@
 //! Inputs: every `<repo>.yaml` in the folder is that repository's `.rbb/pipeline.yaml`;
 //! optional `files.txt` lists the commit's files (given to snippets), optional `workers.txt`
 //! gives one worker label set per line, optional `locks.txt` the lock names the master config
-//! declares. Expected output: `expected.txt` (diagnostics as the
-//! CLI prints them, then the text plan and the DOT picture), and `plan.json` when the case
+//! declares, optional `broken.txt` one `<repo> <file>` per line for repositories left out
+//! because their pipeline does not compile. Expected output: `expected.txt` (diagnostics as the
+//! CLI prints them, what snippets printed, then the text plan and the DOT picture), and `plan.json` when the case
 //! compiles. `RBB_BLESS=1 cargo test -p rbb-compiler --test golden` rewrites them.
 
 use rbb_compiler::snippet::{ChildEvaluator, Limits};
-use rbb_compiler::{Options, Origin, Source, compile, render, render_diagnostics};
+use rbb_compiler::{Options, Origin, Source, compile, decode_text, render, render_diagnostics};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -34,9 +35,10 @@ fn load_case(dir: &Path) -> (Vec<Source>, Options) {
         .iter()
         .map(|p| {
             let repo = p.file_stem().expect("stem").to_string_lossy().into_owned();
+            let (text, not_utf8) = decode_text(std::fs::read(p).expect("read input"));
             Source {
                 file: format!("{repo}/.rbb/pipeline.yaml"),
-                text: std::fs::read_to_string(p).expect("read input"),
+                text,
                 branch: "main".into(),
                 files: files.clone(),
                 origin: Origin {
@@ -44,13 +46,19 @@ fn load_case(dir: &Path) -> (Vec<Source>, Options) {
                     pipeline_path: ".rbb/pipeline.yaml".into(),
                     ..Default::default()
                 },
+                not_utf8,
                 repo,
             }
         })
         .collect();
     let workers = dir.join("workers.txt");
     let locks = dir.join("locks.txt");
+    let broken_repos = read_lines(&dir.join("broken.txt"))
+        .iter()
+        .filter_map(|l| l.split_once(' ').map(|(r, f)| (r.to_owned(), f.trim().to_owned())))
+        .collect();
     let opts = Options {
+        broken_repos,
         locks: locks.exists().then(|| read_lines(&locks)),
         worker_labels: workers
             .exists()
@@ -92,6 +100,9 @@ fn golden_cases() {
         assert!(!sources.is_empty(), "{}: no <repo>.yaml input", dir.display());
         let result = compile(&sources, &eval, &opts);
         let mut out = render_diagnostics(&result.diagnostics, &sources);
+        for p in &result.printed {
+            out.push_str(&p.render());
+        }
         if let Some(plan) = &result.plan {
             if !out.is_empty() {
                 out.push('\n');

@@ -18,6 +18,7 @@ fn source(repo: &str, text: String) -> Source {
             pipeline_path: ".rbb/pipeline.yaml".into(),
             ..Default::default()
         },
+        not_utf8: None,
     }
 }
 

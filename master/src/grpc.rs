@@ -1,7 +1,7 @@
 //! The worker-facing gRPC service: checks who is connecting, then relays the session's
 //! messages to the [`Engine`] and the engine's messages to the worker. It decides nothing.
 
-use crate::engine::{Engine, Refusal};
+use crate::engine::{Engine, EngineError, Refusal};
 use rbb_schema::proto::{self, MasterMessage, WorkerMessage, worker_message::Msg, worker_server::Worker};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -59,23 +59,62 @@ impl Worker for WorkerService {
             )));
         }
         let (tx, rx) = tokio::sync::mpsc::channel(4096);
-        let session = self.engine.connect(&hello, tx).map_err(|e| Status::internal(e.to_string()))?;
+        let connected = match self.engine.connect(&hello, tx, &peer) {
+            Ok(c) => c,
+            Err(EngineError::Conflict(m)) => return Err(Status::already_exists(m)),
+            Err(EngineError::ShuttingDown) => return Err(Status::unavailable("the master is shutting down")),
+            Err(e) => {
+                tracing::error!(worker = %name, error = %e, "cannot accept a worker");
+                return Err(Status::internal("the master cannot accept the worker now; see its log"));
+            }
+        };
+        let (session, liveness) = (connected.session, connected.liveness);
+        // The reader stamps liveness as each message arrives and hands it on; the engine
+        // handles messages in order on a blocking-capable thread, so a long-held engine lock
+        // neither stalls the runtime nor makes the worker look silent.
+        let (work_tx, mut work_rx) = tokio::sync::mpsc::channel::<Msg>(256);
         let engine = self.engine.clone();
-        tokio::spawn(async move {
-            let why = loop {
+        let reader_liveness = liveness.clone();
+        let reader = tokio::spawn(async move {
+            loop {
                 match inbound.next().await {
                     Some(Ok(WorkerMessage { msg: Some(m) })) => {
-                        if let Err(e) = engine.on_message(&name, session, m) {
-                            tracing::error!(worker = %name, error = %e, "cannot record a worker message");
+                        reader_liveness.arrived(&engine);
+                        if work_tx.send(m).await.is_err() {
+                            break "the master stopped handling it".to_owned();
                         }
                     }
-                    Some(Ok(_)) => {}
+                    Some(Ok(_)) => reader_liveness.arrived(&engine),
                     Some(Err(e)) => break format!("stream error: {}", e.message()),
                     None => break "it closed the session".to_owned(),
                 }
-            };
-            engine.disconnect(&name, session, &why);
+            }
+        });
+        let engine = self.engine.clone();
+        tokio::spawn(async move {
+            while let Some(m) = work_rx.recv().await {
+                let e = engine.clone();
+                let worker = name.clone();
+                let r = blocking(move || e.on_message(&worker, session, m));
+                liveness.handled();
+                if let Err(e) = r {
+                    tracing::error!(worker = %name, error = %e, "cannot record a worker message");
+                }
+            }
+            let why = reader.await.unwrap_or_else(|e| format!("reader failed: {e}"));
+            let e = engine.clone();
+            let worker = name.clone();
+            blocking(move || e.disconnect(&worker, session, &why));
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Runs engine work that may block (store writes) without stalling the runtime's other
+/// tasks: `block_in_place` on a multi-threaded runtime, inline on a single-threaded one.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }

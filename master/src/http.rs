@@ -241,7 +241,7 @@ async fn builder_page(State(e): State<Arc<Engine>>, Path(builder): Path<String>)
         .into_iter()
         .find(|b| b.id == builder)
         .ok_or_else(|| ApiError::not_found(format!("no builder `{builder}`")))?;
-    let builds: Vec<api::Build> = e.builds(Some(&builder)).into_iter().take(50).collect();
+    let builds: Vec<api::Build> = e.builds_of(&builder, 50)?;
     Ok(Json(serde_json::json!({ "builder": b, "builds": builds })))
 }
 
@@ -278,7 +278,26 @@ async fn force(
 }
 
 async fn builds(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde_json::Value>> {
-    list("builds", e.builds(None), q, &[])
+    let q = parse_query::<api::Build>(q)?;
+    let (page, total) = blocking(move || e.list_builds(&q)).await?;
+    Ok(Json(serde_json::json!({ "builds": page, "meta": api::Meta { total } })))
+}
+
+/// A list query checked against `T`'s fields.
+fn parse_query<T: schemars::JsonSchema>(query: Pairs) -> ApiResult<ListQuery> {
+    let Query(pairs) = query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    let fields = fields_of::<T>();
+    let names: Vec<&str> = fields.iter().map(String::as_str).collect();
+    ListQuery::parse(&pairs, &names, &[]).map_err(ApiError::bad_request)
+}
+
+/// Runs a store read off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::engine::EngineError> + Send + 'static,
+) -> ApiResult<T> {
+    Ok(tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), "internal error".into()))??)
 }
 
 fn parse_id(raw: &str, what: &str) -> ApiResult<u64> {
@@ -402,7 +421,9 @@ async fn rebuild(
 }
 
 async fn changes(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde_json::Value>> {
-    list("changes", e.changes(), q, &[])
+    let q = parse_query::<api::Change>(q)?;
+    let (page, total) = blocking(move || e.list_changes(&q)).await?;
+    Ok(Json(serde_json::json!({ "changes": page, "meta": api::Meta { total } })))
 }
 
 #[derive(Deserialize)]
@@ -416,26 +437,34 @@ async fn grid(State(e): State<Arc<Engine>>, Query(q): Query<GridQuery>) -> ApiRe
     if limit > 500 {
         return Err(ApiError::bad_request("limit may be at most 500 columns"));
     }
-    Ok(Json(e.grid(limit)))
+    Ok(Json(blocking(move || e.grid(limit)).await?))
 }
 
-/// `GET /api/v2/events`: build, step, log and worker events as Server-Sent Events.
+/// `GET /api/v2/events`: build, step, log and worker events as Server-Sent Events. Log
+/// progress travels on its own channel, so a busy log never pushes build events out; a
+/// client too slow for either gets a `reset` event (reload what you show) instead of a
+/// silent gap.
 async fn events(
     State(e): State<Arc<Engine>>,
 ) -> axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>
 {
     use axum::response::sse::{Event as Sse, KeepAlive};
     use tokio_stream::StreamExt;
-    let stream = tokio_stream::wrappers::BroadcastStream::new(e.subscribe()).filter_map(|ev| {
-        let ev = ev.ok()?;
+    use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
+    let to_sse = |ev: Result<crate::engine::Event, BroadcastStreamRecvError>| {
         let (kind, data) = match ev {
-            crate::engine::Event::Build { id } => ("build", serde_json::json!({ "id": id })),
-            crate::engine::Event::Step { build, step } => ("step", serde_json::json!({ "build": build, "step": step })),
-            crate::engine::Event::Log { id, bytes } => ("log", serde_json::json!({ "id": id, "bytes": bytes })),
-            crate::engine::Event::Worker { name } => ("worker", serde_json::json!({ "name": name })),
+            Ok(crate::engine::Event::Build { id }) => ("build", serde_json::json!({ "id": id })),
+            Ok(crate::engine::Event::Step { build, step }) => {
+                ("step", serde_json::json!({ "build": build, "step": step }))
+            }
+            Ok(crate::engine::Event::Log { id, bytes }) => ("log", serde_json::json!({ "id": id, "bytes": bytes })),
+            Ok(crate::engine::Event::Worker { name }) => ("worker", serde_json::json!({ "name": name })),
+            Err(BroadcastStreamRecvError::Lagged(n)) => ("reset", serde_json::json!({ "missed": n })),
         };
-        Some(Ok(Sse::default().event(kind).data(data.to_string())))
-    });
+        Ok(Sse::default().event(kind).data(data.to_string()))
+    };
+    let stream =
+        BroadcastStream::new(e.subscribe()).map(to_sse).merge(BroadcastStream::new(e.subscribe_logs()).map(to_sse));
     axum::response::sse::Sse::new(stream).keep_alive(KeepAlive::default())
 }
 

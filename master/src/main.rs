@@ -8,7 +8,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use rbb_compiler::snippet::{ChildEvaluator, Limits};
-use rbb_compiler::{Compilation, Options, Source, compile, diff, git, render, render_diagnostics};
+use rbb_compiler::{Compilation, Options, Source, compile, decode_text, diff, git, render, render_diagnostics};
 use rbb_schema::plan::Plan;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -138,6 +138,10 @@ struct SnippetArgs {
     /// Memory limit of the snippet runner, in MiB.
     #[arg(long, default_value_t = 512)]
     snippet_memory_mib: u64,
+    /// Show what snippets printed (`print()`), also when they succeed. A failing snippet's
+    /// output is always part of its diagnostic.
+    #[arg(long, short)]
+    verbose: bool,
 }
 
 impl SnippetArgs {
@@ -146,6 +150,15 @@ impl SnippetArgs {
             wall: Duration::from_millis(self.snippet_timeout_ms),
             memory_mib: self.snippet_memory_mib,
         })
+    }
+
+    /// Prints what snippets printed, with `--verbose`.
+    fn show_printed(&self, result: &Compilation) {
+        if self.verbose {
+            for p in &result.printed {
+                eprint!("{}", p.render());
+            }
+        }
     }
 }
 
@@ -231,15 +244,27 @@ fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
             let _ = std::io::stdout().flush();
         },
         async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
-            }
-            tracing::info!("stopping");
+            signalled().await;
+            tracing::info!("stopping (a second signal stops at once)");
+            tokio::spawn(async move {
+                signalled().await;
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(130);
+            });
         },
     ))?;
+    // Tasks still blocked (a git fetch, a slow client) do not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn signalled() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+    }
 }
 
 fn parse_revs(revs: &[String]) -> Result<BTreeMap<String, String>> {
@@ -277,6 +302,7 @@ fn compile_config(
         branch: String::new(),
         files: Vec::new(),
         origin: rbb_compiler::Origin::default(),
+        not_utf8: None,
     });
     (result, sources)
 }
@@ -299,6 +325,7 @@ fn cmd_compile(
                 branch: String::new(),
                 files: Vec::new(),
                 origin: rbb_compiler::Origin::default(),
+                not_utf8: None,
             };
             eprint!("{}", render_diagnostics(&diags, &[shown]));
             return Ok(ExitCode::from(1));
@@ -307,6 +334,7 @@ fn cmd_compile(
     let revs = parse_revs(revs)?;
     let eval = snippets.evaluator();
     let (result, sources) = compile_config(&cfg, &revs, &eval);
+    snippets.show_printed(&result);
     if !result.diagnostics.is_empty() {
         eprint!("{}", render_diagnostics(&result.diagnostics, &sources));
     }
@@ -400,7 +428,9 @@ fn sources_from_dir(dir: &Path) -> Result<Vec<Source>> {
         } else {
             continue;
         };
-        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        // Not UTF-8 is the file's mistake (a diagnostic), not a failure of the command.
+        let (text, not_utf8) =
+            decode_text(std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?);
         sources.push(Source {
             repo,
             file: file.display().to_string(),
@@ -412,6 +442,7 @@ fn sources_from_dir(dir: &Path) -> Result<Vec<Source>> {
                 pipeline_path: rbb_schema::config::PIPELINE_PATH.to_owned(),
                 ..Default::default()
             },
+            not_utf8,
         });
     }
     if sources.is_empty() {
@@ -424,6 +455,7 @@ fn cmd_compile_dir(dir: &Path, format: Format, snippets: &SnippetArgs) -> Result
     let sources = sources_from_dir(dir)?;
     let eval = snippets.evaluator();
     let result = compile(&sources, &eval, &Options::default());
+    snippets.show_printed(&result);
     if !result.diagnostics.is_empty() {
         eprint!("{}", render_diagnostics(&result.diagnostics, &sources));
     }
@@ -439,7 +471,7 @@ fn cmd_compile_dir(dir: &Path, format: Format, snippets: &SnippetArgs) -> Result
 fn cmd_validate(files: &[PathBuf], snippets: &SnippetArgs) -> Result<ExitCode> {
     let mut sources = Vec::new();
     for f in files {
-        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let (text, not_utf8) = decode_text(std::fs::read(f).with_context(|| format!("reading {}", f.display()))?);
         sources.push(Source {
             repo: repo_name_for(f),
             file: f.display().to_string(),
@@ -451,6 +483,7 @@ fn cmd_validate(files: &[PathBuf], snippets: &SnippetArgs) -> Result<ExitCode> {
                 pipeline_path: f.display().to_string(),
                 ..Default::default()
             },
+            not_utf8,
         });
     }
     let eval = snippets.evaluator();
@@ -460,6 +493,7 @@ fn cmd_validate(files: &[PathBuf], snippets: &SnippetArgs) -> Result<ExitCode> {
     for source in &sources {
         let opts = Options { other_repos_unknown: true, ..Options::default() };
         let result = compile(std::slice::from_ref(source), &eval, &opts);
+        snippets.show_printed(&result);
         if !result.diagnostics.is_empty() {
             eprint!("{}", render_diagnostics(&result.diagnostics, std::slice::from_ref(source)));
         }

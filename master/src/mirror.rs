@@ -1,10 +1,16 @@
 //! A bare mirror of one watched repository under the master's state dir, fetched with gix.
 //!
-//! Its one job is to keep the mirror's branches equal to the remote's (forced, pruned), report
-//! which branches moved, and read commits, trees and files out of it. It must not decide what
+//! Its one job is to keep the mirror's branches equal to the remote's (forced, pruned), keep the
+//! poller's private refs, and read commits, trees and files out of it. It must not decide what
 //! a moved branch means (that is the poller's job: turning updates into changes), must not
 //! serialise callers (the caller runs one call per repository at a time), and never touches a
 //! working tree: the mirror is bare.
+//!
+//! Refs: `refs/heads/*` and `refs/tags/*` are the remote's, as last fetched. The poller's own
+//! state lives under `refs/rbb/`, which fetches never touch:
+//! - `refs/rbb/recorded/<branch>`: the head whose changes the engine has recorded;
+//! - `refs/rbb/pr-head/<n>`: pull request `n`'s head as fetched from the forge's PR ref;
+//! - `refs/rbb/pr/<n>`: the head of pull request `n` the engine has recorded.
 //!
 //! All ids crossing this API are lowercase hex strings.
 
@@ -21,6 +27,8 @@ use tracing::{debug, info, warn};
 const FETCH_REFSPECS: [&str; 2] = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
 /// Namespaces pruned after a fetch: local refs there that the remote no longer has are deleted.
 const PRUNED_PREFIXES: [&str; 2] = ["refs/heads/", "refs/tags/"];
+/// Where the recorded head of each branch is kept (`<prefix><branch>`).
+const RECORDED_PREFIX: &str = "refs/rbb/recorded/";
 
 /// A bare mirror of one repository. Cheap to clone and `Send + Sync`: it holds only the url
 /// and path, and each call opens its own view of the repository (gix's repository handles are
@@ -53,6 +61,17 @@ pub struct CommitInfo {
     pub message: String,
     /// Paths changed against the first parent (every file for a root commit), sorted.
     pub files: Vec<String>,
+}
+
+/// The commits of a push: reachable from its new head but from none of the hidden tips.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Range {
+    /// Newest first (by commit time), at most the `limit` asked for.
+    pub commits: Vec<CommitInfo>,
+    /// How many commits the range holds in all.
+    pub total: usize,
+    /// Paths changed by the commits beyond `limit` (each against its first parent), sorted.
+    pub older_files: std::collections::BTreeSet<String>,
 }
 
 /// What went wrong, naming the mirror (url or path) and the operation.
@@ -101,6 +120,8 @@ pub enum MirrorError {
         #[source]
         source: gix::Error,
     },
+    #[error("{name} in the mirror of {url} is the remote's: only refs under refs/rbb/ are moved by rbb")]
+    NotPrivate { url: String, name: String },
     #[error("cannot resolve {rev:?} to a commit in the mirror of {url}")]
     Resolve {
         url: String,
@@ -143,8 +164,30 @@ impl Mirror {
             })?;
         }
         let mirror = Mirror { url: url.to_owned(), path: path.to_owned() };
-        mirror.repo()?;
+        let repo = mirror.repo()?;
+        if !is_empty_or_missing {
+            mirror.adopt_heads(&repo)?;
+        }
         Ok(mirror)
+    }
+
+    /// A mirror that has branches but no recorded refs was made before they existed (or its
+    /// first poll never finished): what it has fetched counts as recorded.
+    fn adopt_heads(&self, repo: &gix::Repository) -> Result<(), MirrorError> {
+        if !self.prefixed_heads(repo, RECORDED_PREFIX)?.is_empty() {
+            return Ok(());
+        }
+        let heads = self.branch_heads(repo)?;
+        if heads.is_empty() {
+            return Ok(());
+        }
+        info!(url = %self.url, branches = heads.len(), "adopting the fetched branches as recorded");
+        let edits = heads
+            .iter()
+            .map(|(branch, id)| self.set_edit(&format!("{RECORDED_PREFIX}{branch}"), None, *id))
+            .collect::<Result<Vec<_>, _>>()?;
+        repo.edit_references(edits).map_err(|source| self.refs_err("record the fetched branches", source))?;
+        Ok(())
     }
 
     fn repo(&self) -> Result<gix::Repository, MirrorError> {
@@ -236,16 +279,201 @@ impl Mirror {
 
     /// Current head of `branch` (short name) in the mirror, or `None` if there is no such branch.
     pub fn head(&self, branch: &str) -> Result<Option<String>, MirrorError> {
+        self.find_ref(&format!("refs/heads/{branch}"))
+    }
+
+    /// The id `name` (a full ref name) points at, or `None` if there is no such ref.
+    pub fn find_ref(&self, name: &str) -> Result<Option<String>, MirrorError> {
         let repo = self.repo()?;
-        let name = format!("refs/heads/{branch}");
-        let reference = repo.try_find_reference(name.as_str()).map_err(|source| self.refs_err(&name, source))?;
+        let reference = repo.try_find_reference(name).map_err(|source| self.refs_err(name, source))?;
         match reference {
             None => Ok(None),
             Some(mut r) => {
-                let id = r.peel_to_id().map_err(|source| self.refs_err(&name, source))?;
+                let id = r.peel_to_id().map_err(|source| self.refs_err(name, source))?;
                 Ok(Some(id.to_hex().to_string()))
             }
         }
+    }
+
+    /// Moves the private ref `name` (under `refs/rbb/`) from `expected` to `new` (`None`:
+    /// delete it), failing if it no longer points at `expected` (`None`: must not exist).
+    pub fn move_ref(&self, name: &str, expected: Option<&str>, new: Option<&str>) -> Result<(), MirrorError> {
+        if !name.starts_with("refs/rbb/") {
+            return Err(MirrorError::NotPrivate { url: self.url.clone(), name: name.to_owned() });
+        }
+        let repo = self.repo()?;
+        let id = |hex: &str| {
+            ObjectId::from_hex(hex.as_bytes())
+                .map_err(|e| self.refs_err(&format!("move {name}"), gix::Error::from_error(e)))
+        };
+        let expected = expected.map(id).transpose()?;
+        let edit = match new {
+            Some(new) => self.set_edit(name, expected, id(new)?)?,
+            None => {
+                let Some(expected) = expected else { return Ok(()) };
+                RefEdit {
+                    change: Change::Delete {
+                        expected: PreviousValue::MustExistAndMatch(gix::refs::Target::Object(expected)),
+                        log: RefLog::AndReference,
+                    },
+                    name: self.ref_name(name)?,
+                    deref: false,
+                }
+            }
+        };
+        repo.edit_references([edit]).map_err(|source| self.refs_err(&format!("move {name}"), source))?;
+        Ok(())
+    }
+
+    fn ref_name(&self, name: &str) -> Result<gix::refs::FullName, MirrorError> {
+        gix::refs::FullName::try_from(name)
+            .map_err(|e| self.refs_err(&format!("name a ref {name:?}"), gix::Error::from_error(e)))
+    }
+
+    fn set_edit(&self, name: &str, expected: Option<ObjectId>, new: ObjectId) -> Result<RefEdit, MirrorError> {
+        Ok(RefEdit {
+            change: Change::Update {
+                log: gix::refs::transaction::LogChange::default(),
+                expected: match expected {
+                    Some(old) => PreviousValue::MustExistAndMatch(gix::refs::Target::Object(old)),
+                    None => PreviousValue::MustNotExist,
+                },
+                new: gix::refs::Target::Object(new),
+            },
+            name: self.ref_name(name)?,
+            deref: false,
+        })
+    }
+
+    /// The recorded ref of `branch`: where the engine last recorded its changes.
+    pub fn recorded_ref(branch: &str) -> String {
+        format!("{RECORDED_PREFIX}{branch}")
+    }
+
+    /// Recorded head per branch (short name), for every recorded branch.
+    pub fn recorded(&self) -> Result<BTreeMap<String, String>, MirrorError> {
+        let repo = self.repo()?;
+        Ok(self
+            .prefixed_heads(&repo, RECORDED_PREFIX)?
+            .into_iter()
+            .map(|(branch, id)| (branch, id.to_hex().to_string()))
+            .collect())
+    }
+
+    /// Fetched head per branch (short name), for every branch in the mirror.
+    pub fn heads(&self) -> Result<BTreeMap<String, String>, MirrorError> {
+        let repo = self.repo()?;
+        Ok(self.branch_heads(&repo)?.into_iter().map(|(branch, id)| (branch, id.to_hex().to_string())).collect())
+    }
+
+    /// Branches matching `branch_globs` whose fetched head differs from their recorded head,
+    /// sorted by name: `old` is the recorded head (`None`: never recorded), `new` the fetched
+    /// one (`None`: gone from the remote).
+    pub fn pending(&self, branch_globs: &[String]) -> Result<Vec<RefUpdate>, MirrorError> {
+        let globs = compile_globs(branch_globs)?;
+        let repo = self.repo()?;
+        let recorded = self.prefixed_heads(&repo, RECORDED_PREFIX)?;
+        let fetched = self.branch_heads(&repo)?;
+        Ok(diff_heads(&recorded, &fetched, &globs))
+    }
+
+    /// Records every branch matching `branch_globs` where it is now (a new mirror's baseline)
+    /// and forgets recorded branches the remote no longer has. Returns how many moved.
+    pub fn record_all(&self, branch_globs: &[String]) -> Result<usize, MirrorError> {
+        let pending = self.pending(branch_globs)?;
+        for u in &pending {
+            self.move_ref(&Self::recorded_ref(&u.branch), u.old.as_deref(), u.new.as_deref())?;
+        }
+        Ok(pending.len())
+    }
+
+    /// Fetches `remote_ref` (e.g. `refs/pull/7/head`) into `local_ref` (under `refs/rbb/`),
+    /// forced. Returns the fetched id, or `None` when the remote has no such ref.
+    pub fn fetch_ref(&self, remote_ref: &str, local_ref: &str) -> Result<Option<String>, MirrorError> {
+        let span = tracing::info_span!("mirror_fetch_ref", url = %self.url, remote_ref);
+        let _guard = span.enter();
+        let mut repo = self.repo()?;
+        if let Err(e) = repo.committer_or_set_fallback("rbb", "rbb@localhost") {
+            debug!(error = %e, "cannot set a fallback committer");
+        }
+        let fetch_err = |step: &'static str| {
+            move |source: gix::Error| MirrorError::Fetch {
+                url: self.url.clone(),
+                path: self.path.clone(),
+                step,
+                source,
+            }
+        };
+        let spec = format!("+{remote_ref}:{local_ref}");
+        let prepared = repo
+            .remote_at(self.url.as_str())
+            .map_err(fetch_err("invalid url"))?
+            .with_refspecs([spec.as_str()], gix::remote::Direction::Fetch)
+            .map_err(fetch_err("invalid refspec"))?
+            .with_fetch_tags(gix::remote::fetch::Tags::None)
+            .connect(gix::remote::Direction::Fetch)
+            .map_err(fetch_err("connecting"))?
+            .prepare_fetch(gix::progress::Discard, Default::default())
+            .map_err(fetch_err("listing remote refs"))?;
+        if prepared.ref_map().mappings.is_empty() {
+            debug!("the remote has no such ref");
+            return Ok(None);
+        }
+        prepared.receive(gix::progress::Discard, &AtomicBool::new(false)).map_err(fetch_err("receiving objects"))?;
+        self.find_ref(local_ref)
+    }
+
+    /// Whether the mirror holds commit `id` (a full hex id).
+    pub fn has_commit(&self, id: &str) -> Result<bool, MirrorError> {
+        let repo = self.repo()?;
+        let Ok(oid) = ObjectId::from_hex(id.as_bytes()) else { return Ok(false) };
+        if !repo.has_object(oid) {
+            return Ok(false);
+        }
+        Ok(repo.find_commit(oid).is_ok())
+    }
+
+    /// One commit with its author, message and the paths it changed against its first parent.
+    pub fn commit(&self, rev: &str) -> Result<CommitInfo, MirrorError> {
+        let repo = self.repo()?;
+        let id = self.resolve_in(&repo, rev)?;
+        self.commit_info(&repo, id)
+    }
+
+    /// The commits reachable from `new` and from none of `hidden` (revisions the mirror does not
+    /// have are left out), newest first. The newest `limit` come with their details; the paths
+    /// changed by the others are gathered into one set as the walk goes, so memory follows the
+    /// number of distinct paths, not of commits.
+    pub fn range(&self, hidden: &[String], new: &str, limit: usize) -> Result<Range, MirrorError> {
+        let repo = self.repo()?;
+        let new_id = self.resolve_in(&repo, new)?;
+        let mut hidden_ids = Vec::new();
+        for h in hidden {
+            match self.resolve_in(&repo, h) {
+                Ok(id) => hidden_ids.push(id),
+                Err(e) => warn!(url = %self.url, rev = %h, error = %e, "a hidden tip is unknown to the mirror"),
+            }
+        }
+        let walk = repo
+            .rev_walk([new_id])
+            .with_hidden(hidden_ids)
+            .sorting(gix::revision::walk::Sorting::ByCommitTime(
+                gix::traverse::commit::simple::CommitTimeOrder::NewestFirst,
+            ))
+            .all()
+            .map_err(|source| self.read_err(new, "history", source))?;
+        let mut range = Range::default();
+        for info in walk {
+            let id = info.map_err(|source| self.read_err(new, "history", source))?.id;
+            if range.commits.len() < limit {
+                range.commits.push(self.commit_info(&repo, id)?);
+            } else {
+                let commit = repo.find_commit(id).map_err(|source| self.read_err(new, "commit", source))?;
+                range.older_files.extend(self.changed_paths(&repo, &id.to_hex().to_string(), &commit)?);
+            }
+            range.total += 1;
+        }
+        Ok(range)
     }
 
     /// Commits reachable from `new` but not from `old`, newest first (by commit time), at most
@@ -349,6 +577,29 @@ impl Mirror {
         let message = commit.message_raw().map_err(err("message"))?;
         let message = message.to_str_lossy().trim_end().to_owned();
 
+        let files = self.changed_paths(repo, &hex, &commit)?;
+
+        Ok(CommitInfo {
+            id: hex,
+            author: author.name.to_str_lossy().into_owned(),
+            email: author.email.to_str_lossy().into_owned(),
+            time,
+            message,
+            files,
+        })
+    }
+
+    /// Paths `commit` changed against its first parent (every file for a root commit), sorted.
+    fn changed_paths(
+        &self,
+        repo: &gix::Repository,
+        hex: &str,
+        commit: &gix::Commit<'_>,
+    ) -> Result<Vec<String>, MirrorError> {
+        let err = |what: &str| {
+            let what = what.to_owned();
+            move |source| MirrorError::Read { url: self.url.clone(), commit: hex.to_owned(), what, source }
+        };
         let tree = commit.tree().map_err(err("tree"))?;
         let parent_tree = match commit.parent_ids().next() {
             Some(parent) => Some(repo.find_commit(parent).and_then(|p| p.tree()).map_err(err("first parent's tree"))?),
@@ -383,15 +634,21 @@ impl Mirror {
             .collect();
         files.sort();
         files.dedup();
+        Ok(files)
+    }
 
-        Ok(CommitInfo {
-            id: hex,
-            author: author.name.to_str_lossy().into_owned(),
-            email: author.email.to_str_lossy().into_owned(),
-            time,
-            message,
-            files,
-        })
+    /// Short name → id, for every ref under `prefix` (e.g. `refs/rbb/recorded/`).
+    fn prefixed_heads(&self, repo: &gix::Repository, prefix: &str) -> Result<BTreeMap<String, ObjectId>, MirrorError> {
+        let err = |source| self.refs_err("list recorded branches", source);
+        let mut heads = BTreeMap::new();
+        let platform = repo.references().map_err(err)?;
+        for r in platform.prefixed(prefix).map_err(err)? {
+            let mut r = r.map_err(err)?;
+            let name = r.name().as_bstr().to_str_lossy().into_owned();
+            let id = r.peel_to_id().map_err(err)?.detach();
+            heads.insert(name.strip_prefix(prefix).unwrap_or(&name).to_owned(), id);
+        }
+        Ok(heads)
     }
 
     /// Short branch name → head id, for every branch in the mirror.

@@ -36,6 +36,10 @@ pub struct BuildRecord {
     pub cancelled: bool,
     /// 1 for the first try; a build whose worker was lost is retried as a new build.
     pub attempt: u32,
+    /// How many of its attempts lost their worker (a master restart does not count): a
+    /// build that keeps killing its worker is given up on.
+    #[serde(default)]
+    pub worker_losses: u32,
     /// Whether the worker already has this build's checkout.
     pub checked_out: bool,
     /// The changes (commits) this build builds.
@@ -44,6 +48,9 @@ pub struct BuildRecord {
     pub submitted_at: u64,
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
+    /// Set on a build a person asked to run again: queue policy never replaces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild_of: Option<u64>,
     pub steps: Vec<StepRecord>,
 }
 
@@ -58,6 +65,9 @@ pub struct StepRecord {
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
     pub log_id: Option<u64>,
+    /// Length of the finished log (the live length comes from the log file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_bytes: Option<u64>,
 }
 
 impl StepRecord {
@@ -73,6 +83,7 @@ impl StepRecord {
             started_at: None,
             finished_at: None,
             log_id: None,
+            log_bytes: None,
         }
     }
 }

@@ -186,8 +186,20 @@ pub async fn serve(
     });
     ready(bound);
     shutdown.await;
+    // Stop taking work, tell the workers, make every stored change durable; then give the
+    // listeners a few seconds to close their connections.
     stop.cancel();
-    let _ = grpc_task.await;
-    let _ = http_task.await;
+    engine.shut_down();
+    let closing = async {
+        let _ = grpc_task.await;
+        let _ = http_task.await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, closing).await.is_err() {
+        tracing::warn!("connections still open after {:?}; closing them", SHUTDOWN_GRACE);
+    }
+    tracing::info!("stopped");
     Ok(())
 }
+
+/// How long open connections get to close at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);

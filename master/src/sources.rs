@@ -3,9 +3,17 @@
 //!
 //! New commits become changes through [`Engine::on_push`] / [`Engine::on_pull_request`];
 //! this module decides nothing about builds.
+//!
+//! No push is lost: a fetch only moves the mirror's copy of the remote's branches. What the
+//! engine has recorded is a separate ref per branch (`refs/rbb/recorded/<branch>`), moved only
+//! after the engine returned Ok; until then every poll reports the same commits again, also
+//! after a crash or a restart. Pull requests work the same way with `refs/rbb/pr/<n>`, so a
+//! redelivered webhook for a head already recorded starts nothing. Everything that reads or
+//! moves these refs runs under the repository's one turn, so a webhook and a poller racing on
+//! the same push record it once.
 
 use crate::engine::{Engine, NewCommit, PullRequestChange};
-use crate::mirror::{CommitInfo, Mirror};
+use crate::mirror::{CommitInfo, Mirror, MirrorError};
 use crate::webhooks::{self, Event, Forge, VerifyError};
 use rbb_schema::config::WebhookConfig;
 use std::sync::{Arc, Mutex};
@@ -13,8 +21,10 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Most commits of one push recorded as changes (older ones are summarised by the newest).
-const MAX_COMMITS: usize = 200;
+/// Most commits of one push recorded as changes. The paths changed by older commits of the
+/// same push are not dropped: they are added to the oldest recorded change's files, so path
+/// filters see every commit.
+pub const MAX_COMMITS: usize = 200;
 
 pub struct SourceRepo {
     pub name: String,
@@ -27,8 +37,53 @@ pub struct SourceRepo {
     wake: Notify,
     /// Who asked for the next fetch (`webhook:github`), if not the clock.
     wake_source: Mutex<Option<String>>,
-    /// One fetch at a time per repository.
-    fetching: tokio::sync::Mutex<()>,
+    /// One poll or pull request at a time per repository: the private refs move only under it.
+    turn: Mutex<()>,
+}
+
+/// What one [`SourceRepo::poll`] did, per watched branch.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PollReport {
+    /// Branches whose new commits were handed over and recorded: (branch, commits handed).
+    pub recorded: Vec<(String, usize)>,
+    /// Branches gone from the remote, forgotten.
+    pub deleted: Vec<String>,
+    /// Branches whose commits could not be handed over or recorded: (branch, why). They are
+    /// reported again by the next poll.
+    pub failed: Vec<(String, String)>,
+    /// Branches only recorded where they are (a new mirror's first poll).
+    pub baseline: usize,
+    /// Why the fetch failed, if it did (what was fetched before is still handed over).
+    pub fetch_error: Option<String>,
+}
+
+/// What became of a pull request event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullRequestOutcome {
+    /// The head was handed over and recorded; what the callback answered.
+    Recorded(Vec<u64>),
+    /// This head of this pull request was already recorded (a redelivered webhook).
+    AlreadyRecorded { number: u64, head: String },
+    /// A closed pull request: its refs are forgotten, so a reopened one builds again.
+    Closed { number: u64 },
+}
+
+/// Why a pull request could not be handed over.
+#[derive(Debug, thiserror::Error)]
+pub enum PullRequestError {
+    #[error(
+        "pull request #{number}: its head commit {head} is not in the mirror of {url} after fetching {remote_ref}{fetched}; \
+         the forge must publish {remote_ref} (or the branch must be pushed to this repository)"
+    )]
+    HeadMissing { number: u64, head: String, url: String, remote_ref: String, fetched: String },
+    #[error("pull request #{number}: {source}")]
+    Mirror {
+        number: u64,
+        #[source]
+        source: MirrorError,
+    },
+    #[error("pull request #{number}: cannot record its head: {why}")]
+    Record { number: u64, why: String },
 }
 
 impl SourceRepo {
@@ -41,8 +96,185 @@ impl SourceRepo {
             interval,
             wake: Notify::new(),
             wake_source: Mutex::new(None),
-            fetching: tokio::sync::Mutex::new(()),
+            turn: Mutex::new(()),
         }
+    }
+
+    fn take_turn(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.turn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Fetches (a failed fetch is reported, not fatal), then hands `record` the commits of every watched branch whose fetched head
+    /// differs from its recorded head: (branch, commits newest first, at most
+    /// [`MAX_COMMITS`]). A branch's recorded ref moves only after `record` returned Ok, so a
+    /// failure (or a crash) leaves the commits to the next poll. `baseline`: only record where
+    /// the branches are (a new mirror's first fetch must not build every branch).
+    ///
+    /// Blocking (git and whatever `record` does): run it off the async threads.
+    pub fn poll<E: std::fmt::Display>(
+        &self,
+        baseline: bool,
+        mut record: impl FnMut(&str, &[NewCommit]) -> Result<(), E>,
+    ) -> Result<PollReport, MirrorError> {
+        let _turn = self.take_turn();
+        let mut report = PollReport::default();
+        // An unreachable remote does not hold back what an earlier fetch brought and the
+        // engine has not recorded yet (nor a new mirror's baseline).
+        if let Err(e) = self.mirror.fetch(&self.branches) {
+            tracing::warn!(repo = %self.name, error = %e, "fetch failed");
+            report.fetch_error = Some(e.to_string());
+        }
+        if baseline {
+            report.baseline = self.mirror.record_all(&self.branches)?;
+            return Ok(report);
+        }
+        for u in self.mirror.pending(&self.branches)? {
+            let recorded_ref = Mirror::recorded_ref(&u.branch);
+            let Some(new) = u.new.as_deref() else {
+                match self.mirror.move_ref(&recorded_ref, u.old.as_deref(), None) {
+                    Ok(()) => {
+                        tracing::info!(repo = %self.name, branch = %u.branch, "branch deleted");
+                        report.deleted.push(u.branch.clone());
+                    }
+                    Err(e) => report.failed.push((u.branch.clone(), e.to_string())),
+                }
+                continue;
+            };
+            let outcome = self
+                .push_commits(&u.branch, u.old.as_deref(), new)
+                .map_err(|e| e.to_string())
+                .and_then(|commits| record(&u.branch, &commits).map(|()| commits.len()).map_err(|e| e.to_string()))
+                .and_then(|n| {
+                    self.mirror
+                        .move_ref(&recorded_ref, u.old.as_deref(), Some(new))
+                        .map(|()| n)
+                        .map_err(|e| e.to_string())
+                });
+            match outcome {
+                Ok(n) => report.recorded.push((u.branch.clone(), n)),
+                Err(why) => {
+                    tracing::error!(repo = %self.name, branch = %u.branch, error = %why, "push not recorded; the next poll reports it again");
+                    report.failed.push((u.branch.clone(), why));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// The commits of a push of `branch` from `old` (recorded; `None` for a new branch) to
+    /// `new`, newest first, as changes. A new branch's commits are those on no recorded branch
+    /// (so its merge base with the others, not its tip alone, decides what changed). Past
+    /// [`MAX_COMMITS`], the paths of the older commits go to the oldest reported one.
+    fn push_commits(&self, branch: &str, old: Option<&str>, new: &str) -> Result<Vec<NewCommit>, MirrorError> {
+        let hidden: Vec<String> = match old {
+            Some(old) if self.mirror.has_commit(old)? => vec![old.to_owned()],
+            _ => {
+                let others = |heads: std::collections::BTreeMap<String, String>| -> Vec<String> {
+                    heads.into_iter().filter(|(b, _)| b != branch).map(|(_, id)| id).collect()
+                };
+                let mut known = others(self.mirror.recorded()?);
+                if known.is_empty() {
+                    // No other branch recorded yet: compare with the other branches as fetched.
+                    known = others(self.mirror.heads()?);
+                }
+                if known.is_empty() {
+                    // Nothing to compare with: the tip stands for the branch.
+                    return Ok(vec![to_new(&self.mirror.commit(new)?)]);
+                }
+                known
+            }
+        };
+        let range = self.mirror.range(&hidden, new, MAX_COMMITS)?;
+        if range.commits.is_empty() {
+            if old.is_some() {
+                // Rewound to a commit already recorded: nothing new.
+                return Ok(Vec::new());
+            }
+            // A new branch at a commit already on a recorded branch: its head is the change,
+            // and it changed no path the other branches do not have.
+            let mut head = to_new(&self.mirror.commit(new)?);
+            head.files.clear();
+            return Ok(vec![head]);
+        }
+        let mut commits: Vec<NewCommit> = range.commits.iter().map(to_new).collect();
+        if range.total > commits.len() {
+            tracing::info!(
+                repo = %self.name,
+                branch,
+                commits = range.total,
+                recorded = commits.len(),
+                "a long push: its oldest recorded change carries the paths of the older commits"
+            );
+            if let Some(oldest) = commits.last_mut() {
+                let mut files: std::collections::BTreeSet<String> =
+                    std::mem::take(&mut oldest.files).into_iter().collect();
+                files.extend(range.older_files);
+                oldest.files = files.into_iter().collect();
+            }
+        }
+        Ok(commits)
+    }
+
+    /// A pull request opened, updated, reopened or closed. Fetches the forge's ref for it
+    /// (`refs/pull/<n>/head`, GitLab `refs/merge-requests/<n>/head`) so that a fork's head is in
+    /// the mirror, then hands it to `record` unless this head was already recorded; the
+    /// recorded head (`refs/rbb/pr/<n>`) moves only after `record` returned Ok.
+    ///
+    /// Blocking (git and whatever `record` does): run it off the async threads.
+    pub fn pull_request<E: std::fmt::Display>(
+        &self,
+        forge: Forge,
+        pr: &webhooks::PullRequest,
+        mut record: impl FnMut(&PullRequestChange) -> Result<Vec<u64>, E>,
+    ) -> Result<PullRequestOutcome, PullRequestError> {
+        let number = pr.number;
+        let mirror_err = |source| PullRequestError::Mirror { number, source };
+        let _turn = self.take_turn();
+        let built_ref = format!("refs/rbb/pr/{number}");
+        let head_ref = format!("refs/rbb/pr-head/{number}");
+        let built = self.mirror.find_ref(&built_ref).map_err(mirror_err)?;
+        if pr.action == "closed" {
+            self.mirror.move_ref(&built_ref, built.as_deref(), None).map_err(mirror_err)?;
+            let fetched = self.mirror.find_ref(&head_ref).map_err(mirror_err)?;
+            self.mirror.move_ref(&head_ref, fetched.as_deref(), None).map_err(mirror_err)?;
+            return Ok(PullRequestOutcome::Closed { number });
+        }
+        if built.as_deref() == Some(pr.head_sha.as_str()) {
+            tracing::info!(repo = %self.name, number, head = %pr.head_sha, "pull request head already recorded");
+            return Ok(PullRequestOutcome::AlreadyRecorded { number, head: pr.head_sha.clone() });
+        }
+        let remote_ref = match forge {
+            Forge::GitLab => format!("refs/merge-requests/{number}/head"),
+            Forge::GitHub | Forge::Gitea => format!("refs/pull/{number}/head"),
+        };
+        let fetched = self.mirror.fetch_ref(&remote_ref, &head_ref).map_err(mirror_err)?;
+        if !self.mirror.has_commit(&pr.head_sha).map_err(mirror_err)? {
+            return Err(PullRequestError::HeadMissing {
+                number,
+                head: pr.head_sha.clone(),
+                url: self.mirror.url().to_owned(),
+                remote_ref,
+                fetched: match fetched {
+                    Some(id) => format!(" (it points at {id}; the webhook may be older than the last push)"),
+                    None => " (the remote has no such ref)".to_owned(),
+                },
+            });
+        }
+        let mut commit = to_new(&self.mirror.commit(&pr.head_sha).map_err(mirror_err)?);
+        // What the pull request changes: every commit not on its target branch.
+        if let Some(target) = self.mirror.head(&pr.target_branch).map_err(mirror_err)? {
+            let range = self.mirror.range(&[target], &pr.head_sha, 0).map_err(mirror_err)?;
+            commit.files = range.older_files.into_iter().collect();
+        }
+        let change = PullRequestChange {
+            number,
+            target_branch: pr.target_branch.clone(),
+            source_branch: pr.source_branch.clone(),
+            commit,
+        };
+        let builds = record(&change).map_err(|e| PullRequestError::Record { number, why: e.to_string() })?;
+        self.mirror.move_ref(&built_ref, built.as_deref(), Some(&pr.head_sha)).map_err(mirror_err)?;
+        Ok(PullRequestOutcome::Recorded(builds))
     }
 }
 
@@ -58,7 +290,8 @@ pub enum HookOutcome {
     Unsigned(String),
     /// 403: wrong signature/token, or no secret configured for this forge.
     Refused(String),
-    /// 400: the payload cannot be read.
+    /// 400: the payload cannot be read, or what it names cannot be built (a pull request
+    /// head that cannot be fetched).
     Bad(String),
     /// 202: accepted; what it started.
     Accepted(String),
@@ -78,44 +311,25 @@ fn to_new(c: &CommitInfo) -> NewCommit {
 }
 
 impl Sources {
-    /// Fetches one repository and hands new commits to the engine. `baseline`: only record
+    /// Polls one repository and hands new commits to the engine. `baseline`: only record
     /// where branches are (a new mirror's first fetch must not build every branch).
     pub async fn fetch(&self, engine: &Arc<Engine>, repo: &Arc<SourceRepo>, source: &str, baseline: bool) {
-        let _one = repo.fetching.lock().await;
-        let r = repo.clone();
-        let updates = match tokio::task::spawn_blocking(move || r.mirror.fetch(&r.branches)).await {
-            Ok(Ok(u)) => u,
-            Ok(Err(e)) => {
-                tracing::warn!(repo = %repo.name, error = %e, "fetch failed");
-                return;
-            }
-            Err(e) => {
-                tracing::error!(repo = %repo.name, error = %e, "fetch task failed");
-                return;
-            }
-        };
-        if baseline {
-            tracing::info!(repo = %repo.name, branches = updates.len(), "mirror ready");
-            return;
-        }
-        for u in updates {
-            let Some(new) = u.new.clone() else {
-                tracing::info!(repo = %repo.name, branch = %u.branch, "branch deleted");
-                continue;
-            };
-            let (r, e, src) = (repo.clone(), engine.clone(), source.to_owned());
-            let res = tokio::task::spawn_blocking(move || {
-                let commits =
-                    r.mirror.commits_between(u.old.as_deref(), &new, MAX_COMMITS).map_err(|e| e.to_string())?;
-                let commits: Vec<NewCommit> = commits.iter().map(to_new).collect();
-                e.on_push(&r.name, &u.branch, &commits, &src).map_err(|e| e.to_string())
+        let (r, e, src) = (repo.clone(), engine.clone(), source.to_owned());
+        let res = tokio::task::spawn_blocking(move || {
+            r.poll(baseline, |branch: &str, commits: &[NewCommit]| {
+                e.on_push(&r.name, branch, commits, &src).map(|builds| {
+                    tracing::info!(repo = %r.name, branch, ?builds, "push handled");
+                })
             })
-            .await;
-            match res {
-                Ok(Ok(builds)) => tracing::info!(repo = %repo.name, ?builds, "push handled"),
-                Ok(Err(e)) => tracing::error!(repo = %repo.name, error = %e, "cannot handle a push"),
-                Err(e) => tracing::error!(repo = %repo.name, error = %e, "push task failed"),
+        })
+        .await;
+        match res {
+            Ok(Ok(report)) if baseline => {
+                tracing::info!(repo = %repo.name, branches = report.baseline, "mirror ready")
             }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(repo = %repo.name, error = %e, "poll failed"),
+            Err(e) => tracing::error!(repo = %repo.name, error = %e, "poll task failed"),
         }
     }
 
@@ -191,37 +405,36 @@ impl Sources {
                 let Some(repo) = self.find(&pr.repo) else {
                     return HookOutcome::Ignored(format!("repository {} is not watched", pr.repo.full_name));
                 };
-                if !matches!(pr.action.as_str(), "opened" | "synchronize" | "reopened") {
+                if !matches!(pr.action.as_str(), "opened" | "synchronize" | "reopened" | "closed") {
                     return HookOutcome::Ignored(format!("pull request #{} {}", pr.number, pr.action));
                 }
-                // The head commit must be in the mirror before its pipeline can be read.
-                self.fetch(engine, &repo, &source, false).await;
-                let (e, name) = (engine.clone(), repo.name.clone());
-                let mirror = repo.mirror.clone();
+                if pr.action != "closed" {
+                    // Target branches move too: the poll brings them (and their pushes) up to date.
+                    self.fetch(engine, &repo, &source, false).await;
+                }
+                let (e, r) = (engine.clone(), repo.clone());
                 let res = tokio::task::spawn_blocking(move || {
-                    let info = mirror
-                        .commits_between(None, &pr.head_sha, 1)
-                        .ok()
-                        .and_then(|v| v.into_iter().next())
-                        .map(|c| to_new(&c))
-                        .unwrap_or(NewCommit {
-                            id: pr.head_sha.clone(),
-                            message: pr.title.clone(),
-                            ..Default::default()
-                        });
-                    let change = PullRequestChange {
-                        number: pr.number,
-                        target_branch: pr.target_branch.clone(),
-                        source_branch: pr.source_branch.clone(),
-                        commit: info,
-                    };
-                    e.on_pull_request(&name, &change, &source)
+                    r.pull_request(forge, &pr, |change: &PullRequestChange| e.on_pull_request(&r.name, change, &source))
                 })
                 .await;
                 match res {
-                    Ok(Ok(builds)) => HookOutcome::Accepted(format!("pull request builds {builds:?}")),
-                    Ok(Err(e)) => HookOutcome::Bad(e.to_string()),
-                    Err(e) => HookOutcome::Bad(e.to_string()),
+                    Ok(Ok(PullRequestOutcome::Recorded(builds))) => {
+                        HookOutcome::Accepted(format!("pull request builds {builds:?}"))
+                    }
+                    Ok(Ok(PullRequestOutcome::AlreadyRecorded { number, head })) => {
+                        HookOutcome::Ignored(format!("pull request #{number}: head {head} is already recorded"))
+                    }
+                    Ok(Ok(PullRequestOutcome::Closed { number })) => {
+                        HookOutcome::Ignored(format!("pull request #{number} closed"))
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(repo = %repo.name, error = %e, "pull request not recorded");
+                        HookOutcome::Bad(e.to_string())
+                    }
+                    Err(e) => {
+                        tracing::error!(repo = %repo.name, error = %e, "pull request task failed");
+                        HookOutcome::Bad("the pull request could not be handled; see the master's log".to_owned())
+                    }
                 }
             }
         }

@@ -217,7 +217,7 @@ fn snippets_run_in_the_rbb_binary_itself() {
     let dir = root().join("testdata/compiler/err-snippet-sandbox");
     let out = rbb(&root(), &["compile", "--pipelines", dir.to_str().expect("utf8")]);
     assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
-    assert_eq!(text(&out.stderr).matches("error[snippet-forbidden]").count(), 3, "{}", explain(&out));
+    assert_eq!(text(&out.stderr).matches("error[snippet-forbidden]").count(), 4, "{}", explain(&out));
     let ok = root().join("testdata/compiler/matrix-python");
     let out = rbb(&root(), &["compile", "--pipelines", ok.to_str().expect("utf8")]);
     assert!(out.status.success(), "{}", explain(&out));
@@ -230,4 +230,95 @@ fn schema_command_prints_the_committed_schema() {
     assert!(out.status.success());
     let committed = std::fs::read(root().join("schema/pipeline.schema.json")).expect("read");
     assert_eq!(out.stdout, committed);
+}
+
+#[test]
+fn a_pipeline_that_is_not_utf8_is_a_diagnostic_at_the_first_bad_byte() {
+    // `rbb validate`: exit 1 (the input has errors) with a location, not exit 2.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("pipeline.yaml"), b"builders:\n  x:\n    steps:\n      - run: echo \"caf\xe9\"\n")
+        .expect("write");
+    let out = rbb(dir.path(), &["validate", "pipeline.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
+    let err = text(&out.stderr);
+    assert!(err.contains("error[not-utf8]") && err.contains("byte 0xE9"), "{err}");
+    assert!(err.contains("--> pipeline.yaml:4:23"), "{err}");
+
+    // `--pipelines`: the other repository is still compiled (its own mistake is reported).
+    let case = root().join("testdata/compiler/err-not-utf8");
+    let out = rbb(&root(), &["compile", "--pipelines", case.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
+    let err = text(&out.stderr);
+    assert!(err.contains("err-not-utf8/app.yaml:5:23"), "{err}");
+    assert!(err.contains("unknown key `timout`") && err.contains("2 error(s)"), "{err}");
+
+    // From git: the committed bytes, never a lossy copy of them.
+    let (dir, _) = demo();
+    let lib = dir.path().join("repos/lib");
+    std::fs::write(lib.join(".rbb/pipeline.yaml"), b"builders:\n  build:\n    steps:\n      - run: echo \xff\n")
+        .expect("write");
+    git(&lib, &["add", ".rbb/pipeline.yaml"]);
+    git(&lib, &["-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-qm", "Latin-1"]);
+    let out = rbb(dir.path(), &["compile"]);
+    assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("error[not-utf8]") && err.contains("--> lib/.rbb/pipeline.yaml:4:19 (repository lib)"),
+        "{err}"
+    );
+    // app/test needs lib/build: not reported again as an unknown builder.
+    assert!(!err.contains("needs-unknown") && err.contains("1 error(s)"), "{err}");
+
+    // The master config too.
+    std::fs::write(dir.path().join("latin1.yaml"), b"repositories:\n  - url: repos/caf\xe9\n").expect("write");
+    let out = rbb(dir.path(), &["compile", "--config", "latin1.yaml"]);
+    assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
+    let err = text(&out.stderr);
+    assert!(err.contains("error[not-utf8]") && err.contains("--> latin1.yaml:2:19"), "{err}");
+}
+
+#[test]
+fn a_snippet_that_crashes_the_interpreter_is_its_own_diagnostic() {
+    let case = root().join("testdata/compiler/err-snippet-crash");
+    let out = rbb(&root(), &["compile", "--verbose", "--pipelines", case.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("error[snippet-crash]: the snippet of `matrix:` of builder `crash` crashed the interpreter")
+            && err.contains("err-snippet-crash/app.yaml:5:9"),
+        "{err}"
+    );
+    assert!(!err.contains("exited unexpectedly") && !err.contains("NoneType"), "{err}");
+    // A native stack overflow is said as such, not as running out of memory.
+    assert!(err.contains("builder `nested` crashed the interpreter (stack overflow: deep recursion)"), "{err}");
+    assert!(!err.contains("MiB"), "{err}");
+    // The snippets after the crash still ran, in a fresh runner.
+    assert!(err.contains("`sys.setrecursionlimit()` is not available"), "{err}");
+    assert!(err.contains("RecursionError"), "{err}");
+    // print() works: with the failing snippet's diagnostic, and with --verbose.
+    assert!(err.contains("raised ValueError: no shards (it printed"), "{err}");
+    assert!(
+        err.contains("note: the snippet of `matrix:` of builder `fine` printed:") && err.contains("   | two shards"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_master_starts_while_one_pipeline_is_broken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    support::make_repo(&dir.path().join("lib"), "builders:\n  build:\n    stepz: []\n", &[]);
+    support::make_repo(
+        &dir.path().join("app"),
+        "builders:\n  test:\n    needs: [lib/build]\n    steps: [{ run: make test }]\n  lint:\n    steps: [{ run: make lint }]\n",
+        &[],
+    );
+    let config = support::write_config(dir.path(), &["lib", "app"], &[("w", "t", &["linux"])]);
+    let m = support::Master::start(&config, &dir.path().join("state"));
+    let plan = m.get("/api/v2/plan").json();
+    let ids: Vec<&str> =
+        plan["builders"].as_array().expect("builders").iter().filter_map(|b| b["id"].as_str()).collect();
+    // lib has no builders until it compiles; what needs it is left out, the rest runs.
+    assert_eq!(ids, ["app/lint"], "{plan}");
+    let log = m.log_text();
+    assert!(log.contains("lib/.rbb/pipeline.yaml:3:5") && log.contains("needs-broken-repo"), "{log}");
 }

@@ -412,3 +412,47 @@ fn a_worker_speaking_another_protocol_version_is_refused() {
     assert!(status.message().contains("speaks worker protocol 1, the worker speaks 0"), "{}", status.message());
     wait_for(T, "the refusal in the master's log", || m.log_text().contains("another protocol version").then_some(()));
 }
+
+#[test]
+fn sigterm_stops_a_master_with_workers_in_seconds_and_its_state_opens_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_repo(&dir.path().join("app"), "builders:\n  slow:\n    steps: [{ run: sleep 60 }]\n", &[]);
+    let config = write_config(dir.path(), &["app"], &[("w1", "t", &[])]);
+    let state = dir.path().join("state");
+    let mut m = Master::start(&config, &state);
+    let _w = Worker::start(&m, "w1", "t", &dir.path().join("w1"), &[]);
+    let id = m.force("app/slow");
+    wait_for(T, "the step to run", || (m.build(id)["steps"][0]["state"] == "running").then_some(()));
+    let pid = m.child.id() as i32;
+    let asked = std::time::Instant::now();
+    // SAFETY: `kill` with a pid of our own child and SIGTERM.
+    unsafe { libc_kill(pid, 15) };
+    let status = wait_for(T, "the master to exit", || m.child.try_wait().expect("wait"));
+    let took = asked.elapsed();
+    assert!(status.success(), "{status:?}\n{}", m.log_text());
+    assert!(took < Duration::from_secs(6), "SIGTERM took {took:?} with a worker connected");
+    // The state is free: the next master opens it and retries the build that ran.
+    let m2 = Master::start_on(&config, &state, &m.grpc);
+    let b = m2.build(id);
+    assert_eq!(b["result"], "RETRY", "{b:#}");
+}
+
+#[test]
+fn a_second_worker_with_a_connected_workers_name_is_refused_without_flapping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_repo(&dir.path().join("app"), "builders:\n  b:\n    steps: [{ run: 'true' }]\n", &[]);
+    let config = write_config(dir.path(), &["app"], &[("w1", "t", &[])]);
+    let m = Master::start(&config, &dir.path().join("state"));
+    let first = Worker::start(&m, "w1", "t", &dir.path().join("w1a"), &[]);
+    wait_for(T, "w1 to connect", || {
+        m.get("/api/v2/workers").json()["workers"][0]["connected"].as_bool().filter(|c| *c)
+    });
+    let second = Worker::start(&m, "w1", "t", &dir.path().join("w1b"), &[]);
+    wait_for(T, "the second worker to be refused", || second.log_text().contains("already connected").then_some(()));
+    // The first keeps its one session and runs builds.
+    let b = m.finished(m.force("app/b"), T);
+    assert_eq!(b["result"], "SUCCESS");
+    let sessions = m.log_text().matches("worker connected").count();
+    assert_eq!(sessions, 1, "the first worker's session was replaced:\n{}", m.log_text());
+    assert!(first.log_text().matches("connected").count() >= 1);
+}

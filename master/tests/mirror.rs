@@ -331,3 +331,200 @@ fn empty_remote_fetches_nothing() {
     let first = commit(&src, "a.txt", 0, "first", "a\n");
     assert_eq!(mirror.fetch(&globs(&["**"])).unwrap(), vec![update("main", None, Some(&first))]);
 }
+
+// ---- the poller over the mirror: recorded refs, long pushes, new branches -----------------
+
+use rbb_master::engine::NewCommit;
+use rbb_master::sources::{MAX_COMMITS, PollReport, SourceRepo};
+
+fn source_repo(src: &Path, mirror_dir: &Path, branches: &[&str]) -> SourceRepo {
+    let mirror = Mirror::open(src.to_str().expect("utf-8 path"), mirror_dir).expect("open mirror");
+    SourceRepo::new(
+        "src".into(),
+        src.display().to_string(),
+        mirror,
+        globs(branches),
+        std::time::Duration::from_secs(60),
+    )
+}
+
+/// Polls, collecting what is handed over: (branch, commits newest first).
+fn poll_ok(repo: &SourceRepo) -> (PollReport, Vec<(String, Vec<NewCommit>)>) {
+    let mut seen = Vec::new();
+    let report = repo
+        .poll(false, &mut |branch: &str, commits: &[NewCommit]| {
+            seen.push((branch.to_owned(), commits.to_vec()));
+            Ok::<(), String>(())
+        })
+        .expect("poll");
+    (report, seen)
+}
+
+/// `count` commits on `branch` in one step, commit i writing `pattern` with `%d` = i.
+fn commits(src: &Path, branch: &str, count: u32, pattern: &str, minutes: u32) -> String {
+    run(
+        Command::new("sh").arg(fixture("commits.sh")).arg(src).args([
+            branch,
+            &count.to_string(),
+            pattern,
+            "Bulk",
+            &minutes.to_string(),
+        ]),
+        "commits.sh",
+    )
+}
+
+#[test]
+fn a_failed_record_leaves_the_push_to_the_next_poll() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, _first) = make_repo(tmp.path(), &[("a.txt", "a\n")]);
+    let repo = source_repo(&src, &tmp.path().join("m.git"), &["main"]);
+    let base = repo.poll(true, &mut |_: &str, _: &[NewCommit]| Err::<(), _>("a baseline hands nothing over")).unwrap();
+    assert_eq!(base.baseline, 1);
+    let second = commit(&src, "a.txt", 1, "second", "a2\n");
+
+    // The engine fails (or the master dies) after the fetch: nothing is recorded...
+    let mut calls = 0;
+    let report = repo
+        .poll(false, &mut |_: &str, _: &[NewCommit]| {
+            calls += 1;
+            Err("the disk is full")
+        })
+        .unwrap();
+    assert_eq!(calls, 1);
+    assert_eq!(report.failed, [("main".to_owned(), "the disk is full".to_owned())]);
+    assert_eq!(repo.mirror.head("main").unwrap().as_deref(), Some(second.as_str()), "the fetch itself happened");
+    // ... so the next poll hands the same push over again, and once recorded it is done.
+    let (report, seen) = poll_ok(&repo);
+    assert_eq!(report.recorded, [("main".to_owned(), 1)]);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].1[0].id, second);
+    assert_eq!(seen[0].1[0].files, ["a.txt"]);
+    let (report, seen) = poll_ok(&repo);
+    assert!(seen.is_empty() && report == PollReport::default(), "{report:?}");
+}
+
+#[test]
+fn a_push_made_while_nobody_polled_is_reported_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, _first) = make_repo(tmp.path(), &[("a.txt", "a\n")]);
+    let dir = tmp.path().join("m.git");
+    let repo = source_repo(&src, &dir, &["main"]);
+    repo.poll(true, &mut |_: &str, _: &[NewCommit]| Ok::<(), String>(())).unwrap();
+    drop(repo);
+
+    let second = commit(&src, "b.txt", 1, "pushed while down", "b\n");
+    // A restart: the mirror is opened again and fetched once before any poll (as `rbb master`
+    // does to compile the plan); that fetch must not swallow the push.
+    let repo = source_repo(&src, &dir, &["main"]);
+    repo.mirror.fetch(&globs(&["main"])).unwrap();
+    let (_, seen) = poll_ok(&repo);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].0, "main");
+    assert_eq!(seen[0].1.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), [second.as_str()]);
+}
+
+#[test]
+fn a_mirror_without_recorded_refs_adopts_its_fetched_branches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, first) = make_repo(tmp.path(), &[("a.txt", "a\n")]);
+    let dir = tmp.path().join("m.git");
+    // A mirror as an earlier master left it: fetched, nothing recorded.
+    Mirror::open(src.to_str().unwrap(), &dir).unwrap().fetch(&globs(&["main"])).unwrap();
+    let second = commit(&src, "a.txt", 1, "second", "a2\n");
+    let repo = source_repo(&src, &dir, &["main"]);
+    assert_eq!(repo.mirror.recorded().unwrap().get("main"), Some(&first));
+    let (_, seen) = poll_ok(&repo);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].1.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), [second.as_str()]);
+}
+
+#[test]
+fn a_long_push_records_at_most_max_commits_but_its_paths_cover_every_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, _first) = make_repo(tmp.path(), &[("README.md", "r\n")]);
+    let repo = source_repo(&src, &tmp.path().join("m.git"), &["main"]);
+    repo.poll(true, &mut |_: &str, _: &[NewCommit]| Ok::<(), String>(())).unwrap();
+    // 300 commits in one push: only the oldest touches src/.
+    let oldest = commit(&src, "src/lib.c", 1, "code", "int x;\n");
+    let tip = commits(&src, "main", 299, "docs/%d.md", 2);
+    let (_, seen) = poll_ok(&repo);
+    let pushed = &seen[0].1;
+    assert_eq!(pushed.len(), MAX_COMMITS);
+    assert_eq!(pushed[0].id, tip, "newest first");
+    assert!(pushed.iter().all(|c| c.id != oldest), "the oldest commit is past the limit");
+    let files: std::collections::BTreeSet<&str> =
+        pushed.iter().flat_map(|c| c.files.iter().map(String::as_str)).collect();
+    assert!(files.contains("src/lib.c"), "the oldest commit's path is lost");
+    assert_eq!(files.len(), 300, "every path of the push, once");
+    // The older commits' paths ride on the oldest recorded change.
+    let last = pushed.last().unwrap();
+    assert!(last.files.contains(&"src/lib.c".to_owned()) && last.files.contains(&"docs/1.md".to_owned()));
+}
+
+#[test]
+fn a_new_branch_is_compared_with_the_recorded_branches_not_its_tip_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, first) = make_repo(tmp.path(), &[("README.md", "r\n")]);
+    let repo = source_repo(&src, &tmp.path().join("m.git"), &["main", "release/*"]);
+    repo.poll(true, &mut |_: &str, _: &[NewCommit]| Ok::<(), String>(())).unwrap();
+    let main2 = commit(&src, "src/main.c", 1, "on main", "m\n");
+    poll_ok(&repo);
+
+    // A release branch: one code commit, then a docs commit at its tip.
+    git(&src, &["checkout", "-q", "-b", "release/1"]);
+    let code = commit(&src, "src/fix.c", 2, "fix", "f\n");
+    let docs = commit(&src, "NOTES.md", 3, "notes", "n\n");
+    git(&src, &["checkout", "-q", "main"]);
+    // And one made at main's head, with nothing new.
+    git(&src, &["branch", "release/2"]);
+    let (report, seen) = poll_ok(&repo);
+    assert_eq!(report.recorded, [("release/1".to_owned(), 2), ("release/2".to_owned(), 1)]);
+    let r1 = &seen[0].1;
+    assert_eq!(r1.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), [docs.as_str(), code.as_str()]);
+    assert_eq!(r1[1].files, ["src/fix.c"]);
+    let r2 = &seen[1].1;
+    assert_eq!(r2.len(), 1);
+    assert_eq!(r2[0].id, main2);
+    assert!(r2[0].files.is_empty(), "nothing changed against the recorded branches: {:?}", r2[0].files);
+    let _ = first;
+    // Deleting a branch forgets it; recreating it reports it again.
+    git(&src, &["branch", "-q", "-D", "release/2"]);
+    let (report, _) = poll_ok(&repo);
+    assert_eq!(report.deleted, ["release/2"]);
+    assert!(!repo.mirror.recorded().unwrap().contains_key("release/2"));
+}
+
+#[test]
+fn an_unreachable_remote_does_not_hold_back_a_push_already_fetched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, _first) = make_repo(tmp.path(), &[("a.txt", "a\n")]);
+    let repo = source_repo(&src, &tmp.path().join("m.git"), &["main"]);
+    repo.poll(true, &mut |_: &str, _: &[NewCommit]| Ok::<(), String>(())).unwrap();
+    let second = commit(&src, "a.txt", 1, "second", "a2\n");
+    let report = repo.poll(false, &mut |_: &str, _: &[NewCommit]| Err("the engine is busy")).unwrap();
+    assert_eq!(report.failed.len(), 1);
+    // The remote goes away; the push fetched before is handed over all the same.
+    std::fs::rename(&src, tmp.path().join("gone")).unwrap();
+    let (report, seen) = poll_ok(&repo);
+    assert!(report.fetch_error.as_deref().is_some_and(|e| e.contains("cannot fetch")), "{report:?}");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].1[0].id, second);
+}
+
+#[test]
+fn only_private_refs_are_moved() {
+    let (_tmp, _src, first, mirror) = setup(&[("a.txt", "a\n")]);
+    mirror.fetch(&globs(&["main"])).unwrap();
+    let err = mirror.move_ref("refs/heads/main", Some(&first), None).unwrap_err();
+    assert!(matches!(err, MirrorError::NotPrivate { .. }), "{err:?}");
+    assert_eq!(mirror.head("main").unwrap().as_deref(), Some(first.as_str()));
+    // A compare-and-swap: a stale expectation moves nothing.
+    mirror.move_ref("refs/rbb/recorded/main", None, Some(&first)).unwrap();
+    let stale = "0123456789abcdef0123456789abcdef01234567";
+    assert!(mirror.move_ref("refs/rbb/recorded/main", Some(stale), Some(&first)).is_err());
+    assert!(mirror.move_ref("refs/rbb/recorded/main", Some(stale), None).is_err());
+    assert_eq!(mirror.recorded().unwrap().get("main"), Some(&first));
+    mirror.move_ref("refs/rbb/recorded/main", Some(&first), None).unwrap();
+    assert!(mirror.recorded().unwrap().is_empty());
+}

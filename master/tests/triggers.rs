@@ -374,3 +374,158 @@ fn a_downstream_builder_in_another_repository_starts_when_its_upstream_succeeds(
     assert!(down["reason"].as_str().expect("reason").contains("lib/build succeeded"), "{down:#}");
     let _ = Path::new("");
 }
+
+#[test]
+fn a_push_made_while_the_master_was_down_is_built_after_it_starts() {
+    let f = fixture(SIMPLE, "", "100ms");
+    let (m, w) = start(&f);
+    let seen = commit(&f.repo, "src/a.c", "a\n", 1, "Seen by the master");
+    let b = wait_for(T, "the first commit's build", || build_for(&builds(&m), "app/build", &seen).cloned());
+    m.finished(b["id"].as_u64().expect("id"), T);
+    drop(w);
+    drop(m);
+    let down = commit(&f.repo, "src/b.c", "b\n", 2, "Pushed while the master was down");
+    let (m, _w) = start(&f);
+    let b =
+        wait_for(T, "a build of the commit pushed meanwhile", || build_for(&builds(&m), "app/build", &down).cloned());
+    assert_eq!(m.finished(b["id"].as_u64().expect("id"), T)["result"], "SUCCESS");
+    let ch = changes(&m);
+    let c: Vec<_> = ch.iter().filter(|c| c["commit"] == down.as_str()).collect();
+    assert_eq!(c.len(), 1, "{ch:#?}");
+    assert_eq!(c[0]["files"], serde_json::json!(["src/b.c"]));
+    assert_eq!(ch.iter().filter(|c| c["commit"] == seen.as_str()).count(), 1, "the first commit again: {ch:#?}");
+}
+
+const CODE_ON_RELEASES: &str = "builders:\n  code:\n    on:\n      push: { branches: [main, \"release/*\"] }\n      paths: [\"src/**\"]\n    steps: [{ run: echo code }]\n";
+
+/// Runs the `commits.sh` fixture: `count` commits on `branch` in one step.
+fn bulk_commits(repo: &Path, branch: &str, count: u32, pattern: &str, minutes: u32) -> String {
+    sh(
+        &root().join("testdata/fixtures/commits.sh"),
+        &[repo.to_str().expect("utf8"), branch, &count.to_string(), pattern, "Bulk", &minutes.to_string()],
+    )
+}
+
+#[test]
+fn a_paths_filter_sees_every_commit_of_a_long_push() {
+    let f = fixture(CODE_ON_RELEASES, "", "100ms");
+    let (m, _w) = start(&f);
+    // 300 commits reach main in one push; only the oldest touches src/.
+    git(&f.repo, &["checkout", "-q", "-b", "work"]);
+    let oldest = commit(&f.repo, "src/old.c", "old\n", 1, "The only code change");
+    let tip = bulk_commits(&f.repo, "work", 299, "docs/%d.md", 2);
+    git(&f.repo, &["checkout", "-q", "main"]);
+    git(&f.repo, &["merge", "-q", "--ff-only", "work"]);
+    let b = wait_for(T, "the long push's build", || build_for(&builds(&m), "app/code", &tip).cloned());
+    let b = m.finished(b["id"].as_u64().expect("id"), T);
+    assert_eq!(b["result"], "SUCCESS", "{b:#}");
+    let ch = changes(&m);
+    let pushed = ch.iter().filter(|c| c["branch"] == "main" && c["commit"] != oldest.as_str()).count();
+    assert_eq!(pushed, 200, "at most 200 changes per push");
+}
+
+#[test]
+fn a_paths_filter_compares_a_new_branch_with_the_known_branches_not_its_tip_alone() {
+    let f = fixture(CODE_ON_RELEASES, "", "100ms");
+    let (m, _w) = start(&f);
+    // A new release branch whose tip touches only docs, after a code commit.
+    git(&f.repo, &["checkout", "-q", "-b", "work2"]);
+    commit(&f.repo, "src/fix.c", "fix\n", 20, "Fix");
+    let docs = commit(&f.repo, "NOTES.md", "notes\n", 21, "Notes");
+    git(&f.repo, &["checkout", "-q", "main"]);
+    git(&f.repo, &["branch", "release/1", "work2"]);
+    let b = wait_for(T, "the new branch's build", || build_for(&builds(&m), "app/code", &docs).cloned());
+    let b = m.finished(b["id"].as_u64().expect("id"), T);
+    assert_eq!(b["result"], "SUCCESS", "compared with main, the branch changes src/: {b:#}");
+    assert_eq!(b["branch"], "release/1");
+}
+
+fn post_signed_github(m: &Master, event: &str, body: &str) -> Http {
+    post_hook(
+        m,
+        "github",
+        &[
+            ("X-GitHub-Event", event),
+            ("X-Hub-Signature-256", &format!("sha256={}", sign("gh-secret", body.as_bytes()))),
+        ],
+        body,
+    )
+}
+
+#[test]
+fn a_fork_pull_request_is_fetched_and_a_redelivery_builds_nothing_new() {
+    let pipeline = "builders:\n  check:\n    on:\n      pull_request: { branches: [main] }\n    steps: [{ run: 'echo pr $RBB_BRANCH' }]\n";
+    let f = fixture(pipeline, HOOKS, "1h");
+    // The fork's commit exists only under the forge's PR ref.
+    git(&f.repo, &["checkout", "-q", "-b", "fork"]);
+    let head = commit(&f.repo, "src/pr.c", "pr\n", 3, "PR from a fork");
+    git(&f.repo, &["checkout", "-q", "main"]);
+    git(&f.repo, &["update-ref", "refs/pull/42/head", &head]);
+    git(&f.repo, &["branch", "-q", "-D", "fork"]);
+    let (m, _w) = start(&f);
+    let body = payload("github", "pull_request_opened.json", |v| {
+        v["pull_request"]["head"]["sha"] = head.clone().into();
+    });
+    let r = post_signed_github(&m, "pull_request", &body);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let b = wait_for(T, "the pull request build", || build_for(&builds(&m), "app/check", &head).cloned());
+    let b = m.finished(b["id"].as_u64().expect("id"), T);
+    assert_eq!(b["result"], "SUCCESS", "{b:#}");
+    let before = builds(&m).len();
+
+    // The forge redelivers the same event: no new change, no new build.
+    let r = post_signed_github(&m, "pull_request", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("already recorded"), "{}", r.text());
+    assert_eq!(builds(&m).len(), before);
+    assert_eq!(changes(&m).iter().filter(|c| c["commit"] == head.as_str()).count(), 1);
+
+    // A head the forge does not publish: a clear refusal, no "(pipeline)" failure.
+    let missing = "0123456789abcdef0123456789abcdef01234567";
+    let body = payload("github", "pull_request_opened.json", |v| {
+        v["number"] = 43.into();
+        v["pull_request"]["number"] = 43.into();
+        v["pull_request"]["head"]["sha"] = missing.into();
+    });
+    let r = post_signed_github(&m, "pull_request", &body);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("refs/pull/43/head") && r.text().contains(missing), "{}", r.text());
+    assert_eq!(builds(&m).len(), before);
+    assert!(builds(&m).iter().all(|b| b["builder"] != "app/(pipeline)"));
+}
+
+#[test]
+fn a_webhook_racing_the_poller_on_one_push_records_it_once() {
+    let f = fixture(SIMPLE, HOOKS, "50ms");
+    let (m, _w) = start(&f);
+    let id = commit(&f.repo, "src/race.c", "r\n", 1, "Raced");
+    let body = payload("github", "push.json", |_| {});
+    let hooks: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, body) = (m.http.clone(), body.clone());
+            std::thread::spawn(move || {
+                let sig = format!("sha256={}", sign("gh-secret", body.as_bytes()));
+                http(
+                    &addr,
+                    "POST",
+                    "/api/v2/hooks/github",
+                    &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &sig)],
+                    Some(&body),
+                )
+                .status
+            })
+        })
+        .collect();
+    for h in hooks {
+        assert_eq!(h.join().expect("hook thread"), 202);
+    }
+    wait_for(T, "the raced commit's build", || build_for(&builds(&m), "app/build", &id).map(|_| ()));
+    // Pushes of one repository are handled in order: once a later commit is recorded, a
+    // duplicate of the raced one would be too.
+    let later = commit(&f.repo, "src/later.c", "l\n", 2, "Later");
+    wait_for(T, "the later commit's change", || {
+        changes(&m).iter().any(|c| c["commit"] == later.as_str()).then_some(())
+    });
+    assert_eq!(changes(&m).iter().filter(|c| c["commit"] == id.as_str()).count(), 1);
+    assert_eq!(builds(&m).iter().filter(|b| b["commit"] == id.as_str()).count(), 1);
+}

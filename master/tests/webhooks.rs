@@ -786,3 +786,152 @@ fn arb_json() -> impl Strategy<Value = serde_json::Value> {
         ]
     })
 }
+
+// ------------------------------------------------------------------------------ pull requests
+
+mod pull_requests {
+    //! A pull request's head against a real repository: the forge's PR ref is fetched into the
+    //! mirror, and one head is recorded once.
+
+    use super::*;
+    use rbb_master::engine::PullRequestChange;
+    use rbb_master::mirror::Mirror;
+    use rbb_master::sources::{PullRequestError, PullRequestOutcome, SourceRepo};
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+
+    fn script(name: &str, args: &[&str], stdin: &str) -> String {
+        use std::io::Write;
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/fixtures").join(name);
+        let mut child = Command::new("sh")
+            .arg(path)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn git(repo: &Path, args: &[&str]) -> String {
+        let out = Command::new("git").arg("-C").arg(repo).args(args).env("GIT_CONFIG_NOSYSTEM", "1").output().unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// A repository `app` on `main`, and a commit that only the forge's PR ref `pr_ref` holds
+    /// (as for a pull request from a fork). Returns the source repo and that commit.
+    fn setup(tmp: &Path, pr_ref: &str) -> (PathBuf, SourceRepo, String) {
+        let content = tmp.join("content");
+        std::fs::create_dir_all(&content).unwrap();
+        std::fs::write(content.join("README.md"), "r\n").unwrap();
+        let src = tmp.join("app");
+        script("mkrepo.sh", &[content.to_str().unwrap(), src.to_str().unwrap()], "");
+        git(&src, &["checkout", "-q", "-b", "fork-work"]);
+        script("commit.sh", &[src.to_str().unwrap(), "src/pr.c", "3", "PR work"], "pr\n");
+        let head = script("commit.sh", &[src.to_str().unwrap(), "docs/pr.md", "4", "PR docs"], "d\n");
+        git(&src, &["checkout", "-q", "main"]);
+        git(&src, &["update-ref", pr_ref, &head]);
+        git(&src, &["branch", "-q", "-D", "fork-work"]);
+        let mirror = Mirror::open(src.to_str().unwrap(), &tmp.join("m.git")).unwrap();
+        let repo = SourceRepo::new(
+            "app".into(),
+            src.display().to_string(),
+            mirror,
+            vec!["main".into()],
+            std::time::Duration::from_secs(60),
+        );
+        repo.poll(true, &mut |_: &str, _: &[rbb_master::engine::NewCommit]| Ok::<(), String>(())).unwrap();
+        (src, repo, head)
+    }
+
+    fn pr(number: u64, head: &str, action: &str) -> PullRequest {
+        let mut pr = pull_request(parse_sample(Forge::GitHub, "github/pull_request_opened.json", "pull_request"));
+        pr.number = number;
+        pr.head_sha = head.to_owned();
+        pr.action = action.to_owned();
+        pr
+    }
+
+    fn record_ok(seen: &mut Vec<PullRequestChange>) -> impl FnMut(&PullRequestChange) -> Result<Vec<u64>, String> + '_ {
+        move |change| {
+            seen.push(change.clone());
+            Ok(vec![seen.len() as u64])
+        }
+    }
+
+    #[test]
+    fn a_fork_head_is_fetched_from_the_pull_ref_and_a_redelivery_is_skipped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_src, repo, head) = setup(tmp.path(), "refs/pull/7/head");
+        assert!(!repo.mirror.has_commit(&head).unwrap(), "the branches alone do not bring a fork's head");
+        let mut seen = Vec::new();
+        let out = repo.pull_request(Forge::GitHub, &pr(7, &head, "opened"), &mut record_ok(&mut seen)).unwrap();
+        assert_eq!(out, PullRequestOutcome::Recorded(vec![1]));
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].number, 7);
+        assert_eq!(seen[0].commit.id, head);
+        assert_eq!(seen[0].commit.message, "PR docs");
+        // What the pull request changes against its target, not only its tip.
+        assert_eq!(seen[0].commit.files, ["docs/pr.md", "src/pr.c"]);
+        // The same delivery again (or a `synchronize` with the same head): nothing new.
+        for action in ["opened", "synchronize"] {
+            let out = repo.pull_request(Forge::GitHub, &pr(7, &head, action), &mut record_ok(&mut seen)).unwrap();
+            assert_eq!(out, PullRequestOutcome::AlreadyRecorded { number: 7, head: head.clone() });
+        }
+        assert_eq!(seen.len(), 1);
+        // Closed, then reopened: built again.
+        let out = repo.pull_request(Forge::GitHub, &pr(7, &head, "closed"), &mut record_ok(&mut seen)).unwrap();
+        assert_eq!(out, PullRequestOutcome::Closed { number: 7 });
+        let out = repo.pull_request(Forge::GitHub, &pr(7, &head, "reopened"), &mut record_ok(&mut seen)).unwrap();
+        assert_eq!(out, PullRequestOutcome::Recorded(vec![2]));
+    }
+
+    #[test]
+    fn a_failed_record_is_not_remembered() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_src, repo, head) = setup(tmp.path(), "refs/pull/8/head");
+        let err = repo
+            .pull_request(Forge::Gitea, &pr(8, &head, "opened"), &mut |_: &PullRequestChange| {
+                Err::<Vec<u64>, _>("the disk is full")
+            })
+            .unwrap_err();
+        assert!(matches!(err, PullRequestError::Record { number: 8, .. }), "{err:?}");
+        let mut seen = Vec::new();
+        let out = repo.pull_request(Forge::Gitea, &pr(8, &head, "opened"), &mut record_ok(&mut seen)).unwrap();
+        assert_eq!(out, PullRequestOutcome::Recorded(vec![1]));
+    }
+
+    #[test]
+    fn gitlab_merge_requests_use_their_own_ref() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_src, repo, head) = setup(tmp.path(), "refs/merge-requests/3/head");
+        let mut seen = Vec::new();
+        let out = repo.pull_request(Forge::GitLab, &pr(3, &head, "opened"), &mut record_ok(&mut seen)).unwrap();
+        assert_eq!(out, PullRequestOutcome::Recorded(vec![1]));
+        assert_eq!(seen[0].commit.id, head);
+    }
+
+    #[test]
+    fn a_head_that_cannot_be_fetched_is_a_clear_error_and_nothing_is_recorded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (_src, repo, _head) = setup(tmp.path(), "refs/keep/other");
+        let missing = "0123456789abcdef0123456789abcdef01234567";
+        let mut seen = Vec::new();
+        let err = repo.pull_request(Forge::GitHub, &pr(9, missing, "opened"), &mut record_ok(&mut seen)).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, PullRequestError::HeadMissing { .. }), "{err:?}");
+        assert!(
+            text.contains("#9")
+                && text.contains(missing)
+                && text.contains("refs/pull/9/head")
+                && text.contains("no such ref"),
+            "{text}"
+        );
+        assert!(seen.is_empty());
+    }
+}

@@ -66,9 +66,13 @@ pub struct Build {
     /// Changes (commits) this build builds.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub changes: Vec<u64>,
-    /// Builds this one waits for (its `needs` at the same commit).
+    /// The builds of its `needs` (at the same commit), finished or not.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waits_for: Vec<u64>,
+    /// Why a pending build has not started: the unfinished builds it needs, a held lock,
+    /// the concurrency limit, no capable or free worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     /// Unix milliseconds.
     pub submitted_at: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -132,6 +136,9 @@ pub struct BuildRequest {
     pub submitted_at: u64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waits_for: Vec<u64>,
+    /// Why it has not started (see `Build.waiting`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub changes: Vec<u64>,
 }

@@ -156,6 +156,8 @@ export function startLive() {
       dispatch(type, data);
     });
   }
+  // The master could not keep up with this page: events were missed, so refresh everything.
+  source.addEventListener('reset', () => dispatch('resync', null));
   source.onopen = () => {
     setLiveState('open', 'live');
     if (pollTimer) { clearInterval(pollTimer); pollTimer = null; }

@@ -51,6 +51,7 @@ function factsHtml(b) {
       <dt>commit</dt><dd><code title="${esc(b.commit)}">${esc(short(b.commit))}</code> on <b>${esc(b.branch)}</b> of ${esc(b.repo)}</dd>
       <dt>result</dt><dd class="${statusClass(b)}-text">${esc(b.state === 'finished' ? (b.result || 'finished') : b.state)}${b.result_reason ? ' — ' + esc(b.result_reason) : ''}</dd>
       <dt>reason</dt><dd>${esc(b.reason)}</dd>
+      ${b.waiting ? `<dt>waiting</dt><dd class="waiting">${esc(b.waiting)}</dd>` : ''}
       <dt>worker</dt><dd>${b.worker ? esc(b.worker) : '<span class="muted">none yet</span>'}</dd>
       <dt>submitted</dt><dd>${esc(when(b.submitted_at))}${waited ? ` <span class="muted">(waited ${waited})</span>` : ''}</dd>
       <dt>ran</dt><dd>${b.started_at ? esc(when(b.started_at)) + ` <span class="muted">(${ran})</span>` : '<span class="muted">not started</span>'}</dd>

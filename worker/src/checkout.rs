@@ -1,6 +1,10 @@
 //! Making `<workdir>/<checkout_dir>` a clean checkout of one commit with the `git` binary,
 //! and keeping every path a lease names inside the directory it is relative to.
 //!
+//! A checkout directory says which build's checkout it holds (`.git/rbb-build`, written when a
+//! checkout succeeds); a checkout that fails removes the directory, so no later step of the
+//! build can run in the tree an earlier build left.
+//!
 //! Each git command line and its output are streamed as [`Output::Header`] chunks. This module
 //! must not run step commands or know about the master; a failure is a [`CheckoutError`] with
 //! the command, directory and git's own message.
@@ -8,13 +12,15 @@
 use std::ffi::OsString;
 use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::executor::{MAX_CHUNK, Output};
+use crate::guard::{GuardLink, ProcessGroup, own_group};
 
 /// A lease named a path that is not a plain relative path inside its base directory.
 #[derive(Debug, thiserror::Error)]
@@ -84,25 +90,91 @@ pub fn join_inside(base: &Path, relative: &str, what: &'static str, allow_empty:
     Ok(joined)
 }
 
-/// Makes `<workdir>/<checkout_dir>` a clean, detached checkout of `commit` from `url`: clones
-/// if missing (reuses it otherwise), fetches branches and tags when the commit is not there
-/// yet, then `git checkout --force --detach` and `git clean -ffdx`. Returns the checkout's path.
+/// Where a checkout directory names the build whose checkout it holds.
+const BUILD_MARK: &str = ".git/rbb-build";
+
+/// Records that `dir` holds the checkout of `build` (`dir/.git` must exist).
+pub fn mark_build(dir: &Path, build: u64) -> std::io::Result<()> {
+    std::fs::write(dir.join(BUILD_MARK), format!("{build}\n"))
+}
+
+/// The build whose checkout `dir` holds, if a checkout into it succeeded and none started since.
+pub fn marked_build(dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(dir.join(BUILD_MARK)).ok()?.trim().parse().ok()
+}
+
+/// Which checkout to make.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckoutSpec<'a> {
+    /// The worker's work directory.
+    pub workdir: &'a Path,
+    /// The checkout's directory, relative to `workdir`.
+    pub checkout_dir: &'a str,
+    /// Path or URL `git clone` accepts.
+    pub url: &'a str,
+    pub commit: &'a str,
+    /// The build the checkout is for.
+    pub build: u64,
+}
+
+/// Makes `<workdir>/<checkout_dir>` a clean, detached checkout of `commit` from `url` for
+/// `build`: clones if missing (reuses it otherwise), fetches branches and tags when the commit
+/// is not there yet, then `git checkout --force --detach` and `git clean -ffdx`. Returns the
+/// checkout's path. On failure (cancel included) the directory is removed: an older build's
+/// tree must not stay behind for this build's later steps. Each git command runs in a process
+/// group of its own, registered with `guard` when there is one.
 pub async fn checkout(
-    workdir: &Path,
-    checkout_dir: &str,
-    url: &str,
-    commit: &str,
+    spec: &CheckoutSpec<'_>,
     out: &mpsc::Sender<Output>,
     cancel: &CancellationToken,
+    guard: Option<&Arc<GuardLink>>,
 ) -> Result<PathBuf, CheckoutError> {
-    let dir = join_inside(workdir, checkout_dir, "checkout_dir", false)?;
+    let dir = join_inside(spec.workdir, spec.checkout_dir, "checkout_dir", false)?;
+    let git = Git { out, cancel, guard };
+    match checkout_into(spec.workdir, &dir, spec.url, spec.commit, &git).await {
+        Ok(()) => {
+            mark_build(&dir, spec.build).map_err(|source| CheckoutError::Io { path: dir.join(BUILD_MARK), source })?;
+            Ok(dir)
+        }
+        Err(err) => {
+            discard(&dir, out).await;
+            Err(err)
+        }
+    }
+}
+
+/// Removes what a failed checkout left in `dir`.
+async fn discard(dir: &Path, out: &mpsc::Sender<Output>) {
+    if std::fs::symlink_metadata(dir).is_err() {
+        return;
+    }
+    header(out, format!("# removing {}: the checkout failed\n", dir.display())).await;
+    if let Err(err) = std::fs::remove_dir_all(dir) {
+        warn!(dir = %dir.display(), %err, "cannot remove a failed checkout");
+        header(out, format!("# cannot remove {}: {err}\n", dir.display())).await;
+    }
+}
+
+async fn checkout_into(
+    workdir: &Path,
+    dir: &Path,
+    url: &str,
+    commit: &str,
+    git: &Git<'_>,
+) -> Result<(), CheckoutError> {
+    let dir = dir.to_owned();
+    let out = git.out;
     if commit.is_empty() || commit.starts_with('-') || commit.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(CheckoutError::BadCommit { commit: commit.to_owned() });
     }
-    let git = Git { out, cancel };
-
     let reused = dir.join(".git").exists();
     if reused {
+        // From here on the tree is no build's checkout until this one succeeds.
+        match std::fs::remove_file(dir.join(BUILD_MARK)) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(CheckoutError::Io { path: dir.join(BUILD_MARK), source }),
+        }
         git.ok(&dir, &["remote", "set-url", "origin", url]).await?;
     } else {
         if dir.exists() {
@@ -137,7 +209,7 @@ pub async fn checkout(
     if reused {
         git.ok(&dir, &["clean", "-ffdx"]).await?;
     }
-    Ok(dir)
+    Ok(())
 }
 
 async fn header(out: &mpsc::Sender<Output>, text: String) {
@@ -155,6 +227,7 @@ async fn send_chunks(out: &mpsc::Sender<Output>, data: &[u8]) {
 struct Git<'a> {
     out: &'a mpsc::Sender<Output>,
     cancel: &'a CancellationToken,
+    guard: Option<&'a Arc<GuardLink>>,
 }
 
 impl Git<'_> {
@@ -186,23 +259,30 @@ impl Git<'_> {
             .join(" ");
         debug!(%command, dir = %dir.display(), "git");
         header(self.out, format!("$ {command}\n")).await;
-        let child = Command::new("git")
-            .args(args)
+        let mut git = Command::new("git");
+        git.args(args)
             .current_dir(dir)
             .env("GIT_TERMINAL_PROMPT", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output();
+            .kill_on_drop(true);
+        // Git starts helpers (ssh, remote helpers, pack tools): the whole group goes when the
+        // command is done, cancelled, or the worker dies.
+        own_group(&mut git, self.guard);
+        let spawn_error = |source| CheckoutError::Spawn { command: command.clone(), dir: dir.to_owned(), source };
+        let child = git.spawn().map_err(spawn_error)?;
+        let mut group = child
+            .id()
+            .and_then(|pid| libc::pid_t::try_from(pid).ok())
+            .map(|pgid| ProcessGroup::new(pgid, self.guard.cloned()));
         let output = tokio::select! {
-            output = child => output.map_err(|source| CheckoutError::Spawn {
-                command: command.clone(),
-                dir: dir.to_owned(),
-                source,
-            })?,
+            output = child.wait_with_output() => output.map_err(spawn_error)?,
             () = self.cancel.cancelled() => return Err(CheckoutError::Cancelled),
         };
+        if let Some(group) = group.as_mut() {
+            group.kill_and_forget();
+        }
         send_chunks(self.out, &output.stdout).await;
         send_chunks(self.out, &output.stderr).await;
         Ok((command, output))

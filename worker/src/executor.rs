@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -18,6 +19,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+
+use crate::guard::{GuardLink, ProcessGroup, own_group};
 
 /// Largest output chunk an executor sends (the protocol's LogChunk limit).
 pub const MAX_CHUNK: usize = 1024 * 1024;
@@ -89,12 +92,28 @@ pub trait Executor: Send + Sync {
 }
 
 /// Runs steps as local processes: `sh -c <command>` in a new process group, stdin null.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NativeExecutor;
+/// With a guard ([`NativeExecutor::guarded`]), every group is registered with it before the
+/// command starts, so the steps die with the worker.
+#[derive(Debug, Clone, Default)]
+pub struct NativeExecutor {
+    guard: Option<Arc<GuardLink>>,
+}
+
+impl NativeExecutor {
+    /// Steps are stopped by the worker only: a killed worker leaves them running.
+    pub fn new() -> NativeExecutor {
+        NativeExecutor { guard: None }
+    }
+
+    /// Steps are registered with `guard`, which kills them if the worker dies.
+    pub fn guarded(guard: Arc<GuardLink>) -> NativeExecutor {
+        NativeExecutor { guard: Some(guard) }
+    }
+}
 
 impl Executor for NativeExecutor {
     fn run(&self, spec: StepSpec, out: mpsc::Sender<Output>, cancel: CancellationToken) -> BoxFuture<'_, StepOutcome> {
-        Box::pin(run_native(spec, out, cancel))
+        Box::pin(run_native(spec, out, cancel, self.guard.clone()))
     }
 }
 
@@ -115,7 +134,12 @@ enum Ending {
     Cancelled,
 }
 
-async fn run_native(spec: StepSpec, out: mpsc::Sender<Output>, cancel: CancellationToken) -> StepOutcome {
+async fn run_native(
+    spec: StepSpec,
+    out: mpsc::Sender<Output>,
+    cancel: CancellationToken,
+    guard: Option<Arc<GuardLink>>,
+) -> StepOutcome {
     let start = Instant::now();
     if spec.image.as_deref().is_some_and(|image| !image.is_empty()) {
         return StepOutcome::exception("this worker has no Docker executor", start.elapsed());
@@ -133,8 +157,8 @@ async fn run_native(spec: StepSpec, out: mpsc::Sender<Output>, cancel: Cancellat
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
         .kill_on_drop(true);
+    own_group(&mut command, guard.as_ref());
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(err) => {
@@ -155,7 +179,7 @@ async fn run_native(spec: StepSpec, out: mpsc::Sender<Output>, cancel: Cancellat
     let Ok(pgid) = libc::pid_t::try_from(pid) else {
         return StepOutcome::exception(format!("pid {pid} out of range"), start.elapsed());
     };
-    let mut group = ProcessGroup::new(pgid);
+    let mut group = ProcessGroup::new(pgid, guard);
     debug!(pgid, command = %spec.command, "step process started");
 
     // Set once the whole group has been killed: from then on, pipes only drain.
@@ -245,7 +269,7 @@ async fn terminate(child: &mut Child, group: &ProcessGroup) -> std::io::Result<E
     match tokio::time::timeout(KILL_GRACE, child.wait()).await {
         Ok(status) => status,
         Err(_) => {
-            debug!(pgid = group.pgid, "still alive after the grace period; SIGKILL");
+            debug!(pgid = group.pgid(), "still alive after the grace period; SIGKILL");
             group.signal(libc::SIGKILL);
             child.wait().await
         }
@@ -292,44 +316,5 @@ async fn pump<R: AsyncRead + Unpin>(
                 return;
             }
         }
-    }
-}
-
-/// A process group the step owns: SIGKILLed when dropped (e.g. when the step's future is
-/// dropped mid-run) unless already killed.
-struct ProcessGroup {
-    pgid: libc::pid_t,
-    armed: bool,
-}
-
-impl ProcessGroup {
-    fn new(pgid: libc::pid_t) -> ProcessGroup {
-        ProcessGroup { pgid, armed: true }
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: killpg has no memory-safety preconditions; a stale group only yields ESRCH.
-        let rc = unsafe { libc::killpg(self.pgid, signal) };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            // ESRCH: the whole group is already gone, the usual case after a clean exit.
-            if err.raw_os_error() != Some(libc::ESRCH) {
-                warn!(pgid = self.pgid, signal, %err, "cannot signal the step's process group");
-            }
-        }
-    }
-
-    /// SIGKILL whatever is left of the group and stop owning it.
-    fn kill_and_forget(&mut self) {
-        if self.armed {
-            self.signal(libc::SIGKILL);
-            self.armed = false;
-        }
-    }
-}
-
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        self.kill_and_forget();
     }
 }

@@ -3,12 +3,14 @@
 //! - [`session`]: the connection loop (Hello, heartbeats, leases, cancels, reconnects).
 //! - [`checkout`]: making a build's checkout directory a clean checkout of one commit.
 //! - [`executor`]: the [`Executor`] trait and the native (`sh -c`) executor.
+//! - [`guard`]: the guard process that kills a dead worker's steps, and the restart sweep.
 //!
 //! This crate knows only `rbb-schema`; it never touches the master's store or web API, and
 //! never exits the process (only `main.rs` maps errors to exit codes).
 
 pub mod checkout;
 pub mod executor;
+pub mod guard;
 pub mod session;
 
 pub use executor::{Executor, NativeExecutor, Output, StepOutcome, StepSpec};

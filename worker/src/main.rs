@@ -1,15 +1,18 @@
 //! `rbb-worker`: the command line around [`rbb_worker::run`].
 //!
-//! Parses flags, sets up logging and signals, and maps the outcome to an exit code: 0 after
-//! SIGTERM/ctrl-c, 2 when the master refuses this worker, 1 for anything else. It holds no
-//! protocol or process logic.
+//! Parses flags, sets up logging and signals, starts the guard that kills the steps if this
+//! process dies, and maps the outcome to an exit code: 0 after SIGTERM/ctrl-c, 2 when the
+//! master refuses this worker, 1 for anything else. Run as `rbb-worker __rbb-guard <dir>` it is
+//! that guard ([`rbb_worker::guard::serve`]). It holds no protocol or process logic.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
-use rbb_worker::{WorkerConfig, WorkerError};
+use rbb_worker::guard::{self, Guard};
+use rbb_worker::{NativeExecutor, WorkerConfig, WorkerError};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
@@ -39,9 +42,24 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|arg| guard::is_guard_arg(&arg)) {
+        init_logs();
+        let _span = tracing::info_span!("guard").entered();
+        let Some(dir) = args.next() else {
+            error!("usage: rbb-worker {} <steps directory>", guard::GUARD_ARG);
+            return ExitCode::from(2);
+        };
+        return match guard::serve(Path::new(&dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                error!(%err, "guard failed");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_env("RBB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    init_logs();
     match serve(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -55,7 +73,21 @@ fn main() -> ExitCode {
     }
 }
 
+fn init_logs() {
+    let filter = EnvFilter::try_from_env("RBB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
 fn serve(cli: Cli) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cli.workdir)
+        .with_context(|| format!("creating the work directory {}", cli.workdir.display()))?;
+    // Before the runtime starts: the guard is forked from a single-threaded process. It is
+    // this very binary, re-executed.
+    let (guard, swept) = Guard::start(&cli.workdir, Path::new("/proc/self/exe")).context("starting the step guard")?;
+    if !swept.is_empty() {
+        info!(records = swept.len(), "cleaned up after an earlier run of this worker");
+    }
+    let executor = Arc::new(NativeExecutor::guarded(guard.link()));
     let config = WorkerConfig {
         master: cli.master,
         name: cli.name,
@@ -63,6 +95,7 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
         labels: cli.labels.into_iter().filter(|l| !l.is_empty()).collect(),
         workdir: cli.workdir,
         max_steps: cli.max_steps,
+        guard: Some(guard.link()),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {
@@ -77,7 +110,8 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
             }
             on_signal.cancel();
         });
-        rbb_worker::run(config, shutdown).await?;
+        rbb_worker::run_with_executor(config, executor, shutdown).await?;
+        drop(guard);
         Ok(())
     })
 }

@@ -15,10 +15,10 @@ use rbb_schema::proto::master_message::Msg as MasterMsg;
 use rbb_schema::proto::worker_client::WorkerClient;
 use rbb_schema::proto::worker_message::Msg;
 use rbb_schema::proto::{
-    Heartbeat, Hello, Lease, LogChunk, LogStream, MasterMessage, PROTOCOL_VERSION, StepFinished, StepResult,
-    StepStarted, WorkerMessage,
+    Heartbeat, Hello, Lease, LeaseRefused, LogChunk, LogStream, MasterMessage, PROTOCOL_VERSION, StepFinished,
+    StepResult, StepStarted, WorkerMessage,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -27,8 +27,9 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Endpoint;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::checkout::{self, CheckoutError, join_inside};
+use crate::checkout::{self, CheckoutError, CheckoutSpec, join_inside};
 use crate::executor::{Executor, MAX_CHUNK, NativeExecutor, Output, StepOutcome, StepSpec, format_secs};
+use crate::guard::{GuardLink, STATE_DIR};
 
 /// First reconnect delay; doubled after each failed attempt up to [`MAX_BACKOFF`].
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -58,6 +59,9 @@ pub struct WorkerConfig {
     pub workdir: PathBuf,
     /// Steps run at once (at least 1).
     pub max_steps: u32,
+    /// The guard that kills the processes of checkouts if the worker dies (the executor has
+    /// its own for the steps' commands); `None` leaves them to the worker alone.
+    pub guard: Option<Arc<GuardLink>>,
 }
 
 /// Why [`run`] stopped other than by shutdown.
@@ -83,7 +87,7 @@ pub enum WorkerError {
 /// the master refuses this worker or the config is unusable (then `Err`). Lost connections
 /// are retried forever.
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
-    run_with_executor(config, Arc::new(NativeExecutor), shutdown).await
+    run_with_executor(config, Arc::new(NativeExecutor::new()), shutdown).await
 }
 
 /// [`run`] with any executor.
@@ -166,6 +170,7 @@ struct Connection {
 struct StepContext {
     workdir: PathBuf,
     executor: Arc<dyn Executor>,
+    guard: Option<Arc<GuardLink>>,
 }
 
 impl Connection {
@@ -216,7 +221,7 @@ impl Connection {
             name: metadata("worker name", config.name.clone())?,
             authorization: metadata("token", format!("Bearer {}", config.token))?,
             max_steps: usize::try_from(config.max_steps).unwrap_or(usize::MAX),
-            steps: Arc::new(StepContext { workdir, executor }),
+            steps: Arc::new(StepContext { workdir, executor, guard: config.guard.clone() }),
             url,
         })
     }
@@ -278,7 +283,7 @@ impl Connection {
             "connected"
         );
 
-        let mut steps = Steps::default();
+        let mut steps = Steps::new(self.max_steps);
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = loop {
@@ -306,8 +311,10 @@ impl Connection {
         };
 
         // Running steps can only report on this stream: stop them all. Their results are not
-        // reported (on shutdown, or because the stream is gone): the master retries them when
-        // it sees the session end.
+        // reported (on shutdown, or because the stream is gone): a step stopped because the
+        // session ended did not end by itself, and the master retries it when it sees the
+        // session end.
+        steps.session_over.cancel();
         if !steps.running.is_empty() {
             info!(steps = steps.running.len(), "stopping running steps");
         }
@@ -347,22 +354,40 @@ impl Connection {
             },
             MasterMsg::Lease(lease) => {
                 let id = lease.lease;
-                if steps.running.contains_key(&id) {
-                    warn!(lease = id, "lease is already running; ignoring it");
-                    return;
-                }
-                if steps.running.len() >= self.max_steps {
-                    warn!(lease = id, max_steps = self.max_steps, "leased a step while full");
-                    let refusal = finished(id, &StepOutcome::exception("worker is full", Duration::ZERO));
+                // A lease that cannot be taken is refused, never answered with a result: the
+                // master queues the step again.
+                let refuse = |reason: String| {
+                    warn!(lease = id, %reason, "lease refused");
+                    let refusal = message(Msg::Refused(LeaseRefused { lease: id, reason }));
                     let tx = tx.clone();
                     tokio::spawn(async move {
                         let _ = tx.send(refusal).await;
                     });
-                    return;
+                };
+                if shutdown.is_cancelled() {
+                    return refuse("the worker is shutting down".to_owned());
                 }
+                if steps.running.contains_key(&id) {
+                    return refuse(format!("lease {id} is already running on this worker"));
+                }
+                // A slot is taken here and given back by the step just before it reports its
+                // result, so a lease sent after that result always finds it free.
+                let Ok(slot) = Arc::clone(&steps.slots).try_acquire_owned() else {
+                    return refuse(format!(
+                        "the worker is full ({} of {} steps running)",
+                        self.max_steps, self.max_steps
+                    ));
+                };
                 let token = CancellationToken::new();
                 steps.running.insert(id, token.clone());
-                let task = run_step(lease, Arc::clone(&self.steps), tx.clone(), token, shutdown.clone());
+                let task = run_step(
+                    lease,
+                    Arc::clone(&self.steps),
+                    tx.clone(),
+                    slot,
+                    token,
+                    Ending { shutdown: shutdown.clone(), session_over: steps.session_over.clone() },
+                );
                 let handle = steps.tasks.spawn(task);
                 steps.leases.insert(handle.id(), id);
             }
@@ -371,16 +396,48 @@ impl Connection {
 }
 
 /// The steps running in one session.
-#[derive(Default)]
 struct Steps {
-    /// Lease id → the token that stops it.
+    /// One permit per step the worker may run at once; each running step owns one until it
+    /// is about to report its result.
+    slots: Arc<Semaphore>,
+    /// Lease id → the token that stops it (until its task is reaped).
     running: HashMap<u64, CancellationToken>,
     tasks: JoinSet<()>,
     /// Task id → lease id, to know which lease a finished (or panicked) task was.
     leases: HashMap<tokio::task::Id, u64>,
+    /// Fired when the session ends: steps stopped from then on report nothing.
+    session_over: CancellationToken,
+}
+
+/// Why a step may be stopped without it being the step's own result.
+struct Ending {
+    shutdown: CancellationToken,
+    session_over: CancellationToken,
+}
+
+impl Ending {
+    fn reason(&self) -> Option<&'static str> {
+        if self.shutdown.is_cancelled() {
+            Some("the worker is shutting down")
+        } else if self.session_over.is_cancelled() {
+            Some("the session with the master ended")
+        } else {
+            None
+        }
+    }
 }
 
 impl Steps {
+    fn new(max_steps: usize) -> Steps {
+        Steps {
+            slots: Arc::new(Semaphore::new(max_steps.min(Semaphore::MAX_PERMITS))),
+            running: HashMap::new(),
+            tasks: JoinSet::new(),
+            leases: HashMap::new(),
+            session_over: CancellationToken::new(),
+        }
+    }
+
     fn reap(
         &mut self,
         joined: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
@@ -406,13 +463,15 @@ impl Steps {
 }
 
 /// Runs one lease: StepStarted, the checkout if the lease carries one, the command, then
-/// StepFinished, with all output as LogChunks in between.
+/// StepFinished, with all output as LogChunks in between. `slot` is given back just before
+/// StepFinished is queued.
 async fn run_step(
     lease: Lease,
     ctx: Arc<StepContext>,
     tx: mpsc::Sender<WorkerMessage>,
+    slot: OwnedSemaphorePermit,
     cancel: CancellationToken,
-    shutdown: CancellationToken,
+    ending: Ending,
 ) {
     let id = lease.lease;
     let span = info_span!("step", lease = id, build = lease.build, step = %lease.step_name);
@@ -424,11 +483,14 @@ async fn run_step(
         let work = async move {
             let mut outcome = execute(&lease, &ctx, &out_tx, &cancel).await;
             outcome.duration = start.elapsed();
-            // Stopped because the worker shuts down: not a result of the step. It is not
-            // reported; the master sees the session end and retries the step.
-            let interrupted = outcome.result == StepResult::Cancelled && shutdown.is_cancelled();
-            let summary = if interrupted {
-                format!("# stopped: the worker is shutting down (after {})\n", took(outcome.duration))
+            // Stopped because the worker shuts down or the session ended: not a result of the
+            // step. It is not reported; the master sees the session end and retries the step.
+            let interrupted = match ending.reason() {
+                Some(why) if outcome.result == StepResult::Cancelled => Some(why),
+                _ => None,
+            };
+            let summary = if let Some(why) = interrupted {
+                format!("# stopped: {why} (after {})\n", took(outcome.duration))
             } else if outcome.result == StepResult::Success {
                 format!("# exit code 0 (took {})\n", took(outcome.duration))
             } else {
@@ -443,8 +505,9 @@ async fn run_step(
             (outcome, interrupted)
         };
         let ((outcome, interrupted), ()) = tokio::join!(work, forward_logs(id, out_rx, tx.clone()));
-        if interrupted {
-            info!("step stopped by shutdown; left for the master to retry");
+        drop(slot);
+        if let Some(why) = interrupted {
+            info!(%why, "step stopped; left for the master to retry");
             return;
         }
         info!(result = ?outcome.result, reason = %outcome.reason, "step finished");
@@ -467,8 +530,18 @@ async fn execute(
         Ok(path) => path,
         Err(err) => return failed(err.to_string()),
     };
+    if checkout_path.starts_with(ctx.workdir.join(STATE_DIR)) {
+        return failed(format!("checkout_dir {:?} is the worker's own directory", lease.checkout_dir));
+    }
     if let Some(wanted) = &lease.checkout {
-        match checkout::checkout(&ctx.workdir, &lease.checkout_dir, &wanted.url, &wanted.commit, out, cancel).await {
+        let spec = CheckoutSpec {
+            workdir: &ctx.workdir,
+            checkout_dir: &lease.checkout_dir,
+            url: &wanted.url,
+            commit: &wanted.commit,
+            build: lease.build,
+        };
+        match checkout::checkout(&spec, out, cancel, ctx.guard.as_ref()).await {
             Ok(_) => {}
             Err(CheckoutError::Cancelled) => {
                 return StepOutcome {
@@ -480,11 +553,29 @@ async fn execute(
             }
             Err(err) => return failed(format!("checkout failed: {err}")),
         }
-    } else if !checkout_path.is_dir() {
-        return failed(format!(
-            "checkout directory {} does not exist (no checkout was leased for it)",
-            checkout_path.display()
-        ));
+    } else {
+        // A later step of a build runs in that build's checkout, never in a tree another build
+        // (or a failed checkout) left there.
+        let path = checkout_path.display();
+        let build = lease.build;
+        match checkout::marked_build(&checkout_path) {
+            Some(held) if held == build => {}
+            _ if !checkout_path.is_dir() => {
+                return failed(format!(
+                    "checkout directory {path} does not exist (the build's checkout failed or was never leased to this worker)"
+                ));
+            }
+            Some(held) => {
+                return failed(format!(
+                    "checkout directory {path} holds build {held}'s checkout, not build {build}'s (this build's checkout failed or was never leased to this worker)"
+                ));
+            }
+            None => {
+                return failed(format!(
+                    "checkout directory {path} holds no checkout of build {build} (its checkout failed or was never leased to this worker)"
+                ));
+            }
+        }
     }
     let cwd = match join_inside(&checkout_path, &lease.workdir, "workdir", true) {
         Ok(path) => path,

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Command;
 
 use rbb_worker::Output;
-use rbb_worker::checkout::{CheckoutError, checkout};
+use rbb_worker::checkout::{CheckoutError, CheckoutSpec, checkout, marked_build};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +28,8 @@ async fn run(
         }
         String::from_utf8(text).unwrap()
     });
-    let result = checkout(workdir, dir, url.to_str().unwrap(), commit, &tx, &CancellationToken::new()).await;
+    let spec = CheckoutSpec { workdir, checkout_dir: dir, url: url.to_str().unwrap(), commit, build: 1 };
+    let result = checkout(&spec, &tx, &CancellationToken::new(), None).await;
     drop(tx);
     (result, log.await.unwrap())
 }
@@ -119,4 +120,32 @@ async fn checkout_dirs_cannot_escape_the_workdir() {
         assert!(matches!(result, Err(CheckoutError::Path(_))), "{bad:?}: {result:?}");
     }
     assert!(!scratch.path().join("escape").exists());
+}
+
+#[tokio::test]
+async fn a_failed_checkout_leaves_no_tree_behind() {
+    init_logs();
+    let scratch = tempfile::tempdir().unwrap();
+    let repo = scratch.path().join("repo");
+    let first = make_repo(scratch.path(), &repo, &[("hello.txt", "one\n")]);
+    let workdir = scratch.path().join("work");
+    let dir = workdir.join("builds/1");
+    let missing = "0123456789abcdef0123456789abcdef01234567";
+
+    let (result, log) = run(&workdir, "builds/1", &repo, &first).await;
+    result.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    assert_eq!(marked_build(&dir), Some(1));
+
+    // The commit is not there: the earlier tree goes, with a word in the log.
+    let (result, log) = run(&workdir, "builds/1", &repo, missing).await;
+    assert!(matches!(result, Err(CheckoutError::CommitNotFound { .. })), "{result:?}");
+    assert!(!dir.exists(), "a failed checkout left {} behind", dir.display());
+    assert!(log.contains("# removing"), "{log}");
+
+    // Same for a commit id refused before git runs.
+    let (result, log) = run(&workdir, "builds/1", &repo, &first).await;
+    result.unwrap_or_else(|err| panic!("{err}\n{log}"));
+    let (result, _) = run(&workdir, "builds/1", &repo, "-x").await;
+    assert!(matches!(result, Err(CheckoutError::BadCommit { .. })), "{result:?}");
+    assert!(!dir.exists());
 }

@@ -35,7 +35,8 @@ pub struct FakeMaster {
 /// One worker session as the master sees it.
 pub struct MasterSession {
     pub metadata: MetadataMap,
-    to_worker: mpsc::Sender<MasterMessage>,
+    /// `None` once [`MasterSession::hang_up`] ended the master's side.
+    to_worker: Option<mpsc::Sender<MasterMessage>>,
     from_worker: mpsc::UnboundedReceiver<WorkerMessage>,
     /// Heartbeats received so far (they are skipped by [`MasterSession::recv`]).
     pub heartbeats: usize,
@@ -72,7 +73,7 @@ impl Worker for Service {
             end.cancel();
         });
         let (to_worker, rx) = mpsc::channel(16);
-        let _ = self.sessions.send(MasterSession { metadata, to_worker, from_worker, heartbeats: 0 });
+        let _ = self.sessions.send(MasterSession { metadata, to_worker: Some(to_worker), from_worker, heartbeats: 0 });
         let stream = ReceiverStream::new(rx).map(Ok).take_until(ended.cancelled_owned());
         Ok(Response::new(Box::pin(stream)))
     }
@@ -172,7 +173,14 @@ impl MasterSession {
     }
 
     pub async fn send(&self, msg: MasterMsg) {
-        self.to_worker.send(MasterMessage { msg: Some(msg) }).await.expect("session stream closed");
+        let to_worker = self.to_worker.as_ref().expect("the session was hung up");
+        to_worker.send(MasterMessage { msg: Some(msg) }).await.expect("session stream closed");
+    }
+
+    /// Ends the master's side of the session (the worker sees the stream end) while still
+    /// reading what the worker sends.
+    pub fn hang_up(&mut self) {
+        self.to_worker = None;
     }
 
     /// Reads Hello and answers Welcome.

@@ -10,6 +10,7 @@ mod binary;
 mod checkout;
 mod fake_executor;
 mod fake_master;
+mod guard;
 mod native;
 mod session;
 
@@ -48,6 +49,14 @@ pub fn make_repo(scratch: &Path, dest: &Path, files: &[(&str, &str)]) -> String 
     let output = Command::new("sh").arg(fixture_script("mkrepo.sh")).arg(&src).arg(dest).output().unwrap();
     assert!(output.status.success(), "mkrepo.sh failed: {output:?}");
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+/// `<workdir>/<dir>` as the worker leaves it after a successful checkout for `build`, for
+/// steps that need a checkout directory but not its contents.
+pub fn prepared_checkout(workdir: &Path, dir: &str, build: u64) {
+    let dir = workdir.join(dir);
+    std::fs::create_dir_all(dir.join(".git")).unwrap();
+    rbb_worker::checkout::mark_build(&dir, build).unwrap();
 }
 
 /// Commits `file` with `content` to `repo`; returns the new commit id.

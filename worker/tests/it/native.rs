@@ -47,7 +47,7 @@ async fn run(spec: StepSpec, cancel: CancellationToken) -> (StepOutcome, Collect
         }
         got
     });
-    let outcome = NativeExecutor.run(spec, tx, cancel).await;
+    let outcome = NativeExecutor::new().run(spec, tx, cancel).await;
     (outcome, consumer.await.unwrap())
 }
 
@@ -214,7 +214,7 @@ async fn a_gone_receiver_does_not_block_the_step() {
     drop(rx);
     let outcome = tokio::time::timeout(
         Duration::from_secs(10),
-        NativeExecutor.run(spec("head -c 5000000 /dev/zero", dir.path()), tx, CancellationToken::new()),
+        NativeExecutor::new().run(spec("head -c 5000000 /dev/zero", dir.path()), tx, CancellationToken::new()),
     )
     .await
     .expect("step blocked on its output");

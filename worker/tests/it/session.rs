@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::fake_executor::FakeExecutor;
-use crate::fake_master::FakeMaster;
-use crate::{init_logs, make_repo, process_gone, wait_until};
+use crate::fake_master::{FakeMaster, MasterSession};
+use crate::{init_logs, make_repo, prepared_checkout, process_gone, wait_until};
 
 const TOKEN: &str = "s3cret";
 
@@ -34,6 +34,7 @@ impl TestWorker {
             labels: vec!["linux".to_owned(), "fast".to_owned()],
             workdir: workdir.to_owned(),
             max_steps,
+            guard: None,
         };
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(run_with_executor(config, executor, shutdown.clone()));
@@ -41,7 +42,7 @@ impl TestWorker {
     }
 
     fn native(url: String, workdir: &Path) -> TestWorker {
-        TestWorker::start(url, workdir, 1, Arc::new(rbb_worker::NativeExecutor))
+        TestWorker::start(url, workdir, 1, Arc::new(rbb_worker::NativeExecutor::new()))
     }
 
     /// Shuts the worker down; it must stop cleanly and in time.
@@ -159,7 +160,7 @@ async fn runs_leased_steps_with_a_checkout() {
 async fn cancel_stops_a_running_step() {
     init_logs();
     let scratch = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(scratch.path().join("work/builds/7")).unwrap();
+    prepared_checkout(&scratch.path().join("work"), "builds/7", 7);
     let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
     let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
     let mut session = master.next_session().await;
@@ -180,7 +181,7 @@ async fn cancel_stops_a_running_step() {
 async fn steps_run_in_lease_order() {
     init_logs();
     let scratch = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(scratch.path().join("work/builds/7")).unwrap();
+    prepared_checkout(&scratch.path().join("work"), "builds/7", 7);
     let fake = Arc::new(
         FakeExecutor::default()
             .expect("make", StepResult::Success, "made\n")
@@ -211,11 +212,23 @@ async fn steps_run_in_lease_order() {
     worker.stop().await;
 }
 
+/// The next LeaseRefused (lease, reason); log chunks of running steps are skipped, anything
+/// else (a StepFinished above all) is a failure.
+async fn refusal(session: &mut MasterSession) -> (u64, String) {
+    loop {
+        match session.recv().await {
+            Msg::Refused(refused) => return (refused.lease, refused.reason),
+            Msg::Log(_) => {}
+            other => panic!("expected LeaseRefused, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
-async fn an_over_lease_is_answered_worker_is_full() {
+async fn an_over_lease_is_refused_not_failed() {
     init_logs();
     let scratch = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(scratch.path().join("work/builds/7")).unwrap();
+    prepared_checkout(&scratch.path().join("work"), "builds/7", 7);
     let fake = Arc::new(FakeExecutor::default().expect_blocking("long"));
     let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
     let worker = TestWorker::start(master.url(), &scratch.path().join("work"), 1, fake.clone());
@@ -225,9 +238,10 @@ async fn an_over_lease_is_answered_worker_is_full() {
     session.send(MasterMsg::Lease(lease(1, "long"))).await;
     assert!(matches!(session.recv().await, Msg::Started(s) if s.lease == 1));
     session.send(MasterMsg::Lease(lease(2, "second"))).await;
-    let (_, finished) = session.until_finished(2).await;
-    assert_eq!(finished.result, StepResult::Exception as i32);
-    assert_eq!(finished.reason, "worker is full");
+    assert_eq!(refusal(&mut session).await, (2, "the worker is full (1 of 1 steps running)".to_owned()));
+    // A lease already running is refused too, and the running one is untouched.
+    session.send(MasterMsg::Lease(lease(1, "long"))).await;
+    assert_eq!(refusal(&mut session).await, (1, "lease 1 is already running on this worker".to_owned()));
 
     session.send(MasterMsg::Cancel(Cancel { lease: 1, reason: String::new() })).await;
     let (_, finished) = session.until_finished(1).await;
@@ -263,7 +277,7 @@ async fn a_refused_worker_stops_with_an_error() {
 async fn reconnects_when_the_master_restarts() {
     init_logs();
     let scratch = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(scratch.path().join("work/builds/7")).unwrap();
+    prepared_checkout(&scratch.path().join("work"), "builds/7", 7);
     let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
     let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
     let mut session = master.next_session().await;
@@ -308,7 +322,7 @@ async fn reconnects_when_the_master_restarts() {
 async fn shutdown_stops_running_steps_and_closes_the_session() {
     init_logs();
     let scratch = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(scratch.path().join("work/builds/7")).unwrap();
+    prepared_checkout(&scratch.path().join("work"), "builds/7", 7);
     let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
     let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
     let mut session = master.next_session().await;
@@ -337,4 +351,125 @@ async fn shutdown_stops_running_steps_and_closes_the_session() {
     let result =
         tokio::time::timeout(Duration::from_secs(10), worker.handle).await.expect("worker did not stop").unwrap();
     assert!(result.is_ok(), "{result:?}");
+}
+
+/// A master that leases the next step the instant it reads a StepFinished must find the slot
+/// free: the worker frees it before it reports the step, so a 1-slot worker never refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_sent_right_after_a_result_finds_the_slot_free() {
+    init_logs();
+    const STEPS: u64 = 200;
+    let scratch = tempfile::tempdir().unwrap();
+    prepared_checkout(&scratch.path().join("work"), "builds/7", 7);
+    let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
+    let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
+    let mut session = master.next_session().await;
+    session.handshake(1000).await;
+
+    session.send(MasterMsg::Lease(lease(1, "true"))).await;
+    let mut next = 1;
+    let mut unexpected = Vec::new();
+    while next <= STEPS {
+        match session.recv().await {
+            Msg::Finished(finished) => {
+                assert_eq!(finished.lease, next, "{finished:?}");
+                if finished.result != StepResult::Success as i32 {
+                    unexpected.push(format!("lease {}: {:?} {}", finished.lease, finished.result, finished.reason));
+                }
+                next += 1;
+                if next <= STEPS {
+                    session.send(MasterMsg::Lease(lease(next, "true"))).await;
+                }
+            }
+            Msg::Refused(refused) => {
+                unexpected.push(format!("lease {} refused: {}", refused.lease, refused.reason));
+                next += 1;
+                if next <= STEPS {
+                    session.send(MasterMsg::Lease(lease(next, "true"))).await;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(unexpected.is_empty(), "{} of {STEPS} leases not run: {unexpected:?}", unexpected.len());
+    worker.stop().await;
+}
+
+/// A step stopped because the session ended did not end by itself: the worker reports no
+/// result for it (a CANCELLED would be taken for the step's own), the master retries it.
+#[tokio::test]
+async fn steps_stopped_by_a_lost_session_report_nothing() {
+    init_logs();
+    let scratch = tempfile::tempdir().unwrap();
+    prepared_checkout(&scratch.path().join("work"), "builds/7", 7);
+    let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
+    let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
+    let mut session = master.next_session().await;
+    session.handshake(1000).await;
+
+    session.send(MasterMsg::Lease(lease(4, "sleep 30"))).await;
+    assert!(matches!(session.recv().await, Msg::Started(s) if s.lease == 4));
+    session.hang_up();
+    let mut rest = Vec::new();
+    while let Some(msg) = session.try_recv().await {
+        rest.push(msg);
+    }
+    assert!(!rest.iter().any(|m| matches!(m, Msg::Finished(_))), "no StepFinished expected: {rest:?}");
+    // The worker reconnects; the step is not running any more.
+    let mut again = master.next_session().await;
+    again.handshake(1000).await;
+    worker.stop().await;
+}
+
+/// A build's later steps (`always_run` ones too) run in that build's checkout or not at all:
+/// never in the tree an earlier build, or a failed checkout, left in the directory.
+#[tokio::test]
+async fn a_step_never_runs_in_another_builds_tree() {
+    init_logs();
+    let scratch = tempfile::tempdir().unwrap();
+    let repo = scratch.path().join("repo");
+    let commit = make_repo(scratch.path(), &repo, &[("hello.txt", "hello\n")]);
+    let ran = scratch.path().join("ran");
+    let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
+    let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
+    let mut session = master.next_session().await;
+    session.handshake(1000).await;
+    let checkout = |commit: &str| Some(Checkout { url: repo.to_str().unwrap().to_owned(), commit: commit.to_owned() });
+    let step = |id: u64, build: u64| {
+        let mut step = lease(id, &format!("cat hello.txt && echo {id} >> {}", ran.display()));
+        step.build = build;
+        step
+    };
+
+    // Build 7 checks out and runs.
+    let mut first = step(1, 7);
+    first.checkout = checkout(&commit);
+    session.send(MasterMsg::Lease(first)).await;
+    let (_, finished) = session.until_finished(1).await;
+    assert_eq!(finished.result, StepResult::Success as i32, "{finished:?}");
+
+    // Build 8's checkout fails; its always_run step must not run in build 7's tree.
+    let mut broken = step(2, 8);
+    broken.checkout = checkout("0123456789abcdef0123456789abcdef01234567");
+    session.send(MasterMsg::Lease(broken)).await;
+    let (_, finished) = session.until_finished(2).await;
+    assert_eq!(finished.result, StepResult::Exception as i32, "{finished:?}");
+    session.send(MasterMsg::Lease(step(3, 8))).await;
+    let (_, finished) = session.until_finished(3).await;
+    assert_eq!(finished.result, StepResult::Exception as i32, "{finished:?}");
+    assert!(finished.reason.contains("does not exist"), "{}", finished.reason);
+
+    // Build 9 checks out; build 10, whose checkout this worker never got, may not use it.
+    let mut third = step(4, 9);
+    third.checkout = checkout(&commit);
+    session.send(MasterMsg::Lease(third)).await;
+    let (_, finished) = session.until_finished(4).await;
+    assert_eq!(finished.result, StepResult::Success as i32, "{finished:?}");
+    session.send(MasterMsg::Lease(step(5, 10))).await;
+    let (_, finished) = session.until_finished(5).await;
+    assert_eq!(finished.result, StepResult::Exception as i32, "{finished:?}");
+    assert!(finished.reason.contains("holds build 9's checkout, not build 10's"), "{}", finished.reason);
+
+    assert_eq!(std::fs::read_to_string(&ran).unwrap(), "1\n4\n", "only the steps of checked-out builds ran");
+    worker.stop().await;
 }

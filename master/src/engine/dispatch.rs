@@ -1,0 +1,212 @@
+//! The queue: which pending build starts on which worker, and, for each build that cannot
+//! start yet, why (its needs, a lock, the concurrency limit, no capable or free worker).
+//! Pending builds are kept in priority order and running ones in their own set, so a
+//! dispatch costs what is in flight, not the history.
+
+use super::rules::{self, Needs};
+use super::{Engine, EngineError, Event, Tx};
+use crate::model::now_ms;
+use rbb_schema::api::State;
+use rbb_schema::pipeline::LockMode;
+use rbb_schema::plan::PlanBuilder;
+use rbb_schema::results::Outcome;
+use std::collections::{BTreeSet, HashMap};
+
+impl Engine {
+    /// Starts every pending build whose needs are met on a capable, free worker, and
+    /// records why the others wait.
+    pub(super) fn dispatch(&self, tx: &mut Tx<'_>) -> Result<(), EngineError> {
+        if tx.closing {
+            return Ok(());
+        }
+        // Running builds whose lease was refused go first: their worker holds their checkout.
+        let stalled: Vec<u64> = tx.stalled.iter().copied().collect();
+        for id in stalled {
+            let Some(worker) = tx.builds.get(&id).filter(|b| b.state == State::Running).and_then(|b| b.worker.clone())
+            else {
+                tx.stalled_mut().remove(&id);
+                continue;
+            };
+            let max = tx.workers.get(&worker).filter(|w| w.session.is_some()).map_or(0, |w| w.max_steps);
+            if self.leases_of(tx, &worker) < max {
+                tx.stalled_mut().remove(&id);
+                self.next_step(tx, id)?;
+            }
+        }
+        let pending: Vec<u64> = tx.pending.iter().map(|(_, id)| *id).collect();
+        for id in pending {
+            let Some(b) = tx.builds.get(&id).filter(|b| b.state == State::Pending) else { continue };
+            // Needed builds may have finished and left memory: read them where they are.
+            let mut deps = Vec::new();
+            for w in &b.waits_for {
+                if let Some(d) = tx.build(*w)? {
+                    deps.push(d.into_owned());
+                }
+            }
+            let b = &tx.builds[&id];
+            match rules::needs(b, |i| deps.iter().find(|d| d.id == i)) {
+                Needs::Failed(why) => {
+                    if let Some(b) = tx.build_mut(id) {
+                        b.result = Some(Outcome::Skipped);
+                        b.result_reason = why;
+                    }
+                    self.finish_build(tx, id)?;
+                    continue;
+                }
+                Needs::Waiting(on) => {
+                    let names: Vec<String> = on
+                        .iter()
+                        .filter_map(|i| deps.iter().find(|d| d.id == *i))
+                        .map(|d| format!("build {} ({}, {})", d.id, d.builder, state_word(d.state)))
+                        .collect();
+                    let why = format!("waiting for {}", names.join(", "));
+                    tx.st.waiting.insert(id, why);
+                    continue;
+                }
+                Needs::Ready => {}
+            }
+            let plan = self.plan_of(tx, id);
+            let b = &tx.builds[&id];
+            let Some(pb) = plan.as_ref().and_then(|p| p.builder(&b.builder)) else {
+                let why = format!("builder {} is not in plan {}", b.builder, b.plan_hash);
+                if let Some(b) = tx.build_mut(id) {
+                    b.result = Some(Outcome::Exception);
+                    b.result_reason = why;
+                }
+                self.finish_build(tx, id)?;
+                continue;
+            };
+            if let Some(why) = self.held_back(tx, pb) {
+                tx.st.waiting.insert(id, why);
+                continue;
+            }
+            let worker = match self.choose_worker(tx, pb, &b.builder) {
+                Ok(w) => w,
+                Err(why) => {
+                    tx.st.waiting.insert(id, why);
+                    continue;
+                }
+            };
+            let builder = b.builder.clone();
+            if let Some(builds) = tx.worker_builds_mut(&worker) {
+                builds.insert(builder.clone(), id);
+            }
+            if let Some(b) = tx.build_mut(id) {
+                b.worker = Some(worker.clone());
+                b.started_at = Some(now_ms());
+            }
+            tx.set_state(id, State::Running);
+            // Durable: after a crash, a build that had started must be known as such.
+            tx.durable();
+            tracing::info!(build = id, builder = %builder, worker = %worker, "build started");
+            tx.emit(Event::Build { id });
+            self.next_step(tx, id)?;
+        }
+        Ok(())
+    }
+
+    fn leases_of(&self, tx: &Tx<'_>, worker: &str) -> u32 {
+        tx.leases.values().filter(|l| l.worker == worker).count() as u32
+    }
+
+    /// Why the builder's concurrency limit or locks hold a ready build back, if they do.
+    fn held_back(&self, tx: &Tx<'_>, pb: &PlanBuilder) -> Option<String> {
+        if pb.concurrency.is_none() && pb.locks.is_empty() {
+            return None;
+        }
+        let running: Vec<(u64, &str, &str)> = tx
+            .running
+            .iter()
+            .filter_map(|id| tx.builds.get(id))
+            .map(|b| (b.id, b.builder.as_str(), b.plan_hash.as_str()))
+            .collect();
+        if let Some(max) = pb.concurrency {
+            let same: Vec<String> =
+                running.iter().filter(|(_, builder, _)| *builder == pb.id).map(|(id, _, _)| id.to_string()).collect();
+            if same.len() as u32 >= max {
+                return Some(format!(
+                    "concurrency limit: {max} build(s) of {} may run at once (running: build {})",
+                    pb.id,
+                    same.join(", ")
+                ));
+            }
+        }
+        // Running builds hold their locks: (count, exclusive, holders) per lock.
+        let mut held: HashMap<&str, (u32, bool, Vec<u64>)> = HashMap::new();
+        for (id, builder, hash) in &running {
+            let Some(p) = tx.plans.get(*hash).and_then(|p| p.builder(builder)) else { continue };
+            for l in &p.locks {
+                let e = held.entry(l.name.as_str()).or_default();
+                e.0 += 1;
+                e.1 |= l.mode == LockMode::Exclusive;
+                e.2.push(*id);
+            }
+        }
+        for l in &pb.locks {
+            let Some((count, exclusive, holders)) = held.get(l.name.as_str()) else { continue };
+            let max = self.locks.get(&l.name).copied().unwrap_or(1).max(1);
+            let free = match l.mode {
+                LockMode::Exclusive => *count == 0,
+                LockMode::Counting => !exclusive && *count < max,
+            };
+            if !free {
+                let by: Vec<String> = holders.iter().map(|h| format!("build {h}")).collect();
+                return Some(format!("lock `{}` is held by {}", l.name, by.join(", ")));
+            }
+        }
+        None
+    }
+
+    /// The connected worker to run a build of `pb` on, or why there is none now.
+    fn choose_worker(&self, tx: &Tx<'_>, pb: &PlanBuilder, builder: &str) -> Result<String, String> {
+        let mut need: BTreeSet<&str> = pb.labels.iter().map(String::as_str).collect();
+        if pb.image.is_some() || pb.steps.iter().any(|s| s.image.is_some()) {
+            need.insert("docker");
+        }
+        let capable: Vec<&super::WorkerState> = tx
+            .workers
+            .values()
+            .filter(|w| w.session.is_some())
+            .filter(|w| need.iter().all(|l| w.labels.contains(*l)))
+            .collect();
+        if capable.is_empty() {
+            let wanted: Vec<&str> = need.iter().copied().collect();
+            return Err(if wanted.is_empty() {
+                "no worker is connected".to_owned()
+            } else if wanted.contains(&"docker") && pb.labels.iter().all(|l| l != "docker") {
+                format!("no connected worker can run containers (needs labels: {})", wanted.join(", "))
+            } else {
+                format!("no connected worker has the labels {}", wanted.join(", "))
+            });
+        }
+        let free: Vec<&&super::WorkerState> = capable
+            .iter()
+            .filter(|w| !w.builds.contains_key(builder))
+            .filter(|w| (w.builds.len() as u32) < w.max_steps && self.leases_of(tx, &w.config.name) < w.max_steps)
+            .collect();
+        match free.iter().min_by_key(|w| (w.builds.len(), w.config.name.clone())) {
+            Some(w) => Ok(w.config.name.clone()),
+            None => {
+                let busy: Vec<String> = capable
+                    .iter()
+                    .map(|w| {
+                        if w.builds.contains_key(builder) {
+                            format!("{} runs another build of {builder}", w.config.name)
+                        } else {
+                            format!("{} has {}/{} slots busy", w.config.name, w.builds.len(), w.max_steps)
+                        }
+                    })
+                    .collect();
+                Err(format!("every capable worker is busy ({})", busy.join("; ")))
+            }
+        }
+    }
+}
+
+fn state_word(s: State) -> &'static str {
+    match s {
+        State::Pending => "pending",
+        State::Running => "running",
+        State::Finished => "finished",
+    }
+}
