@@ -1,8 +1,8 @@
 //! `cargo xtask soak`: a chaos soak of the real binaries, judged only through the REST API
 //! and `/proc`.
 //!
-//! One release (`--debug`: debug) `rbb master` and four `rbb-worker` processes on loopback run N builds (2,000 by
-//! default, `--builds N`) of mixed builders: trivial steps, short sleeps, output, and builders
+//! One release (`--debug`: debug) `rbb master` and four `rbb-worker` processes on loopback run
+//! N builds (2,000 by default, `--builds N`) of mixed builders: trivial steps, sleeps, output, and builders
 //! whose failures are expected (each with its exact build and step results). Meanwhile workers
 //! are killed with SIGKILL and restarted, the master is killed once with SIGKILL and once
 //! stopped with SIGTERM, and restarted each time. At the end it checks that every build ended
