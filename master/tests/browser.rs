@@ -352,6 +352,10 @@ async fn a_big_log_is_shown_a_page_at_a_time() {
     )
     .await;
     assert!(js(&c, TEXT).await.as_str().expect("text").len() <= PAGE);
+    // Lines are numbered from the first page on: `seq` prints n on line n + (header lines).
+    const SHIFT: &str = "const l = [...document.querySelectorAll('pre.log .l[id]')].filter(l => /^\\d+\\n$/.test(l.textContent))[1]; return Number(l.id.slice(1)) - Number(l.textContent)";
+    let shift = js(&c, SHIFT).await.as_i64().expect("line number minus value");
+    assert!(shift > 0, "the first page is numbered after the header lines: {shift}");
     element(&c, "button[data-log='next']").await.click().await.expect("next");
     until_js(
         &c,
@@ -360,6 +364,7 @@ async fn a_big_log_is_shown_a_page_at_a_time() {
         "return document.querySelector('.log-range').textContent.startsWith('256 KiB–512 KiB of ')",
     )
     .await;
+    assert_eq!(js(&c, SHIFT).await.as_i64(), Some(shift), "the next page goes on numbering where the first ended");
     element(&c, "button[data-log='last']").await.click().await.expect("last");
     until_js(
         &c,
@@ -558,8 +563,20 @@ builders:
         run: echo never runs here
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pages_show_commits_needs_waits_logs_and_trends() {
+/// A master and worker that built two commits of `PAGES` (each seen by the poller, so with a
+/// change record), then rebuilt lint at the older one; and a browser.
+struct Pages {
+    m: Master,
+    _w: Worker,
+    c: Client,
+    _driver: Driver,
+    base: String,
+    older: String,
+    newer: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn pages() -> Pages {
     let dir = tempfile::tempdir().expect("tempdir");
     let app = dir.path().join("app");
     make_repo(&app, PAGES, &[]);
@@ -570,7 +587,18 @@ async fn the_pages_show_commits_needs_waits_logs_and_trends() {
     )
     .expect("config");
     let m = Master::start(&config, &dir.path().join("state"));
-    let _w = Worker::start(&m, "w1", "secret", &dir.path().join("w1"), &[]);
+    let w = Worker::start(&m, "w1", "secret", &dir.path().join("w1"), &[]);
+    // The first poll records where the branches are without building: commit after it.
+    let mirror = dir.path().join("state/mirrors/app.git");
+    wait_for(T, "the master's first poll", || {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&mirror)
+            .args(["for-each-ref", "refs/rbb/recorded/"])
+            .output()
+            .ok()?;
+        (!out.stdout.is_empty()).then_some(())
+    });
     // Two commits seen by the poller, each built; the gpu builds wait for a worker forever.
     let settled = |commit: &str| {
         wait_for(T, &format!("the builds of {commit} to finish"), || {
@@ -589,13 +617,19 @@ async fn the_pages_show_commits_needs_waits_logs_and_trends() {
     assert!(r.status == 200 || r.status == 201, "rebuild: {}", r.text());
     let again = r.json()["build"].as_u64().expect("rebuild id");
     assert_eq!(m.finished(again, T)["result"], "SUCCESS");
-    let grid = m.get("/api/v2/grid").json();
-    assert_eq!(grid["columns"][0]["commit"], older.as_str(), "the API lists the rebuilt commit first: {grid:#}");
-
     let driver = Driver::start(dir.path());
     let c = driver.browser(dir.path()).await;
     let base = format!("http://{}", m.http);
+    Pages { m, _w: w, c, _driver: driver, base, older, newer, _dir: dir }
+}
 
+/// The grid's columns: ordered by commit time, headed by what the commit is, as wide as the screen allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grid_columns_are_commits_newest_first_with_subject_author_time_and_repo() {
+    let p = pages().await;
+    let (m, c, base, older, newer) = (&p.m, &p.c, &p.base, &p.older, &p.newer);
+    let grid = m.get("/api/v2/grid").json();
+    assert_eq!(grid["columns"][0]["commit"], older.as_str(), "the API lists the rebuilt commit first: {grid:#}");
     // The grid: newest commit first whatever was built last, each heading with the commit's
     // subject, author, time and repository; the cells widen into the free width.
     c.goto(&format!("{base}/")).await.expect("open the UI");
@@ -612,8 +646,16 @@ async fn the_pages_show_commits_needs_waits_logs_and_trends() {
     assert!(widths.as_array().expect("widths").iter().all(|w| w.as_u64().expect("width") > 100), "cells: {widths}");
     screenshot(&c, "pages-grid.png").await;
 
+    c.clone().close().await.expect("close the browser");
+}
+
+/// The build page: step numbers, needed builds, why a pending build waits, not-found, title, no cache placeholder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_build_page_numbers_steps_names_needs_says_why_it_waits_and_knows_missing_builds() {
+    let p = pages().await;
+    let (m, c, base, newer) = (&p.m, &p.c, &p.base, &p.newer);
     // A failed build: steps numbered as in its result line; the title names it.
-    let test = build_at(&m, "app/test", &newer).expect("test build");
+    let test = build_at(m, "app/test", newer).expect("test build");
     let test_id = test["id"].as_u64().expect("id");
     assert!(test["result_reason"].as_str().expect("reason").starts_with("step 2 (check)"), "{test:#}");
     c.goto(&format!("{base}/#/builds/{test_id}")).await.expect("open the failed build");
@@ -633,13 +675,13 @@ async fn the_pages_show_commits_needs_waits_logs_and_trends() {
     );
 
     // The build that needs two others names them, with their results and links.
-    let package = build_at(&m, "app/package", &newer).expect("package build");
+    let package = build_at(m, "app/package", newer).expect("package build");
     c.goto(&format!("{base}/#/builds/{}", package["id"])).await.expect("open the package build");
     element(&c, "#build-needs li[data-needs] .badge").await;
     let needs = js(&c, "return [...document.querySelectorAll('#build-needs li')].map(li => [li.querySelector('a').innerText, li.querySelector('a').getAttribute('href'), li.querySelector('.badge')?.innerText ?? ''])").await;
     let mut needs: Vec<Value> = needs.as_array().expect("needs").clone();
     needs.sort_by_key(|n| n[0].as_str().unwrap_or_default().to_owned());
-    let lint = build_at(&m, "app/lint", &newer).expect("lint build");
+    let lint = build_at(m, "app/lint", newer).expect("lint build");
     assert_eq!(
         needs,
         [
@@ -650,7 +692,7 @@ async fn the_pages_show_commits_needs_waits_logs_and_trends() {
     screenshot(&c, "pages-needs.png").await;
 
     // A pending build says why it waits, and cannot be rebuilt.
-    let gpu = build_at(&m, "app/gpu", &newer).expect("gpu build");
+    let gpu = build_at(m, "app/gpu", newer).expect("gpu build");
     assert_eq!(gpu["state"], "pending");
     let waiting = gpu["waiting"].as_str().expect("the API says why it waits").to_owned();
     c.goto(&format!("{base}/#/builds/{}", gpu["id"])).await.expect("open the pending build");
@@ -669,6 +711,15 @@ async fn the_pages_show_commits_needs_waits_logs_and_trends() {
     assert!(js(&c, "return document.title").await.as_str().expect("title").contains("999999 not found"));
     screenshot(&c, "pages-missing.png").await;
 
+    c.clone().close().await.expect("close the browser");
+}
+
+/// The log viewer: numbered lines with links, ANSI colours, search, download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_viewer_numbers_links_colours_searches_and_downloads() {
+    let p = pages().await;
+    let (m, c, base, newer) = (&p.m, &p.c, &p.base, &p.newer);
+    let lint = build_at(m, "app/lint", newer).expect("lint build");
     // The log: colours rendered, numbered lines that link to themselves, search, download.
     let lint_id = lint["id"].as_u64().expect("id");
     c.goto(&format!("{base}/#/builds/{lint_id}")).await.expect("open the lint build");
@@ -713,6 +764,14 @@ async fn the_pages_show_commits_needs_waits_logs_and_trends() {
     assert!(got.as_str().expect("log").contains("the needle 42"), "{got}");
     screenshot(&c, "pages-log.png").await;
 
+    c.clone().close().await.expect("close the browser");
+}
+
+/// The builder page: the last builds as a chart, success rate, median duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_builder_page_charts_its_last_builds() {
+    let p = pages().await;
+    let (c, base) = (&p.c, &p.base);
     // The builder page: the last builds as a chart, success rate, median duration.
     c.goto(&format!("{base}/#/builders/app%2Flint")).await.expect("open the builder");
     element(&c, "#builder-trend svg.chart").await;
@@ -723,5 +782,5 @@ async fn the_pages_show_commits_needs_waits_logs_and_trends() {
     element(&c, "#builder-trend svg.chart rect.bar.r-FAILURE").await;
     assert_eq!(text_of(&c, "#builder-rate b").await, "0%");
     screenshot(&c, "pages-builder.png").await;
-    c.close().await.expect("close the browser");
+    c.clone().close().await.expect("close the browser");
 }

@@ -12,6 +12,7 @@ import { bytes as fmtBytes, esc } from './view.js';
 
 export const PAGE = 256 * 1024;
 const KEEP = 4 * PAGE; // most bytes kept in the DOM while following
+const BLOCK = 200; // lines per separately laid-out block
 // Escape sequences: SGR (`m`) sets colours; every other CSI, OSC or two-byte escape is dropped.
 const ESCAPES = /\x1b\[([0-9;?]*)([@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]/g;
 // An escape sequence cut off at the end of a chunk: kept for the next chunk.
@@ -340,6 +341,9 @@ export class LogView {
     this.start = r.start;
     this.end = r.end;
     const skip = skipPartial(r.bytes, r.start);
+    // Line numbers are known from the start of the log and from pages reached by paging from it.
+    this.pre.classList.toggle('unnumbered', this.next == null);
+    this.range.title = this.next == null ? 'Line numbers start from « first »' : '';
     this.append(this.decoder.decode(r.bytes.subarray(skip), { stream: true }), r.end - r.start);
     if (this.term) this.find(true);
   }
@@ -351,8 +355,7 @@ export class LogView {
     this.carry = cut ? cut[0] : '';
     if (cut) text = text.slice(0, cut.index);
     const parts = text.split('\n');
-    let html = '';
-    let lines = 0;
+    const html = [];
     for (let i = 0; i < parts.length; i++) {
       const last = i === parts.length - 1;
       const piece = last ? parts[i] : parts[i] + '\n';
@@ -366,23 +369,41 @@ export class LogView {
       const num = this.next;
       if (num != null) this.next++;
       const link = num != null ? `#/builds/${this.where.build}?step=${this.where.step}&line=${num}` : null;
-      html += `<span class="l"${num != null ? ` id="L${num}"` : ''}><a class="n"${link ? ` href="${link}" data-l="${num}"` : ''}></a>${ansiHtml(piece, this.sgr)}</span>`;
-      lines++;
+      html.push(`<span class="l"${num != null ? ` id="L${num}"` : ''}><a class="n"${link ? ` href="${link}" data-l="${num}"` : ''}></a>${ansiHtml(piece, this.sgr)}</span>`);
     }
-    if (html) this.pre.insertAdjacentHTML('beforeend', html);
-    if (lines && !text.endsWith('\n')) this.open = this.pre.lastElementChild;
+    this.addLines(html);
+    if (html.length && !text.endsWith('\n')) this.open = this.pre.lastElementChild.lastElementChild;
     else if (text.endsWith('\n')) this.open = null;
-    this.chunks.push({ lines, n });
+    this.chunks.push({ lines: html.length, n });
     // Where the next window starts, the line number is now known.
     const end = this.start + this.chunks.reduce((a, c) => a + c.n, 0);
     if (this.next != null) this.lineAt.set(end, this.open ? this.next - 1 : this.next);
+  }
+
+  /**
+   * Appends line elements (HTML strings) in blocks of `BLOCK` lines. Blocks off screen are
+   * neither laid out nor painted (`content-visibility: auto`), so a page of 40,000 short lines
+   * costs the layout of the few blocks in view.
+   */
+  addLines(html) {
+    let i = 0;
+    const tail = this.pre.lastElementChild;
+    if (tail && tail.childElementCount < BLOCK && html.length) {
+      i = Math.min(html.length, BLOCK - tail.childElementCount);
+      tail.insertAdjacentHTML('beforeend', html.slice(0, i).join(''));
+    }
+    const blocks = [];
+    for (; i < html.length; i += BLOCK) blocks.push(`<div class="blk">${html.slice(i, i + BLOCK).join('')}</div>`);
+    if (blocks.length) this.pre.insertAdjacentHTML('beforeend', blocks.join(''));
   }
 
   /** Keeps at most about `KEEP` bytes in the page while following a long log. */
   trim() {
     while (this.end - this.start > KEEP && this.chunks.length > 1) {
       const { lines, n } = this.chunks.shift();
-      for (let i = 0; i < lines && this.pre.firstElementChild; i++) this.pre.firstElementChild.remove();
+      const els = this.pre.querySelectorAll('.l');
+      for (let i = 0; i < lines && i < els.length; i++) els[i].remove();
+      while (this.pre.firstElementChild && !this.pre.firstElementChild.childElementCount) this.pre.firstElementChild.remove();
       this.start += n;
     }
   }
@@ -398,7 +419,7 @@ export class LogView {
     if (!term) { this.hitsEl.textContent = ''; this.hit = -1; return; }
     const needle = term.toLowerCase();
     const ranges = [];
-    for (const line of this.pre.children) {
+    for (const line of this.pre.querySelectorAll('.l')) {
       if (!line.textContent.toLowerCase().includes(needle)) continue;
       line.classList.add('hit');
       this.hits.push(line);
