@@ -633,8 +633,8 @@ async fn grid_columns_are_commits_newest_first_with_subject_author_time_and_repo
     // The grid: newest commit first whatever was built last, each heading with the commit's
     // subject, author, time and repository; the cells widen into the free width.
     c.goto(&format!("{base}/")).await.expect("open the UI");
-    element(&c, "#grid-wrap[data-loaded] th.col").await;
-    let heads = js(&c, "return [...document.querySelectorAll('.grid-head th.col')].map(th => th.innerText)").await;
+    element(c, "#grid-wrap[data-loaded] th.col").await;
+    let heads = js(c, "return [...document.querySelectorAll('.grid-head th.col')].map(th => th.innerText)").await;
     let heads: Vec<&str> = heads.as_array().expect("headings").iter().map(|h| h.as_str().expect("text")).collect();
     assert_eq!(heads.len(), 2, "{heads:?}");
     assert!(heads[0].contains("Teach the parser colours"), "the newest commit comes first: {heads:?}");
@@ -642,9 +642,9 @@ async fn grid_columns_are_commits_newest_first_with_subject_author_time_and_repo
     for (h, id) in heads.iter().zip([&newer, &older]) {
         assert!(h.contains("rbb fixtures") && h.contains("ago") && h.contains("app") && h.contains(&id[..7]), "{h}");
     }
-    let widths = js(&c, "return [...document.querySelectorAll('table.grid td')].map(td => td.offsetWidth)").await;
+    let widths = js(c, "return [...document.querySelectorAll('table.grid td')].map(td => td.offsetWidth)").await;
     assert!(widths.as_array().expect("widths").iter().all(|w| w.as_u64().expect("width") > 100), "cells: {widths}");
-    screenshot(&c, "pages-grid.png").await;
+    screenshot(c, "pages-grid.png").await;
 
     c.clone().close().await.expect("close the browser");
 }
@@ -659,26 +659,26 @@ async fn the_build_page_numbers_steps_names_needs_says_why_it_waits_and_knows_mi
     let test_id = test["id"].as_u64().expect("id");
     assert!(test["result_reason"].as_str().expect("reason").starts_with("step 2 (check)"), "{test:#}");
     c.goto(&format!("{base}/#/builds/{test_id}")).await.expect("open the failed build");
-    until_js(&c, T, "the failed build", "return document.getElementById('view').dataset.result === 'FAILURE'").await;
-    let facts = text_of(&c, "#build-facts").await;
+    until_js(c, T, "the failed build", "return document.getElementById('view').dataset.result === 'FAILURE'").await;
+    let facts = text_of(c, "#build-facts").await;
     assert!(facts.contains("step 2 (check)"), "{facts}");
-    let rows = js(&c, "return [...document.querySelectorAll('#build-steps tbody tr')].map(tr => [tr.cells[0].innerText, tr.cells[1].innerText])").await;
+    let rows = js(c, "return [...document.querySelectorAll('#build-steps tbody tr')].map(tr => [tr.cells[0].innerText, tr.cells[1].innerText])").await;
     assert_eq!(rows, json!([["1", "prepare"], ["2", "check"]]));
-    let title = js(&c, "return document.title").await;
+    let title = js(c, "return document.title").await;
     assert!(title.as_str().expect("title").contains(&format!("Build {test_id} · app/test")), "{title}");
     // No cache box until the cache reports.
-    let why = text_of(&c, "#build-why").await;
+    let why = text_of(c, "#build-why").await;
     assert!(
         !why.to_lowercase().contains("cache")
-            && js(&c, "return document.querySelector('#build-why textarea') === null").await == true,
+            && js(c, "return document.querySelector('#build-why textarea') === null").await == true,
         "{why}"
     );
 
     // The build that needs two others names them, with their results and links.
     let package = build_at(m, "app/package", newer).expect("package build");
     c.goto(&format!("{base}/#/builds/{}", package["id"])).await.expect("open the package build");
-    element(&c, "#build-needs li[data-needs] .badge").await;
-    let needs = js(&c, "return [...document.querySelectorAll('#build-needs li')].map(li => [li.querySelector('a').innerText, li.querySelector('a').getAttribute('href'), li.querySelector('.badge')?.innerText ?? ''])").await;
+    element(c, "#build-needs li[data-needs] .badge").await;
+    let needs = js(c, "return [...document.querySelectorAll('#build-needs li')].map(li => [li.querySelector('a').innerText, li.querySelector('a').getAttribute('href'), li.querySelector('.badge')?.innerText ?? ''])").await;
     let mut needs: Vec<Value> = needs.as_array().expect("needs").clone();
     needs.sort_by_key(|n| n[0].as_str().unwrap_or_default().to_owned());
     let lint = build_at(m, "app/lint", newer).expect("lint build");
@@ -689,27 +689,27 @@ async fn the_build_page_numbers_steps_names_needs_says_why_it_waits_and_knows_mi
             json!(["app/test", format!("#/builds/{test_id}"), "FAILURE"])
         ]
     );
-    screenshot(&c, "pages-needs.png").await;
+    screenshot(c, "pages-needs.png").await;
 
     // A pending build says why it waits, and cannot be rebuilt.
     let gpu = build_at(m, "app/gpu", newer).expect("gpu build");
     assert_eq!(gpu["state"], "pending");
     let waiting = gpu["waiting"].as_str().expect("the API says why it waits").to_owned();
     c.goto(&format!("{base}/#/builds/{}", gpu["id"])).await.expect("open the pending build");
-    element(&c, "#build-waiting:not([hidden])").await;
-    assert_eq!(text_of(&c, "#build-waiting").await, format!("Waiting: {waiting}"));
-    assert_eq!(js(&c, "return document.getElementById('btn-rebuild').disabled").await, true);
-    screenshot(&c, "pages-pending.png").await;
+    element(c, "#build-waiting:not([hidden])").await;
+    assert_eq!(text_of(c, "#build-waiting").await, format!("Waiting: {waiting}"));
+    assert_eq!(js(c, "return document.getElementById('btn-rebuild').disabled").await, true);
+    screenshot(c, "pages-pending.png").await;
 
     // A build the master does not have: a page saying so, nothing else.
     c.goto(&format!("{base}/#/builds/999999")).await.expect("open a missing build");
-    until_js(&c, T, "the not-found page", "return document.getElementById('view').dataset.state === 'missing'").await;
-    let view = text_of(&c, "#view").await;
+    until_js(c, T, "the not-found page", "return document.getElementById('view').dataset.state === 'missing'").await;
+    let view = text_of(c, "#view").await;
     assert!(view.contains("Build 999999 not found") && !view.contains("Loading"), "{view}");
-    let leftovers = js(&c, "return ['#btn-stop', '#btn-rebuild', '#build-steps', '#build-log', '#build-facts'].filter(s => document.querySelector(s))").await;
+    let leftovers = js(c, "return ['#btn-stop', '#btn-rebuild', '#build-steps', '#build-log', '#build-facts'].filter(s => document.querySelector(s))").await;
     assert_eq!(leftovers, json!([]));
-    assert!(js(&c, "return document.title").await.as_str().expect("title").contains("999999 not found"));
-    screenshot(&c, "pages-missing.png").await;
+    assert!(js(c, "return document.title").await.as_str().expect("title").contains("999999 not found"));
+    screenshot(c, "pages-missing.png").await;
 
     c.clone().close().await.expect("close the browser");
 }
@@ -724,45 +724,45 @@ async fn the_log_viewer_numbers_links_colours_searches_and_downloads() {
     let lint_id = lint["id"].as_u64().expect("id");
     c.goto(&format!("{base}/#/builds/{lint_id}")).await.expect("open the lint build");
     until_js(
-        &c,
+        c,
         T,
         "the log",
         "return (document.querySelector('pre.log')?.textContent ?? '').includes('the needle 42')",
     )
     .await;
-    assert_eq!(text_of(&c, "pre.log span.a-f1.a-bold").await, "red alert");
-    assert_eq!(text_of(&c, "pre.log span.a-f2").await, "green");
-    js(&c, "document.querySelector('pre.log span.a-f1').scrollIntoView({ block: 'center' }); return null").await;
-    screenshot(&c, "pages-log-colours.png").await;
-    let raw = text_of(&c, "pre.log").await;
+    assert_eq!(text_of(c, "pre.log span.a-f1.a-bold").await, "red alert");
+    assert_eq!(text_of(c, "pre.log span.a-f2").await, "green");
+    js(c, "document.querySelector('pre.log span.a-f1').scrollIntoView({ block: 'center' }); return null").await;
+    screenshot(c, "pages-log-colours.png").await;
+    let raw = text_of(c, "pre.log").await;
     assert!(
         !raw.contains('\u{1b}') && raw.contains("\nred alert and green\n"),
         "escape sequences are not shown: {raw}"
     );
-    let line = js(&c, "const l = [...document.querySelectorAll('pre.log .l')].find(l => l.textContent === '20\\n'); return l && [l.id, l.querySelector('a.n').getAttribute('href')]").await;
+    let line = js(c, "const l = [...document.querySelectorAll('pre.log .l')].find(l => l.textContent === '20\\n'); return l && [l.id, l.querySelector('a.n').getAttribute('href')]").await;
     let anchor = line[0].as_str().expect("id").to_owned();
     let n: u32 = anchor.strip_prefix('L').expect("L<n>").parse().expect("number");
     assert_eq!(line[1], format!("#/builds/{lint_id}?step=1&line={n}"));
     // Opening the link (a fresh page) shows that line marked.
     c.goto(&format!("{base}/#/builds/{lint_id}?step=1&line={n}")).await.expect("open the line's link");
     c.refresh().await.expect("reload");
-    element(&c, &format!("pre.log #{anchor}.target")).await;
-    assert_eq!(text_of(&c, "pre.log .l.target").await, "20\n");
-    let search = element(&c, "input.log-search").await;
+    element(c, &format!("pre.log #{anchor}.target")).await;
+    assert_eq!(text_of(c, "pre.log .l.target").await, "20\n");
+    let search = element(c, "input.log-search").await;
     search.send_keys("NEEDLE 42").await.expect("search");
-    until_js(&c, T, "the search to mark its line", "return document.querySelectorAll('pre.log .l.hit').length === 1")
+    until_js(c, T, "the search to mark its line", "return document.querySelectorAll('pre.log .l.hit').length === 1")
         .await;
-    assert_eq!(text_of(&c, "pre.log .l.current").await, "the needle 42\n");
-    assert_eq!(text_of(&c, ".log-hits").await, "1 of 1 line");
+    assert_eq!(text_of(c, "pre.log .l.current").await, "the needle 42\n");
+    assert_eq!(text_of(c, ".log-hits").await, "1 of 1 line");
     let download = js(
-        &c,
+        c,
         "const a = document.querySelector('a.download'); return [a.getAttribute('download'), a.getAttribute('href')]",
     )
     .await;
     assert_eq!(download[0], "build-".to_owned() + &lint_id.to_string() + "-step-1-colours.log");
-    let got = js(&c, "return fetch(document.querySelector('a.download').href).then(r => r.text())").await;
+    let got = js(c, "return fetch(document.querySelector('a.download').href).then(r => r.text())").await;
     assert!(got.as_str().expect("log").contains("the needle 42"), "{got}");
-    screenshot(&c, "pages-log.png").await;
+    screenshot(c, "pages-log.png").await;
 
     c.clone().close().await.expect("close the browser");
 }
@@ -774,13 +774,13 @@ async fn the_builder_page_charts_its_last_builds() {
     let (c, base) = (&p.c, &p.base);
     // The builder page: the last builds as a chart, success rate, median duration.
     c.goto(&format!("{base}/#/builders/app%2Flint")).await.expect("open the builder");
-    element(&c, "#builder-trend svg.chart").await;
-    assert_eq!(js(&c, "return document.querySelectorAll('#builder-trend svg.chart rect.bar').length").await, 3);
-    assert_eq!(text_of(&c, "#builder-rate b").await, "100%");
-    assert!(!text_of(&c, "#builder-median b").await.is_empty());
+    element(c, "#builder-trend svg.chart").await;
+    assert_eq!(js(c, "return document.querySelectorAll('#builder-trend svg.chart rect.bar').length").await, 3);
+    assert_eq!(text_of(c, "#builder-rate b").await, "100%");
+    assert!(!text_of(c, "#builder-median b").await.is_empty());
     c.goto(&format!("{base}/#/builders/app%2Ftest")).await.expect("open the failing builder");
-    element(&c, "#builder-trend svg.chart rect.bar.r-FAILURE").await;
-    assert_eq!(text_of(&c, "#builder-rate b").await, "0%");
-    screenshot(&c, "pages-builder.png").await;
+    element(c, "#builder-trend svg.chart rect.bar.r-FAILURE").await;
+    assert_eq!(text_of(c, "#builder-rate b").await, "0%");
+    screenshot(c, "pages-builder.png").await;
     c.clone().close().await.expect("close the browser");
 }
