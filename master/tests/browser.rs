@@ -279,6 +279,12 @@ async fn a_build_forced_in_the_ui_turns_its_cell_green_live_and_shows_its_log() 
     assert_eq!(js(&c, "return document.getElementById('live').dataset.state").await, "open");
 
     screenshot(&c, "grid.png").await;
+    // No change was recorded for the forced commit: its heading says when it was first seen.
+    let head = text_of(&c, ".grid-head th.col").await;
+    assert!(
+        head.contains(&b["commit"].as_str().expect("commit")[..7]) && head.contains("seen") && head.contains("app"),
+        "{head}"
+    );
 
     // The cell links to the build page, which shows the whole log of the finished step.
     element(&c, &cell).await.click().await.expect("open the build from its cell");

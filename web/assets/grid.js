@@ -66,15 +66,26 @@ export function orderColumns(cols) {
 /** A column's heading: subject, author, time and repository, across or upwards as room allows. */
 function headHtml(c, cw) {
   const t = commitTime(c);
-  const subject = firstLine(c.message) || short(c.commit);
-  const tip = `${firstLine(c.message)}\n${c.author || ''}${t ? ' · ' + when(t) : ''}\n${c.repo} ${c.branch} ${c.commit}`;
-  const who = esc(c.author || '') + (t ? ` · <time datetime="${new Date(t).toISOString()}">${esc(ago(t))}</time>` : '');
-  const where = `${esc(c.repo)} <code>${esc(short(c.commit).slice(0, 7))}</code>`;
+  const hash = `<code>${esc(short(c.commit).slice(0, 7))}</code>`;
+  const at = t ? `<time datetime="${new Date(t).toISOString()}">${esc(ago(t))}</time>` : '';
+  let subject, who, where, tip;
+  if (c.message != null || c.author != null) {
+    subject = esc(firstLine(c.message) || short(c.commit));
+    who = esc(c.author || '') + (at ? ' · ' + at : '');
+    where = `${esc(c.repo)} ${hash}`;
+    tip = `${firstLine(c.message)}\n${c.author || ''}${t ? ' · ' + when(t) : ''}\n${c.repo} ${c.branch} ${c.commit}`;
+  } else {
+    // No change was recorded for it (a forced build of a commit the poller never reported).
+    subject = hash;
+    who = at ? `seen ${at}` : '';
+    where = esc(c.repo);
+    tip = `${c.repo} ${c.branch} ${c.commit}${t ? '\nfirst seen ' + when(t) : ''}`;
+  }
   if (cw >= WIDE_W) {
-    return `<th class="col wide" title="${esc(tip)}"><div class="ch"><b class="subj">${esc(subject)}</b><span class="who">${who}</span><span class="where">${where}</span></div></th>`;
+    return `<th class="col wide" title="${esc(tip)}"><div class="ch"><b class="subj">${subject}</b><span class="who">${who}</span><span class="where">${where}</span></div></th>`;
   }
   // Written upwards: as many lines as the width holds, the subject first.
-  const lines = [`<b class="subj">${esc(subject)}</b>`, `<span class="who">${who}</span>`, `<span class="where">${where}</span>`];
+  const lines = [`<b class="subj">${subject}</b>`, `<span class="who">${who}</span>`, `<span class="where">${where}</span>`];
   const k = Math.max(1, Math.min(lines.length, Math.floor(cw / LINE_W)));
   return `<th class="col up" title="${esc(tip)}"><div class="ch">${lines.slice(0, k).join('')}</div></th>`;
 }
