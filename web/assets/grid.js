@@ -183,6 +183,7 @@ export function mount(view, { query, ctx }) {
   const synthetic = /^(\d+)x(\d+)$/.exec(query.get('synthetic') || '');
   const limit = Math.min(500, Number(query.get('limit')) || 50);
   const collapsed = loadCollapsed();
+  document.title = 'Grid · rbb';
   let data = null;
   let shown = []; // builders currently rendered (filtered)
   let rows = null; // builder id -> <tr>, built on first patch

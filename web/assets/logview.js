@@ -351,9 +351,10 @@ export class LogView {
   /** Appends decoded text that ends at byte `this.end + n`, line by line. */
   append(text, n) {
     text = this.carry + text;
-    const cut = CUT.exec(text);
+    // A cut-off escape is kept for the next chunk; a long unterminated one is shown as it is.
+    const cut = CUT.exec(text.slice(-256));
     this.carry = cut ? cut[0] : '';
-    if (cut) text = text.slice(0, cut.index);
+    if (cut) text = text.slice(0, text.length - cut[0].length);
     const parts = text.split('\n');
     const html = [];
     for (let i = 0; i < parts.length; i++) {
