@@ -754,6 +754,15 @@ async fn the_log_viewer_numbers_links_colours_searches_and_downloads() {
     c.refresh().await.expect("reload");
     element(c, &format!("pre.log #{anchor}.target")).await;
     assert_eq!(text_of(c, "pre.log .l.target").await, "20\n");
+    // Clicking another line's number marks that line, without reading the log again.
+    js(c, "window.rbbSamePage = true; return null").await;
+    element(c, &format!("pre.log #L{} a.n", n + 1)).await.click().await.expect("click a line number");
+    element(c, &format!("pre.log #L{}.target", n + 1)).await;
+    assert_eq!(text_of(c, "pre.log .l.target").await, "21\n");
+    assert_eq!(js(c, "return document.querySelectorAll('pre.log .l.target').length").await, 1);
+    assert_eq!(js(c, "return window.rbbSamePage === true").await, true, "the page was reloaded");
+    let url = c.current_url().await.expect("url");
+    assert_eq!(url.fragment(), Some(format!("/builds/{lint_id}?step=1&line={}", n + 1).as_str()));
     let search = element(c, "input.log-search").await;
     search.send_keys("NEEDLE 42").await.expect("search");
     until_js(c, T, "the search to mark its line", "return document.querySelectorAll('pre.log .l.hit').length === 1")
