@@ -400,12 +400,18 @@ impl Engine {
         }
     }
 
+    /// Whether a change waits to be made durable (see [`Engine::settle`]).
+    pub fn unsettled(&self) -> bool {
+        let st = self.lock();
+        st.durable_seq < st.next_seq
+    }
+
     /// Group commit: makes every change stored so far durable with one fsync, taken outside
     /// the engine's lock (one caller flushes, the others wait for it), then announces what
     /// was held. Every entry point calls this after it let go of the lock; an API answer or
     /// a message to a worker that depends on a durable change therefore goes out only once
     /// it is on disk.
-    fn settle(&self) {
+    pub fn settle(&self) {
         let mut st = self.lock();
         loop {
             if st.durable_seq >= st.next_seq {

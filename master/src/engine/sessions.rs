@@ -193,14 +193,17 @@ impl Engine {
         Ok(())
     }
 
-    /// A message from a worker's session.
+    /// A message from a worker's session, applied and made durable where it must be.
     pub fn on_message(&self, worker: &str, session: u64, msg: proto::worker_message::Msg) -> Result<(), EngineError> {
-        let out = self.handle(worker, session, msg);
+        let out = self.receive(worker, session, msg);
         self.settle();
         out
     }
 
-    fn handle(&self, worker: &str, session: u64, msg: proto::worker_message::Msg) -> Result<(), EngineError> {
+    /// A message from a worker's session, applied without waiting for the disk: what must
+    /// be durable waits (held) for [`Engine::settle`], which the caller runs when
+    /// [`Engine::unsettled`] says so.
+    pub fn receive(&self, worker: &str, session: u64, msg: proto::worker_message::Msg) -> Result<(), EngineError> {
         use proto::worker_message::Msg;
         let mut st = self.lock();
         {
