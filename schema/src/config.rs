@@ -73,8 +73,17 @@ pub struct RepositoryConfig {
     /// `url` without `.git`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// A local path or a `file://` URL of a git repository.
+    /// A local path or a `file://` URL of a git repository, or a remote one: `https://`,
+    /// `http://`, `ssh://`, scp-like `git@host:org/repo.git`, or `git://`. Credentials never go
+    /// in the URL: put them under `auth`.
     pub url: String,
+    /// How to authenticate to a remote `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<RepoAuth>,
+    /// Longest a fetch from a remote `url` may take: seconds or a duration such as `90s`,
+    /// `5m`. Default 5m. A fetch that takes longer is stopped and reported as an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_timeout: Option<Scalar>,
     /// Branch the pipeline is read from. Default `main`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch: Option<String>,
@@ -100,6 +109,48 @@ impl RepositoryConfig {
 
     pub fn effective_branch(&self) -> &str {
         self.branch.as_deref().unwrap_or(DEFAULT_BRANCH)
+    }
+}
+
+/// Credentials for a remote repository. Relative paths are relative to the config file.
+/// None of these values ever appears in a log, an error message, the plan or the API.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RepoAuth {
+    /// User name for `https://`. Default `x-access-token` when a token is given (GitHub,
+    /// GitLab, Gitea and Forgejo all accept a token as the password of any user name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password for `https://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Access token for `https://` (sent as the password).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// A file holding the password or token for `https://` (surrounding whitespace is
+    /// ignored), read at each fetch, so a rotated token needs no restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// Private key file for `ssh://` and `git@host:path` URLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_key: Option<String>,
+    /// known_hosts file the ssh server's key is checked against (strictly: an unknown or
+    /// changed host key is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_hosts: Option<String>,
+}
+
+impl std::fmt::Debug for RepoAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |v: &Option<String>| v.as_ref().map(|_| "<hidden>");
+        f.debug_struct("RepoAuth")
+            .field("username", &self.username)
+            .field("password", &hidden(&self.password))
+            .field("token", &hidden(&self.token))
+            .field("password_file", &self.password_file)
+            .field("ssh_key", &self.ssh_key)
+            .field("known_hosts", &self.known_hosts)
+            .finish()
     }
 }
 
