@@ -86,7 +86,13 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
             branches.push(branch.clone());
         }
         // A first fetch makes the mirror usable before anything is built from it.
-        mirror.fetch(&branches).with_context(|| format!("fetching repository {name}"))?;
+        if let Err(e) = mirror.fetch(&branches) {
+            // A forge that is down does not stop the master: its poller retries with backoff.
+            if !rbb_compiler::git::is_remote_url(&r.url) {
+                return Err(e).with_context(|| format!("fetching repository {name}"));
+            }
+            tracing::warn!(repo = %name, error = %e, "first fetch failed; retrying in the background");
+        }
         let interval = match &r.poll_interval {
             Some(v) => Duration::from_millis(
                 parse_duration_ms(v.as_str())

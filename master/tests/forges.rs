@@ -152,10 +152,14 @@ struct HttpGit {
 
 impl HttpGit {
     fn start(root: &Path, auth: &str) -> HttpGit {
+        Self::start_on(root, auth, "127.0.0.1:0")
+    }
+
+    fn start_on(root: &Path, auth: &str, addr: &str) -> HttpGit {
         use axum::body::Body;
         use axum::http::{Request, Response, StatusCode};
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
-        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+        let listener = runtime.block_on(tokio::net::TcpListener::bind(addr)).expect("bind");
         let addr = listener.local_addr().expect("addr");
         let sent = Arc::new(AtomicUsize::new(0));
         let (root, auth, counter) = (root.to_owned(), auth.to_owned(), sent.clone());
@@ -526,4 +530,64 @@ fn remote_url_forms() {
     for url in ["app", "../app", "/srv/app.git", "file:///srv/app.git", "C:/x", "dir/with:colon"] {
         assert!(!is_remote_url(url), "{url}");
     }
+}
+
+/// A forge that is down when the master starts: the master starts all the same, the API shows
+/// the error on that repository (no secret in it) while the others fetch, the poller retries
+/// with backoff, and once the forge is back the mirror's first fetch is a baseline (no build
+/// for every old commit) and later pushes are changes.
+#[test]
+fn a_forge_down_at_start_is_an_error_on_its_repository_then_recovers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pipeline = "builders:\n  build:\n    steps: [{ run: 'true' }]\n";
+    let src = tmp.path().join("src.git");
+    let head = support::make_repo(&src, pipeline, &[]);
+    support::make_repo(&tmp.path().join("local"), pipeline, &[]);
+    // A port nothing listens on yet.
+    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    std::fs::write(tmp.path().join("token"), PASSWORD).expect("token");
+    let url = format!("http://127.0.0.1:{port}/src.git");
+    let config = tmp.path().join("rbb.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "repositories:\n  - url: {url}\n    name: remote\n    poll_interval: 200ms\n    auth:\n      username: {USER}\n      \
+             password_file: token\n  - url: local\n    poll_interval: 200ms\nworkers:\n  - name: w1\n"
+        ),
+    )
+    .expect("config");
+    let mut master = support::Master::start(&config, &tmp.path().join("state"));
+    let repos = |m: &support::Master| m.get("/api/v2/repositories").json()["repositories"].clone();
+    let failing = support::wait_for(Duration::from_secs(30), "the remote's fetch error in the API", || {
+        let r = repos(&master);
+        (r[0]["failures"].as_u64().unwrap_or(0) >= 2).then_some(r)
+    });
+    let error = failing[0]["error"].as_str().unwrap_or("");
+    assert!(error.contains(&url), "the error names the repository: {failing}");
+    assert!(!failing.to_string().contains(PASSWORD), "no secret in the API: {failing}");
+    assert_eq!(failing[1]["error"], serde_json::Value::Null, "the local repository fetches: {failing}");
+    assert!(failing[1]["last_success"].is_i64(), "{failing}");
+    let failures = failing[0]["failures"].as_u64().unwrap_or(0);
+    assert_eq!(
+        failing[0]["retry_in_ms"].as_u64(),
+        Some(200 << (failures - 1)),
+        "each failure doubles the wait: {failing}"
+    );
+    assert_eq!(failing[1]["retry_in_ms"].as_u64(), Some(200), "{failing}");
+
+    let _server = HttpGit::start_on(tmp.path(), &basic(USER, PASSWORD), &format!("127.0.0.1:{port}"));
+    support::wait_for(Duration::from_secs(60), "the remote's recovery", || {
+        let r = repos(&master);
+        (r[0]["error"].is_null() && r[0]["last_success"].is_i64()).then_some(())
+    });
+    let remote_changes =
+        |m: &support::Master| support::changes(m).into_iter().filter(|c| c["repo"] == "remote").count();
+    assert_eq!(remote_changes(&master), 0, "the first fetch is a baseline: {:?}", support::changes(&master));
+    let next = support::commit(&src, "n.txt", "n\n", 1, "After the outage");
+    support::wait_for(Duration::from_secs(30), "the new commit as a change", || {
+        support::changes(&master).into_iter().find(|c| c["commit"] == next.as_str()).map(|_| ())
+    });
+    assert_ne!(head, next);
+    assert!(!std::fs::read_to_string(&master.log).unwrap_or_default().contains(PASSWORD), "no secret in the log");
+    master.kill();
 }
