@@ -65,6 +65,9 @@ pub struct StepRecord {
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
     pub log_id: Option<u64>,
+    /// Length of the finished log (the live length comes from the log file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_bytes: Option<u64>,
 }
 
 impl StepRecord {
@@ -80,6 +83,7 @@ impl StepRecord {
             started_at: None,
             finished_at: None,
             log_id: None,
+            log_bytes: None,
         }
     }
 }
