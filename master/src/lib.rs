@@ -6,6 +6,7 @@
 //! touches redb, axum and the gRPC server.
 
 pub mod engine;
+pub mod forge;
 pub mod grpc;
 pub mod http;
 pub mod logs;
