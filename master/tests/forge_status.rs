@@ -306,3 +306,44 @@ fn a_stalled_forge_times_out_without_holding_back_the_others() {
     assert!(round.retried[0].1.contains("timed out"), "{round:?}");
     assert_eq!(fast.seen().len(), 1);
 }
+
+#[test]
+fn status_targets_come_from_the_repository_config() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::write(tmp.path().join("tok"), format!("{TOKEN}\n")).expect("token file");
+    let repo = |url: &str, status: &str| -> rbb_schema::config::RepositoryConfig {
+        serde_yaml::from_str(&format!("url: {url}\nstatus: {status}\n")).expect("repository config")
+    };
+    let t = status::target_from_config(
+        &repo("https://github.com/org/app.git", "{forge: github, token_file: tok}"),
+        tmp.path(),
+    )
+    .expect("valid")
+    .expect("a target");
+    assert_eq!(
+        (t.forge, t.api.as_str(), t.project.as_str(), t.token.as_str()),
+        (Forge::GitHub, "https://api.github.com", "org/app", TOKEN)
+    );
+    assert!(!format!("{t:?}").contains(TOKEN));
+    let t = status::target_from_config(
+        &repo("git@gitlab.example.com:group/sub/app.git", "{forge: gitlab, token: x}"),
+        tmp.path(),
+    )
+    .expect("valid")
+    .expect("a target");
+    assert_eq!((t.api.as_str(), t.project.as_str()), ("https://gitlab.example.com/api/v4", "group/sub/app"));
+    let t = status::target_from_config(
+        &repo("ssh://git@codeberg.org:22/me/app.git", "{forge: forgejo, token: x}"),
+        tmp.path(),
+    )
+    .expect("valid")
+    .expect("a target");
+    assert_eq!((t.forge, t.api.as_str(), t.project.as_str()), (Forge::Gitea, "https://codeberg.org/api/v1", "me/app"));
+    let err =
+        status::target_from_config(&repo("https://github.com/org/app.git", "{forge: bitbucket, token: x}"), tmp.path())
+            .expect_err("unknown forge");
+    assert!(err.to_string().contains("bitbucket"), "{err}");
+    assert!(
+        status::target_from_config(&repo("https://github.com/org/app.git", "{forge: github}"), tmp.path()).is_err()
+    );
+}

@@ -210,3 +210,83 @@ pub fn verdict(forge: Forge, status: u16, body: &str) -> Verdict {
         _ => Verdict::GiveUp(format!("HTTP {status}: {short}")),
     }
 }
+
+/// Why a repository's `status:` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("repository {repo}: status.forge {forge:?} is not github, gitlab, gitea or forgejo")]
+    Forge { repo: String, forge: String },
+    #[error(
+        "repository {repo}: cannot tell the forge's host and project from its url {url}; set status.api and status.project"
+    )]
+    Url { repo: String, url: String },
+    #[error("repository {repo}: status needs token or token_file")]
+    NoToken { repo: String },
+    #[error("repository {repo}: cannot read status.token_file {path}: {source}")]
+    TokenFile {
+        repo: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Host and `owner/repo` path of a forge URL (`https://host/org/app.git`,
+/// `ssh://git@host:22/org/app.git`, `git@host:org/app.git`).
+fn host_and_project(url: &str) -> Option<(String, String)> {
+    let (host, path) = match url.split_once("://") {
+        Some((_, rest)) => {
+            let (authority, path) = rest.split_once('/')?;
+            let host = authority.rsplit('@').next()?.split(':').next()?;
+            (host.to_owned(), path.to_owned())
+        }
+        None => {
+            let (user_host, path) = url.split_once(':')?;
+            (user_host.rsplit('@').next()?.to_owned(), path.to_owned())
+        }
+    };
+    let project = path.trim_matches('/').trim_end_matches(".git").to_owned();
+    (!host.is_empty() && project.contains('/')).then_some((host, project))
+}
+
+/// The status target of a repository with a `status:` entry (`None` without one).
+/// `config_dir` resolves a relative `token_file`.
+pub fn target_from_config(
+    repo: &rbb_schema::config::RepositoryConfig,
+    config_dir: &std::path::Path,
+) -> Result<Option<StatusTarget>, TargetError> {
+    let Some(cfg) = &repo.status else { return Ok(None) };
+    let name = repo.effective_name();
+    let forge = Forge::from_path(&cfg.forge)
+        .ok_or_else(|| TargetError::Forge { repo: name.clone(), forge: cfg.forge.clone() })?;
+    let derived = host_and_project(&repo.url);
+    let url_err = || TargetError::Url { repo: name.clone(), url: repo.url.clone() };
+    let project = match &cfg.project {
+        Some(p) => p.clone(),
+        None => derived.as_ref().map(|(_, p)| p.clone()).ok_or_else(url_err)?,
+    };
+    let api = match &cfg.api {
+        Some(a) => a.clone(),
+        None => {
+            let host = derived.as_ref().map(|(h, _)| h.clone()).ok_or_else(url_err)?;
+            match forge {
+                Forge::GitHub if host == "github.com" => "https://api.github.com".to_owned(),
+                Forge::GitHub => format!("https://{host}/api/v3"),
+                Forge::GitLab => format!("https://{host}/api/v4"),
+                Forge::Gitea => format!("https://{host}/api/v1"),
+            }
+        }
+    };
+    let token = match (&cfg.token, &cfg.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(path)) => {
+            let p = config_dir.join(path);
+            std::fs::read_to_string(&p)
+                .map_err(|source| TargetError::TokenFile { repo: name.clone(), path: p.display().to_string(), source })?
+                .trim()
+                .to_owned()
+        }
+        (None, None) => return Err(TargetError::NoToken { repo: name }),
+    };
+    Ok(Some(StatusTarget { forge, api, project, token }))
+}
