@@ -339,9 +339,10 @@ async fn plan(State(e): State<Arc<Engine>>) -> Json<rbb_schema::plan::Plan> {
 async fn log_meta(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
     let id = parse_id(&id, "log")?;
     let (rec, _, live) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
-    Ok(Json(
-        serde_json::json!({ "id": rec.id, "build": rec.build, "step": rec.step, "bytes": rec.bytes, "complete": !live }),
-    ))
+    Ok(Json(serde_json::json!({
+        "id": rec.id, "build": rec.build, "step": rec.step, "bytes": rec.bytes, "complete": !live,
+        "expired": rec.expired,
+    })))
 }
 
 #[derive(Deserialize)]
@@ -359,7 +360,14 @@ async fn log_raw(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let id = parse_id(&id, "log")?;
-    let (_, path, _) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
+    let (rec, path, _) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
+    if rec.expired {
+        return Err(ApiError(
+            StatusCode::GONE,
+            "gone".into(),
+            format!("log {id} expired: the retention policy deleted it"),
+        ));
+    }
     let len = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
     let mut start = q.offset.unwrap_or(0);
     let mut end = q.limit.map_or(len, |l| start.saturating_add(l).min(len));

@@ -81,6 +81,7 @@ pub fn build_keys(b: &BuildRecord) -> BTreeSet<String> {
         ("state", state),
         ("worker", b.worker.as_deref().unwrap_or("none")),
         ("event", b.event.as_str()),
+        ("plan", b.plan_hash.as_str()),
     ]
     .into_iter()
     .map(|(f, v)| index_key(f, v))
@@ -456,6 +457,94 @@ impl Store {
             Some(v) => decode("plans", 0, v.value()).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Deletes builds (with their index entries and counts), log records, changes and plans
+    /// in one transaction.
+    pub fn delete(&self, builds: &[u64], logs: &[u64], changes: &[u64], plans: &[String]) -> Result<(), StoreError> {
+        self.write(Sync::Lazy, |txn| {
+            for (table, idx, total, ids, keys) in [
+                (
+                    BUILDS,
+                    BUILD_IDX,
+                    "builds",
+                    builds,
+                    (|id, b: &[u8]| decode::<BuildRecord>("builds", id, b).map(|r| build_keys(&r)))
+                        as fn(u64, &[u8]) -> Result<BTreeSet<String>, StoreError>,
+                ),
+                (CHANGES, CHANGE_IDX, "changes", changes, |id, b: &[u8]| {
+                    decode::<ChangeRecord>("changes", id, b).map(|r| change_keys(&r))
+                }),
+            ] {
+                let mut t = txn.open_table(table).map_err(db)?;
+                let mut ix = txn.open_table(idx).map_err(db)?;
+                let mut counts = txn.open_table(COUNTS).map_err(db)?;
+                for id in ids {
+                    let old = match t.remove(*id).map_err(db)? {
+                        Some(v) => keys(*id, v.value())?,
+                        None => continue,
+                    };
+                    bump(&mut counts, total, -1)?;
+                    for k in old {
+                        ix.remove((k.as_str(), *id)).map_err(db)?;
+                        bump(&mut counts, &k, -1)?;
+                    }
+                }
+            }
+            let mut t = txn.open_table(LOGS).map_err(db)?;
+            for id in logs {
+                t.remove(*id).map_err(db)?;
+            }
+            let mut p = txn.open_table(PLANS).map_err(db)?;
+            for h in plans {
+                p.remove(h.as_str()).map_err(db)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Log records from id `from` upward, handed to `f` until it returns false.
+    pub fn scan_logs(&self, from: u64, mut f: impl FnMut(LogRecord) -> bool) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(LOGS).map_err(db)?;
+        for row in t.range(from..).map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            if !f(decode("logs", k.value(), v.value())?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Plan hashes, in order, from `after` (exclusive), at most `limit`.
+    pub fn plan_hashes(&self, after: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(PLANS).map_err(db)?;
+        let mut out = Vec::new();
+        for row in t.range(after..).map_err(db)? {
+            let (k, _) = row.map_err(db)?;
+            if k.value() != after {
+                out.push(k.value().to_owned());
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// A number kept in the meta table (a janitor's cursor), 0 if unset.
+    pub fn meta(&self, key: &str) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(META).map_err(db)?;
+        Ok(t.get(key).map_err(db)?.map_or(0, |v| v.value()))
+    }
+
+    pub fn set_meta(&self, key: &str, value: u64) -> Result<(), StoreError> {
+        self.write(Sync::Lazy, |txn| {
+            txn.open_table(META).map_err(db)?.insert(key, value).map_err(db)?;
+            Ok(())
+        })
     }
 
     /// Every record's index entries and counts against the records themselves: the first

@@ -41,6 +41,9 @@ pub struct MasterConfig {
     /// Who hears about finished builds: outgoing webhooks (JSON or Slack text) and e-mail.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notifications: Vec<NotificationConfig>,
+    /// How long history is kept. Without it, builds and logs are kept forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionConfig>,
 }
 
 /// One notification rule: which builds, and where they go (a webhook, e-mail, or both).
@@ -116,6 +119,29 @@ pub enum SmtpTls {
     None,
     Starttls,
     Tls,
+}
+
+/// What the master's janitor removes, and when (`retention:` in the master config). It runs
+/// in the background in small batches; a build's record outlives its logs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Delete finished builds (with their logs) older than this many days...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_days: Option<u32>,
+    /// ...but keep the newest this many builds of every builder whatever their age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_builds: Option<u32>,
+    /// Compress step logs older than this many days with zstd (they stay readable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress_logs_days: Option<u32>,
+    /// Delete step logs older than this many days (the build stays; its log reads
+    /// "expired").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_days: Option<u32>,
+    /// How often the janitor runs, e.g. `1h` (the default) or `10m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

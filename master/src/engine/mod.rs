@@ -11,10 +11,12 @@
 //! - `steps`: step semantics: leasing the next step, results, finishing and losing builds;
 //! - `sessions`: worker sessions, liveness and their messages;
 //! - `triggers`: changes, forces, rebuilds, stops, queue policy and cron;
-//! - `read`: the read side the REST API uses.
+//! - `read`: the read side the REST API uses;
+//! - `retention`: the janitor that ages logs and builds out of the store.
 
 mod dispatch;
 mod read;
+mod retention;
 pub mod rules;
 mod sessions;
 mod steps;
@@ -36,6 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
 
+pub use retention::{Policy as RetentionPolicy, Report as RetentionReport};
 pub use sessions::Liveness;
 pub use triggers::{NewCommit, PullRequestChange, branch_matches, paths_match};
 
