@@ -42,7 +42,8 @@ fn noise(seed: u64, len: usize) -> String {
 fn source_repo(root: &Path) -> (PathBuf, String) {
     let repo = root.join("src.git");
     let big = noise(1, 1 << 20);
-    let head = support::make_repo(&repo, "builders: []\n", &[("big.txt", big.as_str())]);
+    let head =
+        support::make_repo(&repo, "builders:\n  build:\n    steps: [{ run: make }]\n", &[("big.txt", big.as_str())]);
     (repo, head)
 }
 
@@ -501,6 +502,16 @@ fn compile_reads_a_remote_repository_through_its_mirror() {
     assert_eq!(sources.len(), 1);
     assert_eq!(sources[0].origin.commit.as_deref(), Some(head.as_str()));
     assert!(!format!("{loaded:?}").contains(PASSWORD));
+    // The command line too.
+    let out = Command::new(env!("CARGO_BIN_EXE_rbb"))
+        .args(["compile", "--format", "json", "--config"])
+        .arg(&config)
+        .output()
+        .expect("rbb compile");
+    let shown = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "rbb compile: {shown}");
+    assert!(shown.contains(&head), "the plan names the fetched commit: {shown}");
+    assert!(!shown.contains(PASSWORD), "{shown}");
 
     // Wrong token: a diagnostic at the url, with a hint, without the secret.
     std::fs::write(tmp.path().join("token"), "nope-secret").expect("token");
