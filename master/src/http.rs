@@ -122,6 +122,7 @@ pub fn router_with(engine: Arc<Engine>, sources: Option<Arc<Sources>>, api_token
     for e in endpoints() {
         r = r.route(e.path, e.handler);
     }
+    r = r.route("/git/{*path}", axum::routing::any(crate::git_http::serve));
     r.merge(crate::ui::router()).fallback(not_found).with_state(App { engine, sources, api_token })
 }
 

@@ -7,6 +7,7 @@
 
 pub mod engine;
 pub mod forge;
+pub mod git_http;
 pub mod grpc;
 pub mod http;
 pub mod logs;

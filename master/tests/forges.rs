@@ -602,3 +602,48 @@ fn a_forge_down_at_start_is_an_error_on_its_repository_then_recovers() {
     assert!(!std::fs::read_to_string(&master.log).unwrap_or_default().contains(PASSWORD), "no secret in the log");
     master.kill();
 }
+
+/// Workers fetch from the master's mirror over its HTTP port, with their own name and token:
+/// no forge credentials on the worker, and pushes are refused.
+#[test]
+fn workers_fetch_the_mirror_from_the_master_over_http() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let head = support::make_repo(&tmp.path().join("app"), "builders:\n  build:\n    steps: [{ run: make }]\n", &[]);
+    let config = support::write_config(tmp.path(), &["app"], &[("w1", "tok-w1", &["linux"])]);
+    let mut master = support::Master::start(&config, &tmp.path().join("state"));
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .current_dir(tmp.path())
+            .output()
+            .expect("git")
+    };
+    let url = |user: &str, token: &str| format!("http://{user}:{token}@{}/git/app.git", master.http);
+    let out = git(&["clone", "-q", "--bare", &url("w1", "tok-w1"), "fetched.git"]);
+    assert!(out.status.success(), "clone from the master: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(support::git(&tmp.path().join("fetched.git"), &["rev-parse", "refs/heads/main"]), head);
+
+    let out = git(&["clone", "-q", "--bare", &url("w1", "wrong"), "refused.git"]);
+    assert!(!out.status.success(), "a wrong token is refused");
+    let out = git(&["ls-remote", &format!("http://{}/git/app.git", master.http)]);
+    assert!(!out.status.success(), "no credentials, no mirror");
+    let out = git(&["ls-remote", &url("w1", "tok-w1").replace("app.git", "other.git")]);
+    assert!(!out.status.success(), "an unknown repository is not served");
+
+    support::commit(&tmp.path().join("app"), "x.txt", "x\n", 1, "local");
+    let work = tmp.path().join("work");
+    let out = git(&["clone", "-q", &url("w1", "tok-w1"), work.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    support::commit(&work, "y.txt", "y\n", 2, "try to push");
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(&work)
+        .args(["push", "-q", "origin", "HEAD:main"])
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .output()
+        .expect("push");
+    assert!(!out.status.success(), "the mirror is read-only");
+    master.kill();
+}
