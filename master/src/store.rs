@@ -24,8 +24,12 @@ const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 /// Cron schedule state, keyed `<builder id>#<schedule index>`.
 const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules");
-/// Every plan a build was pinned to, by hash: a rebuild runs exactly the same plan.
+/// Every plan a build was pinned to, by hash: a rebuild runs exactly the same plan. The
+/// value is a manifest naming one part per repository (older states hold whole plans).
 const PLANS: TableDefinition<&str, &[u8]> = TableDefinition::new("plans");
+/// One repository's builders of a plan, by the hash of their JSON: a pipeline commit in
+/// one repository adds one part, not a copy of the fleet.
+const PLAN_PARTS: TableDefinition<&str, &[u8]> = TableDefinition::new("plan_parts");
 /// Build index: (`<field>\0<value>`, build id). Fields: [`BUILD_INDEXES`].
 const BUILD_IDX: TableDefinition<(&str, u64), ()> = TableDefinition::new("build_idx");
 /// Change index: (`<field>\0<value>`, change id). Fields: `change_repo`, `change_commit`
@@ -206,6 +210,7 @@ impl Store {
             txn.open_table(t).map_err(db)?;
         }
         txn.open_table(PLANS).map_err(db)?;
+        txn.open_table(PLAN_PARTS).map_err(db)?;
         txn.open_table(SCHEDULES).map_err(db)?;
         txn.open_table(BUILD_IDX).map_err(db)?;
         txn.open_table(CHANGE_IDX).map_err(db)?;
@@ -244,11 +249,13 @@ impl Store {
             .iter()
             .map(|(k, r)| encode("schedules", 0, r).map(|v| (*k, v)))
             .collect::<Result<_, _>>()?;
-        let plans: Vec<(&str, Vec<u8>)> = batch
-            .plans
-            .iter()
-            .map(|p| encode("plans", 0, p).map(|v| (p.hash.as_str(), v)))
-            .collect::<Result<_, _>>()?;
+        let mut plans: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
+        for p in &batch.plans {
+            let (manifest, mut ps) = split_plan(p)?;
+            plans.push((p.hash.as_str(), manifest));
+            parts.append(&mut ps);
+        }
         self.write(sync, |txn| {
             for (b, bytes) in &builds {
                 put_indexed(txn, (BUILDS, BUILD_IDX, "builds"), b.id, bytes, build_keys(b), |old| {
@@ -273,6 +280,14 @@ impl Store {
                 let mut t = txn.open_table(table).map_err(db)?;
                 for (k, bytes) in rows {
                     t.insert(*k, bytes.as_slice()).map_err(db)?;
+                }
+            }
+            if !parts.is_empty() {
+                let mut t = txn.open_table(PLAN_PARTS).map_err(db)?;
+                for (k, bytes) in &parts {
+                    if t.get(k.as_str()).map_err(db)?.is_none() {
+                        t.insert(k.as_str(), bytes.as_slice()).map_err(db)?;
+                    }
                 }
             }
             Ok(())
@@ -449,14 +464,34 @@ impl Store {
         self.commit(Batch { plans: vec![plan], ..Batch::default() }, Sync::Durable)
     }
 
-    /// The plan with this hash, if a build was ever pinned to it.
+    /// The plan with this hash, if a build was ever pinned to it, put together from its parts.
     pub fn plan(&self, hash: &str) -> Result<Option<rbb_schema::plan::Plan>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
         let t = txn.open_table(PLANS).map_err(db)?;
-        match t.get(hash).map_err(db)? {
-            Some(v) => decode("plans", 0, v.value()).map(Some),
-            None => Ok(None),
+        let Some(v) = t.get(hash).map_err(db)? else { return Ok(None) };
+        let manifest: PlanManifest = match decode("plans", 0, v.value()) {
+            Ok(m) => m,
+            // Stored whole by an older version.
+            Err(_) => return decode("plans", 0, v.value()).map(Some),
+        };
+        let parts = txn.open_table(PLAN_PARTS).map_err(db)?;
+        let mut builders = Vec::new();
+        for h in &manifest.parts {
+            let bytes = parts.get(h.as_str()).map_err(db)?.ok_or_else(|| StoreError::Corrupt {
+                table: "plan_parts",
+                key: 0,
+                message: format!("plan {hash} names part {h}, which is missing"),
+            })?;
+            let mut part: Vec<rbb_schema::plan::PlanBuilder> = decode("plan_parts", 0, bytes.value())?;
+            builders.append(&mut part);
         }
+        builders.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Some(rbb_schema::plan::Plan {
+            format: manifest.format,
+            hash: manifest.hash,
+            repos: manifest.repos,
+            builders,
+        }))
     }
 
     /// Deletes builds (with their index entries and counts), log records, changes and plans
@@ -498,6 +533,27 @@ impl Store {
             let mut p = txn.open_table(PLANS).map_err(db)?;
             for h in plans {
                 p.remove(h.as_str()).map_err(db)?;
+            }
+            if !plans.is_empty() {
+                // Parts no remaining plan names go too (plans are few: one per pipeline change).
+                let mut used: BTreeSet<String> = BTreeSet::new();
+                for row in p.iter().map_err(db)? {
+                    let (_, v) = row.map_err(db)?;
+                    if let Ok(m) = serde_json::from_slice::<PlanManifest>(v.value()) {
+                        used.extend(m.parts);
+                    }
+                }
+                let mut parts = txn.open_table(PLAN_PARTS).map_err(db)?;
+                let mut unused = Vec::new();
+                for row in parts.iter().map_err(db)? {
+                    let (k, _) = row.map_err(db)?;
+                    if !used.contains(k.value()) {
+                        unused.push(k.value().to_owned());
+                    }
+                }
+                for k in unused {
+                    parts.remove(k.as_str()).map_err(db)?;
+                }
             }
             Ok(())
         })
@@ -593,6 +649,37 @@ impl Store {
     }
 }
 
+/// How a plan is stored: its identity and the hashes of its per-repository parts.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PlanManifest {
+    format: u32,
+    hash: String,
+    repos: Vec<rbb_schema::plan::PlanRepo>,
+    parts: Vec<String>,
+}
+
+/// A plan's manifest and its parts (one per repository, keyed by the hash of its JSON).
+fn split_plan(p: &rbb_schema::plan::Plan) -> Result<(Vec<u8>, Vec<(String, Vec<u8>)>), StoreError> {
+    use sha2::Digest;
+    let mut by_repo: std::collections::BTreeMap<&str, Vec<&rbb_schema::plan::PlanBuilder>> = Default::default();
+    for b in &p.builders {
+        by_repo.entry(b.repo.as_str()).or_default().push(b);
+    }
+    let mut parts = Vec::new();
+    for builders in by_repo.values() {
+        let bytes = encode("plan_parts", 0, builders)?;
+        let hash: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        parts.push((hash, bytes));
+    }
+    let manifest = PlanManifest {
+        format: p.format,
+        hash: p.hash.clone(),
+        repos: p.repos.clone(),
+        parts: parts.iter().map(|(h, _)| h.clone()).collect(),
+    };
+    Ok((encode("plans", 0, &manifest)?, parts))
+}
+
 /// Schema 1 had the records without indexes: build them.
 fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     let mut builds: Vec<(u64, Vec<u8>)> = Vec::new();
@@ -632,4 +719,42 @@ fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> rbb_schema::plan::Plan {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/compiler/cross-repo-needs/plan.json");
+        serde_json::from_slice(&std::fs::read(path).expect("golden plan")).expect("plan")
+    }
+
+    fn parts(s: &Store) -> usize {
+        let txn = s.db.begin_read().expect("read");
+        txn.open_table(PLAN_PARTS).expect("table").iter().expect("iter").count()
+    }
+
+    #[test]
+    fn a_plan_is_stored_by_repository_parts_and_read_back_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&dir.path().join("state.redb")).expect("open");
+        let a = plan();
+        s.put_plan(&a).expect("put");
+        assert_eq!(parts(&s), 2, "one part per repository");
+        assert_eq!(s.plan(&a.hash).expect("read").as_ref(), Some(&a));
+        // A change in one repository's pipeline adds one part; the other is shared.
+        let mut b = a.clone();
+        b.hash = "sha256:changed".into();
+        let i = b.builders.iter().position(|x| x.repo == "lib").expect("a lib builder");
+        b.builders[i].description = Some("changed".into());
+        s.put_plan(&b).expect("put");
+        assert_eq!(parts(&s), 3);
+        assert_eq!(s.plan(&b.hash).expect("read").as_ref(), Some(&b));
+        assert_eq!(s.plan(&a.hash).expect("read").as_ref(), Some(&a));
+        // Deleting a plan collects the part only it used.
+        s.delete(&[], &[], &[], std::slice::from_ref(&b.hash)).expect("delete");
+        assert_eq!(parts(&s), 2);
+        assert_eq!(s.plan(&a.hash).expect("read").as_ref(), Some(&a));
+    }
 }
