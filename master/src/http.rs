@@ -102,6 +102,7 @@ pub fn endpoints() -> Vec<Endpoint> {
         ep("post", "/api/v2/builds/{id}/rebuild", "Run a build again with its pinned plan", post(rebuild)).control(),
         ep("get", "/api/v2/changes", "The change log: commits seen on watched branches", get(changes)).list("Change"),
         ep("get", "/api/v2/workers", "Workers and whether they are connected", get(workers)).list("Worker"),
+        ep("get", "/api/v2/repositories", "Watched repositories and how their fetches go", get(repositories)),
         ep("get", "/api/v2/logs/{id}", "A log's size and whether it is complete", get(log_meta)),
         ep("get", "/api/v2/logs/{id}/raw", "A log's bytes; supports Range and ?offset=&limit=", get(log_raw)),
         ep("get", "/api/v2/plan", "The compiled plan (the central DAG)", get(plan)).answers("Plan"),
@@ -121,6 +122,7 @@ pub fn router_with(engine: Arc<Engine>, sources: Option<Arc<Sources>>, api_token
     for e in endpoints() {
         r = r.route(e.path, e.handler);
     }
+    r = r.route("/git/{*path}", axum::routing::any(crate::git_http::serve));
     r.merge(crate::ui::router()).fallback(not_found).with_state(App { engine, sources, api_token })
 }
 
@@ -324,6 +326,11 @@ async fn stop(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap
 
 async fn workers(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde_json::Value>> {
     list("workers", e.workers(), q, &[])
+}
+
+async fn repositories(State(app): State<App>) -> Json<serde_json::Value> {
+    let repos = app.sources.map(|s| s.health()).unwrap_or_default();
+    Json(serde_json::json!({ "repositories": repos, "meta": { "total": repos.len() } }))
 }
 
 async fn plan(State(e): State<Arc<Engine>>) -> Json<rbb_schema::plan::Plan> {

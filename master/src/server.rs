@@ -59,13 +59,28 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
     let mut fresh = Vec::new();
     for r in &cfg.config.repositories {
         let name = r.effective_name();
-        let path = cfg.repo_path(r).map_err(anyhow::Error::msg)?;
-        // Workers run elsewhere: give them an absolute path.
-        let path = std::fs::canonicalize(&path).with_context(|| format!("repository {name}: {}", path.display()))?;
         let mirror_dir = state_dir.join("mirrors").join(format!("{name}.git"));
         fresh.push(!mirror_dir.exists());
-        let mirror = Mirror::open(&path.display().to_string(), &mirror_dir)
-            .with_context(|| format!("mirroring repository {name}"))?;
+        let (path, mirror) =
+            match cfg.remote(r).map_err(|e| anyhow::anyhow!("repository {name}: fetch_timeout: {e}"))? {
+                Some(remote) => {
+                    let mirror =
+                        Mirror::open(&r.url, &mirror_dir).with_context(|| format!("mirroring repository {name}"))?;
+                    // Workers hold no forge credentials: they fetch the commit from the mirror.
+                    let path = std::fs::canonicalize(&mirror_dir)
+                        .with_context(|| format!("repository {name}: {}", mirror_dir.display()))?;
+                    (path, mirror.with_remote(remote))
+                }
+                None => {
+                    let path = cfg.repo_path(r).map_err(anyhow::Error::msg)?;
+                    // Workers run elsewhere: give them an absolute path.
+                    let path = std::fs::canonicalize(&path)
+                        .with_context(|| format!("repository {name}: {}", path.display()))?;
+                    let mirror = Mirror::open(&path.display().to_string(), &mirror_dir)
+                        .with_context(|| format!("mirroring repository {name}"))?;
+                    (path, mirror)
+                }
+            };
         let branch = r.effective_branch().to_owned();
         let mut branches = if r.branches.is_empty() { vec![branch.clone()] } else { r.branches.clone() };
         if !branches.iter().any(|b| b == &branch) {
@@ -73,7 +88,13 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
             branches.push(branch.clone());
         }
         // A first fetch makes the mirror usable before anything is built from it.
-        mirror.fetch(&branches).with_context(|| format!("fetching repository {name}"))?;
+        if let Err(e) = mirror.fetch(&branches) {
+            // A forge that is down does not stop the master: its poller retries with backoff.
+            if !rbb_compiler::git::is_remote_url(&r.url) {
+                return Err(e).with_context(|| format!("fetching repository {name}"));
+            }
+            tracing::warn!(repo = %name, error = %e, "first fetch failed; retrying in the background");
+        }
         let interval = match &r.poll_interval {
             Some(v) => Duration::from_millis(
                 parse_duration_ms(v.as_str())

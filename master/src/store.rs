@@ -184,6 +184,11 @@ fn put_indexed(
 }
 
 impl Store {
+    /// The database, for modules that keep their own tables in it (the status outbox).
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let database = Database::create(path)
             .map_err(|e| StoreError::Open { path: path.to_owned(), source: Box::new(e.into()) })?;
