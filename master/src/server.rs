@@ -42,6 +42,18 @@ pub struct Master {
     fresh: Vec<bool>,
     /// The janitor's policy and how often it runs, if the config sets `retention`.
     retention: Option<(crate::engine::RetentionPolicy, Duration)>,
+    /// Repositories that report commit statuses, with where to, and the configured UI address.
+    status_targets: BTreeMap<String, crate::forge::status::StatusTarget>,
+    public_url: Option<String>,
+}
+
+/// The engine's database, for the forge outbox's reader.
+struct EngineDatabase(Arc<Engine>);
+
+impl crate::forge::outbox_store::DatabaseHandle for EngineDatabase {
+    fn database(&self) -> &redb::Database {
+        self.0.database()
+    }
 }
 
 /// Opens the mirrors, compiles the plan at every branch head and opens the engine.
@@ -146,7 +158,21 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
             Some((crate::engine::RetentionPolicy::from_config(r), every))
         }
     };
-    Ok(Master { engine, sources, api_token: cfg.config.api_token.clone(), fresh, retention })
+    let mut status_targets = BTreeMap::new();
+    for r in &cfg.config.repositories {
+        if let Some(t) = crate::forge::status::target_from_config(r, &cfg.dir()).map_err(|e| anyhow::anyhow!("{e}"))? {
+            status_targets.insert(r.effective_name(), t);
+        }
+    }
+    Ok(Master {
+        engine,
+        sources,
+        api_token: cfg.config.api_token.clone(),
+        fresh,
+        retention,
+        status_targets,
+        public_url: cfg.config.public_url.clone(),
+    })
 }
 
 /// Serves until `shutdown` resolves. Calls `ready` once both listeners are bound.
@@ -162,7 +188,27 @@ pub async fn serve(
         tokio::net::TcpListener::bind(opts.http).await.with_context(|| format!("binding HTTP on {}", opts.http))?;
     let bound = Bound { http: http.local_addr()?, grpc: grpc.local_addr()? };
     let stop = tokio_util::sync::CancellationToken::new();
-    let Master { engine, sources, api_token, fresh, retention } = master;
+    let Master { engine, sources, api_token, fresh, retention, status_targets, public_url } = master;
+    if !status_targets.is_empty() {
+        // Build states queue commit statuses in the same transaction; a sender delivers them.
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let base_url = public_url.unwrap_or_else(|| format!("http://{}", bound.http));
+        engine.report_statuses(crate::engine::StatusSink {
+            repos: status_targets.keys().cloned().collect(),
+            base_url,
+            wake: wake.clone(),
+        });
+        let outbox = crate::forge::outbox_store::RedbOutbox::open(EngineDatabase(engine.clone()))
+            .map_err(|e| anyhow::anyhow!("opening the status outbox: {e}"))?;
+        let targets: crate::forge::sender::Targets = Arc::new(move |repo: &str| status_targets.get(repo).cloned());
+        crate::forge::sender::spawn(
+            Arc::new(outbox),
+            Arc::new(crate::forge::sender::CurlTransport),
+            targets,
+            wake,
+            stop.clone(),
+        );
+    }
     sources.spawn_pollers(engine.clone(), fresh, stop.clone());
 
     // The janitor: retention in the background, one run per interval.

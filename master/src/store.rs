@@ -119,11 +119,15 @@ pub struct Batch<'a> {
     pub changes: Vec<&'a ChangeRecord>,
     pub schedules: Vec<(&'a str, &'a ScheduleRecord)>,
     pub plans: Vec<&'a rbb_schema::plan::Plan>,
+    /// Commit statuses to deliver, queued in the forge outbox with the build states they
+    /// report: a status is never lost, nor sent for a state that was not stored.
+    pub statuses: Vec<crate::forge::status::StatusRow>,
 }
 
 impl Batch<'_> {
     pub fn is_empty(&self) -> bool {
-        self.builds.is_empty()
+        self.statuses.is_empty()
+            && self.builds.is_empty()
             && self.logs.is_empty()
             && self.changes.is_empty()
             && self.schedules.is_empty()
@@ -281,6 +285,13 @@ impl Store {
                 for (k, bytes) in rows {
                     t.insert(*k, bytes.as_slice()).map_err(db)?;
                 }
+            }
+            if !batch.statuses.is_empty() {
+                crate::forge::outbox_store::write_rows(txn, &batch.statuses).map_err(|e| StoreError::Corrupt {
+                    table: "outbox",
+                    key: 0,
+                    message: e.to_string(),
+                })?;
             }
             if !parts.is_empty() {
                 let mut t = txn.open_table(PLAN_PARTS).map_err(db)?;

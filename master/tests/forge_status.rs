@@ -2,6 +2,8 @@
 //! testdata/forges/), and the redb outbox with its sender against a local HTTP server that
 //! answers like the forges do (201, 401, 422, 500, a 10-second stall).
 
+mod support;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -346,4 +348,66 @@ fn status_targets_come_from_the_repository_config() {
     assert!(
         status::target_from_config(&repo("https://github.com/org/app.git", "{forge: github}"), tmp.path()).is_err()
     );
+}
+
+#[test]
+fn a_build_reports_pending_running_and_success_and_a_killed_master_loses_no_status() {
+    let forge = FakeForge::start(recorded("github")["response"].clone());
+    let dir = tempfile::tempdir().expect("tempdir");
+    support::make_repo(&dir.path().join("app"), "builders:\n  b:\n    steps: [{ run: 'true' }]\n", &[]);
+    let config = dir.path().join("rbb.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "repositories:\n  - url: app\n    poll_interval: 1h\n    status: {{ forge: github, api: '{}', project: o/app, token: {TOKEN} }}\nworkers:\n  - name: w1\n    token: t\npublic_url: https://ci.example\n",
+            forge.api()
+        ),
+    )
+    .expect("config");
+    let state = dir.path().join("state");
+    let mut m = support::Master::start(&config, &state);
+    let w = support::Worker::start(&m, "w1", "t", &dir.path().join("w1"), &[]);
+    let id = m.force("app/b");
+    let b = m.finished(id, Duration::from_secs(60));
+    assert_eq!(b["result"], "SUCCESS");
+    let sha = b["commit"].as_str().expect("commit").to_owned();
+    let path = format!("/repos/o/app/statuses/{sha}");
+    let states = || -> Vec<String> {
+        forge
+            .seen()
+            .iter()
+            .filter(|s| s.path == path)
+            .map(|s| s.body["state"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+    support::wait_for(Duration::from_secs(30), "the success status", || {
+        (states().last().map(String::as_str) == Some("success")).then_some(())
+    });
+    let seen = states();
+    assert!(seen.iter().all(|s| ["pending", "success"].contains(&s.as_str())), "{seen:?}");
+    let last = forge.seen().into_iter().rfind(|s| s.path == path).expect("a status");
+    assert_eq!(last.body["context"], "app/b");
+    assert_eq!(last.body["target_url"], format!("https://ci.example/#/builds/{id}"));
+    assert_eq!(last.headers.get("authorization").map(String::as_str), Some(format!("Bearer {TOKEN}").as_str()));
+    // The forge is down: the next build's statuses wait in the outbox; the master is killed;
+    // after a restart they are delivered, the final one last.
+    for _ in 0..3 {
+        forge.push(&path, Reply(500, "{}".into(), Duration::ZERO));
+    }
+    let before = forge.seen().len();
+    let id2 = m.force("app/b");
+    m.finished(id2, Duration::from_secs(60));
+    m.kill();
+    drop(w);
+    let m2 = support::Master::start_on(&config, &state, &m.grpc);
+    let _w = support::Worker::start(&m2, "w1", "t", &dir.path().join("w1"), &[]);
+    support::wait_for(Duration::from_secs(60), "the second build's success status after the restart", || {
+        let after: Vec<Seen> = forge.seen().into_iter().skip(before).filter(|s| s.path == path).collect();
+        after
+            .iter()
+            .any(|s| {
+                s.body["state"] == "success" && s.body["target_url"] == format!("https://ci.example/#/builds/{id2}")
+            })
+            .then_some(())
+    });
 }

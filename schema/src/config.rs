@@ -41,6 +41,11 @@ pub struct MasterConfig {
     /// Who hears about finished builds: outgoing webhooks (JSON or Slack text) and e-mail.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notifications: Vec<NotificationConfig>,
+    /// The address people reach this master's UI at, for links in commit statuses and
+    /// notifications, e.g. `https://ci.example.com`. Default: `http://` and the `--http`
+    /// address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
     /// How long history is kept. Without it, builds and logs are kept forever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionConfig>,

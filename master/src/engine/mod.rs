@@ -215,6 +215,16 @@ pub struct Engine {
     epoch: Instant,
     /// Signalled when a group-commit flush ends.
     flushed: std::sync::Condvar,
+    /// Repositories that report commit statuses, the link base, and the sender to wake.
+    statuses: std::sync::RwLock<Option<StatusSink>>,
+}
+
+/// Where build states go as commit statuses (see `forge`).
+pub struct StatusSink {
+    pub repos: BTreeSet<String>,
+    /// The UI's address, for the statuses' links.
+    pub base_url: String,
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 impl Engine {
@@ -332,6 +342,7 @@ impl Engine {
             heartbeat,
             epoch: Instant::now(),
             flushed: std::sync::Condvar::new(),
+            statuses: std::sync::RwLock::new(None),
         });
         engine.recover()?;
         Ok(engine)
@@ -398,6 +409,17 @@ impl Engine {
         } else {
             self.announce(st, effects);
         }
+    }
+
+    /// From now on, state changes of builds of `sink.repos` queue commit statuses in the
+    /// same store transaction.
+    pub fn report_statuses(&self, sink: StatusSink) {
+        *self.statuses.write().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+    }
+
+    /// The redb database, for the forge outbox's reader.
+    pub fn database(&self) -> &redb::Database {
+        self.store.database()
     }
 
     /// Whether a change waits to be made durable (see [`Engine::settle`]).
@@ -752,7 +774,21 @@ impl<'a> Tx<'a> {
                 .filter_map(|k| self.st.schedules.get(k).map(|r| (k.as_str(), r)))
                 .collect(),
             plans: self.undo.plans.iter().filter_map(|h| self.st.plans.get(h).map(|p| p.as_ref())).collect(),
+            statuses: Vec::new(),
         };
+        let sink = engine.statuses.read().unwrap_or_else(|p| p.into_inner());
+        let mut batch = batch;
+        if let Some(sink) = sink.as_ref() {
+            use crate::forge::status::{commit_state, statuses_for};
+            for (id, old) in &self.undo.builds {
+                let Some(b) = self.st.builds.get(id) else { continue };
+                let before = old.as_ref().map(|o| commit_state(o.state, o.result));
+                if sink.repos.contains(&b.repo) && before != Some(commit_state(b.state, b.result)) {
+                    batch.statuses.extend(statuses_for(b, &sink.base_url));
+                }
+            }
+        }
+        let queued = !batch.statuses.is_empty();
         let empty = batch.is_empty();
         // Written at once without an fsync; a change that must be durable is flushed by the
         // group commit in `Engine::settle` before anything of it is announced.
@@ -760,6 +796,10 @@ impl<'a> Tx<'a> {
         let durable = self.sync == Sync::Durable;
         match written {
             Ok(()) => {
+                if queued && let Some(sink) = sink.as_ref() {
+                    sink.wake.notify_one();
+                }
+                drop(sink);
                 let Tx { st, undo, effects, .. } = self;
                 for id in undo.builds.keys() {
                     if st.builds.get(id).is_some_and(|b| b.state == State::Finished) {
@@ -776,6 +816,7 @@ impl<'a> Tx<'a> {
                 Ok((effects, durable))
             }
             Err(e) => {
+                drop(sink);
                 tracing::error!(error = %e, "cannot store a state change; it is not applied");
                 self.rollback();
                 Err(e.into())
