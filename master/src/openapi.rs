@@ -14,7 +14,7 @@ fn components() -> Value {
     generator.subschema_for::<rbb_schema::api::Change>();
     generator.subschema_for::<rbb_schema::api::BuildRequest>();
     generator.subschema_for::<rbb_schema::api::ForceRequest>();
-    generator.subschema_for::<rbb_schema::api::ForceResponse>();
+    generator.subschema_for::<rbb_schema::api::Forced>();
     generator.subschema_for::<rbb_schema::api::ErrorBody>();
     generator.subschema_for::<rbb_schema::api::Meta>();
     generator.subschema_for::<rbb_schema::plan::Plan>();
