@@ -30,17 +30,36 @@ impl axum::extract::FromRef<App> for Arc<Engine> {
     }
 }
 
+/// What a successful answer carries, for the OpenAPI document.
+#[derive(Debug, Clone, Copy)]
+pub enum Answer {
+    /// JSON of this component schema.
+    Json(&'static str),
+    /// A JSON object described in prose.
+    AnyJson,
+    /// `text/plain` bytes.
+    Text,
+    /// A `text/event-stream`.
+    EventStream,
+    /// No body.
+    Empty,
+}
+
 /// One endpoint: how the OpenAPI document describes it, and its handler.
 pub struct Endpoint {
     pub method: &'static str,
     pub path: &'static str,
     pub summary: &'static str,
-    /// Needs `Authorization: Bearer <api_token>`.
+    /// Needs `Authorization: Bearer <api_token>` (answers 401 without it).
     pub control: bool,
-    /// A list endpoint taking filters, `order`, `limit` and `offset` over this item type.
+    /// A list endpoint taking filters, `order`, `limit` and `offset` over this item type
+    /// (answers 200 with a page, 400 for a bad query).
     pub list_of: Option<&'static str>,
-    /// Schema of a 2xx JSON answer (a component name), if any.
-    pub answers: Option<&'static str>,
+    /// Successful answers: status and body.
+    pub answers: Vec<(u16, Answer)>,
+    /// Error statuses the handler answers besides those implied by `control`, `list_of` and
+    /// `body` (always in the one error shape).
+    pub errors: &'static [u16],
     /// Schema of the JSON request body, if any.
     pub body: Option<&'static str>,
     handler: axum::routing::MethodRouter<App>,
@@ -52,7 +71,17 @@ fn ep(
     summary: &'static str,
     handler: axum::routing::MethodRouter<App>,
 ) -> Endpoint {
-    Endpoint { method, path, summary, control: false, list_of: None, answers: None, body: None, handler }
+    Endpoint {
+        method,
+        path,
+        summary,
+        control: false,
+        list_of: None,
+        answers: Vec::new(),
+        errors: &[],
+        body: None,
+        handler,
+    }
 }
 
 impl Endpoint {
@@ -64,8 +93,12 @@ impl Endpoint {
         self.list_of = Some(item);
         self
     }
-    fn answers(mut self, schema: &'static str) -> Self {
-        self.answers = Some(schema);
+    fn answers(mut self, status: u16, answer: Answer) -> Self {
+        self.answers.push((status, answer));
+        self
+    }
+    fn errors(mut self, codes: &'static [u16]) -> Self {
+        self.errors = codes;
         self
     }
     fn body(mut self, schema: &'static str) -> Self {
@@ -77,38 +110,72 @@ impl Endpoint {
 /// Every endpoint of the API. The router and the OpenAPI document are both made from this
 /// table, so they cannot disagree.
 pub fn endpoints() -> Vec<Endpoint> {
+    use Answer::*;
     vec![
         ep("get", "/api/v2/builders", "Builders of the current plan, with their last build", get(builders))
             .list("Builder"),
-        ep("post", "/api/v2/builders/{builder}/force", "Force a build (builder id URL-encoded)", post(force))
-            .control()
-            .body("ForceRequest")
-            .answers("Forced"),
+        ep(
+            "post",
+            "/api/v2/builders/{builder}/force",
+            "Force a build (builder id URL-encoded; a matrix builder's base name forces every combination)",
+            post(force),
+        )
+        .control()
+        .body("ForceRequest")
+        .answers(201, Json("Forced"))
+        .errors(&[400, 404]),
         ep(
             "get",
             "/api/v2/builders/{builder}",
             "One builder with its 50 newest builds (builder id URL-encoded)",
             get(builder_page),
-        ),
+        )
+        .answers(200, Json("BuilderPage"))
+        .errors(&[404]),
         ep("get", "/api/v2/buildrequests", "Builds waiting to start, oldest first", get(build_requests))
             .list("BuildRequest"),
         ep("post", "/api/v2/buildrequests/{id}/cancel", "Cancel a build that has not started", post(cancel_request))
-            .control(),
+            .control()
+            .answers(202, Empty)
+            .errors(&[400, 404, 409]),
         ep("get", "/api/v2/builds", "Builds, newest first", get(builds)).list("Build"),
-        ep("get", "/api/v2/builds/{id}", "One build with its steps", get(build)).answers("Build"),
-        ep("get", "/api/v2/builds/{id}/steps", "The steps of a build", get(steps)).list("Step"),
+        ep("get", "/api/v2/builds/{id}", "One build with its steps", get(build))
+            .answers(200, Json("Build"))
+            .errors(&[400, 404]),
+        ep("get", "/api/v2/builds/{id}/steps", "The steps of a build", get(steps)).list("Step").errors(&[400, 404]),
         ep("post", "/api/v2/builds/{id}/stop", "Stop a build (a running step's process group is killed)", post(stop))
-            .control(),
-        ep("post", "/api/v2/builds/{id}/rebuild", "Run a build again with its pinned plan", post(rebuild)).control(),
+            .control()
+            .answers(202, Empty)
+            .errors(&[400, 404, 409]),
+        ep("post", "/api/v2/builds/{id}/rebuild", "Run a finished build again with its pinned plan", post(rebuild))
+            .control()
+            .answers(201, Json("Rebuilt"))
+            .errors(&[400, 404, 409]),
         ep("get", "/api/v2/changes", "The change log: commits seen on watched branches", get(changes)).list("Change"),
         ep("get", "/api/v2/workers", "Workers and whether they are connected", get(workers)).list("Worker"),
-        ep("get", "/api/v2/logs/{id}", "A log's size and whether it is complete", get(log_meta)),
-        ep("get", "/api/v2/logs/{id}/raw", "A log's bytes; supports Range and ?offset=&limit=", get(log_raw)),
-        ep("get", "/api/v2/plan", "The compiled plan (the central DAG)", get(plan)).answers("Plan"),
-        ep("get", "/api/v2/grid", "Builders × recent commits with the newest build of each, in one request", get(grid)),
-        ep("get", "/api/v2/events", "Live events (Server-Sent Events): build, step, log, worker", get(events)),
-        ep("post", "/api/v2/hooks/{forge}", "Webhook of a forge: github, gitlab, gitea or forgejo", post(hook)),
-        ep("get", "/api/v2/openapi.json", "This document", get(openapi)),
+        ep("get", "/api/v2/logs/{id}", "A log's size and whether it is complete", get(log_meta))
+            .answers(200, Json("LogMeta"))
+            .errors(&[400, 404]),
+        ep("get", "/api/v2/logs/{id}/raw", "A log's bytes; supports Range and ?offset=&limit=", get(log_raw))
+            .answers(200, Text)
+            .answers(206, Text)
+            .errors(&[400, 404]),
+        ep("get", "/api/v2/plan", "The compiled plan (the central DAG)", get(plan)).answers(200, Json("Plan")),
+        ep("get", "/api/v2/grid", "Builders × recent commits with the newest build of each, in one request", get(grid))
+            .answers(200, Json("Grid"))
+            .errors(&[400]),
+        ep(
+            "get",
+            "/api/v2/events",
+            "Live events (Server-Sent Events with ids): build, step, log, worker, and reset (reload what you show); send Last-Event-ID to resume",
+            get(events),
+        )
+        .answers(200, EventStream),
+        ep("post", "/api/v2/hooks/{forge}", "Webhook of a forge: github, gitlab, gitea or forgejo", post(hook))
+            .answers(200, AnyJson)
+            .answers(202, AnyJson)
+            .errors(&[400, 401, 403, 404, 413]),
+        ep("get", "/api/v2/openapi.json", "This document", get(openapi)).answers(200, AnyJson),
     ]
 }
 
@@ -366,7 +433,13 @@ async fn force(
         all.ok_or_else(|| EngineError::NotFound(format!("no builder `{builder}` in the plan")))
     })
     .await
-    .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), "internal error".into()))??;
+    .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), "internal error".into()))?
+    .map_err(|e| match e {
+        // A branch or revision the repository does not have is a missing thing, like a
+        // missing builder.
+        EngineError::BadRequest(m) if m.starts_with("cannot resolve") => ApiError::not_found(m),
+        other => other.into(),
+    })?;
     Ok((StatusCode::CREATED, Json(resp)))
 }
 
@@ -471,6 +544,9 @@ async fn log_raw(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let Query(q) = q.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    if q.offset.max(q.limit).is_some_and(|n| n > crate::query::MAX_OFFSET) {
+        return Err(ApiError::bad_request(format!("offset and limit may be at most {}", crate::query::MAX_OFFSET)));
+    }
     let id = parse_id(&id, "log")?;
     let (_, path, _) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
     let len = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);

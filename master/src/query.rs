@@ -8,6 +8,8 @@ use std::cmp::Ordering;
 
 /// Most items one page may hold.
 pub const MAX_LIMIT: usize = 1000;
+/// Largest offset accepted (2^53, exact in every JSON number).
+pub const MAX_OFFSET: u64 = 1 << 53;
 const DEFAULT_LIMIT: usize = 100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +52,7 @@ impl Field {
     }
 
     fn check(&self, op: Op, value: &str) -> Result<(), String> {
-        if op == Op::Contains || (self.nullable && value == "null") {
+        if op == Op::Contains {
             return Ok(());
         }
         let name = &self.name;
@@ -61,7 +63,7 @@ impl Field {
             Kind::Bool if value != "true" && value != "false" => {
                 Err(format!("`{name}` is true or false; `{value}` is neither"))
             }
-            Kind::Word(words) if !words.iter().any(|w| w == value) => {
+            Kind::Word(words) if !words.iter().any(|w| w == value) && !(self.nullable && value == "null") => {
                 let close = rbb_compiler::diagnostic::did_you_mean(value, words.iter().map(String::as_str));
                 Err(format!(
                     "`{name}` is one of {}; `{value}` is none of them{}",
@@ -179,9 +181,14 @@ impl ListQuery {
                         return Err(format!("limit may be at most {MAX_LIMIT}, got {}", q.limit));
                     }
                 }
-                "offset" => q.offset = v.parse().map_err(|_| format!("offset must be a number, got `{v}`"))?,
+                "offset" => {
+                    q.offset = v.parse().map_err(|_| format!("offset must be a number, got `{v}`"))?;
+                    if q.offset as u64 > MAX_OFFSET {
+                        return Err(format!("offset may be at most {MAX_OFFSET}, got {}", q.offset));
+                    }
+                }
                 "order" => {
-                    for part in v.split(',').filter(|p| !p.is_empty()) {
+                    for part in v.split(',').filter(|_| !v.is_empty()) {
                         let (desc, name) = match part.strip_prefix('-') {
                             Some(n) => (true, n),
                             None => (false, part),

@@ -107,8 +107,31 @@ fn the_openapi_document_matches_the_routes() {
             let (_, body) = call(&a, &e.method.to_uppercase(), &uri, Some("tok"), None).await;
             assert_ne!(body["error"]["message"], "no such endpoint", "{} {uri} is not routed", e.method);
         }
+        // What a generated client needs.
+        assert_eq!(doc["servers"][0]["url"], "/");
+        assert!(!doc.to_string().contains("\"nullable\""), "OpenAPI 3.1 has no `nullable`");
+        let op = |m: &str, p: &str| doc["paths"][p][m].clone();
+        let param = |o: &serde_json::Value, name: &str| {
+            o["parameters"].as_array().expect("params").iter().find(|p| p["name"] == name).cloned().expect(name)
+        };
+        assert_eq!(param(&op("get", "/api/v2/builds/{id}"), "id")["schema"]["type"], "integer");
+        assert_eq!(param(&op("get", "/api/v2/builds"), "limit")["schema"]["type"], "integer");
+        assert_eq!(param(&op("get", "/api/v2/builds"), "offset")["schema"]["type"], "integer");
+        assert_eq!(param(&op("get", "/api/v2/builds"), "id")["schema"]["type"], "number");
+        assert_eq!(param(&op("get", "/api/v2/grid"), "limit")["schema"]["maximum"], 500);
+        let raw = op("get", "/api/v2/logs/{id}/raw");
+        assert_eq!(param(&raw, "Range")["in"], "header");
+        for code in ["200", "206", "416"] {
+            assert!(raw["responses"][code].is_object(), "raw log answers {code}");
+        }
+        assert!(op("get", "/api/v2/events")["responses"]["200"]["content"]["text/event-stream"].is_object());
+        assert!(op("post", "/api/v2/builds/{id}/rebuild")["responses"]["201"].is_object());
+        assert!(op("post", "/api/v2/builds/{id}/stop")["responses"]["202"].is_object());
+        assert!(op("post", "/api/v2/builders/{builder}/force")["responses"]["401"].is_object());
         // Referenced schemas exist.
-        for name in ["Build", "Builder", "Step", "Worker", "Change", "ForceRequest", "ErrorBody", "Plan"] {
+        for name in
+            ["Build", "Builder", "Step", "Worker", "Change", "ForceRequest", "Forced", "ErrorBody", "Plan", "Rebuilt"]
+        {
             assert!(doc["components"]["schemas"][name].is_object(), "schema {name} missing");
         }
     });
