@@ -22,6 +22,8 @@ pub struct App {
     pub engine: Arc<Engine>,
     pub sources: Option<Arc<Sources>>,
     pub api_token: Option<String>,
+    /// The numbered event stream, started with the first client (it needs the runtime).
+    pub live: Arc<std::sync::OnceLock<Arc<crate::live::Live>>>,
 }
 
 impl axum::extract::FromRef<App> for Arc<Engine> {
@@ -191,7 +193,7 @@ pub fn router_with(engine: Arc<Engine>, sources: Option<Arc<Sources>>, api_token
     r.merge(crate::ui::router())
         .fallback(not_found)
         .layer(axum::middleware::map_response(error_shape))
-        .with_state(App { engine, sources, api_token })
+        .with_state(App { engine, sources, api_token, live: Default::default() })
 }
 
 /// Gives every error answer the one JSON shape, whoever made it: axum's extractors answer
@@ -620,31 +622,34 @@ async fn grid(State(e): State<Arc<Engine>>, Query(q): Query<GridQuery>) -> ApiRe
     Ok(Json(e.grid(limit)))
 }
 
-/// `GET /api/v2/events`: build, step, log and worker events as Server-Sent Events. Log
-/// progress travels on its own channel, so a busy log never pushes build events out; a
-/// client too slow for either gets a `reset` event (reload what you show) instead of a
-/// silent gap.
+/// `GET /api/v2/events`: build, step, log and worker events as Server-Sent Events, each with
+/// an `id:`. A client reconnecting with `Last-Event-ID` gets the events it missed, or a
+/// `reset` event (reload what you show) when they are no longer held; a client too slow for
+/// the stream gets a `reset` too, never a silent gap.
 async fn events(
-    State(e): State<Arc<Engine>>,
+    State(app): State<App>,
+    headers: HeaderMap,
 ) -> axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>
 {
     use axum::response::sse::{Event as Sse, KeepAlive};
     use tokio_stream::StreamExt;
     use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
-    let to_sse = |ev: Result<crate::engine::Event, BroadcastStreamRecvError>| {
-        let (kind, data) = match ev {
-            Ok(crate::engine::Event::Build { id }) => ("build", serde_json::json!({ "id": id })),
-            Ok(crate::engine::Event::Step { build, step }) => {
-                ("step", serde_json::json!({ "build": build, "step": step }))
-            }
-            Ok(crate::engine::Event::Log { id, bytes }) => ("log", serde_json::json!({ "id": id, "bytes": bytes })),
-            Ok(crate::engine::Event::Worker { name }) => ("worker", serde_json::json!({ "name": name })),
-            Err(BroadcastStreamRecvError::Lagged(n)) => ("reset", serde_json::json!({ "missed": n })),
-        };
-        Ok(Sse::default().event(kind).data(data.to_string()))
-    };
-    let stream =
-        BroadcastStream::new(e.subscribe()).map(to_sse).merge(BroadcastStream::new(e.subscribe_logs()).map(to_sse));
+    let live = app.live.get_or_init(|| crate::live::Live::start(app.engine.clone())).clone();
+    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let resume = live.resume(last);
+    let to_sse = |e: crate::live::Numbered| Sse::default().id(e.id).event(e.kind).data(e.data);
+    let mut first: Vec<Sse> = Vec::new();
+    if resume.reset {
+        first.push(
+            Sse::default().event("reset").data(r#"{"reason":"the events after Last-Event-ID are no longer held"}"#),
+        );
+    }
+    first.extend(resume.replay.into_iter().map(to_sse));
+    let live_stream = BroadcastStream::new(resume.live).map(move |r| match r {
+        Ok(e) => to_sse(e),
+        Err(BroadcastStreamRecvError::Lagged(n)) => Sse::default().event("reset").data(format!("{{\"missed\":{n}}}")),
+    });
+    let stream = tokio_stream::iter(first).chain(live_stream).map(Ok);
     axum::response::sse::Sse::new(stream).keep_alive(KeepAlive::default())
 }
 

@@ -8,6 +8,7 @@
 pub mod engine;
 pub mod grpc;
 pub mod http;
+pub mod live;
 pub mod logs;
 pub mod mirror;
 pub mod model;

@@ -63,7 +63,7 @@ impl Field {
             Kind::Bool if value != "true" && value != "false" => {
                 Err(format!("`{name}` is true or false; `{value}` is neither"))
             }
-            Kind::Word(words) if !words.iter().any(|w| w == value) && !(self.nullable && value == "null") => {
+            Kind::Word(words) if !(words.iter().any(|w| w == value) || self.nullable && value == "null") => {
                 let close = rbb_compiler::diagnostic::did_you_mean(value, words.iter().map(String::as_str));
                 Err(format!(
                     "`{name}` is one of {}; `{value}` is none of them{}",

@@ -425,3 +425,89 @@ fn log_ranges_follow_rfc_9110() {
         assert!(!text.contains('\u{1b}'), "the {who}'s log file carries ANSI escapes:\n{text}");
     }
 }
+
+/// Reads a Server-Sent Events body until `done` holds for the parsed events `(id, event,
+/// data)`, under a hard timeout.
+async fn sse_until(
+    body: &mut (impl futures::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin),
+    done: impl Fn(&[(String, String, String)]) -> bool,
+) -> Vec<(String, String, String)> {
+    use futures::StreamExt;
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let events: Vec<(String, String, String)> = text
+            .split("\n\n")
+            .filter(|block| block.lines().any(|l| l.starts_with("event:")))
+            .map(|block| {
+                let field = |name: &str| {
+                    block.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned()).unwrap_or_default()
+                };
+                (field("id:"), field("event:"), field("data:"))
+            })
+            .collect();
+        if done(&events) {
+            return events;
+        }
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .unwrap_or_else(|_| panic!("no such events in time; got:\n{text}"))
+            .expect("stream ended")
+            .expect("bytes");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[test]
+fn events_have_ids_and_resume_after_last_event_id() {
+    let a = api();
+    rt().block_on(async {
+        let open = |last: Option<String>| {
+            let router = a.router.clone();
+            async move {
+                let mut req = Request::builder().uri("/api/v2/events");
+                if let Some(l) = last {
+                    req = req.header("last-event-id", l);
+                }
+                let resp = router.oneshot(req.body(Body::empty()).expect("request")).await.expect("response");
+                assert_eq!(resp.headers()["content-type"], "text/event-stream");
+                resp.into_body().into_data_stream()
+            }
+        };
+        let mut first = open(None).await;
+        let (_, r) = call(&a, "POST", "/api/v2/builders/app%2Flint/force", Some("tok"), Some("{}")).await;
+        let one = r["build"].as_u64().expect("id");
+        let got =
+            sse_until(&mut first, |e| e.iter().any(|(_, k, d)| k == "build" && d.contains(&format!("\"id\":{one}"))))
+                .await;
+        let (last_id, _, _) = got.last().expect("an event").clone();
+        assert!(!last_id.is_empty(), "events carry ids: {got:?}");
+        drop(first);
+
+        // Missed while away: two more forces.
+        let mut missed = Vec::new();
+        for _ in 0..2 {
+            let (_, r) = call(&a, "POST", "/api/v2/builders/app%2Fbuild/force", Some("tok"), Some("{}")).await;
+            missed.push(r["build"].as_u64().expect("id"));
+        }
+        let mut again = open(Some(last_id.clone())).await;
+        let got = sse_until(&mut again, |e| {
+            missed.iter().all(|m| e.iter().any(|(_, k, d)| k == "build" && d.contains(&format!("\"id\":{m},"))))
+        })
+        .await;
+        assert!(got.iter().all(|(id, k, _)| k != "reset" && !id.is_empty() && *id != last_id), "{got:?}");
+        for pair in got.windows(2) {
+            assert_ne!((&pair[0].1, &pair[0].2), (&pair[1].1, &pair[1].2), "consecutive duplicates: {got:?}");
+        }
+        let ids: Vec<u64> =
+            got.iter().map(|(id, _, _)| id.rsplit('-').next().and_then(|n| n.parse().ok()).expect("n")).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+
+        // An id this master does not hold (another run's, or garbage): a reset first.
+        for stale in ["1-5", "nonsense"] {
+            let mut s = open(Some(stale.to_owned())).await;
+            let got = sse_until(&mut s, |e| !e.is_empty()).await;
+            assert_eq!(got[0].1, "reset", "{stale}: {got:?}");
+        }
+    });
+}
