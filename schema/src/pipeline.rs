@@ -8,6 +8,10 @@ use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
+/// What a builder, template or matrix axis may be called: a letter or digit first, then
+/// letters, digits, `.`, `_` and `-`, at most 100 characters (no spaces, no `/`).
+pub const NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$";
+
 /// A repository's pipeline: builders, the templates they extend, and an optional snippet that
 /// generates more builders.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -16,14 +20,27 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub struct Pipeline {
     /// Format version of this file. Only `1` exists; omit it to mean `1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1))]
     pub version: Option<u32>,
     /// Reusable builder fragments. A builder takes one or more of them with `extends:`; its own
     /// keys win, mappings are merged key by key, lists and scalars are replaced.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    #[schemars(extend("propertyNames" = { "pattern": NAME_PATTERN }))]
     pub templates: IndexMap<String, Builder>,
     /// The builders of this repository, by name. Names are unique within the repository; other
     /// repositories refer to them as `<repo>/<name>`.
+    /// A builder has steps of its own (at least one) or takes them from templates.
     #[serde(default)]
+    #[schemars(extend(
+        "propertyNames" = { "pattern": NAME_PATTERN },
+        "additionalProperties" = {
+            "$ref": "#/$defs/Builder",
+            "anyOf": [
+                { "required": ["steps"], "properties": { "steps": { "minItems": 1 } } },
+                { "required": ["extends"] }
+            ]
+        }
+    ))]
     pub builders: IndexMap<String, Builder>,
     /// A Python snippet that returns a mapping of builder name to builder definition, merged
     /// into `builders`. It sees `ctx` with `repo`, `branch`, `files` and `pipeline`.
