@@ -182,6 +182,23 @@ fn every_yaml_example_in_the_docs_is_accepted_by_the_schema_and_the_compiler() {
                 complaints.push(format!("{what}: not YAML"));
                 continue;
             };
+            // A fragment of a builder (`matrix:`, `on:`) is checked inside one.
+            let fragment = ["matrix", "on", "steps", "needs"].iter().any(|k| value.get(k).is_some())
+                && value.get("builders").is_none();
+            let body = if fragment {
+                let mut b = value.clone();
+                if b.get("steps").is_none() {
+                    b["steps"] = serde_yaml::from_str("[{ run: 'true' }]").expect("steps");
+                }
+                let mut p = serde_yaml::Mapping::new();
+                let mut builders = serde_yaml::Mapping::new();
+                builders.insert("example".into(), b);
+                p.insert("builders".into(), serde_yaml::Value::Mapping(builders));
+                serde_yaml::to_string(&p).expect("yaml")
+            } else {
+                body
+            };
+            let value: serde_yaml::Value = serde_yaml::from_str(&body).expect("yaml");
             let top = |k: &str| value.get(k).is_some();
             if top("repositories") {
                 checked += 1;
@@ -213,4 +230,22 @@ fn every_yaml_example_in_the_docs_is_accepted_by_the_schema_and_the_compiler() {
     }
     assert!(checked >= 3, "only {checked} YAML examples found");
     assert!(complaints.is_empty(), "{} broken examples:\n{}", complaints.len(), complaints.join("\n"));
+}
+
+#[test]
+fn an_axis_may_be_called_python() {
+    let text = "builders:\n  test:\n    matrix:\n      python: ['3.11', '3.12']\n      os: [linux]\n    steps: [{ run: 'tox -e py${{ matrix.python }}' }]\n";
+    let out = compile(&[source("app", text.into(), None, &[])], &evaluator(), &Options::default());
+    assert!(!out.has_errors(), "{:?}", out.diagnostics);
+    let plan = out.plan.expect("plan");
+    let ids: Vec<&str> = plan.builders.iter().map(|b| b.id.as_str()).collect();
+    assert_eq!(ids, ["app/test[python=3.11,os=linux]", "app/test[python=3.12,os=linux]"]);
+    assert_eq!(plan.builders[0].steps[0].run, "tox -e py3.11");
+    assert!(schema_verdict(&validator("pipeline.schema.json"), text).is_none());
+    // A string is still the snippet.
+    let text =
+        "builders:\n  test:\n    matrix:\n      python: 'return [{\"os\": \"linux\"}]'\n    steps: [{ run: make }]\n";
+    let out = compile(&[source("app", text.into(), None, &[])], &evaluator(), &Options::default());
+    assert!(!out.has_errors(), "{:?}", out.diagnostics);
+    assert_eq!(out.plan.expect("plan").builders[0].id, "app/test[os=linux]");
 }
