@@ -2,7 +2,8 @@
 //! case (testdata/compiler) and every YAML example in README.md and docs/ goes through both.
 //! The schema may be laxer than the compiler where a type cannot say it (a cycle, an unknown
 //! `needs`, a snippet's result), but never stricter, and the mistakes a schema can express
-//! (names, unknown keys, types, version, a builder without steps) it must reject too.
+//! (names, unknown keys, types, version, a builder without steps) it must reject too. Every
+//! `curl` command of the docs runs against a real master and worker and must succeed.
 
 mod support;
 
@@ -248,4 +249,82 @@ fn an_axis_may_be_called_python() {
     let out = compile(&[source("app", text.into(), None, &[])], &evaluator(), &Options::default());
     assert!(!out.has_errors(), "{:?}", out.diagnostics);
     assert_eq!(out.plan.expect("plan").builders[0].id, "app/test[os=linux]");
+}
+
+/// The `curl` commands of the shell blocks of one Markdown file (continuation lines joined).
+fn curl_commands(path: &Path) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    for (start, body) in blocks(path, "sh") {
+        let mut pending: Option<(usize, String)> = None;
+        for (i, line) in body.lines().enumerate() {
+            let line_no = start + i;
+            let (text, continues) = match line.trim_end().strip_suffix('\\') {
+                Some(t) => (t.to_owned(), true),
+                None => (line.to_owned(), false),
+            };
+            let cmd = match pending.take() {
+                Some((n, mut acc)) => {
+                    acc.push(' ');
+                    acc.push_str(text.trim());
+                    (n, acc)
+                }
+                None => (line_no, text.trim().to_owned()),
+            };
+            if continues {
+                pending = Some(cmd);
+            } else if cmd.1.starts_with("curl ") {
+                out.push(cmd);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_curl_example_in_the_docs_works_against_a_real_master() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    support::make_repo(
+        &dir.path().join("lib"),
+        "builders:\n  build:\n    steps: [{ name: compile, run: 'echo compiled' }]\n",
+        &[],
+    );
+    let config = support::write_config(dir.path(), &["lib"], &[("w1", "t1", &[])]);
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str("api_token: demo-api-token\n");
+    std::fs::write(&config, text).expect("config");
+    let m = support::Master::start(&config, &dir.path().join("state"));
+    let _w = support::Worker::start(&m, "w1", "t1", &dir.path().join("w1"), &[]);
+    // The tour's commands read build 1 and log 1: the demo has built by then.
+    let r = support::http(
+        &m.http,
+        "POST",
+        "/api/v2/builders/lib%2Fbuild/force",
+        &[("authorization", "Bearer demo-api-token")],
+        Some("{}"),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    m.finished(r.json()["build"].as_u64().expect("id"), Duration::from_secs(60));
+
+    let mut ran = 0;
+    let mut complaints = Vec::new();
+    for md in markdown_files() {
+        for (line, cmd) in curl_commands(&md) {
+            let what = format!("{}:{line}", md.strip_prefix(root()).unwrap_or(&md).display());
+            let cmd = cmd.replace("http://127.0.0.1:8010", &format!("http://{}", m.http));
+            let run =
+                format!("{} -sS --fail-with-body --max-time 20 -o /dev/null -w '%{{http_code}}' {}", "curl", &cmd[5..]);
+            let out = std::process::Command::new("sh").arg("-c").arg(&run).output().expect("run curl");
+            ran += 1;
+            if !out.status.success() {
+                complaints.push(format!(
+                    "{what}: `{cmd}` failed ({}): {}{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        }
+    }
+    assert!(ran >= 5, "only {ran} curl examples found");
+    assert!(complaints.is_empty(), "{} broken curl examples:\n{}", complaints.len(), complaints.join("\n"));
 }
