@@ -155,6 +155,8 @@ pub fn endpoints() -> Vec<Endpoint> {
             .errors(&[400, 404, 409]),
         ep("get", "/api/v2/changes", "The change log: commits seen on watched branches", get(changes)).list("Change"),
         ep("get", "/api/v2/workers", "Workers and whether they are connected", get(workers)).list("Worker"),
+        ep("get", "/api/v2/repositories", "Watched repositories and how their fetches go", get(repositories))
+            .answers(200, AnyJson),
         ep("get", "/api/v2/logs/{id}", "A log's size and whether it is complete", get(log_meta))
             .answers(200, Json("LogMeta"))
             .errors(&[400, 404]),
@@ -190,6 +192,7 @@ pub fn router_with(engine: Arc<Engine>, sources: Option<Arc<Sources>>, api_token
     for e in endpoints() {
         r = r.route(e.path, e.handler);
     }
+    r = r.route("/git/{*path}", axum::routing::any(crate::git_http::serve));
     r.merge(crate::ui::router())
         .fallback(not_found)
         .layer(axum::middleware::map_response(error_shape))
@@ -377,7 +380,7 @@ async fn builder_page(State(e): State<Arc<Engine>>, Path(builder): Path<String>)
         .into_iter()
         .find(|b| b.id == builder)
         .ok_or_else(|| ApiError::not_found(format!("no builder `{builder}`")))?;
-    let builds: Vec<api::Build> = e.builds(Some(&builder)).into_iter().take(50).collect();
+    let builds: Vec<api::Build> = e.builds_of(&builder, 50)?;
     Ok(Json(serde_json::json!({ "builder": b, "builds": builds })))
 }
 
@@ -446,7 +449,25 @@ async fn force(
 }
 
 async fn builds(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde_json::Value>> {
-    list("builds", e.builds(None), q, &[])
+    let q = parse_query::<api::Build>(q)?;
+    let (page, total) = blocking(move || e.list_builds(&q)).await?;
+    Ok(Json(serde_json::json!({ "builds": page, "meta": api::Meta { total } })))
+}
+
+/// A list query checked against `T`'s fields.
+fn parse_query<T: schemars::JsonSchema>(query: Pairs) -> ApiResult<ListQuery> {
+    let Query(pairs) = query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    let fields = fields_of::<T>();
+    ListQuery::parse_typed(&pairs, &fields, &[]).map_err(ApiError::bad_request)
+}
+
+/// Runs a store read off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::engine::EngineError> + Send + 'static,
+) -> ApiResult<T> {
+    Ok(tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), "internal error".into()))??)
 }
 
 fn parse_id(raw: &str, what: &str) -> ApiResult<u64> {
@@ -475,6 +496,11 @@ async fn workers(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde
     list("workers", e.workers(), q, &[])
 }
 
+async fn repositories(State(app): State<App>) -> Json<serde_json::Value> {
+    let repos = app.sources.map(|s| s.health()).unwrap_or_default();
+    Json(serde_json::json!({ "repositories": repos, "meta": { "total": repos.len() } }))
+}
+
 async fn plan(State(e): State<Arc<Engine>>) -> Json<rbb_schema::plan::Plan> {
     Json((*e.plan()).clone())
 }
@@ -482,9 +508,10 @@ async fn plan(State(e): State<Arc<Engine>>) -> Json<rbb_schema::plan::Plan> {
 async fn log_meta(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
     let id = parse_id(&id, "log")?;
     let (rec, _, live) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
-    Ok(Json(
-        serde_json::json!({ "id": rec.id, "build": rec.build, "step": rec.step, "bytes": rec.bytes, "complete": !live }),
-    ))
+    Ok(Json(serde_json::json!({
+        "id": rec.id, "build": rec.build, "step": rec.step, "bytes": rec.bytes, "complete": !live,
+        "expired": rec.expired,
+    })))
 }
 
 #[derive(Deserialize)]
@@ -550,7 +577,14 @@ async fn log_raw(
         return Err(ApiError::bad_request(format!("offset and limit may be at most {}", crate::query::MAX_OFFSET)));
     }
     let id = parse_id(&id, "log")?;
-    let (_, path, _) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
+    let (rec, path, _) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
+    if rec.expired {
+        return Err(ApiError(
+            StatusCode::GONE,
+            "gone".into(),
+            format!("log {id} expired: the retention policy deleted it"),
+        ));
+    }
     let len = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
     let (from, end, partial) = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(|v| range_ask(v, len))
     {
@@ -605,7 +639,9 @@ async fn rebuild(
 }
 
 async fn changes(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde_json::Value>> {
-    list("changes", e.changes(), q, &[])
+    let q = parse_query::<api::Change>(q)?;
+    let (page, total) = blocking(move || e.list_changes(&q)).await?;
+    Ok(Json(serde_json::json!({ "changes": page, "meta": api::Meta { total } })))
 }
 
 #[derive(Deserialize)]
@@ -619,7 +655,7 @@ async fn grid(State(e): State<Arc<Engine>>, Query(q): Query<GridQuery>) -> ApiRe
     if limit > 500 {
         return Err(ApiError::bad_request("limit may be at most 500 columns"));
     }
-    Ok(Json(e.grid(limit)))
+    Ok(Json(blocking(move || e.grid(limit)).await?))
 }
 
 /// `GET /api/v2/events`: build, step, log and worker events as Server-Sent Events, each with

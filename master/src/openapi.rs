@@ -38,7 +38,8 @@ fn components() -> Map<String, Value> {
                 "build": { "type": "integer", "minimum": 0 },
                 "step": { "type": "integer", "minimum": 0 },
                 "bytes": { "type": "integer", "minimum": 0 },
-                "complete": { "type": "boolean", "description": "false while the step still writes to it" }
+                "complete": { "type": "boolean", "description": "false while the step still writes to it" },
+                "expired": { "type": "boolean", "description": "removed by the retention policy" }
             }
         }),
     );
