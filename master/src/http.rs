@@ -22,6 +22,8 @@ pub struct App {
     pub engine: Arc<Engine>,
     pub sources: Option<Arc<Sources>>,
     pub api_token: Option<String>,
+    /// The numbered event stream, started with the first client (it needs the runtime).
+    pub live: Arc<std::sync::OnceLock<Arc<crate::live::Live>>>,
 }
 
 impl axum::extract::FromRef<App> for Arc<Engine> {
@@ -30,17 +32,36 @@ impl axum::extract::FromRef<App> for Arc<Engine> {
     }
 }
 
+/// What a successful answer carries, for the OpenAPI document.
+#[derive(Debug, Clone, Copy)]
+pub enum Answer {
+    /// JSON of this component schema.
+    Json(&'static str),
+    /// A JSON object described in prose.
+    AnyJson,
+    /// `text/plain` bytes.
+    Text,
+    /// A `text/event-stream`.
+    EventStream,
+    /// No body.
+    Empty,
+}
+
 /// One endpoint: how the OpenAPI document describes it, and its handler.
 pub struct Endpoint {
     pub method: &'static str,
     pub path: &'static str,
     pub summary: &'static str,
-    /// Needs `Authorization: Bearer <api_token>`.
+    /// Needs `Authorization: Bearer <api_token>` (answers 401 without it).
     pub control: bool,
-    /// A list endpoint taking filters, `order`, `limit` and `offset` over this item type.
+    /// A list endpoint taking filters, `order`, `limit` and `offset` over this item type
+    /// (answers 200 with a page, 400 for a bad query).
     pub list_of: Option<&'static str>,
-    /// Schema of a 2xx JSON answer (a component name), if any.
-    pub answers: Option<&'static str>,
+    /// Successful answers: status and body.
+    pub answers: Vec<(u16, Answer)>,
+    /// Error statuses the handler answers besides those implied by `control`, `list_of` and
+    /// `body` (always in the one error shape).
+    pub errors: &'static [u16],
     /// Schema of the JSON request body, if any.
     pub body: Option<&'static str>,
     handler: axum::routing::MethodRouter<App>,
@@ -52,7 +73,17 @@ fn ep(
     summary: &'static str,
     handler: axum::routing::MethodRouter<App>,
 ) -> Endpoint {
-    Endpoint { method, path, summary, control: false, list_of: None, answers: None, body: None, handler }
+    Endpoint {
+        method,
+        path,
+        summary,
+        control: false,
+        list_of: None,
+        answers: Vec::new(),
+        errors: &[],
+        body: None,
+        handler,
+    }
 }
 
 impl Endpoint {
@@ -64,8 +95,12 @@ impl Endpoint {
         self.list_of = Some(item);
         self
     }
-    fn answers(mut self, schema: &'static str) -> Self {
-        self.answers = Some(schema);
+    fn answers(mut self, status: u16, answer: Answer) -> Self {
+        self.answers.push((status, answer));
+        self
+    }
+    fn errors(mut self, codes: &'static [u16]) -> Self {
+        self.errors = codes;
         self
     }
     fn body(mut self, schema: &'static str) -> Self {
@@ -77,39 +112,74 @@ impl Endpoint {
 /// Every endpoint of the API. The router and the OpenAPI document are both made from this
 /// table, so they cannot disagree.
 pub fn endpoints() -> Vec<Endpoint> {
+    use Answer::*;
     vec![
         ep("get", "/api/v2/builders", "Builders of the current plan, with their last build", get(builders))
             .list("Builder"),
-        ep("post", "/api/v2/builders/{builder}/force", "Force a build (builder id URL-encoded)", post(force))
-            .control()
-            .body("ForceRequest")
-            .answers("ForceResponse"),
+        ep(
+            "post",
+            "/api/v2/builders/{builder}/force",
+            "Force a build (builder id URL-encoded; a matrix builder's base name forces every combination)",
+            post(force),
+        )
+        .control()
+        .body("ForceRequest")
+        .answers(201, Json("Forced"))
+        .errors(&[400, 404]),
         ep(
             "get",
             "/api/v2/builders/{builder}",
             "One builder with its 50 newest builds (builder id URL-encoded)",
             get(builder_page),
-        ),
+        )
+        .answers(200, Json("BuilderPage"))
+        .errors(&[404]),
         ep("get", "/api/v2/buildrequests", "Builds waiting to start, oldest first", get(build_requests))
             .list("BuildRequest"),
         ep("post", "/api/v2/buildrequests/{id}/cancel", "Cancel a build that has not started", post(cancel_request))
-            .control(),
+            .control()
+            .answers(202, Empty)
+            .errors(&[400, 404, 409]),
         ep("get", "/api/v2/builds", "Builds, newest first", get(builds)).list("Build"),
-        ep("get", "/api/v2/builds/{id}", "One build with its steps", get(build)).answers("Build"),
-        ep("get", "/api/v2/builds/{id}/steps", "The steps of a build", get(steps)).list("Step"),
+        ep("get", "/api/v2/builds/{id}", "One build with its steps", get(build))
+            .answers(200, Json("Build"))
+            .errors(&[400, 404]),
+        ep("get", "/api/v2/builds/{id}/steps", "The steps of a build", get(steps)).list("Step").errors(&[400, 404]),
         ep("post", "/api/v2/builds/{id}/stop", "Stop a build (a running step's process group is killed)", post(stop))
-            .control(),
-        ep("post", "/api/v2/builds/{id}/rebuild", "Run a build again with its pinned plan", post(rebuild)).control(),
+            .control()
+            .answers(202, Empty)
+            .errors(&[400, 404, 409]),
+        ep("post", "/api/v2/builds/{id}/rebuild", "Run a finished build again with its pinned plan", post(rebuild))
+            .control()
+            .answers(201, Json("Rebuilt"))
+            .errors(&[400, 404, 409]),
         ep("get", "/api/v2/changes", "The change log: commits seen on watched branches", get(changes)).list("Change"),
         ep("get", "/api/v2/workers", "Workers and whether they are connected", get(workers)).list("Worker"),
-        ep("get", "/api/v2/repositories", "Watched repositories and how their fetches go", get(repositories)),
-        ep("get", "/api/v2/logs/{id}", "A log's size and whether it is complete", get(log_meta)),
-        ep("get", "/api/v2/logs/{id}/raw", "A log's bytes; supports Range and ?offset=&limit=", get(log_raw)),
-        ep("get", "/api/v2/plan", "The compiled plan (the central DAG)", get(plan)).answers("Plan"),
-        ep("get", "/api/v2/grid", "Builders × recent commits with the newest build of each, in one request", get(grid)),
-        ep("get", "/api/v2/events", "Live events (Server-Sent Events): build, step, log, worker", get(events)),
-        ep("post", "/api/v2/hooks/{forge}", "Webhook of a forge: github, gitlab, gitea or forgejo", post(hook)),
-        ep("get", "/api/v2/openapi.json", "This document", get(openapi)),
+        ep("get", "/api/v2/repositories", "Watched repositories and how their fetches go", get(repositories))
+            .answers(200, AnyJson),
+        ep("get", "/api/v2/logs/{id}", "A log's size and whether it is complete", get(log_meta))
+            .answers(200, Json("LogMeta"))
+            .errors(&[400, 404]),
+        ep("get", "/api/v2/logs/{id}/raw", "A log's bytes; supports Range and ?offset=&limit=", get(log_raw))
+            .answers(200, Text)
+            .answers(206, Text)
+            .errors(&[400, 404]),
+        ep("get", "/api/v2/plan", "The compiled plan (the central DAG)", get(plan)).answers(200, Json("Plan")),
+        ep("get", "/api/v2/grid", "Builders × recent commits with the newest build of each, in one request", get(grid))
+            .answers(200, Json("Grid"))
+            .errors(&[400]),
+        ep(
+            "get",
+            "/api/v2/events",
+            "Live events (Server-Sent Events with ids): build, step, log, worker, and reset (reload what you show); send Last-Event-ID to resume",
+            get(events),
+        )
+        .answers(200, EventStream),
+        ep("post", "/api/v2/hooks/{forge}", "Webhook of a forge: github, gitlab, gitea or forgejo", post(hook))
+            .answers(200, AnyJson)
+            .answers(202, AnyJson)
+            .errors(&[400, 401, 403, 404, 413]),
+        ep("get", "/api/v2/openapi.json", "This document", get(openapi)).answers(200, AnyJson),
     ]
 }
 
@@ -123,7 +193,71 @@ pub fn router_with(engine: Arc<Engine>, sources: Option<Arc<Sources>>, api_token
         r = r.route(e.path, e.handler);
     }
     r = r.route("/git/{*path}", axum::routing::any(crate::git_http::serve));
-    r.merge(crate::ui::router()).fallback(not_found).with_state(App { engine, sources, api_token })
+    r.merge(crate::ui::router())
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(error_shape))
+        .with_state(App { engine, sources, api_token, live: Default::default() })
+}
+
+/// Gives every error answer the one JSON shape, whoever made it: axum's extractors answer
+/// 400, 413, 415 and 422 in plain text and 405 with an empty body.
+async fn error_shape(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10).await.map(|b| String::from_utf8_lossy(&b).into_owned());
+    let text = text.unwrap_or_default();
+    let (code, fallback) = match status {
+        StatusCode::BAD_REQUEST => ("bad_request", "bad request"),
+        StatusCode::NOT_FOUND => ("not_found", "not found"),
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "this path does not take this method"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ("unsupported_media_type", "the request body's type is not supported"),
+        StatusCode::UNPROCESSABLE_ENTITY => ("bad_request", "the request body does not fit its schema"),
+        StatusCode::RANGE_NOT_SATISFIABLE => ("range_not_satisfiable", "the range asks for no existing byte"),
+        s if s.is_server_error() => ("internal", "internal error; see the master's log"),
+        _ => ("bad_request", "bad request"),
+    };
+    let message = if text.trim().is_empty() || status.is_server_error() { fallback.to_owned() } else { text };
+    let mut out = ApiError(status, code.into(), message).into_response();
+    for (k, v) in &parts.headers {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// Hides the server's file paths in a message meant for a client: any word that is an
+/// absolute path becomes `<path>`.
+fn scrub(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find('/') {
+        let before = &rest[..i];
+        let at_word_start = before.chars().last().is_none_or(|c| c.is_whitespace() || "`'\"(:=".contains(c));
+        let word_len = rest[i..].find(|c: char| c.is_whitespace() || "`'\")".contains(c)).unwrap_or(rest.len() - i);
+        let word = &rest[i..i + word_len];
+        out.push_str(before);
+        if at_word_start && word.matches('/').count() >= 2 && !word.starts_with("/api/") {
+            out.push_str("<path>");
+        } else {
+            out.push_str(word);
+        }
+        rest = &rest[i + word_len..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Checks the bearer token of a control action.
@@ -149,6 +283,7 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// An error answer: status, code and message (file paths are scrubbed from it).
 pub struct ApiError(StatusCode, String, String);
 
 impl ApiError {
@@ -180,7 +315,7 @@ impl From<EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = api::ErrorBody { error: api::ErrorDetail { code: self.1, message: self.2 } };
+        let body = api::ErrorBody { error: api::ErrorDetail { code: self.1, message: scrub(&self.2) } };
         (self.0, Json(body)).into_response()
     }
 }
@@ -194,22 +329,25 @@ async fn not_found() -> ApiError {
 /// A request's query pairs, decoded (a malformed query string becomes a 400 in our shape).
 type Pairs = Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>;
 
-/// Field names of a REST type (its JSON Schema's properties), computed once per type.
-fn fields_of<T: schemars::JsonSchema>() -> Arc<Vec<String>> {
-    static CACHE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Arc<Vec<String>>>>> =
-        std::sync::OnceLock::new();
+/// Fields of a REST type (its JSON Schema's properties, with their kinds), computed once per
+/// type.
+fn fields_of<T: schemars::JsonSchema>() -> Arc<Vec<crate::query::Field>> {
+    type Cache = std::sync::Mutex<std::collections::HashMap<String, Arc<Vec<crate::query::Field>>>>;
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
     cache
         .entry(T::schema_name().into_owned())
         .or_insert_with(|| {
             let schema = schemars::schema_for!(T);
+            let empty = serde_json::Map::new();
+            let defs = schema.as_object().and_then(|o| o.get("$defs")).and_then(|d| d.as_object()).unwrap_or(&empty);
             Arc::new(
                 schema
                     .as_object()
                     .and_then(|o| o.get("properties"))
                     .and_then(|p| p.as_object())
-                    .map(|p| p.keys().cloned().collect())
+                    .map(|p| p.iter().map(|(k, v)| crate::query::Field::from_schema(k, v, defs)).collect())
                     .unwrap_or_default(),
             )
         })
@@ -225,8 +363,7 @@ fn list<T: serde::Serialize + schemars::JsonSchema>(
 ) -> ApiResult<Json<serde_json::Value>> {
     let Query(pairs) = query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
     let fields = fields_of::<T>();
-    let names: Vec<&str> = fields.iter().map(String::as_str).collect();
-    let q = ListQuery::parse(&pairs, &names, extra).map_err(ApiError::bad_request)?;
+    let q = ListQuery::parse_typed(&pairs, &fields, extra).map_err(ApiError::bad_request)?;
     let values: Vec<serde_json::Value> = items.iter().filter_map(|i| serde_json::to_value(i).ok()).collect();
     let (page, total) = q.apply(values);
     Ok(Json(serde_json::json!({ name: page, "meta": api::Meta { total } })))
@@ -258,24 +395,56 @@ async fn cancel_request(State(app): State<App>, Path(id): Path<String>, headers:
     Ok(StatusCode::ACCEPTED)
 }
 
+/// Forces a builder. The body is JSON whatever its declared content type (`curl -d` sends a
+/// form type); an empty body means defaults. A matrix builder's base name (`app/test`) forces
+/// every combination.
 async fn force(
     State(app): State<App>,
     Path(builder): Path<String>,
     headers: HeaderMap,
-    body: Option<Json<serde_json::Value>>,
-) -> ApiResult<(StatusCode, Json<api::ForceResponse>)> {
+    body: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<api::Forced>)> {
     authorize(&app, &headers)?;
-    let e = app.engine.clone();
-    let req: api::ForceRequest = match body {
-        None => api::ForceRequest::default(),
-        Some(Json(v)) => {
-            serde_json::from_value(v).map_err(|err| ApiError::bad_request(format!("bad force request: {err}")))?
-        }
+    let req: api::ForceRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        api::ForceRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|err| ApiError::bad_request(format!("bad force request: {err}")))?
     };
-    let engine = e.clone();
-    let resp = tokio::task::spawn_blocking(move || engine.force(&builder, req))
-        .await
-        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), "internal error".into()))??;
+    let plan = app.engine.plan();
+    let targets: Vec<String> = if plan.builder(&builder).is_some() {
+        vec![builder.clone()]
+    } else {
+        let combos: Vec<String> = plan
+            .builders
+            .iter()
+            .filter(|b| !b.matrix.is_empty() && format!("{}/{}", b.repo, b.name) == builder)
+            .map(|b| b.id.clone())
+            .collect();
+        if combos.is_empty() { vec![builder.clone()] } else { combos }
+    };
+    let engine = app.engine.clone();
+    let resp = tokio::task::spawn_blocking(move || {
+        let mut all: Option<api::Forced> = None;
+        for t in &targets {
+            let r = engine.force(t, req.clone())?;
+            match &mut all {
+                None => all = Some(api::Forced { build: r.build, builds: vec![r.build], needed: r.needed }),
+                Some(a) => {
+                    a.builds.push(r.build);
+                    a.needed.extend(r.needed);
+                }
+            }
+        }
+        all.ok_or_else(|| EngineError::NotFound(format!("no builder `{builder}` in the plan")))
+    })
+    .await
+    .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), "internal error".into()))?
+    .map_err(|e| match e {
+        // A branch or revision the repository does not have is a missing thing, like a
+        // missing builder.
+        EngineError::BadRequest(m) if m.starts_with("cannot resolve") => ApiError::not_found(m),
+        other => other.into(),
+    })?;
     Ok((StatusCode::CREATED, Json(resp)))
 }
 
@@ -289,8 +458,7 @@ async fn builds(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde_
 fn parse_query<T: schemars::JsonSchema>(query: Pairs) -> ApiResult<ListQuery> {
     let Query(pairs) = query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
     let fields = fields_of::<T>();
-    let names: Vec<&str> = fields.iter().map(String::as_str).collect();
-    ListQuery::parse(&pairs, &names, &[]).map_err(ApiError::bad_request)
+    ListQuery::parse_typed(&pairs, &fields, &[]).map_err(ApiError::bad_request)
 }
 
 /// Runs a store read off the async threads.
@@ -352,14 +520,62 @@ struct RangeQuery {
     limit: Option<u64>,
 }
 
+/// What a `Range` header asks of a representation of `len` bytes (RFC 9110, section 14).
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeAsk {
+    /// No usable range: a unit other than bytes, a malformed or invalid spec (last before
+    /// first), or several ranges. The whole representation answers (200).
+    Whole,
+    /// Bytes `[start, end)`, non-empty (206).
+    Part(u64, u64),
+    /// A valid range none of whose bytes exist (416).
+    Unsatisfiable,
+}
+
+/// Reads one `Range` header value against a length, as RFC 9110 says: a first position at or
+/// past the end and a zero suffix are unsatisfiable; what cannot be parsed is ignored.
+pub fn range_ask(value: &str, len: u64) -> RangeAsk {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else { return RangeAsk::Whole };
+    if spec.contains(',') {
+        return RangeAsk::Whole;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else { return RangeAsk::Whole };
+    let digits = |t: &str| !t.is_empty() && t.bytes().all(|c| c.is_ascii_digit());
+    if a.is_empty() {
+        let Some(n) = digits(b).then(|| b.parse::<u64>().ok()).flatten() else { return RangeAsk::Whole };
+        if n == 0 || len == 0 {
+            return RangeAsk::Unsatisfiable;
+        }
+        return RangeAsk::Part(len.saturating_sub(n), len);
+    }
+    let Some(first) = digits(a).then(|| a.parse::<u64>().ok()).flatten() else { return RangeAsk::Whole };
+    let last = if b.is_empty() {
+        None
+    } else {
+        match digits(b).then(|| b.parse::<u64>().ok()).flatten() {
+            Some(l) if l >= first => Some(l),
+            _ => return RangeAsk::Whole,
+        }
+    };
+    if first >= len {
+        return RangeAsk::Unsatisfiable;
+    }
+    RangeAsk::Part(first, last.map_or(len, |l| l.saturating_add(1).min(len)))
+}
+
 /// The log's bytes, whole or a range (`Range: bytes=a-b`, or `?offset=&limit=`), streamed
-/// from the file: memory use does not depend on the log's size.
+/// from the file: memory use does not depend on the log's size. A range answers 206 with a
+/// `Content-Range`; `offset`/`limit` past the end answer an empty 200 (a live log may grow).
 async fn log_raw(
     State(e): State<Arc<Engine>>,
     Path(id): Path<String>,
-    Query(q): Query<RangeQuery>,
+    q: Result<Query<RangeQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    if q.offset.max(q.limit).is_some_and(|n| n > crate::query::MAX_OFFSET) {
+        return Err(ApiError::bad_request(format!("offset and limit may be at most {}", crate::query::MAX_OFFSET)));
+    }
     let id = parse_id(&id, "log")?;
     let (rec, path, _) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
     if rec.expired {
@@ -370,53 +586,40 @@ async fn log_raw(
         ));
     }
     let len = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
-    let mut start = q.offset.unwrap_or(0);
-    let mut end = q.limit.map_or(len, |l| start.saturating_add(l).min(len));
-    let mut partial = q.offset.is_some() || q.limit.is_some();
-    if let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-        let spec = range
-            .strip_prefix("bytes=")
-            .ok_or_else(|| ApiError::bad_request(format!("unsupported Range `{range}`")))?;
-        let (a, b) = spec.split_once('-').ok_or_else(|| ApiError::bad_request(format!("bad Range `{range}`")))?;
-        if a.is_empty() {
-            let n: u64 = b.parse().map_err(|_| ApiError::bad_request(format!("bad Range `{range}`")))?;
-            start = len.saturating_sub(n);
-            end = len;
-        } else {
-            start = a.parse().map_err(|_| ApiError::bad_request(format!("bad Range `{range}`")))?;
-            end = if b.is_empty() {
-                len
-            } else {
-                b.parse::<u64>()
-                    .map_err(|_| ApiError::bad_request(format!("bad Range `{range}`")))?
-                    .saturating_add(1)
-                    .min(len)
-            };
+    let (from, end, partial) = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()).map(|v| range_ask(v, len))
+    {
+        Some(RangeAsk::Unsatisfiable) => {
+            let mut resp = ApiError(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable".into(),
+                format!("log {id} has {len} bytes; the range asks for none of them"),
+            )
+            .into_response();
+            if let Ok(v) = header::HeaderValue::from_str(&format!("bytes */{len}")) {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(resp);
         }
-        if start > len {
-            return Ok(Response::builder()
-                .status(StatusCode::RANGE_NOT_SATISFIABLE)
-                .header(header::CONTENT_RANGE, format!("bytes */{len}"))
-                .body(Body::empty())
-                .unwrap_or_default());
+        Some(RangeAsk::Part(a, b)) => (a, b, true),
+        Some(RangeAsk::Whole) | None => {
+            let from = q.offset.unwrap_or(0).min(len);
+            let end = q.limit.map_or(len, |l| from.saturating_add(l).min(len));
+            (from, end, end > from && (from, end) != (0, len))
         }
-        partial = true;
-    }
-    let start = start.min(len);
-    let end = end.max(start).min(len);
+    };
     let mut file =
         tokio::fs::File::open(&path).await.map_err(|_| ApiError::not_found(format!("log {id} has no file yet")))?;
-    file.seek(std::io::SeekFrom::Start(start)).await.map_err(EngineError::Io)?;
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(end - start), 256 * 1024);
+    file.seek(std::io::SeekFrom::Start(from)).await.map_err(EngineError::Io)?;
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(end - from), 256 * 1024);
     let mut resp = Response::builder()
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .header(header::CONTENT_LENGTH, end - start)
+        .header(header::CONTENT_LENGTH, end - from)
         .header(header::ACCEPT_RANGES, "bytes")
         .header("x-rbb-log-size", len);
     if partial {
         resp = resp
             .status(StatusCode::PARTIAL_CONTENT)
-            .header(header::CONTENT_RANGE, format!("bytes {start}-{}/{len}", end.saturating_sub(1).max(start)));
+            .header(header::CONTENT_RANGE, format!("bytes {from}-{}/{len}", end - 1));
     }
     Ok(resp.body(Body::from_stream(stream)).unwrap_or_default())
 }
@@ -455,31 +658,34 @@ async fn grid(State(e): State<Arc<Engine>>, Query(q): Query<GridQuery>) -> ApiRe
     Ok(Json(blocking(move || e.grid(limit)).await?))
 }
 
-/// `GET /api/v2/events`: build, step, log and worker events as Server-Sent Events. Log
-/// progress travels on its own channel, so a busy log never pushes build events out; a
-/// client too slow for either gets a `reset` event (reload what you show) instead of a
-/// silent gap.
+/// `GET /api/v2/events`: build, step, log and worker events as Server-Sent Events, each with
+/// an `id:`. A client reconnecting with `Last-Event-ID` gets the events it missed, or a
+/// `reset` event (reload what you show) when they are no longer held; a client too slow for
+/// the stream gets a `reset` too, never a silent gap.
 async fn events(
-    State(e): State<Arc<Engine>>,
+    State(app): State<App>,
+    headers: HeaderMap,
 ) -> axum::response::sse::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>>
 {
     use axum::response::sse::{Event as Sse, KeepAlive};
     use tokio_stream::StreamExt;
     use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
-    let to_sse = |ev: Result<crate::engine::Event, BroadcastStreamRecvError>| {
-        let (kind, data) = match ev {
-            Ok(crate::engine::Event::Build { id }) => ("build", serde_json::json!({ "id": id })),
-            Ok(crate::engine::Event::Step { build, step }) => {
-                ("step", serde_json::json!({ "build": build, "step": step }))
-            }
-            Ok(crate::engine::Event::Log { id, bytes }) => ("log", serde_json::json!({ "id": id, "bytes": bytes })),
-            Ok(crate::engine::Event::Worker { name }) => ("worker", serde_json::json!({ "name": name })),
-            Err(BroadcastStreamRecvError::Lagged(n)) => ("reset", serde_json::json!({ "missed": n })),
-        };
-        Ok(Sse::default().event(kind).data(data.to_string()))
-    };
-    let stream =
-        BroadcastStream::new(e.subscribe()).map(to_sse).merge(BroadcastStream::new(e.subscribe_logs()).map(to_sse));
+    let live = app.live.get_or_init(|| crate::live::Live::start(app.engine.clone())).clone();
+    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    let resume = live.resume(last);
+    let to_sse = |e: crate::live::Numbered| Sse::default().id(e.id).event(e.kind).data(e.data);
+    let mut first: Vec<Sse> = Vec::new();
+    if resume.reset {
+        first.push(
+            Sse::default().event("reset").data(r#"{"reason":"the events after Last-Event-ID are no longer held"}"#),
+        );
+    }
+    first.extend(resume.replay.into_iter().map(to_sse));
+    let live_stream = BroadcastStream::new(resume.live).map(move |r| match r {
+        Ok(e) => to_sse(e),
+        Err(BroadcastStreamRecvError::Lagged(n)) => Sse::default().event("reset").data(format!("{{\"missed\":{n}}}")),
+    });
+    let stream = tokio_stream::iter(first).chain(live_stream).map(Ok);
     axum::response::sse::Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
@@ -516,4 +722,33 @@ async fn hook(
     };
     tracing::warn!(forge = %forge, status = status.as_u16(), reason = %message, "webhook refused");
     Err(ApiError(status, code.into(), message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_read_as_rfc_9110_says() {
+        assert_eq!(range_ask("bytes=328-", 328), RangeAsk::Unsatisfiable);
+        assert_eq!(range_ask("bytes=-0", 328), RangeAsk::Unsatisfiable);
+        assert_eq!(range_ask("bytes=-5", 0), RangeAsk::Unsatisfiable);
+        assert_eq!(range_ask("bytes=99-0", 328), RangeAsk::Whole);
+        assert_eq!(range_ask("bytes=0-1, 5-6", 328), RangeAsk::Whole);
+        assert_eq!(range_ask("items=0-1", 328), RangeAsk::Whole);
+        assert_eq!(range_ask("bytes=+1-2", 328), RangeAsk::Whole);
+        assert_eq!(range_ask("bytes=327-", 328), RangeAsk::Part(327, 328));
+        assert_eq!(range_ask("bytes=-1000", 328), RangeAsk::Part(0, 328));
+        assert_eq!(range_ask("bytes=10-10", 328), RangeAsk::Part(10, 11));
+        assert_eq!(range_ask("bytes=10-5000", 328), RangeAsk::Part(10, 328));
+    }
+
+    #[test]
+    fn messages_name_no_server_path() {
+        assert_eq!(
+            scrub("cannot open `/srv/rbb/state/repos/app.git` (see /var/log/x): no"),
+            "cannot open `<path>` (see <path>): no"
+        );
+        assert_eq!(scrub("no builder `app/test` at /api/v2/builders"), "no builder `app/test` at /api/v2/builders");
+    }
 }

@@ -10,6 +10,7 @@ pub mod forge;
 pub mod git_http;
 pub mod grpc;
 pub mod http;
+pub mod live;
 pub mod logs;
 pub mod mirror;
 pub mod model;

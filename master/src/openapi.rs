@@ -1,12 +1,17 @@
 //! The OpenAPI 3.1 document of the REST API (`GET /api/v2/openapi.json`), made from the
 //! endpoint table in [`crate::http`] and the JSON Schemas of the `rbb_schema::api` types, so
-//! it always matches the routes.
+//! it always matches the routes. It declares every status the server answers with.
 
 use crate::http::Endpoint;
+use crate::query::{Field, Kind};
 use serde_json::{Map, Value, json};
 
-fn components() -> Value {
-    let mut generator = schemars::generate::SchemaSettings::openapi3().into_generator();
+/// JSON Schema 2020-12 (what OpenAPI 3.1 speaks: `type: [x, "null"]`, no `nullable`).
+fn components() -> Map<String, Value> {
+    let mut settings = schemars::generate::SchemaSettings::draft2020_12();
+    settings.definitions_path = "/components/schemas".into();
+    settings.meta_schema = None;
+    let mut generator = settings.into_generator();
     generator.subschema_for::<rbb_schema::api::Build>();
     generator.subschema_for::<rbb_schema::api::Builder>();
     generator.subschema_for::<rbb_schema::api::Step>();
@@ -14,58 +19,197 @@ fn components() -> Value {
     generator.subschema_for::<rbb_schema::api::Change>();
     generator.subschema_for::<rbb_schema::api::BuildRequest>();
     generator.subschema_for::<rbb_schema::api::ForceRequest>();
-    generator.subschema_for::<rbb_schema::api::ForceResponse>();
+    generator.subschema_for::<rbb_schema::api::Forced>();
     generator.subschema_for::<rbb_schema::api::ErrorBody>();
     generator.subschema_for::<rbb_schema::api::Meta>();
     generator.subschema_for::<rbb_schema::plan::Plan>();
-    Value::Object(generator.take_definitions(true).into_iter().collect())
+    let mut defs: Map<String, Value> = generator.take_definitions(true).into_iter().collect();
+    defs.insert(
+        "Rebuilt".into(),
+        json!({ "type": "object", "required": ["build"], "properties": { "build": { "type": "integer", "minimum": 0 } } }),
+    );
+    defs.insert(
+        "LogMeta".into(),
+        json!({
+            "type": "object",
+            "required": ["id", "build", "step", "bytes", "complete"],
+            "properties": {
+                "id": { "type": "integer", "minimum": 0 },
+                "build": { "type": "integer", "minimum": 0 },
+                "step": { "type": "integer", "minimum": 0 },
+                "bytes": { "type": "integer", "minimum": 0 },
+                "complete": { "type": "boolean", "description": "false while the step still writes to it" },
+                "expired": { "type": "boolean", "description": "removed by the retention policy" }
+            }
+        }),
+    );
+    defs.insert(
+        "BuilderPage".into(),
+        json!({
+            "type": "object",
+            "required": ["builder", "builds"],
+            "properties": {
+                "builder": schema_ref("Builder"),
+                "builds": { "type": "array", "items": schema_ref("Build") }
+            }
+        }),
+    );
+    defs.insert(
+        "Grid".into(),
+        json!({
+            "type": "object",
+            "description": "`columns`: commits, newest first, with subject, author and time when known; `builders`: rows; `cells`: builder id → commit → the newest build of that builder for that commit.",
+            "properties": {
+                "columns": { "type": "array", "items": { "type": "object" } },
+                "builders": { "type": "array", "items": { "type": "object" } },
+                "cells": { "type": "object", "additionalProperties": { "type": "object" } }
+            }
+        }),
+    );
+    defs
 }
 
 fn schema_ref(name: &str) -> Value {
     json!({ "$ref": format!("#/components/schemas/{name}") })
 }
 
+fn error_response(description: &str) -> Value {
+    json!({ "description": description, "content": { "application/json": { "schema": schema_ref("ErrorBody") } } })
+}
+
+/// The query parameter of a filter on `field` (equality; `field__op` works the same way).
+fn filter_param(f: &Field) -> Value {
+    let schema = match &f.kind {
+        Kind::Number => json!({ "type": "number" }),
+        Kind::Bool => json!({ "type": "boolean" }),
+        Kind::Word(words) => {
+            let mut words = words.clone();
+            if f.nullable {
+                words.push("null".into());
+            }
+            json!({ "type": "string", "enum": words })
+        }
+        Kind::Text => json!({ "type": "string" }),
+    };
+    json!({
+        "name": f.name, "in": "query", "required": false, "schema": schema,
+        "description": format!("Only items whose `{0}` equals this. `{0}__ne`, `__lt`, `__le`, `__gt`, `__ge`, `__contains` compare otherwise.", f.name)
+    })
+}
+
+fn path_param(name: &str) -> Value {
+    let schema = match name {
+        "id" => json!({ "type": "integer", "minimum": 0, "maximum": crate::query::MAX_OFFSET }),
+        "forge" => json!({ "type": "string", "enum": ["github", "gitlab", "gitea", "forgejo"] }),
+        _ => json!({ "type": "string" }),
+    };
+    json!({ "name": name, "in": "path", "required": true, "schema": schema })
+}
+
+fn int_param(name: &str, description: &str, max: u64) -> Value {
+    let schema = json!({ "type": "integer", "minimum": 0, "maximum": max });
+    json!({ "name": name, "in": "query", "required": false, "description": description, "schema": schema })
+}
+
+/// What an error status means, for the document.
+fn error_meaning(code: u16) -> &'static str {
+    match code {
+        400 => "A malformed id, body, filter or query string",
+        401 => "Missing or wrong `Authorization: Bearer <api_token>`",
+        403 => "A webhook whose signature does not verify",
+        404 => "No such item",
+        409 => "The item is not in a state this action applies to",
+        413 => "The request body is too large",
+        416 => "The range asks for no existing byte (`Content-Range: bytes */<size>`)",
+        _ => "An error",
+    }
+}
+
 pub fn document(endpoints: &[Endpoint]) -> Value {
+    let schemas = components();
     let mut paths = Map::new();
     for e in endpoints {
-        let mut params = Vec::new();
-        for seg in e.path.split('/') {
-            if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                params.push(json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } }));
-            }
-        }
+        let mut params: Vec<Value> = e
+            .path
+            .split('/')
+            .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(path_param)
+            .collect();
         let mut responses = Map::new();
         if let Some(item) = e.list_of {
-            for (name, desc) in [
-                ("limit", "At most this many items (default 100, at most 1000)"),
-                ("offset", "Skip this many items"),
-                ("order", "Comma-separated fields, `-field` for descending"),
-            ] {
-                params.push(json!({ "name": name, "in": "query", "required": false, "description": desc, "schema": { "type": "string" } }));
+            params.push(int_param("limit", "At most this many items (default 100)", crate::query::MAX_LIMIT as u64));
+            params.push(int_param("offset", "Skip this many items", crate::query::MAX_OFFSET));
+            let props = schemas.get(item).and_then(|s| s.get("properties")).and_then(Value::as_object);
+            let names: Vec<&str> = props.into_iter().flatten().map(|(k, _)| k.as_str()).collect();
+            let one = format!("-?({})", names.join("|"));
+            params.push(json!({ "name": "order", "in": "query", "required": false,
+                "schema": { "type": "string", "pattern": format!("^({one}(,{one})*)?$") },
+                "description": "Comma-separated fields, `-field` for descending" }));
+            for (name, schema) in props.into_iter().flatten() {
+                params.push(filter_param(&Field::from_schema(name, schema, &schemas)));
             }
-            params.push(json!({
-                "name": "filters", "in": "query", "required": false, "style": "form", "explode": true,
-                "description": "`field=value` or `field__op=value` with op eq, ne, lt, le, gt, ge, contains",
-                "schema": { "type": "object", "additionalProperties": { "type": "string" } }
-            }));
             let list_name = e.path.rsplit('/').next().unwrap_or("items");
             responses.insert("200".into(), json!({
                 "description": "A page of the list",
                 "content": { "application/json": { "schema": {
                     "type": "object",
+                    "required": [list_name, "meta"],
                     "properties": { list_name: { "type": "array", "items": schema_ref(item) }, "meta": schema_ref("Meta") }
                 } } }
             }));
-        } else if let Some(s) = e.answers {
-            let code = if e.method == "post" { "201" } else { "200" };
-            responses.insert(
-                code.into(),
-                json!({ "description": "OK", "content": { "application/json": { "schema": schema_ref(s) } } }),
-            );
-        } else {
-            responses.insert("200".into(), json!({ "description": "OK" }));
         }
-        responses.insert("4XX".into(), json!({ "description": "A client error", "content": { "application/json": { "schema": schema_ref("ErrorBody") } } }));
+        for (code, content) in &e.answers {
+            let body = match content {
+                crate::http::Answer::Json(s) => json!({ "application/json": { "schema": schema_ref(s) } }),
+                crate::http::Answer::AnyJson => json!({ "application/json": { "schema": { "type": "object" } } }),
+                crate::http::Answer::Text => json!({ "text/plain": { "schema": { "type": "string" } } }),
+                crate::http::Answer::EventStream => json!({ "text/event-stream": { "schema": { "type": "string" } } }),
+                crate::http::Answer::Empty => Value::Null,
+            };
+            let mut r = json!({ "description": match code { 201 => "Created", 202 => "Accepted", 206 => "Part of the log", _ => "OK" } });
+            if !body.is_null() {
+                r["content"] = body;
+            }
+            if e.path.ends_with("/raw") {
+                r["headers"] = json!({
+                    "x-rbb-log-size": { "description": "The log's size now", "schema": { "type": "integer", "minimum": 0 } },
+                    "Accept-Ranges": { "schema": { "type": "string", "const": "bytes" } }
+                });
+                if *code == 206 {
+                    r["headers"]["Content-Range"] = json!({ "required": true, "schema": { "type": "string" } });
+                }
+            }
+            responses.insert(code.to_string(), r);
+        }
+        let mut errors: Vec<u16> = e.errors.to_vec();
+        if e.list_of.is_some() {
+            errors.push(400);
+        }
+        if e.control {
+            errors.push(401);
+        }
+        if e.body.is_some() {
+            errors.push(413);
+        }
+        errors.sort_unstable();
+        errors.dedup();
+        for code in errors {
+            responses.insert(code.to_string(), error_response(error_meaning(code)));
+        }
+        if e.path.ends_with("/raw") {
+            params.push(json!({ "name": "Range", "in": "header", "required": false, "schema": { "type": "string" },
+                "description": "`bytes=a-b`, `bytes=a-` or `bytes=-n` (RFC 9110); several ranges or an invalid one answer the whole log" }));
+            params.push(int_param("offset", "Start at this byte (instead of a Range)", crate::query::MAX_OFFSET));
+            params.push(int_param("limit", "At most this many bytes", crate::query::MAX_OFFSET));
+            responses.insert(
+                "416".into(),
+                json!({ "description": error_meaning(416), "headers": { "Content-Range": { "required": true, "schema": { "type": "string" } } },
+                    "content": { "application/json": { "schema": schema_ref("ErrorBody") } } }),
+            );
+        }
+        if e.path.ends_with("/grid") {
+            params.push(int_param("limit", "At most this many commits (columns), default 50", 500));
+        }
         let mut op = json!({
             "summary": e.summary,
             "operationId": format!("{}{}", e.method, e.path.replace(['/', '{', '}', '.'], "_")),
@@ -89,9 +233,10 @@ pub fn document(endpoints: &[Endpoint]) -> Value {
             "version": env!("CARGO_PKG_VERSION"),
             "description": "Buildbot-style data API: lists take `field=`, `field__op=`, `order=-field`, `limit`, `offset` and answer `meta.total`. Errors share one shape. Control actions need `Authorization: Bearer <api_token>` when the master config sets one."
         },
+        "servers": [{ "url": "/", "description": "The master that serves this document" }],
         "paths": paths,
         "components": {
-            "schemas": components(),
+            "schemas": schemas,
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } }
         }
     })

@@ -8,6 +8,8 @@ use std::cmp::Ordering;
 
 /// Most items one page may hold.
 pub const MAX_LIMIT: usize = 1000;
+/// Largest offset accepted (2^53, exact in every JSON number).
+pub const MAX_OFFSET: u64 = 1 << 53;
 const DEFAULT_LIMIT: usize = 100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +21,114 @@ enum Op {
     Gt,
     Ge,
     Contains,
+}
+
+/// What values a field holds, so a filter's value can be checked before it is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// A number (`id__gt=abc` is refused).
+    Number,
+    Bool,
+    /// One of these words (`state=pendnig` is refused).
+    Word(Vec<String>),
+    /// Anything else: strings, lists (for `contains`), objects.
+    Text,
+}
+
+/// One field of a listed item: its name, its kind, and whether it may be null.
+#[derive(Debug, Clone)]
+pub struct Field {
+    pub name: String,
+    pub kind: Kind,
+    pub nullable: bool,
+}
+
+impl Field {
+    /// Reads a field from its JSON Schema (`defs` resolves `$ref`s).
+    pub fn from_schema(name: &str, schema: &Value, defs: &serde_json::Map<String, Value>) -> Field {
+        let mut nullable = false;
+        let kind = kind_of(schema, defs, &mut nullable, 0);
+        Field { name: name.to_owned(), kind, nullable }
+    }
+
+    fn check(&self, op: Op, value: &str) -> Result<(), String> {
+        if op == Op::Contains {
+            return Ok(());
+        }
+        let name = &self.name;
+        match &self.kind {
+            Kind::Number if value.parse::<f64>().map_or(true, |n| !n.is_finite()) => {
+                Err(format!("`{name}` is a number; `{value}` is not"))
+            }
+            Kind::Bool if value != "true" && value != "false" => {
+                Err(format!("`{name}` is true or false; `{value}` is neither"))
+            }
+            Kind::Word(words) if !(words.iter().any(|w| w == value) || self.nullable && value == "null") => {
+                let close = rbb_compiler::diagnostic::did_you_mean(value, words.iter().map(String::as_str));
+                Err(format!(
+                    "`{name}` is one of {}; `{value}` is none of them{}",
+                    words.join(", "),
+                    close.map(|c| format!(" ({c})")).unwrap_or_default()
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn kind_of(schema: &Value, defs: &serde_json::Map<String, Value>, nullable: &mut bool, depth: u8) -> Kind {
+    if depth > 8 {
+        return Kind::Text;
+    }
+    if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+        let name = r.rsplit('/').next().unwrap_or_default();
+        return defs.get(name).map_or(Kind::Text, |d| kind_of(d, defs, nullable, depth + 1));
+    }
+    for key in ["anyOf", "oneOf"] {
+        if let Some(alts) = schema.get(key).and_then(Value::as_array) {
+            let mut kinds: Vec<Kind> = Vec::new();
+            for alt in alts {
+                if alt.get("type").and_then(Value::as_str) == Some("null") {
+                    *nullable = true;
+                    continue;
+                }
+                kinds.push(kind_of(alt, defs, nullable, depth + 1));
+            }
+            let mut words = Vec::new();
+            for k in &kinds {
+                match k {
+                    Kind::Word(w) => words.extend(w.iter().cloned()),
+                    _ => return if kinds.len() == 1 { k.clone() } else { Kind::Text },
+                }
+            }
+            return Kind::Word(words);
+        }
+    }
+    if let Some(values) = schema.get("enum").and_then(Value::as_array) {
+        if values.iter().any(Value::is_null) {
+            *nullable = true;
+        }
+        let words: Vec<String> = values.iter().filter_map(Value::as_str).map(str::to_owned).collect();
+        if !words.is_empty() {
+            return Kind::Word(words);
+        }
+    }
+    if let Some(c) = schema.get("const").and_then(Value::as_str) {
+        return Kind::Word(vec![c.to_owned()]);
+    }
+    let types: Vec<&str> = match schema.get("type") {
+        Some(Value::String(t)) => vec![t.as_str()],
+        Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    if types.contains(&"null") {
+        *nullable = true;
+    }
+    match types.iter().find(|t| **t != "null") {
+        Some(&"integer") | Some(&"number") => Kind::Number,
+        Some(&"boolean") => Kind::Bool,
+        _ => Kind::Text,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -37,9 +147,19 @@ pub struct ListQuery {
 }
 
 impl ListQuery {
-    /// Parses query pairs for a resource whose items have `fields`. `extra` names parameters
-    /// the endpoint reads itself (skipped here).
+    /// Parses query pairs for a resource whose items have `fields` (of any kind). `extra`
+    /// names parameters the endpoint reads itself (skipped here).
     pub fn parse(pairs: &[(String, String)], fields: &[&str], extra: &[&str]) -> Result<ListQuery, String> {
+        let typed: Vec<Field> =
+            fields.iter().map(|f| Field { name: (*f).to_owned(), kind: Kind::Text, nullable: true }).collect();
+        ListQuery::parse_typed(pairs, &typed, extra)
+    }
+
+    /// Parses query pairs for a resource whose items have `typed` fields: a filter's value must
+    /// fit its field (a number for a number, one of the words of an enumeration).
+    pub fn parse_typed(pairs: &[(String, String)], typed: &[Field], extra: &[&str]) -> Result<ListQuery, String> {
+        let fields: Vec<&str> = typed.iter().map(|f| f.name.as_str()).collect();
+        let fields = fields.as_slice();
         let mut q = ListQuery { limit: DEFAULT_LIMIT, ..Default::default() };
         let known = |f: &str| -> Result<String, String> {
             if fields.contains(&f) {
@@ -61,9 +181,14 @@ impl ListQuery {
                         return Err(format!("limit may be at most {MAX_LIMIT}, got {}", q.limit));
                     }
                 }
-                "offset" => q.offset = v.parse().map_err(|_| format!("offset must be a number, got `{v}`"))?,
+                "offset" => {
+                    q.offset = v.parse().map_err(|_| format!("offset must be a number, got `{v}`"))?;
+                    if q.offset as u64 > MAX_OFFSET {
+                        return Err(format!("offset may be at most {MAX_OFFSET}, got {}", q.offset));
+                    }
+                }
                 "order" => {
-                    for part in v.split(',').filter(|p| !p.is_empty()) {
+                    for part in v.split(',').filter(|_| !v.is_empty()) {
                         let (desc, name) = match part.strip_prefix('-') {
                             Some(n) => (true, n),
                             None => (false, part),
@@ -93,7 +218,11 @@ impl ListQuery {
                         ),
                         None => (k, Op::Eq),
                     };
-                    q.filters.push(Filter { field: known(field)?, op, value: v.clone() });
+                    let field = known(field)?;
+                    if let Some(f) = typed.iter().find(|f| f.name == field) {
+                        f.check(op, v)?;
+                    }
+                    q.filters.push(Filter { field, op, value: v.clone() });
                 }
             }
         }

@@ -17,12 +17,14 @@ struct Api {
 }
 
 fn api() -> Api {
-    let dir = tempfile::tempdir().expect("tempdir");
-    make_repo(
-        &dir.path().join("app"),
+    api_with(
         "builders:\n  build:\n    tags: [fast]\n    steps: [{ name: compile, run: make }, { name: test, run: make test }]\n  lint:\n    steps: [{ run: make lint }]\n",
-        &[],
-    );
+    )
+}
+
+fn api_with(pipeline: &str) -> Api {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_repo(&dir.path().join("app"), pipeline, &[]);
     std::fs::write(
         dir.path().join("rbb.yaml"),
         "repositories:\n  - url: app\n    poll_interval: 1h\nworkers:\n  - name: w1\n    labels: [linux]\napi_token: tok\n",
@@ -47,18 +49,31 @@ async fn call(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (StatusCode, serde_json::Value) {
+    let headers: &[(&str, &str)] = if body.is_some() { &[("content-type", "application/json")] } else { &[] };
+    call_with(api, method, uri, token, headers, body.map(|b| b.as_bytes().to_vec())).await
+}
+
+async fn call_with(
+    api: &Api,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> (StatusCode, serde_json::Value) {
     let mut req = Request::builder().method(method).uri(uri);
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
-    if body.is_some() {
-        req = req.header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
     }
-    let req = req.body(body.map(|b| Body::from(b.to_owned())).unwrap_or_else(Body::empty)).expect("request");
+    let req = req.body(body.map(Body::from).unwrap_or_else(Body::empty)).expect("request");
     let resp = api.router.clone().oneshot(req).await.expect("response");
     let status = resp.status();
     let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20).await.expect("body");
-    let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    let json = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| serde_json::Value::String(format!("not JSON: {}", String::from_utf8_lossy(&bytes))));
     (status, json)
 }
 
@@ -92,8 +107,31 @@ fn the_openapi_document_matches_the_routes() {
             let (_, body) = call(&a, &e.method.to_uppercase(), &uri, Some("tok"), None).await;
             assert_ne!(body["error"]["message"], "no such endpoint", "{} {uri} is not routed", e.method);
         }
+        // What a generated client needs.
+        assert_eq!(doc["servers"][0]["url"], "/");
+        assert!(!doc.to_string().contains("\"nullable\""), "OpenAPI 3.1 has no `nullable`");
+        let op = |m: &str, p: &str| doc["paths"][p][m].clone();
+        let param = |o: &serde_json::Value, name: &str| {
+            o["parameters"].as_array().expect("params").iter().find(|p| p["name"] == name).cloned().expect(name)
+        };
+        assert_eq!(param(&op("get", "/api/v2/builds/{id}"), "id")["schema"]["type"], "integer");
+        assert_eq!(param(&op("get", "/api/v2/builds"), "limit")["schema"]["type"], "integer");
+        assert_eq!(param(&op("get", "/api/v2/builds"), "offset")["schema"]["type"], "integer");
+        assert_eq!(param(&op("get", "/api/v2/builds"), "id")["schema"]["type"], "number");
+        assert_eq!(param(&op("get", "/api/v2/grid"), "limit")["schema"]["maximum"], 500);
+        let raw = op("get", "/api/v2/logs/{id}/raw");
+        assert_eq!(param(&raw, "Range")["in"], "header");
+        for code in ["200", "206", "416"] {
+            assert!(raw["responses"][code].is_object(), "raw log answers {code}");
+        }
+        assert!(op("get", "/api/v2/events")["responses"]["200"]["content"]["text/event-stream"].is_object());
+        assert!(op("post", "/api/v2/builds/{id}/rebuild")["responses"]["201"].is_object());
+        assert!(op("post", "/api/v2/builds/{id}/stop")["responses"]["202"].is_object());
+        assert!(op("post", "/api/v2/builders/{builder}/force")["responses"]["401"].is_object());
         // Referenced schemas exist.
-        for name in ["Build", "Builder", "Step", "Worker", "Change", "ForceRequest", "ErrorBody", "Plan"] {
+        for name in
+            ["Build", "Builder", "Step", "Worker", "Change", "ForceRequest", "Forced", "ErrorBody", "Plan", "Rebuilt"]
+        {
             assert!(doc["components"]["schemas"][name].is_object(), "schema {name} missing");
         }
     });
@@ -225,5 +263,251 @@ fn the_grid_is_one_request_and_events_stream_live() {
         assert_eq!(g["cells"]["app/lint"][commit.as_str()]["build"], id);
         assert_eq!(g["cells"]["app/lint"][commit.as_str()]["state"], "pending");
         assert_eq!(g["builders"].as_array().expect("builders").len(), 2);
+    });
+}
+
+#[test]
+fn a_force_body_is_json_whatever_its_content_type() {
+    let a = api();
+    rt().block_on(async {
+        // What `curl -d '{"branch": "main"}'` sends, as in the README.
+        let form = [("content-type", "application/x-www-form-urlencoded")];
+        let body = Some(br#"{"branch": "main", "reason": "from curl"}"#.to_vec());
+        let (s, r) = call_with(&a, "POST", "/api/v2/builders/app%2Fbuild/force", Some("tok"), &form, body).await;
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+        let id = r["build"].as_u64().expect("id");
+        assert_eq!(r["builds"], serde_json::json!([id]));
+        assert_eq!(a.engine.build(id).expect("build").reason, "from curl");
+        let (s, r) = call_with(&a, "POST", "/api/v2/builders/app%2Fbuild/force", Some("tok"), &[], None).await;
+        assert_eq!(s, StatusCode::CREATED, "an empty body means defaults: {r}");
+        let (s, r) = call_with(
+            &a,
+            "POST",
+            "/api/v2/builders/app%2Fbuild/force",
+            Some("tok"),
+            &form,
+            Some(b"branch=main".to_vec()),
+        )
+        .await;
+        assert_eq!((s, r["error"]["code"].clone()), (StatusCode::BAD_REQUEST, "bad_request".into()), "{r}");
+    });
+}
+
+#[test]
+fn every_error_has_the_one_shape_and_no_server_path() {
+    let a = api();
+    rt().block_on(async {
+        let big = vec![b' '; 3 << 20];
+        type Case<'a> = (&'a str, &'a str, Option<Vec<u8>>, StatusCode, &'a str);
+        let cases: Vec<Case> = vec![
+            ("GET", "/api/v2/builders/app%2Fbuild/force", None, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ("DELETE", "/api/v2/builds", None, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            (
+                "POST",
+                "/api/v2/builders/app%2Fbuild/force",
+                Some(big),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+            ),
+            ("GET", "/api/v2/grid?limit=abc", None, StatusCode::BAD_REQUEST, "bad_request"),
+            ("GET", "/api/v2/logs/1/raw?offset=-3", None, StatusCode::BAD_REQUEST, "bad_request"),
+            ("GET", "/api/v2/builds?id__gt=abc", None, StatusCode::BAD_REQUEST, "bad_request"),
+            ("GET", "/api/v2/builds?state=pendnig", None, StatusCode::BAD_REQUEST, "bad_request"),
+            ("GET", "/api/v2/builds?result=SUCESS", None, StatusCode::BAD_REQUEST, "bad_request"),
+            ("GET", "/api/v2/workers?connected=maybe", None, StatusCode::BAD_REQUEST, "bad_request"),
+        ];
+        for (method, uri, body, status, code) in cases {
+            let (s, r) = call_with(&a, method, uri, Some("tok"), &[], body).await;
+            assert_eq!(s, status, "{method} {uri}: {r}");
+            assert_eq!(r["error"]["code"], code, "{method} {uri}: {r}");
+            assert!(!r["error"]["message"].as_str().expect("message").is_empty(), "{method} {uri}: {r}");
+        }
+        // Valid filters of each kind still work.
+        for uri in ["/api/v2/builds?id__gt=0", "/api/v2/builds?state=pending", "/api/v2/builds?result=null"] {
+            assert_eq!(call(&a, "GET", uri, None, None).await.0, StatusCode::OK, "{uri}");
+        }
+        // A bad branch or revision names no path on the server's disk.
+        let root = a._dir.path().to_string_lossy().into_owned();
+        for body in [r#"{"branch": "no-such-branch"}"#, r#"{"revision": "0123456789abcdef"}"#] {
+            let (s, r) = call(&a, "POST", "/api/v2/builders/app%2Fbuild/force", Some("tok"), Some(body)).await;
+            let text = r.to_string();
+            assert!(s.is_client_error() || s == StatusCode::CREATED, "{body}: {s} {r}");
+            assert!(!text.contains(&root) && !text.contains("/tmp"), "{body}: {r}");
+            if s == StatusCode::CREATED {
+                let b = a.engine.build(r["build"].as_u64().expect("id")).expect("build");
+                let shown = serde_json::to_string(&b).expect("json");
+                assert!(!shown.contains(&root), "{body}: the build shows a server path: {shown}");
+            }
+        }
+    });
+}
+
+#[test]
+fn a_matrix_builder_is_forced_by_its_base_name() {
+    let a = api_with(
+        "builders:\n  test:\n    matrix: { os: [linux, mac], py: ['3.11', '3.12'] }\n    steps: [{ run: make test }]\n  lint:\n    steps: [{ run: make lint }]\n",
+    );
+    rt().block_on(async {
+        let (s, r) = call(&a, "POST", "/api/v2/builders/app%2Ftest/force", Some("tok"), Some("{}")).await;
+        assert_eq!(s, StatusCode::CREATED, "{r}");
+        let ids: Vec<u64> = r["builds"].as_array().expect("builds").iter().map(|b| b.as_u64().expect("id")).collect();
+        assert_eq!(ids.len(), 4, "{r}");
+        let mut builders: Vec<String> = ids.iter().map(|i| a.engine.build(*i).expect("build").builder).collect();
+        builders.sort();
+        assert_eq!(
+            builders,
+            [
+                "app/test[os=linux,py=3.11]",
+                "app/test[os=linux,py=3.12]",
+                "app/test[os=mac,py=3.11]",
+                "app/test[os=mac,py=3.12]"
+            ]
+        );
+        // One combination alone, and a name that is neither.
+        let (s, r) =
+            call(&a, "POST", "/api/v2/builders/app%2Ftest%5Bos%3Dmac%2Cpy%3D3.12%5D/force", Some("tok"), None).await;
+        assert_eq!((s, r["builds"].as_array().map(Vec::len)), (StatusCode::CREATED, Some(1)), "{r}");
+        let (s, r) = call(&a, "POST", "/api/v2/builders/app%2Ftset/force", Some("tok"), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{r}");
+        assert!(r["error"]["message"].as_str().expect("message").contains("app/test"), "{r}");
+    });
+}
+
+/// Ranges as RFC 9110 reads them, on a real log written by a real worker; the master and
+/// worker logs, written to files, carry no ANSI colours.
+#[test]
+fn log_ranges_follow_rfc_9110() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_repo(
+        &dir.path().join("app"),
+        "builders:\n  out:\n    labels: [linux]\n    steps: [{ name: print, run: 'printf 0123456789' }]\n",
+        &[],
+    );
+    let config = write_config(dir.path(), &["app"], &[("w1", "t1", &["linux"])]);
+    let m = Master::start(&config, &dir.path().join("state"));
+    let _w = Worker::start(&m, "w1", "t1", &dir.path().join("w1"), &[]);
+    let id = m.force("app/out");
+    let b = m.finished(id, Duration::from_secs(60));
+    let log = b["steps"][0]["log_id"].as_u64().expect("log id");
+    let uri = format!("/api/v2/logs/{log}/raw");
+    let full = m.get(&uri).body;
+    let n = full.len();
+    assert!(n >= 10, "{}", String::from_utf8_lossy(&full));
+    let ask = |range: &str| http(&m.http, "GET", &uri, &[("Range", range)], None);
+    for range in [format!("bytes={n}-"), "bytes=-0".to_owned(), format!("bytes={}-{}", n + 5, n + 9)] {
+        let r = ask(&range);
+        assert_eq!(r.status, 416, "{range}: {}", r.text());
+        assert_eq!(r.header("content-range"), Some(format!("bytes */{n}").as_str()), "{range}");
+        assert_eq!(r.json()["error"]["code"], "range_not_satisfiable", "{range}");
+    }
+    // Invalid or several ranges are ignored: the whole log.
+    for range in ["bytes=9-0", "bytes=0-1,4-5", "lines=1-2", "bytes=a-b"] {
+        let r = ask(range);
+        assert_eq!((r.status, r.header("content-range")), (200, None), "{range}");
+        assert_eq!(r.body, full, "{range}");
+    }
+    let r = ask(&format!("bytes={}-", n - 1));
+    assert_eq!(r.status, 206);
+    assert_eq!(r.body, full[n - 1..]);
+    assert_eq!(r.header("content-range"), Some(format!("bytes {}-{}/{n}", n - 1, n - 1).as_str()));
+    let r = ask("bytes=-1000");
+    assert_eq!((r.status, r.body.clone()), (206, full.clone()));
+    let r = ask(&format!("bytes=2-{}", n + 100));
+    assert_eq!(r.header("content-range"), Some(format!("bytes 2-{}/{n}", n - 1).as_str()));
+    // `offset` at the end of a (possibly live) log: nothing yet, and no false Content-Range.
+    let r = m.get(&format!("{uri}?offset={n}"));
+    assert_eq!((r.status, r.body.len(), r.header("content-range")), (200, 0, None));
+    let r = m.get(&format!("{uri}?offset=3&limit=2"));
+    assert_eq!((r.status, r.body.clone()), (206, full[3..5].to_vec()));
+
+    for (who, text) in [("master", m.log_text()), ("worker", _w.log_text())] {
+        assert!(!text.is_empty(), "the {who} wrote no log");
+        assert!(!text.contains('\u{1b}'), "the {who}'s log file carries ANSI escapes:\n{text}");
+    }
+}
+
+/// Reads a Server-Sent Events body until `done` holds for the parsed events `(id, event,
+/// data)`, under a hard timeout.
+async fn sse_until(
+    body: &mut (impl futures::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin),
+    done: impl Fn(&[(String, String, String)]) -> bool,
+) -> Vec<(String, String, String)> {
+    use futures::StreamExt;
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let events: Vec<(String, String, String)> = text
+            .split("\n\n")
+            .filter(|block| block.lines().any(|l| l.starts_with("event:")))
+            .map(|block| {
+                let field = |name: &str| {
+                    block.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned()).unwrap_or_default()
+                };
+                (field("id:"), field("event:"), field("data:"))
+            })
+            .collect();
+        if done(&events) {
+            return events;
+        }
+        let chunk = tokio::time::timeout_at(deadline, body.next())
+            .await
+            .unwrap_or_else(|_| panic!("no such events in time; got:\n{text}"))
+            .expect("stream ended")
+            .expect("bytes");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+}
+
+#[test]
+fn events_have_ids_and_resume_after_last_event_id() {
+    let a = api();
+    rt().block_on(async {
+        let open = |last: Option<String>| {
+            let router = a.router.clone();
+            async move {
+                let mut req = Request::builder().uri("/api/v2/events");
+                if let Some(l) = last {
+                    req = req.header("last-event-id", l);
+                }
+                let resp = router.oneshot(req.body(Body::empty()).expect("request")).await.expect("response");
+                assert_eq!(resp.headers()["content-type"], "text/event-stream");
+                resp.into_body().into_data_stream()
+            }
+        };
+        let mut first = open(None).await;
+        let (_, r) = call(&a, "POST", "/api/v2/builders/app%2Flint/force", Some("tok"), Some("{}")).await;
+        let one = r["build"].as_u64().expect("id");
+        let got =
+            sse_until(&mut first, |e| e.iter().any(|(_, k, d)| k == "build" && d.contains(&format!("\"id\":{one}"))))
+                .await;
+        let (last_id, _, _) = got.last().expect("an event").clone();
+        assert!(!last_id.is_empty(), "events carry ids: {got:?}");
+        drop(first);
+
+        // Missed while away: two more forces.
+        let mut missed = Vec::new();
+        for _ in 0..2 {
+            let (_, r) = call(&a, "POST", "/api/v2/builders/app%2Fbuild/force", Some("tok"), Some("{}")).await;
+            missed.push(r["build"].as_u64().expect("id"));
+        }
+        let mut again = open(Some(last_id.clone())).await;
+        let got = sse_until(&mut again, |e| {
+            missed.iter().all(|m| e.iter().any(|(_, k, d)| k == "build" && d.contains(&format!("\"id\":{m},"))))
+        })
+        .await;
+        assert!(got.iter().all(|(id, k, _)| k != "reset" && !id.is_empty() && *id != last_id), "{got:?}");
+        for pair in got.windows(2) {
+            assert_ne!((&pair[0].1, &pair[0].2), (&pair[1].1, &pair[1].2), "consecutive duplicates: {got:?}");
+        }
+        let ids: Vec<u64> =
+            got.iter().map(|(id, _, _)| id.rsplit('-').next().and_then(|n| n.parse().ok()).expect("n")).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+
+        // An id this master does not hold (another run's, or garbage): a reset first.
+        for stale in ["1-5", "nonsense"] {
+            let mut s = open(Some(stale.to_owned())).await;
+            let got = sse_until(&mut s, |e| !e.is_empty()).await;
+            assert_eq!(got[0].1, "reset", "{stale}: {got:?}");
+        }
     });
 }

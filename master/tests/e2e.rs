@@ -188,7 +188,7 @@ fn bad_requests_get_clear_errors() {
     assert_eq!(e["error"]["code"], "not_found");
     assert!(e["error"]["message"].as_str().expect("msg").contains("did you mean app/build"), "{e}");
     let r = m.post(&format!("/api/v2/builders/{}/force", encode("app/build")), r#"{"revision": "nope"}"#);
-    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.status, 404, "an unknown revision is not found: {}", r.text());
     let r = m.post(&format!("/api/v2/builders/{}/force", encode("app/build")), r#"{"colour": "red"}"#);
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.json()["error"]["message"].as_str().expect("msg").contains("unknown field `colour`"));

@@ -201,6 +201,18 @@ pub struct ForceResponse {
     pub needed: Vec<u64>,
 }
 
+/// The answer to a force: the build, or one build per combination when the builder named is a
+/// matrix builder's base name (`app/test` for `app/test[os=linux]`, `app/test[os=mac]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Forced {
+    /// The forced build (the first combination's, for a matrix builder's base name).
+    pub build: u64,
+    /// Every build forced, in plan order.
+    pub builds: Vec<u64>,
+    /// Builds of other builders started because the forced ones need them.
+    pub needed: Vec<u64>,
+}
+
 /// Lists carry `meta.total`, as Buildbot's data API does.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Meta {

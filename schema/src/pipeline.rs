@@ -8,6 +8,10 @@ use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
+/// What a builder, template or matrix axis may be called: a letter or digit first, then
+/// letters, digits, `.`, `_` and `-`, at most 100 characters (no spaces, no `/`).
+pub const NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$";
+
 /// A repository's pipeline: builders, the templates they extend, and an optional snippet that
 /// generates more builders.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -16,14 +20,27 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub struct Pipeline {
     /// Format version of this file. Only `1` exists; omit it to mean `1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1))]
     pub version: Option<u32>,
     /// Reusable builder fragments. A builder takes one or more of them with `extends:`; its own
     /// keys win, mappings are merged key by key, lists and scalars are replaced.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    #[schemars(extend("propertyNames" = { "pattern": NAME_PATTERN }))]
     pub templates: IndexMap<String, Builder>,
     /// The builders of this repository, by name. Names are unique within the repository; other
     /// repositories refer to them as `<repo>/<name>`.
+    /// A builder has steps of its own (at least one) or takes them from templates.
     #[serde(default)]
+    #[schemars(extend(
+        "propertyNames" = { "pattern": NAME_PATTERN },
+        "additionalProperties" = {
+            "$ref": "#/$defs/Builder",
+            "anyOf": [
+                { "required": ["steps"], "properties": { "steps": { "minItems": 1 } } },
+                { "required": ["extends"] }
+            ]
+        }
+    ))]
     pub builders: IndexMap<String, Builder>,
     /// A Python snippet that returns a mapping of builder name to builder definition, merged
     /// into `builders`. It sees `ctx` with `repo`, `branch`, `files` and `pipeline`.
@@ -168,12 +185,14 @@ pub struct Schedule {
 }
 
 /// A build matrix: axes of values (every combination runs), plus `include` and `exclude`, or a
-/// `python` snippet returning the list of combinations.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+/// `python` snippet returning the list of combinations. `python` is the snippet when it is a
+/// string and an axis like any other when it is a list, so an axis may be called `python`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
 pub struct Matrix {
     /// Snippet returning a list of combinations (mappings of axis to value) or a mapping of
-    /// axis to list of values.
+    /// axis to list of values. A list here is the values of an axis named `python`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<PythonOrAxis>")]
     pub python: Option<String>,
     /// Extra combinations added after expansion.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -181,9 +200,77 @@ pub struct Matrix {
     /// Partial combinations to remove: every combination that matches all given axes goes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude: Vec<IndexMap<String, Scalar>>,
-    /// The axes, each a list of values.
+    /// The axes, each a list of values, in the order written.
     #[serde(flatten)]
     pub axes: IndexMap<String, Vec<Scalar>>,
+}
+
+/// What `python:` in a matrix may be (for the JSON Schema).
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum PythonOrAxis {
+    /// A snippet.
+    Snippet(String),
+    /// The values of an axis named `python`.
+    Axis(Vec<Scalar>),
+}
+
+impl<'de> Deserialize<'de> for Matrix {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// `python:`'s value: a snippet (a string) or an axis (a list).
+        struct PythonValue(Result<String, Vec<Scalar>>);
+        impl<'de> Deserialize<'de> for PythonValue {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = PythonValue;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("a snippet (a string) or the values of an axis named `python` (a list)")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PythonValue, E> {
+                        Ok(PythonValue(Ok(v.to_owned())))
+                    }
+                    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<PythonValue, A::Error> {
+                        let mut values = Vec::new();
+                        while let Some(v) = seq.next_element::<Scalar>()? {
+                            values.push(v);
+                        }
+                        Ok(PythonValue(Err(values)))
+                    }
+                }
+                deserializer.deserialize_any(V)
+            }
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Matrix;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a mapping of axis to values, with optional `include`, `exclude`, or a `python` snippet")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Matrix, A::Error> {
+                let mut m = Matrix::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "python" => match map.next_value::<PythonValue>()?.0 {
+                            Ok(code) => m.python = Some(code),
+                            Err(values) => {
+                                m.axes.insert(key, values);
+                            }
+                        },
+                        "include" => m.include = map.next_value()?,
+                        "exclude" => m.exclude = map.next_value()?,
+                        _ => {
+                            let values = map.next_value()?;
+                            m.axes.insert(key, values);
+                        }
+                    }
+                }
+                Ok(m)
+            }
+        }
+        deserializer.deserialize_map(V)
+    }
 }
 
 /// One shell command.

@@ -75,7 +75,11 @@ fn main() -> ExitCode {
 
 fn init_logs() {
     let filter = EnvFilter::try_from_env("RBB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 }
 
 fn serve(cli: Cli) -> anyhow::Result<()> {
