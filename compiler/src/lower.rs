@@ -420,7 +420,7 @@ fn container_limits(
         }
     });
     let cpus_milli = keys.cpus.and_then(|c| match c.as_str().trim().parse::<f64>() {
-        Ok(cpus) if cpus >= 0.01 && cpus <= 4096.0 => Some((cpus * 1000.0).round() as u32),
+        Ok(cpus) if (0.01..=4096.0).contains(&cpus) => Some((cpus * 1000.0).round() as u32),
         _ => {
             diags.push(ctx.diag(
                 "bad-cpus",

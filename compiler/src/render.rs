@@ -205,7 +205,7 @@ pub fn short(hash: &str) -> &str {
 /// `512m`, `1g`, or bytes when not a whole number of KiB.
 fn format_memory(bytes: u64) -> String {
     for (shift, unit) in [(30, "g"), (20, "m"), (10, "k")] {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);
         }
     }

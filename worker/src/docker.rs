@@ -79,6 +79,12 @@ struct BuildContainer {
     id: String,
     image: String,
     digest: String,
+    /// The container-wide settings it was made with: (memory, cpus, network).
+    limits: (u64, u32, String),
+}
+
+fn limits_of(c: &ContainerOptions) -> (u64, u32, String) {
+    (c.memory_bytes, c.cpus_milli, c.network.clone())
 }
 
 impl std::fmt::Debug for DockerExecutor {
@@ -358,7 +364,16 @@ impl DockerExecutor {
         let build = spec.container.build;
         let existing = lock(&self.builds).get(&build).cloned();
         let container = match existing {
-            Some(c) if c.image == image => c,
+            Some(c) if c.image == image && c.limits == limits_of(&spec.container) => c,
+            // Other limits than the build container's need a container of their own.
+            Some(c) if c.image == image => {
+                let outcome = self.run_in_own_container(spec, image, out, cancel, start).await;
+                if spec.container.last_in_container {
+                    lock(&self.builds).remove(&build);
+                    remove_container(&self.docker, &c.id).await;
+                }
+                return outcome;
+            }
             other => {
                 if let Some(stale) = other {
                     lock(&self.builds).remove(&build);
@@ -406,7 +421,7 @@ impl DockerExecutor {
             return Err(format!("cannot start the build's container of `{image}`: {err}"));
         }
         debug!(container = %id, %image, build = spec.container.build, "build container started");
-        Ok(BuildContainer { id, image: image.to_owned(), digest })
+        Ok(BuildContainer { id, image: image.to_owned(), digest, limits: limits_of(&spec.container) })
     }
 
     async fn exec(

@@ -41,7 +41,7 @@ struct Cli {
     max_steps: u32,
     /// Run steps that name an image in containers on the local Docker engine (its socket, or
     /// DOCKER_HOST). The `docker` label is offered only when the engine answers.
-    #[arg(long)]
+    #[arg(long, env = "RBB_WORKER_DOCKER")]
     docker: bool,
 }
 
