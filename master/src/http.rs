@@ -241,7 +241,7 @@ async fn builder_page(State(e): State<Arc<Engine>>, Path(builder): Path<String>)
         .into_iter()
         .find(|b| b.id == builder)
         .ok_or_else(|| ApiError::not_found(format!("no builder `{builder}`")))?;
-    let builds: Vec<api::Build> = e.builds(Some(&builder)).into_iter().take(50).collect();
+    let builds: Vec<api::Build> = e.builds_of(&builder, 50)?;
     Ok(Json(serde_json::json!({ "builder": b, "builds": builds })))
 }
 
@@ -278,7 +278,26 @@ async fn force(
 }
 
 async fn builds(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde_json::Value>> {
-    list("builds", e.builds(None), q, &[])
+    let q = parse_query::<api::Build>(q)?;
+    let (page, total) = blocking(move || e.list_builds(&q)).await?;
+    Ok(Json(serde_json::json!({ "builds": page, "meta": api::Meta { total } })))
+}
+
+/// A list query checked against `T`'s fields.
+fn parse_query<T: schemars::JsonSchema>(query: Pairs) -> ApiResult<ListQuery> {
+    let Query(pairs) = query.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    let fields = fields_of::<T>();
+    let names: Vec<&str> = fields.iter().map(String::as_str).collect();
+    ListQuery::parse(&pairs, &names, &[]).map_err(ApiError::bad_request)
+}
+
+/// Runs a store read off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::engine::EngineError> + Send + 'static,
+) -> ApiResult<T> {
+    Ok(tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), "internal error".into()))??)
 }
 
 fn parse_id(raw: &str, what: &str) -> ApiResult<u64> {
@@ -314,9 +333,10 @@ async fn plan(State(e): State<Arc<Engine>>) -> Json<rbb_schema::plan::Plan> {
 async fn log_meta(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
     let id = parse_id(&id, "log")?;
     let (rec, _, live) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
-    Ok(Json(
-        serde_json::json!({ "id": rec.id, "build": rec.build, "step": rec.step, "bytes": rec.bytes, "complete": !live }),
-    ))
+    Ok(Json(serde_json::json!({
+        "id": rec.id, "build": rec.build, "step": rec.step, "bytes": rec.bytes, "complete": !live,
+        "expired": rec.expired,
+    })))
 }
 
 #[derive(Deserialize)]
@@ -334,7 +354,14 @@ async fn log_raw(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let id = parse_id(&id, "log")?;
-    let (_, path, _) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
+    let (rec, path, _) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
+    if rec.expired {
+        return Err(ApiError(
+            StatusCode::GONE,
+            "gone".into(),
+            format!("log {id} expired: the retention policy deleted it"),
+        ));
+    }
     let len = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
     let mut start = q.offset.unwrap_or(0);
     let mut end = q.limit.map_or(len, |l| start.saturating_add(l).min(len));
@@ -402,7 +429,9 @@ async fn rebuild(
 }
 
 async fn changes(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde_json::Value>> {
-    list("changes", e.changes(), q, &[])
+    let q = parse_query::<api::Change>(q)?;
+    let (page, total) = blocking(move || e.list_changes(&q)).await?;
+    Ok(Json(serde_json::json!({ "changes": page, "meta": api::Meta { total } })))
 }
 
 #[derive(Deserialize)]
@@ -416,7 +445,7 @@ async fn grid(State(e): State<Arc<Engine>>, Query(q): Query<GridQuery>) -> ApiRe
     if limit > 500 {
         return Err(ApiError::bad_request("limit may be at most 500 columns"));
     }
-    Ok(Json(e.grid(limit)))
+    Ok(Json(blocking(move || e.grid(limit)).await?))
 }
 
 /// `GET /api/v2/events`: build, step, log and worker events as Server-Sent Events. Log

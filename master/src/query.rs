@@ -100,6 +100,39 @@ impl ListQuery {
         Ok(q)
     }
 
+    /// The first `field=value` (or `field__eq=value`) filter on one of `indexed`.
+    pub fn indexed_eq(&self, indexed: &[&str]) -> Option<(&str, &str)> {
+        self.filters
+            .iter()
+            .find(|f| f.op == Op::Eq && indexed.contains(&f.field.as_str()))
+            .map(|f| (f.field.as_str(), f.value.as_str()))
+    }
+
+    /// How many filters there are.
+    pub fn filter_count(&self) -> usize {
+        self.filters.len()
+    }
+
+    /// `Some(newest_first)` when items may be taken in id order as they are stored (no
+    /// `order`, or `order=id` / `order=-id`); `None` when they must be sorted.
+    pub fn id_order(&self) -> Option<bool> {
+        match self.order.as_slice() {
+            [] => Some(true),
+            [(f, desc)] if f == "id" => Some(*desc),
+            _ => None,
+        }
+    }
+
+    /// Whether `item` passes every filter.
+    pub fn matches(&self, item: &Value) -> bool {
+        self.filters.iter().all(|f| matches(item.get(&f.field), f))
+    }
+
+    /// A pager for items that arrive already in the requested order (see [`Pager`]).
+    pub fn pager(&self, total: Option<usize>) -> Pager<'_> {
+        Pager { q: self, total, matched: 0, page: Vec::new() }
+    }
+
     /// Filters, orders and pages `items`; returns the page and the total before paging.
     pub fn apply(&self, items: Vec<Value>) -> (Vec<Value>, usize) {
         let mut kept: Vec<Value> =
@@ -119,6 +152,33 @@ impl ListQuery {
         let total = kept.len();
         let page = kept.into_iter().skip(self.offset).take(self.limit).collect();
         (page, total)
+    }
+}
+
+/// Pages items fed in order: keeps the matching ones inside `offset..offset+limit`.
+pub struct Pager<'a> {
+    q: &'a ListQuery,
+    total: Option<usize>,
+    matched: usize,
+    page: Vec<Value>,
+}
+
+impl Pager<'_> {
+    /// Takes one item; false once nothing more is needed (the page is full and the total
+    /// is already known).
+    pub fn push(&mut self, item: Value) -> bool {
+        if self.q.matches(&item) {
+            self.matched += 1;
+            if self.matched > self.q.offset && self.page.len() < self.q.limit {
+                self.page.push(item);
+            }
+        }
+        !(self.total.is_some() && self.page.len() >= self.q.limit)
+    }
+
+    /// The page and the total of matching items.
+    pub fn finish(self) -> (Vec<Value>, usize) {
+        (self.page, self.total.unwrap_or(self.matched))
     }
 }
 

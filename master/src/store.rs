@@ -1,17 +1,22 @@
 //! The master's durable state in one redb file: every table and key encoding lives here,
-//! with a schema version checked at open.
+//! with a schema version checked (and migrated forward) at open.
 //!
 //! Records are stored as JSON (small, debuggable, forward compatible by adding fields).
-//! Writes that finish something (a step, a build) are durable when `commit` returns; writes
-//! of intermediate progress may be lost in a crash and are repaired at start-up.
+//! Builds and changes are indexed by the fields the API filters on, and counts per index
+//! value are kept in the same transaction as the records, so a list is a key-range scan
+//! and its total a lookup: reading costs what is asked for, not what is stored. The engine
+//! keeps only live builds in memory and reads history from here.
 //! Nothing outside this module names a table.
 
 use crate::model::{BuildRecord, ChangeRecord, LogRecord, ScheduleRecord};
+use rbb_schema::api::State;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-/// Bumped when a table or encoding changes incompatibly.
-pub const SCHEMA_VERSION: u64 = 1;
+/// Bumped when a table or encoding changes incompatibly. Version 1 (no indexes) is
+/// migrated forward at open.
+pub const SCHEMA_VERSION: u64 = 2;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const BUILDS: TableDefinition<u64, &[u8]> = TableDefinition::new("builds");
@@ -19,14 +24,31 @@ const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 /// Cron schedule state, keyed `<builder id>#<schedule index>`.
 const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules");
-/// Every plan a build was pinned to, by hash: a rebuild runs exactly the same plan.
+/// Every plan a build was pinned to, by hash: a rebuild runs exactly the same plan. The
+/// value is a manifest naming one part per repository (older states hold whole plans).
 const PLANS: TableDefinition<&str, &[u8]> = TableDefinition::new("plans");
+/// One repository's builders of a plan, by the hash of their JSON: a pipeline commit in
+/// one repository adds one part, not a copy of the fleet.
+const PLAN_PARTS: TableDefinition<&str, &[u8]> = TableDefinition::new("plan_parts");
+/// Build index: (`<field>\0<value>`, build id). Fields: [`BUILD_INDEXES`].
+const BUILD_IDX: TableDefinition<(&str, u64), ()> = TableDefinition::new("build_idx");
+/// Change index: (`<field>\0<value>`, change id). Fields: `change_repo`, `change_commit`
+/// (`<repo>\0<sha>`): named apart from the build index's, as both share the counts.
+const CHANGE_IDX: TableDefinition<(&str, u64), ()> = TableDefinition::new("change_idx");
+/// Record counts: `builds`, `changes`, and one per index key.
+const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
+
+/// Build fields with an index (each answers `field=value` with a key-range scan).
+pub const BUILD_INDEXES: &[&str] =
+    &["builder", "repo", "branch", "commit", "result", "state", "worker", "event", "change"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the state database {path}: {source}")]
     Open { path: PathBuf, source: Box<redb::Error> },
-    #[error("the state database {path} has schema version {found}; this master reads version {SCHEMA_VERSION}")]
+    #[error(
+        "the state database {path} has schema version {found}, newer than this master's {SCHEMA_VERSION}: run the rbb version that wrote it (or newer)"
+    )]
     Version { path: PathBuf, found: u64 },
     #[error("state database error: {0}")]
     Db(#[from] Box<redb::Error>),
@@ -34,11 +56,53 @@ pub enum StoreError {
     Corrupt { table: &'static str, key: u64, message: String },
 }
 
-/// A table of JSON records keyed by id, with its name for error messages.
-type Table = (TableDefinition<'static, u64, &'static [u8]>, &'static str);
-
 fn db<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(Box::new(e.into()))
+}
+
+fn encode<T: serde::Serialize>(table: &'static str, key: u64, r: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(r).map_err(|e| StoreError::Corrupt { table, key, message: e.to_string() })
+}
+
+fn decode<T: serde::de::DeserializeOwned>(table: &'static str, key: u64, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { table, key, message: e.to_string() })
+}
+
+/// The index keys of a build: `<field>\0<value>`.
+pub fn build_keys(b: &BuildRecord) -> BTreeSet<String> {
+    let state = match b.state {
+        State::Pending => "pending",
+        State::Running => "running",
+        State::Finished => "finished",
+    };
+    let result = b.result.filter(|_| b.state == State::Finished).map_or("none".to_owned(), |r| r.to_string());
+    let mut keys: BTreeSet<String> = [
+        ("builder", b.builder.as_str()),
+        ("repo", b.repo.as_str()),
+        ("branch", b.branch.as_str()),
+        ("commit", b.commit.as_str()),
+        ("result", result.as_str()),
+        ("state", state),
+        ("worker", b.worker.as_deref().unwrap_or("none")),
+        ("event", b.event.as_str()),
+        ("plan", b.plan_hash.as_str()),
+    ]
+    .into_iter()
+    .map(|(f, v)| index_key(f, v))
+    .collect();
+    keys.extend(b.changes.iter().map(|c| index_key("change", &c.to_string())));
+    keys
+}
+
+fn change_keys(c: &ChangeRecord) -> BTreeSet<String> {
+    [index_key("change_repo", &c.repo), index_key("change_commit", &format!("{}\0{}", c.repo, c.commit))]
+        .into_iter()
+        .collect()
+}
+
+/// The key of `field=value` in an index.
+pub fn index_key(field: &str, value: &str) -> String {
+    format!("{field}\0{value}")
 }
 
 pub struct Store {
@@ -67,15 +131,56 @@ impl Batch<'_> {
     }
 }
 
-fn encode<T: serde::Serialize>(table: &'static str, key: u64, r: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(r).map_err(|e| StoreError::Corrupt { table, key, message: e.to_string() })
-}
-
 /// Whether a write must be on disk before `commit` returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sync {
     Durable,
     Lazy,
+}
+
+/// Adds `delta` to a count.
+fn bump(counts: &mut redb::Table<&str, u64>, key: &str, delta: i64) -> Result<(), StoreError> {
+    let now = counts.get(key).map_err(db)?.map_or(0, |v| v.value());
+    let next = now.saturating_add_signed(delta);
+    if next == 0 {
+        counts.remove(key).map_err(db)?;
+    } else {
+        counts.insert(key, next).map_err(db)?;
+    }
+    Ok(())
+}
+
+/// Writes `rec` (encoded as `bytes`) with its index entries and counts, replacing what an
+/// earlier version of the same record had.
+fn put_indexed(
+    txn: &redb::WriteTransaction,
+    (table, idx, total): (TableDefinition<u64, &[u8]>, TableDefinition<(&str, u64), ()>, &str),
+    id: u64,
+    bytes: &[u8],
+    new_keys: BTreeSet<String>,
+    old_keys: impl FnOnce(&[u8]) -> Result<BTreeSet<String>, StoreError>,
+) -> Result<(), StoreError> {
+    let mut t = txn.open_table(table).map_err(db)?;
+    let mut ix = txn.open_table(idx).map_err(db)?;
+    let mut counts = txn.open_table(COUNTS).map_err(db)?;
+    let old = match t.get(id).map_err(db)? {
+        Some(v) => Some(old_keys(v.value())?),
+        None => None,
+    };
+    if old.is_none() {
+        bump(&mut counts, total, 1)?;
+    }
+    let old = old.unwrap_or_default();
+    for k in old.difference(&new_keys) {
+        ix.remove((k.as_str(), id)).map_err(db)?;
+        bump(&mut counts, k, -1)?;
+    }
+    for k in new_keys.difference(&old) {
+        ix.insert((k.as_str(), id), ()).map_err(db)?;
+        bump(&mut counts, k, 1)?;
+    }
+    t.insert(id, bytes).map_err(db)?;
+    Ok(())
 }
 
 impl Store {
@@ -88,28 +193,39 @@ impl Store {
             fail_writes: std::sync::atomic::AtomicBool::new(false),
         };
         let txn = store.db.begin_write().map_err(db)?;
-        {
+        let found = {
             let mut meta = txn.open_table(META).map_err(db)?;
             let found = meta.get("schema_version").map_err(db)?.map(|v| v.value());
-            match found {
-                None => {
-                    meta.insert("schema_version", SCHEMA_VERSION).map_err(db)?;
-                }
-                Some(v) if v == SCHEMA_VERSION => {}
-                Some(v) => return Err(StoreError::Version { path: path.to_owned(), found: v }),
+            if found.is_none() {
+                meta.insert("schema_version", SCHEMA_VERSION).map_err(db)?;
             }
-            txn.open_table(BUILDS).map_err(db)?;
-            txn.open_table(LOGS).map_err(db)?;
-            txn.open_table(PLANS).map_err(db)?;
-            txn.open_table(CHANGES).map_err(db)?;
-            txn.open_table(SCHEDULES).map_err(db)?;
+            found
+        };
+        for t in [BUILDS, LOGS, CHANGES] {
+            txn.open_table(t).map_err(db)?;
+        }
+        txn.open_table(PLANS).map_err(db)?;
+        txn.open_table(PLAN_PARTS).map_err(db)?;
+        txn.open_table(SCHEDULES).map_err(db)?;
+        txn.open_table(BUILD_IDX).map_err(db)?;
+        txn.open_table(CHANGE_IDX).map_err(db)?;
+        txn.open_table(COUNTS).map_err(db)?;
+        match found {
+            None => {}
+            Some(SCHEMA_VERSION) => {}
+            Some(1) => {
+                tracing::info!(path = %path.display(), "migrating the state database from schema version 1 to 2 (indexes)");
+                migrate_v1(&txn)?;
+                txn.open_table(META).map_err(db)?.insert("schema_version", SCHEMA_VERSION).map_err(db)?;
+            }
+            Some(v) => return Err(StoreError::Version { path: path.to_owned(), found: v }),
         }
         txn.commit().map_err(db)?;
         Ok(store)
     }
 
-    /// Writes every record of `batch` in one transaction: a state change is stored whole or
-    /// not at all.
+    /// Writes every record of `batch` in one transaction, with their index entries and
+    /// counts: a state change is stored whole or not at all.
     pub fn commit(&self, batch: Batch<'_>, sync: Sync) -> Result<(), StoreError> {
         #[cfg(test)]
         if self.fail_writes.load(std::sync::atomic::Ordering::Acquire) {
@@ -117,29 +233,38 @@ impl Store {
                 "no space left on device (test)",
             )))));
         }
-        let builds: Vec<(u64, Vec<u8>)> =
-            batch.builds.iter().map(|b| encode("builds", b.id, b).map(|v| (b.id, v))).collect::<Result<_, _>>()?;
+        let builds: Vec<(&BuildRecord, Vec<u8>)> =
+            batch.builds.iter().map(|b| encode("builds", b.id, b).map(|v| (*b, v))).collect::<Result<_, _>>()?;
         let logs: Vec<(u64, Vec<u8>)> =
             batch.logs.iter().map(|l| encode("logs", l.id, l).map(|v| (l.id, v))).collect::<Result<_, _>>()?;
-        let changes: Vec<(u64, Vec<u8>)> =
-            batch.changes.iter().map(|c| encode("changes", c.id, c).map(|v| (c.id, v))).collect::<Result<_, _>>()?;
+        let changes: Vec<(&ChangeRecord, Vec<u8>)> =
+            batch.changes.iter().map(|c| encode("changes", c.id, c).map(|v| (*c, v))).collect::<Result<_, _>>()?;
         let schedules: Vec<(&str, Vec<u8>)> = batch
             .schedules
             .iter()
             .map(|(k, r)| encode("schedules", 0, r).map(|v| (*k, v)))
             .collect::<Result<_, _>>()?;
-        let plans: Vec<(&str, Vec<u8>)> = batch
-            .plans
-            .iter()
-            .map(|p| encode("plans", 0, p).map(|v| (p.hash.as_str(), v)))
-            .collect::<Result<_, _>>()?;
+        let mut plans: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
+        for p in &batch.plans {
+            let (manifest, mut ps) = split_plan(p)?;
+            plans.push((p.hash.as_str(), manifest));
+            parts.append(&mut ps);
+        }
         self.write(sync, |txn| {
-            for (table, rows) in [(BUILDS, &builds), (LOGS, &logs), (CHANGES, &changes)] {
-                if rows.is_empty() {
-                    continue;
-                }
-                let mut t = txn.open_table(table).map_err(db)?;
-                for (id, bytes) in rows {
+            for (b, bytes) in &builds {
+                put_indexed(txn, (BUILDS, BUILD_IDX, "builds"), b.id, bytes, build_keys(b), |old| {
+                    decode::<BuildRecord>("builds", b.id, old).map(|o| build_keys(&o))
+                })?;
+            }
+            for (c, bytes) in &changes {
+                put_indexed(txn, (CHANGES, CHANGE_IDX, "changes"), c.id, bytes, change_keys(c), |old| {
+                    decode::<ChangeRecord>("changes", c.id, old).map(|o| change_keys(&o))
+                })?;
+            }
+            if !logs.is_empty() {
+                let mut t = txn.open_table(LOGS).map_err(db)?;
+                for (id, bytes) in &logs {
                     t.insert(*id, bytes.as_slice()).map_err(db)?;
                 }
             }
@@ -150,6 +275,14 @@ impl Store {
                 let mut t = txn.open_table(table).map_err(db)?;
                 for (k, bytes) in rows {
                     t.insert(*k, bytes.as_slice()).map_err(db)?;
+                }
+            }
+            if !parts.is_empty() {
+                let mut t = txn.open_table(PLAN_PARTS).map_err(db)?;
+                for (k, bytes) in &parts {
+                    if t.get(k.as_str()).map_err(db)?.is_none() {
+                        t.insert(k.as_str(), bytes.as_slice()).map_err(db)?;
+                    }
                 }
             }
             Ok(())
@@ -182,83 +315,133 @@ impl Store {
         txn.commit().map_err(db)
     }
 
-    /// Writes JSON records keyed by id into `table`, in one transaction.
-    fn put_all<'a, T: serde::Serialize + 'a>(
+    fn get<T: serde::de::DeserializeOwned>(
         &self,
-        (table, name): Table,
-        records: impl IntoIterator<Item = (u64, &'a T)>,
-        sync: Sync,
-    ) -> Result<(), StoreError> {
-        let encoded: Vec<(u64, Vec<u8>)> = records
-            .into_iter()
-            .map(|(id, r)| {
-                serde_json::to_vec(r).map(|v| (id, v)).map_err(|e| StoreError::Corrupt {
-                    table: name,
-                    key: id,
-                    message: e.to_string(),
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        self.write(sync, |txn| {
-            let mut t = txn.open_table(table).map_err(db)?;
-            for (id, bytes) in &encoded {
-                t.insert(*id, bytes.as_slice()).map_err(db)?;
-            }
-            Ok(())
-        })
-    }
-
-    /// Every JSON record of `table`, in key order.
-    fn all<T: serde::de::DeserializeOwned>(&self, (table, name): Table) -> Result<Vec<T>, StoreError> {
+        table: TableDefinition<u64, &[u8]>,
+        name: &'static str,
+        id: u64,
+    ) -> Result<Option<T>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
         let t = txn.open_table(table).map_err(db)?;
-        let mut out = Vec::new();
-        for row in t.iter().map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            out.push(serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                table: name,
-                key: k.value(),
-                message: e.to_string(),
-            })?);
+        match t.get(id).map_err(db)? {
+            Some(v) => decode(name, id, v.value()).map(Some),
+            None => Ok(None),
         }
-        Ok(out)
     }
 
-    pub fn put_build(&self, b: &BuildRecord, sync: Sync) -> Result<(), StoreError> {
-        self.put_all((BUILDS, "builds"), [(b.id, b)], sync)
+    fn last_key(&self, table: TableDefinition<u64, &[u8]>) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(table).map_err(db)?;
+        Ok(t.last().map_err(db)?.map(|(k, _)| k.value()))
     }
 
-    /// Writes several builds in one transaction.
-    pub fn put_builds<'a>(
+    pub fn build(&self, id: u64) -> Result<Option<BuildRecord>, StoreError> {
+        self.get(BUILDS, "builds", id)
+    }
+
+    pub fn log(&self, id: u64) -> Result<Option<LogRecord>, StoreError> {
+        self.get(LOGS, "logs", id)
+    }
+
+    pub fn change(&self, id: u64) -> Result<Option<ChangeRecord>, StoreError> {
+        self.get(CHANGES, "changes", id)
+    }
+
+    /// The highest ids in use: (build, log, change).
+    pub fn last_ids(&self) -> Result<(u64, u64, u64), StoreError> {
+        Ok((
+            self.last_key(BUILDS)?.unwrap_or(0),
+            self.last_key(LOGS)?.unwrap_or(0),
+            self.last_key(CHANGES)?.unwrap_or(0),
+        ))
+    }
+
+    /// A maintained count: `builds`, `changes`, or an index key ([`index_key`]).
+    pub fn count(&self, key: &str) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(COUNTS).map_err(db)?;
+        Ok(t.get(key).map_err(db)?.map_or(0, |v| v.value()))
+    }
+
+    /// Builds newest first (or oldest first), all of them or those under one index key,
+    /// handed to `f` until it returns false.
+    pub fn scan_builds(
         &self,
-        builds: impl IntoIterator<Item = &'a BuildRecord>,
-        sync: Sync,
+        index: Option<&str>,
+        newest_first: bool,
+        f: impl FnMut(BuildRecord) -> bool,
     ) -> Result<(), StoreError> {
-        self.put_all((BUILDS, "builds"), builds.into_iter().map(|b| (b.id, b)), sync)
+        self.scan((BUILDS, BUILD_IDX, "builds"), index, newest_first, f)
     }
 
-    pub fn builds(&self) -> Result<Vec<BuildRecord>, StoreError> {
-        self.all((BUILDS, "builds"))
+    /// Changes newest first (or oldest first), all or those under one index key.
+    pub fn scan_changes(
+        &self,
+        index: Option<&str>,
+        newest_first: bool,
+        f: impl FnMut(ChangeRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        self.scan((CHANGES, CHANGE_IDX, "changes"), index, newest_first, f)
     }
 
-    pub fn put_changes(&self, changes: &[ChangeRecord]) -> Result<(), StoreError> {
-        self.put_all((CHANGES, "changes"), changes.iter().map(|c| (c.id, c)), Sync::Durable)
-    }
-
-    pub fn changes(&self) -> Result<Vec<ChangeRecord>, StoreError> {
-        self.all((CHANGES, "changes"))
-    }
-
-    pub fn put_schedule(&self, key: &str, rec: &ScheduleRecord) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(rec).map_err(|e| StoreError::Corrupt {
-            table: "schedules",
-            key: 0,
-            message: e.to_string(),
-        })?;
-        self.write(Sync::Durable, |txn| {
-            txn.open_table(SCHEDULES).map_err(db)?.insert(key, bytes.as_slice()).map_err(db)?;
-            Ok(())
-        })
+    fn scan<T: serde::de::DeserializeOwned>(
+        &self,
+        (table, idx, name): (TableDefinition<u64, &[u8]>, TableDefinition<(&str, u64), ()>, &'static str),
+        index: Option<&str>,
+        newest_first: bool,
+        mut f: impl FnMut(T) -> bool,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(table).map_err(db)?;
+        match index {
+            None => {
+                let range = t.iter().map_err(db)?;
+                let mut step = |row: Result<(redb::AccessGuard<u64>, redb::AccessGuard<&[u8]>), redb::StorageError>| {
+                    let (k, v) = row.map_err(db)?;
+                    Ok::<bool, StoreError>(f(decode(name, k.value(), v.value())?))
+                };
+                if newest_first {
+                    for row in range.rev() {
+                        if !step(row)? {
+                            break;
+                        }
+                    }
+                } else {
+                    for row in range {
+                        if !step(row)? {
+                            break;
+                        }
+                    }
+                }
+            }
+            Some(key) => {
+                let ix = txn.open_table(idx).map_err(db)?;
+                let range = ix.range((key, 0)..=(key, u64::MAX)).map_err(db)?;
+                let mut step =
+                    |row: Result<(redb::AccessGuard<(&str, u64)>, redb::AccessGuard<()>), redb::StorageError>| {
+                        let (k, _) = row.map_err(db)?;
+                        let id = k.value().1;
+                        match t.get(id).map_err(db)? {
+                            Some(v) => Ok::<bool, StoreError>(f(decode(name, id, v.value())?)),
+                            None => Ok(true),
+                        }
+                    };
+                if newest_first {
+                    for row in range.rev() {
+                        if !step(row)? {
+                            break;
+                        }
+                    }
+                } else {
+                    for row in range {
+                        if !step(row)? {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn schedules(&self) -> Result<Vec<(String, ScheduleRecord)>, StoreError> {
@@ -267,49 +450,306 @@ impl Store {
         let mut out = Vec::new();
         for row in t.iter().map_err(db)? {
             let (k, v) = row.map_err(db)?;
-            let rec = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                table: "schedules",
-                key: 0,
-                message: e.to_string(),
-            })?;
-            out.push((k.value().to_owned(), rec));
+            out.push((k.value().to_owned(), decode("schedules", 0, v.value())?));
         }
         Ok(out)
     }
 
     pub fn put_plan(&self, plan: &rbb_schema::plan::Plan) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(plan).map_err(|e| StoreError::Corrupt {
-            table: "plans",
-            key: 0,
-            message: e.to_string(),
-        })?;
-        self.write(Sync::Durable, |txn| {
-            txn.open_table(PLANS).map_err(db)?.insert(plan.hash.as_str(), bytes.as_slice()).map_err(db)?;
+        self.commit(Batch { plans: vec![plan], ..Batch::default() }, Sync::Durable)
+    }
+
+    /// The plan with this hash, if a build was ever pinned to it, put together from its parts.
+    pub fn plan(&self, hash: &str) -> Result<Option<rbb_schema::plan::Plan>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(PLANS).map_err(db)?;
+        let Some(v) = t.get(hash).map_err(db)? else { return Ok(None) };
+        let manifest: PlanManifest = match decode("plans", 0, v.value()) {
+            Ok(m) => m,
+            // Stored whole by an older version.
+            Err(_) => return decode("plans", 0, v.value()).map(Some),
+        };
+        let parts = txn.open_table(PLAN_PARTS).map_err(db)?;
+        let mut builders = Vec::new();
+        for h in &manifest.parts {
+            let bytes = parts.get(h.as_str()).map_err(db)?.ok_or_else(|| StoreError::Corrupt {
+                table: "plan_parts",
+                key: 0,
+                message: format!("plan {hash} names part {h}, which is missing"),
+            })?;
+            let mut part: Vec<rbb_schema::plan::PlanBuilder> = decode("plan_parts", 0, bytes.value())?;
+            builders.append(&mut part);
+        }
+        builders.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Some(rbb_schema::plan::Plan {
+            format: manifest.format,
+            hash: manifest.hash,
+            repos: manifest.repos,
+            builders,
+        }))
+    }
+
+    /// Deletes builds (with their index entries and counts), log records, changes and plans
+    /// in one transaction.
+    pub fn delete(&self, builds: &[u64], logs: &[u64], changes: &[u64], plans: &[String]) -> Result<(), StoreError> {
+        self.write(Sync::Lazy, |txn| {
+            for (table, idx, total, ids, keys) in [
+                (
+                    BUILDS,
+                    BUILD_IDX,
+                    "builds",
+                    builds,
+                    (|id, b: &[u8]| decode::<BuildRecord>("builds", id, b).map(|r| build_keys(&r)))
+                        as fn(u64, &[u8]) -> Result<BTreeSet<String>, StoreError>,
+                ),
+                (CHANGES, CHANGE_IDX, "changes", changes, |id, b: &[u8]| {
+                    decode::<ChangeRecord>("changes", id, b).map(|r| change_keys(&r))
+                }),
+            ] {
+                let mut t = txn.open_table(table).map_err(db)?;
+                let mut ix = txn.open_table(idx).map_err(db)?;
+                let mut counts = txn.open_table(COUNTS).map_err(db)?;
+                for id in ids {
+                    let old = match t.remove(*id).map_err(db)? {
+                        Some(v) => keys(*id, v.value())?,
+                        None => continue,
+                    };
+                    bump(&mut counts, total, -1)?;
+                    for k in old {
+                        ix.remove((k.as_str(), *id)).map_err(db)?;
+                        bump(&mut counts, &k, -1)?;
+                    }
+                }
+            }
+            let mut t = txn.open_table(LOGS).map_err(db)?;
+            for id in logs {
+                t.remove(*id).map_err(db)?;
+            }
+            let mut p = txn.open_table(PLANS).map_err(db)?;
+            for h in plans {
+                p.remove(h.as_str()).map_err(db)?;
+            }
+            if !plans.is_empty() {
+                // Parts no remaining plan names go too (plans are few: one per pipeline change).
+                let mut used: BTreeSet<String> = BTreeSet::new();
+                for row in p.iter().map_err(db)? {
+                    let (_, v) = row.map_err(db)?;
+                    if let Ok(m) = serde_json::from_slice::<PlanManifest>(v.value()) {
+                        used.extend(m.parts);
+                    }
+                }
+                let mut parts = txn.open_table(PLAN_PARTS).map_err(db)?;
+                let mut unused = Vec::new();
+                for row in parts.iter().map_err(db)? {
+                    let (k, _) = row.map_err(db)?;
+                    if !used.contains(k.value()) {
+                        unused.push(k.value().to_owned());
+                    }
+                }
+                for k in unused {
+                    parts.remove(k.as_str()).map_err(db)?;
+                }
+            }
             Ok(())
         })
     }
 
-    pub fn plans(&self) -> Result<Vec<rbb_schema::plan::Plan>, StoreError> {
+    /// Log records from id `from` upward, handed to `f` until it returns false.
+    pub fn scan_logs(&self, from: u64, mut f: impl FnMut(LogRecord) -> bool) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(LOGS).map_err(db)?;
+        for row in t.range(from..).map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            if !f(decode("logs", k.value(), v.value())?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Plan hashes, in order, from `after` (exclusive), at most `limit`.
+    pub fn plan_hashes(&self, after: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
         let t = txn.open_table(PLANS).map_err(db)?;
         let mut out = Vec::new();
-        for row in t.iter().map_err(db)? {
-            let (_, v) = row.map_err(db)?;
-            let plan = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt {
-                table: "plans",
-                key: 0,
-                message: e.to_string(),
-            })?;
-            out.push(plan);
+        for row in t.range(after..).map_err(db)? {
+            let (k, _) = row.map_err(db)?;
+            if k.value() != after {
+                out.push(k.value().to_owned());
+            }
+            if out.len() >= limit {
+                break;
+            }
         }
         Ok(out)
     }
 
-    pub fn put_log(&self, l: &LogRecord, sync: Sync) -> Result<(), StoreError> {
-        self.put_all((LOGS, "logs"), [(l.id, l)], sync)
+    /// A number kept in the meta table (a janitor's cursor), 0 if unset.
+    pub fn meta(&self, key: &str) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(META).map_err(db)?;
+        Ok(t.get(key).map_err(db)?.map_or(0, |v| v.value()))
     }
 
-    pub fn logs(&self) -> Result<Vec<LogRecord>, StoreError> {
-        self.all((LOGS, "logs"))
+    pub fn set_meta(&self, key: &str, value: u64) -> Result<(), StoreError> {
+        self.write(Sync::Lazy, |txn| {
+            txn.open_table(META).map_err(db)?.insert(key, value).map_err(db)?;
+            Ok(())
+        })
+    }
+
+    /// Every record's index entries and counts against the records themselves: the first
+    /// difference found, if any (a check after a crash; costs a full scan).
+    pub fn check_indexes(&self) -> Result<Option<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let builds = txn.open_table(BUILDS).map_err(db)?;
+        let idx = txn.open_table(BUILD_IDX).map_err(db)?;
+        let counts = txn.open_table(COUNTS).map_err(db)?;
+        let mut expected: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+        let mut n = 0;
+        for row in builds.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            let b: BuildRecord = decode("builds", k.value(), v.value())?;
+            n += 1;
+            for key in build_keys(&b) {
+                if idx.get((key.as_str(), b.id)).map_err(db)?.is_none() {
+                    return Ok(Some(format!("build {} has no index entry {key:?}", b.id)));
+                }
+                *expected.entry(key).or_default() += 1;
+            }
+        }
+        let mut entries = 0;
+        for row in idx.iter().map_err(db)? {
+            let (k, _) = row.map_err(db)?;
+            let (key, id) = k.value();
+            entries += 1;
+            if builds.get(id).map_err(db)?.is_none() {
+                return Ok(Some(format!("index entry {key:?} names missing build {id}")));
+            }
+        }
+        let want: u64 = expected.values().sum();
+        if entries != want {
+            return Ok(Some(format!("{entries} build index entries for {want} keys")));
+        }
+        if counts.get("builds").map_err(db)?.map_or(0, |v| v.value()) != n {
+            return Ok(Some(format!("count `builds` is not {n}")));
+        }
+        for (key, want) in expected {
+            let got = counts.get(key.as_str()).map_err(db)?.map_or(0, |v| v.value());
+            if got != want {
+                return Ok(Some(format!("count {key:?} is {got}, not {want}")));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// How a plan is stored: its identity and the hashes of its per-repository parts.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PlanManifest {
+    format: u32,
+    hash: String,
+    repos: Vec<rbb_schema::plan::PlanRepo>,
+    parts: Vec<String>,
+}
+
+/// A plan's manifest and its parts (one per repository, keyed by the hash of its JSON).
+fn split_plan(p: &rbb_schema::plan::Plan) -> Result<(Vec<u8>, Vec<(String, Vec<u8>)>), StoreError> {
+    use sha2::Digest;
+    let mut by_repo: std::collections::BTreeMap<&str, Vec<&rbb_schema::plan::PlanBuilder>> = Default::default();
+    for b in &p.builders {
+        by_repo.entry(b.repo.as_str()).or_default().push(b);
+    }
+    let mut parts = Vec::new();
+    for builders in by_repo.values() {
+        let bytes = encode("plan_parts", 0, builders)?;
+        let hash: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        parts.push((hash, bytes));
+    }
+    let manifest = PlanManifest {
+        format: p.format,
+        hash: p.hash.clone(),
+        repos: p.repos.clone(),
+        parts: parts.iter().map(|(h, _)| h.clone()).collect(),
+    };
+    Ok((encode("plans", 0, &manifest)?, parts))
+}
+
+/// Schema 1 had the records without indexes: build them.
+fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut builds: Vec<(u64, Vec<u8>)> = Vec::new();
+    {
+        let t = txn.open_table(BUILDS).map_err(db)?;
+        for row in t.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            builds.push((k.value(), v.value().to_vec()));
+        }
+    }
+    let mut ix = txn.open_table(BUILD_IDX).map_err(db)?;
+    let mut counts = txn.open_table(COUNTS).map_err(db)?;
+    for (id, bytes) in &builds {
+        let b: BuildRecord = decode("builds", *id, bytes)?;
+        bump(&mut counts, "builds", 1)?;
+        for k in build_keys(&b) {
+            ix.insert((k.as_str(), *id), ()).map_err(db)?;
+            bump(&mut counts, &k, 1)?;
+        }
+    }
+    drop(ix);
+    let mut changes: Vec<(u64, Vec<u8>)> = Vec::new();
+    {
+        let t = txn.open_table(CHANGES).map_err(db)?;
+        for row in t.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            changes.push((k.value(), v.value().to_vec()));
+        }
+    }
+    let mut cix = txn.open_table(CHANGE_IDX).map_err(db)?;
+    for (id, bytes) in &changes {
+        let c: ChangeRecord = decode("changes", *id, bytes)?;
+        bump(&mut counts, "changes", 1)?;
+        for k in change_keys(&c) {
+            cix.insert((k.as_str(), *id), ()).map_err(db)?;
+            bump(&mut counts, &k, 1)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> rbb_schema::plan::Plan {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/compiler/cross-repo-needs/plan.json");
+        serde_json::from_slice(&std::fs::read(path).expect("golden plan")).expect("plan")
+    }
+
+    fn parts(s: &Store) -> usize {
+        let txn = s.db.begin_read().expect("read");
+        txn.open_table(PLAN_PARTS).expect("table").iter().expect("iter").count()
+    }
+
+    #[test]
+    fn a_plan_is_stored_by_repository_parts_and_read_back_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&dir.path().join("state.redb")).expect("open");
+        let a = plan();
+        s.put_plan(&a).expect("put");
+        assert_eq!(parts(&s), 2, "one part per repository");
+        assert_eq!(s.plan(&a.hash).expect("read").as_ref(), Some(&a));
+        // A change in one repository's pipeline adds one part; the other is shared.
+        let mut b = a.clone();
+        b.hash = "sha256:changed".into();
+        let i = b.builders.iter().position(|x| x.repo == "lib").expect("a lib builder");
+        b.builders[i].description = Some("changed".into());
+        s.put_plan(&b).expect("put");
+        assert_eq!(parts(&s), 3);
+        assert_eq!(s.plan(&b.hash).expect("read").as_ref(), Some(&b));
+        assert_eq!(s.plan(&a.hash).expect("read").as_ref(), Some(&a));
+        // Deleting a plan collects the part only it used.
+        s.delete(&[], &[], &[], std::slice::from_ref(&b.hash)).expect("delete");
+        assert_eq!(parts(&s), 2);
+        assert_eq!(s.plan(&a.hash).expect("read").as_ref(), Some(&a));
     }
 }

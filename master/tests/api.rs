@@ -165,7 +165,7 @@ fn control_actions_need_the_token_and_change_nothing_without_it() {
             assert_eq!(s, StatusCode::UNAUTHORIZED);
             assert_eq!(body["error"]["code"], "unauthorized");
         }
-        assert!(a.engine.builds(None).is_empty(), "a refused force created a build");
+        assert!(a.engine.builds_of("app/build", 10).expect("builds").is_empty(), "a refused force created a build");
         let (s, r) = call(
             &a,
             "POST",

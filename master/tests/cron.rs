@@ -35,7 +35,7 @@ fn a_schedule_fires_once_per_minute_across_restarts() {
     )
     .expect("config");
     let opts = options(dir.path());
-    let count = |m: &rbb_master::server::Master| m.engine.builds(Some("app/nightly")).len();
+    let count = |m: &rbb_master::server::Master| m.engine.builds_of("app/nightly", 1000).expect("builds").len();
 
     let m = open(&opts).expect("master");
     assert!(m.engine.cron_tick(TEN + 4 * 60 + 30).expect("tick").is_empty(), "10:04:30 is not due");

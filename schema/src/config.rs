@@ -38,6 +38,32 @@ pub struct MasterConfig {
     /// Named locks builders can take (`locks:` in a builder): `max` holders at once.
     #[serde(default, skip_serializing_if = "indexmap::IndexMap::is_empty")]
     pub locks: indexmap::IndexMap<String, LockConfig>,
+    /// How long history is kept. Without it, builds and logs are kept forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionConfig>,
+}
+
+/// What the master's janitor removes, and when (`retention:` in the master config). It runs
+/// in the background in small batches; a build's record outlives its logs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Delete finished builds (with their logs) older than this many days...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_days: Option<u32>,
+    /// ...but keep the newest this many builds of every builder whatever their age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_builds: Option<u32>,
+    /// Compress step logs older than this many days with zstd (they stay readable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress_logs_days: Option<u32>,
+    /// Delete step logs older than this many days (the build stays; its log reads
+    /// "expired").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_days: Option<u32>,
+    /// How often the janitor runs, e.g. `1h` (the default) or `10m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -36,7 +36,15 @@ impl Engine {
         let pending: Vec<u64> = tx.pending.iter().map(|(_, id)| *id).collect();
         for id in pending {
             let Some(b) = tx.builds.get(&id).filter(|b| b.state == State::Pending) else { continue };
-            match rules::needs(b, |i| tx.builds.get(&i)) {
+            // Needed builds may have finished and left memory: read them where they are.
+            let mut deps = Vec::new();
+            for w in &b.waits_for {
+                if let Some(d) = tx.build(*w)? {
+                    deps.push(d.into_owned());
+                }
+            }
+            let b = &tx.builds[&id];
+            match rules::needs(b, |i| deps.iter().find(|d| d.id == i)) {
                 Needs::Failed(why) => {
                     if let Some(b) = tx.build_mut(id) {
                         b.result = Some(Outcome::Skipped);
@@ -48,10 +56,8 @@ impl Engine {
                 Needs::Waiting(on) => {
                     let names: Vec<String> = on
                         .iter()
-                        .map(|i| {
-                            let d = &tx.builds[i];
-                            format!("build {i} ({}, {})", d.builder, state_word(d.state))
-                        })
+                        .filter_map(|i| deps.iter().find(|d| d.id == *i))
+                        .map(|d| format!("build {} ({}, {})", d.id, d.builder, state_word(d.state)))
                         .collect();
                     let why = format!("waiting for {}", names.join(", "));
                     tx.st.waiting.insert(id, why);

@@ -11,10 +11,12 @@
 //! - `steps`: step semantics: leasing the next step, results, finishing and losing builds;
 //! - `sessions`: worker sessions, liveness and their messages;
 //! - `triggers`: changes, forces, rebuilds, stops, queue policy and cron;
-//! - `read`: the read side the REST API uses.
+//! - `read`: the read side the REST API uses;
+//! - `retention`: the janitor that ages logs and builds out of the store.
 
 mod dispatch;
 mod read;
+mod retention;
 pub mod rules;
 mod sessions;
 mod steps;
@@ -36,6 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
 
+pub use retention::{Policy as RetentionPolicy, Report as RetentionReport};
 pub use sessions::Liveness;
 pub use triggers::{NewCommit, PullRequestChange, branch_matches, paths_match};
 
@@ -118,19 +121,21 @@ struct LeaseInfo {
 
 struct Inner {
     plan: Arc<Plan>,
+    /// Plans by hash: those live builds and recent reads use (history stays in the store).
     plans: HashMap<String, Arc<Plan>>,
+    /// Live builds (pending and running); finished ones are read from the store.
     builds: BTreeMap<u64, BuildRecord>,
     /// Pending builds in dispatch order: (negated priority, id).
     pending: BTreeSet<(i64, u64)>,
     running: BTreeSet<u64>,
     /// Why each pending build waits, as the last dispatch saw it.
     waiting: HashMap<u64, String>,
+    /// Logs being written; finished ones are read from the store.
     logs: HashMap<u64, LogRecord>,
     workers: BTreeMap<String, WorkerState>,
     leases: HashMap<u64, LeaseInfo>,
     /// Running builds whose last lease was refused: their next step waits for a free slot.
     stalled: BTreeSet<u64>,
-    changes: BTreeMap<u64, ChangeRecord>,
     schedules: HashMap<String, ScheduleRecord>,
     next_change: u64,
     next_build: u64,
@@ -140,11 +145,33 @@ struct Inner {
     /// Step results the store could not take yet (a full disk): applied again on the next
     /// heartbeat tick, so no build waits forever for a result that already arrived.
     unapplied: Vec<(String, rbb_schema::proto::StepFinished)>,
+    /// Group commit: the sequence number of the last change that must be durable, the
+    /// last one that is, whether a flush runs, and the effects waiting for it (in order).
+    next_seq: u64,
+    durable_seq: u64,
+    flushing: bool,
+    held: std::collections::VecDeque<(u64, Vec<Effect>)>,
     /// Set once shutdown began: no new work is accepted.
     closing: bool,
 }
 
+/// Plans kept in memory beyond those live builds and the head use.
+const SPARE_PLANS: usize = 16;
+
 impl Inner {
+    /// Drops plans no live build uses once there are more than a few spare ones.
+    fn trim_plans(&mut self) {
+        if self.plans.len() <= SPARE_PLANS {
+            return;
+        }
+        let used: BTreeSet<&str> =
+            self.builds.values().map(|b| b.plan_hash.as_str()).chain([self.plan.hash.as_str()]).collect();
+        let drop: Vec<String> = self.plans.keys().filter(|h| !used.contains(h.as_str())).cloned().collect();
+        for h in drop {
+            self.plans.remove(&h);
+        }
+    }
+
     fn index(&mut self, id: u64) {
         let Some(b) = self.builds.get(&id) else {
             self.running.remove(&id);
@@ -186,6 +213,8 @@ pub struct Engine {
     pub heartbeat: Duration,
     /// Engine clock origin for liveness stamps.
     epoch: Instant,
+    /// Signalled when a group-commit flush ends.
+    flushed: std::sync::Condvar,
 }
 
 impl Engine {
@@ -205,30 +234,40 @@ impl Engine {
             tracing::error!(error = %e, "cannot read every pipeline at its branch head");
         }
         let plan = planner.head_plan();
-        for (repo, diags) in planner.broken() {
-            tracing::warn!(repo, "the pipeline at the branch head does not compile:\n{diags}");
-        }
         let store = Store::open(&state_dir.join("state.redb"))?;
         let logs = LogFiles::new(&state_dir.join("logs"))?;
         store.put_plan(&plan)?;
-        let mut plans: HashMap<String, Arc<Plan>> =
-            store.plans()?.into_iter().map(|p| (p.hash.clone(), Arc::new(p))).collect();
+        // Only live builds come into memory: history is read from the store on demand.
+        let mut builds: BTreeMap<u64, BuildRecord> = BTreeMap::new();
+        for state in ["pending", "running"] {
+            store.scan_builds(Some(&crate::store::index_key("state", state)), false, |b| {
+                builds.insert(b.id, b);
+                true
+            })?;
+        }
+        let mut plans: HashMap<String, Arc<Plan>> = HashMap::new();
         plans.insert(plan.hash.clone(), plan.clone());
-        let builds: BTreeMap<u64, BuildRecord> = store.builds()?.into_iter().map(|b| (b.id, b)).collect();
-        let mut log_records: HashMap<u64, LogRecord> = store.logs()?.into_iter().map(|l| (l.id, l)).collect();
-        let next_build = builds.keys().next_back().map_or(1, |k| k + 1);
-        let next_log = log_records.keys().max().map_or(1, |k| k + 1);
-        let changes: BTreeMap<u64, ChangeRecord> = store.changes()?.into_iter().map(|c| (c.id, c)).collect();
-        let next_change = changes.keys().next_back().map_or(1, |k| k + 1);
+        for b in builds.values() {
+            if !plans.contains_key(&b.plan_hash)
+                && let Some(p) = store.plan(&b.plan_hash)?
+            {
+                plans.insert(p.hash.clone(), Arc::new(p));
+            }
+        }
+        let (last_build, last_log, last_change) = store.last_ids()?;
         let schedules = store.schedules()?.into_iter().collect();
         // Logs that were being written when the master stopped: their length is what reached
         // the disk.
         let mut repaired = Vec::new();
-        for l in log_records.values_mut() {
-            if !l.finished {
-                l.bytes = logs.size_on_disk(&l.file);
-                l.finished = true;
-                repaired.push(l.clone());
+        for b in builds.values() {
+            for s in b.steps.iter().filter(|s| s.state == State::Running) {
+                if let Some(mut l) = s.log_id.map(|id| store.log(id)).transpose()?.flatten()
+                    && !l.finished
+                {
+                    l.bytes = logs.size_on_disk(&l.file);
+                    l.finished = true;
+                    repaired.push(l);
+                }
             }
         }
         store.commit(Batch { logs: repaired.iter().collect(), ..Batch::default() }, Sync::Durable)?;
@@ -258,21 +297,24 @@ impl Engine {
             pending: BTreeSet::new(),
             running: BTreeSet::new(),
             waiting: HashMap::new(),
-            logs: log_records,
+            logs: HashMap::new(),
             workers,
             leases: HashMap::new(),
             stalled: BTreeSet::new(),
-            changes,
             schedules,
-            next_change,
-            next_build,
+            next_change: last_change + 1,
+            next_build: last_build + 1,
             next_lease: 1,
-            next_log,
+            next_log: last_log + 1,
             next_session: 1,
             unapplied: Vec::new(),
+            next_seq: 0,
+            durable_seq: 0,
+            flushing: false,
+            held: std::collections::VecDeque::new(),
             closing: false,
         };
-        let ids: Vec<u64> = inner.builds.values().filter(|b| b.state != State::Finished).map(|b| b.id).collect();
+        let ids: Vec<u64> = inner.builds.keys().copied().collect();
         for id in ids {
             inner.index(id);
         }
@@ -289,6 +331,7 @@ impl Engine {
             locks,
             heartbeat,
             epoch: Instant::now(),
+            flushed: std::sync::Condvar::new(),
         });
         engine.recover()?;
         Ok(engine)
@@ -329,7 +372,7 @@ impl Engine {
         st: &mut Inner,
         f: impl FnOnce(&Engine, &mut Tx<'_>) -> Result<T, EngineError>,
     ) -> Result<T, EngineError> {
-        let mut tx = Tx::begin(st);
+        let mut tx = Tx::begin(st, &self.store);
         let out = match f(self, &mut tx) {
             Ok(v) => v,
             Err(e) => {
@@ -337,9 +380,60 @@ impl Engine {
                 return Err(e);
             }
         };
-        let effects = tx.commit(self)?;
-        self.announce(st, effects);
+        let (effects, durable) = tx.commit(self)?;
+        self.deliver(st, effects, durable);
         Ok(out)
+    }
+
+    /// Announces a committed transaction's effects at once, or, when the change must be
+    /// durable first (or an earlier one is still waiting), holds them in order until
+    /// [`Engine::settle`] has made the store durable.
+    fn deliver(&self, st: &mut Inner, effects: Vec<Effect>, durable: bool) {
+        if durable {
+            st.next_seq += 1;
+            let seq = st.next_seq;
+            st.held.push_back((seq, effects));
+        } else if let Some(seq) = st.held.back().map(|h| h.0) {
+            st.held.push_back((seq, effects));
+        } else {
+            self.announce(st, effects);
+        }
+    }
+
+    /// Group commit: makes every change stored so far durable with one fsync, taken outside
+    /// the engine's lock (one caller flushes, the others wait for it), then announces what
+    /// was held. Every entry point calls this after it let go of the lock; an API answer or
+    /// a message to a worker that depends on a durable change therefore goes out only once
+    /// it is on disk.
+    fn settle(&self) {
+        let mut st = self.lock();
+        loop {
+            if st.durable_seq >= st.next_seq {
+                return;
+            }
+            if st.flushing {
+                st = self.flushed.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            st.flushing = true;
+            let target = st.next_seq;
+            drop(st);
+            let synced = self.store.sync();
+            st = self.lock();
+            st.flushing = false;
+            self.flushed.notify_all();
+            if let Err(e) = synced {
+                // Held effects stay held; the next entry point (or heartbeat tick) tries again.
+                tracing::error!(error = %e, "cannot make the state durable");
+                return;
+            }
+            st.durable_seq = target;
+            while st.held.front().is_some_and(|h| h.0 <= target) {
+                if let Some((_, effects)) = st.held.pop_front() {
+                    self.announce(&mut st, effects);
+                }
+            }
+        }
     }
 
     /// Sends a committed transaction's events and worker messages. A worker whose queue is
@@ -363,7 +457,7 @@ impl Engine {
                 }
             }
             for (worker, session) in lost {
-                let mut tx = Tx::begin(st);
+                let mut tx = Tx::begin(st, &self.store);
                 let done = match self.lose_session(&mut tx, &worker, session, "its message queue is full or closed") {
                     Ok(()) => tx.commit(self),
                     Err(e) => {
@@ -372,7 +466,8 @@ impl Engine {
                     }
                 };
                 match done {
-                    Ok(more) => effects.extend(more),
+                    Ok((more, false)) if st.held.is_empty() => effects.extend(more),
+                    Ok((more, durable)) => self.deliver(st, more, durable),
                     Err(err) => tracing::error!(worker, error = %err, "cannot record a lost worker"),
                 }
             }
@@ -381,8 +476,12 @@ impl Engine {
 
     /// [`Engine::transact`] under the engine's lock.
     fn run<T>(&self, f: impl FnOnce(&Engine, &mut Tx<'_>) -> Result<T, EngineError>) -> Result<T, EngineError> {
-        let mut st = self.lock();
-        self.transact(&mut st, f)
+        let out = {
+            let mut st = self.lock();
+            self.transact(&mut st, f)
+        };
+        self.settle();
+        out
     }
 
     fn recover(&self) -> Result<(), EngineError> {
@@ -403,8 +502,14 @@ impl Engine {
     pub fn shut_down(&self) {
         let mut st = self.lock();
         st.closing = true;
-        if let Err(e) = self.store.sync() {
-            tracing::error!(error = %e, "cannot make the last changes durable");
+        match self.store.sync() {
+            Ok(()) => {
+                st.durable_seq = st.next_seq;
+                while let Some((_, effects)) = st.held.pop_front() {
+                    self.announce(&mut st, effects);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot make the last changes durable"),
         }
         for w in st.workers.values_mut() {
             if let Some(s) = w.session.take() {
@@ -420,12 +525,12 @@ enum Effect {
     Send { worker: String, msg: Box<MasterMsg> },
 }
 
-/// The records a transaction touched, as they were before it.
+/// The records a transaction touched, as they were in memory before it (`None`: not in
+/// memory; history read from the store is put back there by dropping it).
 #[derive(Default)]
 struct Undo {
     builds: HashMap<u64, Option<BuildRecord>>,
     logs: HashMap<u64, Option<LogRecord>>,
-    changes: Vec<u64>,
     schedules: HashMap<String, Option<ScheduleRecord>>,
     leases: Option<HashMap<u64, LeaseInfo>>,
     worker_builds: HashMap<String, BTreeMap<String, u64>>,
@@ -435,11 +540,15 @@ struct Undo {
     counters: [u64; 4],
 }
 
-/// One state change in progress. Reads go through `Deref`; every mutation goes through a
-/// method that saves the record first, so a failed store write can be undone.
+/// One state change in progress. Reads go through `Deref` (live state) or [`Tx::build`]
+/// (any build); every mutation goes through a method that saves the record first, so a
+/// failed store write can be undone.
 struct Tx<'a> {
     st: &'a mut Inner,
+    store: &'a Store,
     undo: Undo,
+    /// Changes recorded by this transaction (they live only in the store).
+    changes: Vec<ChangeRecord>,
     effects: Vec<Effect>,
     sync: Sync,
 }
@@ -452,9 +561,16 @@ impl std::ops::Deref for Tx<'_> {
 }
 
 impl<'a> Tx<'a> {
-    fn begin(st: &'a mut Inner) -> Tx<'a> {
+    fn begin(st: &'a mut Inner, store: &'a Store) -> Tx<'a> {
         let counters = [st.next_change, st.next_build, st.next_lease, st.next_log];
-        Tx { st, undo: Undo { counters, ..Undo::default() }, effects: Vec::new(), sync: Sync::Lazy }
+        Tx {
+            st,
+            store,
+            undo: Undo { counters, ..Undo::default() },
+            changes: Vec::new(),
+            effects: Vec::new(),
+            sync: Sync::Lazy,
+        }
     }
 
     /// The write must be on disk before anything is announced.
@@ -470,14 +586,35 @@ impl<'a> Tx<'a> {
         self.effects.push(Effect::Send { worker: worker.to_owned(), msg: Box::new(msg) });
     }
 
+    /// Any build: live (or touched by this transaction) from memory, history from the store.
+    fn build(&self, id: u64) -> Result<Option<std::borrow::Cow<'_, BuildRecord>>, EngineError> {
+        if let Some(b) = self.st.builds.get(&id) {
+            return Ok(Some(std::borrow::Cow::Borrowed(b)));
+        }
+        Ok(self.store.build(id)?.map(std::borrow::Cow::Owned))
+    }
+
     fn save_build(&mut self, id: u64) {
         if !self.undo.builds.contains_key(&id) {
             self.undo.builds.insert(id, self.st.builds.get(&id).cloned());
         }
     }
 
+    /// A build to change; a finished one is brought into memory for the transaction.
     fn build_mut(&mut self, id: u64) -> Option<&mut BuildRecord> {
         self.save_build(id);
+        if !self.st.builds.contains_key(&id) {
+            match self.store.build(id) {
+                Ok(Some(b)) => {
+                    self.st.builds.insert(id, b);
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::error!(build = id, error = %e, "cannot read a build");
+                    return None;
+                }
+            }
+        }
         self.st.builds.get_mut(&id)
     }
 
@@ -547,6 +684,11 @@ impl<'a> Tx<'a> {
         if !self.undo.logs.contains_key(&id) {
             self.undo.logs.insert(id, self.st.logs.get(&id).cloned());
         }
+        if !self.st.logs.contains_key(&id)
+            && let Ok(Some(l)) = self.store.log(id)
+        {
+            self.st.logs.insert(id, l);
+        }
         self.st.logs.get_mut(&id)
     }
 
@@ -554,8 +696,7 @@ impl<'a> Tx<'a> {
         let id = self.st.next_change;
         self.st.next_change += 1;
         c.id = id;
-        self.undo.changes.push(id);
-        self.st.changes.insert(id, c);
+        self.changes.push(c);
         id
     }
 
@@ -564,6 +705,16 @@ impl<'a> Tx<'a> {
             self.undo.schedules.insert(key.to_owned(), self.st.schedules.get(key).cloned());
         }
         self.st.schedules.insert(key.to_owned(), rec);
+    }
+
+    /// The plan with `hash`: from memory, else from the store (and kept for later).
+    fn plan(&mut self, hash: &str) -> Option<Arc<Plan>> {
+        if let Some(p) = self.st.plans.get(hash) {
+            return Some(p.clone());
+        }
+        let p = Arc::new(self.store.plan(hash).ok().flatten()?);
+        self.st.plans.insert(hash.to_owned(), p.clone());
+        Some(p)
     }
 
     fn remember_plan(&mut self, plan: &Arc<Plan>) {
@@ -581,13 +732,13 @@ impl<'a> Tx<'a> {
         self.st.plan = plan;
     }
 
-    /// Writes every touched record in one store transaction. On failure the state is put
-    /// back as it was and the error returned.
-    fn commit(self, engine: &Engine) -> Result<Vec<Effect>, EngineError> {
+    /// Writes every touched record in one store transaction, then lets finished builds and
+    /// logs leave memory. On failure the state is put back as it was and the error returned.
+    fn commit(self, engine: &Engine) -> Result<(Vec<Effect>, bool), EngineError> {
         let batch = Batch {
             builds: self.undo.builds.keys().filter_map(|id| self.st.builds.get(id)).collect(),
             logs: self.undo.logs.keys().filter_map(|id| self.st.logs.get(id)).collect(),
-            changes: self.undo.changes.iter().filter_map(|id| self.st.changes.get(id)).collect(),
+            changes: self.changes.iter().collect(),
             schedules: self
                 .undo
                 .schedules
@@ -597,9 +748,27 @@ impl<'a> Tx<'a> {
             plans: self.undo.plans.iter().filter_map(|h| self.st.plans.get(h).map(|p| p.as_ref())).collect(),
         };
         let empty = batch.is_empty();
-        let written = if empty { Ok(()) } else { engine.store.commit(batch, self.sync) };
+        // Written at once without an fsync; a change that must be durable is flushed by the
+        // group commit in `Engine::settle` before anything of it is announced.
+        let written = if empty { Ok(()) } else { engine.store.commit(batch, Sync::Lazy) };
+        let durable = self.sync == Sync::Durable;
         match written {
-            Ok(()) => Ok(self.effects),
+            Ok(()) => {
+                let Tx { st, undo, effects, .. } = self;
+                for id in undo.builds.keys() {
+                    if st.builds.get(id).is_some_and(|b| b.state == State::Finished) {
+                        st.builds.remove(id);
+                        st.waiting.remove(id);
+                    }
+                }
+                for id in undo.logs.keys() {
+                    if st.logs.get(id).is_some_and(|l| l.finished) {
+                        st.logs.remove(id);
+                    }
+                }
+                st.trim_plans();
+                Ok((effects, durable))
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot store a state change; it is not applied");
                 self.rollback();
@@ -629,9 +798,6 @@ impl<'a> Tx<'a> {
                 Some(l) => st.logs.insert(id, l),
                 None => st.logs.remove(&id),
             };
-        }
-        for id in undo.changes {
-            st.changes.remove(&id);
         }
         for (k, old) in undo.schedules {
             match old {

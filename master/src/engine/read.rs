@@ -1,14 +1,20 @@
-//! The read side: what the REST API shows of the engine's state, converted to the API's
-//! own types. Nothing here changes state.
+//! The read side: what the REST API shows, converted to the API's own types. Live state
+//! (pending and running builds, workers, leases) comes from memory; history from the
+//! store's indexes, so a page costs what it shows. Nothing here changes state.
 
-use super::{Engine, Inner};
-use crate::logs::LogFiles;
+use super::{Engine, EngineError};
 use crate::model::{BuildRecord, ChangeRecord, LogRecord};
+use crate::query::ListQuery;
+use crate::store::{BUILD_INDEXES, index_key};
 use rbb_schema::api::{self, State};
 use rbb_schema::plan::Plan;
+use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+
+/// Build fields of the API whose `field=value` filter an index answers.
+const INDEXED_BUILD_FILTERS: &[&str] = &["builder", "repo", "branch", "commit", "result", "state", "worker"];
 
 impl Engine {
     pub fn plan(&self) -> Arc<Plan> {
@@ -16,40 +22,72 @@ impl Engine {
     }
 
     pub fn builders(&self) -> Vec<api::Builder> {
-        let st = self.lock();
-        let mut last: HashMap<&str, &BuildRecord> = HashMap::new();
-        for b in st.builds.values() {
-            last.insert(b.builder.as_str(), b);
-        }
-        st.plan
-            .builders
+        let plan = self.plan();
+        plan.builders
             .iter()
-            .map(|b| api::Builder {
-                id: b.id.clone(),
-                repo: b.repo.clone(),
-                name: b.name.clone(),
-                description: b.description.clone(),
-                labels: b.labels.clone(),
-                tags: b.tags.clone(),
-                needs: b.needs.clone(),
-                steps: b.steps.iter().map(|s| s.name.clone()).collect(),
-                last_build: last.get(b.id.as_str()).map(|r| api::BuildSummary {
-                    id: r.id,
-                    state: r.state,
-                    result: r.result,
-                }),
+            .map(|b| {
+                let mut last = None;
+                let _ = self.store.scan_builds(Some(&index_key("builder", &b.id)), true, |r| {
+                    last = Some(api::BuildSummary { id: r.id, state: r.state, result: r.result });
+                    false
+                });
+                api::Builder {
+                    id: b.id.clone(),
+                    repo: b.repo.clone(),
+                    name: b.name.clone(),
+                    description: b.description.clone(),
+                    labels: b.labels.clone(),
+                    tags: b.tags.clone(),
+                    needs: b.needs.clone(),
+                    steps: b.steps.iter().map(|s| s.name.clone()).collect(),
+                    last_build: last,
+                }
             })
             .collect()
     }
 
-    pub fn builds(&self, builder: Option<&str>) -> Vec<api::Build> {
-        let st = self.lock();
-        st.builds
-            .values()
-            .rev()
-            .filter(|b| builder.is_none_or(|x| b.builder == x))
-            .map(|b| to_api(b, &st, &self.logs))
-            .collect()
+    /// The newest `limit` builds of `builder`, newest first.
+    pub fn builds_of(&self, builder: &str, limit: usize) -> Result<Vec<api::Build>, EngineError> {
+        let mut out = Vec::new();
+        self.store.scan_builds(Some(&index_key("builder", builder)), true, |b| {
+            out.push(b);
+            out.len() < limit
+        })?;
+        Ok(out.iter().map(|b| self.to_api(b)).collect())
+    }
+
+    /// A page of builds as the list endpoint asks: an indexed `field=value` filter is a
+    /// key-range scan; the total comes from the maintained counts when that filter (or none)
+    /// is all there is, else from the scanned range.
+    pub fn list_builds(&self, q: &ListQuery) -> Result<(Vec<Value>, usize), EngineError> {
+        debug_assert!(INDEXED_BUILD_FILTERS.iter().all(|f| BUILD_INDEXES.contains(f)));
+        let index = q.indexed_eq(INDEXED_BUILD_FILTERS).map(|(f, v)| index_key(f, v));
+        let known_total = match (&index, q.filter_count()) {
+            (None, 0) => Some(self.store.count("builds")? as usize),
+            (Some(k), 1) => Some(self.store.count(k)? as usize),
+            _ => None,
+        };
+        match q.id_order() {
+            Some(newest_first) => {
+                let mut pager = q.pager(known_total);
+                self.store.scan_builds(index.as_deref(), newest_first, |b| {
+                    pager.push(serde_json::to_value(self.to_api(&b)).unwrap_or(Value::Null))
+                })?;
+                Ok(pager.finish())
+            }
+            None => {
+                // Another order: every matching build of the range, sorted.
+                let mut all = Vec::new();
+                self.store.scan_builds(index.as_deref(), true, |b| {
+                    let v = serde_json::to_value(self.to_api(&b)).unwrap_or(Value::Null);
+                    if q.matches(&v) {
+                        all.push(v);
+                    }
+                    true
+                })?;
+                Ok(q.apply(all))
+            }
+        }
     }
 
     /// Builds waiting to start, oldest first, each with why it waits.
@@ -76,19 +114,37 @@ impl Engine {
     }
 
     pub fn build(&self, id: u64) -> Option<api::Build> {
-        let st = self.lock();
-        st.builds.get(&id).map(|b| to_api(b, &st, &self.logs))
+        let live = self.lock().builds.get(&id).cloned();
+        let rec = match live {
+            Some(b) => b,
+            None => self.store.build(id).ok().flatten()?,
+        };
+        Some(self.to_api(&rec))
     }
 
     pub fn log(&self, id: u64) -> Option<(LogRecord, PathBuf, bool)> {
-        let st = self.lock();
-        let mut rec = st.logs.get(&id)?.clone();
-        let live = self.logs.len(id);
-        if let Some(len) = live {
+        let live = self.lock().logs.get(&id).cloned();
+        let mut rec = match live {
+            Some(l) => l,
+            None => self.store.log(id).ok().flatten()?,
+        };
+        let open = self.logs.len(id);
+        if let Some(len) = open {
             rec.bytes = len;
         }
-        let path = self.logs.path(&rec.file);
-        Some((rec, path, live.is_some()))
+        // A compressed log is read through a decompressed copy; an expired one has no file.
+        let path = if rec.compressed && !rec.expired {
+            match self.logs.readable(&rec.file) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(log = id, error = %e, "cannot decompress a log");
+                    self.logs.path(&rec.file)
+                }
+            }
+        } else {
+            self.logs.path(&rec.file)
+        };
+        Some((rec, path, open.is_some()))
     }
 
     pub fn workers(&self) -> Vec<api::Worker> {
@@ -126,34 +182,41 @@ impl Engine {
     }
 
     /// The grid: builders × the `limit` newest commits (of changes and builds), with the
-    /// newest build of each builder at each commit.
-    pub fn grid(&self, limit: usize) -> serde_json::Value {
+    /// newest build of each builder at each commit. Reads the newest changes and builds
+    /// until it has `limit` commits, then each commit's builds through the commit index.
+    pub fn grid(&self, limit: usize) -> Result<Value, EngineError> {
         use serde_json::json;
-        let st = self.lock();
-        // (when seen, repo, commit, branch), newest first.
-        let mut cols: Vec<(u64, &str, &str, &str)> = Vec::new();
-        for c in st.changes.values() {
-            cols.push((c.recorded_at, &c.repo, &c.commit, &c.branch));
-        }
-        for b in st.builds.values() {
-            cols.push((b.submitted_at, &b.repo, &b.commit, &b.branch));
-        }
-        cols.sort_by_key(|c| std::cmp::Reverse(c.0));
-        // The newest change of each (repo, commit), for the column headings.
-        let mut change_of: HashMap<(&str, &str), &ChangeRecord> = HashMap::new();
-        for c in st.changes.values() {
-            change_of.insert((c.repo.as_str(), c.commit.as_str()), c);
-        }
-        let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
+        let plan = self.plan();
+        // (when seen, repo, commit, branch), newest first, from both changes and builds.
+        let mut seen_at: Vec<(u64, String, String, String)> = Vec::new();
+        let mut from_changes: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut change_of: HashMap<(String, String), ChangeRecord> = HashMap::new();
+        self.store.scan_changes(None, true, |c| {
+            let key = (c.repo.clone(), c.commit.clone());
+            if from_changes.insert(key.clone()) {
+                seen_at.push((c.recorded_at, c.repo.clone(), c.commit.clone(), c.branch.clone()));
+                change_of.insert(key, c);
+            }
+            from_changes.len() < limit
+        })?;
+        let mut from_builds: BTreeSet<(String, String)> = BTreeSet::new();
+        self.store.scan_builds(None, true, |b| {
+            let key = (b.repo.clone(), b.commit.clone());
+            if from_builds.insert(key) {
+                seen_at.push((b.submitted_at, b.repo.clone(), b.commit.clone(), b.branch.clone()));
+            }
+            from_builds.len() < limit
+        })?;
+        seen_at.sort_by_key(|c| std::cmp::Reverse(c.0));
+        let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
         let mut columns = Vec::new();
-        for (_, repo, commit, branch) in &cols {
+        for (_, repo, commit, branch) in &seen_at {
             if columns.len() >= limit {
                 break;
             }
-            if seen.insert((repo, commit)) {
-                let info = change_of.get(&(*repo, *commit));
+            if seen.insert((repo.clone(), commit.clone())) {
                 let mut col = json!({ "repo": repo, "commit": commit, "branch": branch });
-                if let Some(c) = info {
+                if let Some(c) = change_of.get(&(repo.clone(), commit.clone())) {
                     col["message"] = json!(c.message.lines().next().unwrap_or(""));
                     col["author"] = json!(c.author);
                     col["time"] = json!(c.time);
@@ -161,22 +224,26 @@ impl Engine {
                 columns.push(col);
             }
         }
-        let mut cells: BTreeMap<&str, BTreeMap<&str, serde_json::Value>> = BTreeMap::new();
-        let mut extra: BTreeSet<&str> = BTreeSet::new();
-        for b in st.builds.values().rev() {
-            if !seen.contains(&(b.repo.as_str(), b.commit.as_str())) {
-                continue;
-            }
-            let row = cells.entry(b.builder.as_str()).or_default();
-            row.entry(b.commit.as_str()).or_insert_with(|| {
-                json!({ "build": b.id, "state": b.state, "result": b.result.filter(|_| b.state == State::Finished) })
-            });
-            if st.plan.builder(&b.builder).is_none() {
-                extra.insert(b.builder.as_str());
-            }
+        let mut cells: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+        let mut extra: BTreeSet<String> = BTreeSet::new();
+        let live: HashMap<u64, BuildRecord> = self.lock().builds.clone().into_iter().collect();
+        for (repo, commit) in &seen {
+            self.store.scan_builds(Some(&index_key("commit", commit)), true, |b| {
+                if &b.repo != repo {
+                    return true;
+                }
+                let b = live.get(&b.id).cloned().unwrap_or(b);
+                let row = cells.entry(b.builder.clone()).or_default();
+                row.entry(b.commit.clone()).or_insert_with(|| {
+                    json!({ "build": b.id, "state": b.state, "result": b.result.filter(|_| b.state == State::Finished) })
+                });
+                if plan.builder(&b.builder).is_none() {
+                    extra.insert(b.builder.clone());
+                }
+                true
+            })?;
         }
-        let mut builders: Vec<serde_json::Value> = st
-            .plan
+        let mut builders: Vec<Value> = plan
             .builders
             .iter()
             .map(
@@ -184,79 +251,104 @@ impl Engine {
             )
             .collect();
         for id in extra {
-            let (repo, name) = id.split_once('/').unwrap_or(("", id));
+            let (repo, name) = id.split_once('/').unwrap_or(("", id.as_str()));
             builders.push(json!({ "id": id, "repo": repo, "name": name, "tags": [] }));
         }
-        json!({ "builders": builders, "columns": columns, "cells": cells })
+        Ok(json!({ "builders": builders, "columns": columns, "cells": cells }))
     }
 
-    pub fn changes(&self) -> Vec<api::Change> {
-        let st = self.lock();
-        let mut builds_of: HashMap<u64, Vec<u64>> = HashMap::new();
-        for b in st.builds.values() {
-            for c in &b.changes {
-                builds_of.entry(*c).or_default().push(b.id);
+    /// A page of the change log, newest first unless ordered otherwise.
+    pub fn list_changes(&self, q: &ListQuery) -> Result<(Vec<Value>, usize), EngineError> {
+        let known_total = (q.filter_count() == 0).then(|| self.store.count("changes")).transpose()?.map(|n| n as usize);
+        match q.id_order() {
+            Some(newest_first) => {
+                let mut pager = q.pager(known_total);
+                self.store.scan_changes(None, newest_first, |c| {
+                    pager.push(serde_json::to_value(self.change_to_api(&c)).unwrap_or(Value::Null))
+                })?;
+                Ok(pager.finish())
+            }
+            None => {
+                let mut all = Vec::new();
+                self.store.scan_changes(None, true, |c| {
+                    let v = serde_json::to_value(self.change_to_api(&c)).unwrap_or(Value::Null);
+                    if q.matches(&v) {
+                        all.push(v);
+                    }
+                    true
+                })?;
+                Ok(q.apply(all))
             }
         }
-        st.changes
-            .values()
-            .rev()
-            .map(|c| api::Change {
-                id: c.id,
-                repo: c.repo.clone(),
-                branch: c.branch.clone(),
-                commit: c.commit.clone(),
-                author: c.author.clone(),
-                email: c.email.clone(),
-                time: c.time,
-                message: c.message.clone(),
-                files: c.files.clone(),
-                event: c.event.clone(),
-                source: c.source.clone(),
-                recorded_at: c.recorded_at,
-                pull_request: c.pull_request,
-                builds: builds_of.remove(&c.id).unwrap_or_default(),
-            })
-            .collect()
     }
-}
 
-fn to_api(b: &BuildRecord, st: &Inner, files: &LogFiles) -> api::Build {
-    let logs = &st.logs;
-    api::Build {
-        id: b.id,
-        builder: b.builder.clone(),
-        repo: b.repo.clone(),
-        branch: b.branch.clone(),
-        commit: b.commit.clone(),
-        plan_hash: b.plan_hash.clone(),
-        pipeline_blob: b.pipeline_blob.clone(),
-        reason: b.reason.clone(),
-        state: b.state,
-        result: b.result.filter(|_| b.state == State::Finished),
-        result_reason: b.result_reason.clone(),
-        worker: b.worker.clone(),
-        changes: b.changes.clone(),
-        waits_for: b.waits_for.clone(),
-        waiting: st.waiting.get(&b.id).cloned().filter(|_| b.state == State::Pending),
-        submitted_at: b.submitted_at,
-        started_at: b.started_at,
-        finished_at: b.finished_at,
-        steps: b
-            .steps
-            .iter()
-            .map(|s| api::Step {
-                number: s.number,
-                name: s.name.clone(),
-                state: s.state,
-                result: s.result,
-                reason: s.reason.clone(),
-                exit_code: s.exit_code,
-                started_at: s.started_at,
-                finished_at: s.finished_at,
-                log_id: s.log_id,
-                log_bytes: s.log_id.map_or(0, |l| files.len(l).or_else(|| logs.get(&l).map(|r| r.bytes)).unwrap_or(0)),
-            })
-            .collect(),
+    fn change_to_api(&self, c: &ChangeRecord) -> api::Change {
+        let mut builds = Vec::new();
+        let _ = self.store.scan_builds(Some(&index_key("change", &c.id.to_string())), false, |b| {
+            builds.push(b.id);
+            true
+        });
+        api::Change {
+            id: c.id,
+            repo: c.repo.clone(),
+            branch: c.branch.clone(),
+            commit: c.commit.clone(),
+            author: c.author.clone(),
+            email: c.email.clone(),
+            time: c.time,
+            message: c.message.clone(),
+            files: c.files.clone(),
+            event: c.event.clone(),
+            source: c.source.clone(),
+            recorded_at: c.recorded_at,
+            pull_request: c.pull_request,
+            builds,
+        }
+    }
+
+    fn to_api(&self, b: &BuildRecord) -> api::Build {
+        let waiting = if b.state == State::Pending { self.lock().waiting.get(&b.id).cloned() } else { None };
+        api::Build {
+            id: b.id,
+            builder: b.builder.clone(),
+            repo: b.repo.clone(),
+            branch: b.branch.clone(),
+            commit: b.commit.clone(),
+            plan_hash: b.plan_hash.clone(),
+            pipeline_blob: b.pipeline_blob.clone(),
+            reason: b.reason.clone(),
+            state: b.state,
+            result: b.result.filter(|_| b.state == State::Finished),
+            result_reason: b.result_reason.clone(),
+            worker: b.worker.clone(),
+            changes: b.changes.clone(),
+            waits_for: b.waits_for.clone(),
+            waiting,
+            submitted_at: b.submitted_at,
+            started_at: b.started_at,
+            finished_at: b.finished_at,
+            steps: b
+                .steps
+                .iter()
+                .map(|s| api::Step {
+                    number: s.number,
+                    name: s.name.clone(),
+                    state: s.state,
+                    result: s.result,
+                    reason: s.reason.clone(),
+                    exit_code: s.exit_code,
+                    started_at: s.started_at,
+                    finished_at: s.finished_at,
+                    log_id: s.log_id,
+                    log_bytes: s.log_id.map_or(0, |l| {
+                        self.logs
+                            .len(l)
+                            .or(s.log_bytes)
+                            .or_else(|| self.store.log(l).ok().flatten().map(|r| r.bytes))
+                            .unwrap_or(0)
+                    }),
+                })
+                .collect(),
+        }
     }
 }

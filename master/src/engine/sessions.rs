@@ -102,6 +102,8 @@ impl Engine {
             t.emit(Event::Worker { name });
             e.dispatch(t)
         })?;
+        drop(st);
+        self.settle();
         Ok(Connected { session: id, liveness })
     }
 
@@ -164,6 +166,8 @@ impl Engine {
         if let Err(e) = self.transact(&mut st, |e, tx| e.dispatch(tx)) {
             tracing::error!(error = %e, "dispatch failed");
         }
+        drop(st);
+        self.settle();
     }
 
     pub(super) fn lose_session(
@@ -191,6 +195,12 @@ impl Engine {
 
     /// A message from a worker's session.
     pub fn on_message(&self, worker: &str, session: u64, msg: proto::worker_message::Msg) -> Result<(), EngineError> {
+        let out = self.handle(worker, session, msg);
+        self.settle();
+        out
+    }
+
+    fn handle(&self, worker: &str, session: u64, msg: proto::worker_message::Msg) -> Result<(), EngineError> {
         use proto::worker_message::Msg;
         let mut st = self.lock();
         {

@@ -14,9 +14,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 impl Engine {
-    pub(super) fn plan_of(&self, tx: &Tx<'_>, build: u64) -> Option<Arc<Plan>> {
-        let hash = &tx.builds.get(&build)?.plan_hash;
-        tx.plans.get(hash).cloned()
+    pub(super) fn plan_of(&self, tx: &mut Tx<'_>, build: u64) -> Option<Arc<Plan>> {
+        let hash = tx.builds.get(&build)?.plan_hash.clone();
+        tx.plan(&hash)
     }
 
     /// Leases the build's next runnable step, skipping what must be skipped; finishes the
@@ -58,7 +58,17 @@ impl Engine {
         let lease = tx.next_lease_id();
         let log = tx.next_log_id();
         let file = self.logs.create(log)?;
-        tx.insert_log(LogRecord { id: log, build: id, step, file, bytes: 0, finished: false });
+        tx.insert_log(LogRecord {
+            id: log,
+            build: id,
+            step,
+            file,
+            bytes: 0,
+            finished: false,
+            created_at: Some(now_ms()),
+            compressed: false,
+            expired: false,
+        });
         let spec = &pb.steps[step as usize];
         let now = now_ms();
         let Some(b) = tx.build_mut(id) else { return Ok(()) };
@@ -180,11 +190,14 @@ impl Engine {
 
     pub(super) fn close_log(&self, tx: &mut Tx<'_>, log: u64) -> Result<(), EngineError> {
         let len = self.logs.close(log);
-        if let Some(rec) = tx.log_mut(log) {
-            if let Some(len) = len {
-                rec.bytes = len;
-            }
-            rec.finished = true;
+        let Some(rec) = tx.log_mut(log) else { return Ok(()) };
+        if let Some(len) = len {
+            rec.bytes = len;
+        }
+        rec.finished = true;
+        let (build, step, bytes) = (rec.build, rec.step, rec.bytes);
+        if let Some(s) = tx.build_mut(build).and_then(|b| b.steps.get_mut(step as usize)) {
+            s.log_bytes = Some(bytes);
         }
         Ok(())
     }
@@ -264,11 +277,20 @@ impl Engine {
         {
             return Ok(());
         }
-        let Some(plan) = tx.plans.get(&b.plan_hash).cloned() else { return Ok(()) };
+        let Some(plan) = tx.plan(&b.plan_hash) else { return Ok(()) };
         let mut created = Vec::new();
         for x in plan.builders.iter().filter(|x| x.repo != b.repo && x.needs.contains(&b.builder)) {
-            let queued =
-                tx.builds.values().rev().any(|o| o.builder == x.id && o.changes.iter().any(|c| b.changes.contains(c)));
+            let mut queued =
+                tx.builds.values().any(|o| o.builder == x.id && o.changes.iter().any(|c| b.changes.contains(c)));
+            for c in &b.changes {
+                if queued {
+                    break;
+                }
+                tx.store.scan_builds(Some(&crate::store::index_key("change", &c.to_string())), true, |o| {
+                    queued |= o.builder == x.id;
+                    !queued
+                })?;
+            }
             if queued {
                 continue;
             }

@@ -120,6 +120,12 @@ impl FakeWorker {
     }
 }
 
+fn all_builds(e: &Engine) -> Vec<rbb_schema::api::Build> {
+    let q = crate::query::ListQuery::parse(&[("limit".into(), "1000".into())], &["id"], &[]).expect("query");
+    let (page, _) = e.list_builds(&q).expect("list");
+    page.into_iter().map(|v| serde_json::from_value(v).expect("build")).collect()
+}
+
 fn force(e: &Engine, builder: &str) -> u64 {
     e.force(builder, ForceRequest::default()).expect("force").build
 }
@@ -194,7 +200,7 @@ fn a_change_makes_one_build_per_builder_even_when_another_needs_it() {
     let head = resolve(&f.dir.path().join("state/mirrors/app.git"), "main").expect("head");
     let commit = NewCommit { id: head.clone(), files: vec!["src/a.c".into()], ..Default::default() };
     let made = e.on_push("app", "main", &[commit], "test").expect("push");
-    let builds = e.builds(None);
+    let builds = all_builds(e);
     for builder in ["app/test[mode=debug]", "app/test[mode=release]", "app/deploy", "app/lint"] {
         let n = builds.iter().filter(|b| b.builder == builder && b.commit == head).count();
         assert_eq!(n, 1, "{builder} was built {n} times for one push");
@@ -275,7 +281,7 @@ fn a_cron_minute_and_its_build_are_stored_together() {
     let now = 1_795_491_000;
     e.store.fail_writes(true);
     assert!(e.cron_tick(now).is_err());
-    assert!(e.builds(None).is_empty());
+    assert!(all_builds(e).is_empty());
     e.store.fail_writes(false);
     let fired = e.cron_tick(now).expect("tick");
     assert_eq!(fired.len(), 1);
@@ -285,7 +291,7 @@ fn a_cron_minute_and_its_build_are_stored_together() {
     drop(f.engine);
     let e = reopen(&dir);
     assert!(e.cron_tick(now + 20).expect("tick").is_empty());
-    assert_eq!(e.builds(None).len(), 1);
+    assert_eq!(all_builds(&e).len(), 1);
 }
 
 #[test]
@@ -299,12 +305,12 @@ fn a_rebuild_of_an_old_commit_replaces_nothing() {
         e.on_push("app", "main", &[c], "test").expect("push")
     };
     push(&head);
-    let lint = e.builds(Some("app/lint"))[0].id;
+    let lint = e.builds_of("app/lint", 10).expect("builds")[0].id;
     // Nothing runs (no worker): stop it so it can be rebuilt.
     e.stop(lint, "test").expect("stop");
     let rebuilt = e.rebuild(lint).expect("rebuild");
     push(&head);
-    let newest = e.builds(Some("app/lint"))[0].id;
+    let newest = e.builds_of("app/lint", 10).expect("builds")[0].id;
     assert_ne!(newest, rebuilt);
     assert_eq!(result(e, rebuilt).0, State::Pending, "a rebuild is never collapsed");
     assert_eq!(result(e, newest).0, State::Pending, "a push of the same commit collapses nothing");
@@ -314,4 +320,46 @@ fn a_rebuild_of_an_old_commit_replaces_nothing() {
 fn checkout_directories_never_collide() {
     assert_ne!(checkout_dir("app/lint_docs"), checkout_dir("app_lint/docs"));
     assert!(checkout_dir("app/test[os=linux]").starts_with("app_test_os_linux_-"));
+}
+
+#[test]
+fn retention_compresses_then_expires_logs_and_deletes_old_builds_but_the_newest() {
+    let f = fixture();
+    let e = &f.engine;
+    let mut w = FakeWorker::connect(e, "w1", 1).expect("connect");
+    let mut ids = Vec::new();
+    let mut first_log = None;
+    for builder in ["app/build", "app/build", "app/build", "app/lint"] {
+        let id = force(e, builder);
+        ids.push(id);
+        while let Some(l) = w.lease() {
+            let chunk = proto::LogChunk { lease: l.lease, stream: 0, data: format!("output of {id}\n").into_bytes() };
+            e.on_message("w1", w.session, Msg::Log(chunk)).expect("log");
+            w.finish(e, l.lease, proto::StepResult::Success).expect("finish");
+        }
+        assert_eq!(result(e, id).1, Some(Outcome::Success));
+        first_log.get_or_insert(e.build(id).expect("build").steps[0].log_id.expect("log"));
+    }
+    let log = first_log.expect("a log");
+    let now = crate::model::now_ms();
+    let day = 86_400_000;
+    let compress = RetentionPolicy { compress_age_ms: Some(day), ..Default::default() };
+    let r = e.retention(&compress, now + 2 * day).expect("retention");
+    assert_eq!(r.logs_compressed, 7, "{r:?}");
+    let (rec, path, _) = e.log(log).expect("log");
+    assert!(rec.compressed && rec.file.ends_with(".zst"));
+    assert_eq!(std::fs::read_to_string(path).expect("read"), format!("output of {}\n", ids[0]));
+    // A second run finds nothing new to do.
+    assert_eq!(e.retention(&compress, now + 2 * day).expect("retention"), RetentionReport::default());
+    let expire = RetentionPolicy { log_age_ms: Some(10 * day), ..compress.clone() };
+    let r = e.retention(&expire, now + 20 * day).expect("retention");
+    assert_eq!(r.logs_deleted, 7, "{r:?}");
+    assert!(e.log(log).expect("log record").0.expired);
+    let builds = RetentionPolicy { build_age_ms: Some(30 * day), keep_builds: 1, ..expire };
+    let r = e.retention(&builds, now + 40 * day).expect("retention");
+    assert_eq!(r.builds_deleted, 2, "{r:?}");
+    assert!(e.build(ids[0]).is_none() && e.build(ids[1]).is_none());
+    assert!(e.build(ids[2]).is_some() && e.build(ids[3]).is_some(), "the newest build of each builder stays");
+    assert_eq!(e.store.check_indexes().expect("check"), None);
+    assert_eq!(e.store.count("builds").expect("count"), 2);
 }

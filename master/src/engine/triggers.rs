@@ -106,13 +106,13 @@ impl Engine {
             if tx.closing {
                 return Err(EngineError::ShuttingDown);
             }
-            let Some(old) = tx.builds.get(&id).cloned() else {
+            let Some(old) = tx.build(id)?.map(std::borrow::Cow::into_owned) else {
                 return Err(EngineError::NotFound(format!("no build {id}")));
             };
             if old.state != State::Finished {
                 return Err(EngineError::Conflict(format!("build {id} has not finished yet")));
             }
-            let Some(plan) = tx.plans.get(&old.plan_hash).cloned() else {
+            let Some(plan) = tx.plan(&old.plan_hash) else {
                 return Err(EngineError::Conflict(format!("build {id} has no plan to run again")));
             };
             let Some(pb) = plan.builder(&old.builder).cloned() else {
@@ -155,7 +155,7 @@ impl Engine {
     /// this returns.
     pub fn stop(&self, id: u64, reason: &str) -> Result<(), EngineError> {
         self.run(|e, tx| {
-            let Some(b) = tx.builds.get(&id) else {
+            let Some(b) = tx.build(id)? else {
                 return Err(EngineError::NotFound(format!("no build {id}")));
             };
             if b.state == State::Finished {
@@ -379,7 +379,17 @@ impl Engine {
         let file = self.logs.create(log)?;
         self.logs.append(log, text.as_bytes())?;
         let bytes = self.logs.close(log).unwrap_or(0);
-        tx.insert_log(LogRecord { id: log, build: id, step: 0, file, bytes, finished: true });
+        tx.insert_log(LogRecord {
+            id: log,
+            build: id,
+            step: 0,
+            file,
+            bytes,
+            finished: true,
+            created_at: Some(now_ms()),
+            compressed: false,
+            expired: false,
+        });
         let now = now_ms();
         tx.insert_build(BuildRecord {
             id,
@@ -419,6 +429,7 @@ impl Engine {
                 started_at: Some(now),
                 finished_at: Some(now),
                 log_id: Some(log),
+                log_bytes: Some(bytes),
             }],
         });
         tx.durable();
@@ -495,18 +506,24 @@ impl Engine {
                 })?;
                 (c, nrepo.branch.clone())
             };
-            let existing = already_made(tx, created, &nb.id, &ncommit).or_else(|| {
-                tx.builds
-                    .values()
-                    .rev()
-                    .find(|b| {
-                        b.builder == nb.id
-                            && b.commit == ncommit
-                            && (b.state != State::Finished
-                                || (b.result.is_some_and(Outcome::is_ok) && b.result != Some(Outcome::NotAffected)))
-                    })
-                    .map(|b| b.id)
-            });
+            // A live build in memory is newer than its stored copy.
+            let usable = |b: &BuildRecord| {
+                b.builder == nb.id
+                    && b.commit == ncommit
+                    && (b.state != State::Finished
+                        || (b.result.is_some_and(Outcome::is_ok) && b.result != Some(Outcome::NotAffected)))
+            };
+            let mut existing = already_made(tx, created, &nb.id, &ncommit)
+                .or_else(|| tx.builds.values().rev().find(|b| usable(b)).map(|b| b.id));
+            if existing.is_none() {
+                tx.store.scan_builds(Some(&crate::store::index_key("commit", &ncommit)), true, |b| {
+                    let current = tx.builds.get(&b.id).unwrap_or(&b);
+                    if usable(current) {
+                        existing = Some(b.id);
+                    }
+                    existing.is_none()
+                })?;
+            }
             let id = match existing {
                 Some(id) => id,
                 None => {
