@@ -123,6 +123,35 @@ pub(crate) fn lower(
         check_env_name(ctx, b, &[key("env")], k, diags);
     }
     check_relative(ctx, b, &[key("workdir")], spec.workdir.as_deref(), diags);
+    let builder_limits = container_limits(ctx, b, &[], &ContainerKeys::of_builder(spec), diags);
+    let step_limits: Vec<Limits> = spec
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let own = container_limits(ctx, b, &[key("steps"), Seg::Index(i)], &ContainerKeys::of_step(s), diags);
+            let limits = Limits {
+                memory_bytes: own.memory_bytes.or(builder_limits.memory_bytes),
+                cpus_milli: own.cpus_milli.or(builder_limits.cpus_milli),
+                network: own.network.clone().or_else(|| builder_limits.network.clone()),
+                user: own.user.clone().or_else(|| builder_limits.user.clone()),
+            };
+            if s.image.is_none() && spec.image.is_none() && limits != Limits::default() {
+                let rel: Vec<Seg> = if own == Limits::default() {
+                    vec![key(ContainerKeys::of_builder(spec).first_set().unwrap_or("memory"))]
+                } else {
+                    vec![key("steps"), Seg::Index(i), key(ContainerKeys::of_step(s).first_set().unwrap_or("memory"))]
+                };
+                diags.push(ctx.diag(
+                    "container-option-without-image",
+                    b.key_pos(ctx, &rel),
+                    format!("step {} of {what} sets container options but runs without an image", i + 1),
+                    Some("`memory`, `cpus`, `network` and `user` apply to containers: add `image:`".into()),
+                ));
+            }
+            limits
+        })
+        .collect();
     let step_timeouts: Vec<Option<u64>> = spec
         .steps
         .iter()
@@ -237,6 +266,10 @@ pub(crate) fn lower(
                 always_run: step.always_run.unwrap_or(false),
                 condition: step.condition.as_ref().map(|c| sub(c, &at("if"))),
                 image: step.image.as_ref().map(|i| sub(i, &at("image"))).or_else(|| image.clone()),
+                memory_bytes: step_limits[i].memory_bytes,
+                cpus_milli: step_limits[i].cpus_milli,
+                network: step_limits[i].network.clone(),
+                user: step_limits[i].user.clone(),
                 inputs: step.inputs.iter().map(|p| sub(p, &at("inputs"))).collect(),
                 outputs: step.outputs.iter().map(|p| sub(p, &at("outputs"))).collect(),
                 key: String::new(),
@@ -301,6 +334,150 @@ fn check_relative(ctx: &FileCtx, b: &ParsedBuilder, rel: &[Seg], path: Option<&s
             Some("paths are relative to the repository root and may not use `..`".into()),
         ));
     }
+}
+
+/// The container options of a builder or a step, as written.
+struct ContainerKeys<'a> {
+    memory: Option<&'a Scalar>,
+    cpus: Option<&'a Scalar>,
+    network: Option<&'a str>,
+    user: Option<&'a str>,
+}
+
+impl<'a> ContainerKeys<'a> {
+    fn of_builder(b: &'a rbb_schema::pipeline::Builder) -> Self {
+        ContainerKeys {
+            memory: b.memory.as_ref(),
+            cpus: b.cpus.as_ref(),
+            network: b.network.as_deref(),
+            user: b.user.as_deref(),
+        }
+    }
+
+    fn of_step(s: &'a rbb_schema::pipeline::Step) -> Self {
+        ContainerKeys {
+            memory: s.memory.as_ref(),
+            cpus: s.cpus.as_ref(),
+            network: s.network.as_deref(),
+            user: s.user.as_deref(),
+        }
+    }
+
+    fn first_set(&self) -> Option<&'static str> {
+        [
+            ("memory", self.memory.is_some()),
+            ("cpus", self.cpus.is_some()),
+            ("network", self.network.is_some()),
+            ("user", self.user.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(k, set)| set.then_some(k))
+    }
+}
+
+/// Container options once checked.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Limits {
+    memory_bytes: Option<u64>,
+    cpus_milli: Option<u32>,
+    network: Option<String>,
+    user: Option<String>,
+}
+
+/// Smallest memory limit the engine accepts (6 MiB).
+const MIN_MEMORY: u64 = 6 * 1024 * 1024;
+/// Docker's network modes a step may ask for.
+const NETWORKS: [&str; 3] = ["bridge", "none", "host"];
+
+fn container_limits(
+    ctx: &FileCtx,
+    b: &ParsedBuilder,
+    at: &[Seg],
+    keys: &ContainerKeys<'_>,
+    diags: &mut Diagnostics,
+) -> Limits {
+    let rel = |k: &str| {
+        let mut p = at.to_vec();
+        p.push(key(k));
+        p
+    };
+    let memory_bytes = keys.memory.and_then(|m| match parse_memory(m.as_str()) {
+        Some(bytes) if bytes >= MIN_MEMORY => Some(bytes),
+        parsed => {
+            let message = match parsed {
+                Some(_) => {
+                    format!("memory `{}` in builder `{}` is below the engine's minimum of 6m", m.as_str(), b.name)
+                }
+                None => format!("`{}` is not a memory size in builder `{}`", m.as_str(), b.name),
+            };
+            diags.push(ctx.diag(
+                "bad-memory",
+                b.pos(ctx, &rel("memory")),
+                message,
+                Some("write bytes or a size with `k`, `m` or `g`, e.g. `512m`".into()),
+            ));
+            None
+        }
+    });
+    let cpus_milli = keys.cpus.and_then(|c| match c.as_str().trim().parse::<f64>() {
+        Ok(cpus) if (0.01..=4096.0).contains(&cpus) => Some((cpus * 1000.0).round() as u32),
+        _ => {
+            diags.push(ctx.diag(
+                "bad-cpus",
+                b.pos(ctx, &rel("cpus")),
+                format!("`{}` is not a CPU count in builder `{}`", c.as_str(), b.name),
+                Some("write a number of CPUs, e.g. `2` or `0.5`".into()),
+            ));
+            None
+        }
+    });
+    let network = keys.network.and_then(|n| {
+        if NETWORKS.contains(&n) {
+            Some(n.to_owned())
+        } else {
+            diags.push(ctx.diag(
+                "bad-network",
+                b.pos(ctx, &rel("network")),
+                format!("unknown network `{n}` in builder `{}`", b.name),
+                Some(format!("networks: {}", NETWORKS.join(", "))),
+            ));
+            None
+        }
+    });
+    let user = keys.user.and_then(|u| {
+        let ok = !u.is_empty() && u.chars().all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c));
+        if ok {
+            Some(u.to_owned())
+        } else {
+            diags.push(ctx.diag(
+                "bad-user",
+                b.pos(ctx, &rel("user")),
+                format!("`{u}` is not a user in builder `{}`", b.name),
+                Some("write `uid[:gid]` or a user name of the image".into()),
+            ));
+            None
+        }
+    });
+    Limits { memory_bytes, cpus_milli, network, user }
+}
+
+/// `512m`, `1g`, `1048576`, `64k` (powers of 1024; a trailing `b`/`ib` is allowed).
+fn parse_memory(text: &str) -> Option<u64> {
+    let t = text.trim().to_ascii_lowercase();
+    let t = t.strip_suffix("ib").or_else(|| t.strip_suffix('b')).unwrap_or(&t);
+    let (digits, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let n: u64 = digits.parse().ok()?;
+    let shift = match unit {
+        "" => 0,
+        "k" => 10,
+        "m" => 20,
+        "g" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1u64 << shift)
 }
 
 fn duration(ctx: &FileCtx, b: &ParsedBuilder, rel: &[Seg], v: &Scalar, diags: &mut Diagnostics) -> Option<u64> {

@@ -85,6 +85,18 @@ fn builder(out: &mut String, b: &PlanBuilder) {
         {
             flags.push(format!("image {img}"));
         }
+        if let Some(m) = s.memory_bytes {
+            flags.push(format!("memory {}", format_memory(m)));
+        }
+        if let Some(c) = s.cpus_milli {
+            flags.push(format!("cpus {}", f64::from(c) / 1000.0));
+        }
+        if let Some(n) = &s.network {
+            flags.push(format!("network {n}"));
+        }
+        if let Some(u) = &s.user {
+            flags.push(format!("user {u}"));
+        }
         if !s.env.is_empty() {
             let keys: Vec<&str> = s.env.keys().map(String::as_str).collect();
             flags.push(format!("env {}", keys.join(",")));
@@ -188,4 +200,14 @@ fn quote(s: &str) -> String {
 pub fn short(hash: &str) -> &str {
     let h = hash.strip_prefix("sha256:").unwrap_or(hash);
     &h[..h.len().min(12)]
+}
+
+/// `512m`, `1g`, or bytes when not a whole number of KiB.
+fn format_memory(bytes: u64) -> String {
+    for (shift, unit) in [(30, "g"), (20, "m"), (10, "k")] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
 }

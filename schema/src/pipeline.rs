@@ -80,9 +80,24 @@ pub struct Builder {
     /// A worker runs this builder only if it has every one of these labels.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<String>,
-    /// Run every step in this Docker image (a step may override it).
+    /// Run every step in this Docker image (a step may override it). Steps that use it run in
+    /// one container for the whole build, with the checkout mounted at `/workspace`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Memory limit of the containers of its steps (a step may override it) (swap included): bytes, or with a suffix `k`, `m`,
+    /// `g` (powers of 1024), e.g. `512m`. A step that goes over it is killed (exit code 137).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Scalar>,
+    /// CPU limit of the containers of its steps (a step may override it), in CPUs, e.g. `1.5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<Scalar>,
+    /// Network of the containers of its steps (a step may override it): `bridge` (the engine's default), `none` or `host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// User the commands run as in the containers of its steps (a step may override it): `uid[:gid]` or a user of the image.
+    /// Default: the worker's own uid:gid, so files left in the checkout are the worker's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// Environment for every step (a step's own `env` wins).
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub env: IndexMap<String, Scalar>,
@@ -312,9 +327,24 @@ pub struct Step {
     /// startsWith, endsWith, contains, success(), failure(); operators == != && || ! ( ).
     #[serde(default, rename = "if", skip_serializing_if = "Option::is_none")]
     pub condition: Option<String>,
-    /// Run this step in a Docker image (wins over the builder's).
+    /// Run this step in a Docker image (wins over the builder's), in a fresh container of its
+    /// own, with the checkout mounted at `/workspace`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Memory limit of the container (wins over the builder's) (swap included): bytes, or with a suffix `k`, `m`,
+    /// `g` (powers of 1024), e.g. `512m`. A step that goes over it is killed (exit code 137).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Scalar>,
+    /// CPU limit of the container (wins over the builder's), in CPUs, e.g. `1.5`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<Scalar>,
+    /// Network of the container (wins over the builder's): `bridge` (the engine's default), `none` or `host`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// User the commands run as in the container (wins over the builder's): `uid[:gid]` or a user of the image.
+    /// Default: the worker's own uid:gid, so files left in the checkout are the worker's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// Paths (files or directories of the repository) whose content decides the step's
     /// result. With `inputs`, an unchanged step can be reused from the cache.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -45,6 +45,30 @@ pub struct StepSpec {
     pub timeout: Option<Duration>,
     /// Docker image; `None` (or empty) means run natively.
     pub image: Option<String>,
+    /// How to run it in a container; ignored when `image` is `None`.
+    pub container: ContainerOptions,
+}
+
+/// The container side of a step: what only a Docker executor reads.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerOptions {
+    /// The build the step belongs to (a label on everything made for it).
+    pub build: u64,
+    /// The build's checkout on the host, mounted at [`crate::docker::WORKSPACE`]; `cwd` must lie inside it.
+    pub checkout: PathBuf,
+    /// Run in the build's long-lived container (made by its first such step) instead of a
+    /// fresh container for this step alone.
+    pub build_container: bool,
+    /// This is the build's last step in that container: remove it afterwards.
+    pub last_in_container: bool,
+    /// Memory limit in bytes (swap included); 0 means none.
+    pub memory_bytes: u64,
+    /// CPU limit in thousandths of a CPU; 0 means none.
+    pub cpus_milli: u32,
+    /// Docker network mode (`none`, `host`, `bridge`); empty means the engine's default.
+    pub network: String,
+    /// `uid[:gid]` or a user name of the image; empty means the worker's own uid:gid.
+    pub user: String,
 }
 
 /// One chunk of a step's output, at most [`MAX_CHUNK`] bytes, never split on lines and never
@@ -75,12 +99,20 @@ pub struct StepOutcome {
     /// Human-readable reason for anything but SUCCESS; empty on SUCCESS.
     pub reason: String,
     pub duration: Duration,
+    /// Digest of the image the step ran in (`sha256:…`); empty for native steps.
+    pub image_digest: String,
 }
 
 impl StepOutcome {
     /// An EXCEPTION outcome: the step could not be run at all.
     pub fn exception(reason: impl Into<String>, duration: Duration) -> StepOutcome {
-        StepOutcome { result: StepResult::Exception, exit_code: None, reason: reason.into(), duration }
+        StepOutcome {
+            result: StepResult::Exception,
+            exit_code: None,
+            reason: reason.into(),
+            duration,
+            image_digest: String::new(),
+        }
     }
 }
 
@@ -211,6 +243,7 @@ async fn run_native(
             exit_code: None,
             reason: format!("timed out after {}", format_secs(limit)),
             duration,
+            image_digest: String::new(),
         },
         Ending::Exited => match status {
             Ok(status) => exited(status, duration),
@@ -226,32 +259,45 @@ fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
     }
 }
 
-fn cancelled(duration: Duration) -> StepOutcome {
-    StepOutcome { result: StepResult::Cancelled, exit_code: None, reason: "cancelled".to_owned(), duration }
+pub(crate) fn cancelled(duration: Duration) -> StepOutcome {
+    StepOutcome {
+        result: StepResult::Cancelled,
+        exit_code: None,
+        reason: "cancelled".to_owned(),
+        duration,
+        image_digest: String::new(),
+    }
 }
 
 fn exited(status: ExitStatus, duration: Duration) -> StepOutcome {
     match (status.code(), status.signal()) {
-        (Some(0), _) => {
-            StepOutcome { result: StepResult::Success, exit_code: Some(0), reason: String::new(), duration }
-        }
+        (Some(0), _) => StepOutcome {
+            result: StepResult::Success,
+            exit_code: Some(0),
+            reason: String::new(),
+            duration,
+            image_digest: String::new(),
+        },
         (Some(code), _) => StepOutcome {
             result: StepResult::Failure,
             exit_code: Some(code),
             reason: format!("exit code {code}"),
             duration,
+            image_digest: String::new(),
         },
         (None, Some(signal)) => StepOutcome {
             result: StepResult::Failure,
             exit_code: None,
             reason: format!("killed by signal {signal}"),
             duration,
+            image_digest: String::new(),
         },
         (None, None) => StepOutcome {
             result: StepResult::Failure,
             exit_code: None,
             reason: format!("ended with {status}"),
             duration,
+            image_digest: String::new(),
         },
     }
 }

@@ -3,15 +3,18 @@
 //! - [`session`]: the connection loop (Hello, heartbeats, leases, cancels, reconnects).
 //! - [`checkout`]: making a build's checkout directory a clean checkout of one commit.
 //! - [`executor`]: the [`Executor`] trait and the native (`sh -c`) executor.
+//! - [`docker`]: the Docker executor (steps in containers) and the sweep of a crashed run's leftovers.
 //! - [`guard`]: the guard process that kills a dead worker's steps, and the restart sweep.
 //!
 //! This crate knows only `rbb-schema`; it never touches the master's store or web API, and
 //! never exits the process (only `main.rs` maps errors to exit codes).
 
 pub mod checkout;
+pub mod docker;
 pub mod executor;
 pub mod guard;
 pub mod session;
 
-pub use executor::{Executor, NativeExecutor, Output, StepOutcome, StepSpec};
+pub use docker::DockerExecutor;
+pub use executor::{ContainerOptions, Executor, NativeExecutor, Output, StepOutcome, StepSpec};
 pub use session::{WorkerConfig, WorkerError, run, run_with_executor};

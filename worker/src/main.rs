@@ -12,9 +12,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::Parser;
 use rbb_worker::guard::{self, Guard};
-use rbb_worker::{NativeExecutor, WorkerConfig, WorkerError};
+use rbb_worker::{DockerExecutor, Executor, NativeExecutor, WorkerConfig, WorkerError};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// Connects to an rbb master and runs the steps it leases.
@@ -39,6 +39,10 @@ struct Cli {
     /// Steps run at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     max_steps: u32,
+    /// Run steps that name an image in containers on the local Docker engine (its socket, or
+    /// DOCKER_HOST). The `docker` label is offered only when the engine answers.
+    #[arg(long, env = "RBB_WORKER_DOCKER")]
+    docker: bool,
 }
 
 fn main() -> ExitCode {
@@ -91,17 +95,28 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
     if !swept.is_empty() {
         info!(records = swept.len(), "cleaned up after an earlier run of this worker");
     }
-    let executor = Arc::new(NativeExecutor::guarded(guard.link()));
+    let native = NativeExecutor::guarded(guard.link());
+    let mut labels: Vec<String> = cli.labels.into_iter().filter(|l| !l.is_empty()).collect();
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    let docker = if cli.docker { runtime.block_on(start_docker(&cli.name, native.clone())) } else { None };
+    let executor: Arc<dyn Executor> = match &docker {
+        Some(docker) => {
+            if !labels.iter().any(|l| l == "docker") {
+                labels.push("docker".to_owned());
+            }
+            docker.clone()
+        }
+        None => Arc::new(native),
+    };
     let config = WorkerConfig {
         master: cli.master,
         name: cli.name,
         token: cli.token,
-        labels: cli.labels.into_iter().filter(|l| !l.is_empty()).collect(),
+        labels,
         workdir: cli.workdir,
         max_steps: cli.max_steps,
         guard: Some(guard.link()),
     };
-    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -114,8 +129,29 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
             }
             on_signal.cancel();
         });
-        rbb_worker::run_with_executor(config, executor, shutdown).await?;
+        let served = rbb_worker::run_with_executor(config, executor, shutdown).await;
+        if let Some(docker) = &docker {
+            docker.close().await;
+        }
+        served?;
         drop(guard);
         Ok(())
     })
+}
+
+/// The Docker executor, after sweeping what an earlier run of this worker left; `None` (said
+/// loudly) when no engine answers, so the worker runs native steps only.
+async fn start_docker(name: &str, native: NativeExecutor) -> Option<Arc<DockerExecutor>> {
+    let docker = match DockerExecutor::connect(name, native).await {
+        Ok(docker) => docker,
+        Err(err) => {
+            error!("--docker: {err}; not offering the `docker` label, steps with an image will not come here");
+            return None;
+        }
+    };
+    if let Err(err) = docker.sweep().await {
+        warn!("--docker: cannot sweep what an earlier run left: {err}");
+    }
+    info!(platform = docker.platform(), "running steps with an image on the local Docker engine");
+    Some(Arc::new(docker))
 }

@@ -28,7 +28,9 @@ use tonic::transport::Endpoint;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::checkout::{self, CheckoutError, CheckoutSpec, join_inside};
-use crate::executor::{Executor, MAX_CHUNK, NativeExecutor, Output, StepOutcome, StepSpec, format_secs};
+use crate::executor::{
+    ContainerOptions, Executor, MAX_CHUNK, NativeExecutor, Output, StepOutcome, StepSpec, format_secs,
+};
 use crate::guard::{GuardLink, STATE_DIR};
 
 /// First reconnect delay; doubled after each failed attempt up to [`MAX_BACKOFF`].
@@ -549,6 +551,7 @@ async fn execute(
                     exit_code: None,
                     reason: "cancelled".to_owned(),
                     duration: start.elapsed(),
+                    image_digest: String::new(),
                 };
             }
             Err(err) => return failed(format!("checkout failed: {err}")),
@@ -591,6 +594,16 @@ async fn execute(
         cwd,
         timeout: (lease.timeout_secs > 0).then(|| Duration::from_secs(lease.timeout_secs)),
         image: (!lease.image.is_empty()).then(|| lease.image.clone()),
+        container: ContainerOptions {
+            build: lease.build,
+            checkout: checkout_path,
+            build_container: lease.build_container,
+            last_in_container: lease.last_in_container,
+            memory_bytes: lease.memory_bytes,
+            cpus_milli: lease.cpus_milli,
+            network: lease.network.clone(),
+            user: lease.user.clone(),
+        },
     };
     ctx.executor.run(spec, out.clone(), cancel.clone()).await
 }
@@ -625,6 +638,7 @@ fn finished(lease: u64, outcome: &StepOutcome) -> WorkerMessage {
         exit_code: outcome.exit_code,
         reason: outcome.reason.clone(),
         duration_ms: u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
+        image_digest: outcome.image_digest.clone(),
     }))
 }
 

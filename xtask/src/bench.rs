@@ -19,8 +19,15 @@ const SNIPPETS: usize = 40;
 const GIT_REPOS: usize = 100;
 
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
+    if args == ["docker"] {
+        // Only the Docker figures, with the debug binaries: the engine's work dominates them.
+        run(cargo().current_dir(root).args(["build", "--quiet", "-p", "rbb-master", "-p", "rbb-worker", "--bins"]))?;
+        let work = root.join(".rbb-state/bench-docker");
+        std::fs::create_dir_all(&work)?;
+        return crate::docker_bench::run(root, &target_dir(root).join("debug"), &work);
+    }
     if !args.is_empty() {
-        bail!("cargo xtask bench takes no arguments");
+        bail!("cargo xtask bench takes no arguments, or `docker` for the Docker figures alone");
     }
     run(cargo().current_dir(root).args([
         "build",
@@ -133,7 +140,10 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     );
 
     // 4. Running builds.
-    crate::runs::run(root, &bin, &work)
+    crate::runs::run(root, &bin, &work)?;
+
+    // 5. Docker steps.
+    crate::docker_bench::run(root, &bin, &work)
 }
 
 /// Copies `<src>/<repo>/.rbb/pipeline.yaml` to `<dst>/<repo>.yaml`.

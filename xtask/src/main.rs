@@ -9,6 +9,7 @@
 //! It only orchestrates: it spawns cargo and the project's binaries and holds no product logic.
 
 mod bench;
+mod docker_bench;
 mod runs;
 mod soak;
 
@@ -87,10 +88,30 @@ pub(crate) fn make_demo(root: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Adds the `containers` repository to the demo: one builder whose step runs in the busybox
+/// test image (built from scratch by testdata/docker/build-images.sh).
+fn docker_demo(root: &Path, demo: &Path) -> Result<()> {
+    docker_bench::images(root)?;
+    let src = demo.join("containers-src");
+    std::fs::create_dir_all(src.join(".rbb"))?;
+    std::fs::write(
+        src.join(".rbb/pipeline.yaml"),
+        "builders:\n  hello:\n    image: rbb-test/busybox:1\n    steps:\n      - name: in-a-container\n        run: echo \"hello from $(uname -s) in a container, in $(pwd)\"; ls\n",
+    )?;
+    std::fs::write(src.join("README.md"), "a repository built in a container\n")?;
+    make_repo_from(root, &src, &demo.join("repos/containers"))?;
+    let config = demo.join("rbb.yaml");
+    let text = std::fs::read_to_string(&config)?;
+    let text = text.replacen("repositories:\n", "repositories:\n  - url: repos/containers\n    poll_interval: 2s\n", 1);
+    std::fs::write(&config, text)?;
+    Ok(())
+}
+
 fn serve(root: &Path, args: &[String]) -> Result<()> {
     let http_addr = args.first().cloned().unwrap_or_else(|| "127.0.0.1:8010".to_owned());
     let demo = root.join(".rbb-state/demo");
     make_demo(root, &demo)?;
+    let docker = docker_bench::engine_answers() && docker_demo(root, &demo).is_ok();
     build_like_test(root)?;
     let bin = target_dir(root).join("debug");
     let mut master = Command::new(bin.join("rbb"))
@@ -116,6 +137,7 @@ fn serve(root: &Path, args: &[String]) -> Result<()> {
             "--max-steps",
             "2",
         ])
+        .args(docker.then_some("--docker"))
         .arg("--workdir")
         .arg(demo.join("work"))
         .spawn()
@@ -133,6 +155,12 @@ fn serve(root: &Path, args: &[String]) -> Result<()> {
         "  force:    curl -X POST -H 'Authorization: Bearer {DEMO_TOKEN}' http://{http}/api/v2/builders/lib%2Fbuild/force"
     );
     println!("  forced app/package: {forced}");
+    if docker {
+        let forced = http_post(&http, "/api/v2/builders/containers%2Fhello/force", "{}")?;
+        println!("  Docker:   the worker runs steps with an image; forced containers/hello: {forced}");
+    } else {
+        println!("  Docker:   no engine answers here (or its test images cannot be built): no container steps");
+    }
     println!("Ctrl-C stops it. State: {}", demo.join("state").display());
     let status = master.wait()?;
     let _ = worker.kill();

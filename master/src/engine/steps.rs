@@ -102,6 +102,13 @@ impl Engine {
             workdir: spec.workdir.clone().unwrap_or_default(),
             timeout_secs: spec.timeout_secs,
             image: spec.image.clone().unwrap_or_default(),
+            build_container: in_build_container(pb, spec),
+            last_in_container: in_build_container(pb, spec)
+                && !pb.steps[step as usize + 1..].iter().any(|later| in_build_container(pb, later)),
+            memory_bytes: spec.memory_bytes.unwrap_or(0),
+            cpus_milli: spec.cpus_milli.unwrap_or(0),
+            network: spec.network.clone().unwrap_or_default(),
+            user: spec.user.clone().unwrap_or_default(),
         };
         let carries_checkout = msg.checkout.is_some();
         tx.leases_mut()
@@ -319,4 +326,11 @@ pub(super) fn condition_scope(b: &BuildRecord, pb: &PlanBuilder) -> condition::S
         vars.insert(format!("props.{k}"), v.clone());
     }
     condition::Scope { vars, so_far_ok: b.result.is_none_or(Outcome::is_ok) }
+}
+
+/// Whether `step` runs in its build's container: it uses its builder's image (the steps of a
+/// builder with an image share one container for the build; a step with its own image gets a
+/// fresh one).
+fn in_build_container(pb: &PlanBuilder, step: &rbb_schema::plan::PlanStep) -> bool {
+    pb.image.is_some() && step.image == pb.image
 }

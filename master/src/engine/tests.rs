@@ -114,6 +114,7 @@ impl FakeWorker {
             exit_code: Some(0),
             reason: "r".into(),
             duration_ms: 1,
+            ..Default::default()
         };
         e.on_message(&self.name, self.session, Msg::Finished(f))
     }

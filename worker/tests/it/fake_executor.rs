@@ -106,6 +106,7 @@ impl Executor for FakeExecutor {
                     _ => "exit code 1".to_owned(),
                 },
                 duration: Duration::from_millis(1),
+                image_digest: String::new(),
             }
         })
     }
@@ -119,6 +120,7 @@ async fn the_fake_checks_call_order() {
         cwd: "/".into(),
         timeout: None,
         image: None,
+        container: Default::default(),
     };
     async fn run(fake: &FakeExecutor, spec: StepSpec) -> StepOutcome {
         let (tx, _rx) = mpsc::channel(8);

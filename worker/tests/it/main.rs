@@ -8,6 +8,7 @@
 
 mod binary;
 mod checkout;
+mod docker;
 mod fake_executor;
 mod fake_master;
 mod guard;

@@ -19,6 +19,7 @@ fn spec(command: &str, cwd: &Path) -> StepSpec {
         cwd: cwd.to_owned(),
         timeout: Some(Duration::from_secs(20)),
         image: None,
+        container: Default::default(),
     }
 }
 

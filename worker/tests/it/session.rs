@@ -70,6 +70,7 @@ fn lease(id: u64, command: &str) -> Lease {
         workdir: String::new(),
         timeout_secs: 60,
         image: String::new(),
+        ..Default::default()
     }
 }
 

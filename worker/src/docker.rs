@@ -1,0 +1,631 @@
+//! Running steps in containers on the worker's Docker engine, through bollard: the
+//! [`DockerExecutor`], and the sweep that removes what an earlier run of this worker left.
+//!
+//! A step with an image runs either in a fresh container of its own (removed when it ends) or,
+//! when the lease says so, in its build's container, made by the build's first such step and
+//! reused by the next ones through `docker exec`. The build's checkout is mounted at
+//! [`WORKSPACE`]; commands run as the worker's own uid:gid unless the step names a user, so
+//! the files they leave there stay the worker's. Everything made here carries the labels
+//! [`LABEL_WORKER`] and [`LABEL_BUILD`]: a worker that starts removes every object labelled
+//! with its name, which is how a container outlives a killed worker only until its restart.
+//!
+//! Steps without an image go to the native executor. This module must not know the protocol
+//! or the master; a failing command is a result, never an error.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::errors::Error as BollardError;
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, KillContainerOptionsBuilder,
+    ListContainersOptionsBuilder, ListNetworksOptionsBuilder, ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveVolumeOptions,
+};
+use futures::future::BoxFuture;
+use futures::{FutureExt as _, Stream, StreamExt as _};
+use rbb_schema::proto::StepResult;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::executor::{
+    ContainerOptions, Executor, MAX_CHUNK, NativeExecutor, Output, StepOutcome, StepSpec, cancelled, format_secs,
+};
+
+/// Where the build's checkout is mounted inside its containers.
+pub const WORKSPACE: &str = "/workspace";
+/// Label naming the worker that made a container, network or volume.
+pub const LABEL_WORKER: &str = "rbb.worker";
+/// Label naming the build a container, network or volume was made for.
+pub const LABEL_BUILD: &str = "rbb.build";
+
+/// After a container has stopped, how long its output may take to drain.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(5);
+
+/// Why the Docker engine cannot be used at all.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("no Docker engine answers on this machine's socket: {0}")]
+    Unreachable(#[source] BollardError),
+    #[error("docker {action}: {source}")]
+    Api {
+        action: String,
+        #[source]
+        source: BollardError,
+    },
+}
+
+/// Runs steps with an image in containers, and the others with a [`NativeExecutor`].
+pub struct DockerExecutor {
+    docker: Docker,
+    worker: String,
+    platform: String,
+    native: NativeExecutor,
+    /// `uid:gid` of this process: the default user in containers.
+    own_user: String,
+    /// Running build containers, by build id.
+    builds: Arc<Mutex<HashMap<u64, BuildContainer>>>,
+}
+
+#[derive(Debug, Clone)]
+struct BuildContainer {
+    id: String,
+    image: String,
+    digest: String,
+    /// The container-wide settings it was made with: (memory, cpus, network).
+    limits: (u64, u32, String),
+}
+
+fn limits_of(c: &ContainerOptions) -> (u64, u32, String) {
+    (c.memory_bytes, c.cpus_milli, c.network.clone())
+}
+
+impl std::fmt::Debug for DockerExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerExecutor").field("worker", &self.worker).field("platform", &self.platform).finish()
+    }
+}
+
+impl DockerExecutor {
+    /// Connects to the engine on the local socket (or `DOCKER_HOST`) and checks it answers.
+    /// `worker` names this worker in the labels; steps without an image go to `native`.
+    pub async fn connect(worker: &str, native: NativeExecutor) -> Result<DockerExecutor, DockerError> {
+        let docker = Docker::connect_with_local_defaults().map_err(DockerError::Unreachable)?;
+        let docker = docker.negotiate_version().await.map_err(DockerError::Unreachable)?;
+        let version = docker.version().await.map_err(DockerError::Unreachable)?;
+        let platform =
+            format!("{}/{}", version.os.as_deref().unwrap_or("unknown"), version.arch.as_deref().unwrap_or("unknown"));
+        // SAFETY: getuid/getgid cannot fail and touch no memory.
+        let own_user = unsafe { format!("{}:{}", libc::getuid(), libc::getgid()) };
+        Ok(DockerExecutor {
+            docker,
+            worker: worker.to_owned(),
+            platform,
+            native,
+            own_user,
+            builds: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+
+    /// The engine's `os/arch`, e.g. `linux/amd64`.
+    pub fn platform(&self) -> &str {
+        &self.platform
+    }
+
+    /// Removes every container, network and volume labelled with this worker's name: what an
+    /// earlier run left when it was killed. Returns how many objects were removed.
+    pub async fn sweep(&self) -> Result<usize, DockerError> {
+        let filter = HashMap::from([("label", vec![format!("{LABEL_WORKER}={}", self.worker)])]);
+        let api = |action: &str| {
+            let action = action.to_owned();
+            move |source| DockerError::Api { action, source }
+        };
+        let mut removed = 0;
+        let containers = self
+            .docker
+            .list_containers(Some(ListContainersOptionsBuilder::default().all(true).filters(&filter).build()))
+            .await
+            .map_err(api("listing containers"))?;
+        for c in containers {
+            let Some(id) = c.id else { continue };
+            remove_container(&self.docker, &id).await;
+            removed += 1;
+        }
+        let networks = self
+            .docker
+            .list_networks(Some(ListNetworksOptionsBuilder::default().filters(&filter).build()))
+            .await
+            .map_err(api("listing networks"))?;
+        for n in networks {
+            let Some(id) = n.id else { continue };
+            match self.docker.remove_network(&id).await {
+                Ok(()) => removed += 1,
+                Err(err) => warn!(network = %id, %err, "cannot remove a network left by an earlier run"),
+            }
+        }
+        let volumes = self
+            .docker
+            .list_volumes(Some(ListVolumesOptionsBuilder::default().filters(&filter).build()))
+            .await
+            .map_err(api("listing volumes"))?;
+        for v in volumes.volumes.unwrap_or_default() {
+            match self.docker.remove_volume(&v.name, None::<RemoveVolumeOptions>).await {
+                Ok(()) => removed += 1,
+                Err(err) => warn!(volume = %v.name, %err, "cannot remove a volume left by an earlier run"),
+            }
+        }
+        if removed > 0 {
+            info!(removed, "removed Docker objects left by an earlier run of this worker");
+        }
+        Ok(removed)
+    }
+
+    /// Removes the build containers still running (at shutdown).
+    pub async fn close(&self) {
+        let left: Vec<BuildContainer> = lock(&self.builds).drain().map(|(_, c)| c).collect();
+        for c in left {
+            remove_container(&self.docker, &c.id).await;
+        }
+    }
+
+    fn labels(&self, build: u64) -> HashMap<String, String> {
+        HashMap::from([(LABEL_WORKER.to_owned(), self.worker.clone()), (LABEL_BUILD.to_owned(), build.to_string())])
+    }
+
+    /// A container name unique on the engine: worker, build and a per-process counter.
+    fn container_name(&self, build: u64, what: &str) -> String {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let worker: String =
+            self.worker.chars().map(|c| if c.is_ascii_alphanumeric() || "_.-".contains(c) { c } else { '-' }).collect();
+        format!("rbb-{worker}-{build}-{what}-{}-{n}", std::process::id())
+    }
+
+    /// The image's digest, or a reason naming it when it is not on this engine.
+    async fn image_digest(&self, image: &str) -> Result<String, String> {
+        match self.docker.inspect_image(image).await {
+            Ok(inspect) => Ok(inspect
+                .repo_digests
+                .and_then(|d| d.into_iter().next())
+                .and_then(|d| d.split_once('@').map(|(_, digest)| digest.to_owned()))
+                .or(inspect.id)
+                .unwrap_or_default()),
+            Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => Err(format!(
+                "image `{image}` is not on this worker's Docker engine (no registry to pull it from is configured)"
+            )),
+            Err(err) => Err(format!("cannot inspect image `{image}`: {err}")),
+        }
+    }
+
+    /// The container's configuration for a step of `spec`: its checkout mounted at
+    /// [`WORKSPACE`], its limits, user and labels.
+    fn create_body(&self, spec: &StepSpec, image: &str, cmd: Vec<String>) -> ContainerCreateBody {
+        let c = &spec.container;
+        let host_config = HostConfig {
+            binds: Some(vec![format!("{}:{WORKSPACE}", c.checkout.display())]),
+            memory: (c.memory_bytes > 0).then(|| i64::try_from(c.memory_bytes).unwrap_or(i64::MAX)),
+            memory_swap: (c.memory_bytes > 0).then(|| i64::try_from(c.memory_bytes).unwrap_or(i64::MAX)),
+            nano_cpus: (c.cpus_milli > 0).then(|| i64::from(c.cpus_milli) * 1_000_000),
+            network_mode: (!c.network.is_empty()).then(|| c.network.clone()),
+            ..Default::default()
+        };
+        ContainerCreateBody {
+            image: Some(image.to_owned()),
+            cmd: Some(cmd),
+            env: Some(env_list(spec)),
+            working_dir: Some(container_cwd(spec)),
+            user: Some(self.user(&spec.container)),
+            labels: Some(self.labels(c.build)),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(false),
+            host_config: Some(host_config),
+            ..Default::default()
+        }
+    }
+
+    fn user(&self, c: &ContainerOptions) -> String {
+        if c.user.is_empty() { self.own_user.clone() } else { c.user.clone() }
+    }
+
+    async fn run_step(&self, mut spec: StepSpec, out: mpsc::Sender<Output>, cancel: CancellationToken) -> StepOutcome {
+        let start = Instant::now();
+        let Some(image) = spec.image.clone().filter(|i| !i.is_empty()) else {
+            return self.native.run(spec, out, cancel).await;
+        };
+        if cancel.is_cancelled() {
+            return cancelled(start.elapsed());
+        }
+        // The engine mounts absolute host paths only.
+        for path in [&mut spec.cwd, &mut spec.container.checkout] {
+            if let Ok(absolute) = std::path::absolute(&*path) {
+                *path = absolute;
+            }
+        }
+        if container_cwd_checked(&spec).is_none() {
+            return StepOutcome::exception(
+                format!(
+                    "working directory {} is not inside the checkout {}",
+                    spec.cwd.display(),
+                    spec.container.checkout.display()
+                ),
+                start.elapsed(),
+            );
+        }
+        let mut outcome = if spec.container.build_container {
+            self.run_in_build_container(&spec, &image, &out, &cancel, start).await
+        } else {
+            self.run_in_own_container(&spec, &image, &out, &cancel, start).await
+        };
+        outcome.duration = start.elapsed();
+        outcome
+    }
+
+    /// A fresh container for this step alone, removed when it ends.
+    async fn run_in_own_container(
+        &self,
+        spec: &StepSpec,
+        image: &str,
+        out: &mpsc::Sender<Output>,
+        cancel: &CancellationToken,
+        start: Instant,
+    ) -> StepOutcome {
+        let digest = match self.image_digest(image).await {
+            Ok(digest) => digest,
+            Err(reason) => return StepOutcome::exception(reason, start.elapsed()),
+        };
+        let name = self.container_name(spec.container.build, "step");
+        let body = self.create_body(spec, image, vec!["sh".into(), "-c".into(), spec.command.clone()]);
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let id = match self.docker.create_container(Some(options), body).await {
+            Ok(created) => created.id,
+            Err(err) => {
+                return StepOutcome::exception(
+                    format!("cannot create a container of `{image}`: {err}"),
+                    start.elapsed(),
+                );
+            }
+        };
+        debug!(container = %id, %image, "step container created");
+        let mut outcome = self.attach_start_wait(&id, spec, out, cancel, start).await;
+        remove_container(&self.docker, &id).await;
+        outcome.image_digest = digest;
+        outcome
+    }
+
+    async fn attach_start_wait(
+        &self,
+        id: &str,
+        spec: &StepSpec,
+        out: &mpsc::Sender<Output>,
+        cancel: &CancellationToken,
+        start: Instant,
+    ) -> StepOutcome {
+        let attach = AttachContainerOptionsBuilder::default().stdout(true).stderr(true).stream(true).logs(true).build();
+        let output = match self.docker.attach_container(id, Some(attach)).await {
+            Ok(attached) => attached.output,
+            Err(err) => {
+                return StepOutcome::exception(format!("cannot attach to the container: {err}"), start.elapsed());
+            }
+        };
+        if let Err(err) = self.docker.start_container(id, None).await {
+            return StepOutcome::exception(format!("cannot start the container: {err}"), start.elapsed());
+        }
+        let exited = CancellationToken::new();
+        let waiter = async {
+            let ending = tokio::select! {
+                code = wait_exit(&self.docker, id) => Ending::Exited(code),
+                () = sleep_opt(spec.timeout) => Ending::TimedOut(spec.timeout.unwrap_or_default()),
+                () = cancel.cancelled() => Ending::Cancelled,
+            };
+            if !matches!(ending, Ending::Exited(_)) {
+                kill_container(&self.docker, id).await;
+            }
+            exited.cancel();
+            ending
+        };
+        let (ending, ()) = tokio::join!(waiter, pump(output, out, &exited));
+        match ending {
+            Ending::Exited(Ok(code)) => {
+                let oom = code == 137 && self.oom_killed(id).await;
+                exit_outcome(code, oom)
+            }
+            Ending::Exited(Err(err)) => {
+                StepOutcome::exception(format!("waiting for the container: {err}"), start.elapsed())
+            }
+            Ending::TimedOut(limit) => timed_out(limit),
+            Ending::Cancelled => cancelled(start.elapsed()),
+        }
+    }
+
+    async fn oom_killed(&self, id: &str) -> bool {
+        match self.docker.inspect_container(id, None).await {
+            Ok(inspect) => inspect.state.and_then(|s| s.oom_killed).unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
+    /// The build's long-lived container (made on first use), the step run in it by `docker exec`.
+    async fn run_in_build_container(
+        &self,
+        spec: &StepSpec,
+        image: &str,
+        out: &mpsc::Sender<Output>,
+        cancel: &CancellationToken,
+        start: Instant,
+    ) -> StepOutcome {
+        let build = spec.container.build;
+        let existing = lock(&self.builds).get(&build).cloned();
+        let container = match existing {
+            Some(c) if c.image == image && c.limits == limits_of(&spec.container) => c,
+            // Other limits than the build container's need a container of their own.
+            Some(c) if c.image == image => {
+                let outcome = self.run_in_own_container(spec, image, out, cancel, start).await;
+                if spec.container.last_in_container {
+                    lock(&self.builds).remove(&build);
+                    remove_container(&self.docker, &c.id).await;
+                }
+                return outcome;
+            }
+            other => {
+                if let Some(stale) = other {
+                    lock(&self.builds).remove(&build);
+                    remove_container(&self.docker, &stale.id).await;
+                }
+                match self.start_build_container(spec, image).await {
+                    Ok(c) => {
+                        lock(&self.builds).insert(build, c.clone());
+                        c
+                    }
+                    Err(reason) => return StepOutcome::exception(reason, start.elapsed()),
+                }
+            }
+        };
+        let mut outcome = self.exec(&container.id, spec, out, cancel, start).await;
+        outcome.image_digest = container.digest.clone();
+        // A container that was killed is of no use to later steps; the last step's is done.
+        if spec.container.last_in_container
+            || matches!(outcome.result, StepResult::Cancelled | StepResult::Exception)
+            || outcome.reason.starts_with("timed out")
+        {
+            lock(&self.builds).remove(&build);
+            remove_container(&self.docker, &container.id).await;
+        }
+        outcome
+    }
+
+    async fn start_build_container(&self, spec: &StepSpec, image: &str) -> Result<BuildContainer, String> {
+        let digest = self.image_digest(image).await?;
+        let name = self.container_name(spec.container.build, "build");
+        // Idles until removed; each step is an exec into it.
+        let idle = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done".to_owned();
+        let mut body = self.create_body(spec, image, vec!["sh".into(), "-c".into(), idle]);
+        body.working_dir = Some(WORKSPACE.to_owned());
+        body.env = None;
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let id = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|err| format!("cannot create a container of `{image}`: {err}"))?
+            .id;
+        if let Err(err) = self.docker.start_container(&id, None).await {
+            remove_container(&self.docker, &id).await;
+            return Err(format!("cannot start the build's container of `{image}`: {err}"));
+        }
+        debug!(container = %id, %image, build = spec.container.build, "build container started");
+        Ok(BuildContainer { id, image: image.to_owned(), digest, limits: limits_of(&spec.container) })
+    }
+
+    async fn exec(
+        &self,
+        container: &str,
+        spec: &StepSpec,
+        out: &mpsc::Sender<Output>,
+        cancel: &CancellationToken,
+        start: Instant,
+    ) -> StepOutcome {
+        let config = CreateExecOptions {
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            env: Some(env_list(spec)),
+            cmd: Some(vec!["sh".to_owned(), "-c".to_owned(), spec.command.clone()]),
+            user: Some(self.user(&spec.container)),
+            working_dir: Some(container_cwd(spec)),
+            ..Default::default()
+        };
+        let exec_id = match self.docker.create_exec(container, config).await {
+            Ok(created) => created.id,
+            Err(err) => {
+                return StepOutcome::exception(format!("cannot exec in the build's container: {err}"), start.elapsed());
+            }
+        };
+        let output = match self.docker.start_exec(&exec_id, None).await {
+            Ok(StartExecResults::Attached { output, .. }) => output,
+            Ok(StartExecResults::Detached) => {
+                return StepOutcome::exception("the exec started detached", start.elapsed());
+            }
+            Err(err) => return StepOutcome::exception(format!("cannot start the exec: {err}"), start.elapsed()),
+        };
+        // The exec's output ends when its process does (or when the container is killed).
+        let ended = CancellationToken::new();
+        let pumping = pump(output, out, &ended);
+        tokio::pin!(pumping);
+        let ending = tokio::select! {
+            () = &mut pumping => Ending::Exited(Ok(0)),
+            () = sleep_opt(spec.timeout) => Ending::TimedOut(spec.timeout.unwrap_or_default()),
+            () = cancel.cancelled() => Ending::Cancelled,
+        };
+        if !matches!(ending, Ending::Exited(_)) {
+            // An exec cannot be signalled through the API: the whole build container goes.
+            kill_container(&self.docker, container).await;
+            ended.cancel();
+            pumping.await;
+        }
+        match ending {
+            Ending::Exited(_) => match self.docker.inspect_exec(&exec_id).await {
+                Ok(inspect) => match inspect.exit_code {
+                    Some(code) => exit_outcome(code, false),
+                    None => StepOutcome::exception("the exec has no exit code", start.elapsed()),
+                },
+                Err(err) => StepOutcome::exception(format!("inspecting the exec: {err}"), start.elapsed()),
+            },
+            Ending::TimedOut(limit) => timed_out(limit),
+            Ending::Cancelled => cancelled(start.elapsed()),
+        }
+    }
+}
+
+impl Executor for DockerExecutor {
+    fn run(&self, spec: StepSpec, out: mpsc::Sender<Output>, cancel: CancellationToken) -> BoxFuture<'_, StepOutcome> {
+        Box::pin(self.run_step(spec, out, cancel))
+    }
+}
+
+enum Ending {
+    Exited(Result<i64, BollardError>),
+    TimedOut(Duration),
+    Cancelled,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn env_list(spec: &StepSpec) -> Vec<String> {
+    spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// `cwd` as seen inside the container, or `None` when it is outside the checkout.
+fn container_cwd_checked(spec: &StepSpec) -> Option<String> {
+    let rel = spec.cwd.strip_prefix(&spec.container.checkout).ok()?;
+    Some(Path::new(WORKSPACE).join(rel).to_string_lossy().trim_end_matches('/').to_owned())
+}
+
+fn container_cwd(spec: &StepSpec) -> String {
+    container_cwd_checked(spec).unwrap_or_else(|| WORKSPACE.to_owned())
+}
+
+/// The container's exit code. bollard reports a non-zero exit as an error value carrying
+/// the code: that is a result, not a failure to wait.
+async fn wait_exit(docker: &Docker, id: &str) -> Result<i64, BollardError> {
+    let mut waits = docker.wait_container(id, None);
+    match waits.next().await {
+        Some(Ok(response)) => Ok(response.status_code),
+        Some(Err(BollardError::DockerContainerWaitError { code, .. })) => Ok(code),
+        Some(Err(err)) => Err(err),
+        None => Err(BollardError::DockerContainerWaitError { error: "the wait stream ended".to_owned(), code: -1 }),
+    }
+}
+
+async fn kill_container(docker: &Docker, id: &str) {
+    let options = KillContainerOptionsBuilder::default().signal("KILL").build();
+    if let Err(err) = docker.kill_container(id, Some(options)).await {
+        debug!(container = %id, %err, "kill (it may have stopped already)");
+    }
+}
+
+/// Removes a container, running or not, with its anonymous volumes; absence is fine.
+async fn remove_container(docker: &Docker, id: &str) {
+    let options = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
+    match docker.remove_container(id, Some(options)).await {
+        Ok(()) | Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => {}
+        Err(err) => warn!(container = %id, %err, "cannot remove a container"),
+    }
+}
+
+fn exit_outcome(code: i64, oom: bool) -> StepOutcome {
+    let code32 = i32::try_from(code).unwrap_or(i32::MAX);
+    let (result, reason) = match code {
+        0 => (StepResult::Success, String::new()),
+        137 if oom => (StepResult::Failure, "exit code 137 (killed: out of memory)".to_owned()),
+        137 => (StepResult::Failure, "exit code 137 (killed)".to_owned()),
+        _ => (StepResult::Failure, format!("exit code {code}")),
+    };
+    StepOutcome { result, exit_code: Some(code32), reason, duration: Duration::ZERO, image_digest: String::new() }
+}
+
+fn timed_out(limit: Duration) -> StepOutcome {
+    StepOutcome {
+        result: StepResult::Failure,
+        exit_code: None,
+        reason: format!("timed out after {}", format_secs(limit)),
+        duration: Duration::ZERO,
+        image_digest: String::new(),
+    }
+}
+
+async fn sleep_opt(limit: Option<Duration>) {
+    match limit {
+        Some(limit) => tokio::time::sleep(limit).await,
+        None => std::future::pending().await,
+    }
+}
+
+type OutputStream = Pin<Box<dyn Stream<Item = Result<LogOutput, BollardError>> + Send>>;
+
+/// Copies a container's output to `out`, joining frames that are already waiting into chunks
+/// of at most [`MAX_CHUNK`] bytes (the engine frames output per write, often per line). Once
+/// `ended` fires, a stream silent for [`DRAIN_AFTER_EXIT`] is abandoned.
+async fn pump(mut stream: OutputStream, out: &mpsc::Sender<Output>, ended: &CancellationToken) {
+    let mut pending: Option<Output> = None;
+    let mut receiver_gone = false;
+    loop {
+        let item = match pending {
+            Some(_) => match stream.next().now_or_never() {
+                Some(item) => item,
+                None => {
+                    flush(&mut pending, out, &mut receiver_gone).await;
+                    continue;
+                }
+            },
+            None if ended.is_cancelled() => match tokio::time::timeout(DRAIN_AFTER_EXIT, stream.next()).await {
+                Ok(item) => item,
+                Err(_) => return,
+            },
+            None => tokio::select! {
+                item = stream.next() => item,
+                () = ended.cancelled() => continue,
+            },
+        };
+        let (stderr, data) = match item {
+            None => break,
+            Some(Err(err)) => {
+                debug!(%err, "container output ended with an error");
+                break;
+            }
+            Some(Ok(LogOutput::StdErr { message })) => (true, message),
+            Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => (false, message),
+            Some(Ok(LogOutput::StdIn { .. })) => continue,
+        };
+        let fits = match &pending {
+            Some(Output::Stderr(buf)) => stderr && buf.len() + data.len() <= MAX_CHUNK,
+            Some(Output::Stdout(buf)) => !stderr && buf.len() + data.len() <= MAX_CHUNK,
+            _ => false,
+        };
+        if !fits {
+            flush(&mut pending, out, &mut receiver_gone).await;
+        }
+        match &mut pending {
+            Some(Output::Stdout(buf) | Output::Stderr(buf)) => buf.extend_from_slice(&data),
+            _ => pending = Some(if stderr { Output::Stderr(data.to_vec()) } else { Output::Stdout(data.to_vec()) }),
+        }
+    }
+    flush(&mut pending, out, &mut receiver_gone).await;
+}
+
+async fn flush(pending: &mut Option<Output>, out: &mpsc::Sender<Output>, receiver_gone: &mut bool) {
+    if let Some(chunk) = pending.take()
+        && !*receiver_gone
+        && out.send(chunk).await.is_err()
+    {
+        *receiver_gone = true;
+    }
+}
