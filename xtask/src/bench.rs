@@ -19,8 +19,11 @@ const SNIPPETS: usize = 40;
 const GIT_REPOS: usize = 100;
 
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
+    if args.first().map(String::as_str) == Some("scale") {
+        return crate::scale::main(root, &args[1..]);
+    }
     if !args.is_empty() {
-        bail!("cargo xtask bench takes no arguments");
+        bail!("cargo xtask bench takes no arguments but `scale [options]`");
     }
     run(cargo().current_dir(root).args([
         "build",
