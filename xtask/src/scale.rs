@@ -424,6 +424,17 @@ struct Figures {
     grid_cells: usize,
     fleet: Fleet,
     rss_after_mib: f64,
+    open_after_stop_ms: f64,
+    open_clean_ms: f64,
+    /// The machine's 1-minute load average before and after (the machine is shared).
+    load: (f64, f64),
+}
+
+fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
 }
 
 #[derive(Default)]
@@ -437,6 +448,7 @@ struct Fleet {
 fn measure(bin: &Path, config: &Path, state: &Path, facts: Option<&Facts>, a: &Args) -> Result<Figures> {
     let what = if facts.is_some() { "history" } else { "empty state dir" };
     eprintln!("measuring on the {what}");
+    let load_before = loadavg();
     // A first start makes the repository's mirror and stores the plan: not timed.
     drop(start(bin, config, state)?);
     let mut times = Vec::new();
@@ -473,6 +485,17 @@ fn measure(bin: &Path, config: &Path, state: &Path, facts: Option<&Facts>, a: &A
     f.fleet = fleet(&m, a)?;
     std::thread::sleep(Duration::from_secs(2));
     f.rss_after_mib = rss_kib(m.child.id(), "VmRSS:") as f64 / 1024.0;
+    f.load = (load_before, loadavg());
+    // How the master leaves its database: opening it right after a SIGTERM stop, then again
+    // after this process closed it cleanly (redb walks the whole file when it was not).
+    drop(m);
+    let db = state.join("state.redb");
+    let t = Instant::now();
+    drop(Store::open(&db).context("opening the state after the master stopped")?);
+    f.open_after_stop_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    drop(Store::open(&db).context("opening the state again")?);
+    f.open_clean_ms = t.elapsed().as_secs_f64() * 1000.0;
     Ok(f)
 }
 
@@ -640,33 +663,41 @@ fn check_wrong(seen: &Seen) -> Result<()> {
     Ok(())
 }
 
-/// Every forced build finished SUCCESS with each step SUCCESS, read back page by page.
+/// Every forced build finished SUCCESS with each step SUCCESS, read back page by page (a
+/// worker counts a build done when it sends its last result: the master may still be
+/// recording it, so unfinished builds are read again, for a minute at most).
 fn check_fleet_results(http: &str, forced: &[u64]) -> Result<()> {
     let want: BTreeSet<u64> = forced.iter().copied().collect();
-    let mut got = BTreeSet::new();
-    let mut offset = 0;
+    let t = Instant::now();
     loop {
-        let v = get(http, &format!("/api/v2/builds?repo=fleet&order=id&limit=1000&offset={offset}"))?;
-        let page = v["builds"].as_array().context("no builds in the answer")?;
-        if page.is_empty() {
-            break;
-        }
-        for b in page {
-            let id = b["id"].as_u64().context("build id")?;
-            if !want.contains(&id) {
-                continue;
+        let mut finished = BTreeSet::new();
+        let mut offset = 0;
+        loop {
+            let v = get(http, &format!("/api/v2/builds?repo=fleet&order=id&limit=1000&offset={offset}"))?;
+            let page = v["builds"].as_array().context("no builds in the answer")?;
+            if page.is_empty() {
+                break;
             }
-            if let Some(why) = not_success(b) {
-                bail!("the bench stopped: {why}; its figures would be meaningless");
+            for b in page {
+                let id = b["id"].as_u64().context("build id")?;
+                if !want.contains(&id) || b["state"] != "finished" {
+                    continue;
+                }
+                if let Some(why) = not_success(b) {
+                    bail!("the bench stopped: {why}; its figures would be meaningless");
+                }
+                finished.insert(id);
             }
-            got.insert(id);
+            offset += page.len();
         }
-        offset += page.len();
+        if finished == want {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("{} of the {} forced builds finished", finished.len(), want.len());
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    if got != want {
-        bail!("{} of the {} forced builds were found finished", got.len(), want.len());
-    }
-    Ok(())
 }
 
 /// One simulated worker: a real gRPC session that answers each lease at once.
@@ -738,14 +769,18 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn summary(a: &Args, facts: &Facts, size: u64, e: &Figures, h: &Figures) {
-    let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
+    let verdict = |target: &str, ok: bool| match (target.is_empty(), ok) {
+        (true, _) => "",
+        (false, true) => "meets",
+        (false, false) => "MISSES",
+    };
     println!(
         "\nsummary: history of {} builds; fleet of {} workers × {} slots, {} builds × {FLEET_STEPS} steps, {} queued beyond the slots",
         facts.builds, a.workers, a.slots, a.fleet_builds, a.queue
     );
-    println!("{:<44} {:>12} {:>12} {:>14}  verdict", "figure", "history", "empty", "target");
+    println!("{:<46} {:>12} {:>12} {:>12}  verdict", "figure", "history", "empty", "target");
     let row = |name: &str, hv: String, ev: String, target: &str, ok: bool| {
-        println!("{name:<44} {hv:>12} {ev:>12} {target:>14}  {}", verdict(ok));
+        println!("{name:<46} {hv:>12} {ev:>12} {target:>12}  {}", verdict(target, ok));
     };
     row(
         "master start → API answering",
@@ -827,6 +862,27 @@ fn summary(a: &Args, facts: &Facts, size: u64, e: &Figures, h: &Figures) {
         format!("{:.1} MiB", e.rss_after_mib),
         "≤ 64 MiB",
         h.rss_after_mib <= 64.0,
+    );
+    row(
+        "store open after the master's SIGTERM stop",
+        format!("{:.0} ms", h.open_after_stop_ms),
+        format!("{:.0} ms", e.open_after_stop_ms),
+        "",
+        true,
+    );
+    row(
+        "store open after a clean close",
+        format!("{:.0} ms", h.open_clean_ms),
+        format!("{:.0} ms", e.open_clean_ms),
+        "",
+        true,
+    );
+    row(
+        "machine load (1-min loadavg) before → after",
+        format!("{:.1} → {:.1}", h.load.0, h.load.1),
+        format!("{:.1} → {:.1}", e.load.0, e.load.1),
+        "",
+        true,
     );
     let per_k = size as f64 / 1024.0 / (facts.builds as f64 / 1000.0);
     row("state size per 1,000 builds (10 steps)", format!("{per_k:.0} KiB"), "-".to_owned(), "", true);
