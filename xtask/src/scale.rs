@@ -197,6 +197,19 @@ fn history(dir: &Path, a: &Args) -> Result<Facts> {
         std::fs::remove_dir_all(dir)?;
     }
     std::fs::create_dir_all(dir)?;
+    // The disk may be shared: leave it at least 2 GiB after the history (about 5.6 KiB a build).
+    let need = a.builds * 5_800 + (2 << 30);
+    if let Some(free) = free_bytes(dir)
+        && free < need
+    {
+        bail!(
+            "{} builds need about {:.1} GiB and 2 GiB must stay free; {:.1} GiB is free under {}: use a smaller --builds",
+            a.builds,
+            (a.builds * 5_800) as f64 / f64::from(1u32 << 30),
+            free as f64 / f64::from(1u32 << 30),
+            dir.display()
+        );
+    }
     let store = Store::open(&dir.join("state.redb")).context("opening the history store")?;
     let per_change = BUILDERS_PER_REPO;
     let changes = a.builds / per_change;
@@ -253,6 +266,12 @@ fn history(dir: &Path, a: &Args) -> Result<Facts> {
     facts.write_secs = Some(start.elapsed().as_secs_f64());
     std::fs::write(&facts_file, serde_json::to_string(&facts)?)?;
     Ok(facts)
+}
+
+/// Free bytes on the file system holding `dir`, as `df` reports them.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let out = Command::new("df").args(["--output=avail", "-B1"]).arg(dir).output().ok()?;
+    String::from_utf8(out.stdout).ok()?.lines().nth(1)?.trim().parse().ok()
 }
 
 fn history_change(ch: u64, t0: u64) -> ChangeRecord {
