@@ -257,7 +257,7 @@ fn history(dir: &Path, a: &Args) -> Result<Facts> {
             )
             .context("writing the history")?;
         c = last;
-        if (c * per_change) % 100_000 == 0 {
+        if (c * per_change).is_multiple_of(100_000) {
             eprintln!("  … {} builds written, {:.0} s", c * per_change, start.elapsed().as_secs_f64());
         }
     }
