@@ -3,13 +3,21 @@
 //!
 //! This is the only module of the compiler that touches the filesystem. Failures to read a
 //! repository are diagnostics pointing at its entry in the master config.
+//!
+//! Remote repositories (`https://`, `ssh://`, `git@host:path`, `git://`) are fetched into a
+//! bare mirror by [`Remote::fetch`], which runs the `git` binary (already needed for
+//! `file://`): its transports bring TLS, proxies, ssh and the forges' auth quirks, and a
+//! process can be stopped when the forge stalls. Credentials reach git only through the
+//! child's environment, never its arguments, and never appear in an error.
 
 use crate::diagnostic::{Diagnostic, Severity};
 use crate::parse::{FileCtx, NotUtf8, Origin, Source, decode_text, type_diag};
 use crate::spans::{Pos, Seg, SpanIndex, key};
-use rbb_schema::config::{MasterConfig, PIPELINE_PATH, RepositoryConfig};
+use rbb_schema::config::{MasterConfig, PIPELINE_PATH, RepoAuth, RepositoryConfig};
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// A pipeline file as found at one commit.
 #[derive(Debug, Clone)]
@@ -108,13 +116,254 @@ impl LoadedConfig {
         let url = repo.url.as_str();
         let raw = if let Some(rest) = url.strip_prefix("file://") {
             rest
-        } else if url.contains("://") || url.starts_with("git@") {
-            return Err(format!("`{url}` is a remote URL; only local paths and file:// URLs can be read here"));
+        } else if is_remote_url(url) {
+            return Err(format!("`{url}` is a remote URL; it is read through its mirror"));
         } else {
             url
         };
+        Ok(self.resolve(raw))
+    }
+
+    fn resolve(&self, raw: &str) -> PathBuf {
         let p = PathBuf::from(raw);
-        Ok(if p.is_absolute() { p } else { self.dir().join(p) })
+        if p.is_absolute() { p } else { self.dir().join(p) }
+    }
+
+    /// The state directory the config names (`state_dir`, default `.rbb-state`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.resolve(self.config.state_dir.as_deref().unwrap_or(".rbb-state"))
+    }
+
+    /// How to fetch a remote repository entry; `None` for a local one.
+    pub fn remote(&self, repo: &RepositoryConfig) -> Result<Option<Remote>, String> {
+        if !is_remote_url(&repo.url) {
+            return Ok(None);
+        }
+        let timeout = match &repo.fetch_timeout {
+            Some(v) => Duration::from_millis(crate::duration::parse_duration_ms(v.as_str())?.max(1)),
+            None => DEFAULT_FETCH_TIMEOUT,
+        };
+        let auth = repo.auth.clone().map(|mut a| {
+            for path in [&mut a.password_file, &mut a.ssh_key, &mut a.known_hosts].into_iter().flatten() {
+                *path = self.resolve(path).display().to_string();
+            }
+            a
+        });
+        Ok(Some(Remote { url: repo.url.clone(), auth, timeout }))
+    }
+}
+
+/// How long a remote fetch may take when the config does not say.
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Whether `url` names a repository behind a transport (not a local path or `file://`).
+pub fn is_remote_url(url: &str) -> bool {
+    match url.split_once("://") {
+        Some((scheme, _)) => !scheme.eq_ignore_ascii_case("file"),
+        None => scp_like(url),
+    }
+}
+
+/// `[user@]host:path`, git's scp-like ssh syntax: a colon before any slash, after more than
+/// one character (so `C:/x` stays a path).
+fn scp_like(url: &str) -> bool {
+    match (url.find(':'), url.find('/')) {
+        (Some(colon), slash) => colon > 1 && slash.is_none_or(|s| colon < s),
+        (None, _) => false,
+    }
+}
+
+/// Whether a `scheme://user:password@host` URL carries a password.
+fn url_has_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else { return false };
+    let authority = rest.split('/').next().unwrap_or("");
+    authority.rsplit_once('@').is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
+/// A remote repository and how to reach it. Its `Debug` hides the credentials.
+#[derive(Clone, PartialEq)]
+pub struct Remote {
+    pub url: String,
+    auth: Option<RepoAuth>,
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("url", &self.url)
+            .field("auth", &self.auth)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// Why a remote fetch failed. Messages name the repository URL and never hold a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot fetch {url}: the forge refused the credentials ({detail})")]
+    Auth { url: String, detail: String },
+    #[error("cannot fetch {url}: it took longer than {}s and was stopped", timeout.as_secs_f64())]
+    Timeout { url: String, timeout: Duration },
+    #[error("cannot fetch {url}: the remote has no {reference}")]
+    NoSuchRef { url: String, reference: String },
+    #[error("cannot fetch {url}: {detail}")]
+    Failed { url: String, detail: String },
+    #[error("cannot fetch {url}: cannot read the credential file {path}: {source}")]
+    CredentialFile {
+        url: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot fetch {url}: cannot run git: {source}")]
+    Spawn {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Remote {
+    /// A remote without credentials (public repositories, tests).
+    pub fn new(url: &str, auth: Option<RepoAuth>, timeout: Duration) -> Remote {
+        Remote { url: url.to_owned(), auth, timeout }
+    }
+
+    /// Fetches `refspecs` from the remote into the bare repository `git_dir` (created if
+    /// missing), forced; `prune` deletes local refs under the refspecs' destinations that the
+    /// remote no longer has. Only new objects cross the wire. Blocking.
+    pub fn fetch(&self, git_dir: &Path, refspecs: &[&str], prune: bool) -> Result<(), FetchError> {
+        let url = self.url.clone();
+        if !git_dir.join("HEAD").exists() {
+            let out = std::process::Command::new("git")
+                .args(["init", "--bare", "--quiet"])
+                .arg(git_dir)
+                .output()
+                .map_err(|source| FetchError::Spawn { url: url.clone(), source })?;
+            if !out.status.success() {
+                return Err(FetchError::Failed { url, detail: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+            }
+        }
+        let mut cmd = std::process::Command::new("git");
+        cmd.arg("--git-dir").arg(git_dir);
+        // No prompt or askpass of the host's; credential helpers are reset in `credentials`.
+        cmd.args(["-c", "core.askPass="]);
+        cmd.args(["fetch", "--quiet", "--force", "--no-tags", "--no-write-fetch-head", "--no-auto-gc"]);
+        if prune {
+            cmd.arg("--prune");
+        }
+        cmd.arg("--").arg(&self.url).args(refspecs);
+        cmd.env("GIT_TERMINAL_PROMPT", "0").env("GIT_SSH_VARIANT", "ssh").env_remove("GIT_ASKPASS");
+        cmd.env_remove("SSH_ASKPASS").env("GIT_CONFIG_NOSYSTEM", "1");
+        let secrets = self.credentials(&mut cmd)?;
+        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+        cmd.stderr(std::process::Stdio::piped());
+        {
+            use std::os::unix::process::CommandExt;
+            // Its own process group: a timeout stops git and the ssh or https helper it runs.
+            cmd.process_group(0);
+        }
+        let mut child = cmd.spawn().map_err(|source| FetchError::Spawn { url: url.clone(), source })?;
+        let pid = child.id() as libc::pid_t;
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let timeout = self.timeout;
+        let watchdog = std::thread::spawn(move || {
+            let expired = matches!(done_rx.recv_timeout(timeout), Err(std::sync::mpsc::RecvTimeoutError::Timeout));
+            if expired {
+                // SAFETY: signals the process group this fetch started; no memory is touched.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+            expired
+        });
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            let mut bytes = Vec::new();
+            // A read error only loses the message; the exit status still tells.
+            let _ = pipe.read_to_end(&mut bytes);
+            stderr = String::from_utf8_lossy(&bytes).into_owned();
+        }
+        let status = child.wait().map_err(|source| FetchError::Spawn { url: url.clone(), source })?;
+        let _ = done_tx.send(());
+        let timed_out = watchdog.join().unwrap_or(false);
+        if timed_out {
+            return Err(FetchError::Timeout { url, timeout });
+        }
+        if status.success() {
+            return Ok(());
+        }
+        let mut detail = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+        for secret in &secrets {
+            detail = detail.replace(secret.as_str(), "<hidden>");
+        }
+        if detail.is_empty() {
+            detail = format!("git fetch ended with {status}");
+        }
+        let lower = detail.to_ascii_lowercase();
+        if let Some(reference) = lower.contains("couldn't find remote ref").then(|| refspecs.join(" ")) {
+            let reference = reference.trim_start_matches('+').split(':').next().unwrap_or("").to_owned();
+            return Err(FetchError::NoSuchRef { url, reference });
+        }
+        let auth_words = [
+            "authentication failed",
+            "permission denied",
+            "could not read username",
+            "could not read password",
+            "host key verification failed",
+            "403",
+            "401",
+        ];
+        if auth_words.iter().any(|w| lower.contains(w)) {
+            return Err(FetchError::Auth { url, detail });
+        }
+        Err(FetchError::Failed { url, detail })
+    }
+
+    /// Puts the credentials into `cmd`'s environment; returns the secret values, which are
+    /// scrubbed from whatever git prints.
+    fn credentials(&self, cmd: &mut std::process::Command) -> Result<Vec<String>, FetchError> {
+        // An empty helper resets the list: no helper of the host's answers for this fetch.
+        cmd.env("GIT_CONFIG_COUNT", "1").env("GIT_CONFIG_KEY_0", "credential.helper").env("GIT_CONFIG_VALUE_0", "");
+        cmd.env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes -o ConnectTimeout=30");
+        let Some(auth) = &self.auth else { return Ok(Vec::new()) };
+        let mut secrets = Vec::new();
+        let password = match (&auth.password, &auth.token, &auth.password_file) {
+            (Some(p), _, _) | (None, Some(p), _) => Some(p.clone()),
+            (None, None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|source| FetchError::CredentialFile { url: self.url.clone(), path: path.clone(), source })?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None, None) => None,
+        };
+        if let Some(password) = password {
+            let user = auth.username.clone().unwrap_or_else(|| "x-access-token".to_owned());
+            // A helper that answers from the child's environment: nothing on a command line.
+            cmd.env("GIT_CONFIG_COUNT", "2")
+                .env("GIT_CONFIG_KEY_1", "credential.helper")
+                .env(
+                    "GIT_CONFIG_VALUE_1",
+                    "!f() { test \"$1\" = get && printf 'username=%s\\npassword=%s\\n' \"$RBB_GIT_USERNAME\" \"$RBB_GIT_PASSWORD\"; }; f",
+                )
+                .env("RBB_GIT_USERNAME", &user)
+                .env("RBB_GIT_PASSWORD", &password);
+            if !password.is_empty() {
+                secrets.push(password);
+            }
+        }
+        if auth.ssh_key.is_some() || auth.known_hosts.is_some() {
+            let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+            let mut ssh = String::from("ssh -o BatchMode=yes -o StrictHostKeyChecking=yes -o ConnectTimeout=30");
+            if let Some(key) = &auth.ssh_key {
+                ssh.push_str(&format!(" -o IdentitiesOnly=yes -i {}", quote(key)));
+            }
+            if let Some(known) = &auth.known_hosts {
+                ssh.push_str(&format!(" -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null", quote(known)));
+            }
+            cmd.env("GIT_SSH_COMMAND", ssh);
+        }
+        Ok(secrets)
     }
 }
 
@@ -197,6 +446,36 @@ pub fn load_config(path: &Path) -> Result<LoadedConfig, Vec<Diagnostic>> {
             });
         }
     }
+    for (i, r) in loaded.config.repositories.iter().enumerate() {
+        if url_has_password(&r.url) {
+            let pos = loaded.pos(&[key("repositories"), Seg::Index(i), key("url")]);
+            diags.push(Diagnostic {
+                severity: Severity::Error,
+                code: "secret-in-url",
+                repo: None,
+                file: shown.clone(),
+                line: pos.line,
+                col: pos.col,
+                message: format!("the url of repository {} holds a password", i + 1),
+                hint: Some("remove it from the URL and set `auth: {password_file: ...}` (or `token:`)".into()),
+            });
+        }
+        let Some(auth) = &r.auth else { continue };
+        let given = [auth.password.is_some(), auth.token.is_some(), auth.password_file.is_some()];
+        if given.iter().filter(|g| **g).count() > 1 {
+            let pos = loaded.pos(&[key("repositories"), Seg::Index(i), key("auth")]);
+            diags.push(Diagnostic {
+                severity: Severity::Error,
+                code: "auth-ambiguous",
+                repo: None,
+                file: shown.clone(),
+                line: pos.line,
+                col: pos.col,
+                message: format!("repository {} sets more than one of password, token and password_file", i + 1),
+                hint: Some("keep one of them".into()),
+            });
+        }
+    }
     if diags.is_empty() { Ok(loaded) } else { Err(diags) }
 }
 
@@ -220,12 +499,37 @@ pub fn sources_from_config(cfg: &LoadedConfig, revs: &BTreeMap<String, String>) 
             message,
             hint,
         };
-        let path = match cfg.repo_path(r) {
-            Ok(p) => p,
+        let path = match cfg.remote(r) {
             Err(msg) => {
-                diags.push(diag(Severity::Error, "repo-url", msg, None, url_pos));
+                let pos = cfg.pos(&[key("repositories"), Seg::Index(i), key("fetch_timeout")]);
+                diags.push(diag(Severity::Error, "repo-url", format!("fetch_timeout: {msg}"), None, pos));
                 continue;
             }
+            Ok(Some(remote)) => {
+                let mirror = cfg.state_dir().join("mirrors").join(format!("{name}.git"));
+                if let Err(e) = remote.fetch(&mirror, &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], true)
+                {
+                    let hint = match e {
+                        FetchError::Auth { .. } | FetchError::CredentialFile { .. } => {
+                            format!("check `auth:` of repository `{name}`")
+                        }
+                        FetchError::NoSuchRef { .. } => {
+                            format!("set `branch:` for repository `{name}` to a branch that exists")
+                        }
+                        _ => "check `url:` and that the forge is reachable from here".to_owned(),
+                    };
+                    diags.push(diag(Severity::Error, "repo-fetch", e.to_string(), Some(hint), url_pos));
+                    continue;
+                }
+                mirror
+            }
+            Ok(None) => match cfg.repo_path(r) {
+                Ok(p) => p,
+                Err(msg) => {
+                    diags.push(diag(Severity::Error, "repo-url", msg, None, url_pos));
+                    continue;
+                }
+            },
         };
         match read_pipeline(&path, &rev) {
             Err(e) => {

@@ -59,7 +59,9 @@ impl Worker for WorkerService {
             )));
         }
         let (tx, rx) = tokio::sync::mpsc::channel(4096);
-        let connected = match self.engine.connect(&hello, tx, &peer) {
+        let engine = self.engine.clone();
+        let joined = tokio::task::spawn_blocking(move || engine.connect(&hello, tx, &peer)).await;
+        let connected = match joined.map_err(|e| Status::internal(format!("cannot accept the worker: {e}")))? {
             Ok(c) => c,
             Err(EngineError::Conflict(m)) => return Err(Status::already_exists(m)),
             Err(EngineError::ShuttingDown) => return Err(Status::unavailable("the master is shutting down")),
@@ -69,10 +71,12 @@ impl Worker for WorkerService {
             }
         };
         let (session, liveness) = (connected.session, connected.liveness);
-        // The reader stamps liveness as each message arrives and hands it on; the engine
-        // handles messages in order on a blocking-capable thread, so a long-held engine lock
-        // neither stalls the runtime nor makes the worker look silent.
-        let (work_tx, mut work_rx) = tokio::sync::mpsc::channel::<Msg>(256);
+        // The reader stamps liveness as each message arrives and hands it on; the handler
+        // applies messages in order. Applying one never waits for the disk (transactions are
+        // written without an fsync); when a change must be made durable, the group-commit
+        // flush runs on the blocking pool, so the runtime's threads never wait on an fsync.
+        // The queue is short: log chunks are up to 1 MiB each.
+        let (work_tx, mut work_rx) = tokio::sync::mpsc::channel::<Msg>(8);
         let engine = self.engine.clone();
         let reader_liveness = liveness.clone();
         let reader = tokio::spawn(async move {
@@ -93,28 +97,27 @@ impl Worker for WorkerService {
         let engine = self.engine.clone();
         tokio::spawn(async move {
             while let Some(m) = work_rx.recv().await {
-                let e = engine.clone();
-                let worker = name.clone();
-                let r = blocking(move || e.on_message(&worker, session, m));
+                let r = engine.receive(&name, session, m);
                 liveness.handled();
                 if let Err(e) = r {
                     tracing::error!(worker = %name, error = %e, "cannot record a worker message");
                 }
+                settle(&engine).await;
             }
             let why = reader.await.unwrap_or_else(|e| format!("reader failed: {e}"));
             let e = engine.clone();
             let worker = name.clone();
-            blocking(move || e.disconnect(&worker, session, &why));
+            let _ = tokio::task::spawn_blocking(move || e.disconnect(&worker, session, &why)).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
-/// Runs engine work that may block (store writes) without stalling the runtime's other
-/// tasks: `block_in_place` on a multi-threaded runtime, inline on a single-threaded one.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
+/// Makes pending changes durable (and announces what waited for that) on the blocking
+/// pool, if any are pending.
+async fn settle(engine: &Arc<Engine>) {
+    if engine.unsettled() {
+        let e = engine.clone();
+        let _ = tokio::task::spawn_blocking(move || e.settle()).await;
     }
 }

@@ -102,6 +102,7 @@ pub fn endpoints() -> Vec<Endpoint> {
         ep("post", "/api/v2/builds/{id}/rebuild", "Run a build again with its pinned plan", post(rebuild)).control(),
         ep("get", "/api/v2/changes", "The change log: commits seen on watched branches", get(changes)).list("Change"),
         ep("get", "/api/v2/workers", "Workers and whether they are connected", get(workers)).list("Worker"),
+        ep("get", "/api/v2/repositories", "Watched repositories and how their fetches go", get(repositories)),
         ep("get", "/api/v2/logs/{id}", "A log's size and whether it is complete", get(log_meta)),
         ep("get", "/api/v2/logs/{id}/raw", "A log's bytes; supports Range and ?offset=&limit=", get(log_raw)),
         ep("get", "/api/v2/plan", "The compiled plan (the central DAG)", get(plan)).answers("Plan"),
@@ -121,6 +122,7 @@ pub fn router_with(engine: Arc<Engine>, sources: Option<Arc<Sources>>, api_token
     for e in endpoints() {
         r = r.route(e.path, e.handler);
     }
+    r = r.route("/git/{*path}", axum::routing::any(crate::git_http::serve));
     r.merge(crate::ui::router()).fallback(not_found).with_state(App { engine, sources, api_token })
 }
 
@@ -326,6 +328,11 @@ async fn workers(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde
     list("workers", e.workers(), q, &[])
 }
 
+async fn repositories(State(app): State<App>) -> Json<serde_json::Value> {
+    let repos = app.sources.map(|s| s.health()).unwrap_or_default();
+    Json(serde_json::json!({ "repositories": repos, "meta": { "total": repos.len() } }))
+}
+
 async fn plan(State(e): State<Arc<Engine>>) -> Json<rbb_schema::plan::Plan> {
     Json((*e.plan()).clone())
 }
@@ -333,9 +340,10 @@ async fn plan(State(e): State<Arc<Engine>>) -> Json<rbb_schema::plan::Plan> {
 async fn log_meta(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiResult<Json<serde_json::Value>> {
     let id = parse_id(&id, "log")?;
     let (rec, _, live) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
-    Ok(Json(
-        serde_json::json!({ "id": rec.id, "build": rec.build, "step": rec.step, "bytes": rec.bytes, "complete": !live }),
-    ))
+    Ok(Json(serde_json::json!({
+        "id": rec.id, "build": rec.build, "step": rec.step, "bytes": rec.bytes, "complete": !live,
+        "expired": rec.expired,
+    })))
 }
 
 #[derive(Deserialize)]
@@ -353,7 +361,14 @@ async fn log_raw(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let id = parse_id(&id, "log")?;
-    let (_, path, _) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
+    let (rec, path, _) = e.log(id).ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
+    if rec.expired {
+        return Err(ApiError(
+            StatusCode::GONE,
+            "gone".into(),
+            format!("log {id} expired: the retention policy deleted it"),
+        ));
+    }
     let len = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
     let mut start = q.offset.unwrap_or(0);
     let mut end = q.limit.map_or(len, |l| start.saturating_add(l).min(len));

@@ -6,6 +6,8 @@
 //! touches redb, axum and the gRPC server.
 
 pub mod engine;
+pub mod forge;
+pub mod git_http;
 pub mod grpc;
 pub mod http;
 pub mod logs;

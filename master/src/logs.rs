@@ -63,6 +63,63 @@ impl LogFiles {
         Some(len)
     }
 
+    /// Compresses a finished log's file with zstd into `<file>.zst` (written whole and
+    /// synced before the original goes); returns the new file name.
+    pub fn compress(&self, file: &str) -> std::io::Result<String> {
+        let zst = format!("{file}.zst");
+        let tmp = self.dir.join(format!("{zst}.tmp"));
+        {
+            let mut input = File::open(self.dir.join(file))?;
+            let out = File::create(&tmp)?;
+            let mut enc = zstd::Encoder::new(out, 3)?;
+            std::io::copy(&mut input, &mut enc)?;
+            enc.finish()?.sync_all()?;
+        }
+        std::fs::rename(&tmp, self.dir.join(&zst))?;
+        std::fs::remove_file(self.dir.join(file))?;
+        Ok(zst)
+    }
+
+    /// A readable plain copy of a compressed log, decompressed once into `cache/` (the
+    /// janitor clears the cache).
+    pub fn readable(&self, file: &str) -> std::io::Result<PathBuf> {
+        let Some(plain) = file.strip_suffix(".zst") else { return Ok(self.dir.join(file)) };
+        let cached = self.dir.join("cache").join(plain);
+        if cached.exists() {
+            return Ok(cached);
+        }
+        if let Some(parent) = cached.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let tmp = cached.with_extension("tmp");
+        {
+            let mut dec = zstd::Decoder::new(File::open(self.dir.join(file))?)?;
+            let mut out = File::create(&tmp)?;
+            std::io::copy(&mut dec, &mut out)?;
+        }
+        std::fs::rename(&tmp, &cached)?;
+        Ok(cached)
+    }
+
+    /// Removes a log's file (and its decompressed copy). A file already gone is no error.
+    pub fn delete(&self, file: &str) -> std::io::Result<()> {
+        for p in [self.dir.join(file), self.dir.join("cache").join(file.trim_end_matches(".zst"))] {
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Empties the cache of decompressed logs.
+    pub fn clear_cache(&self) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(self.dir.join("cache")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Length of a log file on disk (for logs that were open when the master stopped).
     pub fn size_on_disk(&self, file: &str) -> u64 {
         std::fs::metadata(self.dir.join(file)).map(|m| m.len()).unwrap_or(0)

@@ -20,6 +20,46 @@ use std::time::Duration;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+unsafe extern "C" {
+    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+    #[cfg(target_os = "linux")]
+    fn prctl(option: std::ffi::c_int, ...) -> std::ffi::c_int;
+}
+
+/// `mi_option_purge_delay` and `mi_option_allow_thp` in mimalloc 3's `mi_option_e`
+/// (libmimalloc-sys 0.1.49); `PR_SET_THP_DISABLE` of <linux/prctl.h>.
+const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+const MI_OPTION_ALLOW_THP: std::ffi::c_int = 43;
+#[cfg(target_os = "linux")]
+const PR_SET_THP_DISABLE: std::ffi::c_int = 41;
+
+/// The master gives freed memory back to the OS at once, in small pages. mimalloc's defaults
+/// purge freed pages 1 s later but only when a later allocation runs its collector, and back
+/// its arenas with transparent huge pages: an idle master sat at 33 MiB instead of 18.5, and
+/// kept +30–50 MiB after a 50 MiB log for good. The `MIMALLOC_*` variables still win.
+fn return_freed_memory() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: sets one integer option, which mimalloc reads atomically.
+        unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    }
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // SAFETY: as above. The arena reserved before `main` was already advised for huge
+        // pages, hence the process-wide switch too (children inherit it).
+        unsafe { mi_option_set(MI_OPTION_ALLOW_THP, 0) };
+        #[cfg(target_os = "linux")]
+        // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
+        unsafe {
+            prctl(
+                PR_SET_THP_DISABLE,
+                1 as std::ffi::c_ulong,
+                0 as std::ffi::c_ulong,
+                0 as std::ffi::c_ulong,
+                0 as std::ffi::c_ulong,
+            )
+        };
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "rbb", version, about = "rbb: git-native CI. Compile, preview and run pipelines.")]
 struct Cli {
@@ -191,6 +231,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
+    return_freed_memory();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let master = rbb_master::server::open(&opts)?;
     runtime.block_on(rbb_master::server::serve(

@@ -16,7 +16,10 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+
+use rbb_compiler::git::{FetchError, Remote};
 
 use gix::bstr::{BString, ByteSlice};
 use gix::hash::ObjectId;
@@ -37,6 +40,9 @@ const RECORDED_PREFIX: &str = "refs/rbb/recorded/";
 pub struct Mirror {
     url: String,
     path: PathBuf,
+    /// Set for a remote repository: fetched by the `git` binary with the configured
+    /// credentials and timeout. Local paths and `file://` are fetched with gix.
+    remote: Option<Arc<Remote>>,
 }
 
 /// A branch that moved during a [`Mirror::fetch`]. `old: None` means the branch is new to the
@@ -104,6 +110,9 @@ pub enum MirrorError {
         #[source]
         source: globset::Error,
     },
+    /// A remote fetch failed; the message names the url and never holds a credential.
+    #[error(transparent)]
+    Remote(#[from] FetchError),
     #[error("cannot fetch {url} into {}: {step}", path.display())]
     Fetch {
         url: String,
@@ -163,7 +172,7 @@ impl Mirror {
                 source,
             })?;
         }
-        let mirror = Mirror { url: url.to_owned(), path: path.to_owned() };
+        let mirror = Mirror { url: url.to_owned(), path: path.to_owned(), remote: None };
         let repo = mirror.repo()?;
         if !is_empty_or_missing {
             mirror.adopt_heads(&repo)?;
@@ -188,6 +197,12 @@ impl Mirror {
             .collect::<Result<Vec<_>, _>>()?;
         repo.edit_references(edits).map_err(|source| self.refs_err("record the fetched branches", source))?;
         Ok(())
+    }
+
+    /// Fetches from `remote` (its url must be this mirror's) with its credentials and timeout.
+    pub fn with_remote(mut self, remote: Remote) -> Mirror {
+        self.remote = Some(Arc::new(remote));
+        self
     }
 
     fn repo(&self) -> Result<gix::Repository, MirrorError> {
@@ -225,6 +240,10 @@ impl Mirror {
         }
 
         let before = self.branch_heads(&repo)?;
+        if let Some(remote) = &self.remote {
+            remote.fetch(&self.path, &FETCH_REFSPECS, true)?;
+            return self.moved(&repo, &before, &globs);
+        }
         let fetch_err = |step: &'static str| {
             move |source: gix::Error| MirrorError::Fetch {
                 url: self.url.clone(),
@@ -267,9 +286,18 @@ impl Mirror {
         // Prune: the remote's refs are exactly the mappings' local names.
         let on_remote: HashSet<BString> = outcome.ref_map.mappings.iter().filter_map(|m| m.local.clone()).collect();
         self.prune(&repo, &on_remote)?;
+        self.moved(&repo, &before, &globs)
+    }
 
-        let after = self.branch_heads(&repo)?;
-        let updates = diff_heads(&before, &after, &globs);
+    /// The watched branches whose heads differ from `before`, logged.
+    fn moved(
+        &self,
+        repo: &gix::Repository,
+        before: &BTreeMap<String, ObjectId>,
+        globs: &globset::GlobSet,
+    ) -> Result<Vec<RefUpdate>, MirrorError> {
+        let after = self.branch_heads(repo)?;
+        let updates = diff_heads(before, &after, globs);
         for u in &updates {
             info!(branch = %u.branch, old = ?u.old, new = ?u.new, "branch moved");
         }
@@ -405,6 +433,16 @@ impl Mirror {
             }
         };
         let spec = format!("+{remote_ref}:{local_ref}");
+        if let Some(remote) = &self.remote {
+            return match remote.fetch(&self.path, &[spec.as_str()], false) {
+                Ok(()) => self.find_ref(local_ref),
+                Err(FetchError::NoSuchRef { .. }) => {
+                    debug!("the remote has no such ref");
+                    Ok(None)
+                }
+                Err(e) => Err(e.into()),
+            };
+        }
         let prepared = repo
             .remote_at(self.url.as_str())
             .map_err(fetch_err("invalid url"))?

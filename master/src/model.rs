@@ -98,6 +98,15 @@ pub struct LogRecord {
     /// Bytes written so far (exact once `finished`).
     pub bytes: u64,
     pub finished: bool,
+    /// Unix milliseconds when the log was created (absent in logs of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<u64>,
+    /// Retention compressed the file with zstd (`file` then names the `.zst`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compressed: bool,
+    /// Retention deleted the file: the log is expired.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expired: bool,
 }
 
 /// A commit seen on a watched branch (or a pull request's head), as the change log keeps it.

@@ -40,6 +40,8 @@ pub struct Master {
     pub api_token: Option<String>,
     /// Per repository: whether its mirror was just created (its first fetch is a baseline).
     fresh: Vec<bool>,
+    /// The janitor's policy and how often it runs, if the config sets `retention`.
+    retention: Option<(crate::engine::RetentionPolicy, Duration)>,
 }
 
 /// Opens the mirrors, compiles the plan at every branch head and opens the engine.
@@ -57,13 +59,28 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
     let mut fresh = Vec::new();
     for r in &cfg.config.repositories {
         let name = r.effective_name();
-        let path = cfg.repo_path(r).map_err(anyhow::Error::msg)?;
-        // Workers run elsewhere: give them an absolute path.
-        let path = std::fs::canonicalize(&path).with_context(|| format!("repository {name}: {}", path.display()))?;
         let mirror_dir = state_dir.join("mirrors").join(format!("{name}.git"));
         fresh.push(!mirror_dir.exists());
-        let mirror = Mirror::open(&path.display().to_string(), &mirror_dir)
-            .with_context(|| format!("mirroring repository {name}"))?;
+        let (path, mirror) =
+            match cfg.remote(r).map_err(|e| anyhow::anyhow!("repository {name}: fetch_timeout: {e}"))? {
+                Some(remote) => {
+                    let mirror =
+                        Mirror::open(&r.url, &mirror_dir).with_context(|| format!("mirroring repository {name}"))?;
+                    // Workers hold no forge credentials: they fetch the commit from the mirror.
+                    let path = std::fs::canonicalize(&mirror_dir)
+                        .with_context(|| format!("repository {name}: {}", mirror_dir.display()))?;
+                    (path, mirror.with_remote(remote))
+                }
+                None => {
+                    let path = cfg.repo_path(r).map_err(anyhow::Error::msg)?;
+                    // Workers run elsewhere: give them an absolute path.
+                    let path = std::fs::canonicalize(&path)
+                        .with_context(|| format!("repository {name}: {}", path.display()))?;
+                    let mirror = Mirror::open(&path.display().to_string(), &mirror_dir)
+                        .with_context(|| format!("mirroring repository {name}"))?;
+                    (path, mirror)
+                }
+            };
         let branch = r.effective_branch().to_owned();
         let mut branches = if r.branches.is_empty() { vec![branch.clone()] } else { r.branches.clone() };
         if !branches.iter().any(|b| b == &branch) {
@@ -71,7 +88,13 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
             branches.push(branch.clone());
         }
         // A first fetch makes the mirror usable before anything is built from it.
-        mirror.fetch(&branches).with_context(|| format!("fetching repository {name}"))?;
+        if let Err(e) = mirror.fetch(&branches) {
+            // A forge that is down does not stop the master: its poller retries with backoff.
+            if !rbb_compiler::git::is_remote_url(&r.url) {
+                return Err(e).with_context(|| format!("fetching repository {name}"));
+            }
+            tracing::warn!(repo = %name, error = %e, "first fetch failed; retrying in the background");
+        }
         let interval = match &r.poll_interval {
             Some(v) => Duration::from_millis(
                 parse_duration_ms(v.as_str())
@@ -111,7 +134,19 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
             "no api_token in the master config: force, stop and rebuild are open to anyone who reaches the HTTP port"
         );
     }
-    Ok(Master { engine, sources, api_token: cfg.config.api_token.clone(), fresh })
+    let retention = match &cfg.config.retention {
+        None => None,
+        Some(r) => {
+            let every = match &r.interval {
+                Some(v) => Duration::from_millis(
+                    parse_duration_ms(v.as_str()).map_err(|e| anyhow::anyhow!("retention.interval: {e}"))?.max(1000),
+                ),
+                None => Duration::from_secs(3600),
+            };
+            Some((crate::engine::RetentionPolicy::from_config(r), every))
+        }
+    };
+    Ok(Master { engine, sources, api_token: cfg.config.api_token.clone(), fresh, retention })
 }
 
 /// Serves until `shutdown` resolves. Calls `ready` once both listeners are bound.
@@ -127,8 +162,32 @@ pub async fn serve(
         tokio::net::TcpListener::bind(opts.http).await.with_context(|| format!("binding HTTP on {}", opts.http))?;
     let bound = Bound { http: http.local_addr()?, grpc: grpc.local_addr()? };
     let stop = tokio_util::sync::CancellationToken::new();
-    let Master { engine, sources, api_token, fresh } = master;
+    let Master { engine, sources, api_token, fresh, retention } = master;
     sources.spawn_pollers(engine.clone(), fresh, stop.clone());
+
+    // The janitor: retention in the background, one run per interval.
+    if let Some((policy, every)) = retention {
+        let janitor_engine = engine.clone();
+        let janitor_stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = janitor_stop.cancelled() => break,
+                    _ = tick.tick() => {
+                        let e = janitor_engine.clone();
+                        let p = policy.clone();
+                        let now = crate::model::now_ms();
+                        match tokio::task::spawn_blocking(move || e.retention(&p, now)).await {
+                            Ok(Err(err)) => tracing::error!(error = %err, "retention failed"),
+                            Err(err) => tracing::error!(error = %err, "retention task failed"),
+                            Ok(Ok(_)) => {}
+                        }
+                    }
+                }
+            }
+        });
+    }
 
     // Cron schedules: a tick every second; each schedule fires once per matching minute.
     let cron_engine = engine.clone();

@@ -39,6 +39,40 @@ pub struct SourceRepo {
     wake_source: Mutex<Option<String>>,
     /// One poll or pull request at a time per repository: the private refs move only under it.
     turn: Mutex<()>,
+    /// How its fetches are going (the API's `/repositories`).
+    health: Mutex<FetchHealth>,
+}
+
+/// How a repository's fetches are going: what the API shows per repository.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FetchHealth {
+    pub name: String,
+    /// As configured; it never holds a credential (the config refuses one in a URL).
+    pub url: String,
+    /// Why the last fetch failed; `None` when it succeeded. Names the URL, holds no secret.
+    pub error: Option<String>,
+    /// Fetches failed in a row; each one doubles the wait before the next poll.
+    pub failures: u32,
+    /// When a fetch last succeeded and was last tried (unix milliseconds).
+    pub last_success: Option<i64>,
+    pub last_attempt: Option<i64>,
+    /// How long the poller waits after the last attempt (milliseconds), unless a webhook
+    /// comes first: the poll interval, doubled after each failure in a row.
+    pub retry_in_ms: u64,
+}
+
+/// The longest a failing repository waits between fetches (unless its poll interval is longer).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(15 * 60);
+
+/// The wait before the next poll after `failures` failed fetches in a row: the interval, then
+/// doubling, capped at [`MAX_BACKOFF`] (or the interval, if longer).
+pub fn backoff(interval: Duration, failures: u32) -> Duration {
+    let doubled = interval.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    doubled.min(MAX_BACKOFF.max(interval))
+}
+
+fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// What one [`SourceRepo::poll`] did, per watched branch.
@@ -97,7 +131,32 @@ impl SourceRepo {
             wake: Notify::new(),
             wake_source: Mutex::new(None),
             turn: Mutex::new(()),
+            health: Mutex::new(FetchHealth::default()),
         }
+    }
+
+    /// How its fetches are going.
+    pub fn health(&self) -> FetchHealth {
+        let h = self.health.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        FetchHealth { name: self.name.clone(), url: self.url.clone(), ..h }
+    }
+
+    /// Notes one fetch's outcome; returns the wait before the next poll.
+    fn note_fetch(&self, error: Option<String>) -> Duration {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let now = unix_now_ms();
+        h.last_attempt = Some(now);
+        match error {
+            None => {
+                h.failures = 0;
+                h.last_success = Some(now);
+            }
+            Some(_) => h.failures = h.failures.saturating_add(1),
+        }
+        h.error = error;
+        let wait = backoff(self.interval, h.failures);
+        h.retry_in_ms = wait.as_millis() as u64;
+        wait
     }
 
     fn take_turn(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -313,7 +372,9 @@ fn to_new(c: &CommitInfo) -> NewCommit {
 impl Sources {
     /// Polls one repository and hands new commits to the engine. `baseline`: only record
     /// where branches are (a new mirror's first fetch must not build every branch).
-    pub async fn fetch(&self, engine: &Arc<Engine>, repo: &Arc<SourceRepo>, source: &str, baseline: bool) {
+    ///
+    /// Returns the wait before the repository's next poll (longer after failed fetches).
+    pub async fn fetch(&self, engine: &Arc<Engine>, repo: &Arc<SourceRepo>, source: &str, baseline: bool) -> Duration {
         let (r, e, src) = (repo.clone(), engine.clone(), source.to_owned());
         let res = tokio::task::spawn_blocking(move || {
             r.poll(baseline, |branch: &str, commits: &[NewCommit]| {
@@ -323,14 +384,28 @@ impl Sources {
             })
         })
         .await;
-        match res {
-            Ok(Ok(report)) if baseline => {
-                tracing::info!(repo = %repo.name, branches = report.baseline, "mirror ready")
+        let error = match res {
+            Ok(Ok(report)) => {
+                if baseline && report.fetch_error.is_none() {
+                    tracing::info!(repo = %repo.name, branches = report.baseline, "mirror ready");
+                }
+                report.fetch_error
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(repo = %repo.name, error = %e, "poll failed"),
-            Err(e) => tracing::error!(repo = %repo.name, error = %e, "poll task failed"),
-        }
+            Ok(Err(e)) => {
+                tracing::warn!(repo = %repo.name, error = %e, "poll failed");
+                Some(e.to_string())
+            }
+            Err(e) => {
+                tracing::error!(repo = %repo.name, error = %e, "poll task failed");
+                Some("the poll could not run; see the master's log".to_owned())
+            }
+        };
+        repo.note_fetch(error)
+    }
+
+    /// How every repository's fetches are going, in config order.
+    pub fn health(&self) -> Vec<FetchHealth> {
+        self.repos.iter().map(|r| r.health()).collect()
     }
 
     /// Runs every repository's poller until `stop`. Mirrors that already existed report
@@ -339,11 +414,14 @@ impl Sources {
         for (repo, fresh) in self.repos.iter().cloned().zip(fresh) {
             let (me, engine, stop) = (self.clone(), engine.clone(), stop.clone());
             tokio::spawn(async move {
-                me.fetch(&engine, &repo, "poll", fresh).await;
+                let mut wait = me.fetch(&engine, &repo, "poll", fresh).await;
+                // A new mirror whose first fetches fail keeps its baseline for the first one
+                // that brings branches: it must not build every commit of the repository.
+                let mut baseline = fresh && repo.mirror.heads().map(|h| h.is_empty()).unwrap_or(true);
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(repo.interval) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = repo.wake.notified() => {}
                     }
                     let source = repo
@@ -352,7 +430,8 @@ impl Sources {
                         .unwrap_or_else(|p| p.into_inner())
                         .take()
                         .unwrap_or_else(|| "poll".to_owned());
-                    me.fetch(&engine, &repo, &source, false).await;
+                    wait = me.fetch(&engine, &repo, &source, baseline).await;
+                    baseline = baseline && repo.mirror.heads().map(|h| h.is_empty()).unwrap_or(true);
                 }
             });
         }

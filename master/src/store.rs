@@ -24,8 +24,12 @@ const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
 const CHANGES: TableDefinition<u64, &[u8]> = TableDefinition::new("changes");
 /// Cron schedule state, keyed `<builder id>#<schedule index>`.
 const SCHEDULES: TableDefinition<&str, &[u8]> = TableDefinition::new("schedules");
-/// Every plan a build was pinned to, by hash: a rebuild runs exactly the same plan.
+/// Every plan a build was pinned to, by hash: a rebuild runs exactly the same plan. The
+/// value is a manifest naming one part per repository (older states hold whole plans).
 const PLANS: TableDefinition<&str, &[u8]> = TableDefinition::new("plans");
+/// One repository's builders of a plan, by the hash of their JSON: a pipeline commit in
+/// one repository adds one part, not a copy of the fleet.
+const PLAN_PARTS: TableDefinition<&str, &[u8]> = TableDefinition::new("plan_parts");
 /// Build index: (`<field>\0<value>`, build id). Fields: [`BUILD_INDEXES`].
 const BUILD_IDX: TableDefinition<(&str, u64), ()> = TableDefinition::new("build_idx");
 /// Change index: (`<field>\0<value>`, change id). Fields: `change_repo`, `change_commit`
@@ -81,6 +85,7 @@ pub fn build_keys(b: &BuildRecord) -> BTreeSet<String> {
         ("state", state),
         ("worker", b.worker.as_deref().unwrap_or("none")),
         ("event", b.event.as_str()),
+        ("plan", b.plan_hash.as_str()),
     ]
     .into_iter()
     .map(|(f, v)| index_key(f, v))
@@ -179,6 +184,11 @@ fn put_indexed(
 }
 
 impl Store {
+    /// The database, for modules that keep their own tables in it (the status outbox).
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let database = Database::create(path)
             .map_err(|e| StoreError::Open { path: path.to_owned(), source: Box::new(e.into()) })?;
@@ -200,6 +210,7 @@ impl Store {
             txn.open_table(t).map_err(db)?;
         }
         txn.open_table(PLANS).map_err(db)?;
+        txn.open_table(PLAN_PARTS).map_err(db)?;
         txn.open_table(SCHEDULES).map_err(db)?;
         txn.open_table(BUILD_IDX).map_err(db)?;
         txn.open_table(CHANGE_IDX).map_err(db)?;
@@ -238,11 +249,13 @@ impl Store {
             .iter()
             .map(|(k, r)| encode("schedules", 0, r).map(|v| (*k, v)))
             .collect::<Result<_, _>>()?;
-        let plans: Vec<(&str, Vec<u8>)> = batch
-            .plans
-            .iter()
-            .map(|p| encode("plans", 0, p).map(|v| (p.hash.as_str(), v)))
-            .collect::<Result<_, _>>()?;
+        let mut plans: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
+        for p in &batch.plans {
+            let (manifest, mut ps) = split_plan(p)?;
+            plans.push((p.hash.as_str(), manifest));
+            parts.append(&mut ps);
+        }
         self.write(sync, |txn| {
             for (b, bytes) in &builds {
                 put_indexed(txn, (BUILDS, BUILD_IDX, "builds"), b.id, bytes, build_keys(b), |old| {
@@ -267,6 +280,14 @@ impl Store {
                 let mut t = txn.open_table(table).map_err(db)?;
                 for (k, bytes) in rows {
                     t.insert(*k, bytes.as_slice()).map_err(db)?;
+                }
+            }
+            if !parts.is_empty() {
+                let mut t = txn.open_table(PLAN_PARTS).map_err(db)?;
+                for (k, bytes) in &parts {
+                    if t.get(k.as_str()).map_err(db)?.is_none() {
+                        t.insert(k.as_str(), bytes.as_slice()).map_err(db)?;
+                    }
                 }
             }
             Ok(())
@@ -443,14 +464,143 @@ impl Store {
         self.commit(Batch { plans: vec![plan], ..Batch::default() }, Sync::Durable)
     }
 
-    /// The plan with this hash, if a build was ever pinned to it.
+    /// The plan with this hash, if a build was ever pinned to it, put together from its parts.
     pub fn plan(&self, hash: &str) -> Result<Option<rbb_schema::plan::Plan>, StoreError> {
         let txn = self.db.begin_read().map_err(db)?;
         let t = txn.open_table(PLANS).map_err(db)?;
-        match t.get(hash).map_err(db)? {
-            Some(v) => decode("plans", 0, v.value()).map(Some),
-            None => Ok(None),
+        let Some(v) = t.get(hash).map_err(db)? else { return Ok(None) };
+        let manifest: PlanManifest = match decode("plans", 0, v.value()) {
+            Ok(m) => m,
+            // Stored whole by an older version.
+            Err(_) => return decode("plans", 0, v.value()).map(Some),
+        };
+        let parts = txn.open_table(PLAN_PARTS).map_err(db)?;
+        let mut builders = Vec::new();
+        for h in &manifest.parts {
+            let bytes = parts.get(h.as_str()).map_err(db)?.ok_or_else(|| StoreError::Corrupt {
+                table: "plan_parts",
+                key: 0,
+                message: format!("plan {hash} names part {h}, which is missing"),
+            })?;
+            let mut part: Vec<rbb_schema::plan::PlanBuilder> = decode("plan_parts", 0, bytes.value())?;
+            builders.append(&mut part);
         }
+        builders.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Some(rbb_schema::plan::Plan {
+            format: manifest.format,
+            hash: manifest.hash,
+            repos: manifest.repos,
+            builders,
+        }))
+    }
+
+    /// Deletes builds (with their index entries and counts), log records, changes and plans
+    /// in one transaction.
+    pub fn delete(&self, builds: &[u64], logs: &[u64], changes: &[u64], plans: &[String]) -> Result<(), StoreError> {
+        self.write(Sync::Lazy, |txn| {
+            for (table, idx, total, ids, keys) in [
+                (
+                    BUILDS,
+                    BUILD_IDX,
+                    "builds",
+                    builds,
+                    (|id, b: &[u8]| decode::<BuildRecord>("builds", id, b).map(|r| build_keys(&r)))
+                        as fn(u64, &[u8]) -> Result<BTreeSet<String>, StoreError>,
+                ),
+                (CHANGES, CHANGE_IDX, "changes", changes, |id, b: &[u8]| {
+                    decode::<ChangeRecord>("changes", id, b).map(|r| change_keys(&r))
+                }),
+            ] {
+                let mut t = txn.open_table(table).map_err(db)?;
+                let mut ix = txn.open_table(idx).map_err(db)?;
+                let mut counts = txn.open_table(COUNTS).map_err(db)?;
+                for id in ids {
+                    let old = match t.remove(*id).map_err(db)? {
+                        Some(v) => keys(*id, v.value())?,
+                        None => continue,
+                    };
+                    bump(&mut counts, total, -1)?;
+                    for k in old {
+                        ix.remove((k.as_str(), *id)).map_err(db)?;
+                        bump(&mut counts, &k, -1)?;
+                    }
+                }
+            }
+            let mut t = txn.open_table(LOGS).map_err(db)?;
+            for id in logs {
+                t.remove(*id).map_err(db)?;
+            }
+            let mut p = txn.open_table(PLANS).map_err(db)?;
+            for h in plans {
+                p.remove(h.as_str()).map_err(db)?;
+            }
+            if !plans.is_empty() {
+                // Parts no remaining plan names go too (plans are few: one per pipeline change).
+                let mut used: BTreeSet<String> = BTreeSet::new();
+                for row in p.iter().map_err(db)? {
+                    let (_, v) = row.map_err(db)?;
+                    if let Ok(m) = serde_json::from_slice::<PlanManifest>(v.value()) {
+                        used.extend(m.parts);
+                    }
+                }
+                let mut parts = txn.open_table(PLAN_PARTS).map_err(db)?;
+                let mut unused = Vec::new();
+                for row in parts.iter().map_err(db)? {
+                    let (k, _) = row.map_err(db)?;
+                    if !used.contains(k.value()) {
+                        unused.push(k.value().to_owned());
+                    }
+                }
+                for k in unused {
+                    parts.remove(k.as_str()).map_err(db)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Log records from id `from` upward, handed to `f` until it returns false.
+    pub fn scan_logs(&self, from: u64, mut f: impl FnMut(LogRecord) -> bool) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(LOGS).map_err(db)?;
+        for row in t.range(from..).map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            if !f(decode("logs", k.value(), v.value())?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Plan hashes, in order, from `after` (exclusive), at most `limit`.
+    pub fn plan_hashes(&self, after: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(PLANS).map_err(db)?;
+        let mut out = Vec::new();
+        for row in t.range(after..).map_err(db)? {
+            let (k, _) = row.map_err(db)?;
+            if k.value() != after {
+                out.push(k.value().to_owned());
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// A number kept in the meta table (a janitor's cursor), 0 if unset.
+    pub fn meta(&self, key: &str) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(META).map_err(db)?;
+        Ok(t.get(key).map_err(db)?.map_or(0, |v| v.value()))
+    }
+
+    pub fn set_meta(&self, key: &str, value: u64) -> Result<(), StoreError> {
+        self.write(Sync::Lazy, |txn| {
+            txn.open_table(META).map_err(db)?.insert(key, value).map_err(db)?;
+            Ok(())
+        })
     }
 
     /// Every record's index entries and counts against the records themselves: the first
@@ -499,6 +649,37 @@ impl Store {
     }
 }
 
+/// How a plan is stored: its identity and the hashes of its per-repository parts.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PlanManifest {
+    format: u32,
+    hash: String,
+    repos: Vec<rbb_schema::plan::PlanRepo>,
+    parts: Vec<String>,
+}
+
+/// A plan's manifest and its parts (one per repository, keyed by the hash of its JSON).
+fn split_plan(p: &rbb_schema::plan::Plan) -> Result<(Vec<u8>, Vec<(String, Vec<u8>)>), StoreError> {
+    use sha2::Digest;
+    let mut by_repo: std::collections::BTreeMap<&str, Vec<&rbb_schema::plan::PlanBuilder>> = Default::default();
+    for b in &p.builders {
+        by_repo.entry(b.repo.as_str()).or_default().push(b);
+    }
+    let mut parts = Vec::new();
+    for builders in by_repo.values() {
+        let bytes = encode("plan_parts", 0, builders)?;
+        let hash: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        parts.push((hash, bytes));
+    }
+    let manifest = PlanManifest {
+        format: p.format,
+        hash: p.hash.clone(),
+        repos: p.repos.clone(),
+        parts: parts.iter().map(|(h, _)| h.clone()).collect(),
+    };
+    Ok((encode("plans", 0, &manifest)?, parts))
+}
+
 /// Schema 1 had the records without indexes: build them.
 fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     let mut builds: Vec<(u64, Vec<u8>)> = Vec::new();
@@ -538,4 +719,42 @@ fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> rbb_schema::plan::Plan {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/compiler/cross-repo-needs/plan.json");
+        serde_json::from_slice(&std::fs::read(path).expect("golden plan")).expect("plan")
+    }
+
+    fn parts(s: &Store) -> usize {
+        let txn = s.db.begin_read().expect("read");
+        txn.open_table(PLAN_PARTS).expect("table").iter().expect("iter").count()
+    }
+
+    #[test]
+    fn a_plan_is_stored_by_repository_parts_and_read_back_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(&dir.path().join("state.redb")).expect("open");
+        let a = plan();
+        s.put_plan(&a).expect("put");
+        assert_eq!(parts(&s), 2, "one part per repository");
+        assert_eq!(s.plan(&a.hash).expect("read").as_ref(), Some(&a));
+        // A change in one repository's pipeline adds one part; the other is shared.
+        let mut b = a.clone();
+        b.hash = "sha256:changed".into();
+        let i = b.builders.iter().position(|x| x.repo == "lib").expect("a lib builder");
+        b.builders[i].description = Some("changed".into());
+        s.put_plan(&b).expect("put");
+        assert_eq!(parts(&s), 3);
+        assert_eq!(s.plan(&b.hash).expect("read").as_ref(), Some(&b));
+        assert_eq!(s.plan(&a.hash).expect("read").as_ref(), Some(&a));
+        // Deleting a plan collects the part only it used.
+        s.delete(&[], &[], &[], std::slice::from_ref(&b.hash)).expect("delete");
+        assert_eq!(parts(&s), 2);
+        assert_eq!(s.plan(&a.hash).expect("read").as_ref(), Some(&a));
+    }
 }

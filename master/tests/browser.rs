@@ -279,6 +279,12 @@ async fn a_build_forced_in_the_ui_turns_its_cell_green_live_and_shows_its_log() 
     assert_eq!(js(&c, "return document.getElementById('live').dataset.state").await, "open");
 
     screenshot(&c, "grid.png").await;
+    // No change was recorded for the forced commit: its heading says when it was first seen.
+    let head = text_of(&c, ".grid-head th.col").await;
+    assert!(
+        head.contains(&b["commit"].as_str().expect("commit")[..7]) && head.contains("seen") && head.contains("app"),
+        "{head}"
+    );
 
     // The cell links to the build page, which shows the whole log of the finished step.
     element(&c, &cell).await.click().await.expect("open the build from its cell");
@@ -352,6 +358,10 @@ async fn a_big_log_is_shown_a_page_at_a_time() {
     )
     .await;
     assert!(js(&c, TEXT).await.as_str().expect("text").len() <= PAGE);
+    // Lines are numbered from the first page on: `seq` prints n on line n + (header lines).
+    const SHIFT: &str = "const l = [...document.querySelectorAll('pre.log .l[id]')].filter(l => /^\\d+\\n$/.test(l.textContent))[1]; return Number(l.id.slice(1)) - Number(l.textContent)";
+    let shift = js(&c, SHIFT).await.as_i64().expect("line number minus value");
+    assert!(shift > 0, "the first page is numbered after the header lines: {shift}");
     element(&c, "button[data-log='next']").await.click().await.expect("next");
     until_js(
         &c,
@@ -360,6 +370,7 @@ async fn a_big_log_is_shown_a_page_at_a_time() {
         "return document.querySelector('.log-range').textContent.startsWith('256 KiB–512 KiB of ')",
     )
     .await;
+    assert_eq!(js(&c, SHIFT).await.as_i64(), Some(shift), "the next page goes on numbering where the first ended");
     element(&c, "button[data-log='last']").await.click().await.expect("last");
     until_js(
         &c,
@@ -488,6 +499,11 @@ async fn a_grid_of_1000_builders_by_50_commits_renders_quickly() {
             screenshot(&c, "grid-synthetic.png").await;
         }
     }
+    // The columns share the width of the screen, each heading the commit's subject.
+    let used = js(&c, "const w = document.getElementById('grid-wrap'); return document.querySelector('.grid-head').offsetWidth / w.clientWidth").await;
+    assert!(used.as_f64().expect("ratio") > 0.9, "the grid uses {used} of the width");
+    let first = text_of(&c, ".grid-head th.col").await;
+    assert!(first.starts_with("Commit number 50"), "{first}");
     // A generous bound: a figure, not a timing test.
     let worst = figures.iter().map(|f| f.0).fold(0.0, f64::max);
     assert!(worst < 5000.0, "rendering 50,000 cells took {worst:.0} ms");
@@ -510,4 +526,276 @@ async fn a_grid_of_1000_builders_by_50_commits_renders_quickly() {
     .await;
     js(&c, "localStorage.clear(); return null").await;
     c.close().await.expect("close the browser");
+}
+
+/// Text of the first element matching `css` (empty when there is none).
+async fn text_of(c: &Client, css: &str) -> String {
+    let script = format!("return document.querySelector({css:?})?.textContent ?? ''");
+    js(c, &script).await.as_str().unwrap_or_default().to_owned()
+}
+
+/// The newest build of `builder` at `commit` (by the API).
+fn build_at(m: &Master, builder: &str, commit: &str) -> Option<Value> {
+    builds(m).into_iter().find(|b| b["builder"] == builder && b["commit"] == commit)
+}
+
+const PAGES: &str = r#"
+builders:
+  lint:
+    labels: [linux]
+    steps:
+      - name: colours
+        run: |
+          printf '\033[1;31mred alert\033[0m and \033[32mgreen\033[0m\n'
+          seq 1 40
+          echo "the needle $((40 + 2))"
+  test:
+    labels: [linux]
+    steps:
+      - name: prepare
+        run: echo preparing
+      - name: check
+        run: exit 3
+  package:
+    labels: [linux]
+    needs: [lint, test]
+    steps:
+      - name: pack
+        run: echo packing
+  gpu:
+    labels: [gpu]
+    steps:
+      - name: render
+        run: echo never runs here
+"#;
+
+/// A master and worker that built two commits of `PAGES` (each seen by the poller, so with a
+/// change record), then rebuilt lint at the older one; and a browser.
+struct Pages {
+    m: Master,
+    _w: Worker,
+    c: Client,
+    _driver: Driver,
+    base: String,
+    older: String,
+    newer: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn pages() -> Pages {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = dir.path().join("app");
+    make_repo(&app, PAGES, &[]);
+    let config = dir.path().join("rbb.yaml");
+    std::fs::write(
+        &config,
+        "repositories:\n  - url: app\n    poll_interval: 200ms\nworkers:\n  - name: w1\n    token: secret\n    labels: [linux]\n    max_steps: 2\n",
+    )
+    .expect("config");
+    let m = Master::start(&config, &dir.path().join("state"));
+    let w = Worker::start(&m, "w1", "secret", &dir.path().join("w1"), &[]);
+    // The first poll records where the branches are without building: commit after it.
+    let mirror = dir.path().join("state/mirrors/app.git");
+    wait_for(T, "the master's first poll", || {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&mirror)
+            .args(["for-each-ref", "refs/rbb/recorded/"])
+            .output()
+            .ok()?;
+        (!out.stdout.is_empty()).then_some(())
+    });
+    // Two commits seen by the poller, each built; the gpu builds wait for a worker forever.
+    let settled = |commit: &str| {
+        wait_for(T, &format!("the builds of {commit} to finish"), || {
+            let all: Vec<Value> = builds(&m).into_iter().filter(|b| b["commit"] == commit).collect();
+            let linux = all.iter().filter(|b| b["builder"] != "app/gpu").collect::<Vec<_>>();
+            (linux.len() == 3 && linux.iter().all(|b| b["state"] == "finished")).then_some(())
+        })
+    };
+    let older = commit(&app, "parser.txt", "parse\n", 10, "Add the parser");
+    settled(&older);
+    let newer = commit(&app, "parser.txt", "parse in colour\n", 20, "Teach the parser colours");
+    settled(&newer);
+    // Rebuild lint at the older commit: the newest activity is now on the older commit.
+    let old_lint = build_at(&m, "app/lint", &older).expect("lint at the older commit");
+    let r = m.post(&format!("/api/v2/builds/{}/rebuild", old_lint["id"]), "");
+    assert!(r.status == 200 || r.status == 201, "rebuild: {}", r.text());
+    let again = r.json()["build"].as_u64().expect("rebuild id");
+    assert_eq!(m.finished(again, T)["result"], "SUCCESS");
+    let driver = Driver::start(dir.path());
+    let c = driver.browser(dir.path()).await;
+    let base = format!("http://{}", m.http);
+    Pages { m, _w: w, c, _driver: driver, base, older, newer, _dir: dir }
+}
+
+/// The grid's columns: ordered by commit time, headed by what the commit is, as wide as the screen allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grid_columns_are_commits_newest_first_with_subject_author_time_and_repo() {
+    let p = pages().await;
+    let (m, c, base, older, newer) = (&p.m, &p.c, &p.base, &p.older, &p.newer);
+    let grid = m.get("/api/v2/grid").json();
+    assert_eq!(grid["columns"][0]["commit"], older.as_str(), "the API lists the rebuilt commit first: {grid:#}");
+    // The grid: newest commit first whatever was built last, each heading with the commit's
+    // subject, author, time and repository; the cells widen into the free width.
+    c.goto(&format!("{base}/")).await.expect("open the UI");
+    element(c, "#grid-wrap[data-loaded] th.col").await;
+    let heads = js(c, "return [...document.querySelectorAll('.grid-head th.col')].map(th => th.innerText)").await;
+    let heads: Vec<&str> = heads.as_array().expect("headings").iter().map(|h| h.as_str().expect("text")).collect();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(heads[0].contains("Teach the parser colours"), "the newest commit comes first: {heads:?}");
+    assert!(heads[1].contains("Add the parser"), "{heads:?}");
+    for (h, id) in heads.iter().zip([&newer, &older]) {
+        assert!(h.contains("rbb fixtures") && h.contains("ago") && h.contains("app") && h.contains(&id[..7]), "{h}");
+    }
+    let widths = js(c, "return [...document.querySelectorAll('table.grid td')].map(td => td.offsetWidth)").await;
+    assert!(widths.as_array().expect("widths").iter().all(|w| w.as_u64().expect("width") > 100), "cells: {widths}");
+    screenshot(c, "pages-grid.png").await;
+
+    c.clone().close().await.expect("close the browser");
+}
+
+/// The build page: step numbers, needed builds, why a pending build waits, not-found, title, no cache placeholder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_build_page_numbers_steps_names_needs_says_why_it_waits_and_knows_missing_builds() {
+    let p = pages().await;
+    let (m, c, base, newer) = (&p.m, &p.c, &p.base, &p.newer);
+    // A failed build: steps numbered as in its result line; the title names it.
+    let test = build_at(m, "app/test", newer).expect("test build");
+    let test_id = test["id"].as_u64().expect("id");
+    assert!(test["result_reason"].as_str().expect("reason").starts_with("step 2 (check)"), "{test:#}");
+    c.goto(&format!("{base}/#/builds/{test_id}")).await.expect("open the failed build");
+    until_js(c, T, "the failed build", "return document.getElementById('view').dataset.result === 'FAILURE'").await;
+    let facts = text_of(c, "#build-facts").await;
+    assert!(facts.contains("step 2 (check)"), "{facts}");
+    let rows = js(c, "return [...document.querySelectorAll('#build-steps tbody tr')].map(tr => [tr.cells[0].innerText, tr.cells[1].innerText])").await;
+    assert_eq!(rows, json!([["1", "prepare"], ["2", "check"]]));
+    let title = js(c, "return document.title").await;
+    assert!(title.as_str().expect("title").contains(&format!("Build {test_id} · app/test")), "{title}");
+    // No cache box until the cache reports.
+    let why = text_of(c, "#build-why").await;
+    assert!(
+        !why.to_lowercase().contains("cache")
+            && js(c, "return document.querySelector('#build-why textarea') === null").await == true,
+        "{why}"
+    );
+
+    // The build that needs two others names them, with their results and links.
+    let package = build_at(m, "app/package", newer).expect("package build");
+    c.goto(&format!("{base}/#/builds/{}", package["id"])).await.expect("open the package build");
+    element(c, "#build-needs li[data-needs] .badge").await;
+    let needs = js(c, "return [...document.querySelectorAll('#build-needs li')].map(li => [li.querySelector('a').innerText, li.querySelector('a').getAttribute('href'), li.querySelector('.badge')?.innerText ?? ''])").await;
+    let mut needs: Vec<Value> = needs.as_array().expect("needs").clone();
+    needs.sort_by_key(|n| n[0].as_str().unwrap_or_default().to_owned());
+    let lint = build_at(m, "app/lint", newer).expect("lint build");
+    assert_eq!(
+        needs,
+        [
+            json!(["app/lint", format!("#/builds/{}", lint["id"]), "SUCCESS"]),
+            json!(["app/test", format!("#/builds/{test_id}"), "FAILURE"])
+        ]
+    );
+    screenshot(c, "pages-needs.png").await;
+
+    // A pending build says why it waits, and cannot be rebuilt.
+    let gpu = build_at(m, "app/gpu", newer).expect("gpu build");
+    assert_eq!(gpu["state"], "pending");
+    let waiting = gpu["waiting"].as_str().expect("the API says why it waits").to_owned();
+    c.goto(&format!("{base}/#/builds/{}", gpu["id"])).await.expect("open the pending build");
+    element(c, "#build-waiting:not([hidden])").await;
+    assert_eq!(text_of(c, "#build-waiting").await, format!("Waiting: {waiting}"));
+    assert_eq!(js(c, "return document.getElementById('btn-rebuild').disabled").await, true);
+    screenshot(c, "pages-pending.png").await;
+
+    // A build the master does not have: a page saying so, nothing else.
+    c.goto(&format!("{base}/#/builds/999999")).await.expect("open a missing build");
+    until_js(c, T, "the not-found page", "return document.getElementById('view').dataset.state === 'missing'").await;
+    let view = text_of(c, "#view").await;
+    assert!(view.contains("Build 999999 not found") && !view.contains("Loading"), "{view}");
+    let leftovers = js(c, "return ['#btn-stop', '#btn-rebuild', '#build-steps', '#build-log', '#build-facts'].filter(s => document.querySelector(s))").await;
+    assert_eq!(leftovers, json!([]));
+    assert!(js(c, "return document.title").await.as_str().expect("title").contains("999999 not found"));
+    screenshot(c, "pages-missing.png").await;
+
+    c.clone().close().await.expect("close the browser");
+}
+
+/// The log viewer: numbered lines with links, ANSI colours, search, download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_viewer_numbers_links_colours_searches_and_downloads() {
+    let p = pages().await;
+    let (m, c, base, newer) = (&p.m, &p.c, &p.base, &p.newer);
+    let lint = build_at(m, "app/lint", newer).expect("lint build");
+    // The log: colours rendered, numbered lines that link to themselves, search, download.
+    let lint_id = lint["id"].as_u64().expect("id");
+    c.goto(&format!("{base}/#/builds/{lint_id}")).await.expect("open the lint build");
+    until_js(
+        c,
+        T,
+        "the log",
+        "return (document.querySelector('pre.log')?.textContent ?? '').includes('the needle 42')",
+    )
+    .await;
+    assert_eq!(text_of(c, "pre.log span.a-f1.a-bold").await, "red alert");
+    assert_eq!(text_of(c, "pre.log span.a-f2").await, "green");
+    js(c, "document.querySelector('pre.log span.a-f1').scrollIntoView({ block: 'center' }); return null").await;
+    screenshot(c, "pages-log-colours.png").await;
+    let raw = text_of(c, "pre.log").await;
+    assert!(
+        !raw.contains('\u{1b}') && raw.contains("\nred alert and green\n"),
+        "escape sequences are not shown: {raw}"
+    );
+    let line = js(c, "const l = [...document.querySelectorAll('pre.log .l')].find(l => l.textContent === '20\\n'); return l && [l.id, l.querySelector('a.n').getAttribute('href')]").await;
+    let anchor = line[0].as_str().expect("id").to_owned();
+    let n: u32 = anchor.strip_prefix('L').expect("L<n>").parse().expect("number");
+    assert_eq!(line[1], format!("#/builds/{lint_id}?step=1&line={n}"));
+    // Opening the link (a fresh page) shows that line marked.
+    c.goto(&format!("{base}/#/builds/{lint_id}?step=1&line={n}")).await.expect("open the line's link");
+    c.refresh().await.expect("reload");
+    element(c, &format!("pre.log #{anchor}.target")).await;
+    assert_eq!(text_of(c, "pre.log .l.target").await, "20\n");
+    // Clicking another line's number marks that line, without reading the log again.
+    js(c, "window.rbbSamePage = true; return null").await;
+    element(c, &format!("pre.log #L{} a.n", n + 1)).await.click().await.expect("click a line number");
+    element(c, &format!("pre.log #L{}.target", n + 1)).await;
+    assert_eq!(text_of(c, "pre.log .l.target").await, "21\n");
+    assert_eq!(js(c, "return document.querySelectorAll('pre.log .l.target').length").await, 1);
+    assert_eq!(js(c, "return window.rbbSamePage === true").await, true, "the page was reloaded");
+    let url = c.current_url().await.expect("url");
+    assert_eq!(url.fragment(), Some(format!("/builds/{lint_id}?step=1&line={}", n + 1).as_str()));
+    let search = element(c, "input.log-search").await;
+    search.send_keys("NEEDLE 42").await.expect("search");
+    until_js(c, T, "the search to mark its line", "return document.querySelectorAll('pre.log .l.hit').length === 1")
+        .await;
+    assert_eq!(text_of(c, "pre.log .l.current").await, "the needle 42\n");
+    assert_eq!(text_of(c, ".log-hits").await, "1 of 1 line");
+    let download = js(
+        c,
+        "const a = document.querySelector('a.download'); return [a.getAttribute('download'), a.getAttribute('href')]",
+    )
+    .await;
+    assert_eq!(download[0], "build-".to_owned() + &lint_id.to_string() + "-step-1-colours.log");
+    let got = js(c, "return fetch(document.querySelector('a.download').href).then(r => r.text())").await;
+    assert!(got.as_str().expect("log").contains("the needle 42"), "{got}");
+    screenshot(c, "pages-log.png").await;
+
+    c.clone().close().await.expect("close the browser");
+}
+
+/// The builder page: the last builds as a chart, success rate, median duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_builder_page_charts_its_last_builds() {
+    let p = pages().await;
+    let (c, base) = (&p.c, &p.base);
+    // The builder page: the last builds as a chart, success rate, median duration.
+    c.goto(&format!("{base}/#/builders/app%2Flint")).await.expect("open the builder");
+    element(c, "#builder-trend svg.chart").await;
+    assert_eq!(js(c, "return document.querySelectorAll('#builder-trend svg.chart rect.bar').length").await, 3);
+    assert_eq!(text_of(c, "#builder-rate b").await, "100%");
+    assert!(!text_of(c, "#builder-median b").await.is_empty());
+    c.goto(&format!("{base}/#/builders/app%2Ftest")).await.expect("open the failing builder");
+    element(c, "#builder-trend svg.chart rect.bar.r-FAILURE").await;
+    assert_eq!(text_of(c, "#builder-rate b").await, "0%");
+    screenshot(c, "pages-builder.png").await;
+    c.clone().close().await.expect("close the browser");
 }

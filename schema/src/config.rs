@@ -38,6 +38,110 @@ pub struct MasterConfig {
     /// Named locks builders can take (`locks:` in a builder): `max` holders at once.
     #[serde(default, skip_serializing_if = "indexmap::IndexMap::is_empty")]
     pub locks: indexmap::IndexMap<String, LockConfig>,
+    /// Who hears about finished builds: outgoing webhooks (JSON or Slack text) and e-mail.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<NotificationConfig>,
+    /// How long history is kept. Without it, builds and logs are kept forever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionConfig>,
+}
+
+/// One notification rule: which builds, and where they go (a webhook, e-mail, or both).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotificationConfig {
+    /// Only builds of these builders (globs on the builder id, e.g. `app/*`). Default: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub builders: Vec<String>,
+    /// `always` (default), `failure` (only failing builds: FAILURE or EXCEPTION), `change`
+    /// (only when the result differs from the builder's previous build on the same branch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<NotifyWhen>,
+    /// URL the build is POSTed to when it finishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
+    /// HMAC-SHA256 secret: the body's signature is sent as `X-Rbb-Signature-256: sha256=<hex>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// `json` (default: the build as JSON) or `slack` (`{"text": ...}`, for Slack, Mattermost
+    /// and other incoming-webhook chats).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<NotifyFormat>,
+    /// E-mail over SMTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<EmailConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyWhen {
+    Always,
+    Failure,
+    Change,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyFormat {
+    Json,
+    Slack,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    /// SMTP server host name.
+    pub server: String,
+    /// Default 25 (`tls: none`), 587 (`starttls`) or 465 (`tls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// `starttls` (default), `tls` or `none` (a relay on a trusted network only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<SmtpTls>,
+    /// SMTP user name; its password is read from `password_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// Sender address, e.g. `rbb <ci@example.com>`.
+    pub from: String,
+    /// Fixed recipients.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<String>,
+    /// Also write to the authors of the build's changes. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_authors: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SmtpTls {
+    None,
+    Starttls,
+    Tls,
+}
+
+/// What the master's janitor removes, and when (`retention:` in the master config). It runs
+/// in the background in small batches; a build's record outlives its logs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Delete finished builds (with their logs) older than this many days...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_days: Option<u32>,
+    /// ...but keep the newest this many builds of every builder whatever their age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_builds: Option<u32>,
+    /// Compress step logs older than this many days with zstd (they stay readable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress_logs_days: Option<u32>,
+    /// Delete step logs older than this many days (the build stays; its log reads
+    /// "expired").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_days: Option<u32>,
+    /// How often the janitor runs, e.g. `1h` (the default) or `10m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -73,8 +177,20 @@ pub struct RepositoryConfig {
     /// `url` without `.git`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// A local path or a `file://` URL of a git repository.
+    /// A local path or a `file://` URL of a git repository, or a remote one: `https://`,
+    /// `http://`, `ssh://`, scp-like `git@host:org/repo.git`, or `git://`. Credentials never go
+    /// in the URL: put them under `auth`.
     pub url: String,
+    /// How to authenticate to a remote `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<RepoAuth>,
+    /// Longest a fetch from a remote `url` may take: seconds or a duration such as `90s`,
+    /// `5m`. Default 5m. A fetch that takes longer is stopped and reported as an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_timeout: Option<Scalar>,
+    /// Where builds of this repository report commit statuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<StatusConfig>,
     /// Branch the pipeline is read from. Default `main`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch: Option<String>,
@@ -100,6 +216,82 @@ impl RepositoryConfig {
 
     pub fn effective_branch(&self) -> &str {
         self.branch.as_deref().unwrap_or(DEFAULT_BRANCH)
+    }
+}
+
+/// A forge's commit-status API for one repository.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// `github`, `gitlab`, `gitea` or `forgejo`.
+    pub forge: String,
+    /// API root. Default: `https://api.github.com` for github.com, else
+    /// `https://<host>/api/v3` (GitHub Enterprise), `https://<host>/api/v4` (GitLab),
+    /// `https://<host>/api/v1` (Gitea, Forgejo), the host taken from the repository's url.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
+    /// `owner/repo` (GitLab: the project path or id). Default: from the repository's url.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    /// Token allowed to set statuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// A file holding the token (read when statuses are sent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+}
+
+impl std::fmt::Debug for StatusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusConfig")
+            .field("forge", &self.forge)
+            .field("api", &self.api)
+            .field("project", &self.project)
+            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
+}
+
+/// Credentials for a remote repository. Relative paths are relative to the config file.
+/// None of these values ever appears in a log, an error message, the plan or the API.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RepoAuth {
+    /// User name for `https://`. Default `x-access-token` when a token is given (GitHub,
+    /// GitLab, Gitea and Forgejo all accept a token as the password of any user name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password for `https://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Access token for `https://` (sent as the password).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// A file holding the password or token for `https://` (surrounding whitespace is
+    /// ignored), read at each fetch, so a rotated token needs no restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// Private key file for `ssh://` and `git@host:path` URLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_key: Option<String>,
+    /// known_hosts file the ssh server's key is checked against (strictly: an unknown or
+    /// changed host key is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_hosts: Option<String>,
+}
+
+impl std::fmt::Debug for RepoAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |v: &Option<String>| v.as_ref().map(|_| "<hidden>");
+        f.debug_struct("RepoAuth")
+            .field("username", &self.username)
+            .field("password", &hidden(&self.password))
+            .field("token", &hidden(&self.token))
+            .field("password_file", &self.password_file)
+            .field("ssh_key", &self.ssh_key)
+            .field("known_hosts", &self.known_hosts)
+            .finish()
     }
 }
 

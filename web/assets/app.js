@@ -70,6 +70,7 @@ function route() {
     view.innerHTML = '';
     for (const k of Object.keys(view.dataset)) delete view.dataset[k];
     view.className = 'view-' + (mod.name || nav);
+    document.title = 'rbb';
     let page = null;
     try {
       page = mod.mount(view, { params, query, ctx, ...(extra || {}) });
@@ -82,6 +83,7 @@ function route() {
   }
   if (current) current.ctx.close();
   current = null;
+  document.title = 'Not found · rbb';
   document.getElementById('view').innerHTML = '<h1>Not found</h1><p>No page at this address. <a href="#/">Back to the grid</a>.</p>';
 }
 

@@ -1,7 +1,8 @@
-// The build page: what ran (builder, commit, branch, worker, times), its steps, Stop and
-// Rebuild, why it ran (reason and changes; the cache explanation will go there), and the log
-// viewer for the selected step. Live: `build` and `step` events re-read the build, `log`
-// events grow the followed log.
+// The build page: what ran (builder, commit, branch, worker, times), why a pending build
+// waits, the builds it needs, its steps, Stop and Rebuild, why it ran (reason and changes),
+// and the log viewer for the selected step. Steps are numbered from 1 on the page and in its
+// addresses (`?step=1`), as in the build's result line; the API counts from 0. Live: `build`
+// and `step` events re-read the build, `log` events grow the followed log.
 
 import { coalesce, enc, get, post } from './api.js';
 import { flash } from './flash.js';
@@ -9,6 +10,16 @@ import { LogView } from './logview.js';
 import { badge, duration, errorBox, esc, firstLine, short, span, statusClass, when } from './view.js';
 
 export const name = 'build';
+
+/** The page of a build the master does not have: no facts, panels or buttons. */
+function notFoundHtml(id) {
+  return `
+    <div class="page-head"><h1 id="build-title">Build ${id} not found</h1></div>
+    <div class="panel notfound">
+      <p>The master has no build ${id}.</p>
+      <p>It may have been mistyped, or removed by the retention policy. <a href="#/grid">Back to the grid</a> · <a href="#/workers">workers</a></p>
+    </div>`;
+}
 
 /** The step to show when none is chosen: the running one, else the first that failed, else the last with a log. */
 function defaultStep(b) {
@@ -32,8 +43,8 @@ function stepsHtml(b, selected) {
   if (!b.steps || !b.steps.length) return '<p class="muted">No steps.</p>';
   const rows = b.steps.map((s) => `
     <tr class="${s.number === selected ? 'selected' : ''}" data-step="${s.number}">
-      <td class="num">${s.number}</td>
-      <td><a href="#/builds/${b.id}?step=${s.number}">${esc(s.name)}</a></td>
+      <td class="num">${s.number + 1}</td>
+      <td><a href="#/builds/${b.id}?step=${s.number + 1}">${esc(s.name)}</a></td>
       <td>${badge(s)}</td>
       <td class="num">${s.started_at ? tick(s.started_at, s.finished_at) : ''}</td>
       <td class="num">${s.exit_code == null ? '' : esc(s.exit_code)}</td>
@@ -43,7 +54,7 @@ function stepsHtml(b, selected) {
 }
 
 /** The build's facts (the buttons above them stay put, so a click never lands on a replaced node). */
-function factsHtml(b) {
+function factsHtml(b, needed) {
   const waited = b.started_at ? esc(duration(b.started_at - b.submitted_at)) : (b.state === 'pending' ? tick(b.submitted_at, null) : '');
   const ran = b.started_at ? tick(b.started_at, b.finished_at) : '';
   return `
@@ -51,12 +62,20 @@ function factsHtml(b) {
       <dt>commit</dt><dd><code title="${esc(b.commit)}">${esc(short(b.commit))}</code> on <b>${esc(b.branch)}</b> of ${esc(b.repo)}</dd>
       <dt>result</dt><dd class="${statusClass(b)}-text">${esc(b.state === 'finished' ? (b.result || 'finished') : b.state)}${b.result_reason ? ' — ' + esc(b.result_reason) : ''}</dd>
       <dt>reason</dt><dd>${esc(b.reason)}</dd>
-      ${b.waiting ? `<dt>waiting</dt><dd class="waiting">${esc(b.waiting)}</dd>` : ''}
       <dt>worker</dt><dd>${b.worker ? esc(b.worker) : '<span class="muted">none yet</span>'}</dd>
       <dt>submitted</dt><dd>${esc(when(b.submitted_at))}${waited ? ` <span class="muted">(waited ${waited})</span>` : ''}</dd>
       <dt>ran</dt><dd>${b.started_at ? esc(when(b.started_at)) + ` <span class="muted">(${ran})</span>` : '<span class="muted">not started</span>'}</dd>
       <dt>plan</dt><dd><code title="${esc(b.plan_hash)}">${esc(String(b.plan_hash || '').slice(0, 19))}</code>${b.pipeline_blob ? ` <span class="muted">pipeline blob ${esc(short(b.pipeline_blob))}</span>` : ''}</dd>
-      ${b.waits_for && b.waits_for.length ? `<dt>needs</dt><dd>${b.waits_for.map((w) => `<a href="#/builds/${w}">build ${w}</a>`).join(', ')}</dd>` : ''}`;
+      ${b.waits_for && b.waits_for.length ? `<dt>needs</dt><dd id="build-needs">${neededHtml(b.waits_for, needed)}</dd>` : ''}`;
+}
+
+/** The builds a build needs, by builder name and result, each a link to its page. */
+function neededHtml(ids, needed) {
+  return `<ul class="needs">${ids.map((w) => {
+    const n = needed.get(w);
+    const label = n ? esc(n.builder) : `build ${w}`;
+    return `<li data-needs="${w}"><a href="#/builds/${w}">${label}</a> ${n ? badge(n) : ''} <span class="muted">#${w}</span></li>`;
+  }).join('')}</ul>`;
 }
 
 function whyHtml(b, changes) {
@@ -68,17 +87,27 @@ function whyHtml(b, changes) {
   return `
     <h2>Why did this run?</h2>
     <p><b>${esc(b.reason)}</b>${b.result_reason ? ` · result: ${esc(b.result_reason)}` : ''}</p>
-    ${list}
-    <label class="why-cache">Cache explanation (which inputs of the cache key changed since the last run) — not reported by the master yet
-      <textarea readonly rows="3" placeholder="When the master reports cache key manifests, the differences from the previous run of each step will be shown here."></textarea>
-    </label>`;
+    ${list}`;
+}
+
+/** The API number of the step named in the address (`?step=1` is the first step), or null. */
+function stepOf(q) {
+  const n = Number(q.get('step'));
+  return q.has('step') && Number.isInteger(n) && n >= 1 ? n - 1 : null;
+}
+
+/** The log line named in the address (`?line=12`), or null. */
+function lineOf(q) {
+  const n = Number(q.get('line'));
+  return q.has('line') && Number.isInteger(n) && n >= 1 ? n : null;
 }
 
 export function mount(view, { params, query, ctx }) {
   const id = Number(params[0]);
   let build = null;
   let changes = null;
-  let selected = query.has('step') ? Number(query.get('step')) : null;
+  let selected = stepOf(query);
+  let needed = new Map(); // build id -> the build it needs, as last read
 
   view.innerHTML = `
     <div class="page-head">
@@ -88,6 +117,7 @@ export function mount(view, { params, query, ctx }) {
       <button type="button" id="btn-rebuild" disabled>Rebuild</button>
     </div>
     <div id="build-error"></div>
+    <div id="build-waiting" class="waiting-box" hidden></div>
     <dl class="facts wide" id="build-facts"><dd class="muted">Loading build ${id}…</dd></dl>
     <div class="cols">
       <section id="build-steps" class="panel"></section>
@@ -97,12 +127,15 @@ export function mount(view, { params, query, ctx }) {
   const title = view.querySelector('#build-title');
   const facts = view.querySelector('#build-facts');
   const errorEl = view.querySelector('#build-error');
+  const waitingEl = view.querySelector('#build-waiting');
   const stopBtn = view.querySelector('#btn-stop');
   const rebuildBtn = view.querySelector('#btn-rebuild');
   let stopping = false; // a stop was requested: keep the button off
   const stepsEl = view.querySelector('#build-steps');
   const whyEl = view.querySelector('#build-why');
   const log = new LogView(view.querySelector('#build-log'), ctx);
+  let line = lineOf(query);
+  document.title = `Build ${id} · rbb`;
 
   function current() {
     return selected ?? (build ? defaultStep(build) : null);
@@ -110,7 +143,7 @@ export function mount(view, { params, query, ctx }) {
 
   function showLog() {
     const step = build && (build.steps || []).find((s) => s.number === current());
-    log.show(step || null);
+    log.show(step || null, { build: id, step: step ? step.number + 1 : null, line });
   }
 
   async function loadChanges(b) {
@@ -124,19 +157,44 @@ export function mount(view, { params, query, ctx }) {
     changes = lists.flatMap((l) => l.changes || []).filter((c) => want.has(c.id) && !seen.has(c.id) && seen.add(c.id));
   }
 
+  /** Reads the builds this one needs that are not finished as last read. */
+  async function loadNeeded(b) {
+    const ids = (b.waits_for || []).filter((w) => !needed.has(w) || needed.get(w).state !== 'finished').slice(0, 50);
+    if (!ids.length) return;
+    const got = await Promise.all(ids.map((w) => get(`/api/v2/builds/${w}`, ctx.signal).catch((e) => {
+      if (e.name === 'AbortError') throw e;
+      return null;
+    })));
+    for (let i = 0; i < ids.length; i++) if (got[i]) needed.set(ids[i], got[i]);
+  }
+
+  /** Shows the page of a build the master does not have. */
+  function notFound() {
+    view.innerHTML = notFoundHtml(id);
+    view.dataset.state = 'missing';
+    document.title = `Build ${id} not found · rbb`;
+  }
+
   let loads = 0; // the newest read wins when several overlap
   async function load(first) {
     const mine = ++loads;
     try {
       const b = await get(`/api/v2/builds/${id}`, ctx.signal);
       if (!ctx.alive || mine !== loads) return;
+      await loadNeeded(b);
+      if (!ctx.alive || mine !== loads) return;
       const before = build;
       build = b;
-      title.innerHTML = `Build ${b.id} ${badge(b)}`;
-      facts.innerHTML = factsHtml(b);
+      title.innerHTML = `Build ${b.id} <span class="muted">${esc(b.builder)}</span> ${badge(b)}`;
+      document.title = `Build ${b.id} · ${b.builder} · ${b.state === 'finished' ? b.result || 'finished' : b.state} · rbb`;
+      waitingEl.hidden = !(b.state === 'pending' && b.waiting);
+      waitingEl.innerHTML = b.state === 'pending' && b.waiting ? `<b>Waiting:</b> ${esc(b.waiting)}` : '';
+      facts.innerHTML = factsHtml(b, needed);
       errorEl.innerHTML = '';
       stopBtn.disabled = stopping || b.state === 'finished';
-      rebuildBtn.disabled = false;
+      // A pending build has not run yet: there is nothing to run again.
+      rebuildBtn.disabled = b.state === 'pending';
+      rebuildBtn.title = b.state === 'pending' ? 'It has not run yet' : 'Run it again with the same plan and commit';
       stepsEl.innerHTML = stepsHtml(b, current());
       view.dataset.state = b.state;
       view.dataset.result = b.result || '';
@@ -156,6 +214,7 @@ export function mount(view, { params, query, ctx }) {
       }
     } catch (e) {
       if (e.name === 'AbortError') return;
+      if (e.status === 404) { if (mine === loads) notFound(); return; }
       errorEl.innerHTML = errorBox(e);
     }
   }
@@ -174,7 +233,7 @@ export function mount(view, { params, query, ctx }) {
         stopping = false;
         btn.disabled = build.state === 'finished';
       }
-    } else if (btn.id === 'btn-rebuild') {
+    } else if (btn.id === 'btn-rebuild' && build.state !== 'pending') {
       btn.disabled = true;
       try {
         const r = await post(`/api/v2/builds/${id}/rebuild`);
@@ -189,7 +248,7 @@ export function mount(view, { params, query, ctx }) {
   // A click on a step row (outside its link) selects it too.
   stepsEl.addEventListener('click', (ev) => {
     const tr = ev.target.closest('tr[data-step]');
-    if (tr && !ev.target.closest('a')) location.hash = `#/builds/${id}?step=${tr.dataset.step}`;
+    if (tr && !ev.target.closest('a')) location.hash = `#/builds/${id}?step=${Number(tr.dataset.step) + 1}`;
   });
 
   const reload = coalesce(() => load(false), 250);
@@ -206,8 +265,12 @@ export function mount(view, { params, query, ctx }) {
 
   return {
     update(q) {
-      selected = q.has('step') ? Number(q.get('step')) : null;
+      const before = current();
+      selected = stepOf(q);
+      line = lineOf(q);
       if (!build) return;
+      // Another line of the same log: no need to read the log again.
+      if (current() === before && line != null && log.id != null) { log.goToLine(line); return; }
       stepsEl.innerHTML = stepsHtml(build, current());
       showLog();
     },

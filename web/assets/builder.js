@@ -1,13 +1,58 @@
-// The builder page (its history and its definition) and the force form that starts a build
-// of it (`POST /api/v2/builders/{id}/force`).
+// The builder page (how its last builds went, as a chart with the success rate and median
+// duration; its history; its definition) and the force form that starts a build of it
+// (`POST /api/v2/builders/{id}/force`).
 
 import { coalesce, enc, get, post } from './api.js';
 import { flash } from './flash.js';
-import { badge, chips, errorBox, esc, short, span, when } from './view.js';
+import { badge, chips, duration, errorBox, esc, short, span, when } from './view.js';
 
 export const name = 'builder';
 
 const PER_PAGE = 25;
+// Builds the chart covers (the newest ones).
+const TREND = 50;
+// Results that count as passing, and results left out of the success rate (nothing was judged).
+const PASSED = new Set(['SUCCESS', 'WARNINGS', 'CACHED']);
+const UNJUDGED = new Set(['CANCELLED', 'SKIPPED', 'NOT_AFFECTED']);
+
+/** The median of `xs` (numbers), or null when empty. */
+export function median(xs) {
+  if (!xs.length) return null;
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+/**
+ * Figures of the finished builds among `builds` (newest first, as the API lists them): success
+ * rate (passed over judged), median duration of those that ran, and the bars of the chart.
+ */
+export function trend(builds) {
+  const done = builds.filter((b) => b.state === 'finished').reverse(); // oldest first
+  const judged = done.filter((b) => !UNJUDGED.has(b.result));
+  const passed = judged.filter((b) => PASSED.has(b.result)).length;
+  const ran = done.filter((b) => b.started_at && b.finished_at).map((b) => b.finished_at - b.started_at);
+  return { done, rate: judged.length ? passed / judged.length : null, passed, judged: judged.length, median: median(ran) };
+}
+
+/** An inline SVG bar chart: one bar per finished build, height its duration, colour its result. */
+export function chartSvg(done) {
+  const W = 560, H = 90, top = 6, bottom = 16;
+  const durs = done.map((b) => (b.started_at && b.finished_at ? b.finished_at - b.started_at : 0));
+  const max = Math.max(1, ...durs);
+  const slot = W / Math.max(done.length, 12);
+  const bars = done.map((b, i) => {
+    const h = Math.max(2, ((H - top - bottom) * durs[i]) / max);
+    const x = i * slot + 1, y = H - bottom - h;
+    const tip = `build ${b.id}: ${b.result}, ${durs[i] ? duration(durs[i]) : 'did not run'} · ${short(b.commit)} · ${when(b.submitted_at)}`;
+    return `<a href="#/builds/${b.id}" data-build="${b.id}"><rect class="bar r-${esc(b.result)}" x="${x.toFixed(1)}" y="${y.toFixed(1)}" width="${Math.max(1, slot - 2).toFixed(1)}" height="${h.toFixed(1)}"><title>${esc(tip)}</title></rect></a>`;
+  }).join('');
+  return `<svg class="chart" viewBox="0 0 ${W} ${H}" width="${W}" height="${H}" role="img" aria-label="Duration and result of the last ${done.length} builds">
+    <line class="axis" x1="0" x2="${W}" y1="${H - bottom + 0.5}" y2="${H - bottom + 0.5}"/>
+    <text x="0" y="${H - 3}">older</text><text x="${W}" y="${H - 3}" text-anchor="end">newer</text>
+    <text x="${W}" y="${top + 4}" text-anchor="end">${esc(duration(max))}</text>
+    ${bars}</svg>`;
+}
 
 /** `key=value` lines into an object; blank lines and `#` comments are skipped. */
 export function parseProperties(text) {
@@ -41,12 +86,34 @@ function builderPage(view, id, ctx) {
       <span class="spacer"></span>
       <a class="button primary" id="force-link" href="#/builders/${esc(enc(id))}/force">Force build…</a>
     </div>
+    <section class="panel" id="builder-trend"><h2>Last builds</h2><p class="muted">Loading…</p></section>
     <div class="cols">
       <section class="panel" id="builder-history"><h2>History</h2><p class="muted">Loading…</p></section>
       <section class="panel" id="builder-def"><h2>Definition</h2><p class="muted">Loading…</p></section>
     </div>`;
   const hist = view.querySelector('#builder-history');
   const def = view.querySelector('#builder-def');
+  const trendEl = view.querySelector('#builder-trend');
+  document.title = `${id} · rbb`;
+
+  async function loadTrend() {
+    try {
+      const r = await get(`/api/v2/builds?builder=${enc(id)}&limit=${TREND}`, ctx.signal);
+      if (!ctx.alive) return;
+      const t = trend(r.builds || []);
+      if (!t.done.length) { trendEl.innerHTML = '<h2>Last builds</h2><p class="muted">No finished builds yet.</p>'; return; }
+      const pct = t.rate == null ? '–' : `${Math.round(t.rate * 100)}%`;
+      trendEl.innerHTML = `
+        <h2>Last ${t.done.length} finished build${t.done.length === 1 ? '' : 's'}</h2>
+        <div class="trend">
+          <div class="stat" id="builder-rate"><b>${pct}</b><span title="SUCCESS, WARNINGS or CACHED, of the builds not cancelled or skipped">success rate (${t.passed} of ${t.judged})</span></div>
+          <div class="stat" id="builder-median"><b>${t.median == null ? '–' : esc(duration(t.median))}</b><span>median duration</span></div>
+          ${chartSvg(t.done)}
+        </div>`;
+    } catch (e) {
+      if (e.name !== 'AbortError') trendEl.innerHTML = '<h2>Last builds</h2>' + errorBox(e);
+    }
+  }
 
   async function loadDefinition() {
     try {
@@ -122,12 +189,13 @@ function builderPage(view, id, ctx) {
     offset = b.dataset.page === 'older' ? offset + PER_PAGE : Math.max(0, offset - PER_PAGE);
     loadHistory();
   });
-  const reload = coalesce(() => loadHistory(), 1000);
+  const reload = coalesce(() => { loadHistory(); loadTrend(); }, 1000);
   ctx.on('build', () => reload());
   ctx.on('resync', () => { reload(); });
   ctx.onLeave(() => reload.cancel());
   loadDefinition();
   loadHistory();
+  loadTrend();
   return null;
 }
 

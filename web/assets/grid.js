@@ -4,13 +4,18 @@
 // bound per cell. Live build events patch single cells (or reload when a column is new).
 
 import { coalesce, enc, get } from './api.js';
-import { esc, firstLine, short, statusClass } from './view.js';
+import { ago, esc, firstLine, short, statusClass, when } from './view.js';
 
 export const name = 'grid';
 
 const COLLAPSED_KEY = 'rbb.grid.collapsed';
-// Widths in CSS pixels of the builder column and of a cell (app.css agrees).
-const NAME_W = 260, CELL_W = 20, ROW_H = 20, GROUP_H = 25;
+// When each commit without a change record was first seen ("repo commit" -> unix ms).
+const seenAt = new Map();
+// Widths in CSS pixels of the builder column and of a cell (app.css agrees). Cells widen to
+// fill the screen, up to MAX_CELL_W; from WIDE_W on, a column's heading is written across.
+const NAME_W = 260, CELL_W = 20, MAX_CELL_W = 240, WIDE_W = 110, ROW_H = 20, GROUP_H = 25;
+// Height of a heading written upwards (narrow columns), and of one line of it.
+const LINE_W = 14;
 // Rows per separately laid-out table.
 const CHUNK = 40;
 
@@ -32,6 +37,59 @@ export function filterBuilders(builders, q) {
   });
 }
 
+/** The cell width that fills `avail` pixels with `n` columns (never below the minimum). */
+export function cellWidth(avail, n) {
+  if (!n) return CELL_W;
+  return Math.max(CELL_W, Math.min(MAX_CELL_W, Math.floor((avail - NAME_W) / n)));
+}
+
+/**
+ * When a column's commit was made: the author time of its change (`time`, seconds), else when
+ * the commit was first seen (`seen`, milliseconds, filled in by the page), in milliseconds.
+ */
+export function commitTime(c) {
+  if (c.time != null) return c.time * 1000;
+  return c.seen ?? null;
+}
+
+/**
+ * Orders columns newest commit first, by `commitTime`, so a rebuild of an old commit stays
+ * where the commit belongs; columns whose time is unknown keep the API's order, after the rest.
+ */
+export function orderColumns(cols) {
+  return cols
+    .map((c, i) => ({ c, i, t: commitTime(c) }))
+    .sort((a, b) => (a.t == null) - (b.t == null) || (b.t ?? 0) - (a.t ?? 0) || a.i - b.i)
+    .map((x) => x.c);
+}
+
+/** A column's heading: subject, author, time and repository, across or upwards as room allows. */
+function headHtml(c, cw) {
+  const t = commitTime(c);
+  const hash = `<code>${esc(short(c.commit).slice(0, 7))}</code>`;
+  const at = t ? `<time datetime="${new Date(t).toISOString()}">${esc(ago(t))}</time>` : '';
+  let subject, who, where, tip;
+  if (c.message != null || c.author != null) {
+    subject = esc(firstLine(c.message) || short(c.commit));
+    who = esc(c.author || '') + (at ? ' · ' + at : '');
+    where = `${esc(c.repo)} ${hash}`;
+    tip = `${firstLine(c.message)}\n${c.author || ''}${t ? ' · ' + when(t) : ''}\n${c.repo} ${c.branch} ${c.commit}`;
+  } else {
+    // No change was recorded for it (a forced build of a commit the poller never reported).
+    subject = hash;
+    who = at ? `seen ${at}` : '';
+    where = esc(c.repo);
+    tip = `${c.repo} ${c.branch} ${c.commit}${t ? '\nfirst seen ' + when(t) : ''}`;
+  }
+  if (cw >= WIDE_W) {
+    return `<th class="col wide" title="${esc(tip)}"><div class="ch"><b class="subj">${subject}</b><span class="who">${who}</span><span class="where">${where}</span></div></th>`;
+  }
+  // Written upwards: as many lines as the width holds, the subject first.
+  const lines = [`<b class="subj">${subject}</b>`, `<span class="who">${who}</span>`, `<span class="where">${where}</span>`];
+  const k = Math.max(1, Math.min(lines.length, Math.floor(cw / LINE_W)));
+  return `<th class="col up" title="${esc(tip)}"><div class="ch">${lines.slice(0, k).join('')}</div></th>`;
+}
+
 /**
  * The grid's HTML for `data` (`/api/v2/grid`'s shape) showing `builders` (already filtered),
  * grouped by repository in first-seen order. Pure: a string in, so it can be timed and tested.
@@ -41,18 +99,15 @@ export function filterBuilders(builders, q) {
  * the chunks near the viewport. Every table has the same fixed column widths (`table-layout:
  * fixed` with a definite width), so the columns line up without measuring any cell.
  */
-export function gridHtml(data, builders, collapsed) {
+export function gridHtml(data, builders, collapsed, cw = CELL_W) {
   const cols = data.columns || [];
   const cells = data.cells || {};
   const n = cols.length;
-  const width = NAME_W + n * CELL_W;
-  const table = `<table class="grid" style="width:${width}px"><colgroup><col style="width:${NAME_W}px">${`<col style="width:${CELL_W}px">`.repeat(n)}</colgroup>`;
-  const out = [`<div class="grid-head" style="width:${width}px">`, table, '<thead><tr><th class="corner">builder \\ commit</th>'];
-  for (let j = 0; j < n; j++) {
-    const c = cols[j];
-    const tip = `${c.repo} ${c.branch} ${c.commit}` + (c.author ? `\n${c.author}` : '') + (c.message ? `\n${firstLine(c.message)}` : '');
-    out.push(`<th class="col" title="${esc(tip)}"><span>${esc(short(c.commit).slice(0, 7))}</span></th>`);
-  }
+  const width = NAME_W + n * cw;
+  const table = `<table class="grid" style="width:${width}px"><colgroup><col style="width:${NAME_W}px">${`<col style="width:${cw}px">`.repeat(n)}</colgroup>`;
+  const mode = cw >= WIDE_W ? 'wide' : 'up';
+  const out = [`<div class="grid-head ${mode}" style="width:${width}px">`, table, '<thead><tr><th class="corner">builder \\ commit</th>'];
+  for (let j = 0; j < n; j++) out.push(headHtml(cols[j], cw));
   out.push('</tr></thead></table></div>');
   // Group rows by repository, keeping the API's order within a group.
   const groups = new Map();
@@ -128,10 +183,12 @@ export function mount(view, { query, ctx }) {
   const synthetic = /^(\d+)x(\d+)$/.exec(query.get('synthetic') || '');
   const limit = Math.min(500, Number(query.get('limit')) || 50);
   const collapsed = loadCollapsed();
+  document.title = 'Grid · rbb';
   let data = null;
   let shown = []; // builders currently rendered (filtered)
   let rows = null; // builder id -> <tr>, built on first patch
   let phases = {}; // where the last render's time went
+  let cw = CELL_W; // the cell width of the last render
 
   view.innerHTML = `
     <div class="page-head">
@@ -151,7 +208,8 @@ export function mount(view, { query, ctx }) {
   function render() {
     const t0 = performance.now();
     shown = filterBuilders(data.builders || [], filter.value);
-    const html = gridHtml(data, shown, collapsed);
+    cw = cellWidth(wrap.clientWidth - 2, (data.columns || []).length);
+    const html = gridHtml(data, shown, collapsed, cw);
     const t1 = performance.now();
     wrap.innerHTML = html;
     const t2 = performance.now();
@@ -203,6 +261,7 @@ export function mount(view, { query, ctx }) {
   if (synthetic) {
     const nb = Number(synthetic[1]), nc = Number(synthetic[2]);
     data = syntheticGrid(nb, nc);
+    data.columns = orderColumns(data.columns);
     const ms = render();
     const t0 = performance.now() - ms;
     status.textContent = `synthetic: ${nb * nc} cells rendered in ${ms.toFixed(0)} ms`;
@@ -219,6 +278,9 @@ export function mount(view, { query, ctx }) {
     try {
       const fresh = await get(`/api/v2/grid?limit=${limit}`, ctx.signal);
       if (!ctx.alive || mine !== loads) return;
+      await firstSeen(fresh);
+      if (!ctx.alive || mine !== loads) return;
+      fresh.columns = orderColumns(fresh.columns || []);
       data = fresh;
       const ms = render();
       status.textContent = `updated ${new Date().toLocaleTimeString()} (${ms.toFixed(0)} ms)`;
@@ -228,6 +290,30 @@ export function mount(view, { query, ctx }) {
       status.textContent = '';
       wrap.innerHTML = `<div class="error">Cannot load the grid: ${esc(e.message)}</div>`;
     }
+  }
+
+  /**
+   * Fills `seen` (when the commit was first seen: its oldest build's submission) into the
+   * columns that have no change time, from the oldest build of each column. Kept across loads:
+   * a commit is first seen once.
+   */
+  async function firstSeen(fresh) {
+    const missing = (fresh.columns || []).filter((c) => c.time == null);
+    await Promise.all(missing.map(async (c) => {
+      const key = c.repo + ' ' + c.commit;
+      if (!seenAt.has(key)) {
+        try {
+          const r = await get(`/api/v2/builds?repo=${encodeURIComponent(c.repo)}&commit=${encodeURIComponent(c.commit)}&order=id&limit=1`, ctx.signal);
+          const first = (r.builds || [])[0];
+          if (!first) return;
+          seenAt.set(key, first.submitted_at);
+        } catch (e) {
+          if (e.name === 'AbortError') throw e;
+          return; // unknown: the column keeps the API's place
+        }
+      }
+      c.seen = seenAt.get(key);
+    }));
   }
 
   /** Puts the newest build of a (builder, commit) into its cell; false if a reload is needed. */
@@ -270,6 +356,12 @@ export function mount(view, { query, ctx }) {
     }
   }, 300);
   ctx.on('build', (ev) => onBuilds(ev.id));
+  // A wider or narrower window gives the columns another width.
+  const onResize = coalesce(() => {
+    if (data && cellWidth(wrap.clientWidth - 2, (data.columns || []).length) !== cw) render();
+  }, 150);
+  window.addEventListener('resize', onResize);
+  ctx.onLeave(() => { window.removeEventListener('resize', onResize); onResize.cancel(); });
   ctx.on('resync', () => load());
   ctx.onLeave(() => { onBuilds.cancel(); refilter.cancel(); });
   load();

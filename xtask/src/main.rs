@@ -96,7 +96,7 @@ fn serve(root: &Path, args: &[String]) -> Result<()> {
     let http_addr = args.first().cloned().unwrap_or_else(|| "127.0.0.1:8010".to_owned());
     let demo = root.join(".rbb-state/demo");
     make_demo(root, &demo)?;
-    run(cargo().current_dir(root).args(["build", "--quiet", "-p", "rbb-master", "-p", "rbb-worker", "--bins"]))?;
+    build_like_test(root)?;
     let bin = target_dir(root).join("debug");
     let mut master = Command::new(bin.join("rbb"))
         .args(["master", "--grpc", "127.0.0.1:0", "--http", &http_addr])
@@ -201,6 +201,19 @@ pub(crate) fn http_request(addr: &str, method: &str, path: &str, body: &str) -> 
     Ok(rest.to_owned())
 }
 
+/// Builds the binaries exactly as `cargo xtask test` does (`cargo test --workspace`), so the two
+/// share every artefact: a plain `cargo build -p rbb-master` resolves other features (the tests'
+/// dev-dependencies turn on features of shared crates such as `syn` and `getrandom`), which
+/// rebuilds most dependencies when switching between the two. cargo's own progress is shown:
+/// a cold build takes minutes.
+fn build_like_test(root: &Path) -> Result<()> {
+    eprintln!("building rbb (the same build as `cargo xtask test`, so the two share artefacts)…");
+    run(cargo().current_dir(root).args(TEST_BUILD).arg("--no-run"))
+}
+
+/// The cargo command whose build `test` runs and `serve` reuses (nextest builds the same way).
+const TEST_BUILD: &[&str] = &["test", "--workspace"];
+
 fn test(root: &Path, args: &[String]) -> Result<()> {
     // Formatting is part of the checks (rustfmt.toml); rustfmt ships with the toolchain.
     run(cargo().current_dir(root).args(["fmt", "--all", "--check"]))?;
@@ -219,12 +232,12 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         // nextest does not run doctests.
         run(cargo().current_dir(root).args(["test", "--workspace", "--doc"]))
     } else {
-        run(cargo().current_dir(root).args(["test", "--workspace", "--no-fail-fast"]).args(args))
+        run(cargo().current_dir(root).args(TEST_BUILD).arg("--no-fail-fast").args(args))
     }
 }
 
 fn codegen(root: &Path) -> Result<()> {
-    run(cargo().current_dir(root).args(["build", "--quiet", "-p", "rbb-master", "--bin", "rbb"]))?;
+    build_like_test(root)?;
     let rbb = target_dir(root).join("debug/rbb");
     for (file, kind) in [("schema/pipeline.schema.json", "pipeline"), ("schema/config.schema.json", "config")] {
         let out = Command::new(&rbb).args(["schema", kind]).output().context("running rbb schema")?;

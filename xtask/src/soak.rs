@@ -1,8 +1,8 @@
 //! `cargo xtask soak`: a chaos soak of the real binaries, judged only through the REST API
 //! and `/proc`.
 //!
-//! One release (`--debug`: debug) `rbb master` and four `rbb-worker` processes on loopback run N builds (2,000 by
-//! default, `--builds N`) of mixed builders: trivial steps, short sleeps, output, and builders
+//! One release (`--debug`: debug) `rbb master` and four `rbb-worker` processes on loopback run
+//! N builds (2,000 by default, `--builds N`) of mixed builders: trivial steps, sleeps, output, and builders
 //! whose failures are expected (each with its exact build and step results). Meanwhile workers
 //! are killed with SIGKILL and restarted, the master is killed once with SIGKILL and once
 //! stopped with SIGTERM, and restarted each time. At the end it checks that every build ended
@@ -462,7 +462,24 @@ impl Soak {
     fn kill_worker(&mut self) {
         let listed =
             get(&self.http, "/api/v2/workers").ok().and_then(|v| v["workers"].as_array().cloned()).unwrap_or_default();
-        let alive = |w: &&Value| self.workers.get(str_of(&w["name"])).is_some_and(Option::is_some);
+        // A build lost three times ends EXCEPTION by design: a worker running an attempt that
+        // already lost its worker is spared, so every kill tests recovery, not the give-up.
+        let spared: BTreeSet<String> = listed
+            .iter()
+            .filter(|w| {
+                w["current"].as_array().is_some_and(|c| {
+                    c.iter().any(|s| {
+                        get(&self.http, &format!("/api/v2/builds/{}", s["build"]))
+                            .is_ok_and(|b| str_of(&b["reason"]).starts_with("retry of"))
+                    })
+                })
+            })
+            .map(|w| str_of(&w["name"]).to_owned())
+            .collect();
+        let alive = |w: &&Value| {
+            let name = str_of(&w["name"]);
+            self.workers.get(name).is_some_and(Option::is_some) && !spared.contains(name)
+        };
         let names = |f: &dyn Fn(&Value) -> bool| -> Vec<String> {
             listed.iter().filter(alive).filter(|w| f(w)).map(|w| str_of(&w["name"]).to_owned()).collect()
         };
@@ -470,7 +487,8 @@ impl Soak {
             w["current"].as_array().is_some_and(|c| c.iter().any(|s| str_of(&s["builder"]).contains("/slow")))
         });
         let busy = names(&|w| w["running"].as_u64().unwrap_or(0) > 0);
-        let idle: Vec<String> = self.workers.iter().filter(|(_, c)| c.is_some()).map(|(w, _)| w.clone()).collect();
+        let idle: Vec<String> =
+            self.workers.iter().filter(|(w, c)| c.is_some() && !spared.contains(*w)).map(|(w, _)| w.clone()).collect();
         let pool = [slow, busy, idle].into_iter().find(|p| !p.is_empty()).unwrap_or_default();
         if pool.is_empty() {
             return;

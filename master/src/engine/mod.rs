@@ -11,10 +11,12 @@
 //! - `steps`: step semantics: leasing the next step, results, finishing and losing builds;
 //! - `sessions`: worker sessions, liveness and their messages;
 //! - `triggers`: changes, forces, rebuilds, stops, queue policy and cron;
-//! - `read`: the read side the REST API uses.
+//! - `read`: the read side the REST API uses;
+//! - `retention`: the janitor that ages logs and builds out of the store.
 
 mod dispatch;
 mod read;
+mod retention;
 pub mod rules;
 mod sessions;
 mod steps;
@@ -36,6 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
 
+pub use retention::{Policy as RetentionPolicy, Report as RetentionReport};
 pub use sessions::Liveness;
 pub use triggers::{NewCommit, PullRequestChange, branch_matches, paths_match};
 
@@ -142,6 +145,12 @@ struct Inner {
     /// Step results the store could not take yet (a full disk): applied again on the next
     /// heartbeat tick, so no build waits forever for a result that already arrived.
     unapplied: Vec<(String, rbb_schema::proto::StepFinished)>,
+    /// Group commit: the sequence number of the last change that must be durable, the
+    /// last one that is, whether a flush runs, and the effects waiting for it (in order).
+    next_seq: u64,
+    durable_seq: u64,
+    flushing: bool,
+    held: std::collections::VecDeque<(u64, Vec<Effect>)>,
     /// Set once shutdown began: no new work is accepted.
     closing: bool,
 }
@@ -204,6 +213,8 @@ pub struct Engine {
     pub heartbeat: Duration,
     /// Engine clock origin for liveness stamps.
     epoch: Instant,
+    /// Signalled when a group-commit flush ends.
+    flushed: std::sync::Condvar,
 }
 
 impl Engine {
@@ -297,6 +308,10 @@ impl Engine {
             next_log: last_log + 1,
             next_session: 1,
             unapplied: Vec::new(),
+            next_seq: 0,
+            durable_seq: 0,
+            flushing: false,
+            held: std::collections::VecDeque::new(),
             closing: false,
         };
         let ids: Vec<u64> = inner.builds.keys().copied().collect();
@@ -316,6 +331,7 @@ impl Engine {
             locks,
             heartbeat,
             epoch: Instant::now(),
+            flushed: std::sync::Condvar::new(),
         });
         engine.recover()?;
         Ok(engine)
@@ -364,9 +380,66 @@ impl Engine {
                 return Err(e);
             }
         };
-        let effects = tx.commit(self)?;
-        self.announce(st, effects);
+        let (effects, durable) = tx.commit(self)?;
+        self.deliver(st, effects, durable);
         Ok(out)
+    }
+
+    /// Announces a committed transaction's effects at once, or, when the change must be
+    /// durable first (or an earlier one is still waiting), holds them in order until
+    /// [`Engine::settle`] has made the store durable.
+    fn deliver(&self, st: &mut Inner, effects: Vec<Effect>, durable: bool) {
+        if durable {
+            st.next_seq += 1;
+            let seq = st.next_seq;
+            st.held.push_back((seq, effects));
+        } else if let Some(seq) = st.held.back().map(|h| h.0) {
+            st.held.push_back((seq, effects));
+        } else {
+            self.announce(st, effects);
+        }
+    }
+
+    /// Whether a change waits to be made durable (see [`Engine::settle`]).
+    pub fn unsettled(&self) -> bool {
+        let st = self.lock();
+        st.durable_seq < st.next_seq
+    }
+
+    /// Group commit: makes every change stored so far durable with one fsync, taken outside
+    /// the engine's lock (one caller flushes, the others wait for it), then announces what
+    /// was held. Every entry point calls this after it let go of the lock; an API answer or
+    /// a message to a worker that depends on a durable change therefore goes out only once
+    /// it is on disk.
+    pub fn settle(&self) {
+        let mut st = self.lock();
+        loop {
+            if st.durable_seq >= st.next_seq {
+                return;
+            }
+            if st.flushing {
+                st = self.flushed.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            st.flushing = true;
+            let target = st.next_seq;
+            drop(st);
+            let synced = self.store.sync();
+            st = self.lock();
+            st.flushing = false;
+            self.flushed.notify_all();
+            if let Err(e) = synced {
+                // Held effects stay held; the next entry point (or heartbeat tick) tries again.
+                tracing::error!(error = %e, "cannot make the state durable");
+                return;
+            }
+            st.durable_seq = target;
+            while st.held.front().is_some_and(|h| h.0 <= target) {
+                if let Some((_, effects)) = st.held.pop_front() {
+                    self.announce(&mut st, effects);
+                }
+            }
+        }
     }
 
     /// Sends a committed transaction's events and worker messages. A worker whose queue is
@@ -399,7 +472,8 @@ impl Engine {
                     }
                 };
                 match done {
-                    Ok(more) => effects.extend(more),
+                    Ok((more, false)) if st.held.is_empty() => effects.extend(more),
+                    Ok((more, durable)) => self.deliver(st, more, durable),
                     Err(err) => tracing::error!(worker, error = %err, "cannot record a lost worker"),
                 }
             }
@@ -408,8 +482,12 @@ impl Engine {
 
     /// [`Engine::transact`] under the engine's lock.
     fn run<T>(&self, f: impl FnOnce(&Engine, &mut Tx<'_>) -> Result<T, EngineError>) -> Result<T, EngineError> {
-        let mut st = self.lock();
-        self.transact(&mut st, f)
+        let out = {
+            let mut st = self.lock();
+            self.transact(&mut st, f)
+        };
+        self.settle();
+        out
     }
 
     fn recover(&self) -> Result<(), EngineError> {
@@ -430,8 +508,14 @@ impl Engine {
     pub fn shut_down(&self) {
         let mut st = self.lock();
         st.closing = true;
-        if let Err(e) = self.store.sync() {
-            tracing::error!(error = %e, "cannot make the last changes durable");
+        match self.store.sync() {
+            Ok(()) => {
+                st.durable_seq = st.next_seq;
+                while let Some((_, effects)) = st.held.pop_front() {
+                    self.announce(&mut st, effects);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot make the last changes durable"),
         }
         for w in st.workers.values_mut() {
             if let Some(s) = w.session.take() {
@@ -656,7 +740,7 @@ impl<'a> Tx<'a> {
 
     /// Writes every touched record in one store transaction, then lets finished builds and
     /// logs leave memory. On failure the state is put back as it was and the error returned.
-    fn commit(self, engine: &Engine) -> Result<Vec<Effect>, EngineError> {
+    fn commit(self, engine: &Engine) -> Result<(Vec<Effect>, bool), EngineError> {
         let batch = Batch {
             builds: self.undo.builds.keys().filter_map(|id| self.st.builds.get(id)).collect(),
             logs: self.undo.logs.keys().filter_map(|id| self.st.logs.get(id)).collect(),
@@ -670,7 +754,10 @@ impl<'a> Tx<'a> {
             plans: self.undo.plans.iter().filter_map(|h| self.st.plans.get(h).map(|p| p.as_ref())).collect(),
         };
         let empty = batch.is_empty();
-        let written = if empty { Ok(()) } else { engine.store.commit(batch, self.sync) };
+        // Written at once without an fsync; a change that must be durable is flushed by the
+        // group commit in `Engine::settle` before anything of it is announced.
+        let written = if empty { Ok(()) } else { engine.store.commit(batch, Sync::Lazy) };
+        let durable = self.sync == Sync::Durable;
         match written {
             Ok(()) => {
                 let Tx { st, undo, effects, .. } = self;
@@ -686,7 +773,7 @@ impl<'a> Tx<'a> {
                     }
                 }
                 st.trim_plans();
-                Ok(effects)
+                Ok((effects, durable))
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot store a state change; it is not applied");

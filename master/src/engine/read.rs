@@ -132,7 +132,18 @@ impl Engine {
         if let Some(len) = open {
             rec.bytes = len;
         }
-        let path = self.logs.path(&rec.file);
+        // A compressed log is read through a decompressed copy; an expired one has no file.
+        let path = if rec.compressed && !rec.expired {
+            match self.logs.readable(&rec.file) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(log = id, error = %e, "cannot decompress a log");
+                    self.logs.path(&rec.file)
+                }
+            }
+        } else {
+            self.logs.path(&rec.file)
+        };
         Some((rec, path, open.is_some()))
     }
 

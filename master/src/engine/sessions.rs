@@ -102,6 +102,8 @@ impl Engine {
             t.emit(Event::Worker { name });
             e.dispatch(t)
         })?;
+        drop(st);
+        self.settle();
         Ok(Connected { session: id, liveness })
     }
 
@@ -164,6 +166,8 @@ impl Engine {
         if let Err(e) = self.transact(&mut st, |e, tx| e.dispatch(tx)) {
             tracing::error!(error = %e, "dispatch failed");
         }
+        drop(st);
+        self.settle();
     }
 
     pub(super) fn lose_session(
@@ -189,8 +193,17 @@ impl Engine {
         Ok(())
     }
 
-    /// A message from a worker's session.
+    /// A message from a worker's session, applied and made durable where it must be.
     pub fn on_message(&self, worker: &str, session: u64, msg: proto::worker_message::Msg) -> Result<(), EngineError> {
+        let out = self.receive(worker, session, msg);
+        self.settle();
+        out
+    }
+
+    /// A message from a worker's session, applied without waiting for the disk: what must
+    /// be durable waits (held) for [`Engine::settle`], which the caller runs when
+    /// [`Engine::unsettled`] says so.
+    pub fn receive(&self, worker: &str, session: u64, msg: proto::worker_message::Msg) -> Result<(), EngineError> {
         use proto::worker_message::Msg;
         let mut st = self.lock();
         {

@@ -58,7 +58,17 @@ impl Engine {
         let lease = tx.next_lease_id();
         let log = tx.next_log_id();
         let file = self.logs.create(log)?;
-        tx.insert_log(LogRecord { id: log, build: id, step, file, bytes: 0, finished: false });
+        tx.insert_log(LogRecord {
+            id: log,
+            build: id,
+            step,
+            file,
+            bytes: 0,
+            finished: false,
+            created_at: Some(now_ms()),
+            compressed: false,
+            expired: false,
+        });
         let spec = &pb.steps[step as usize];
         let now = now_ms();
         let Some(b) = tx.build_mut(id) else { return Ok(()) };

@@ -320,3 +320,45 @@ fn checkout_directories_never_collide() {
     assert_ne!(checkout_dir("app/lint_docs"), checkout_dir("app_lint/docs"));
     assert!(checkout_dir("app/test[os=linux]").starts_with("app_test_os_linux_-"));
 }
+
+#[test]
+fn retention_compresses_then_expires_logs_and_deletes_old_builds_but_the_newest() {
+    let f = fixture();
+    let e = &f.engine;
+    let mut w = FakeWorker::connect(e, "w1", 1).expect("connect");
+    let mut ids = Vec::new();
+    let mut first_log = None;
+    for builder in ["app/build", "app/build", "app/build", "app/lint"] {
+        let id = force(e, builder);
+        ids.push(id);
+        while let Some(l) = w.lease() {
+            let chunk = proto::LogChunk { lease: l.lease, stream: 0, data: format!("output of {id}\n").into_bytes() };
+            e.on_message("w1", w.session, Msg::Log(chunk)).expect("log");
+            w.finish(e, l.lease, proto::StepResult::Success).expect("finish");
+        }
+        assert_eq!(result(e, id).1, Some(Outcome::Success));
+        first_log.get_or_insert(e.build(id).expect("build").steps[0].log_id.expect("log"));
+    }
+    let log = first_log.expect("a log");
+    let now = crate::model::now_ms();
+    let day = 86_400_000;
+    let compress = RetentionPolicy { compress_age_ms: Some(day), ..Default::default() };
+    let r = e.retention(&compress, now + 2 * day).expect("retention");
+    assert_eq!(r.logs_compressed, 7, "{r:?}");
+    let (rec, path, _) = e.log(log).expect("log");
+    assert!(rec.compressed && rec.file.ends_with(".zst"));
+    assert_eq!(std::fs::read_to_string(path).expect("read"), format!("output of {}\n", ids[0]));
+    // A second run finds nothing new to do.
+    assert_eq!(e.retention(&compress, now + 2 * day).expect("retention"), RetentionReport::default());
+    let expire = RetentionPolicy { log_age_ms: Some(10 * day), ..compress.clone() };
+    let r = e.retention(&expire, now + 20 * day).expect("retention");
+    assert_eq!(r.logs_deleted, 7, "{r:?}");
+    assert!(e.log(log).expect("log record").0.expired);
+    let builds = RetentionPolicy { build_age_ms: Some(30 * day), keep_builds: 1, ..expire };
+    let r = e.retention(&builds, now + 40 * day).expect("retention");
+    assert_eq!(r.builds_deleted, 2, "{r:?}");
+    assert!(e.build(ids[0]).is_none() && e.build(ids[1]).is_none());
+    assert!(e.build(ids[2]).is_some() && e.build(ids[3]).is_some(), "the newest build of each builder stays");
+    assert_eq!(e.store.check_indexes().expect("check"), None);
+    assert_eq!(e.store.count("builds").expect("count"), 2);
+}

@@ -379,7 +379,17 @@ impl Engine {
         let file = self.logs.create(log)?;
         self.logs.append(log, text.as_bytes())?;
         let bytes = self.logs.close(log).unwrap_or(0);
-        tx.insert_log(LogRecord { id: log, build: id, step: 0, file, bytes, finished: true });
+        tx.insert_log(LogRecord {
+            id: log,
+            build: id,
+            step: 0,
+            file,
+            bytes,
+            finished: true,
+            created_at: Some(now_ms()),
+            compressed: false,
+            expired: false,
+        });
         let now = now_ms();
         tx.insert_build(BuildRecord {
             id,
