@@ -239,6 +239,9 @@ fn history(dir: &Path, a: &Args) -> Result<Facts> {
                         file: rbb_master::logs::LogFiles::file_name(s.log_id.unwrap_or(0)),
                         bytes: s.log_bytes.unwrap_or(0),
                         finished: true,
+                        created_at: s.started_at,
+                        compressed: false,
+                        expired: false,
                     });
                 }
                 bs.push(b);
