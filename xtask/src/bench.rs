@@ -19,6 +19,9 @@ const SNIPPETS: usize = 40;
 const GIT_REPOS: usize = 100;
 
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
+    if args.first().map(String::as_str) == Some("scale") {
+        return crate::scale::main(root, &args[1..]);
+    }
     if args == ["docker"] {
         // Only the Docker figures, with the debug binaries: the engine's work dominates them.
         run(cargo().current_dir(root).args(["build", "--quiet", "-p", "rbb-master", "-p", "rbb-worker", "--bins"]))?;
@@ -27,7 +30,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         return crate::docker_bench::run(root, &target_dir(root).join("debug"), &work);
     }
     if !args.is_empty() {
-        bail!("cargo xtask bench takes no arguments, or `docker` for the Docker figures alone");
+        bail!("cargo xtask bench takes no arguments, or `docker` for the Docker figures alone, or `scale [options]`");
     }
     run(cargo().current_dir(root).args([
         "build",
