@@ -766,6 +766,7 @@ async fn worker(grpc: &str, name: &str, slots: u32, seen: &Seen) -> Result<()> {
                     exit_code: Some(0),
                     reason: String::new(),
                     duration_ms: 0,
+                    ..Default::default()
                 };
                 tx.send(WorkerMessage { msg: Some(Msg::Finished(done)) }).await?;
                 seen.steps.fetch_add(1, Ordering::AcqRel);
