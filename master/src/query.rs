@@ -257,6 +257,11 @@ impl ListQuery {
         self.filters.iter().all(|f| matches(item.get(&f.field), f))
     }
 
+    /// How many matching items come before the page.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
     /// A pager for items that arrive already in the requested order (see [`Pager`]).
     pub fn pager(&self, total: Option<usize>) -> Pager<'_> {
         Pager { q: self, total, matched: 0, page: Vec::new() }
@@ -301,6 +306,21 @@ impl Pager<'_> {
             if self.matched > self.q.offset && self.page.len() < self.q.limit {
                 self.page.push(item);
             }
+        }
+        !(self.total.is_some() && self.page.len() >= self.q.limit)
+    }
+
+    /// Counts one item known to match, before the page starts.
+    pub fn skip_matching(&mut self) -> bool {
+        self.matched += 1;
+        true
+    }
+
+    /// Takes one item known to match every filter (an index answered the only one).
+    pub fn push_matching(&mut self, item: Value) -> bool {
+        self.matched += 1;
+        if self.matched > self.q.offset && self.page.len() < self.q.limit {
+            self.page.push(item);
         }
         !(self.total.is_some() && self.page.len() >= self.q.limit)
     }

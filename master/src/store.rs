@@ -38,6 +38,9 @@ const CHANGE_IDX: TableDefinition<(&str, u64), ()> = TableDefinition::new("chang
 /// Record counts: `builds`, `changes`, and one per index key.
 const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
 
+/// redb's page cache.
+const STORE_CACHE_BYTES: usize = 32 << 20;
+
 /// Build fields with an index (each answers `field=value` with a key-range scan).
 pub const BUILD_INDEXES: &[&str] =
     &["builder", "repo", "branch", "commit", "result", "state", "worker", "event", "change"];
@@ -194,7 +197,11 @@ impl Store {
     }
 
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let database = Database::create(path)
+        // A bounded page cache: redb's default (1 GiB) would let the master's memory follow
+        // the size of the history it reads.
+        let database = redb::Builder::new()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(path)
             .map_err(|e| StoreError::Open { path: path.to_owned(), source: Box::new(e.into()) })?;
         let store = Store {
             db: database,

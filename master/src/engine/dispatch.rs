@@ -187,8 +187,9 @@ impl Engine {
         match free.iter().min_by_key(|w| (w.builds.len(), w.config.name.clone())) {
             Some(w) => Ok(w.config.name.clone()),
             None => {
-                let busy: Vec<String> = capable
+                let mut busy: Vec<String> = capable
                     .iter()
+                    .take(5)
                     .map(|w| {
                         if w.builds.contains_key(builder) {
                             format!("{} runs another build of {builder}", w.config.name)
@@ -197,6 +198,9 @@ impl Engine {
                         }
                     })
                     .collect();
+                if capable.len() > busy.len() {
+                    busy.push(format!("and {} more", capable.len() - busy.len()));
+                }
                 Err(format!("every capable worker is busy ({})", busy.join("; ")))
             }
         }

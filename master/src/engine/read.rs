@@ -70,8 +70,17 @@ impl Engine {
         match q.id_order() {
             Some(newest_first) => {
                 let mut pager = q.pager(known_total);
+                // With a known total the index (or no filter) answered every filter: items
+                // before the offset are counted without being converted.
+                let covered = known_total.is_some();
+                let mut skipped = 0;
                 self.store.scan_builds(index.as_deref(), newest_first, |b| {
-                    pager.push(serde_json::to_value(self.to_api(&b)).unwrap_or(Value::Null))
+                    if covered && skipped < q.offset() {
+                        skipped += 1;
+                        return pager.skip_matching();
+                    }
+                    let v = serde_json::to_value(self.to_api(&b)).unwrap_or(Value::Null);
+                    if covered { pager.push_matching(v) } else { pager.push(v) }
                 })?;
                 Ok(pager.finish())
             }
