@@ -179,10 +179,17 @@ impl Engine {
                 format!("no connected worker has the labels {}", wanted.join(", "))
             });
         }
+        let mut leases: HashMap<&str, u32> = HashMap::new();
+        for l in tx.leases.values() {
+            *leases.entry(l.worker.as_str()).or_default() += 1;
+        }
         let free: Vec<&&super::WorkerState> = capable
             .iter()
             .filter(|w| !w.builds.contains_key(builder))
-            .filter(|w| (w.builds.len() as u32) < w.max_steps && self.leases_of(tx, &w.config.name) < w.max_steps)
+            .filter(|w| {
+                (w.builds.len() as u32) < w.max_steps
+                    && leases.get(w.config.name.as_str()).copied().unwrap_or(0) < w.max_steps
+            })
             .collect();
         match free.iter().min_by_key(|w| (w.builds.len(), w.config.name.clone())) {
             Some(w) => Ok(w.config.name.clone()),
