@@ -45,6 +45,7 @@ pub struct Master {
     /// Repositories that report commit statuses, with where to, and the configured UI address.
     status_targets: BTreeMap<String, crate::forge::status::StatusTarget>,
     public_url: Option<String>,
+    notifications: Vec<rbb_schema::config::NotificationConfig>,
 }
 
 /// The engine's database, for the forge outbox's reader.
@@ -172,6 +173,7 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
         retention,
         status_targets,
         public_url: cfg.config.public_url.clone(),
+        notifications: cfg.config.notifications.clone(),
     })
 }
 
@@ -188,11 +190,21 @@ pub async fn serve(
         tokio::net::TcpListener::bind(opts.http).await.with_context(|| format!("binding HTTP on {}", opts.http))?;
     let bound = Bound { http: http.local_addr()?, grpc: grpc.local_addr()? };
     let stop = tokio_util::sync::CancellationToken::new();
-    let Master { engine, sources, api_token, fresh, retention, status_targets, public_url } = master;
+    let Master { engine, sources, api_token, fresh, retention, status_targets, public_url, notifications } = master;
+    let public_url = public_url.unwrap_or_else(|| format!("http://{}", bound.http));
+    if !notifications.is_empty() {
+        crate::forge::notifier::spawn(
+            engine.clone(),
+            notifications,
+            public_url.clone(),
+            Arc::new(crate::forge::sender::CurlTransport),
+            stop.clone(),
+        );
+    }
     if !status_targets.is_empty() {
         // Build states queue commit statuses in the same transaction; a sender delivers them.
         let wake = Arc::new(tokio::sync::Notify::new());
-        let base_url = public_url.unwrap_or_else(|| format!("http://{}", bound.http));
+        let base_url = public_url.clone();
         engine.report_statuses(crate::engine::StatusSink {
             repos: status_targets.keys().cloned().collect(),
             base_url,

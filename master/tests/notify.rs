@@ -3,6 +3,8 @@
 //! (aiosmtpd, writing what it receives to a maildir the test reads).
 
 use std::io::Read;
+mod support;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -215,4 +217,36 @@ fn a_failing_build_mails_the_authors_of_its_changes() {
     let gone = EmailConfig { port: Some(1), ..email };
     let err = notify::send_email(&gone, &message, Duration::from_secs(5)).expect_err("no server");
     assert!(err.to_string().contains("127.0.0.1"), "{err}");
+}
+
+#[test]
+fn a_real_master_posts_a_notification_when_a_build_finishes() {
+    let (addr, seen, _rt) = receiver();
+    let dir = tempfile::tempdir().expect("tempdir");
+    support::make_repo(&dir.path().join("app"), "builders:\n  b:\n    steps: [{ run: 'exit 3' }]\n", &[]);
+    let config = dir.path().join("rbb.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "repositories:\n  - url: app\n    poll_interval: 1h\nworkers:\n  - name: w1\n    token: t\nnotifications:\n  - webhook: http://{addr}/hook\n    when: failure\n"
+        ),
+    )
+    .expect("config");
+    let m = support::Master::start(&config, &dir.path().join("state"));
+    let _w = support::Worker::start(&m, "w1", "t", &dir.path().join("w1"), &[]);
+    let id = m.force("app/b");
+    assert_eq!(m.finished(id, Duration::from_secs(60))["result"], "FAILURE");
+    let body = support::wait_for(Duration::from_secs(30), "the notification", || {
+        seen.lock().expect("seen").first().map(|(_, b)| b.clone())
+    });
+    let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(json["build"]["id"], id);
+    assert_eq!(json["build"]["result"], "FAILURE");
+    // One finished build, one notification, whatever events followed.
+    let id2 = m.force("app/b");
+    m.finished(id2, Duration::from_secs(60));
+    support::wait_for(Duration::from_secs(30), "the second notification", || {
+        (seen.lock().expect("seen").len() >= 2).then_some(())
+    });
+    assert_eq!(seen.lock().expect("seen").len(), 2);
 }

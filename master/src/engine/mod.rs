@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
 
+pub use read::FinishedBuild;
 pub use retention::{Policy as RetentionPolicy, Report as RetentionReport};
 pub use sessions::Liveness;
 pub use triggers::{NewCommit, PullRequestChange, branch_matches, paths_match};

@@ -361,3 +361,38 @@ impl Engine {
         }
     }
 }
+
+/// What a finished build's notification needs from the store.
+pub struct FinishedBuild {
+    pub build: BuildRecord,
+    /// The result of the builder's previous finished build on the same branch.
+    pub previous: Option<rbb_schema::results::Outcome>,
+    /// (name, e-mail) of the authors of the build's changes.
+    pub authors: Vec<(String, String)>,
+}
+
+impl Engine {
+    /// Build `id` if it has finished, with its builder's previous result on its branch and
+    /// the authors of its changes.
+    pub fn finished_build(&self, id: u64) -> Result<Option<FinishedBuild>, EngineError> {
+        let Some(build) = self.store.build(id)?.filter(|b| b.state == State::Finished) else { return Ok(None) };
+        let mut previous = None;
+        self.store.scan_builds(Some(&index_key("builder", &build.builder)), true, |b| {
+            if b.id < id && b.branch == build.branch && b.state == State::Finished {
+                previous = b.result;
+                return false;
+            }
+            true
+        })?;
+        let mut authors = Vec::new();
+        for c in &build.changes {
+            if let Some(c) = self.store.change(*c)? {
+                let a = (c.author.clone(), c.email.clone());
+                if !authors.contains(&a) {
+                    authors.push(a);
+                }
+            }
+        }
+        Ok(Some(FinishedBuild { build, previous, authors }))
+    }
+}

@@ -8,6 +8,7 @@
 //! state per (repository, commit, context) is ever sent, and a delivered row is never sent
 //! again. This module must not change build state.
 
+pub mod notifier;
 pub mod notify;
 pub mod outbox_store;
 pub mod sender;
