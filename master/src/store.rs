@@ -270,12 +270,12 @@ impl Store {
         self.write(sync, |txn| {
             for (b, bytes) in &builds {
                 put_indexed(txn, (BUILDS, BUILD_IDX, "builds"), b.id, bytes, build_keys(b), |old| {
-                    decode::<BuildRecord>("builds", b.id, old).map(|o| build_keys(&o))
+                    build_keys_of(b.id, old)
                 })?;
             }
             for (c, bytes) in &changes {
                 put_indexed(txn, (CHANGES, CHANGE_IDX, "changes"), c.id, bytes, change_keys(c), |old| {
-                    decode::<ChangeRecord>("changes", c.id, old).map(|o| change_keys(&o))
+                    change_keys_of(c.id, old)
                 })?;
             }
             if !logs.is_empty() {
@@ -522,12 +522,9 @@ impl Store {
                     BUILD_IDX,
                     "builds",
                     builds,
-                    (|id, b: &[u8]| decode::<BuildRecord>("builds", id, b).map(|r| build_keys(&r)))
-                        as fn(u64, &[u8]) -> Result<BTreeSet<String>, StoreError>,
+                    build_keys_of as fn(u64, &[u8]) -> Result<BTreeSet<String>, StoreError>,
                 ),
-                (CHANGES, CHANGE_IDX, "changes", changes, |id, b: &[u8]| {
-                    decode::<ChangeRecord>("changes", id, b).map(|r| change_keys(&r))
-                }),
+                (CHANGES, CHANGE_IDX, "changes", changes, change_keys_of),
             ] {
                 let mut t = txn.open_table(table).map_err(db)?;
                 let mut ix = txn.open_table(idx).map_err(db)?;
@@ -698,45 +695,46 @@ fn split_plan(p: &rbb_schema::plan::Plan) -> Result<(Vec<u8>, Vec<(String, Vec<u
     Ok((encode("plans", 0, &manifest)?, parts))
 }
 
-/// Schema 1 had the records without indexes: build them.
-fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
-    let mut builds: Vec<(u64, Vec<u8>)> = Vec::new();
+/// A stored build's index keys.
+fn build_keys_of(id: u64, bytes: &[u8]) -> Result<BTreeSet<String>, StoreError> {
+    decode::<BuildRecord>("builds", id, bytes).map(|b| build_keys(&b))
+}
+
+/// A stored change's index keys.
+fn change_keys_of(id: u64, bytes: &[u8]) -> Result<BTreeSet<String>, StoreError> {
+    decode::<ChangeRecord>("changes", id, bytes).map(|c| change_keys(&c))
+}
+
+/// Writes the index entries and counts of every record of `table`.
+fn index_all(
+    txn: &redb::WriteTransaction,
+    (table, idx, total): (TableDefinition<u64, &[u8]>, TableDefinition<(&str, u64), ()>, &str),
+    keys: fn(u64, &[u8]) -> Result<BTreeSet<String>, StoreError>,
+) -> Result<(), StoreError> {
+    let mut rows: Vec<(u64, Vec<u8>)> = Vec::new();
     {
-        let t = txn.open_table(BUILDS).map_err(db)?;
+        let t = txn.open_table(table).map_err(db)?;
         for row in t.iter().map_err(db)? {
             let (k, v) = row.map_err(db)?;
-            builds.push((k.value(), v.value().to_vec()));
+            rows.push((k.value(), v.value().to_vec()));
         }
     }
-    let mut ix = txn.open_table(BUILD_IDX).map_err(db)?;
+    let mut ix = txn.open_table(idx).map_err(db)?;
     let mut counts = txn.open_table(COUNTS).map_err(db)?;
-    for (id, bytes) in &builds {
-        let b: BuildRecord = decode("builds", *id, bytes)?;
-        bump(&mut counts, "builds", 1)?;
-        for k in build_keys(&b) {
+    for (id, bytes) in &rows {
+        bump(&mut counts, total, 1)?;
+        for k in keys(*id, bytes)? {
             ix.insert((k.as_str(), *id), ()).map_err(db)?;
             bump(&mut counts, &k, 1)?;
         }
     }
-    drop(ix);
-    let mut changes: Vec<(u64, Vec<u8>)> = Vec::new();
-    {
-        let t = txn.open_table(CHANGES).map_err(db)?;
-        for row in t.iter().map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            changes.push((k.value(), v.value().to_vec()));
-        }
-    }
-    let mut cix = txn.open_table(CHANGE_IDX).map_err(db)?;
-    for (id, bytes) in &changes {
-        let c: ChangeRecord = decode("changes", *id, bytes)?;
-        bump(&mut counts, "changes", 1)?;
-        for k in change_keys(&c) {
-            cix.insert((k.as_str(), *id), ()).map_err(db)?;
-            bump(&mut counts, &k, 1)?;
-        }
-    }
     Ok(())
+}
+
+/// Schema 1 had the records without indexes: build them.
+fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    index_all(txn, (BUILDS, BUILD_IDX, "builds"), build_keys_of)?;
+    index_all(txn, (CHANGES, CHANGE_IDX, "changes"), change_keys_of)
 }
 
 #[cfg(test)]
