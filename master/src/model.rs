@@ -54,6 +54,35 @@ pub struct BuildRecord {
     pub steps: Vec<StepRecord>,
 }
 
+/// The fields of a stored build the grid needs, read without its steps (decoding a whole
+/// record allocates every step).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct BuildHead {
+    pub id: u64,
+    pub builder: String,
+    pub repo: String,
+    pub branch: String,
+    pub commit: String,
+    pub state: State,
+    pub result: Option<Outcome>,
+    pub submitted_at: u64,
+}
+
+impl From<&BuildRecord> for BuildHead {
+    fn from(b: &BuildRecord) -> BuildHead {
+        BuildHead {
+            id: b.id,
+            builder: b.builder.clone(),
+            repo: b.repo.clone(),
+            branch: b.branch.clone(),
+            commit: b.commit.clone(),
+            state: b.state,
+            result: b.result,
+            submitted_at: b.submitted_at,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
     pub number: u32,

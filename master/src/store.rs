@@ -397,6 +397,16 @@ impl Store {
         self.scan((BUILDS, BUILD_IDX, "builds"), index, newest_first, f)
     }
 
+    /// Like [`Store::scan_builds`], reading only each build's head (no steps).
+    pub fn scan_build_heads(
+        &self,
+        index: Option<&str>,
+        newest_first: bool,
+        f: impl FnMut(crate::model::BuildHead) -> bool,
+    ) -> Result<(), StoreError> {
+        self.scan((BUILDS, BUILD_IDX, "builds"), index, newest_first, f)
+    }
+
     /// Changes newest first (or oldest first), all or those under one index key.
     pub fn scan_changes(
         &self,

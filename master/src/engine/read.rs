@@ -3,7 +3,7 @@
 //! store's indexes, so a page costs what it shows. Nothing here changes state.
 
 use super::{Engine, EngineError};
-use crate::model::{BuildRecord, ChangeRecord, LogRecord};
+use crate::model::{BuildHead, BuildRecord, ChangeRecord, LogRecord};
 use crate::query::ListQuery;
 use crate::store::{BUILD_INDEXES, index_key};
 use rbb_schema::api::{self, State};
@@ -209,7 +209,12 @@ impl Engine {
             from_changes.len() < limit
         })?;
         let mut from_builds: BTreeSet<(String, String)> = BTreeSet::new();
-        self.store.scan_builds(None, true, |b| {
+        // Builds newer than the oldest column the changes gave can still be newer columns.
+        let cutoff = if from_changes.len() >= limit { seen_at.iter().map(|c| c.0).min().unwrap_or(0) } else { 0 };
+        self.store.scan_build_heads(None, true, |b| {
+            if b.submitted_at < cutoff {
+                return false;
+            }
             let key = (b.repo.clone(), b.commit.clone());
             if from_builds.insert(key) {
                 seen_at.push((b.submitted_at, b.repo.clone(), b.commit.clone(), b.branch.clone()));
@@ -235,9 +240,10 @@ impl Engine {
         }
         let mut cells: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
         let mut extra: BTreeSet<String> = BTreeSet::new();
-        let live: HashMap<u64, BuildRecord> = self.lock().builds.clone().into_iter().collect();
+        let live: HashMap<u64, BuildHead> =
+            self.lock().builds.iter().map(|(id, b)| (*id, BuildHead::from(b))).collect();
         for (repo, commit) in &seen {
-            self.store.scan_builds(Some(&index_key("commit", commit)), true, |b| {
+            self.store.scan_build_heads(Some(&index_key("commit", commit)), true, |b| {
                 if &b.repo != repo {
                     return true;
                 }
