@@ -97,6 +97,9 @@ pub struct StepRecord {
     /// Length of the finished log (the live length comes from the log file).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_bytes: Option<u64>,
+    /// Digest of the image a container step ran in, as the worker's engine reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
 }
 
 impl StepRecord {
@@ -113,6 +116,7 @@ impl StepRecord {
             finished_at: None,
             log_id: None,
             log_bytes: None,
+            image_digest: None,
         }
     }
 }

@@ -134,6 +134,8 @@ fn steps_run_in_containers_with_the_right_results() {
     assert!(log_of(m, &b, "fails").contains("about to fail"));
     assert!(step(&b, "out-of-memory")["reason"].as_str().unwrap_or_default().contains("out of memory"), "{b:#}");
     assert!(log_of(m, &b, "own-container").contains("made"));
+    let digest = step(&b, "own-container")["image_digest"].as_str().unwrap_or_default().to_owned();
+    assert!(digest.starts_with("sha256:"), "the image's digest is recorded on the step: {b:#}");
     no_leftovers(&s);
     // What the steps made in the checkout is the worker's to remove.
     let checkout = std::fs::read_dir(s.dir.path().join(s.name))

@@ -102,6 +102,9 @@ pub struct Step {
     pub log_id: Option<u64>,
     /// Bytes in the log so far.
     pub log_bytes: u64,
+    /// Digest of the image a container step ran in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

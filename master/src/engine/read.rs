@@ -362,6 +362,7 @@ impl Engine {
                             .or_else(|| self.store.log(l).ok().flatten().map(|r| r.bytes))
                             .unwrap_or(0)
                     }),
+                    image_digest: s.image_digest.clone(),
                 })
                 .collect(),
         }

@@ -146,8 +146,12 @@ impl Engine {
             });
         let report = StepReport { result, exit_code: f.exit_code, reason: f.reason.clone() };
         let now = now_ms();
+        let digest = Some(f.image_digest.clone()).filter(|d| !d.is_empty());
         let log_id = tx.build_mut(lease.build).and_then(|b| {
             rules::finish_step(b, lease.step, &report, flags, now);
+            if let Some(s) = b.steps.get_mut(lease.step as usize) {
+                s.image_digest = digest;
+            }
             b.steps.get(lease.step as usize).and_then(|s| s.log_id)
         });
         tracing::info!(build = lease.build, step = lease.step, result = %result, reason = %f.reason, "step finished");

@@ -430,6 +430,7 @@ impl Engine {
                 finished_at: Some(now),
                 log_id: Some(log),
                 log_bytes: Some(bytes),
+                image_digest: None,
             }],
         });
         tx.durable();
