@@ -429,28 +429,16 @@ impl Store {
         match index {
             None => {
                 let range = t.iter().map_err(db)?;
-                let mut step = |row: Result<(redb::AccessGuard<u64>, redb::AccessGuard<&[u8]>), redb::StorageError>| {
+                let step = |row: Result<(redb::AccessGuard<u64>, redb::AccessGuard<&[u8]>), redb::StorageError>| {
                     let (k, v) = row.map_err(db)?;
                     Ok::<bool, StoreError>(f(decode(name, k.value(), v.value())?))
                 };
-                if newest_first {
-                    for row in range.rev() {
-                        if !step(row)? {
-                            break;
-                        }
-                    }
-                } else {
-                    for row in range {
-                        if !step(row)? {
-                            break;
-                        }
-                    }
-                }
+                walk(range, newest_first, step)?;
             }
             Some(key) => {
                 let ix = txn.open_table(idx).map_err(db)?;
                 let range = ix.range((key, 0)..=(key, u64::MAX)).map_err(db)?;
-                let mut step =
+                let step =
                     |row: Result<(redb::AccessGuard<(&str, u64)>, redb::AccessGuard<()>), redb::StorageError>| {
                         let (k, _) = row.map_err(db)?;
                         let id = k.value().1;
@@ -459,19 +447,7 @@ impl Store {
                             None => Ok(true),
                         }
                     };
-                if newest_first {
-                    for row in range.rev() {
-                        if !step(row)? {
-                            break;
-                        }
-                    }
-                } else {
-                    for row in range {
-                        if !step(row)? {
-                            break;
-                        }
-                    }
-                }
+                walk(range, newest_first, step)?;
             }
         }
         Ok(())
@@ -703,6 +679,22 @@ fn split_plan(p: &rbb_schema::plan::Plan) -> Result<(Vec<u8>, Vec<(String, Vec<u
         parts: parts.iter().map(|(h, _)| h.clone()).collect(),
     };
     Ok((encode("plans", 0, &manifest)?, parts))
+}
+
+/// Hands each row of `range` to `step`, last first when `newest_first`, until it returns
+/// false.
+fn walk<R>(
+    range: impl DoubleEndedIterator<Item = R>,
+    newest_first: bool,
+    mut step: impl FnMut(R) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    let rows: Box<dyn Iterator<Item = R>> = if newest_first { Box::new(range.rev()) } else { Box::new(range) };
+    for row in rows {
+        if !step(row)? {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// A stored build's index keys.
