@@ -172,6 +172,7 @@ mod tests {
             user: None,
             inputs: vec!["src".into()],
             outputs: vec![],
+            cache: true,
             key: String::new(),
         }
     }

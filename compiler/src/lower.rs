@@ -272,6 +272,7 @@ pub(crate) fn lower(
                 user: step_limits[i].user.clone(),
                 inputs: step.inputs.iter().map(|p| sub(p, &at("inputs"))).collect(),
                 outputs: step.outputs.iter().map(|p| sub(p, &at("outputs"))).collect(),
+                cache: step.cache.unwrap_or(true),
                 key: String::new(),
             });
         }
@@ -296,6 +297,7 @@ pub(crate) fn lower(
                 cancel_superseded: spec.cancel_superseded.unwrap_or(false),
                 concurrency: spec.concurrency,
                 locks: spec.locks.clone(),
+                cache_salt: spec.cache_salt.as_ref().map(|s| sub(s.as_str(), &[key("cache_salt")])),
                 triggers: triggers.clone(),
                 needs: Vec::new(),
                 steps,

@@ -13,8 +13,37 @@ pub struct WorkerService {
     pub engine: Arc<Engine>,
 }
 
-fn header<'a>(req: &'a Request<Streaming<WorkerMessage>>, name: &str) -> Option<&'a str> {
+fn header<'a, T>(req: &'a Request<T>, name: &str) -> Option<&'a str> {
     req.metadata().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Checks the protocol version, the worker's name and its token on any call (the session
+/// and the cache calls alike); logs and refuses a caller that fails. Returns the worker's
+/// name and the peer's address.
+pub fn check_caller<T>(engine: &Engine, req: &Request<T>) -> Result<(String, String), Status> {
+    let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
+    let version = header(req, "rbb-protocol").unwrap_or("").to_owned();
+    if version != proto::PROTOCOL_VERSION {
+        tracing::warn!(%peer, version, "refused a worker speaking another protocol version");
+        return Err(Status::failed_precondition(format!(
+            "this master speaks worker protocol {}, the worker speaks {}; run the same rbb version on both",
+            proto::PROTOCOL_VERSION,
+            if version.is_empty() { "none" } else { &version }
+        )));
+    }
+    let name = header(req, "rbb-worker").unwrap_or("").to_owned();
+    let token = header(req, "authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("").to_owned();
+    match engine.authenticate(&name, &token) {
+        Ok(()) => Ok((name, peer)),
+        Err(Refusal::UnknownWorker) => {
+            tracing::warn!(%peer, worker = %name, "refused an unknown worker");
+            Err(Status::permission_denied(format!("no worker named `{name}` is configured on this master")))
+        }
+        Err(Refusal::BadToken) => {
+            tracing::warn!(%peer, worker = %name, "refused a worker with a wrong token");
+            Err(Status::unauthenticated(format!("wrong token for worker `{name}`")))
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -22,31 +51,7 @@ impl Worker for WorkerService {
     type SessionStream = Pin<Box<dyn Stream<Item = Result<MasterMessage, Status>> + Send + 'static>>;
 
     async fn session(&self, req: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::SessionStream>, Status> {
-        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
-        let version = header(&req, "rbb-protocol").unwrap_or("").to_owned();
-        if version != proto::PROTOCOL_VERSION {
-            tracing::warn!(%peer, version, "refused a worker speaking another protocol version");
-            return Err(Status::failed_precondition(format!(
-                "this master speaks worker protocol {}, the worker speaks {}; run the same rbb version on both",
-                proto::PROTOCOL_VERSION,
-                if version.is_empty() { "none" } else { &version }
-            )));
-        }
-        let name = header(&req, "rbb-worker").unwrap_or("").to_owned();
-        let token = header(&req, "authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("").to_owned();
-        match self.engine.authenticate(&name, &token) {
-            Ok(()) => {}
-            Err(Refusal::UnknownWorker) => {
-                tracing::warn!(%peer, worker = %name, "refused an unknown worker");
-                return Err(Status::permission_denied(format!(
-                    "no worker named `{name}` is configured on this master"
-                )));
-            }
-            Err(Refusal::BadToken) => {
-                tracing::warn!(%peer, worker = %name, "refused a worker with a wrong token");
-                return Err(Status::unauthenticated(format!("wrong token for worker `{name}`")));
-            }
-        }
+        let (name, peer) = check_caller(&self.engine, &req)?;
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.next()).await {
             Ok(Some(Ok(WorkerMessage { msg: Some(Msg::Hello(h)) }))) => h,
@@ -110,6 +115,28 @@ impl Worker for WorkerService {
             let _ = tokio::task::spawn_blocking(move || e.disconnect(&worker, session, &why)).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn lookup(&self, req: Request<proto::CacheQuery>) -> Result<Response<proto::CacheAnswer>, Status> {
+        check_caller(&self.engine, &req)?;
+        Err(Status::unavailable("the step cache is not enabled on this master"))
+    }
+
+    async fn missing_blobs(&self, req: Request<proto::BlobList>) -> Result<Response<proto::BlobList>, Status> {
+        check_caller(&self.engine, &req)?;
+        Err(Status::unavailable("the step cache is not enabled on this master"))
+    }
+
+    type GetBlobStream = Pin<Box<dyn Stream<Item = Result<proto::BlobData, Status>> + Send + 'static>>;
+
+    async fn get_blob(&self, req: Request<proto::BlobRef>) -> Result<Response<Self::GetBlobStream>, Status> {
+        check_caller(&self.engine, &req)?;
+        Err(Status::unavailable("the step cache is not enabled on this master"))
+    }
+
+    async fn put_blob(&self, req: Request<Streaming<proto::BlobData>>) -> Result<Response<proto::BlobStored>, Status> {
+        check_caller(&self.engine, &req)?;
+        Err(Status::unavailable("the step cache is not enabled on this master"))
     }
 }
 

@@ -5,6 +5,7 @@
 //! service for workers ([`grpc`]) and the REST API ([`http`]) above it. Only this crate
 //! touches redb, axum and the gRPC server.
 
+pub mod cache;
 pub mod engine;
 pub mod forge;
 pub mod git_http;

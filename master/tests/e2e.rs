@@ -409,7 +409,7 @@ fn a_worker_speaking_another_protocol_version_is_refused() {
         client.session(req).await.expect_err("refused")
     });
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
-    assert!(status.message().contains("speaks worker protocol 1, the worker speaks 0"), "{}", status.message());
+    assert!(status.message().contains("speaks worker protocol 2, the worker speaks 0"), "{}", status.message());
     wait_for(T, "the refusal in the master's log", || m.log_text().contains("another protocol version").then_some(()));
 }
 

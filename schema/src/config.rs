@@ -49,6 +49,9 @@ pub struct MasterConfig {
     /// How long history is kept. Without it, builds and logs are kept forever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionConfig>,
+    /// The step cache's store (docs/cache.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheConfig>,
 }
 
 /// One notification rule: which builds, and where they go (a webhook, e-mail, or both).
@@ -124,6 +127,16 @@ pub enum SmtpTls {
     None,
     Starttls,
     Tls,
+}
+
+/// The step cache's store (`cache:` in the master config).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Most bytes the cache's blobs may take on disk: bytes, or with a suffix `k`, `m`, `g`
+    /// (powers of 1024). Default `10g`. Least recently used entries go first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<String>,
 }
 
 /// What the master's janitor removes, and when (`retention:` in the master config). It runs

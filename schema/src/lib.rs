@@ -23,7 +23,7 @@ pub mod proto {
     tonic::include_proto!("rbb.worker.v1");
 
     /// Version sent as `rbb-protocol` metadata; bumped on incompatible changes.
-    pub const PROTOCOL_VERSION: &str = "1";
+    pub const PROTOCOL_VERSION: &str = "2";
 }
 
 /// The JSON Schema of `.rbb/pipeline.yaml`, as pretty-printed JSON with a trailing newline.

@@ -127,6 +127,10 @@ pub struct Builder {
     /// Locks (declared in the master config) a build holds while it runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub locks: Vec<LockUse>,
+    /// Part of every step's cache key: change it to make the builder's cached steps run
+    /// again (see docs/cache.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_salt: Option<Scalar>,
     /// The steps, run in order in one checkout.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<Step>,
@@ -352,6 +356,10 @@ pub struct Step {
     /// Paths the step produces, stored in the cache and restored on reuse.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
+    /// `false`: never reuse this step from the cache (nor any later step of the builder).
+    /// Default true (a step is reused only when it declares `inputs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<bool>,
 }
 
 /// A YAML scalar taken as text: a string, a number or a boolean (`1`, `true`, `3.10`).

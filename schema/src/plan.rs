@@ -84,6 +84,9 @@ pub struct PlanBuilder {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub needs: Vec<String>,
     pub steps: Vec<PlanStep>,
+    /// The builder's `cache_salt`, part of its steps' full cache keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_salt: Option<String>,
     /// Where the builder is defined (not part of the hash).
     pub source: SourceLocation,
 }
@@ -157,6 +160,9 @@ pub struct PlanStep {
     pub inputs: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
+    /// `cache: false` in the pipeline: never reused from the cache.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub cache: bool,
     /// Static part of the cache key, `sha256:<hex>` (see `docs/cache-key.md`).
     pub key: String,
 }
@@ -177,4 +183,12 @@ impl Plan {
     pub fn step_count(&self) -> usize {
         self.builders.iter().map(|b| b.steps.len()).sum()
     }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }

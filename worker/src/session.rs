@@ -639,6 +639,7 @@ fn finished(lease: u64, outcome: &StepOutcome) -> WorkerMessage {
         reason: outcome.reason.clone(),
         duration_ms: u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
         image_digest: outcome.image_digest.clone(),
+        ..StepFinished::default()
     }))
 }
 

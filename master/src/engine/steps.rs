@@ -109,6 +109,8 @@ impl Engine {
             cpus_milli: spec.cpus_milli.unwrap_or(0),
             network: spec.network.clone().unwrap_or_default(),
             user: spec.user.clone().unwrap_or_default(),
+            pass_env: spec.pass_env.clone(),
+            cache: None,
         };
         let carries_checkout = msg.checkout.is_some();
         tx.leases_mut()

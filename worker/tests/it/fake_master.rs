@@ -10,7 +10,7 @@ use futures::{Stream, StreamExt as _};
 use rbb_schema::proto::master_message::Msg as MasterMsg;
 use rbb_schema::proto::worker_message::Msg;
 use rbb_schema::proto::worker_server::{Worker, WorkerServer};
-use rbb_schema::proto::{Hello, MasterMessage, StepFinished, Welcome, WorkerMessage};
+use rbb_schema::proto::{self, Hello, MasterMessage, StepFinished, Welcome, WorkerMessage};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -76,6 +76,26 @@ impl Worker for Service {
         let _ = self.sessions.send(MasterSession { metadata, to_worker: Some(to_worker), from_worker, heartbeats: 0 });
         let stream = ReceiverStream::new(rx).map(Ok).take_until(ended.cancelled_owned());
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    // The session tests lease no cacheable step; the cache calls are tested against the
+    // real master (master/tests/cache.rs).
+    async fn lookup(&self, _: Request<proto::CacheQuery>) -> Result<Response<proto::CacheAnswer>, Status> {
+        Err(Status::unimplemented("no cache in the session tests"))
+    }
+
+    async fn missing_blobs(&self, _: Request<proto::BlobList>) -> Result<Response<proto::BlobList>, Status> {
+        Err(Status::unimplemented("no cache in the session tests"))
+    }
+
+    type GetBlobStream = Pin<Box<dyn Stream<Item = Result<proto::BlobData, Status>> + Send>>;
+
+    async fn get_blob(&self, _: Request<proto::BlobRef>) -> Result<Response<Self::GetBlobStream>, Status> {
+        Err(Status::unimplemented("no cache in the session tests"))
+    }
+
+    async fn put_blob(&self, _: Request<Streaming<proto::BlobData>>) -> Result<Response<proto::BlobStored>, Status> {
+        Err(Status::unimplemented("no cache in the session tests"))
     }
 }
 

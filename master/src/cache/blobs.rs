@@ -1,0 +1,1 @@
+//! Content-addressed blobs of step outputs under `<state dir>/cache/blobs`.
