@@ -1,7 +1,7 @@
 //! The worker-facing gRPC service: checks who is connecting, then relays the session's
 //! messages to the [`Engine`] and the engine's messages to the worker. It decides nothing.
 
-use crate::engine::{Engine, EngineError, Refusal};
+use crate::engine::{Engine, EngineError, LookupError, Refusal};
 use rbb_schema::proto::{self, MasterMessage, WorkerMessage, worker_message::Msg, worker_server::Worker};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -118,8 +118,26 @@ impl Worker for WorkerService {
     }
 
     async fn lookup(&self, req: Request<proto::CacheQuery>) -> Result<Response<proto::CacheAnswer>, Status> {
-        check_caller(&self.engine, &req)?;
-        Err(Status::unavailable("the step cache is not enabled on this master"))
+        let (name, _) = check_caller(&self.engine, &req)?;
+        let query = req.into_inner();
+        let engine = self.engine.clone();
+        let answer = tokio::task::spawn_blocking(move || engine.cache_lookup(&name, &query))
+            .await
+            .map_err(|e| Status::internal(format!("lookup failed: {e}")))?;
+        match answer {
+            Ok(a) => Ok(Response::new(a)),
+            Err(e @ (LookupError::NoLease(_) | LookupError::NotCacheable(_))) => {
+                Err(Status::failed_precondition(e.to_string()))
+            }
+            Err(e @ LookupError::Key(_)) => {
+                tracing::warn!(error = %e, "cannot compute a step's cache key; it runs");
+                Err(Status::unavailable(e.to_string()))
+            }
+            Err(LookupError::Engine(e)) => {
+                tracing::error!(error = %e, "cache lookup failed");
+                Err(Status::unavailable("the master cannot read its cache now; see its log"))
+            }
+        }
     }
 
     async fn missing_blobs(&self, req: Request<proto::BlobList>) -> Result<Response<proto::BlobList>, Status> {

@@ -100,6 +100,65 @@ pub struct StepRecord {
     /// Digest of the image a container step ran in, as the worker's engine reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_digest: Option<String>,
+    /// What the step cache did for the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<StepCacheRecord>,
+}
+
+/// What the step cache did for a step, as stored (the API's `StepCache`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepCacheRecord {
+    pub state: rbb_schema::api::CacheState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<CacheSourceRecord>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stored: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheSourceRecord {
+    pub build: u64,
+    pub builder: String,
+    pub step: u32,
+    pub step_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_id: Option<u64>,
+}
+
+impl StepCacheRecord {
+    pub fn disabled(reason: impl Into<String>) -> StepCacheRecord {
+        StepCacheRecord {
+            state: rbb_schema::api::CacheState::Disabled,
+            key: None,
+            reason: Some(reason.into()),
+            changed: Vec::new(),
+            from: None,
+            stored: false,
+        }
+    }
+
+    pub fn to_api(&self) -> rbb_schema::api::StepCache {
+        rbb_schema::api::StepCache {
+            state: self.state,
+            key: self.key.clone(),
+            reason: self.reason.clone(),
+            changed: self.changed.clone(),
+            from: self.from.as_ref().map(|f| rbb_schema::api::CacheSource {
+                build: f.build,
+                builder: f.builder.clone(),
+                step: f.step,
+                step_name: f.step_name.clone(),
+                log_id: f.log_id,
+            }),
+            stored: self.stored,
+        }
+    }
 }
 
 impl StepRecord {
@@ -117,6 +176,7 @@ impl StepRecord {
             log_id: None,
             log_bytes: None,
             image_digest: None,
+            cache: None,
         }
     }
 }

@@ -105,6 +105,55 @@ pub struct Step {
     /// Digest of the image a container step ran in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_digest: Option<String>,
+    /// What the step cache did (docs/cache.md): reused, ran and why, or not cacheable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<StepCache>,
+}
+
+/// What the step cache did for one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct StepCache {
+    /// `hit`: reused from `from`, not run. `miss`: ran; `changed` says why. `disabled`: not
+    /// cacheable; `reason` says why.
+    pub state: CacheState,
+    /// The step's full cache key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Why the step is not cacheable, or why a miss ran although nothing changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// On a miss: the key components that differ from the nearest earlier successful
+    /// execution of the same builder and step (`inputs.src`, `pass_env.CC`, `image`, `run`,
+    /// `after`, ...); empty with a `reason` when there is none to compare with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<String>,
+    /// On a hit: the execution whose result and outputs were reused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<CacheSource>,
+    /// This execution's outputs were stored as a cache entry.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stored: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheState {
+    Hit,
+    Miss,
+    Disabled,
+}
+
+/// The execution a cached step reused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CacheSource {
+    pub build: u64,
+    pub builder: String,
+    /// Step number in that build.
+    pub step: u32,
+    pub step_name: String,
+    /// Its log (`/api/v2/logs/{id}/raw`), while retention keeps it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_id: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -50,7 +50,32 @@ function stepsHtml(b, selected) {
       <td class="num">${s.exit_code == null ? '' : esc(s.exit_code)}</td>
       <td class="reason">${esc(s.reason || '')}</td>
     </tr>`).join('');
-  return `<table class="list steps"><thead><tr><th class="num">#</th><th>step</th><th>result</th><th class="num">took</th><th class="num">exit</th><th>why</th></tr></thead><tbody>${rows}</tbody></table>`;
+  const chosen = b.steps.find((s) => s.number === selected);
+  return `<table class="list steps"><thead><tr><th class="num">#</th><th>step</th><th>result</th><th class="num">took</th><th class="num">exit</th><th>why</th></tr></thead><tbody>${rows}</tbody></table>
+    <div id="step-cache" class="step-cache">${chosen ? cacheHtml(chosen) : ''}</div>`;
+}
+
+/** What the step cache did for a step: reused (from where), ran (and what changed), or not cacheable (why). */
+function cacheHtml(s) {
+  const c = s.cache;
+  const head = `<h3>Step cache · ${esc(s.name)}</h3>`;
+  if (!c) {
+    return `${head}<p class="muted" data-cache="none">${s.state === 'finished' ? 'The cache was not consulted.' : 'Not decided yet: the step has not run.'}</p>`;
+  }
+  const key = c.key ? `<p class="muted">key <code title="${esc(c.key)}">${esc(c.key.slice(0, 19))}…</code></p>` : '';
+  if (c.state === 'hit') {
+    const f = c.from || {};
+    const log = f.log_id != null ? ` · <a href="/api/v2/logs/${f.log_id}/raw" target="_blank">its log</a>` : '';
+    return `${head}<p data-cache="hit"><b>Reused</b>, not run: the same key succeeded in <a href="#/builds/${f.build}?step=${(f.step ?? 0) + 1}">build ${esc(f.build)}</a> (${esc(f.builder)}, step <b>${esc(f.step_name)}</b>)${log}.</p>${key}`;
+  }
+  if (c.state === 'disabled') {
+    return `${head}<p data-cache="disabled"><b>Not cacheable:</b> ${esc(c.reason || '')}</p>`;
+  }
+  const changed = c.changed && c.changed.length
+    ? `<p>It ran because its key changed since the last success:</p><ul class="changed">${c.changed.map((x) => `<li><code>${esc(x)}</code></li>`).join('')}</ul>`
+    : `<p>It ran: ${esc(c.reason || 'no earlier successful execution')}.</p>`;
+  const stored = c.stored ? '<p class="muted">Its outputs were stored for reuse.</p>' : '';
+  return `${head}<div data-cache="miss">${changed}</div>${stored}${key}`;
 }
 
 /** The build's facts (the buttons above them stay put, so a click never lands on a replaced node). */

@@ -14,6 +14,7 @@
 //! - `read`: the read side the REST API uses;
 //! - `retention`: the janitor that ages logs and builds out of the store.
 
+mod cache;
 mod dispatch;
 mod read;
 mod retention;
@@ -38,6 +39,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
 
+pub use cache::LookupError;
 pub use read::FinishedBuild;
 pub use retention::{Policy as RetentionPolicy, Report as RetentionReport};
 pub use sessions::Liveness;
@@ -118,6 +120,9 @@ struct LeaseInfo {
     worker: String,
     /// Whether the lease carried the build's checkout.
     checkout: bool,
+    /// What `Lookup` answered for the step (its key, and the entry it reuses on a hit: the
+    /// entry is pinned while the lease lives).
+    cache: Option<Box<cache::LeaseCache>>,
 }
 
 struct Inner {

@@ -363,6 +363,7 @@ impl Engine {
                             .unwrap_or(0)
                     }),
                     image_digest: s.image_digest.clone(),
+                    cache: s.cache.as_ref().map(|c| c.to_api()),
                 })
                 .collect(),
         }

@@ -110,12 +110,51 @@ pub fn close_build(b: &mut BuildRecord, now: u64) -> Outcome {
             b.result_reason = "stopped".to_owned();
         }
         Outcome::Cancelled
+    } else if let Some(r) = b.result {
+        r
+    } else if b.steps.iter().any(|s| s.result == Some(Outcome::Cached))
+        && b.steps.iter().all(|s| matches!(s.result, Some(Outcome::Cached | Outcome::Skipped)))
+    {
+        // Nothing ran: every step was reused (or skipped).
+        Outcome::Cached
     } else {
-        b.result.unwrap_or(Outcome::Success)
+        Outcome::Success
     };
     b.result = Some(result);
     b.finished_at = Some(now);
     result
+}
+
+/// Whether step `step` of a build may be reused from the cache (docs/cache.md), or why
+/// not. Every earlier step that ran must have passed with a full key: a step after one that
+/// no key describes could depend on what that step did.
+pub fn cache_eligible(b: &BuildRecord, spec: &rbb_schema::plan::PlanStep, step: u32) -> Result<(), String> {
+    if !spec.cache {
+        return Err("`cache: false`".to_owned());
+    }
+    if spec.inputs.is_empty() {
+        return Err("no `inputs:` declared".to_owned());
+    }
+    for earlier in b.steps.iter().take(step as usize) {
+        match earlier.result {
+            Some(Outcome::Skipped) => {}
+            Some(Outcome::Success | Outcome::Cached) if cache_key_of(earlier).is_some() => {}
+            Some(Outcome::Success | Outcome::Cached) => {
+                return Err(format!("an earlier step, `{}`, is not cacheable", earlier.name));
+            }
+            _ => return Err(format!("an earlier step, `{}`, did not pass", earlier.name)),
+        }
+    }
+    Ok(())
+}
+
+/// The full key of the nearest earlier step that ran (the `after` of step `step`'s key).
+pub fn previous_key(b: &BuildRecord, step: u32) -> Option<String> {
+    b.steps.iter().take(step as usize).rev().find(|s| s.result != Some(Outcome::Skipped)).and_then(cache_key_of)
+}
+
+fn cache_key_of(s: &StepRecord) -> Option<String> {
+    s.cache.as_ref().filter(|c| c.state != rbb_schema::api::CacheState::Disabled).and_then(|c| c.key.clone())
 }
 
 /// Marks a build as stopped. Its running step is cancelled by the caller; whatever that

@@ -4,7 +4,7 @@
 
 use super::rules::{self, StepFlags, StepReport};
 use super::{Engine, EngineError, Event, LeaseInfo, MAX_WORKER_LOSSES, Tx, checkout_dir, resolve};
-use crate::model::{BuildRecord, LogRecord, now_ms};
+use crate::model::{BuildRecord, LogRecord, StepCacheRecord, now_ms};
 use rbb_compiler::condition;
 use rbb_schema::api::State;
 use rbb_schema::plan::{Plan, PlanBuilder};
@@ -72,6 +72,16 @@ impl Engine {
         let spec = &pb.steps[step as usize];
         let now = now_ms();
         let Some(b) = tx.build_mut(id) else { return Ok(()) };
+        let cache = match rules::cache_eligible(b, spec, step) {
+            Ok(()) => {
+                b.steps[step as usize].cache = None;
+                Some(proto::StepCache { outputs: spec.outputs.clone() })
+            }
+            Err(why) => {
+                b.steps[step as usize].cache = Some(StepCacheRecord::disabled(why));
+                None
+            }
+        };
         let checkout = (!b.checked_out).then(|| proto::Checkout { url: b.repo_url.clone(), commit: b.commit.clone() });
         b.checked_out = true;
         let s = &mut b.steps[step as usize];
@@ -110,11 +120,11 @@ impl Engine {
             network: spec.network.clone().unwrap_or_default(),
             user: spec.user.clone().unwrap_or_default(),
             pass_env: spec.pass_env.clone(),
-            cache: None,
+            cache,
         };
         let carries_checkout = msg.checkout.is_some();
         tx.leases_mut()
-            .insert(lease, LeaseInfo { build: id, step, worker: worker.clone(), checkout: carries_checkout });
+            .insert(lease, LeaseInfo { build: id, step, worker: worker.clone(), checkout: carries_checkout, cache: None });
         tx.emit(Event::Step { build: id, step });
         tx.send(&worker, MasterMsg::Lease(msg));
         Ok(())
@@ -146,7 +156,19 @@ impl Engine {
                 warn_on_failure: s.warn_on_failure,
                 halt_on_failure: s.halt_on_failure,
             });
-        let report = StepReport { result, exit_code: f.exit_code, reason: f.reason.clone() };
+        let declared_outputs = plan
+            .as_ref()
+            .and_then(|p| p.builder(&b.builder))
+            .and_then(|pb| pb.steps.get(lease.step as usize))
+            .is_some_and(|s| !s.outputs.is_empty());
+        let cached = self.cache_finished(tx, &lease, &f, result, declared_outputs);
+        let reason = if cached == Outcome::Exception && result != Outcome::Exception {
+            "the worker restored a cache entry the master did not offer".to_owned()
+        } else {
+            f.reason.clone()
+        };
+        let result = cached;
+        let report = StepReport { result, exit_code: f.exit_code, reason };
         let now = now_ms();
         let digest = Some(f.image_digest.clone()).filter(|d| !d.is_empty());
         let log_id = tx.build_mut(lease.build).and_then(|b| {

@@ -431,6 +431,7 @@ impl Engine {
                 log_id: Some(log),
                 log_bytes: Some(bytes),
                 image_digest: None,
+                cache: None,
             }],
         });
         tx.durable();
