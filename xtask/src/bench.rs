@@ -29,21 +29,19 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         std::fs::create_dir_all(&work)?;
         return crate::docker_bench::run(root, &target_dir(root).join("debug"), &work);
     }
-    if !args.is_empty() {
-        bail!("cargo xtask bench takes no arguments, or `docker` for the Docker figures alone, or `scale [options]`");
+    if args == ["cache"] {
+        // Only the step cache's figures.
+        build_release(root)?;
+        let work = root.join(".rbb-state/bench");
+        std::fs::create_dir_all(&work)?;
+        return crate::cache_bench::run(&target_dir(root).join("release"), &work);
     }
-    run(cargo().current_dir(root).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "rbb-master",
-        "-p",
-        "rbb-compiler",
-        "-p",
-        "rbb-worker",
-        "--bins",
-    ]))?;
+    if !args.is_empty() {
+        bail!(
+            "cargo xtask bench takes no arguments, or `docker` or `cache` for those figures alone, or `scale [options]`"
+        );
+    }
+    build_release(root)?;
     let bin = target_dir(root).join("release");
     let rbb = bin.join("rbb");
     let work = root.join(".rbb-state/bench");
@@ -145,8 +143,26 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     // 4. Running builds.
     crate::runs::run(root, &bin, &work)?;
 
-    // 5. Docker steps.
+    // 5. The step cache.
+    crate::cache_bench::run(&bin, &work)?;
+
+    // 6. Docker steps.
     crate::docker_bench::run(root, &bin, &work)
+}
+
+fn build_release(root: &Path) -> Result<()> {
+    run(cargo().current_dir(root).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "rbb-master",
+        "-p",
+        "rbb-compiler",
+        "-p",
+        "rbb-worker",
+        "--bins",
+    ]))
 }
 
 /// Copies `<src>/<repo>/.rbb/pipeline.yaml` to `<dst>/<repo>.yaml`.

@@ -10,6 +10,7 @@
 //! It only orchestrates: it spawns cargo and the project's binaries and holds no product logic.
 
 mod bench;
+mod cache_bench;
 mod docker_bench;
 mod runs;
 mod scale;

@@ -22,10 +22,10 @@ impl Drop for Proc {
     }
 }
 
-struct Cluster {
+pub(crate) struct Cluster {
     master: Proc,
     _worker: Proc,
-    http: String,
+    pub(crate) http: String,
 }
 
 /// Where the Buildbot figures printed next to ours come from.
@@ -143,7 +143,7 @@ pub(crate) fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn start(bin: &Path, dir: &Path) -> Result<Cluster> {
+pub(crate) fn start(bin: &Path, dir: &Path) -> Result<Cluster> {
     let mut master = Command::new(bin.join("rbb"))
         .args(["master", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
         .arg("--config")
