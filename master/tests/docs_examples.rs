@@ -3,7 +3,8 @@
 //! The schema may be laxer than the compiler where a type cannot say it (a cycle, an unknown
 //! `needs`, a snippet's result), but never stricter, and the mistakes a schema can express
 //! (names, unknown keys, types, version, a builder without steps) it must reject too. Every
-//! `curl` command of the docs runs against a real master and worker and must succeed.
+//! `curl` and `rbb cache` command of the docs runs against a real master and worker and must
+//! succeed.
 
 mod support;
 
@@ -272,7 +273,7 @@ fn curl_commands(path: &Path) -> Vec<(usize, String)> {
             };
             if continues {
                 pending = Some(cmd);
-            } else if cmd.1.starts_with("curl ") {
+            } else if cmd.1.starts_with("curl ") || cmd.1.starts_with("rbb cache ") {
                 out.push(cmd);
             }
         }
@@ -311,8 +312,14 @@ fn every_curl_example_in_the_docs_works_against_a_real_master() {
         for (line, cmd) in curl_commands(&md) {
             let what = format!("{}:{line}", md.strip_prefix(root()).unwrap_or(&md).display());
             let cmd = cmd.replace("http://127.0.0.1:8010", &format!("http://{}", m.http));
-            let run =
-                format!("{} -sS --fail-with-body --max-time 20 -o /dev/null -w '%{{http_code}}' {}", "curl", &cmd[5..]);
+            let run = match cmd.strip_prefix("rbb ") {
+                Some(args) => format!("{} {args}", env!("CARGO_BIN_EXE_rbb")),
+                None => format!(
+                    "{} -sS --fail-with-body --max-time 20 -o /dev/null -w '%{{http_code}}' {}",
+                    "curl",
+                    &cmd[5..]
+                ),
+            };
             let out = std::process::Command::new("sh").arg("-c").arg(&run).output().expect("run curl");
             ran += 1;
             if !out.status.success() {
