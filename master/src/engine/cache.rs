@@ -13,7 +13,6 @@ use crate::model::{CacheSourceRecord, StepCacheRecord, now_ms};
 use rbb_schema::api::CacheState;
 use rbb_schema::proto;
 use rbb_schema::results::Outcome;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// What `Lookup` answered for a lease.
@@ -67,16 +66,9 @@ impl Engine {
             .inputs
             .resolve(&probe.git_dir, &probe.commit, &probe.inputs)
             .map_err(|e| LookupError::Key(e.to_string()))?;
-        let pass_env: BTreeMap<String, Option<String>> = probe
-            .pass_env
-            .iter()
-            .map(|name| {
-                let v = q.pass_env.get(name).filter(|v| !v.is_empty()).cloned();
-                (name.clone(), v)
-            })
-            .collect();
+        let pass_env = crate::cache::key::pass_env_digests(&probe.pass_env, &q.pass_env);
         let manifest = Manifest {
-            format: crate::cache::key::FORMAT.to_owned(),
+            format: crate::cache::key::FULL_KEY_FORMAT.to_owned(),
             static_key: probe.static_key.clone(),
             inputs,
             pass_env,
