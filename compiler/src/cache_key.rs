@@ -25,7 +25,8 @@ pub fn step_key(step: &PlanStep, previous: Option<&str>, upstream: &[String]) ->
     hex(hasher.0.finalize().as_slice())
 }
 
-/// The document hashed by [`step_key`] (shown by "why did this re-run?").
+/// The document hashed by [`step_key`] (shown by "why did this re-run?"): `step_key` is
+/// `sha256(canonical_json(step_key_document(..)))`, both built from the same fields.
 pub fn step_key_document(step: &PlanStep, previous: Option<&str>, upstream: &[String]) -> Value {
     serde_json::to_value(KeyDoc::new(step, previous, upstream)).unwrap_or(Value::Null)
 }
@@ -63,6 +64,40 @@ impl<'a> KeyDoc<'a> {
             workdir: step.workdir.as_deref(),
         }
     }
+}
+
+/// The fields of two key documents that differ, named for people: a top-level field by its
+/// name (`run`, `inputs`, `after`, `needs`, ...), a changed entry of an object field by
+/// `field.entry` (`env.CC`). Sorted by field name; empty when the documents are equal.
+/// A side that is not an object (a document that could not be read) differs as a whole,
+/// named `document`.
+pub fn document_changes(old: &Value, new: &Value) -> Vec<String> {
+    if old == new {
+        return Vec::new();
+    }
+    let (Value::Object(o), Value::Object(n)) = (old, new) else {
+        return vec!["document".to_owned()];
+    };
+    let mut fields: Vec<&String> = o.keys().chain(n.keys()).collect();
+    fields.sort_unstable();
+    fields.dedup();
+    let mut out = Vec::new();
+    for f in fields {
+        let (a, b) = (o.get(f).unwrap_or(&Value::Null), n.get(f).unwrap_or(&Value::Null));
+        if a == b {
+            continue;
+        }
+        match (a, b) {
+            (Value::Object(a), Value::Object(b)) => {
+                let mut names: Vec<&String> = a.keys().chain(b.keys()).collect();
+                names.sort_unstable();
+                names.dedup();
+                out.extend(names.into_iter().filter(|k| a.get(*k) != b.get(*k)).map(|k| format!("{f}.{k}")));
+            }
+            _ => out.push(f.clone()),
+        }
+    }
+    out
 }
 
 struct HashWriter(Sha256);
@@ -193,6 +228,19 @@ mod tests {
         assert!(docs.contains(&first), "docs/cache-key.md lacks vector {first}");
         let second = step_key(&step("make test"), Some(&first), &[]);
         assert!(docs.contains(&second), "docs/cache-key.md lacks vector {second}");
+    }
+
+    #[test]
+    fn document_changes_name_fields_and_env_entries() {
+        let a = step("make");
+        let mut b = step("make test");
+        b.env.insert("A".into(), "3".into());
+        b.env.insert("C".into(), "4".into());
+        b.inputs.push("lib".into());
+        let (da, db) = (step_key_document(&a, None, &[]), step_key_document(&b, Some("sha256:00"), &[]));
+        assert_eq!(document_changes(&da, &db), ["after", "env.A", "env.C", "inputs", "run"]);
+        assert!(document_changes(&da, &da).is_empty());
+        assert_eq!(document_changes(&Value::Null, &da), ["document"]);
     }
 
     #[test]

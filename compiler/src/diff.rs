@@ -1,10 +1,12 @@
 //! What a change to the pipelines would do: builders added, removed and changed, and which
-//! steps get a new cache key (and so will run again instead of being reused).
+//! steps get a new cache key (and so will run again instead of being reused), with the
+//! fields of the key's document that changed.
 
+use crate::cache_key::{document_changes, step_key_document};
 use crate::render::{short, triggers};
 use rbb_schema::plan::{Plan, PlanBuilder, PlanStep};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -25,8 +27,28 @@ pub struct BuilderChange {
     pub steps_removed: Vec<String>,
     /// Step name and what changed in it.
     pub steps_changed: Vec<(String, Vec<String>)>,
-    /// Steps whose cache key changed (they cannot be reused from the cache).
-    pub rekeyed: Vec<String>,
+    /// Steps whose cache key changed (they cannot be reused from the cache), and why.
+    pub rekeyed: Vec<Rekeyed>,
+}
+
+/// A step whose static cache key changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Rekeyed {
+    pub step: String,
+    /// The fields of the key's document that differ (docs/cache-key.md), sorted: `run`,
+    /// `env.<NAME>`, `pass_env`, `workdir`, `image`, `inputs`, `outputs`, `after` (an earlier
+    /// step of the builder changed), `needs.<builder>` (that upstream builder's last step
+    /// changed, or it was added to or removed from `needs`), or `format` when only the key's
+    /// encoding differs (a plan saved by another release).
+    pub changed: Vec<String>,
+}
+
+/// The key of the last step of every builder of a plan: what its downstream builders' keys
+/// take as `needs`.
+type LastKeys<'a> = BTreeMap<&'a str, &'a str>;
+
+fn last_keys(plan: &Plan) -> LastKeys<'_> {
+    plan.builders.iter().filter_map(|b| b.steps.last().map(|s| (b.id.as_str(), s.key.as_str()))).collect()
 }
 
 impl PlanDiff {
@@ -38,12 +60,13 @@ impl PlanDiff {
 pub fn diff(old: &Plan, new: &Plan) -> PlanDiff {
     let o: BTreeMap<&str, &PlanBuilder> = old.builders.iter().map(|b| (b.id.as_str(), b)).collect();
     let n: BTreeMap<&str, &PlanBuilder> = new.builders.iter().map(|b| (b.id.as_str(), b)).collect();
+    let keys = (last_keys(old), last_keys(new));
     let mut d = PlanDiff { old_hash: old.hash.clone(), new_hash: new.hash.clone(), ..Default::default() };
     for (id, nb) in &n {
         match o.get(id) {
             None => d.added.push((*id).to_owned()),
             Some(ob) => {
-                let c = builder_change(ob, nb);
+                let c = builder_change(ob, nb, &keys);
                 if c != (BuilderChange { id: (*id).to_owned(), ..Default::default() }) {
                     d.changed.push(c);
                 }
@@ -78,7 +101,7 @@ fn opt_change(name: &str, old: &Option<String>, new: &Option<String>) -> Option<
         .then(|| format!("{name}: {} → {}", old.as_deref().unwrap_or("(none)"), new.as_deref().unwrap_or("(none)")))
 }
 
-fn builder_change(o: &PlanBuilder, n: &PlanBuilder) -> BuilderChange {
+fn builder_change(o: &PlanBuilder, n: &PlanBuilder, keys: &(LastKeys, LastKeys)) -> BuilderChange {
     let mut c = BuilderChange { id: n.id.clone(), ..Default::default() };
     c.fields.extend(list_change("needs", &o.needs, &n.needs));
     c.fields.extend(list_change("labels", &o.labels, &n.labels));
@@ -93,7 +116,7 @@ fn builder_change(o: &PlanBuilder, n: &PlanBuilder) -> BuilderChange {
     }
     let os: BTreeMap<&str, &PlanStep> = o.steps.iter().map(|s| (s.name.as_str(), s)).collect();
     let ns: BTreeMap<&str, &PlanStep> = n.steps.iter().map(|s| (s.name.as_str(), s)).collect();
-    for s in &n.steps {
+    for (i, s) in n.steps.iter().enumerate() {
         match os.get(s.name.as_str()) {
             None => c.steps_added.push(s.name.clone()),
             Some(old) => {
@@ -102,7 +125,8 @@ fn builder_change(o: &PlanBuilder, n: &PlanBuilder) -> BuilderChange {
                     c.steps_changed.push((s.name.clone(), what));
                 }
                 if old.key != s.key {
-                    c.rekeyed.push(s.name.clone());
+                    let j = o.steps.iter().position(|x| x.name == s.name).unwrap_or_default();
+                    c.rekeyed.push(Rekeyed { step: s.name.clone(), changed: key_changes(o, j, n, i, keys) });
                 }
             }
         }
@@ -114,6 +138,58 @@ fn builder_change(o: &PlanBuilder, n: &PlanBuilder) -> BuilderChange {
         c.fields.push("steps reordered".to_owned());
     }
     c
+}
+
+/// Why step `j` of `o` and step `i` of `n` have different keys: the fields of their key
+/// documents that differ, rebuilt from the plans (the previous step's key, the last keys of
+/// the builders they need).
+fn key_changes(o: &PlanBuilder, j: usize, n: &PlanBuilder, i: usize, keys: &(LastKeys, LastKeys)) -> Vec<String> {
+    let upstream = |b: &PlanBuilder, last: &LastKeys| -> Vec<String> {
+        b.needs.iter().filter_map(|id| last.get(id.as_str())).map(|k| (*k).to_owned()).collect()
+    };
+    let previous = |b: &PlanBuilder, i: usize| i.checked_sub(1).map(|p| b.steps[p].key.clone());
+    let (old_prev, new_prev) = (previous(o, j), previous(n, i));
+    let (old_up, new_up) = (upstream(o, &keys.0), upstream(n, &keys.1));
+    let old_doc = step_key_document(&o.steps[j], old_prev.as_deref(), &old_up);
+    let new_doc = step_key_document(&n.steps[i], new_prev.as_deref(), &new_up);
+    let mut changed = Vec::new();
+    for field in document_changes(&old_doc, &new_doc) {
+        if field != "needs" {
+            changed.push(field);
+            continue;
+        }
+        // Name the upstream builders whose last key moved (or that came or went).
+        let ids: BTreeSet<&str> = o.needs.iter().chain(&n.needs).map(String::as_str).collect();
+        let named: Vec<String> = ids
+            .into_iter()
+            .filter(|id| {
+                let was = o.needs.iter().any(|x| x == id).then(|| keys.0.get(id)).flatten();
+                let is = n.needs.iter().any(|x| x == id).then(|| keys.1.get(id)).flatten();
+                was != is
+            })
+            .map(|id| format!("needs.{id}"))
+            .collect();
+        if named.is_empty() {
+            changed.push(field);
+        } else {
+            changed.extend(named);
+        }
+    }
+    if changed.is_empty() {
+        // Same document, different keys: one plan's keys were made by another encoding.
+        changed.push("format".to_owned());
+    }
+    changed
+}
+
+/// How a reason of [`Rekeyed::changed`] reads in the text output.
+fn explain(field: &str) -> String {
+    match field {
+        "after" => "after (an earlier step changed)".to_owned(),
+        "format" => "format (the old plan's keys use another encoding)".to_owned(),
+        f if f.starts_with("needs.") => format!("{f} (an upstream builder changed)"),
+        f => f.to_owned(),
+    }
 }
 
 fn step_change(o: &PlanStep, n: &PlanStep) -> Vec<String> {
@@ -176,7 +252,12 @@ pub fn render(d: &PlanDiff) -> String {
             let _ = writeln!(out, "    ~ step {s}: {}", what.join(", "));
         }
         if !c.rekeyed.is_empty() {
-            let _ = writeln!(out, "    re-keyed (will not reuse cached results): {}", c.rekeyed.join(", "));
+            let names: Vec<&str> = c.rekeyed.iter().map(|r| r.step.as_str()).collect();
+            let _ = writeln!(out, "    re-keyed (will not reuse cached results): {}", names.join(", "));
+            for r in &c.rekeyed {
+                let why: Vec<String> = r.changed.iter().map(|f| explain(f)).collect();
+                let _ = writeln!(out, "      {}: {}", r.step, why.join(", "));
+            }
         }
     }
     out
