@@ -22,6 +22,9 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     if args.first().map(String::as_str) == Some("scale") {
         return crate::scale::main(root, &args[1..]);
     }
+    if args.first().map(String::as_str) == Some("key") {
+        return crate::key_bench::main(root, &args[1..]);
+    }
     if args == ["docker"] {
         // Only the Docker figures, with the debug binaries: the engine's work dominates them.
         run(cargo().current_dir(root).args(["build", "--quiet", "-p", "rbb-master", "-p", "rbb-worker", "--bins"]))?;
@@ -30,7 +33,10 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         return crate::docker_bench::run(root, &target_dir(root).join("debug"), &work);
     }
     if !args.is_empty() {
-        bail!("cargo xtask bench takes no arguments, or `docker` for the Docker figures alone, or `scale [options]`");
+        bail!(
+            "cargo xtask bench takes no arguments, or `docker` for the Docker figures alone, `key` for the cache \
+             key's, or `scale [options]`"
+        );
     }
     run(cargo().current_dir(root).args([
         "build",
@@ -146,7 +152,11 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     crate::runs::run(root, &bin, &work)?;
 
     // 5. Docker steps.
-    crate::docker_bench::run(root, &bin, &work)
+    crate::docker_bench::run(root, &bin, &work)?;
+
+    // 6. Full cache keys: inputs resolved from git.
+    println!();
+    crate::key_bench::main(root, &[])
 }
 
 /// Copies `<src>/<repo>/.rbb/pipeline.yaml` to `<dst>/<repo>.yaml`.
