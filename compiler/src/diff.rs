@@ -262,3 +262,61 @@ pub fn render(d: &PlanDiff) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(case: &str) -> Plan {
+        let path = format!("{}/../testdata/compiler/{case}/plan.json", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read plan")).expect("plan JSON")
+    }
+
+    fn rekeyed(d: &PlanDiff) -> Vec<(String, String, Vec<String>)> {
+        d.changed
+            .iter()
+            .flat_map(|c| c.rekeyed.iter().map(|r| (c.id.clone(), r.step.clone(), r.changed.clone())))
+            .collect()
+    }
+
+    /// An upstream builder's command changes: its own step says `run`, every builder that
+    /// needs it names it, and nothing else is re-keyed.
+    #[test]
+    fn an_upstream_change_is_named_downstream() {
+        let old = plan("cross-repo-needs");
+        let mut new = old.clone();
+        let lib = new.builders.iter_mut().find(|b| b.id == "lib/build").expect("lib/build");
+        lib.steps[0].run.push_str(" V=1");
+        // Recompute the keys as the compiler would (in the plan's order, upstream first).
+        let mut last: BTreeMap<String, String> = BTreeMap::new();
+        for _ in 0..new.builders.len() {
+            for b in &mut new.builders {
+                let up: Vec<String> = b.needs.iter().filter_map(|n| last.get(n).cloned()).collect();
+                let mut prev: Option<String> = None;
+                for s in &mut b.steps {
+                    s.key = crate::cache_key::step_key(s, prev.as_deref(), &up);
+                    prev = Some(s.key.clone());
+                }
+                last.insert(b.id.clone(), prev.unwrap_or_default());
+            }
+        }
+        let d = diff(&old, &new);
+        let why = rekeyed(&d);
+        assert!(why.contains(&("lib/build".into(), "step-1".into(), vec!["run".into()])), "{why:?}");
+        assert!(why.contains(&("app/build".into(), "step-1".into(), vec!["needs.lib/build".into()])), "{why:?}");
+        assert!(why.iter().all(|(b, _, w)| b == "lib/build" || w.iter().all(|x| x.starts_with("needs."))), "{why:?}");
+        let text = render(&d);
+        assert!(text.contains("      step-1: needs.lib/build (an upstream builder changed)"), "{text}");
+    }
+
+    /// A plan saved with keys of another encoding: the documents agree, so the reason is the
+    /// format, never an empty list.
+    #[test]
+    fn keys_of_another_encoding_say_format() {
+        let new = plan("minimal");
+        let mut old = new.clone();
+        old.builders[0].steps[0].key = "sha256:0000".into();
+        let why = rekeyed(&diff(&old, &new));
+        assert_eq!(why, [("app/build".to_owned(), "step-1".to_owned(), vec!["format".to_owned()])]);
+    }
+}
