@@ -9,7 +9,7 @@
 //! the builder and the keys of the builders it needs. At run time the master adds the git
 //! tree ids of the inputs, the env allow-list's values, the image digest and the platform.
 
-use rbb_schema::plan::{Plan, PlanStep};
+use rbb_schema::plan::{Plan, PlanBuilder, PlanStep};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -29,6 +29,27 @@ pub fn step_key(step: &PlanStep, previous: Option<&str>, upstream: &[String]) ->
 /// `sha256(canonical_json(step_key_document(..)))`, both built from the same fields.
 pub fn step_key_document(step: &PlanStep, previous: Option<&str>, upstream: &[String]) -> Value {
     serde_json::to_value(KeyDoc::new(step, previous, upstream)).unwrap_or(Value::Null)
+}
+
+/// The key document of step `index` of `builder`, rebuilt from a compiled plan: `after` is
+/// the previous step's key, `needs` the keys `last_key` gives for the builders it needs (the
+/// key of each one's last step; `None` for a builder without steps). Hashing it gives the
+/// step's `key` when the plan was compiled with this format. `None` when there is no such step.
+pub fn plan_step_document<'k>(
+    builder: &PlanBuilder,
+    index: usize,
+    last_key: impl Fn(&str) -> Option<&'k str>,
+) -> Option<Value> {
+    let step = builder.steps.get(index)?;
+    let previous = index.checked_sub(1).map(|i| builder.steps[i].key.as_str());
+    let upstream: Vec<String> = builder.needs.iter().filter_map(|id| last_key(id)).map(str::to_owned).collect();
+    Some(step_key_document(step, previous, &upstream))
+}
+
+/// The key of the last step of every builder of `plan`, by builder id (for
+/// [`plan_step_document`]).
+pub fn last_keys(plan: &Plan) -> std::collections::BTreeMap<&str, &str> {
+    plan.builders.iter().filter_map(|b| b.steps.last().map(|s| (b.id.as_str(), s.key.as_str()))).collect()
 }
 
 /// The key document, fields in the byte order of their names.

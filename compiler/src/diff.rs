@@ -2,7 +2,7 @@
 //! steps get a new cache key (and so will run again instead of being reused), with the
 //! fields of the key's document that changed.
 
-use crate::cache_key::{document_changes, step_key_document};
+use crate::cache_key::{document_changes, last_keys, plan_step_document};
 use crate::render::{short, triggers};
 use rbb_schema::plan::{Plan, PlanBuilder, PlanStep};
 use serde::Serialize;
@@ -46,10 +46,6 @@ pub struct Rekeyed {
 /// The key of the last step of every builder of a plan: what its downstream builders' keys
 /// take as `needs`.
 type LastKeys<'a> = BTreeMap<&'a str, &'a str>;
-
-fn last_keys(plan: &Plan) -> LastKeys<'_> {
-    plan.builders.iter().filter_map(|b| b.steps.last().map(|s| (b.id.as_str(), s.key.as_str()))).collect()
-}
 
 impl PlanDiff {
     pub fn is_empty(&self) -> bool {
@@ -144,14 +140,8 @@ fn builder_change(o: &PlanBuilder, n: &PlanBuilder, keys: &(LastKeys, LastKeys))
 /// documents that differ, rebuilt from the plans (the previous step's key, the last keys of
 /// the builders they need).
 fn key_changes(o: &PlanBuilder, j: usize, n: &PlanBuilder, i: usize, keys: &(LastKeys, LastKeys)) -> Vec<String> {
-    let upstream = |b: &PlanBuilder, last: &LastKeys| -> Vec<String> {
-        b.needs.iter().filter_map(|id| last.get(id.as_str())).map(|k| (*k).to_owned()).collect()
-    };
-    let previous = |b: &PlanBuilder, i: usize| i.checked_sub(1).map(|p| b.steps[p].key.clone());
-    let (old_prev, new_prev) = (previous(o, j), previous(n, i));
-    let (old_up, new_up) = (upstream(o, &keys.0), upstream(n, &keys.1));
-    let old_doc = step_key_document(&o.steps[j], old_prev.as_deref(), &old_up);
-    let new_doc = step_key_document(&n.steps[i], new_prev.as_deref(), &new_up);
+    let old_doc = plan_step_document(o, j, |id| keys.0.get(id).copied()).unwrap_or_default();
+    let new_doc = plan_step_document(n, i, |id| keys.1.get(id).copied()).unwrap_or_default();
     let mut changed = Vec::new();
     for field in document_changes(&old_doc, &new_doc) {
         if field != "needs" {

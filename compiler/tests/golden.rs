@@ -11,7 +11,7 @@
 //! (`diff.json`). `RBB_BLESS=1 cargo test -p rbb-compiler --test golden` rewrites them.
 
 use rbb_compiler::snippet::{ChildEvaluator, Limits};
-use rbb_compiler::{Options, Origin, Source, compile, decode_text, diff, render, render_diagnostics};
+use rbb_compiler::{Options, Origin, Source, cache_key, compile, decode_text, diff, render, render_diagnostics};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -114,6 +114,16 @@ fn golden_cases() {
             out.push_str(&render::dot(plan));
             let json = serde_json::to_string_pretty(plan).expect("plan serialises") + "\n";
             check_file(&dir.join("plan.json"), &json, bless, &mut failures);
+            // Every step's key document, rebuilt from the plan, hashes to its key (the master
+            // keeps these documents to say what changed).
+            let last = cache_key::last_keys(plan);
+            for b in &plan.builders {
+                for (i, s) in b.steps.iter().enumerate() {
+                    let doc = cache_key::plan_step_document(b, i, |id| last.get(id).copied()).expect("step");
+                    let key = cache_key::sha256(&cache_key::canonical_json(&doc));
+                    assert_eq!(key, s.key, "{}: {} step {} document {doc}", dir.display(), b.id, s.name);
+                }
+            }
             // The published JSON reads back into the same plan.
             let back: rbb_schema::plan::Plan = serde_json::from_str(&json).expect("plan JSON reads back");
             assert_eq!(&back, plan, "{}: plan JSON does not round-trip", dir.display());
