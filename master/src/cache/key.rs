@@ -874,7 +874,9 @@ mod tests {
         r.resolve(&two.path().join(".git"), &c2, &p).expect("resolve");
         r.resolve(&one.path().join(".git"), &c1, &p).expect("resolve");
         assert_eq!(r.opened(), 3);
-        // Another thread opens its own.
+        // Another thread opens its own; threads share one resolver.
+        fn shared<T: Send + Sync>(_: &T) {}
+        shared(&r);
         std::thread::scope(|s| {
             s.spawn(|| r.resolve(&one.path().join(".git"), &c1, &p).expect("resolve on another thread"));
         });
