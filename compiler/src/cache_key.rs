@@ -9,7 +9,7 @@
 //! the builder and the keys of the builders it needs. At run time the master adds the git
 //! tree ids of the inputs, the env allow-list's values, the image digest and the platform.
 
-use rbb_schema::plan::{Plan, PlanStep};
+use rbb_schema::plan::{Plan, PlanBuilder, PlanStep};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -25,9 +25,31 @@ pub fn step_key(step: &PlanStep, previous: Option<&str>, upstream: &[String]) ->
     hex(hasher.0.finalize().as_slice())
 }
 
-/// The document hashed by [`step_key`] (shown by "why did this re-run?").
+/// The document hashed by [`step_key`] (shown by "why did this re-run?"): `step_key` is
+/// `sha256(canonical_json(step_key_document(..)))`, both built from the same fields.
 pub fn step_key_document(step: &PlanStep, previous: Option<&str>, upstream: &[String]) -> Value {
     serde_json::to_value(KeyDoc::new(step, previous, upstream)).unwrap_or(Value::Null)
+}
+
+/// The key document of step `index` of `builder`, rebuilt from a compiled plan: `after` is
+/// the previous step's key, `needs` the keys `last_key` gives for the builders it needs (the
+/// key of each one's last step; `None` for a builder without steps). Hashing it gives the
+/// step's `key` when the plan was compiled with this format. `None` when there is no such step.
+pub fn plan_step_document<'k>(
+    builder: &PlanBuilder,
+    index: usize,
+    last_key: impl Fn(&str) -> Option<&'k str>,
+) -> Option<Value> {
+    let step = builder.steps.get(index)?;
+    let previous = index.checked_sub(1).map(|i| builder.steps[i].key.as_str());
+    let upstream: Vec<String> = builder.needs.iter().filter_map(|id| last_key(id)).map(str::to_owned).collect();
+    Some(step_key_document(step, previous, &upstream))
+}
+
+/// The key of the last step of every builder of `plan`, by builder id (for
+/// [`plan_step_document`]).
+pub fn last_keys(plan: &Plan) -> std::collections::BTreeMap<&str, &str> {
+    plan.builders.iter().filter_map(|b| b.steps.last().map(|s| (b.id.as_str(), s.key.as_str()))).collect()
 }
 
 /// The key document, fields in the byte order of their names.
@@ -63,6 +85,40 @@ impl<'a> KeyDoc<'a> {
             workdir: step.workdir.as_deref(),
         }
     }
+}
+
+/// The fields of two key documents that differ, named for people: a top-level field by its
+/// name (`run`, `inputs`, `after`, `needs`, ...), a changed entry of an object field by
+/// `field.entry` (`env.CC`). Sorted by field name; empty when the documents are equal.
+/// A side that is not an object (a document that could not be read) differs as a whole,
+/// named `document`.
+pub fn document_changes(old: &Value, new: &Value) -> Vec<String> {
+    if old == new {
+        return Vec::new();
+    }
+    let (Value::Object(o), Value::Object(n)) = (old, new) else {
+        return vec!["document".to_owned()];
+    };
+    let mut fields: Vec<&String> = o.keys().chain(n.keys()).collect();
+    fields.sort_unstable();
+    fields.dedup();
+    let mut out = Vec::new();
+    for f in fields {
+        let (a, b) = (o.get(f).unwrap_or(&Value::Null), n.get(f).unwrap_or(&Value::Null));
+        if a == b {
+            continue;
+        }
+        match (a, b) {
+            (Value::Object(a), Value::Object(b)) => {
+                let mut names: Vec<&String> = a.keys().chain(b.keys()).collect();
+                names.sort_unstable();
+                names.dedup();
+                out.extend(names.into_iter().filter(|k| a.get(*k) != b.get(*k)).map(|k| format!("{f}.{k}")));
+            }
+            _ => out.push(f.clone()),
+        }
+    }
+    out
 }
 
 struct HashWriter(Sha256);
@@ -193,6 +249,19 @@ mod tests {
         assert!(docs.contains(&first), "docs/cache-key.md lacks vector {first}");
         let second = step_key(&step("make test"), Some(&first), &[]);
         assert!(docs.contains(&second), "docs/cache-key.md lacks vector {second}");
+    }
+
+    #[test]
+    fn document_changes_name_fields_and_env_entries() {
+        let a = step("make");
+        let mut b = step("make test");
+        b.env.insert("A".into(), "3".into());
+        b.env.insert("C".into(), "4".into());
+        b.inputs.push("lib".into());
+        let (da, db) = (step_key_document(&a, None, &[]), step_key_document(&b, Some("sha256:00"), &[]));
+        assert_eq!(document_changes(&da, &db), ["after", "env.A", "env.C", "inputs", "run"]);
+        assert!(document_changes(&da, &da).is_empty());
+        assert_eq!(document_changes(&Value::Null, &da), ["document"]);
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! What a change to the pipelines would do: builders added, removed and changed, and which
-//! steps get a new cache key (and so will run again instead of being reused).
+//! steps get a new cache key (and so will run again instead of being reused), with the
+//! fields of the key's document that changed.
 
+use crate::cache_key::{document_changes, last_keys, plan_step_document};
 use crate::render::{short, triggers};
 use rbb_schema::plan::{Plan, PlanBuilder, PlanStep};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -25,9 +27,25 @@ pub struct BuilderChange {
     pub steps_removed: Vec<String>,
     /// Step name and what changed in it.
     pub steps_changed: Vec<(String, Vec<String>)>,
-    /// Steps whose cache key changed (they cannot be reused from the cache).
-    pub rekeyed: Vec<String>,
+    /// Steps whose cache key changed (they cannot be reused from the cache), and why.
+    pub rekeyed: Vec<Rekeyed>,
 }
+
+/// A step whose static cache key changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Rekeyed {
+    pub step: String,
+    /// The fields of the key's document that differ (docs/cache-key.md), sorted: `run`,
+    /// `env.<NAME>`, `pass_env`, `workdir`, `image`, `inputs`, `outputs`, `after` (an earlier
+    /// step of the builder changed), `needs.<builder>` (that upstream builder's last step
+    /// changed, or it was added to or removed from `needs`), or `format` when only the key's
+    /// encoding differs (a plan saved by another release).
+    pub changed: Vec<String>,
+}
+
+/// The key of the last step of every builder of a plan: what its downstream builders' keys
+/// take as `needs`.
+type LastKeys<'a> = BTreeMap<&'a str, &'a str>;
 
 impl PlanDiff {
     pub fn is_empty(&self) -> bool {
@@ -38,12 +56,13 @@ impl PlanDiff {
 pub fn diff(old: &Plan, new: &Plan) -> PlanDiff {
     let o: BTreeMap<&str, &PlanBuilder> = old.builders.iter().map(|b| (b.id.as_str(), b)).collect();
     let n: BTreeMap<&str, &PlanBuilder> = new.builders.iter().map(|b| (b.id.as_str(), b)).collect();
+    let keys = (last_keys(old), last_keys(new));
     let mut d = PlanDiff { old_hash: old.hash.clone(), new_hash: new.hash.clone(), ..Default::default() };
     for (id, nb) in &n {
         match o.get(id) {
             None => d.added.push((*id).to_owned()),
             Some(ob) => {
-                let c = builder_change(ob, nb);
+                let c = builder_change(ob, nb, &keys);
                 if c != (BuilderChange { id: (*id).to_owned(), ..Default::default() }) {
                     d.changed.push(c);
                 }
@@ -78,7 +97,7 @@ fn opt_change(name: &str, old: &Option<String>, new: &Option<String>) -> Option<
         .then(|| format!("{name}: {} → {}", old.as_deref().unwrap_or("(none)"), new.as_deref().unwrap_or("(none)")))
 }
 
-fn builder_change(o: &PlanBuilder, n: &PlanBuilder) -> BuilderChange {
+fn builder_change(o: &PlanBuilder, n: &PlanBuilder, keys: &(LastKeys, LastKeys)) -> BuilderChange {
     let mut c = BuilderChange { id: n.id.clone(), ..Default::default() };
     c.fields.extend(list_change("needs", &o.needs, &n.needs));
     c.fields.extend(list_change("labels", &o.labels, &n.labels));
@@ -93,7 +112,7 @@ fn builder_change(o: &PlanBuilder, n: &PlanBuilder) -> BuilderChange {
     }
     let os: BTreeMap<&str, &PlanStep> = o.steps.iter().map(|s| (s.name.as_str(), s)).collect();
     let ns: BTreeMap<&str, &PlanStep> = n.steps.iter().map(|s| (s.name.as_str(), s)).collect();
-    for s in &n.steps {
+    for (i, s) in n.steps.iter().enumerate() {
         match os.get(s.name.as_str()) {
             None => c.steps_added.push(s.name.clone()),
             Some(old) => {
@@ -102,7 +121,8 @@ fn builder_change(o: &PlanBuilder, n: &PlanBuilder) -> BuilderChange {
                     c.steps_changed.push((s.name.clone(), what));
                 }
                 if old.key != s.key {
-                    c.rekeyed.push(s.name.clone());
+                    let j = o.steps.iter().position(|x| x.name == s.name).unwrap_or_default();
+                    c.rekeyed.push(Rekeyed { step: s.name.clone(), changed: key_changes(o, j, n, i, keys) });
                 }
             }
         }
@@ -114,6 +134,52 @@ fn builder_change(o: &PlanBuilder, n: &PlanBuilder) -> BuilderChange {
         c.fields.push("steps reordered".to_owned());
     }
     c
+}
+
+/// Why step `j` of `o` and step `i` of `n` have different keys: the fields of their key
+/// documents that differ, rebuilt from the plans (the previous step's key, the last keys of
+/// the builders they need).
+fn key_changes(o: &PlanBuilder, j: usize, n: &PlanBuilder, i: usize, keys: &(LastKeys, LastKeys)) -> Vec<String> {
+    let old_doc = plan_step_document(o, j, |id| keys.0.get(id).copied()).unwrap_or_default();
+    let new_doc = plan_step_document(n, i, |id| keys.1.get(id).copied()).unwrap_or_default();
+    let mut changed = Vec::new();
+    for field in document_changes(&old_doc, &new_doc) {
+        if field != "needs" {
+            changed.push(field);
+            continue;
+        }
+        // Name the upstream builders whose last key moved (or that came or went).
+        let ids: BTreeSet<&str> = o.needs.iter().chain(&n.needs).map(String::as_str).collect();
+        let named: Vec<String> = ids
+            .into_iter()
+            .filter(|id| {
+                let was = o.needs.iter().any(|x| x == id).then(|| keys.0.get(id)).flatten();
+                let is = n.needs.iter().any(|x| x == id).then(|| keys.1.get(id)).flatten();
+                was != is
+            })
+            .map(|id| format!("needs.{id}"))
+            .collect();
+        if named.is_empty() {
+            changed.push(field);
+        } else {
+            changed.extend(named);
+        }
+    }
+    if changed.is_empty() {
+        // Same document, different keys: one plan's keys were made by another encoding.
+        changed.push("format".to_owned());
+    }
+    changed
+}
+
+/// How a reason of [`Rekeyed::changed`] reads in the text output.
+fn explain(field: &str) -> String {
+    match field {
+        "after" => "after (an earlier step changed)".to_owned(),
+        "format" => "format (the old plan's keys use another encoding)".to_owned(),
+        f if f.starts_with("needs.") => format!("{f} (an upstream builder changed)"),
+        f => f.to_owned(),
+    }
 }
 
 fn step_change(o: &PlanStep, n: &PlanStep) -> Vec<String> {
@@ -176,8 +242,71 @@ pub fn render(d: &PlanDiff) -> String {
             let _ = writeln!(out, "    ~ step {s}: {}", what.join(", "));
         }
         if !c.rekeyed.is_empty() {
-            let _ = writeln!(out, "    re-keyed (will not reuse cached results): {}", c.rekeyed.join(", "));
+            let names: Vec<&str> = c.rekeyed.iter().map(|r| r.step.as_str()).collect();
+            let _ = writeln!(out, "    re-keyed (will not reuse cached results): {}", names.join(", "));
+            for r in &c.rekeyed {
+                let why: Vec<String> = r.changed.iter().map(|f| explain(f)).collect();
+                let _ = writeln!(out, "      {}: {}", r.step, why.join(", "));
+            }
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(case: &str) -> Plan {
+        let path = format!("{}/../testdata/compiler/{case}/plan.json", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read plan")).expect("plan JSON")
+    }
+
+    fn rekeyed(d: &PlanDiff) -> Vec<(String, String, Vec<String>)> {
+        d.changed
+            .iter()
+            .flat_map(|c| c.rekeyed.iter().map(|r| (c.id.clone(), r.step.clone(), r.changed.clone())))
+            .collect()
+    }
+
+    /// An upstream builder's command changes: its own step says `run`, every builder that
+    /// needs it names it, and nothing else is re-keyed.
+    #[test]
+    fn an_upstream_change_is_named_downstream() {
+        let old = plan("cross-repo-needs");
+        let mut new = old.clone();
+        let lib = new.builders.iter_mut().find(|b| b.id == "lib/build").expect("lib/build");
+        lib.steps[0].run.push_str(" V=1");
+        // Recompute the keys as the compiler would (in the plan's order, upstream first).
+        let mut last: BTreeMap<String, String> = BTreeMap::new();
+        for _ in 0..new.builders.len() {
+            for b in &mut new.builders {
+                let up: Vec<String> = b.needs.iter().filter_map(|n| last.get(n).cloned()).collect();
+                let mut prev: Option<String> = None;
+                for s in &mut b.steps {
+                    s.key = crate::cache_key::step_key(s, prev.as_deref(), &up);
+                    prev = Some(s.key.clone());
+                }
+                last.insert(b.id.clone(), prev.unwrap_or_default());
+            }
+        }
+        let d = diff(&old, &new);
+        let why = rekeyed(&d);
+        assert!(why.contains(&("lib/build".into(), "step-1".into(), vec!["run".into()])), "{why:?}");
+        assert!(why.contains(&("app/build".into(), "step-1".into(), vec!["needs.lib/build".into()])), "{why:?}");
+        assert!(why.iter().all(|(b, _, w)| b == "lib/build" || w.iter().all(|x| x.starts_with("needs."))), "{why:?}");
+        let text = render(&d);
+        assert!(text.contains("      step-1: needs.lib/build (an upstream builder changed)"), "{text}");
+    }
+
+    /// A plan saved with keys of another encoding: the documents agree, so the reason is the
+    /// format, never an empty list.
+    #[test]
+    fn keys_of_another_encoding_say_format() {
+        let new = plan("minimal");
+        let mut old = new.clone();
+        old.builders[0].steps[0].key = "sha256:0000".into();
+        let why = rekeyed(&diff(&old, &new));
+        assert_eq!(why, [("app/build".to_owned(), "step-1".to_owned(), vec!["format".to_owned()])]);
+    }
 }

@@ -6,10 +6,12 @@
 //! declares, optional `broken.txt` one `<repo> <file>` per line for repositories left out
 //! because their pipeline does not compile. Expected output: `expected.txt` (diagnostics as the
 //! CLI prints them, what snippets printed, then the text plan and the DOT picture), and `plan.json` when the case
-//! compiles. `RBB_BLESS=1 cargo test -p rbb-compiler --test golden` rewrites them.
+//! compiles. A case with a `before/` folder (the same kind of inputs) is also a diff: the plan
+//! of `before/` against the case's, as `rbb compile --diff` prints it (`diff.txt`) and as JSON
+//! (`diff.json`). `RBB_BLESS=1 cargo test -p rbb-compiler --test golden` rewrites them.
 
 use rbb_compiler::snippet::{ChildEvaluator, Limits};
-use rbb_compiler::{Options, Origin, Source, compile, decode_text, render, render_diagnostics};
+use rbb_compiler::{Options, Origin, Source, cache_key, compile, decode_text, diff, render, render_diagnostics};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -112,6 +114,16 @@ fn golden_cases() {
             out.push_str(&render::dot(plan));
             let json = serde_json::to_string_pretty(plan).expect("plan serialises") + "\n";
             check_file(&dir.join("plan.json"), &json, bless, &mut failures);
+            // Every step's key document, rebuilt from the plan, hashes to its key (the master
+            // keeps these documents to say what changed).
+            let last = cache_key::last_keys(plan);
+            for b in &plan.builders {
+                for (i, s) in b.steps.iter().enumerate() {
+                    let doc = cache_key::plan_step_document(b, i, |id| last.get(id).copied()).expect("step");
+                    let key = cache_key::sha256(&cache_key::canonical_json(&doc));
+                    assert_eq!(key, s.key, "{}: {} step {} document {doc}", dir.display(), b.id, s.name);
+                }
+            }
             // The published JSON reads back into the same plan.
             let back: rbb_schema::plan::Plan = serde_json::from_str(&json).expect("plan JSON reads back");
             assert_eq!(&back, plan, "{}: plan JSON does not round-trip", dir.display());
@@ -127,6 +139,19 @@ fn golden_cases() {
             );
         }
         check_file(&dir.join("expected.txt"), &out, bless, &mut failures);
+        let before = dir.join("before");
+        if before.is_dir() {
+            let plan = result.plan.as_ref().unwrap_or_else(|| panic!("{}: a diff case must compile", dir.display()));
+            let (old_sources, old_opts) = load_case(&before);
+            let old = compile(&old_sources, &eval, &old_opts);
+            let old_plan = old
+                .plan
+                .unwrap_or_else(|| panic!("{}: before/ does not compile: {:?}", dir.display(), old.diagnostics));
+            let d = diff::diff(&old_plan, plan);
+            check_file(&dir.join("diff.txt"), &diff::render(&d), bless, &mut failures);
+            let json = serde_json::to_string_pretty(&d).expect("diff serialises") + "\n";
+            check_file(&dir.join("diff.json"), &json, bless, &mut failures);
+        }
     }
     assert!(
         failures.is_empty(),

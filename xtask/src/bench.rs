@@ -22,6 +22,9 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     if args.first().map(String::as_str) == Some("scale") {
         return crate::scale::main(root, &args[1..]);
     }
+    if args.first().map(String::as_str) == Some("key") {
+        return crate::key_bench::main(root, &args[1..]);
+    }
     if args == ["docker"] {
         // Only the Docker figures, with the debug binaries: the engine's work dominates them.
         run(cargo().current_dir(root).args(["build", "--quiet", "-p", "rbb-master", "-p", "rbb-worker", "--bins"]))?;
@@ -38,7 +41,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     }
     if !args.is_empty() {
         bail!(
-            "cargo xtask bench takes no arguments, or `docker` or `cache` for those figures alone, or `scale [options]`"
+            "cargo xtask bench takes no arguments, or `docker`, `cache` or `key` for those figures alone, or `scale [options]`"
         );
     }
     build_release(root)?;
@@ -147,7 +150,11 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     crate::cache_bench::run(&bin, &work)?;
 
     // 6. Docker steps.
-    crate::docker_bench::run(root, &bin, &work)
+    crate::docker_bench::run(root, &bin, &work)?;
+
+    // 7. Full cache keys: inputs resolved from git.
+    println!();
+    crate::key_bench::main(root, &[])
 }
 
 fn build_release(root: &Path) -> Result<()> {

@@ -3,7 +3,8 @@
 //! - `serve`: build and run the demo: a master, one native worker, the demo repositories.
 //! - `test`: run every test of the workspace (what CI runs).
 //! - `bench`: print performance figures with a baseline measured in the same run;
-//!   `bench scale`: the master with a large history and a simulated fleet of workers.
+//!   `bench scale`: the master with a large history and a simulated fleet of workers;
+//!   `bench key`: resolving a step's inputs from git for its full cache key.
 //! - `soak`: a chaos soak of the real binaries (killed workers and masters), judged at the end.
 //! - `codegen`: rewrite generated files (the JSON Schemas under schema/).
 //!
@@ -12,6 +13,7 @@
 mod bench;
 mod cache_bench;
 mod docker_bench;
+mod key_bench;
 mod runs;
 mod scale;
 mod soak;
@@ -34,6 +36,7 @@ fn main() -> Result<()> {
             eprintln!("  serve    run the demo: master + local worker + git repositories [HTTP_ADDR]");
             eprintln!("  test     run every test (cargo nextest if installed, else cargo test)");
             eprintln!("  bench    print compile, snippet and build-running figures (release build)");
+            eprintln!("  bench key    resolve 50 inputs of a step's full cache key in a 10,000-file repository");
             eprintln!(
                 "  bench scale  history of N builds + simulated fleet [--builds N] [--fleet-builds N] [--workers N] [--slots N] [--queue N] [--requests N] [--reuse]"
             );
