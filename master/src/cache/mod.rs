@@ -70,3 +70,51 @@ impl CacheEntry {
         d
     }
 }
+
+/// The last successful execution of one step of one builder: a miss is explained by
+/// diffing a new manifest against this one's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastRun {
+    /// Its full key.
+    pub key: String,
+    pub build: u64,
+    pub step_index: u32,
+    /// The documented fields its full key was made of (docs/cache-key.md).
+    pub manifest: serde_json::Value,
+    /// When it finished (Unix milliseconds).
+    pub at_ms: u64,
+}
+
+/// The cache's totals, kept as counts by the store (never a scan of entries or blobs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CacheStats {
+    pub entries: u64,
+    pub blobs: u64,
+    /// Bytes the blobs take on disk (compressed).
+    pub stored_bytes: u64,
+    /// (builder, hits, misses), by builder.
+    pub per_builder: Vec<(String, u64, u64)>,
+}
+
+/// What an eviction removed. The blobs' rows are gone; their files are removed by the
+/// caller once the removal is committed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Evicted {
+    pub entries: u64,
+    /// Digests no entry uses any more.
+    pub blobs: Vec<String>,
+    /// Stored bytes those blobs took.
+    pub bytes: u64,
+}
+
+impl Evicted {
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0 && self.blobs.is_empty()
+    }
+
+    pub fn add(&mut self, other: Evicted) {
+        self.entries += other.entries;
+        self.blobs.extend(other.blobs);
+        self.bytes += other.bytes;
+    }
+}

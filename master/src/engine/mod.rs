@@ -776,6 +776,7 @@ impl<'a> Tx<'a> {
                 .collect(),
             plans: self.undo.plans.iter().filter_map(|h| self.st.plans.get(h).map(|p| p.as_ref())).collect(),
             statuses: Vec::new(),
+            ..Batch::default()
         };
         let sink = engine.statuses.read().unwrap_or_else(|p| p.into_inner());
         let mut batch = batch;
