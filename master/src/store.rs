@@ -954,11 +954,27 @@ impl Store {
         })
     }
 
-    /// For each digest, whether it has a row (an upload completed and was not collected).
+    /// For each digest, whether a step finishing now may count on its row: an entry uses
+    /// it, or it was uploaded less than half [`CACHE_ORPHAN_AGE_MS`] ago. An older unused
+    /// upload could be collected before that step's entry is stored, so it counts as
+    /// missing: uploading it again restarts its clock.
     pub fn cache_blobs_known(&self, digests: &[String]) -> Result<Vec<bool>, StoreError> {
+        self.cache_blobs_known_at(crate::model::now_ms(), digests)
+    }
+
+    fn cache_blobs_known_at(&self, now: u64, digests: &[String]) -> Result<Vec<bool>, StoreError> {
+        let fresh_since = now.saturating_sub(CACHE_ORPHAN_AGE_MS / 2);
         let txn = self.db.begin_read().map_err(db)?;
         let t = txn.open_table(CACHE_BLOBS).map_err(db)?;
-        digests.iter().map(|d| Ok(t.get(d.as_str()).map_err(db)?.is_some())).collect()
+        digests
+            .iter()
+            .map(|d| {
+                Ok(t.get(d.as_str()).map_err(db)?.is_some_and(|v| {
+                    let (_, refs, since) = v.value();
+                    refs > 0 || since >= fresh_since
+                }))
+            })
+            .collect()
     }
 
     /// (stored bytes, references) of a blob's row.
@@ -1431,6 +1447,12 @@ mod cache_tests {
         s.cache_put_blob(&digest(2), 10).expect("blob");
         insert(&s, &entry("k", &[2], 1));
         let now = crate::model::now_ms();
+        let asked = [digest(1), digest(2), digest(3)];
+        assert_eq!(s.cache_blobs_known_at(now, &asked).expect("known"), vec![true, true, false]);
+        // Half an hour on, the unused upload is as good as missing (a step must upload it
+        // again, which restarts its clock); a used one is not.
+        let later = now + CACHE_ORPHAN_AGE_MS / 2 + 1000;
+        assert_eq!(s.cache_blobs_known_at(later, &asked).expect("known"), vec![false, true, false]);
         // Young orphans stay, even above the target.
         assert_eq!(s.cache_evict_at(now + 1000, u64::MAX, |_| true).expect("evict"), Evicted::default());
         let out = s.cache_evict_at(now + CACHE_ORPHAN_AGE_MS + 1000, u64::MAX, |_| true).expect("evict");

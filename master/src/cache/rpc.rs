@@ -40,8 +40,9 @@ fn check(digest: &str) -> Result<(), Status> {
     if valid_digest(digest) { Ok(()) } else { Err(status(BlobError::BadDigest(digest.to_owned()))) }
 }
 
-/// The digests of `list` the master has no intact copy of (no row, or no file), in the
-/// order asked, each once.
+/// The digests of `list` the worker must upload, in the order asked, each once: those with
+/// no file, no row, or only an unused upload old enough to be collected before the step's
+/// entry is stored (see [`crate::store::Store::cache_blobs_known`]).
 pub async fn missing_blobs(engine: Arc<Engine>, list: BlobList) -> Result<BlobList, Status> {
     if list.digests.len() > MAX_DIGESTS {
         return Err(Status::invalid_argument(format!(
