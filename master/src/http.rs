@@ -179,6 +179,30 @@ pub fn endpoints() -> Vec<Endpoint> {
             .answers(200, AnyJson)
             .answers(202, AnyJson)
             .errors(&[400, 401, 403, 404, 413]),
+        ep(
+            "get",
+            "/api/v2/cache",
+            "The step cache: entries, blobs, stored bytes, the size limit, and hits and misses per builder",
+            get(cache_stats),
+        )
+        .answers(200, Json("CacheStats")),
+        ep(
+            "post",
+            "/api/v2/cache/gc",
+            "Hold the step cache to its size limit now (least recently used entries first); answers what was removed",
+            post(cache_gc),
+        )
+        .control()
+        .answers(200, Json("CacheGc")),
+        ep(
+            "post",
+            "/api/v2/builders/{builder}/cache/reset",
+            "Make the builder's cacheable steps run once again: its cache epoch grows, so their keys change (builder id URL-encoded)",
+            post(cache_reset),
+        )
+        .control()
+        .answers(200, Json("CacheReset"))
+        .errors(&[404]),
         ep("get", "/api/v2/openapi.json", "This document", get(openapi)).answers(200, AnyJson),
     ]
 }
@@ -687,6 +711,53 @@ async fn events(
     });
     let stream = tokio_stream::iter(first).chain(live_stream).map(Ok);
     axum::response::sse::Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn cache_stats_of(e: &Engine) -> Result<api::CacheStats, EngineError> {
+    let s = e.cache_stats()?;
+    Ok(api::CacheStats {
+        entries: s.entries,
+        blobs: s.blobs,
+        stored_bytes: s.stored_bytes,
+        max_size: e.cache_limit(),
+        builders: s
+            .per_builder
+            .into_iter()
+            .map(|(builder, hits, misses)| api::CacheBuilderStats { builder, hits, misses })
+            .collect(),
+    })
+}
+
+async fn cache_stats(State(e): State<Arc<Engine>>) -> ApiResult<Json<api::CacheStats>> {
+    Ok(Json(blocking(move || cache_stats_of(&e)).await?))
+}
+
+async fn cache_gc(State(app): State<App>, headers: HeaderMap) -> ApiResult<Json<api::CacheGc>> {
+    authorize(&app, &headers)?;
+    let e = app.engine.clone();
+    let gc = blocking(move || {
+        let out = e.cache_gc()?;
+        Ok(api::CacheGc {
+            entries: out.entries,
+            blobs: out.blobs.len() as u64,
+            bytes: out.bytes,
+            stats: cache_stats_of(&e)?,
+        })
+    })
+    .await?;
+    Ok(Json(gc))
+}
+
+async fn cache_reset(
+    State(app): State<App>,
+    Path(builder): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Json<api::CacheReset>> {
+    authorize(&app, &headers)?;
+    let e = app.engine.clone();
+    let b = builder.clone();
+    let epoch = blocking(move || e.cache_reset(&b)).await?;
+    Ok(Json(api::CacheReset { builder, epoch }))
 }
 
 async fn openapi() -> Json<serde_json::Value> {

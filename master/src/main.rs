@@ -128,6 +128,30 @@ enum Command {
         #[arg(value_enum, default_value_t = SchemaKind::Pipeline)]
         kind: SchemaKind,
     },
+    /// Inspect or collect a running master's step cache (through its REST API).
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Entries, blobs, stored bytes against the limit, and hits and misses per builder.
+    Stats {
+        /// The master's HTTP address, e.g. http://127.0.0.1:8010.
+        #[arg(long)]
+        master: String,
+    },
+    /// Evict least recently used entries down to the size limit now.
+    Gc {
+        /// The master's HTTP address, e.g. http://127.0.0.1:8010.
+        #[arg(long)]
+        master: String,
+        /// The master's `api_token`.
+        #[arg(long)]
+        token: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -218,6 +242,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::SnippetRunner { args } => {
             Ok(ExitCode::from(u8::try_from(rbb_compiler::runner::main(args)).unwrap_or(70)))
         }
+        Command::Cache { command: CacheCommand::Stats { master } } => {
+            let stats: rbb_schema::api::CacheStats = api_request("GET", &master, "/api/v2/cache", None)?;
+            print!("{}", render_cache_stats(&stats));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cache { command: CacheCommand::Gc { master, token } } => {
+            let gc: rbb_schema::api::CacheGc = api_request("POST", &master, "/api/v2/cache/gc", token.as_deref())?;
+            println!(
+                "removed {} {}, {} {}, {}",
+                gc.entries,
+                plural(gc.entries, "entry", "entries"),
+                gc.blobs,
+                plural(gc.blobs, "blob", "blobs"),
+                human_bytes(gc.bytes)
+            );
+            print!("{}", render_cache_stats(&gc.stats));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema { kind } => {
             print!(
                 "{}",
@@ -266,6 +308,90 @@ async fn signalled() {
         _ = tokio::signal::ctrl_c() => {}
         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
     }
+}
+
+/// One request to a master's REST API with the `curl` binary (the token goes to curl on
+/// its standard input, never on its command line); the JSON answer, or the API's error
+/// message.
+fn api_request<T: serde::de::DeserializeOwned>(
+    method: &str,
+    master: &str,
+    path: &str,
+    token: Option<&str>,
+) -> Result<T> {
+    use std::io::Write;
+    let url = format!("{}{path}", master.trim_end_matches('/'));
+    // curl's config syntax: a quoted string with `\` escapes (a newline cannot start a line).
+    let quote = |s: &str| {
+        let escaped = s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n").replace('\r', "\\r");
+        format!("\"{escaped}\"")
+    };
+    let mut config = format!("url = {}\nrequest = {}\n", quote(&url), quote(method));
+    if let Some(t) = token {
+        config.push_str(&format!("header = {}\n", quote(&format!("Authorization: Bearer {t}"))));
+    }
+    let mut child = std::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "120", "--write-out", "\n%{http_code}", "--config", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running curl")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(config.as_bytes()).context("talking to curl")?;
+    }
+    let out = child.wait_with_output().context("running curl")?;
+    if !out.status.success() {
+        bail!("cannot reach the master at {master}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    let code: u16 = code.trim().parse().with_context(|| format!("curl gave no HTTP status: {stdout:?}"))?;
+    if !(200..300).contains(&code) {
+        let message = serde_json::from_str::<rbb_schema::api::ErrorBody>(body)
+            .map(|e| e.error.message)
+            .unwrap_or_else(|_| body.trim().to_owned());
+        bail!("{method} {url}: the master answered {code}: {message}");
+    }
+    serde_json::from_str(body).with_context(|| format!("{method} {url}: the answer is not what this rbb expects"))
+}
+
+fn plural<'a>(n: u64, one: &'a str, many: &'a str) -> &'a str {
+    if n == 1 { one } else { many }
+}
+
+/// `1536` → `1.5 KiB`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+}
+
+fn render_cache_stats(s: &rbb_schema::api::CacheStats) -> String {
+    let pct = if s.max_size == 0 { 0.0 } else { s.stored_bytes as f64 * 100.0 / s.max_size as f64 };
+    let mut out = format!(
+        "entries  {}\nblobs    {}\nstored   {} of {} ({pct:.0}%)\n",
+        s.entries,
+        s.blobs,
+        human_bytes(s.stored_bytes),
+        human_bytes(s.max_size)
+    );
+    if !s.builders.is_empty() {
+        let width = s.builders.iter().map(|b| b.builder.len()).max().unwrap_or(0).max("builder".len());
+        out.push_str(&format!("\n{:<width$}  {:>8}  {:>8}  {:>8}\n", "builder", "hits", "misses", "hit rate"));
+        for b in &s.builders {
+            let total = b.hits + b.misses;
+            let rate =
+                if total == 0 { "-".to_owned() } else { format!("{:.0}%", b.hits as f64 * 100.0 / total as f64) };
+            out.push_str(&format!("{:<width$}  {:>8}  {:>8}  {:>8}\n", b.builder, b.hits, b.misses, rate));
+        }
+    }
+    out
 }
 
 fn parse_revs(revs: &[String]) -> Result<BTreeMap<String, String>> {

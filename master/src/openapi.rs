@@ -23,6 +23,9 @@ fn components() -> Map<String, Value> {
     generator.subschema_for::<rbb_schema::api::ErrorBody>();
     generator.subschema_for::<rbb_schema::api::Meta>();
     generator.subschema_for::<rbb_schema::plan::Plan>();
+    generator.subschema_for::<rbb_schema::api::CacheStats>();
+    generator.subschema_for::<rbb_schema::api::CacheGc>();
+    generator.subschema_for::<rbb_schema::api::CacheReset>();
     let mut defs: Map<String, Value> = generator.take_definitions(true).into_iter().collect();
     defs.insert(
         "Rebuilt".into(),

@@ -137,8 +137,11 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
     };
     let planner = Planner::new(plan_repos, copts, Planner::default_evaluator());
     let locks: BTreeMap<String, u32> = cfg.config.locks.iter().map(|(k, v)| (k.clone(), v.max)).collect();
+    let cache_limit =
+        crate::cache::max_size(cfg.config.cache.as_ref()).map_err(|e| anyhow::anyhow!("the master config: {e}"))?;
     let engine = Engine::open(&state_dir, planner, repos, cfg.config.workers.clone(), locks, opts.heartbeat)
         .with_context(|| format!("opening the state in {}", state_dir.display()))?;
+    engine.set_cache_limit(cache_limit);
     let plan = engine.plan();
     tracing::info!(plan = %plan.hash, builders = plan.builders.len(), state = %state_dir.display(), "plan compiled");
     let sources = Arc::new(Sources { repos: source_repos, webhooks: cfg.config.webhooks.clone().unwrap_or_default() });
@@ -223,29 +226,41 @@ pub async fn serve(
     }
     sources.spawn_pollers(engine.clone(), fresh, stop.clone());
 
-    // The janitor: retention in the background, one run per interval.
-    if let Some((policy, every)) = retention {
-        let janitor_engine = engine.clone();
-        let janitor_stop = stop.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tokio::select! {
-                    _ = janitor_stop.cancelled() => break,
-                    _ = tick.tick() => {
-                        let e = janitor_engine.clone();
-                        let p = policy.clone();
-                        let now = crate::model::now_ms();
-                        match tokio::task::spawn_blocking(move || e.retention(&p, now)).await {
-                            Ok(Err(err)) => tracing::error!(error = %err, "retention failed"),
-                            Err(err) => tracing::error!(error = %err, "retention task failed"),
-                            Ok(Ok(_)) => {}
-                        }
+    // The janitor: retention in the background, one run per interval (with the config's
+    // `retention`), and the step cache held to its size limit more often than that.
+    let janitor_engine = engine.clone();
+    let janitor_stop = stop.clone();
+    tokio::spawn(async move {
+        let (policy, every) = match retention {
+            Some((p, every)) => (Some(p), every),
+            None => (None, Duration::from_secs(3600)),
+        };
+        let mut tick = tokio::time::interval(every);
+        let mut cache_tick = tokio::time::interval(CACHE_GC_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = janitor_stop.cancelled() => break,
+                _ = tick.tick(), if policy.is_some() => {
+                    let e = janitor_engine.clone();
+                    let p = policy.clone().unwrap_or_default();
+                    let now = crate::model::now_ms();
+                    match tokio::task::spawn_blocking(move || e.retention(&p, now)).await {
+                        Ok(Err(err)) => tracing::error!(error = %err, "retention failed"),
+                        Err(err) => tracing::error!(error = %err, "retention task failed"),
+                        Ok(Ok(_)) => {}
+                    }
+                }
+                _ = cache_tick.tick() => {
+                    let e = janitor_engine.clone();
+                    match tokio::task::spawn_blocking(move || e.cache_gc()).await {
+                        Ok(Err(err)) => tracing::error!(error = %err, "step cache collection failed"),
+                        Err(err) => tracing::error!(error = %err, "step cache collection task failed"),
+                        Ok(Ok(_)) => {}
                     }
                 }
             }
-        });
-    }
+        }
+    });
 
     // Cron schedules: a tick every second; each schedule fires once per matching minute.
     let cron_engine = engine.clone();
@@ -317,6 +332,10 @@ pub async fn serve(
     tracing::info!("stopped");
     Ok(())
 }
+
+/// How often the janitor holds the step cache to its size limit (besides its retention
+/// runs): uploads between two collections may pass the limit by what steps store meanwhile.
+const CACHE_GC_INTERVAL: Duration = Duration::from_secs(60);
 
 /// How long open connections get to close at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);

@@ -8,6 +8,7 @@
 //! keeps only live builds in memory and reads history from here.
 //! Nothing outside this module names a table.
 
+use crate::cache::{CacheEntry, CacheStats, Evicted, LastRun};
 use crate::model::{BuildRecord, ChangeRecord, LogRecord, ScheduleRecord};
 use rbb_schema::api::State;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -35,8 +36,33 @@ const BUILD_IDX: TableDefinition<(&str, u64), ()> = TableDefinition::new("build_
 /// Change index: (`<field>\0<value>`, change id). Fields: `change_repo`, `change_commit`
 /// (`<repo>\0<sha>`): named apart from the build index's, as both share the counts.
 const CHANGE_IDX: TableDefinition<(&str, u64), ()> = TableDefinition::new("change_idx");
-/// Record counts: `builds`, `changes`, and one per index key.
+/// Record counts: `builds`, `changes`, and one per index key; the step cache's totals
+/// ([`CACHE_ENTRIES_COUNT`], [`CACHE_BLOBS_COUNT`], [`CACHE_BYTES_COUNT`]).
 const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
+/// Step cache entries: full key → JSON [`CacheEntry`].
+const CACHE_ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("cache_entries");
+/// When each entry was last used (Unix ms): full key → time...
+const CACHE_USED: TableDefinition<&str, u64> = TableDefinition::new("cache_used");
+/// ...and the same as an index, least recently used first: (time, full key).
+const CACHE_LRU: TableDefinition<(u64, &str), ()> = TableDefinition::new("cache_lru");
+/// Blob rows: digest → (stored bytes, references from entries, since when it has none or
+/// was last uploaded, Unix ms). A row is written when an upload is complete on disk.
+const CACHE_BLOBS: TableDefinition<&str, (u64, u64, u64)> = TableDefinition::new("cache_blobs");
+/// Blobs no entry uses, by the time they became so: (since, digest).
+const CACHE_ORPHANS: TableDefinition<(u64, &str), ()> = TableDefinition::new("cache_orphans");
+/// Hits and misses per builder: builder → (hits, misses).
+const CACHE_HITS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("cache_hits");
+/// The last successful execution of a step: `<builder>\0<step>` → JSON [`LastRun`].
+const CACHE_LAST: TableDefinition<&str, &[u8]> = TableDefinition::new("cache_last");
+
+const CACHE_ENTRIES_COUNT: &str = "cache.entries";
+const CACHE_BLOBS_COUNT: &str = "cache.blobs";
+const CACHE_BYTES_COUNT: &str = "cache.stored_bytes";
+/// Rows removed per eviction transaction.
+const CACHE_EVICT_BATCH: usize = 256;
+/// A blob uploaded but used by no entry this long is an orphan of a step that never
+/// finished (or whose entry is gone), and is removed.
+pub const CACHE_ORPHAN_AGE_MS: u64 = 3_600_000;
 
 /// redb's page cache.
 const STORE_CACHE_BYTES: usize = 32 << 20;
@@ -125,6 +151,16 @@ pub struct Batch<'a> {
     /// Commit statuses to deliver, queued in the forge outbox with the build states they
     /// report: a status is never lost, nor sent for a state that was not stored.
     pub statuses: Vec<crate::forge::status::StatusRow>,
+    /// Cache entries of steps that succeeded, last used at their `created_at`. Each takes a
+    /// reference on its blobs; one naming a blob without a row is not stored (a blob must
+    /// be whole on disk before an entry refers to it). An entry replaces one of the same key.
+    pub cache_entries: Vec<&'a CacheEntry>,
+    /// Entries a hit reused: (full key, when, Unix ms).
+    pub cache_touches: Vec<(&'a str, u64)>,
+    /// Hits and misses to add: (builder, hits, misses).
+    pub cache_counts: Vec<(&'a str, u64, u64)>,
+    /// The last successful execution of a step: (builder, step name, run).
+    pub cache_last: Vec<(&'a str, &'a str, &'a LastRun)>,
 }
 
 impl Batch<'_> {
@@ -135,6 +171,10 @@ impl Batch<'_> {
             && self.changes.is_empty()
             && self.schedules.is_empty()
             && self.plans.is_empty()
+            && self.cache_entries.is_empty()
+            && self.cache_touches.is_empty()
+            && self.cache_counts.is_empty()
+            && self.cache_last.is_empty()
     }
 }
 
@@ -226,6 +266,14 @@ impl Store {
         txn.open_table(BUILD_IDX).map_err(db)?;
         txn.open_table(CHANGE_IDX).map_err(db)?;
         txn.open_table(COUNTS).map_err(db)?;
+        // The step cache's tables came after schema 2 and start empty: no migration.
+        txn.open_table(CACHE_ENTRIES).map_err(db)?;
+        txn.open_table(CACHE_USED).map_err(db)?;
+        txn.open_table(CACHE_LRU).map_err(db)?;
+        txn.open_table(CACHE_BLOBS).map_err(db)?;
+        txn.open_table(CACHE_ORPHANS).map_err(db)?;
+        txn.open_table(CACHE_HITS).map_err(db)?;
+        txn.open_table(CACHE_LAST).map_err(db)?;
         match found {
             None => {}
             Some(SCHEMA_VERSION) => {}
@@ -259,6 +307,16 @@ impl Store {
             .schedules
             .iter()
             .map(|(k, r)| encode("schedules", 0, r).map(|v| (*k, v)))
+            .collect::<Result<_, _>>()?;
+        let cache_entries: Vec<(&CacheEntry, Vec<u8>)> = batch
+            .cache_entries
+            .iter()
+            .map(|e| encode("cache_entries", 0, e).map(|v| (*e, v)))
+            .collect::<Result<_, _>>()?;
+        let cache_last: Vec<(String, Vec<u8>)> = batch
+            .cache_last
+            .iter()
+            .map(|(b, st, r)| encode("cache_last", 0, r).map(|v| (last_key(b, st), v)))
             .collect::<Result<_, _>>()?;
         let mut plans: Vec<(&str, Vec<u8>)> = Vec::new();
         let mut parts: Vec<(String, Vec<u8>)> = Vec::new();
@@ -306,6 +364,29 @@ impl Store {
                     if t.get(k.as_str()).map_err(db)?.is_none() {
                         t.insert(k.as_str(), bytes.as_slice()).map_err(db)?;
                     }
+                }
+            }
+            if !cache_entries.is_empty() || !batch.cache_touches.is_empty() {
+                let mut c = CacheTables::open(txn)?;
+                let now = crate::model::now_ms();
+                for (e, bytes) in &cache_entries {
+                    c.put_entry(e, bytes, now)?;
+                }
+                for (key, at) in &batch.cache_touches {
+                    c.touch(key, *at)?;
+                }
+            }
+            if !batch.cache_counts.is_empty() {
+                let mut t = txn.open_table(CACHE_HITS).map_err(db)?;
+                for (builder, hits, misses) in &batch.cache_counts {
+                    let (h, m) = t.get(*builder).map_err(db)?.map_or((0, 0), |v| v.value());
+                    t.insert(*builder, (h.saturating_add(*hits), m.saturating_add(*misses))).map_err(db)?;
+                }
+            }
+            if !cache_last.is_empty() {
+                let mut t = txn.open_table(CACHE_LAST).map_err(db)?;
+                for (k, bytes) in &cache_last {
+                    t.insert(k.as_str(), bytes.as_slice()).map_err(db)?;
                 }
             }
             Ok(())
@@ -650,6 +731,454 @@ impl Store {
     }
 }
 
+/// `<builder>\0<step>`, the key of a step's last successful execution.
+fn last_key(builder: &str, step: &str) -> String {
+    format!("{builder}\0{step}")
+}
+
+fn decode_entry(key: &str, bytes: &[u8]) -> Result<CacheEntry, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        table: "cache_entries",
+        key: 0,
+        message: format!("entry {key}: {e}"),
+    })
+}
+
+/// The step cache's tables, open in one write transaction, with the rules that keep blob
+/// references, the LRU index and the totals true. Every change of the cache goes through it.
+struct CacheTables<'t> {
+    entries: redb::Table<'t, &'static str, &'static [u8]>,
+    used: redb::Table<'t, &'static str, u64>,
+    lru: redb::Table<'t, (u64, &'static str), ()>,
+    blobs: redb::Table<'t, &'static str, (u64, u64, u64)>,
+    orphans: redb::Table<'t, (u64, &'static str), ()>,
+    counts: redb::Table<'t, &'static str, u64>,
+}
+
+impl<'t> CacheTables<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<CacheTables<'t>, StoreError> {
+        Ok(CacheTables {
+            entries: txn.open_table(CACHE_ENTRIES).map_err(db)?,
+            used: txn.open_table(CACHE_USED).map_err(db)?,
+            lru: txn.open_table(CACHE_LRU).map_err(db)?,
+            blobs: txn.open_table(CACHE_BLOBS).map_err(db)?,
+            orphans: txn.open_table(CACHE_ORPHANS).map_err(db)?,
+            counts: txn.open_table(COUNTS).map_err(db)?,
+        })
+    }
+
+    fn blob(&self, digest: &str) -> Result<Option<(u64, u64, u64)>, StoreError> {
+        Ok(self.blobs.get(digest).map_err(db)?.map(|v| v.value()))
+    }
+
+    fn count(&self, key: &str) -> Result<u64, StoreError> {
+        Ok(self.counts.get(key).map_err(db)?.map_or(0, |v| v.value()))
+    }
+
+    /// A finished upload: a new row has no reference yet (an orphan until an entry uses
+    /// it); an existing row keeps its references.
+    fn put_blob(&mut self, digest: &str, stored: u64, now: u64) -> Result<(), StoreError> {
+        match self.blob(digest)? {
+            Some((old, refs, since)) => {
+                bump(&mut self.counts, CACHE_BYTES_COUNT, stored as i64 - old as i64)?;
+                if refs == 0 {
+                    // Uploaded again: its step may still finish, so its hour starts again.
+                    self.orphans.remove((since, digest)).map_err(db)?;
+                    self.orphans.insert((now, digest), ()).map_err(db)?;
+                    self.blobs.insert(digest, (stored, 0, now)).map_err(db)?;
+                } else {
+                    self.blobs.insert(digest, (stored, refs, since)).map_err(db)?;
+                }
+            }
+            None => {
+                self.blobs.insert(digest, (stored, 0, now)).map_err(db)?;
+                self.orphans.insert((now, digest), ()).map_err(db)?;
+                bump(&mut self.counts, CACHE_BLOBS_COUNT, 1)?;
+                bump(&mut self.counts, CACHE_BYTES_COUNT, stored as i64)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One more entry uses the blob (whose row exists).
+    fn reference(&mut self, digest: &str) -> Result<(), StoreError> {
+        let Some((stored, refs, since)) = self.blob(digest)? else {
+            return Err(StoreError::Corrupt {
+                table: "cache_blobs",
+                key: 0,
+                message: format!("blob {digest} has no row"),
+            });
+        };
+        if refs == 0 {
+            self.orphans.remove((since, digest)).map_err(db)?;
+        }
+        self.blobs.insert(digest, (stored, refs + 1, since)).map_err(db)?;
+        Ok(())
+    }
+
+    /// One entry fewer uses the blob. When none does: with `free`, its row goes and its
+    /// stored size is answered (the caller removes the file after the commit); without,
+    /// it becomes an orphan since `now`.
+    fn release(&mut self, digest: &str, now: u64, free: bool) -> Result<Option<u64>, StoreError> {
+        let Some((stored, refs, since)) = self.blob(digest)? else { return Ok(None) };
+        if refs > 1 {
+            self.blobs.insert(digest, (stored, refs - 1, since)).map_err(db)?;
+            return Ok(None);
+        }
+        if refs == 0 {
+            self.orphans.remove((since, digest)).map_err(db)?;
+        }
+        if free {
+            self.blobs.remove(digest).map_err(db)?;
+            bump(&mut self.counts, CACHE_BLOBS_COUNT, -1)?;
+            bump(&mut self.counts, CACHE_BYTES_COUNT, -(stored as i64))?;
+            Ok(Some(stored))
+        } else {
+            self.blobs.insert(digest, (stored, 0, now)).map_err(db)?;
+            self.orphans.insert((now, digest), ()).map_err(db)?;
+            Ok(None)
+        }
+    }
+
+    fn set_used(&mut self, key: &str, at: u64) -> Result<(), StoreError> {
+        if let Some(old) = self.used.insert(key, at).map_err(db)?.map(|v| v.value()) {
+            self.lru.remove((old, key)).map_err(db)?;
+        }
+        self.lru.insert((at, key), ()).map_err(db)?;
+        Ok(())
+    }
+
+    /// Stores an entry (replacing one of the same key). Answers false, storing nothing,
+    /// when a blob it names has no row: an entry never refers to a blob not whole on disk.
+    fn put_entry(&mut self, e: &CacheEntry, bytes: &[u8], now: u64) -> Result<bool, StoreError> {
+        let digests = e.digests();
+        for d in &digests {
+            if self.blob(d)?.is_none() {
+                tracing::warn!(key = %e.key, blob = %d, "cache entry not stored: a blob it names was never uploaded");
+                return Ok(false);
+            }
+        }
+        // References first: a blob both versions use never drops to none.
+        for d in &digests {
+            self.reference(d)?;
+        }
+        let old = self.entries.insert(e.key.as_str(), bytes).map_err(db)?.map(|v| v.value().to_vec());
+        match old {
+            Some(old) => {
+                for d in decode_entry(&e.key, &old)?.digests() {
+                    self.release(d, now, false)?;
+                }
+            }
+            None => bump(&mut self.counts, CACHE_ENTRIES_COUNT, 1)?,
+        }
+        self.set_used(&e.key, e.created_at)?;
+        Ok(true)
+    }
+
+    /// A hit reused the entry at `at` (an entry that is gone stays gone).
+    fn touch(&mut self, key: &str, at: u64) -> Result<(), StoreError> {
+        let old = self.used.get(key).map_err(db)?.map(|v| v.value());
+        match old {
+            Some(old) if at > old => self.set_used(key, at),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes an entry, adding to `out` it and the blobs no other entry uses (their rows
+    /// deleted). False when there is no such entry.
+    fn remove_entry(&mut self, key: &str, now: u64, out: &mut Evicted) -> Result<bool, StoreError> {
+        let Some(bytes) = self.entries.remove(key).map_err(db)?.map(|v| v.value().to_vec()) else {
+            return Ok(false);
+        };
+        bump(&mut self.counts, CACHE_ENTRIES_COUNT, -1)?;
+        if let Some(at) = self.used.remove(key).map_err(db)?.map(|v| v.value()) {
+            self.lru.remove((at, key)).map_err(db)?;
+        }
+        for d in decode_entry(key, &bytes)?.digests() {
+            if let Some(stored) = self.release(d, now, true)? {
+                out.blobs.push(d.to_owned());
+                out.bytes += stored;
+            }
+        }
+        out.entries += 1;
+        Ok(true)
+    }
+}
+
+/// The step cache (docs/cache.md): entries, blob rows, hit counters and last executions.
+impl Store {
+    /// The entry stored under a full key.
+    pub fn cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(CACHE_ENTRIES).map_err(db)?;
+        match t.get(key).map_err(db)? {
+            Some(v) => decode_entry(key, v.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// When the entry was last used (stored or reused), Unix ms.
+    pub fn cache_used(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(CACHE_USED).map_err(db)?;
+        Ok(t.get(key).map_err(db)?.map(|v| v.value()))
+    }
+
+    /// The last successful execution of `step` of `builder`.
+    pub fn cache_last(&self, builder: &str, step: &str) -> Result<Option<LastRun>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(CACHE_LAST).map_err(db)?;
+        match t.get(last_key(builder, step).as_str()).map_err(db)? {
+            Some(v) => decode("cache_last", 0, v.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Totals from the counts, and hits and misses of every builder that has some.
+    pub fn cache_stats(&self) -> Result<CacheStats, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let counts = txn.open_table(COUNTS).map_err(db)?;
+        let count = |k: &str| Ok::<u64, StoreError>(counts.get(k).map_err(db)?.map_or(0, |v| v.value()));
+        let hits = txn.open_table(CACHE_HITS).map_err(db)?;
+        let mut per_builder = Vec::new();
+        for row in hits.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            let (h, m) = v.value();
+            per_builder.push((k.value().to_owned(), h, m));
+        }
+        Ok(CacheStats {
+            entries: count(CACHE_ENTRIES_COUNT)?,
+            blobs: count(CACHE_BLOBS_COUNT)?,
+            stored_bytes: count(CACHE_BYTES_COUNT)?,
+            per_builder,
+        })
+    }
+
+    /// For each digest, whether a step finishing now may count on its row: an entry uses
+    /// it, or it was uploaded less than half [`CACHE_ORPHAN_AGE_MS`] ago. An older unused
+    /// upload could be collected before that step's entry is stored, so it counts as
+    /// missing: uploading it again restarts its clock.
+    pub fn cache_blobs_known(&self, digests: &[String]) -> Result<Vec<bool>, StoreError> {
+        self.cache_blobs_known_at(crate::model::now_ms(), digests)
+    }
+
+    fn cache_blobs_known_at(&self, now: u64, digests: &[String]) -> Result<Vec<bool>, StoreError> {
+        let fresh_since = now.saturating_sub(CACHE_ORPHAN_AGE_MS / 2);
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(CACHE_BLOBS).map_err(db)?;
+        digests
+            .iter()
+            .map(|d| {
+                Ok(t.get(d.as_str()).map_err(db)?.is_some_and(|v| {
+                    let (_, refs, since) = v.value();
+                    refs > 0 || since >= fresh_since
+                }))
+            })
+            .collect()
+    }
+
+    /// (stored bytes, references) of a blob's row.
+    pub fn cache_blob(&self, digest: &str) -> Result<Option<(u64, u64)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(CACHE_BLOBS).map_err(db)?;
+        Ok(t.get(digest).map_err(db)?.map(|v| (v.value().0, v.value().1)))
+    }
+
+    /// Records a blob whose file is complete, durably: from now on an entry may refer to
+    /// it. A blob already known keeps its references.
+    pub fn cache_put_blob(&self, digest: &str, stored: u64) -> Result<(), StoreError> {
+        let now = crate::model::now_ms();
+        self.write(Sync::Durable, |txn| CacheTables::open(txn)?.put_blob(digest, stored, now))
+    }
+
+    /// Removes an entry (a hit found one of its blobs missing or damaged). Answers the
+    /// digests no entry uses any more: their rows are gone, the caller removes the files.
+    pub fn cache_remove_entry(&self, key: &str) -> Result<Evicted, StoreError> {
+        let now = crate::model::now_ms();
+        let mut out = Evicted::default();
+        self.write(Sync::Durable, |txn| CacheTables::open(txn)?.remove_entry(key, now, &mut out).map(|_| ()))?;
+        Ok(out)
+    }
+
+    /// Removes orphan blob rows older than [`CACHE_ORPHAN_AGE_MS`], then least recently
+    /// used entries (never one `pinned` answers true for) until the blobs take at most
+    /// `target` stored bytes. Works in transactions of a bounded size. Answers what went;
+    /// the caller removes the blob files after this returns.
+    ///
+    /// `pinned` is asked outside any write transaction (it may take the engine's lock);
+    /// an entry touched between that question and its removal is left alone.
+    pub fn cache_evict(&self, target: u64, pinned: impl Fn(&str) -> bool) -> Result<Evicted, StoreError> {
+        self.cache_evict_at(crate::model::now_ms(), target, pinned)
+    }
+
+    fn cache_evict_at(&self, now: u64, target: u64, pinned: impl Fn(&str) -> bool) -> Result<Evicted, StoreError> {
+        let cutoff = now.saturating_sub(CACHE_ORPHAN_AGE_MS);
+        let mut out = Evicted::default();
+        loop {
+            let mut done = Evicted::default();
+            let mut seen = 0;
+            self.write(Sync::Durable, |txn| {
+                let mut c = CacheTables::open(txn)?;
+                let mut old: Vec<(u64, String)> = Vec::new();
+                for row in c.orphans.range(..(cutoff, "")).map_err(db)?.take(CACHE_EVICT_BATCH) {
+                    let (k, _) = row.map_err(db)?;
+                    let (since, d) = k.value();
+                    old.push((since, d.to_owned()));
+                }
+                seen = old.len();
+                for (since, d) in &old {
+                    c.orphans.remove((*since, d.as_str())).map_err(db)?;
+                    if let Some((stored, 0, _)) = c.blob(d)? {
+                        c.blobs.remove(d.as_str()).map_err(db)?;
+                        bump(&mut c.counts, CACHE_BLOBS_COUNT, -1)?;
+                        bump(&mut c.counts, CACHE_BYTES_COUNT, -(stored as i64))?;
+                        done.blobs.push(d.clone());
+                        done.bytes += stored;
+                    }
+                }
+                Ok(())
+            })?;
+            out.add(done);
+            if seen < CACHE_EVICT_BATCH {
+                break;
+            }
+        }
+        // Least recently used first, from a cursor that moves past pinned entries.
+        let mut after: Option<(u64, String)> = None;
+        while self.count(CACHE_BYTES_COUNT)? > target {
+            let mut candidates: Vec<(u64, String)> = Vec::new();
+            {
+                let txn = self.db.begin_read().map_err(db)?;
+                let lru = txn.open_table(CACHE_LRU).map_err(db)?;
+                let range = match &after {
+                    None => lru.iter().map_err(db)?,
+                    Some((t, k)) => lru
+                        .range::<(u64, &str)>((std::ops::Bound::Excluded((*t, k.as_str())), std::ops::Bound::Unbounded))
+                        .map_err(db)?,
+                };
+                for row in range {
+                    let (k, _) = row.map_err(db)?;
+                    let (t, key) = k.value();
+                    after = Some((t, key.to_owned()));
+                    if !pinned(key) {
+                        candidates.push((t, key.to_owned()));
+                        if candidates.len() >= CACHE_EVICT_BATCH {
+                            break;
+                        }
+                    }
+                }
+            }
+            if candidates.is_empty() {
+                break;
+            }
+            let mut done = Evicted::default();
+            self.write(Sync::Durable, |txn| {
+                let mut c = CacheTables::open(txn)?;
+                for (t, key) in &candidates {
+                    if c.count(CACHE_BYTES_COUNT)? <= target {
+                        break;
+                    }
+                    if c.lru.get((*t, key.as_str())).map_err(db)?.is_some() {
+                        c.remove_entry(key, now, &mut done)?;
+                    }
+                }
+                Ok(())
+            })?;
+            out.add(done);
+        }
+        Ok(out)
+    }
+
+    /// The builder's cache epoch: part of its steps' full keys, raised by a reset.
+    pub fn cache_epoch(&self, builder: &str) -> Result<u64, StoreError> {
+        self.meta(&format!("cache_epoch\0{builder}"))
+    }
+
+    /// Raises the builder's cache epoch (durably) and answers the new one.
+    pub fn cache_reset(&self, builder: &str) -> Result<u64, StoreError> {
+        let key = format!("cache_epoch\0{builder}");
+        let mut next = 0;
+        self.write(Sync::Durable, |txn| {
+            let mut meta = txn.open_table(META).map_err(db)?;
+            next = meta.get(key.as_str()).map_err(db)?.map_or(0, |v| v.value()) + 1;
+            meta.insert(key.as_str(), next).map_err(db)?;
+            Ok(())
+        })?;
+        Ok(next)
+    }
+
+    /// The cache's references, LRU index, orphan index and totals against the entries and
+    /// rows themselves: the first difference found, if any (costs a full scan).
+    pub fn check_cache(&self) -> Result<Option<String>, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let entries = txn.open_table(CACHE_ENTRIES).map_err(db)?;
+        let used = txn.open_table(CACHE_USED).map_err(db)?;
+        let lru = txn.open_table(CACHE_LRU).map_err(db)?;
+        let blobs = txn.open_table(CACHE_BLOBS).map_err(db)?;
+        let orphans = txn.open_table(CACHE_ORPHANS).map_err(db)?;
+        let counts = txn.open_table(COUNTS).map_err(db)?;
+        let count = |k: &str| Ok::<u64, StoreError>(counts.get(k).map_err(db)?.map_or(0, |v| v.value()));
+        let mut refs: std::collections::BTreeMap<String, u64> = Default::default();
+        let mut n = 0;
+        for row in entries.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            let key = k.value();
+            let e = decode_entry(key, v.value())?;
+            n += 1;
+            if e.key != key {
+                return Ok(Some(format!("entry stored under {key} has key {}", e.key)));
+            }
+            let Some(at) = used.get(key).map_err(db)?.map(|v| v.value()) else {
+                return Ok(Some(format!("entry {key} has no last-used time")));
+            };
+            if lru.get((at, key)).map_err(db)?.is_none() {
+                return Ok(Some(format!("entry {key} is not in the LRU index at {at}")));
+            }
+            for d in e.digests() {
+                *refs.entry(d.to_owned()).or_default() += 1;
+            }
+        }
+        let lru_rows = lru.iter().map_err(db)?.count() as u64;
+        let used_rows = used.iter().map_err(db)?.count() as u64;
+        if lru_rows != n || used_rows != n {
+            return Ok(Some(format!("{n} entries, {used_rows} last-used times, {lru_rows} LRU rows")));
+        }
+        if count(CACHE_ENTRIES_COUNT)? != n {
+            return Ok(Some(format!("count {CACHE_ENTRIES_COUNT} is {}, not {n}", count(CACHE_ENTRIES_COUNT)?)));
+        }
+        let (mut rows, mut bytes, mut zero) = (0u64, 0u64, 0u64);
+        for row in blobs.iter().map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            let (d, (stored, r, since)) = (k.value(), v.value());
+            rows += 1;
+            bytes += stored;
+            let want = refs.remove(d).unwrap_or(0);
+            if r != want {
+                return Ok(Some(format!("blob {d} has {r} references, entries make {want}")));
+            }
+            if r == 0 {
+                zero += 1;
+                if orphans.get((since, d)).map_err(db)?.is_none() {
+                    return Ok(Some(format!("unreferenced blob {d} is not in the orphan index")));
+                }
+            }
+        }
+        if let Some((d, _)) = refs.into_iter().next() {
+            return Ok(Some(format!("an entry names blob {d}, which has no row")));
+        }
+        let orphan_rows = orphans.iter().map_err(db)?.count() as u64;
+        if orphan_rows != zero {
+            return Ok(Some(format!("{orphan_rows} orphan index rows for {zero} unreferenced blobs")));
+        }
+        for (key, want) in [(CACHE_BLOBS_COUNT, rows), (CACHE_BYTES_COUNT, bytes)] {
+            if count(key)? != want {
+                return Ok(Some(format!("count {key} is {}, not {want}", count(key)?)));
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// How a plan is stored: its identity and the hashes of its per-repository parts.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct PlanManifest {
@@ -774,5 +1303,259 @@ mod tests {
         s.delete(&[], &[], &[], std::slice::from_ref(&b.hash)).expect("delete");
         assert_eq!(parts(&s), 2);
         assert_eq!(s.plan(&a.hash).expect("read").as_ref(), Some(&a));
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+    use crate::cache::OutputFile;
+
+    fn digest(n: u64) -> String {
+        format!("sha256:{n:064x}")
+    }
+
+    fn entry(key: &str, blobs: &[u64], at: u64) -> CacheEntry {
+        CacheEntry {
+            key: key.to_owned(),
+            builder: "app/build".into(),
+            step: "compile".into(),
+            build: 1,
+            step_index: 0,
+            log_id: None,
+            files: blobs
+                .iter()
+                .enumerate()
+                .map(|(i, b)| OutputFile {
+                    path: format!("out/{i}"),
+                    mode: 0o644,
+                    digest: digest(*b),
+                    size: 10,
+                    link: String::new(),
+                    dir: false,
+                })
+                .collect(),
+            bytes: 10 * blobs.len() as u64,
+            created_at: at,
+        }
+    }
+
+    fn insert(s: &Store, e: &CacheEntry) {
+        s.commit(Batch { cache_entries: vec![e], ..Batch::default() }, Sync::Lazy).expect("insert");
+    }
+
+    fn touch(s: &Store, key: &str, at: u64) {
+        s.commit(Batch { cache_touches: vec![(key, at)], ..Batch::default() }, Sync::Lazy).expect("touch");
+    }
+
+    fn open(dir: &tempfile::TempDir) -> Store {
+        Store::open(&dir.path().join("state.redb")).expect("open")
+    }
+
+    fn consistent(s: &Store) {
+        assert_eq!(s.check_cache().expect("check"), None);
+    }
+
+    #[test]
+    fn cache_entries_sharing_a_blob_hold_a_reference_each() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(&dir);
+        for b in [1, 2, 3] {
+            s.cache_put_blob(&digest(b), 100).expect("blob");
+        }
+        insert(&s, &entry("k1", &[1, 2], 10));
+        insert(&s, &entry("k2", &[2, 3, 3], 20));
+        assert_eq!(s.cache_blob(&digest(2)).expect("row"), Some((100, 2)));
+        assert_eq!(s.cache_blob(&digest(3)).expect("row"), Some((100, 1)), "one reference per entry");
+        let stats = s.cache_stats().expect("stats");
+        assert_eq!((stats.entries, stats.blobs, stats.stored_bytes), (2, 3, 300));
+        consistent(&s);
+        // An entry naming a blob that was never uploaded is not stored, and the rest of the
+        // batch is.
+        let bad = entry("k3", &[1, 9], 30);
+        let run = LastRun { key: "k3".into(), build: 4, step_index: 0, manifest: serde_json::json!({}), at_ms: 30 };
+        s.commit(
+            Batch { cache_entries: vec![&bad], cache_last: vec![("app/build", "compile", &run)], ..Batch::default() },
+            Sync::Lazy,
+        )
+        .expect("commit");
+        assert_eq!(s.cache_entry("k3").expect("read"), None);
+        assert_eq!(s.cache_last("app/build", "compile").expect("read"), Some(run));
+        assert_eq!(s.cache_blob(&digest(1)).expect("row"), Some((100, 1)));
+        // Replacing an entry moves its references.
+        insert(&s, &entry("k1", &[3], 40));
+        assert_eq!(s.cache_blob(&digest(1)).expect("row"), Some((100, 0)));
+        assert_eq!(s.cache_blob(&digest(3)).expect("row"), Some((100, 2)));
+        assert_eq!(s.cache_stats().expect("stats").entries, 2);
+        consistent(&s);
+        // Removing one entry frees only what no other entry uses.
+        let gone = s.cache_remove_entry("k2").expect("remove");
+        assert_eq!(gone.entries, 1);
+        assert_eq!(gone.blobs, vec![digest(2)]);
+        assert_eq!(s.cache_blob(&digest(3)).expect("row"), Some((100, 1)));
+        assert_eq!(s.cache_remove_entry("k2").expect("again"), Evicted::default());
+        consistent(&s);
+    }
+
+    #[test]
+    fn cache_eviction_goes_by_last_use_and_spares_pinned_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(&dir);
+        // Four entries with a blob of their own (100 bytes) and one they all share (50).
+        s.cache_put_blob(&digest(99), 50).expect("blob");
+        for i in 1..=4 {
+            s.cache_put_blob(&digest(i), 100).expect("blob");
+            insert(&s, &entry(&format!("k{i}"), &[i, 99], i * 10));
+        }
+        // k1 is reused: it is now the most recently used.
+        touch(&s, "k1", 100);
+        // An older time does not move an entry back.
+        touch(&s, "k4", 5);
+        assert_eq!(s.cache_used("k4").expect("used"), Some(40));
+        assert_eq!(s.cache_stats().expect("stats").stored_bytes, 450);
+        // Down to 250 bytes: two entries go. k2 is the least recently used but pinned, so
+        // k3 and k4 go.
+        let out = s.cache_evict(250, |k| k == "k2").expect("evict");
+        assert_eq!(out.entries, 2);
+        let mut blobs = out.blobs.clone();
+        blobs.sort();
+        assert_eq!(blobs, vec![digest(3), digest(4)], "the shared blob stays");
+        assert_eq!(out.bytes, 200);
+        for (k, present) in [("k1", true), ("k2", true), ("k3", false), ("k4", false)] {
+            assert_eq!(s.cache_entry(k).expect("read").is_some(), present, "{k}");
+        }
+        // Already at the target: nothing more goes.
+        assert_eq!(s.cache_evict(250, |_| false).expect("evict"), Evicted::default());
+        // Everything: the pinned entry stays, and with it its blobs.
+        let out = s.cache_evict(0, |k| k == "k2").expect("evict");
+        assert_eq!((out.entries, out.blobs.clone()), (1, vec![digest(1)]));
+        assert_eq!(s.cache_blob(&digest(99)).expect("row"), Some((50, 1)));
+        let out = s.cache_evict(0, |_| false).expect("evict");
+        let mut blobs = out.blobs.clone();
+        blobs.sort();
+        assert_eq!(blobs, vec![digest(2), digest(99)]);
+        let stats = s.cache_stats().expect("stats");
+        assert_eq!((stats.entries, stats.blobs, stats.stored_bytes), (0, 0, 0));
+        consistent(&s);
+    }
+
+    #[test]
+    fn cache_orphan_blobs_go_after_an_hour() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = open(&dir);
+        s.cache_put_blob(&digest(1), 10).expect("blob");
+        s.cache_put_blob(&digest(2), 10).expect("blob");
+        insert(&s, &entry("k", &[2], 1));
+        let now = crate::model::now_ms();
+        let asked = [digest(1), digest(2), digest(3)];
+        assert_eq!(s.cache_blobs_known_at(now, &asked).expect("known"), vec![true, true, false]);
+        // Half an hour on, the unused upload is as good as missing (a step must upload it
+        // again, which restarts its clock); a used one is not.
+        let later = now + CACHE_ORPHAN_AGE_MS / 2 + 1000;
+        assert_eq!(s.cache_blobs_known_at(later, &asked).expect("known"), vec![false, true, false]);
+        // Young orphans stay, even above the target.
+        assert_eq!(s.cache_evict_at(now + 1000, u64::MAX, |_| true).expect("evict"), Evicted::default());
+        let out = s.cache_evict_at(now + CACHE_ORPHAN_AGE_MS + 1000, u64::MAX, |_| true).expect("evict");
+        assert_eq!((out.entries, out.blobs, out.bytes), (0, vec![digest(1)], 10));
+        assert_eq!(s.cache_blob(&digest(2)).expect("row"), Some((10, 1)), "a used blob is no orphan");
+        consistent(&s);
+    }
+
+    #[test]
+    fn cache_counts_match_a_scan_after_random_operations() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = open(&dir);
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rand = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut t = 1;
+        let (mut most, mut evicted, mut orphaned) = (0, 0, 0);
+        for round in 0..400 {
+            t += 1;
+            match rand(10) {
+                0..=2 => s.cache_put_blob(&digest(rand(12)), 1 + rand(1000)).expect("blob"),
+                3..=5 => {
+                    let blobs: Vec<u64> = (0..rand(4)).map(|_| rand(12)).collect();
+                    insert(&s, &entry(&format!("k{}", rand(16)), &blobs, t));
+                }
+                6 => touch(&s, &format!("k{}", rand(16)), t),
+                7 => {
+                    s.cache_remove_entry(&format!("k{}", rand(16))).expect("remove");
+                }
+                8 => {
+                    let pin = rand(16);
+                    let target = rand(3000);
+                    let out = s
+                        .cache_evict_at(crate::model::now_ms() + rand(2) * 2 * CACHE_ORPHAN_AGE_MS, target, |k| {
+                            k == format!("k{pin}")
+                        })
+                        .expect("evict");
+                    evicted += out.entries;
+                    orphaned += out.blobs.len() as u64;
+                }
+                _ => {
+                    s.commit(Batch { cache_counts: vec![("app/build", 1, rand(2))], ..Batch::default() }, Sync::Lazy)
+                        .expect("counts");
+                }
+            }
+            if let Some(diff) = s.check_cache().expect("check") {
+                panic!("after operation {round}: {diff}");
+            }
+            most = most.max(s.cache_stats().expect("stats").entries);
+            if round % 100 == 99 {
+                let before = s.cache_stats().expect("stats");
+                drop(s);
+                s = open(&dir);
+                assert_eq!(s.cache_stats().expect("stats"), before, "reopening keeps everything");
+            }
+        }
+        assert!(
+            most > 3 && evicted > 3 && orphaned > evicted,
+            "the walk stored {most} entries at most, evicted {evicted} and {orphaned} blobs"
+        );
+    }
+
+    #[test]
+    fn cache_records_survive_reopening_and_epochs_grow() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let run = LastRun {
+            key: "k".into(),
+            build: 3,
+            step_index: 1,
+            manifest: serde_json::json!({"inputs": {"src": "abc"}}),
+            at_ms: 7,
+        };
+        {
+            let s = open(&dir);
+            s.cache_put_blob(&digest(1), 10).expect("blob");
+            let e = entry("k", &[1], 5);
+            s.commit(
+                Batch {
+                    cache_entries: vec![&e],
+                    cache_counts: vec![("app/build", 2, 3), ("app/lint", 0, 1)],
+                    cache_last: vec![("app/build", "compile", &run)],
+                    ..Batch::default()
+                },
+                Sync::Durable,
+            )
+            .expect("commit");
+            assert_eq!(s.cache_epoch("app/build").expect("epoch"), 0);
+            assert_eq!(s.cache_reset("app/build").expect("reset"), 1);
+            assert_eq!(s.cache_reset("app/build").expect("reset"), 2);
+        }
+        let s = open(&dir);
+        assert_eq!(s.cache_entry("k").expect("read"), Some(entry("k", &[1], 5)));
+        assert_eq!(s.cache_last("app/build", "compile").expect("read"), Some(run));
+        assert_eq!(s.cache_last("app/build", "test").expect("read"), None);
+        assert_eq!(s.cache_epoch("app/build").expect("epoch"), 2);
+        assert_eq!(s.cache_epoch("app/lint").expect("epoch"), 0);
+        let stats = s.cache_stats().expect("stats");
+        assert_eq!(stats.per_builder, vec![("app/build".to_owned(), 2, 3), ("app/lint".to_owned(), 0, 1)]);
+        assert_eq!((stats.entries, stats.blobs, stats.stored_bytes), (1, 1, 10));
+        consistent(&s);
     }
 }

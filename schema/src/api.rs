@@ -283,3 +283,45 @@ pub struct ErrorDetail {
     pub code: String,
     pub message: String,
 }
+
+/// `GET /api/v2/cache`: the step cache's size and use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CacheStats {
+    /// Stored executions (one per full key).
+    pub entries: u64,
+    /// Distinct output files (blobs).
+    pub blobs: u64,
+    /// Bytes the blobs take on disk (compressed).
+    pub stored_bytes: u64,
+    /// `cache.max_size` in bytes: above it, least recently used entries are evicted.
+    pub max_size: u64,
+    /// Hits and misses of every builder that has any, by builder id.
+    pub builders: Vec<CacheBuilderStats>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CacheBuilderStats {
+    pub builder: String,
+    /// Steps reused from the cache.
+    pub hits: u64,
+    /// Cacheable steps that ran.
+    pub misses: u64,
+}
+
+/// `POST /api/v2/cache/gc`: what was removed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CacheGc {
+    pub entries: u64,
+    pub blobs: u64,
+    /// Stored bytes freed.
+    pub bytes: u64,
+    /// The cache after the collection.
+    pub stats: CacheStats,
+}
+
+/// `POST /api/v2/builders/{builder}/cache/reset`: the builder's new cache epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CacheReset {
+    pub builder: String,
+    pub epoch: u64,
+}

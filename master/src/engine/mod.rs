@@ -12,9 +12,12 @@
 //! - `sessions`: worker sessions, liveness and their messages;
 //! - `triggers`: changes, forces, rebuilds, stops, queue policy and cron;
 //! - `read`: the read side the REST API uses;
-//! - `retention`: the janitor that ages logs and builds out of the store.
+//! - `retention`: the janitor that ages logs and builds out of the store;
+//! - `cache`: the step cache's lookups, hits and misses;
+//! - `cache_admin`: the step cache's size limit, eviction, stats and resets.
 
 mod cache;
+mod cache_admin;
 mod dispatch;
 mod read;
 mod retention;
@@ -69,6 +72,8 @@ pub enum EngineError {
     Store(#[from] StoreError),
     #[error("log file: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Blob(#[from] crate::cache::blobs::BlobError),
     #[error("the master is shutting down")]
     ShuttingDown,
 }
@@ -159,6 +164,9 @@ struct Inner {
     held: std::collections::VecDeque<(u64, Vec<Effect>)>,
     /// Set once shutdown began: no new work is accepted.
     closing: bool,
+    /// Cache entries running steps are restoring, by full key, with how many restore each:
+    /// eviction leaves them alone.
+    pins: HashMap<String, usize>,
 }
 
 /// Plans kept in memory beyond those live builds and the head use.
@@ -223,6 +231,12 @@ pub struct Engine {
     flushed: std::sync::Condvar,
     /// Repositories that report commit statuses, the link base, and the sender to wake.
     statuses: std::sync::RwLock<Option<StatusSink>>,
+    /// The step cache's blob files.
+    blobs: crate::cache::blobs::Blobs,
+    /// `cache.max_size`, in stored bytes.
+    cache_limit: std::sync::atomic::AtomicU64,
+    /// Held by the one cache collection running.
+    cache_gc: Mutex<()>,
 }
 
 /// Where build states go as commit statuses (see `forge`).
@@ -252,6 +266,7 @@ impl Engine {
         let plan = planner.head_plan();
         let store = Store::open(&state_dir.join("state.redb"))?;
         let logs = LogFiles::new(&state_dir.join("logs"))?;
+        let blobs = crate::cache::blobs::Blobs::open(state_dir)?;
         store.put_plan(&plan)?;
         // Only live builds come into memory: history is read from the store on demand.
         let mut builds: BTreeMap<u64, BuildRecord> = BTreeMap::new();
@@ -329,6 +344,7 @@ impl Engine {
             flushing: false,
             held: std::collections::VecDeque::new(),
             closing: false,
+            pins: HashMap::new(),
         };
         let ids: Vec<u64> = inner.builds.keys().copied().collect();
         for id in ids {
@@ -349,6 +365,9 @@ impl Engine {
             epoch: Instant::now(),
             flushed: std::sync::Condvar::new(),
             statuses: std::sync::RwLock::new(None),
+            blobs,
+            cache_limit: std::sync::atomic::AtomicU64::new(crate::cache::DEFAULT_MAX_SIZE),
+            cache_gc: Mutex::new(()),
         });
         engine.recover()?;
         Ok(engine)
@@ -426,6 +445,16 @@ impl Engine {
     /// The redb database, for the forge outbox's reader.
     pub fn database(&self) -> &redb::Database {
         self.store.database()
+    }
+
+    /// The state store (the step cache's records are read and written through it).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The step cache's blob files.
+    pub fn blobs(&self) -> &crate::cache::blobs::Blobs {
+        &self.blobs
     }
 
     /// Whether a change waits to be made durable (see [`Engine::settle`]).
@@ -781,6 +810,7 @@ impl<'a> Tx<'a> {
                 .collect(),
             plans: self.undo.plans.iter().filter_map(|h| self.st.plans.get(h).map(|p| p.as_ref())).collect(),
             statuses: Vec::new(),
+            ..Batch::default()
         };
         let sink = engine.statuses.read().unwrap_or_else(|p| p.into_inner());
         let mut batch = batch;

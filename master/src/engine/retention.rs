@@ -3,7 +3,8 @@
 //! references any more. It works in small batches, each its own store transaction, outside
 //! the engine's lock, and only on finished history: live builds and open logs are never
 //! touched. Logs and builds are visited in id order (their creation order) from cursors
-//! kept in the store, so a run costs what has aged since the last one.
+//! kept in the store, so a run costs what has aged since the last one. Each run also holds
+//! the step cache to its size limit ([`Engine::cache_gc`]).
 
 use super::{Engine, EngineError};
 use crate::model::{BuildRecord, LogRecord};
@@ -44,6 +45,8 @@ pub struct Report {
     pub builds_deleted: u64,
     pub changes_deleted: u64,
     pub plans_deleted: u64,
+    /// What the step cache's collection removed.
+    pub cache: crate::cache::Evicted,
 }
 
 impl Engine {
@@ -73,6 +76,7 @@ impl Engine {
             report.changes_deleted = self.delete_unreferenced_changes(before)?;
         }
         report.plans_deleted = self.delete_unreferenced_plans()?;
+        report.cache = self.cache_gc()?;
         if report != Report::default() {
             tracing::info!(?report, "retention");
         }
