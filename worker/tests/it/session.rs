@@ -99,7 +99,7 @@ async fn runs_leased_steps_with_a_checkout() {
 
     let mut session = master.next_session().await;
     let header = |key: &str| session.metadata.get(key).map(|v| v.to_str().unwrap().to_owned());
-    assert_eq!(header("rbb-protocol").as_deref(), Some("1"));
+    assert_eq!(header("rbb-protocol").as_deref(), Some(rbb_schema::proto::PROTOCOL_VERSION));
     assert_eq!(header("rbb-worker").as_deref(), Some("w1"));
     assert_eq!(header("authorization"), Some(format!("Bearer {TOKEN}")));
     let hello = session.handshake(50).await;
