@@ -491,6 +491,15 @@ impl Executor for DockerExecutor {
     fn image_digest<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move { if image.is_empty() { Ok(String::new()) } else { self.inspect_digest(image).await } })
     }
+
+    fn end_build_container(&self, build: u64) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let container = lock(&self.builds).remove(&build);
+            if let Some(c) = container {
+                remove_container(&self.docker, &c.id).await;
+            }
+        })
+    }
 }
 
 enum Ending {

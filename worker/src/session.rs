@@ -84,8 +84,8 @@ pub enum WorkerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot prepare the step cache's directory: {reason}")]
-    Cache { reason: String },
+    #[error("cannot prepare the step cache's directory: {0}")]
+    Cache(#[source] cache::CacheError),
 }
 
 /// Serves the master with the native executor until `shutdown` fires (then `Ok`), or until
@@ -215,7 +215,7 @@ impl Connection {
             .workdir
             .canonicalize()
             .map_err(|source| WorkerError::Workdir { path: config.workdir.clone(), source })?;
-        let store = BlobStore::open(&workdir).map_err(|err| WorkerError::Cache { reason: err.to_string() })?;
+        let store = BlobStore::open(&workdir).map_err(WorkerError::Cache)?;
         Ok(Connection {
             endpoint,
             hello: Hello {
@@ -243,23 +243,21 @@ impl Connection {
             },
             () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         };
-        let cache = CacheClient::new(
-            channel.clone(),
-            vec![
-                ("rbb-protocol", self.protocol.clone()),
-                ("rbb-worker", self.name.clone()),
-                ("authorization", self.authorization.clone()),
-            ],
-        );
+        // The session and the cache calls carry the same metadata.
+        let metadata = vec![
+            ("rbb-protocol", self.protocol.clone()),
+            ("rbb-worker", self.name.clone()),
+            ("authorization", self.authorization.clone()),
+        ];
+        let cache = CacheClient::new(channel.clone(), metadata.clone());
         let mut client = WorkerClient::new(channel);
         let (tx, rx) = mpsc::channel::<WorkerMessage>(OUTBOUND_CAPACITY);
         // The first message is Hello; it is queued before the call so it goes out at once.
         let _ = tx.try_send(message(Msg::Hello(self.hello.clone())));
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
-        let headers = request.metadata_mut();
-        headers.insert("rbb-protocol", self.protocol.clone());
-        headers.insert("rbb-worker", self.name.clone());
-        headers.insert("authorization", self.authorization.clone());
+        for (key, value) in metadata {
+            request.metadata_mut().insert(key, value);
+        }
 
         let response = tokio::select! {
             response = tokio::time::timeout(WELCOME_TIMEOUT, client.session(request)) => response,
@@ -594,7 +592,12 @@ async fn execute(
         cancel,
     };
     let answered = match cx.before().await {
-        Before::Restored(outcome) => return Report { outcome, outputs: Vec::new(), cached: true },
+        Before::Restored(outcome) => {
+            if !lease.image.is_empty() && lease.build_container && lease.last_in_container {
+                ctx.executor.end_build_container(lease.build).await;
+            }
+            return Report { outcome, outputs: Vec::new(), cached: true };
+        }
         Before::Cancelled => return Report::ran(cancelled(start.elapsed())),
         Before::Run(answered) => answered,
     };

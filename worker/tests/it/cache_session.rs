@@ -412,3 +412,24 @@ async fn steps_without_cache_make_no_cache_call() {
     assert!(rig.master.cache.with(|s| s.queries.is_empty() && s.asked.is_empty()));
     rig.stop().await;
 }
+
+#[tokio::test]
+async fn a_hit_on_the_last_step_in_a_build_container_removes_the_container() {
+    let digest = "sha256:3333333333333333333333333333333333333333333333333333333333333333";
+    let fake = Arc::new(FakeExecutor::default().with_image("alpine:3", digest));
+    let executor = Arc::clone(&fake);
+    let mut rig = Rig::with(move |url, work| TestWorker::start(url, work, 1, executor)).await;
+    rig.master.cache.with(|s| s.lookup = Some(Ok(hit(Vec::new()))));
+    for (id, last) in [(1, false), (2, true)] {
+        let mut step = cached(id, "build", &["out"]);
+        step.image = "alpine:3".to_owned();
+        step.build_container = true;
+        step.last_in_container = last;
+        let (header, finished) = rig.run(step).await;
+        assert!(finished.cached, "{finished:?}\n{header}");
+        assert_eq!(finished.image_digest, digest);
+    }
+    assert!(fake.calls().is_empty(), "nothing ran");
+    assert_eq!(*fake.ended_containers.lock().unwrap(), [7], "only after the build's last step in it");
+    rig.stop().await;
+}

@@ -26,6 +26,8 @@ pub struct FakeExecutor {
     images: HashMap<String, String>,
     expected: Mutex<VecDeque<Expected>>,
     calls: Mutex<Vec<StepSpec>>,
+    /// Builds whose container it was told to remove without a step.
+    pub ended_containers: Mutex<Vec<u64>>,
     violations: Mutex<Vec<String>>,
 }
 
@@ -117,6 +119,11 @@ impl Executor for FakeExecutor {
                 image_digest: spec.image.as_ref().and_then(|i| self.images.get(i)).cloned().unwrap_or_default(),
             }
         })
+    }
+
+    fn end_build_container(&self, build: u64) -> BoxFuture<'_, ()> {
+        self.ended_containers.lock().unwrap().push(build);
+        Box::pin(std::future::ready(()))
     }
 
     fn image_digest<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<String, String>> {
