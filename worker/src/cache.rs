@@ -636,8 +636,7 @@ fn restore_staged(
     staging: &Path,
     cancel: &CancellationToken,
 ) -> Result<Restored, CacheError> {
-    let mut restored = Restored { files: 0, bytes: 0 };
-    restored.bytes = stage_all(files, store, staging, cancel)?;
+    let mut restored = Restored { files: 0, bytes: stage_all(files, store, staging, cancel)? };
 
     // What goes away first: everything the patterns match now.
     let mut doomed = BTreeSet::new();
@@ -645,17 +644,24 @@ fn restore_staged(
         doomed.extend(pattern.matches(checkout)?);
     }
     // Every directory an entry needs is there, missing, or among what goes away: nothing is
-    // removed unless the whole entry can be put in place.
+    // removed unless the whole entry can be put in place. Directories are walked from the top,
+    // so the first one that goes away or is missing ends the walk.
+    let mut directories = BTreeSet::new();
     for f in files {
         let mut parent = String::new();
         let comps: Vec<&str> = f.path.split('/').collect();
         for comp in &comps[..comps.len() - 1] {
             parent = join_rel(&parent, comp);
-            if doomed.iter().any(|d| parent == *d || parent.starts_with(&format!("{d}/"))) {
+            if doomed.contains(&parent) {
                 break;
             }
+            if directories.contains(&parent) {
+                continue;
+            }
             match fs::symlink_metadata(checkout.join(&parent)) {
-                Ok(meta) if meta.is_dir() => {}
+                Ok(meta) if meta.is_dir() => {
+                    directories.insert(parent.clone());
+                }
                 Ok(_) => {
                     return Err(CacheError::Refused {
                         path: parent,

@@ -367,3 +367,18 @@ fn a_cancelled_collection_stops() {
     let result = collect_outputs(scratch.path(), &patterns(), &cancel);
     assert!(matches!(result, Err(CacheError::Cancelled)), "{result:?}");
 }
+
+#[test]
+fn a_file_in_the_way_is_refused_before_anything_is_removed() {
+    let s = setup();
+    let patterns = vec!["out/**/*.txt".to_owned(), "logs/*.log".to_owned()];
+    let files = collect_outputs(&s.a, &patterns, &CancellationToken::new()).unwrap();
+    assert!(files.iter().any(|f| f.path == "out/lib/data.txt"));
+    // `out/lib` is a file here, and no pattern matches it: the entry cannot be put in place.
+    write(&s.b, "out/lib", b"a file where a directory must go\n", 0o644);
+    write(&s.b, "logs/old.log", b"would be removed by a restore\n", 0o644);
+    let before = tree(&s.b);
+    let result = restore(&s.b, &patterns, &files, &s.store, &CancellationToken::new());
+    assert!(matches!(&result, Err(CacheError::Refused { path, .. }) if path == "out/lib"), "{result:?}");
+    assert_eq!(tree(&s.b), before, "nothing was removed");
+}
