@@ -898,12 +898,21 @@ impl CacheClient {
         let failure: Arc<Mutex<Option<io::Error>>> = Arc::new(Mutex::new(None));
         let stream = blob_chunks(file, digest.to_owned(), size, Arc::clone(&failure));
         let mut client = self.client.clone();
-        let sent = client.put_blob(self.request(stream)).await;
+        let limit = upload_limit(size);
+        let sent = tokio::time::timeout(limit, client.put_blob(self.request(stream)))
+            .await
+            .map_err(|_| CacheError::Timeout { call: "PutBlob", limit })?;
         if let Some(source) = failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
             return Err(CacheError::Io { action: "read", path, source });
         }
         Ok(sent.map_err(rpc_error("PutBlob"))?.into_inner().stored_bytes)
     }
+}
+
+/// How long an upload of `size` bytes may take: [`STREAM_IDLE`], plus a second per MiB (a
+/// master that stops reading must not hold the step's slot forever).
+fn upload_limit(size: u64) -> Duration {
+    STREAM_IDLE + Duration::from_secs(size >> 20)
 }
 
 /// The PutBlob stream of a file: the first message carries digest and size (and the first
