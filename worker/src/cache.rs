@@ -1044,7 +1044,17 @@ impl StepCache<'_> {
         let image_digest = if self.lease.image.is_empty() {
             String::new()
         } else {
-            match self.executor.image_digest(&self.lease.image).await {
+            let resolved = tokio::select! {
+                resolved = self.executor.image_digest(&self.lease.image) => resolved,
+                () = self.cancel.cancelled() => return Before::Cancelled,
+            };
+            match resolved {
+                // Without it the key would not tell one image from another.
+                Ok(digest) if digest.is_empty() => {
+                    let image = &self.lease.image;
+                    header(self.out, format!("cache not used: the engine gives no digest for image `{image}`")).await;
+                    return Before::Run(None);
+                }
                 Ok(digest) => digest,
                 Err(reason) => {
                     header(self.out, format!("cache not used: {reason}")).await;

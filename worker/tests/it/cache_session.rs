@@ -365,11 +365,12 @@ async fn a_cancel_during_an_upload_reports_cancelled() {
 async fn pass_env_and_the_image_digest_reach_the_step_and_the_key() {
     let digest = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
     let fake = Arc::new(
-        FakeExecutor::default().with_image("alpine:3", digest).expect("build", StepResult::Success, "").expect(
-            "build",
-            StepResult::Success,
-            "",
-        ),
+        FakeExecutor::default()
+            .with_image("alpine:3", digest)
+            .with_image("nameless:1", "")
+            .expect("build", StepResult::Success, "")
+            .expect("build", StepResult::Success, "")
+            .expect("build", StepResult::Success, ""),
     );
     let executor = Arc::clone(&fake);
     let mut rig = Rig::with(move |url, work| TestWorker::start(url, work, 1, executor)).await;
@@ -397,6 +398,13 @@ async fn pass_env_and_the_image_digest_reach_the_step_and_the_key() {
     let (header, finished) = rig.run(step).await;
     assert_eq!(finished.result, StepResult::Success as i32, "the fake answers what it was told");
     assert!(header.contains("# cache not used: image `nowhere:1` is unknown"), "{header}");
+    assert_eq!(rig.master.cache.with(|s| s.queries.len()), 1);
+
+    // An image the engine gives no digest for: no Lookup either.
+    let mut step = cached(3, "build", &["out"]);
+    step.image = "nameless:1".to_owned();
+    let (header, _) = rig.run(step).await;
+    assert!(header.contains("# cache not used: the engine gives no digest for image `nameless:1`"), "{header}");
     assert_eq!(rig.master.cache.with(|s| s.queries.len()), 1);
     fake.assert_done();
     rig.stop().await;
