@@ -189,7 +189,7 @@ impl DockerExecutor {
     }
 
     /// The image's digest, or a reason naming it when it is not on this engine.
-    async fn image_digest(&self, image: &str) -> Result<String, String> {
+    async fn inspect_digest(&self, image: &str) -> Result<String, String> {
         match self.docker.inspect_image(image).await {
             Ok(inspect) => Ok(inspect
                 .repo_digests
@@ -277,7 +277,7 @@ impl DockerExecutor {
         cancel: &CancellationToken,
         start: Instant,
     ) -> StepOutcome {
-        let digest = match self.image_digest(image).await {
+        let digest = match self.inspect_digest(image).await {
             Ok(digest) => digest,
             Err(reason) => return StepOutcome::exception(reason, start.elapsed()),
         };
@@ -402,7 +402,7 @@ impl DockerExecutor {
     }
 
     async fn start_build_container(&self, spec: &StepSpec, image: &str) -> Result<BuildContainer, String> {
-        let digest = self.image_digest(image).await?;
+        let digest = self.inspect_digest(image).await?;
         let name = self.container_name(spec.container.build, "build");
         // Idles until removed; each step is an exec into it.
         let idle = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done".to_owned();
@@ -486,6 +486,19 @@ impl DockerExecutor {
 impl Executor for DockerExecutor {
     fn run(&self, spec: StepSpec, out: mpsc::Sender<Output>, cancel: CancellationToken) -> BoxFuture<'_, StepOutcome> {
         Box::pin(self.run_step(spec, out, cancel))
+    }
+
+    fn image_digest<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move { if image.is_empty() { Ok(String::new()) } else { self.inspect_digest(image).await } })
+    }
+
+    fn end_build_container(&self, build: u64) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let container = lock(&self.builds).remove(&build);
+            if let Some(c) = container {
+                remove_container(&self.docker, &c.id).await;
+            }
+        })
     }
 }
 

@@ -121,6 +121,15 @@ impl StepOutcome {
 /// when `cancel` fires (reporting CANCELLED), and never panic on a failing command.
 pub trait Executor: Send + Sync {
     fn run(&self, spec: StepSpec, out: mpsc::Sender<Output>, cancel: CancellationToken) -> BoxFuture<'_, StepOutcome>;
+
+    /// The digest (`sha256:…`) of `image` as a step of it would run, without running anything:
+    /// part of the step's cache key. Empty for an executor that runs no images; `Err` says why
+    /// the image cannot be resolved (the step would fail the same way).
+    fn image_digest<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<String, String>>;
+
+    /// The build's last step in its container did not run (it was reused from the cache):
+    /// remove that container as running the step would have. Nothing to do without one.
+    fn end_build_container(&self, build: u64) -> BoxFuture<'_, ()>;
 }
 
 /// Runs steps as local processes: `sh -c <command>` in a new process group, stdin null.
@@ -146,6 +155,14 @@ impl NativeExecutor {
 impl Executor for NativeExecutor {
     fn run(&self, spec: StepSpec, out: mpsc::Sender<Output>, cancel: CancellationToken) -> BoxFuture<'_, StepOutcome> {
         Box::pin(run_native(spec, out, cancel, self.guard.clone()))
+    }
+
+    fn image_digest<'a>(&'a self, _image: &'a str) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(std::future::ready(Ok(String::new())))
+    }
+
+    fn end_build_container(&self, _build: u64) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
     }
 }
 

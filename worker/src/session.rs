@@ -15,8 +15,8 @@ use rbb_schema::proto::master_message::Msg as MasterMsg;
 use rbb_schema::proto::worker_client::WorkerClient;
 use rbb_schema::proto::worker_message::Msg;
 use rbb_schema::proto::{
-    Heartbeat, Hello, Lease, LeaseRefused, LogChunk, LogStream, MasterMessage, PROTOCOL_VERSION, StepFinished,
-    StepResult, StepStarted, WorkerMessage,
+    Heartbeat, Hello, Lease, LeaseRefused, LogChunk, LogStream, MasterMessage, OutputFile, PROTOCOL_VERSION,
+    StepFinished, StepResult, StepStarted, WorkerMessage,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -27,9 +27,10 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Endpoint;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::cache::{self, After, Before, BlobStore, CACHE_DIR, CacheClient, StepCache};
 use crate::checkout::{self, CheckoutError, CheckoutSpec, join_inside};
 use crate::executor::{
-    ContainerOptions, Executor, MAX_CHUNK, NativeExecutor, Output, StepOutcome, StepSpec, format_secs,
+    ContainerOptions, Executor, MAX_CHUNK, NativeExecutor, Output, StepOutcome, StepSpec, cancelled, format_secs,
 };
 use crate::guard::{GuardLink, STATE_DIR};
 
@@ -83,6 +84,8 @@ pub enum WorkerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot prepare the step cache's directory: {0}")]
+    Cache(#[source] cache::CacheError),
 }
 
 /// Serves the master with the native executor until `shutdown` fires (then `Ok`), or until
@@ -173,6 +176,8 @@ struct StepContext {
     workdir: PathBuf,
     executor: Arc<dyn Executor>,
     guard: Option<Arc<GuardLink>>,
+    /// The local copy of cache blobs.
+    store: BlobStore,
 }
 
 impl Connection {
@@ -210,6 +215,7 @@ impl Connection {
             .workdir
             .canonicalize()
             .map_err(|source| WorkerError::Workdir { path: config.workdir.clone(), source })?;
+        let store = BlobStore::open(&workdir).map_err(WorkerError::Cache)?;
         Ok(Connection {
             endpoint,
             hello: Hello {
@@ -223,7 +229,7 @@ impl Connection {
             name: metadata("worker name", config.name.clone())?,
             authorization: metadata("token", format!("Bearer {}", config.token))?,
             max_steps: usize::try_from(config.max_steps).unwrap_or(usize::MAX),
-            steps: Arc::new(StepContext { workdir, executor, guard: config.guard.clone() }),
+            steps: Arc::new(StepContext { workdir, executor, guard: config.guard.clone(), store }),
             url,
         })
     }
@@ -237,15 +243,21 @@ impl Connection {
             },
             () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         };
+        // The session and the cache calls carry the same metadata.
+        let metadata = vec![
+            ("rbb-protocol", self.protocol.clone()),
+            ("rbb-worker", self.name.clone()),
+            ("authorization", self.authorization.clone()),
+        ];
+        let cache = CacheClient::new(channel.clone(), metadata.clone());
         let mut client = WorkerClient::new(channel);
         let (tx, rx) = mpsc::channel::<WorkerMessage>(OUTBOUND_CAPACITY);
         // The first message is Hello; it is queued before the call so it goes out at once.
         let _ = tx.try_send(message(Msg::Hello(self.hello.clone())));
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
-        let headers = request.metadata_mut();
-        headers.insert("rbb-protocol", self.protocol.clone());
-        headers.insert("rbb-worker", self.name.clone());
-        headers.insert("authorization", self.authorization.clone());
+        for (key, value) in metadata {
+            request.metadata_mut().insert(key, value);
+        }
 
         let response = tokio::select! {
             response = tokio::time::timeout(WELCOME_TIMEOUT, client.session(request)) => response,
@@ -303,7 +315,7 @@ impl Connection {
                 }
                 received = inbound.message() => match received {
                     Ok(Some(MasterMessage { msg: Some(msg) })) => {
-                        self.handle(msg, &mut steps, &tx, shutdown);
+                        self.handle(msg, &mut steps, &tx, &cache, shutdown);
                     }
                     Ok(Some(MasterMessage { msg: None })) => debug!("empty message from the master"),
                     Ok(None) => break lost("the master closed the stream", true),
@@ -343,6 +355,7 @@ impl Connection {
         msg: MasterMsg,
         steps: &mut Steps,
         tx: &mpsc::Sender<WorkerMessage>,
+        cache: &CacheClient,
         shutdown: &CancellationToken,
     ) {
         match msg {
@@ -385,6 +398,7 @@ impl Connection {
                 let task = run_step(
                     lease,
                     Arc::clone(&self.steps),
+                    cache.clone(),
                     tx.clone(),
                     slot,
                     token,
@@ -455,7 +469,8 @@ impl Steps {
         self.running.remove(&lease);
         if let Some(err) = failure {
             error!(lease, %err, "step task failed");
-            let report = finished(lease, &StepOutcome::exception(format!("worker bug: {err}"), Duration::ZERO));
+            let outcome = StepOutcome::exception(format!("worker bug: {err}"), Duration::ZERO);
+            let report = finished(lease, &Report::ran(outcome));
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _ = tx.send(report).await;
@@ -470,6 +485,7 @@ impl Steps {
 async fn run_step(
     lease: Lease,
     ctx: Arc<StepContext>,
+    cache: CacheClient,
     tx: mpsc::Sender<WorkerMessage>,
     slot: OwnedSemaphorePermit,
     cancel: CancellationToken,
@@ -483,7 +499,8 @@ async fn run_step(
         let _ = tx.send(message(Msg::Started(StepStarted { lease: id }))).await;
         let (out_tx, out_rx) = mpsc::channel(OUTPUT_CAPACITY);
         let work = async move {
-            let mut outcome = execute(&lease, &ctx, &out_tx, &cancel).await;
+            let mut report = execute(&lease, &ctx, &cache, &out_tx, &cancel).await;
+            let outcome = &mut report.outcome;
             outcome.duration = start.elapsed();
             // Stopped because the worker shuts down or the session ended: not a result of the
             // step. It is not reported; the master sees the session end and retries the step.
@@ -493,6 +510,8 @@ async fn run_step(
             };
             let summary = if let Some(why) = interrupted {
                 format!("# stopped: {why} (after {})\n", took(outcome.duration))
+            } else if report.cached {
+                format!("# cached: not run (took {})\n", took(outcome.duration))
             } else if outcome.result == StepResult::Success {
                 format!("# exit code 0 (took {})\n", took(outcome.duration))
             } else {
@@ -504,36 +523,114 @@ async fn run_step(
                 )
             };
             let _ = out_tx.send(Output::Header(summary.into_bytes())).await;
-            (outcome, interrupted)
+            (report, interrupted)
         };
-        let ((outcome, interrupted), ()) = tokio::join!(work, forward_logs(id, out_rx, tx.clone()));
+        let ((report, interrupted), ()) = tokio::join!(work, forward_logs(id, out_rx, tx.clone()));
         drop(slot);
         if let Some(why) = interrupted {
             info!(%why, "step stopped; left for the master to retry");
             return;
         }
-        info!(result = ?outcome.result, reason = %outcome.reason, "step finished");
-        let _ = tx.send(finished(id, &outcome)).await;
+        info!(result = ?report.outcome.result, reason = %report.outcome.reason, cached = report.cached, "step finished");
+        let _ = tx.send(finished(id, &report)).await;
     }
     .instrument(span)
     .await;
 }
 
+/// How a step ended, as reported in its StepFinished.
+struct Report {
+    outcome: StepOutcome,
+    /// What its `outputs` matched, every blob uploaded (after a SUCCESS of a cacheable step).
+    outputs: Vec<OutputFile>,
+    /// Restored from the cache instead of run.
+    cached: bool,
+}
+
+impl Report {
+    fn ran(outcome: StepOutcome) -> Report {
+        Report { outcome, outputs: Vec::new(), cached: false }
+    }
+}
+
+/// One step: prepare its checkout, ask the cache (when the lease allows it), run it, and store
+/// its outputs after a SUCCESS. The cache never makes a step fail: its troubles are header
+/// lines, and a Cancel while it works ends the step CANCELLED.
 async fn execute(
     lease: &Lease,
     ctx: &StepContext,
+    cache: &CacheClient,
     out: &mpsc::Sender<Output>,
     cancel: &CancellationToken,
-) -> StepOutcome {
+) -> Report {
+    let start = Instant::now();
+    // `pass_env` values are read once: the Lookup hashes what the step then gets. The step's
+    // own `env` wins over a passed variable of the same name.
+    let passed = cache::pass_env_values(&lease.pass_env);
+    let mut env: BTreeMap<String, String> = passed
+        .iter()
+        .filter_map(|(name, value)| Some((name.clone(), value.as_ref()?.to_string_lossy().into_owned())))
+        .collect();
+    env.extend(lease.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let spec = match prepare(lease, ctx, env, out, cancel).await {
+        Ok(spec) => spec,
+        Err(outcome) => return Report::ran(outcome),
+    };
+    let Some(step_cache) = &lease.cache else {
+        return Report::ran(ctx.executor.run(spec, out.clone(), cancel.clone()).await);
+    };
+    let checkout = spec.container.checkout.clone();
+    let cx = StepCache {
+        client: cache,
+        store: &ctx.store,
+        executor: ctx.executor.as_ref(),
+        lease,
+        outputs: &step_cache.outputs,
+        checkout: &checkout,
+        pass_env: &passed,
+        out,
+        cancel,
+    };
+    let answered = match cx.before().await {
+        Before::Restored(outcome) => {
+            if !lease.image.is_empty() && lease.build_container && lease.last_in_container {
+                ctx.executor.end_build_container(lease.build).await;
+            }
+            return Report { outcome, outputs: Vec::new(), cached: true };
+        }
+        Before::Cancelled => return Report::ran(cancelled(start.elapsed())),
+        Before::Run(answered) => answered,
+    };
+    let outcome = ctx.executor.run(spec, out.clone(), cancel.clone()).await;
+    if outcome.result != StepResult::Success {
+        return Report::ran(outcome);
+    }
+    match cx.after(answered.as_ref(), &outcome).await {
+        After::Stored(outputs) => Report { outcome, outputs, cached: false },
+        After::NotStored => Report::ran(outcome),
+        After::Cancelled => Report::ran(cancelled(start.elapsed())),
+    }
+}
+
+/// Makes the step ready to run: the checkout when the lease carries one (or the check that
+/// the directory holds this build's), then the spec. `Err` is the step's outcome.
+async fn prepare(
+    lease: &Lease,
+    ctx: &StepContext,
+    env: BTreeMap<String, String>,
+    out: &mpsc::Sender<Output>,
+    cancel: &CancellationToken,
+) -> Result<StepSpec, StepOutcome> {
     let start = Instant::now();
     // The step's summary line carries the reason into the log as well.
     let failed = |reason: String| StepOutcome::exception(reason, start.elapsed());
     let checkout_path = match join_inside(&ctx.workdir, &lease.checkout_dir, "checkout_dir", false) {
         Ok(path) => path,
-        Err(err) => return failed(err.to_string()),
+        Err(err) => return Err(failed(err.to_string())),
     };
-    if checkout_path.starts_with(ctx.workdir.join(STATE_DIR)) {
-        return failed(format!("checkout_dir {:?} is the worker's own directory", lease.checkout_dir));
+    if checkout_path.starts_with(ctx.workdir.join(STATE_DIR)) || checkout_path.starts_with(ctx.workdir.join(CACHE_DIR))
+    {
+        return Err(failed(format!("checkout_dir {:?} is the worker's own directory", lease.checkout_dir)));
     }
     if let Some(wanted) = &lease.checkout {
         let spec = CheckoutSpec {
@@ -545,16 +642,8 @@ async fn execute(
         };
         match checkout::checkout(&spec, out, cancel, ctx.guard.as_ref()).await {
             Ok(_) => {}
-            Err(CheckoutError::Cancelled) => {
-                return StepOutcome {
-                    result: StepResult::Cancelled,
-                    exit_code: None,
-                    reason: "cancelled".to_owned(),
-                    duration: start.elapsed(),
-                    image_digest: String::new(),
-                };
-            }
-            Err(err) => return failed(format!("checkout failed: {err}")),
+            Err(CheckoutError::Cancelled) => return Err(cancelled(start.elapsed())),
+            Err(err) => return Err(failed(format!("checkout failed: {err}"))),
         }
     } else {
         // A later step of a build runs in that build's checkout, never in a tree another build
@@ -564,25 +653,25 @@ async fn execute(
         match checkout::marked_build(&checkout_path) {
             Some(held) if held == build => {}
             _ if !checkout_path.is_dir() => {
-                return failed(format!(
+                return Err(failed(format!(
                     "checkout directory {path} does not exist (the build's checkout failed or was never leased to this worker)"
-                ));
+                )));
             }
             Some(held) => {
-                return failed(format!(
+                return Err(failed(format!(
                     "checkout directory {path} holds build {held}'s checkout, not build {build}'s (this build's checkout failed or was never leased to this worker)"
-                ));
+                )));
             }
             None => {
-                return failed(format!(
+                return Err(failed(format!(
                     "checkout directory {path} holds no checkout of build {build} (its checkout failed or was never leased to this worker)"
-                ));
+                )));
             }
         }
     }
     let cwd = match join_inside(&checkout_path, &lease.workdir, "workdir", true) {
         Ok(path) => path,
-        Err(err) => return failed(err.to_string()),
+        Err(err) => return Err(failed(err.to_string())),
     };
     if !lease.workdir.is_empty() {
         let _ = out.send(Output::Header(format!("$ cd {}\n", lease.workdir).into_bytes())).await;
@@ -590,7 +679,7 @@ async fn execute(
     let _ = out.send(Output::Header(format!("$ {}\n", lease.command).into_bytes())).await;
     let spec = StepSpec {
         command: lease.command.clone(),
-        env: lease.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>(),
+        env,
         cwd,
         timeout: (lease.timeout_secs > 0).then(|| Duration::from_secs(lease.timeout_secs)),
         image: (!lease.image.is_empty()).then(|| lease.image.clone()),
@@ -605,7 +694,7 @@ async fn execute(
             user: lease.user.clone(),
         },
     };
-    ctx.executor.run(spec, out.clone(), cancel.clone()).await
+    Ok(spec)
 }
 
 /// Forwards output chunks as LogChunks until the step drops its sender. If the session is
@@ -631,7 +720,8 @@ async fn forward_logs(lease: u64, mut out: mpsc::Receiver<Output>, tx: mpsc::Sen
     }
 }
 
-fn finished(lease: u64, outcome: &StepOutcome) -> WorkerMessage {
+fn finished(lease: u64, report: &Report) -> WorkerMessage {
+    let outcome = &report.outcome;
     message(Msg::Finished(StepFinished {
         lease,
         result: outcome.result as i32,
@@ -639,7 +729,8 @@ fn finished(lease: u64, outcome: &StepOutcome) -> WorkerMessage {
         reason: outcome.reason.clone(),
         duration_ms: u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
         image_digest: outcome.image_digest.clone(),
-        ..StepFinished::default()
+        outputs: report.outputs.clone(),
+        cached: report.cached,
     }))
 }
 

@@ -228,3 +228,26 @@ async fn sweep_removes_what_an_earlier_run_left() {
         Command::new("docker").args(["network", "ls", "-q", "--filter", "name=rbb-it-docker-sweep"]).output().unwrap();
     assert!(left.stdout.is_empty(), "the network is removed");
 }
+
+#[tokio::test]
+async fn the_image_digest_comes_without_running_and_a_skipped_last_step_ends_the_container() {
+    let worker = "it-docker-digest";
+    let docker = executor(worker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let digest = docker.image_digest(BUSYBOX).await.expect("the test image is on the engine");
+    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{digest}");
+    assert_eq!(docker.image_digest("").await, Ok(String::new()), "a native step has none");
+    let missing = docker.image_digest("rbb-test/not-there:0").await.unwrap_err();
+    assert!(missing.contains("is not on this worker's Docker engine"), "{missing}");
+    assert_eq!(containers_of(worker), Vec::<String>::new(), "resolving a digest runs nothing");
+
+    let mut step = spec("echo one", dir.path());
+    step.container.build_container = true;
+    let (outcome, _) = run(&docker, step, CancellationToken::new()).await;
+    assert_eq!(outcome.image_digest, digest, "the step ran in the image whose digest the key has");
+    assert_eq!(containers_of(worker).len(), 1);
+    // The build's last step in it was reused from the cache: the container goes all the same.
+    docker.end_build_container(7).await;
+    assert_eq!(containers_of(worker), Vec::<String>::new());
+    docker.end_build_container(7).await;
+}

@@ -1,7 +1,7 @@
 //! A fake executor that records its calls and checks they come in the expected order; it
 //! implements the same [`Executor`] trait as the real ones.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -22,8 +22,12 @@ struct Expected {
 
 #[derive(Default)]
 pub struct FakeExecutor {
+    /// Images it knows, with their digests.
+    images: HashMap<String, String>,
     expected: Mutex<VecDeque<Expected>>,
     calls: Mutex<Vec<StepSpec>>,
+    /// Builds whose container it was told to remove without a step.
+    pub ended_containers: Mutex<Vec<u64>>,
     violations: Mutex<Vec<String>>,
 }
 
@@ -31,6 +35,12 @@ impl FakeExecutor {
     /// Expects `command` next; answers with `stdout` and `result`.
     pub fn expect(self, command: &str, result: StepResult, stdout: &str) -> FakeExecutor {
         self.push(command, result, stdout, false)
+    }
+
+    /// Knows `image`, whose digest is `digest`.
+    pub fn with_image(mut self, image: &str, digest: &str) -> FakeExecutor {
+        self.images.insert(image.to_owned(), digest.to_owned());
+        self
     }
 
     /// Expects `command` next; runs until cancelled, then answers CANCELLED.
@@ -106,9 +116,19 @@ impl Executor for FakeExecutor {
                     _ => "exit code 1".to_owned(),
                 },
                 duration: Duration::from_millis(1),
-                image_digest: String::new(),
+                image_digest: spec.image.as_ref().and_then(|i| self.images.get(i)).cloned().unwrap_or_default(),
             }
         })
+    }
+
+    fn end_build_container(&self, build: u64) -> BoxFuture<'_, ()> {
+        self.ended_containers.lock().unwrap().push(build);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn image_digest<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<String, String>> {
+        let known = self.images.get(image).cloned().ok_or_else(|| format!("image `{image}` is unknown"));
+        Box::pin(std::future::ready(known))
     }
 }
 

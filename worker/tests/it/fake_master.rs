@@ -1,9 +1,13 @@
 //! A small in-test master speaking the real protocol (`rbb.worker.v1.Worker/Session`) on
 //! 127.0.0.1, so the worker's session can be tested without the real master. Each accepted
-//! session is handed to the test as a [`MasterSession`] it drives message by message.
+//! session is handed to the test as a [`MasterSession`] it drives message by message. The
+//! cache calls answer from a [`FakeCache`] the test fills (Lookup's answer, blobs in memory)
+//! and reads afterwards (queries, uploads).
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
@@ -24,6 +28,8 @@ const RECV_LIMIT: Duration = Duration::from_secs(15);
 
 pub struct FakeMaster {
     pub addr: SocketAddr,
+    /// What the cache calls answer, and what they received.
+    pub cache: Arc<FakeCache>,
     sessions: mpsc::UnboundedReceiver<MasterSession>,
     /// Ends every open session stream.
     kill: CancellationToken,
@@ -42,7 +48,50 @@ pub struct MasterSession {
     pub heartbeats: usize,
 }
 
+/// The fake master's step cache: answers set by the test, calls recorded for it.
+#[derive(Default)]
+pub struct FakeCache {
+    state: Mutex<CacheState>,
+}
+
+#[derive(Default)]
+pub struct CacheState {
+    /// Lookup's answer, or the status it fails with; `None`: UNIMPLEMENTED.
+    pub lookup: Option<Result<proto::CacheAnswer, Code>>,
+    /// Blobs by digest, served as they are (a wrong content is served too).
+    pub blobs: HashMap<String, Vec<u8>>,
+    /// GetBlob fails with this status for these digests.
+    pub get_errors: HashMap<String, Code>,
+    /// GetBlob never sends anything for these digests.
+    pub get_hangs: HashSet<String>,
+    /// MissingBlobs never answers.
+    pub missing_hangs: bool,
+    /// Every Lookup received.
+    pub queries: Vec<proto::CacheQuery>,
+    /// Every MissingBlobs request's digests.
+    pub asked: Vec<Vec<String>>,
+    /// Digests of every GetBlob.
+    pub fetched: Vec<String>,
+    /// Every blob uploaded and kept (digest and size were in the first message, content checked).
+    pub puts: Vec<(String, u64)>,
+    /// The `authorization` metadata of every cache call.
+    pub authorizations: Vec<String>,
+}
+
+impl FakeCache {
+    /// Reads or changes the state.
+    pub fn with<T>(&self, f: impl FnOnce(&mut CacheState) -> T) -> T {
+        f(&mut self.state.lock().unwrap())
+    }
+
+    fn called<T>(&self, request: &Request<T>) {
+        let auth = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+        self.with(|s| s.authorizations.push(auth));
+    }
+}
+
 struct Service {
+    cache: Arc<FakeCache>,
     refuse: Option<(Code, String)>,
     sessions: mpsc::UnboundedSender<MasterSession>,
     kill: CancellationToken,
@@ -78,24 +127,89 @@ impl Worker for Service {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    // The session tests lease no cacheable step; the cache calls are tested against the
-    // real master (master/tests/cache.rs).
-    async fn lookup(&self, _: Request<proto::CacheQuery>) -> Result<Response<proto::CacheAnswer>, Status> {
-        Err(Status::unimplemented("no cache in the session tests"))
+    async fn lookup(&self, request: Request<proto::CacheQuery>) -> Result<Response<proto::CacheAnswer>, Status> {
+        self.cache.called(&request);
+        let query = request.into_inner();
+        let answer = self.cache.with(|s| {
+            s.queries.push(query);
+            s.lookup.clone()
+        });
+        match answer {
+            Some(Ok(answer)) => Ok(Response::new(answer)),
+            Some(Err(code)) => Err(Status::new(code, "the fake master says no")),
+            None => Err(Status::unimplemented("no cache on this fake master")),
+        }
     }
 
-    async fn missing_blobs(&self, _: Request<proto::BlobList>) -> Result<Response<proto::BlobList>, Status> {
-        Err(Status::unimplemented("no cache in the session tests"))
+    async fn missing_blobs(&self, request: Request<proto::BlobList>) -> Result<Response<proto::BlobList>, Status> {
+        self.cache.called(&request);
+        let digests = request.into_inner().digests;
+        let (hangs, missing) = self.cache.with(|s| {
+            s.asked.push(digests.clone());
+            (s.missing_hangs, digests.into_iter().filter(|d| !s.blobs.contains_key(d)).collect())
+        });
+        if hangs {
+            std::future::pending::<()>().await;
+        }
+        Ok(Response::new(proto::BlobList { digests: missing }))
     }
 
     type GetBlobStream = Pin<Box<dyn Stream<Item = Result<proto::BlobData, Status>> + Send>>;
 
-    async fn get_blob(&self, _: Request<proto::BlobRef>) -> Result<Response<Self::GetBlobStream>, Status> {
-        Err(Status::unimplemented("no cache in the session tests"))
+    async fn get_blob(&self, request: Request<proto::BlobRef>) -> Result<Response<Self::GetBlobStream>, Status> {
+        self.cache.called(&request);
+        let digest = request.into_inner().digest;
+        let (error, hangs, blob) = self.cache.with(|s| {
+            s.fetched.push(digest.clone());
+            (s.get_errors.get(&digest).copied(), s.get_hangs.contains(&digest), s.blobs.get(&digest).cloned())
+        });
+        if let Some(code) = error {
+            return Err(Status::new(code, format!("the fake master cannot serve {digest}")));
+        }
+        if hangs {
+            return Ok(Response::new(Box::pin(futures::stream::pending())));
+        }
+        let Some(blob) = blob else {
+            return Err(Status::not_found(format!("no blob {digest}")));
+        };
+        let size = blob.len() as u64;
+        let mut chunks: Vec<Result<proto::BlobData, Status>> = blob
+            .chunks(1 << 20)
+            .map(|c| Ok(proto::BlobData { digest: String::new(), size: 0, data: c.to_vec() }))
+            .collect();
+        match chunks.first_mut() {
+            Some(Ok(first)) => {
+                first.digest = digest;
+                first.size = size;
+            }
+            _ => chunks.push(Ok(proto::BlobData { digest, size, data: Vec::new() })),
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
     }
 
-    async fn put_blob(&self, _: Request<Streaming<proto::BlobData>>) -> Result<Response<proto::BlobStored>, Status> {
-        Err(Status::unimplemented("no cache in the session tests"))
+    async fn put_blob(
+        &self,
+        request: Request<Streaming<proto::BlobData>>,
+    ) -> Result<Response<proto::BlobStored>, Status> {
+        self.cache.called(&request);
+        let mut stream = request.into_inner();
+        let Some(first) = stream.message().await? else {
+            return Err(Status::invalid_argument("an empty PutBlob"));
+        };
+        let (digest, size) = (first.digest.clone(), first.size);
+        let mut data = first.data;
+        while let Some(more) = stream.message().await? {
+            data.extend_from_slice(&more.data);
+        }
+        if data.len() as u64 != size || rbb_worker::cache::sha256_of(&data) != digest {
+            return Err(Status::data_loss(format!("{digest}: got {} bytes that do not match", data.len())));
+        }
+        let stored_bytes = data.len() as u64;
+        self.cache.with(|s| {
+            s.puts.push((digest.clone(), size));
+            s.blobs.insert(digest, data);
+        });
+        Ok(Response::new(proto::BlobStored { stored_bytes }))
     }
 }
 
@@ -116,7 +230,8 @@ impl FakeMaster {
         let (sessions_tx, sessions) = mpsc::unbounded_channel();
         let kill = CancellationToken::new();
         let stop = CancellationToken::new();
-        let service = Service { refuse, sessions: sessions_tx, kill: kill.clone() };
+        let cache = Arc::new(FakeCache::default());
+        let service = Service { cache: Arc::clone(&cache), refuse, sessions: sessions_tx, kill: kill.clone() };
         let server = tokio::spawn({
             let stop = stop.clone();
             async move {
@@ -127,7 +242,7 @@ impl FakeMaster {
                     .expect("fake master server");
             }
         });
-        FakeMaster { addr, sessions, kill, stop, server }
+        FakeMaster { addr, cache, sessions, kill, stop, server }
     }
 
     pub fn url(&self) -> String {

@@ -7,6 +7,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod binary;
+mod cache;
+mod cache_session;
 mod checkout;
 mod docker;
 mod fake_executor;

@@ -17,16 +17,16 @@ use crate::fake_executor::FakeExecutor;
 use crate::fake_master::{FakeMaster, MasterSession};
 use crate::{init_logs, make_repo, prepared_checkout, process_gone, wait_until};
 
-const TOKEN: &str = "s3cret";
+pub const TOKEN: &str = "s3cret";
 
 /// A worker running in this process until `shutdown` fires.
-struct TestWorker {
+pub struct TestWorker {
     shutdown: CancellationToken,
     handle: JoinHandle<Result<(), WorkerError>>,
 }
 
 impl TestWorker {
-    fn start(url: String, workdir: &Path, max_steps: u32, executor: Arc<dyn Executor>) -> TestWorker {
+    pub fn start(url: String, workdir: &Path, max_steps: u32, executor: Arc<dyn Executor>) -> TestWorker {
         let config = WorkerConfig {
             master: url,
             name: "w1".to_owned(),
@@ -41,12 +41,12 @@ impl TestWorker {
         TestWorker { shutdown, handle }
     }
 
-    fn native(url: String, workdir: &Path) -> TestWorker {
+    pub fn native(url: String, workdir: &Path) -> TestWorker {
         TestWorker::start(url, workdir, 1, Arc::new(rbb_worker::NativeExecutor::new()))
     }
 
     /// Shuts the worker down; it must stop cleanly and in time.
-    async fn stop(self) {
+    pub async fn stop(self) {
         self.shutdown.cancel();
         let result = tokio::time::timeout(Duration::from_secs(15), self.handle)
             .await
@@ -56,7 +56,7 @@ impl TestWorker {
     }
 }
 
-fn lease(id: u64, command: &str) -> Lease {
+pub fn lease(id: u64, command: &str) -> Lease {
     Lease {
         lease: id,
         build: 7,
@@ -75,7 +75,7 @@ fn lease(id: u64, command: &str) -> Lease {
 }
 
 /// The log of `lease` in `messages`, per stream.
-fn logs(messages: &[Msg], lease: u64) -> HashMap<LogStream, String> {
+pub fn logs(messages: &[Msg], lease: u64) -> HashMap<LogStream, String> {
     let mut logs: HashMap<LogStream, String> = HashMap::new();
     for msg in messages {
         if let Msg::Log(chunk) = msg {
@@ -99,7 +99,7 @@ async fn runs_leased_steps_with_a_checkout() {
 
     let mut session = master.next_session().await;
     let header = |key: &str| session.metadata.get(key).map(|v| v.to_str().unwrap().to_owned());
-    assert_eq!(header("rbb-protocol").as_deref(), Some("1"));
+    assert_eq!(header("rbb-protocol").as_deref(), Some(rbb_schema::proto::PROTOCOL_VERSION));
     assert_eq!(header("rbb-worker").as_deref(), Some("w1"));
     assert_eq!(header("authorization"), Some(format!("Bearer {TOKEN}")));
     let hello = session.handshake(50).await;
