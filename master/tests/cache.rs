@@ -89,6 +89,23 @@ fn build_of(m: &Master, commit: &str) -> serde_json::Value {
     m.finished(id, T)
 }
 
+/// Waits until the master sees worker `w1` connected (`true`) or gone (`false`).
+fn worker_connected(m: &Master, connected: bool) {
+    wait_for(T, &format!("w1 connected = {connected}"), || {
+        (m.get("/api/v2/workers").json()["workers"][0]["connected"] == connected).then_some(())
+    });
+}
+
+/// Replaces the running worker by a fresh one: the old session is over before any build is
+/// forced, so no lease goes to a dead worker (its build would be retried under another id).
+fn restart_worker(m: &Master, old: &mut Worker, dir: &Path, env: &[(&str, &str)]) -> Worker {
+    old.kill9();
+    worker_connected(m, false);
+    let w = Worker::start(m, "w1", "t", dir, env);
+    worker_connected(m, true);
+    w
+}
+
 fn expect(b: &serde_json::Value, want: &[(&str, &str)]) {
     let got = steps(b);
     let want: Vec<(String, String)> = want.iter().map(|(n, r)| ((*n).to_owned(), (*r).to_owned())).collect();
@@ -194,7 +211,7 @@ builders:
         let b = m.finished(m.force("app/build"), T);
         assert_eq!(b["result"], "FAILURE", "{b:#}");
         assert_eq!(step(&b, "flaky")["cache"]["state"], "miss");
-        assert_eq!(step(&b, "flaky")["cache"]["stored"], false);
+        assert!(step(&b, "flaky")["cache"].get("stored").is_none(), "a failure is not stored");
     }
     // The same key after a pipeline change that fixes it: runs (a failure was never stored).
     let fixed = commit(
@@ -229,7 +246,8 @@ fn a_lost_or_corrupt_blob_makes_the_step_run_again_and_a_restart_keeps_the_cache
     w.kill9();
     let m = Master::start_on(&f.config, &f.state, &m.grpc.clone());
     // A fresh worker directory: the worker has no local copy and must fetch every blob.
-    let _w = Worker::start(&m, "w1", "t", &f.dir.path().join("w1-second"), &[]);
+    let mut w2 = Worker::start(&m, "w1", "t", &f.dir.path().join("w1-second"), &[]);
+    worker_connected(&m, true);
     let b2 = m.finished(m.force("app/build"), T);
     expect(&b2, &[("compile", "CACHED"), ("docs", "CACHED"), ("package", "CACHED"), ("show", "SUCCESS")]);
 
@@ -238,10 +256,7 @@ fn a_lost_or_corrupt_blob_makes_the_step_run_again_and_a_restart_keeps_the_cache
     for b in blob_files(&f.state) {
         std::fs::remove_file(b).expect("remove blob");
     }
-    let _w3 = {
-        drop(_w);
-        Worker::start(&m, "w1", "t", &f.dir.path().join("w1-third"), &[])
-    };
+    let mut w3 = restart_worker(&m, &mut w2, &f.dir.path().join("w1-third"), &[]);
     let b3 = m.finished(m.force("app/build"), T);
     expect(&b3, &[("compile", "SUCCESS"), ("docs", "SUCCESS"), ("package", "SUCCESS"), ("show", "SUCCESS")]);
     assert!(log(&m, &b3, "show").contains("A1\nB1\nguide v1"));
@@ -251,8 +266,7 @@ fn a_lost_or_corrupt_blob_makes_the_step_run_again_and_a_restart_keeps_the_cache
     for b in blob_files(&f.state) {
         std::fs::write(&b, b"not zstd at all").expect("corrupt blob");
     }
-    drop(_w3);
-    let _w4 = Worker::start(&m, "w1", "t", &f.dir.path().join("w1-fourth"), &[]);
+    let _w4 = restart_worker(&m, &mut w3, &f.dir.path().join("w1-fourth"), &[]);
     let b4 = m.finished(m.force("app/build"), T);
     assert_eq!(b4["result"], "SUCCESS", "{b4:#}");
     assert_eq!(step(&b4, "compile")["result"], "SUCCESS", "a corrupt blob is a miss: {b4:#}");
@@ -286,8 +300,7 @@ builders:
     assert!(log(&m, &b1, "show").contains("hello"), "pass_env reaches the step");
     let b2 = m.finished(m.force("app/build"), T);
     assert_eq!(step(&b2, "greet")["result"], "CACHED");
-    w.kill9();
-    let _w = Worker::start(&m, "w1", "t", &f.dir.path().join("w1"), &[("GREETING", "bonjour")]);
+    let _w = restart_worker(&m, &mut w, &f.dir.path().join("w1"), &[("GREETING", "bonjour")]);
     let b3 = m.finished(m.force("app/build"), T);
     assert_eq!(step(&b3, "greet")["result"], "SUCCESS", "{b3:#}");
     assert_eq!(step(&b3, "greet")["cache"]["changed"], serde_json::json!(["pass_env.GREETING"]));

@@ -60,7 +60,9 @@ pub fn run(bin: &Path, work: &Path) -> Result<()> {
     )?;
     let c = crate::runs::start(bin, &dir)?;
 
-    println!("step cache: {STEPS}-step builder with unchanged inputs; {BIG_FILES} files of {BIG_FILE_KIB} KiB restored");
+    println!(
+        "step cache: {STEPS}-step builder with unchanged inputs; {BIG_FILES} files of {BIG_FILE_KIB} KiB restored"
+    );
     let (first_ms, first) = timed_build(&c, "app/twenty")?;
     expect_steps(&first, "SUCCESS", STEPS)?;
     let mut seconds = Vec::new();

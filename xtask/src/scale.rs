@@ -322,6 +322,7 @@ fn history_build(id: u64, change: &ChangeRecord, k: u64) -> BuildRecord {
                 log_id: ran.then_some((id - 1) * u64::from(HISTORY_STEPS) + u64::from(n) + 1),
                 log_bytes: ran.then_some(1_000 + (id * 7 + u64::from(n)) % 5_000),
                 image_digest: None,
+                cache: None,
             }
         })
         .collect();

@@ -13,7 +13,40 @@ use crate::model::{CacheSourceRecord, StepCacheRecord, now_ms};
 use rbb_schema::api::CacheState;
 use rbb_schema::proto;
 use rbb_schema::results::Outcome;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+
+/// The step cache rows a transaction writes, in the same store transaction as the results
+/// they come from.
+#[derive(Debug, Default)]
+pub(super) struct TxCache {
+    pub entries: Vec<CacheEntry>,
+    /// Entries reused, with when.
+    pub touches: Vec<(String, u64)>,
+    /// Hits and misses per builder.
+    pub counts: BTreeMap<String, (u64, u64)>,
+    /// The last successful execution of (builder, step).
+    pub last: Vec<(String, String, LastRun)>,
+}
+
+impl Tx<'_> {
+    fn cache_hit(&mut self, builder: &str, key: &str) {
+        self.cache.touches.push((key.to_owned(), now_ms()));
+        self.cache.counts.entry(builder.to_owned()).or_default().0 += 1;
+    }
+
+    fn cache_miss(&mut self, builder: &str) {
+        self.cache.counts.entry(builder.to_owned()).or_default().1 += 1;
+    }
+
+    fn cache_store(&mut self, entry: CacheEntry) {
+        self.cache.entries.push(entry);
+    }
+
+    fn cache_last(&mut self, builder: &str, step: &str, last: LastRun) {
+        self.cache.last.push((builder.to_owned(), step.to_owned(), last));
+    }
+}
 
 /// What `Lookup` answered for a lease.
 #[derive(Debug, Clone)]
@@ -76,16 +109,18 @@ impl Engine {
             platform: probe.platform.clone(),
             after: probe.after.clone(),
             salt: probe.salt.clone(),
-            epoch: self.cache_epoch(&probe.builder),
+            epoch: self.cache_epoch(&probe.builder)?,
             definition: probe.definition.clone(),
         };
         let key = manifest.key();
+        // From here until the hit is pinned on the lease, no collection may remove it.
+        let _no_gc = self.cache_gc.lock().unwrap_or_else(|p| p.into_inner());
         let mut hit = self.store.cache_entry(&key).map_err(EngineError::from)?;
         if let Some(entry) = &hit
             && let Some(missing) = entry.digests().into_iter().find(|d| !self.blobs.has(d))
         {
             tracing::warn!(key, blob = missing, "a cache entry lost a blob; it is removed and the step runs");
-            self.store.cache_remove_entry(&key).map_err(EngineError::from)?;
+            self.cache_remove_entry(&key)?;
             hit = None;
         }
         let (changed_fields, reason) = match &hit {
@@ -247,7 +282,8 @@ impl Engine {
         result
     }
 
-    /// Whether a running step is restoring the entry with this key (it must not be evicted).
+    /// Whether a running step is restoring the entry `key` (eviction must leave it): the
+    /// hit its lease was offered pins it until the step's result arrives or the lease ends.
     pub fn cache_pinned(&self, key: &str) -> bool {
         let st = self.lock();
         st.leases.values().any(|l| l.cache.as_ref().and_then(|c| c.hit.as_ref()).is_some_and(|e| e.key == key))

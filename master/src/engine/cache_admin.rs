@@ -16,11 +16,6 @@ impl Engine {
         self.cache_limit.store(bytes, Ordering::Relaxed);
     }
 
-    /// Whether a running step is restoring the entry `key` (eviction must leave it).
-    pub fn cache_pinned(&self, key: &str) -> bool {
-        self.lock().pins.get(key).is_some_and(|n| *n > 0)
-    }
-
     /// Removes unused uploads older than an hour and, when the blobs take more than the
     /// limit, the least recently used entries that are not pinned, down to 90% of it. The
     /// files of blobs no entry uses any more are removed after the store let go of them.

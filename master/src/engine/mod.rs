@@ -164,9 +164,6 @@ struct Inner {
     held: std::collections::VecDeque<(u64, Vec<Effect>)>,
     /// Set once shutdown began: no new work is accepted.
     closing: bool,
-    /// Cache entries running steps are restoring, by full key, with how many restore each:
-    /// eviction leaves them alone.
-    pins: HashMap<String, usize>,
 }
 
 /// Plans kept in memory beyond those live builds and the head use.
@@ -235,8 +232,11 @@ pub struct Engine {
     blobs: crate::cache::blobs::Blobs,
     /// `cache.max_size`, in stored bytes.
     cache_limit: std::sync::atomic::AtomicU64,
-    /// Held by the one cache collection running.
+    /// Held by the one cache collection running, and by a lookup while it checks an entry
+    /// and pins it: an entry offered as a hit is never collected under its lease.
     cache_gc: Mutex<()>,
+    /// Git ids of step inputs, read from the mirrors (the repositories stay open).
+    inputs: crate::cache::key::InputResolver,
 }
 
 /// Where build states go as commit statuses (see `forge`).
@@ -344,7 +344,6 @@ impl Engine {
             flushing: false,
             held: std::collections::VecDeque::new(),
             closing: false,
-            pins: HashMap::new(),
         };
         let ids: Vec<u64> = inner.builds.keys().copied().collect();
         for id in ids {
@@ -368,6 +367,7 @@ impl Engine {
             blobs,
             cache_limit: std::sync::atomic::AtomicU64::new(crate::cache::DEFAULT_MAX_SIZE),
             cache_gc: Mutex::new(()),
+            inputs: crate::cache::key::InputResolver::new(),
         });
         engine.recover()?;
         Ok(engine)
@@ -612,6 +612,8 @@ struct Tx<'a> {
     undo: Undo,
     /// Changes recorded by this transaction (they live only in the store).
     changes: Vec<ChangeRecord>,
+    /// Step cache rows this transaction writes (they live only in the store).
+    cache: cache::TxCache,
     effects: Vec<Effect>,
     sync: Sync,
 }
@@ -631,6 +633,7 @@ impl<'a> Tx<'a> {
             store,
             undo: Undo { counters, ..Undo::default() },
             changes: Vec::new(),
+            cache: cache::TxCache::default(),
             effects: Vec::new(),
             sync: Sync::Lazy,
         }
@@ -810,7 +813,10 @@ impl<'a> Tx<'a> {
                 .collect(),
             plans: self.undo.plans.iter().filter_map(|h| self.st.plans.get(h).map(|p| p.as_ref())).collect(),
             statuses: Vec::new(),
-            ..Batch::default()
+            cache_entries: self.cache.entries.iter().collect(),
+            cache_touches: self.cache.touches.iter().map(|(k, t)| (k.as_str(), *t)).collect(),
+            cache_counts: self.cache.counts.iter().map(|(b, (h, m))| (b.as_str(), *h, *m)).collect(),
+            cache_last: self.cache.last.iter().map(|(b, s, l)| (b.as_str(), s.as_str(), l)).collect(),
         };
         let sink = engine.statuses.read().unwrap_or_else(|p| p.into_inner());
         let mut batch = batch;

@@ -123,8 +123,10 @@ impl Engine {
             cache,
         };
         let carries_checkout = msg.checkout.is_some();
-        tx.leases_mut()
-            .insert(lease, LeaseInfo { build: id, step, worker: worker.clone(), checkout: carries_checkout, cache: None });
+        tx.leases_mut().insert(
+            lease,
+            LeaseInfo { build: id, step, worker: worker.clone(), checkout: carries_checkout, cache: None },
+        );
         tx.emit(Event::Step { build: id, step });
         tx.send(&worker, MasterMsg::Lease(msg));
         Ok(())
