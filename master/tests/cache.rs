@@ -317,3 +317,51 @@ builders:
     let b5 = m.finished(m.force("app/build"), T);
     assert_eq!(step(&b5, "greet")["result"], "CACHED", "{b5:#}");
 }
+
+#[test]
+fn a_worker_killed_mid_upload_leaves_no_entry_and_the_retry_stores_a_whole_one() {
+    let f = fixture(
+        r#"
+builders:
+  build:
+    steps:
+      - name: produce
+        run: head -c 33554432 /dev/urandom > big.bin && sha256sum big.bin
+        inputs: [src]
+        outputs: [big.bin]
+      - name: show
+        run: sha256sum big.bin
+        cache: false
+"#,
+    );
+    let m = Master::start(&f.config, &f.state);
+    let mut w = Worker::start(&m, "w1", "t", &f.dir.path().join("w1"), &[]);
+    let first = m.force("app/build");
+    // The upload is under way once the master has a temporary file for it.
+    let tmp = f.state.join("cache/tmp");
+    wait_for(T, "an upload in progress", || std::fs::read_dir(&tmp).ok().and_then(|mut d| d.next()).map(|_| ()));
+    w.kill9();
+    let lost = m.finished(first, T);
+    assert_eq!(lost["result"], "RETRY", "{lost:#}");
+    // The cut upload left nothing: no temporary file, no entry.
+    wait_for(T, "the cut upload to be discarded", || {
+        std::fs::read_dir(&tmp).ok().is_some_and(|mut d| d.next().is_none()).then_some(())
+    });
+    assert_eq!(m.get("/api/v2/cache").json()["entries"], 0);
+
+    let _w = Worker::start(&m, "w1", "t", &f.dir.path().join("w1-again"), &[]);
+    let retry = wait_for(T, "the retry", || {
+        builds(&m).iter().find(|b| b["reason"] == format!("retry of build {first}")).and_then(|b| b["id"].as_u64())
+    });
+    let b = m.finished(retry, T);
+    assert_eq!(b["result"], "SUCCESS", "{b:#}");
+    assert_eq!(step(&b, "produce")["cache"]["state"], "miss", "{b:#}");
+    assert_eq!(step(&b, "produce")["cache"]["stored"], true, "{b:#}");
+    let digest = |text: String| {
+        text.lines().find(|l| l.len() == 64 + "  big.bin".len() && l.ends_with("  big.bin")).map(|l| l[..64].to_owned())
+    };
+    let made = digest(log(&m, &b, "produce")).expect("digest printed");
+    let reused = m.finished(m.force("app/build"), T);
+    assert_eq!(step(&reused, "produce")["result"], "CACHED", "{reused:#}");
+    assert_eq!(digest(log(&m, &reused, "show")), Some(made), "the restored file is the stored one");
+}
