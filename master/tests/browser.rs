@@ -799,3 +799,52 @@ async fn the_builder_page_charts_its_last_builds() {
     screenshot(c, "pages-builder.png").await;
     c.clone().close().await.expect("close the browser");
 }
+
+/// The step cache in the UI: a reused step says where from, a step that ran says why, and
+/// the builder page counts reused steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_step_links_its_source_and_a_run_step_says_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_repo(
+        &dir.path().join("app"),
+        "builders:\n  cached:\n    labels: [linux]\n    steps:\n      - name: make\n        run: cat src/in.txt > made.txt\n        inputs: [src]\n        outputs: [made.txt]\n      - name: deploy\n        run: cat made.txt\n        cache: false\n",
+        &[("src/in.txt", "input\n")],
+    );
+    let config = write_config(dir.path(), &["app"], &[("w1", "secret", &["linux"])]);
+    let m = Master::start(&config, &dir.path().join("state"));
+    let _w = Worker::start(&m, "w1", "secret", &dir.path().join("w1"), &[]);
+    let first = m.finished(m.force("app/cached"), T);
+    assert_eq!(first["result"], "SUCCESS", "{first:#}");
+    let second = m.finished(m.force("app/cached"), T);
+    assert_eq!(second["steps"][0]["result"], "CACHED", "{second:#}");
+    let driver = Driver::start(dir.path());
+    let c = driver.browser(dir.path()).await;
+    let base = format!("http://{}", m.http);
+
+    c.goto(&format!("{base}/#/builds/{}?step=1", second["id"])).await.expect("open the second build");
+    element(&c, "#step-cache [data-cache='hit']").await;
+    let hit = text_of(&c, "#step-cache [data-cache='hit']").await;
+    assert!(hit.contains("Reused") && hit.contains(&format!("build {}", first["id"])), "{hit}");
+    element(&c, &format!("#step-cache a[href='#/builds/{}?step=1']", first["id"])).await;
+    element(&c, "#build-steps .badge.r-CACHED").await;
+    screenshot(&c, "cache-hit.png").await;
+
+    c.goto(&format!("{base}/#/builds/{}?step=1", first["id"])).await.expect("open the first build");
+    element(&c, "#step-cache [data-cache='miss']").await;
+    let miss = text_of(&c, "#step-cache [data-cache='miss']").await;
+    assert!(miss.contains("no earlier successful execution"), "{miss}");
+    c.goto(&format!("{base}/#/builds/{}?step=2", first["id"])).await.expect("open the uncached step");
+    let disabled = text_of(&c, "#step-cache [data-cache='disabled']").await;
+    assert!(disabled.contains("`cache: false`"), "{disabled}");
+
+    c.goto(&format!("{base}/#/builders/app%2Fcached")).await.expect("open the builder");
+    until_js(
+        &c,
+        T,
+        "the builder's cache figure",
+        "const e = document.querySelector('#builder-cache span'); return !!e && e.textContent.includes('1 of 2')",
+    )
+    .await;
+    assert_eq!(text_of(&c, "#builder-cache b").await, "50%");
+    c.clone().close().await.expect("close the browser");
+}

@@ -84,6 +84,7 @@ function builderPage(view, id, ctx) {
     <div class="page-head">
       <h1>${esc(id)}</h1>
       <span class="spacer"></span>
+      <button type="button" id="btn-cache-reset" title="Give this builder's steps new cache keys: each runs once again">Reset cache</button>
       <a class="button primary" id="force-link" href="#/builders/${esc(enc(id))}/force">Force build…</a>
     </div>
     <section class="panel" id="builder-trend"><h2>Last builds</h2><p class="muted">Loading…</p></section>
@@ -108,12 +109,43 @@ function builderPage(view, id, ctx) {
         <div class="trend">
           <div class="stat" id="builder-rate"><b>${pct}</b><span title="SUCCESS, WARNINGS or CACHED, of the builds not cancelled or skipped">success rate (${t.passed} of ${t.judged})</span></div>
           <div class="stat" id="builder-median"><b>${t.median == null ? '–' : esc(duration(t.median))}</b><span>median duration</span></div>
+          <div class="stat" id="builder-cache"><b>–</b><span>steps reused from the cache</span></div>
           ${chartSvg(t.done)}
         </div>`;
+      loadCache();
     } catch (e) {
       if (e.name !== 'AbortError') trendEl.innerHTML = '<h2>Last builds</h2>' + errorBox(e);
     }
   }
+
+  /** Hits and misses of the builder's cacheable steps (`GET /api/v2/cache`). */
+  async function loadCache() {
+    try {
+      const c = await get('/api/v2/cache', ctx.signal);
+      const el = trendEl.querySelector('#builder-cache');
+      if (!ctx.alive || !el) return;
+      const mine = (c.builders || []).find((b) => b.builder === id);
+      const hits = mine ? mine.hits : 0, misses = mine ? mine.misses : 0;
+      el.innerHTML = hits + misses
+        ? `<b>${Math.round((100 * hits) / (hits + misses))}%</b><span title="cacheable steps reused (hits) of all cacheable steps (hits and misses)">steps reused (${hits} of ${hits + misses})</span>`
+        : '<b>–</b><span>no cacheable step has run</span>';
+    } catch (e) {
+      if (e.name === 'AbortError') return;
+    }
+  }
+
+  view.querySelector('#btn-cache-reset').addEventListener('click', async (ev) => {
+    const btn = ev.currentTarget;
+    btn.disabled = true;
+    try {
+      const r = await post(`/api/v2/builders/${enc(id)}/cache/reset`);
+      flash(`The cache of ${id} was reset (epoch ${r && r.epoch != null ? r.epoch : '?'}): its steps run once again.`);
+    } catch (e) {
+      flash(e.message, 'error');
+    } finally {
+      btn.disabled = false;
+    }
+  });
 
   async function loadDefinition() {
     try {
