@@ -2,8 +2,9 @@
 //!
 //! `rbb compile` previews the merged plan (text, JSON, DOT) and diffs it against a saved plan
 //! or a git revision; `rbb validate` checks pipeline files on their own; `rbb schema` prints
-//! the JSON Schemas. Diagnostics go to stderr, results to stdout; the exit code is 0 when all
-//! is well, 1 when the input has errors, 2 when the command itself cannot run.
+//! the JSON Schemas; `rbb cache` shows and collects a running master's step cache through its
+//! REST API. Diagnostics go to stderr, results to stdout; the exit code is 0 when all is well,
+//! 1 when the input has errors, 2 when the command itself cannot run.
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};

@@ -1014,7 +1014,8 @@ impl Store {
     fn cache_evict_at(&self, now: u64, target: u64, pinned: impl Fn(&str) -> bool) -> Result<Evicted, StoreError> {
         let cutoff = now.saturating_sub(CACHE_ORPHAN_AGE_MS);
         let mut out = Evicted::default();
-        loop {
+        // Unused uploads past their hour; a quiet cache costs one read, not a write.
+        while self.cache_has_orphans_before(cutoff)? {
             let mut done = Evicted::default();
             let mut seen = 0;
             self.write(Sync::Durable, |txn| {
@@ -1087,6 +1088,12 @@ impl Store {
             out.add(done);
         }
         Ok(out)
+    }
+
+    fn cache_has_orphans_before(&self, cutoff: u64) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(CACHE_ORPHANS).map_err(db)?;
+        Ok(t.range(..(cutoff, "")).map_err(db)?.next().is_some())
     }
 
     /// The builder's cache epoch: part of its steps' full keys, raised by a reset.
