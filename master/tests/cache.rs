@@ -365,18 +365,3 @@ builders:
     assert_eq!(step(&reused, "produce")["result"], "CACHED", "{reused:#}");
     assert_eq!(digest(log(&m, &reused, "show")), Some(made), "the restored file is the stored one");
 }
-
-#[test]
-fn the_janitors_run_holds_the_cache_to_its_limit() {
-    let f = fixture("cache:\n  max_size: 20k\n");
-    let (old, _) = stored_entry(&f.engine, "old", &noise(16 << 10, 1), 1);
-    let (new, _) = stored_entry(&f.engine, "new", &noise(16 << 10, 2), 2);
-    let policy = rbb_master::engine::RetentionPolicy::default();
-    let report = f.engine.retention(&policy, rbb_master::model::now_ms()).expect("janitor run");
-    assert_eq!((report.cache.entries, report.cache.blobs), (1, vec![old.clone()]));
-    assert!(!f.engine.blobs().has(&old) && f.engine.blobs().has(&new));
-    // Under the limit: a run changes nothing.
-    let report = f.engine.retention(&policy, rbb_master::model::now_ms()).expect("janitor run");
-    assert!(report.cache.is_empty());
-    assert_eq!(f.engine.store().check_cache().expect("check"), None);
-}

@@ -411,3 +411,18 @@ fn rbb_cache_stats_and_gc_talk_to_a_running_master() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the master"));
 }
+
+#[test]
+fn the_janitors_run_holds_the_cache_to_its_limit() {
+    let f = fixture("cache:\n  max_size: 20k\n");
+    let (old, _) = stored_entry(&f.engine, "old", &noise(16 << 10, 1), 1);
+    let (new, _) = stored_entry(&f.engine, "new", &noise(16 << 10, 2), 2);
+    let policy = rbb_master::engine::RetentionPolicy::default();
+    let report = f.engine.retention(&policy, rbb_master::model::now_ms()).expect("janitor run");
+    assert_eq!((report.cache.entries, report.cache.blobs), (1, vec![old.clone()]));
+    assert!(!f.engine.blobs().has(&old) && f.engine.blobs().has(&new));
+    // Under the limit: a run changes nothing.
+    let report = f.engine.retention(&policy, rbb_master::model::now_ms()).expect("janitor run");
+    assert!(report.cache.is_empty());
+    assert_eq!(f.engine.store().check_cache().expect("check"), None);
+}
