@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let outputs = collect_outputs(&source, &patterns, &cancel)?;
     let collect = start.elapsed();
-    let store = BlobStore::open(&scratch.path().join("work"))?;
+    let store = BlobStore::open(&scratch.path().join("work"), u64::MAX)?;
     let start = Instant::now();
     for f in outputs.iter().filter(|f| !f.digest.is_empty()) {
         store.add_file(&source.join(&f.path), &f.digest, f.size, &cancel)?;
