@@ -1361,6 +1361,15 @@ mod tests {
     }
 
     #[test]
+    fn unusable_pass_env_names_are_unset() {
+        let names: Vec<String> = ["", "A=B", "NUL\0", "PATH"].iter().map(|n| (*n).to_owned()).collect();
+        let values = pass_env_values(&names);
+        assert_eq!(values.len(), 4);
+        assert!(values[""].is_none() && values["A=B"].is_none() && values["NUL\0"].is_none());
+        assert_eq!(values["PATH"], std::env::var_os("PATH"));
+    }
+
+    #[test]
     fn digests_are_checked() {
         assert_eq!(sha256_of(b""), "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert!(digest_hex(&sha256_of(b"x")).is_some());
