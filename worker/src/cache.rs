@@ -18,7 +18,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use globset::{GlobBuilder, GlobMatcher};
 use rbb_schema::proto::worker_client::WorkerClient;
@@ -35,6 +35,8 @@ use crate::executor::{Executor, MAX_CHUNK, Output, StepOutcome};
 
 /// The cache's directory inside the worker's work directory.
 pub const CACHE_DIR: &str = ".rbb-cache";
+/// How many bytes of blobs the local store keeps by default (as the master's `max_size`).
+pub const DEFAULT_MAX_BYTES: u64 = 10 << 30;
 /// How long the master may take to answer Lookup (the step runs without the cache after).
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the master may take to answer MissingBlobs.
@@ -428,26 +430,101 @@ fn copy_hashing(
 /// Blobs this worker fetched or uploaded, by digest: `<work dir>/.rbb-cache/blobs/<2 hex>/<64
 /// hex>`, uncompressed. Each is written to a temporary file, checked against its size and
 /// digest, then renamed into place, so a blob's name always matches its content when it was
-/// written; it is checked again whenever it is restored.
+/// written; it is checked again whenever it is restored. A blob's modification time is when
+/// it was last stored or restored: [`BlobStore::trim`] removes the oldest past the limit.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
     blobs: PathBuf,
     tmp: PathBuf,
+    /// Bytes the blobs may take before [`BlobStore::trim`] removes some.
+    limit: u64,
+    /// Bytes of the blobs, counted at open and as blobs are added (exact again after a trim).
+    bytes: Arc<AtomicU64>,
+    /// One trim at a time.
+    trimming: Arc<Mutex<()>>,
+}
+
+/// One blob in the store, for a trim.
+struct Held {
+    used: SystemTime,
+    size: u64,
+    path: PathBuf,
 }
 
 impl BlobStore {
-    /// The store of the work directory `workdir`, made if missing; temporary files an earlier
-    /// run left are removed (only one worker uses a work directory at a time).
-    pub fn open(workdir: &Path) -> Result<BlobStore, CacheError> {
+    /// The store of the work directory `workdir`, made if missing, holding at most about
+    /// `limit` bytes; temporary files an earlier run left are removed (only one worker uses a
+    /// work directory at a time).
+    pub fn open(workdir: &Path, limit: u64) -> Result<BlobStore, CacheError> {
         let root = workdir.join(CACHE_DIR);
-        let store = BlobStore { blobs: root.join("blobs"), tmp: root.join("tmp") };
+        let store = BlobStore {
+            blobs: root.join("blobs"),
+            tmp: root.join("tmp"),
+            limit,
+            bytes: Arc::new(AtomicU64::new(0)),
+            trimming: Arc::new(Mutex::new(())),
+        };
         if store.tmp.exists() {
             remove_all(&store.tmp)?;
         }
         for dir in [&store.blobs, &store.tmp] {
             fs::create_dir_all(dir).map_err(io_error("create", dir))?;
         }
+        let held: u64 = store.held()?.iter().map(|h| h.size).sum();
+        store.bytes.store(held, Ordering::Relaxed);
         Ok(store)
+    }
+
+    /// Bytes the blobs take (as counted; exact after [`BlobStore::open`] and a trim).
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Every blob in the store.
+    fn held(&self) -> Result<Vec<Held>, CacheError> {
+        let mut held = Vec::new();
+        for dir in fs::read_dir(&self.blobs).map_err(io_error("list", &self.blobs))? {
+            let dir = dir.map_err(io_error("list", &self.blobs))?.path();
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_file() {
+                    let used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                    held.push(Held { used, size: meta.len(), path: entry.path() });
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    /// When the blobs take more than the limit, removes the least recently stored or restored
+    /// ones down to 90% of it; returns how many went. A restore that needed one of them fails
+    /// and its step runs.
+    pub fn trim(&self) -> Result<usize, CacheError> {
+        if self.bytes() <= self.limit {
+            return Ok(0);
+        }
+        let _one = self.trimming.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = self.held()?;
+        held.sort_by_key(|h| h.used);
+        let mut total: u64 = held.iter().map(|h| h.size).sum();
+        let target = self.limit / 10 * 9;
+        let mut removed = 0;
+        for h in &held {
+            if total <= target {
+                break;
+            }
+            match fs::remove_file(&h.path) {
+                Ok(()) => {
+                    total -= h.size;
+                    removed += 1;
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => total -= h.size,
+                Err(source) => return Err(CacheError::Io { action: "remove", path: h.path.clone(), source }),
+            }
+        }
+        self.bytes.store(total, Ordering::Relaxed);
+        Ok(removed)
     }
 
     /// Where the blob `digest` lives (it may not be there).
@@ -494,7 +571,9 @@ impl BlobStore {
             return Err(CacheError::Changed { path: src.display().to_string() });
         }
         drop(output);
-        tmp.persist(&dest)
+        tmp.persist(&dest)?;
+        self.bytes.fetch_add(size, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Copies the blob to `dest` (a new file), checking its size and digest on the way. A blob
@@ -512,6 +591,10 @@ impl BlobStore {
                 where_: "in the worker's store",
                 reason: format!("it holds {got_size} bytes with digest {got}"),
             });
+        }
+        // Restored now: the last a trim removes.
+        if let Err(err) = input.set_modified(SystemTime::now()) {
+            debug!(path = %src.display(), %err, "cannot mark a cache blob as used");
         }
         Ok(())
     }
@@ -887,7 +970,9 @@ impl CacheClient {
         if got != size || computed != digest {
             return Err(corrupt(format!("{got} bytes with digest {computed}, expected {size} bytes")));
         }
-        tmp.persist(&dest)
+        tmp.persist(&dest)?;
+        store.bytes.fetch_add(size, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Uploads the blob `digest` of `size` bytes from `store`: the first message names the
@@ -1148,7 +1233,9 @@ impl StepCache<'_> {
                 self.store.clone(),
                 self.cancel.clone(),
             );
-            match blocking(move || restore(&checkout, &outputs, &files, &store, &cancel)).await {
+            let restored = blocking(move || restore(&checkout, &outputs, &files, &store, &cancel)).await;
+            self.trim().await;
+            match restored {
                 Err(CacheError::Corrupt { digest, .. }) if refetched.insert(digest.clone()) => {
                     warn!(%digest, "a blob in the worker's store was corrupt; fetching it again");
                     header(
@@ -1159,6 +1246,16 @@ impl StepCache<'_> {
                 }
                 result => return result,
             }
+        }
+    }
+
+    /// Keeps the local store within its limit (after this step's blobs are in place).
+    async fn trim(&self) {
+        let store = self.store.clone();
+        match blocking(move || store.trim()).await {
+            Ok(0) => {}
+            Ok(removed) => info!(removed, bytes = self.store.bytes(), "trimmed the worker's cache store"),
+            Err(err) => warn!(%err, "cannot trim the worker's cache store"),
         }
     }
 
@@ -1227,6 +1324,7 @@ impl StepCache<'_> {
             cancellable(self.cancel, self.client.put(self.store, digest, size)).await?;
             uploaded_bytes += size;
         }
+        self.trim().await;
         Ok((files, missing.len(), uploaded_bytes))
     }
 }
@@ -1260,6 +1358,15 @@ mod tests {
         assert!(g.covers("out/a.o") && g.covers("out/a.o/inner") && !g.covers("out/sub/a.o"));
         let deep = Pattern::parse("**/*.o").unwrap();
         assert!(deep.prefix.is_empty() && deep.covers("a.o") && deep.covers("x/y/a.o"));
+    }
+
+    #[test]
+    fn unusable_pass_env_names_are_unset() {
+        let names: Vec<String> = ["", "A=B", "NUL\0", "PATH"].iter().map(|n| (*n).to_owned()).collect();
+        let values = pass_env_values(&names);
+        assert_eq!(values.len(), 4);
+        assert!(values[""].is_none() && values["A=B"].is_none() && values["NUL\0"].is_none());
+        assert_eq!(values["PATH"], std::env::var_os("PATH"));
     }
 
     #[test]

@@ -39,6 +39,10 @@ struct Cli {
     /// Steps run at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     max_steps: u32,
+    /// Bytes the local copy of step cache blobs (<workdir>/.rbb-cache) may take, or with a
+    /// suffix k, m, g (powers of 1024); the least recently used are removed past it.
+    #[arg(long, default_value = "10g", value_parser = parse_size)]
+    cache_max_size: u64,
     /// Run steps that name an image in containers on the local Docker engine (its socket, or
     /// DOCKER_HOST). The `docker` label is offered only when the engine answers.
     #[arg(long, env = "RBB_WORKER_DOCKER")]
@@ -115,6 +119,7 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
         labels,
         workdir: cli.workdir,
         max_steps: cli.max_steps,
+        cache_max_bytes: cli.cache_max_size,
         guard: Some(guard.link()),
     };
     runtime.block_on(async {
@@ -139,6 +144,19 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
     })
 }
 
+/// `123`, `64k`, `512m`, `10g` (powers of 1024) as bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.chars().last().map(|c| c.to_ascii_lowercase()) {
+        Some('k') => (&text[..text.len() - 1], 10),
+        Some('m') => (&text[..text.len() - 1], 20),
+        Some('g') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size such as 500m or 10g"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
+}
+
 /// The Docker executor, after sweeping what an earlier run of this worker left; `None` (said
 /// loudly) when no engine answers, so the worker runs native steps only.
 async fn start_docker(name: &str, native: NativeExecutor) -> Option<Arc<DockerExecutor>> {
@@ -154,4 +172,20 @@ async fn start_docker(name: &str, native: NativeExecutor) -> Option<Arc<DockerEx
     }
     info!(platform = docker.platform(), "running steps with an image on the local Docker engine");
     Some(Arc::new(docker))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_size("123"), Ok(123));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("10g"), Ok(10 << 30));
+        for bad in ["", "g", "ten", "1.5g", "-1", "99999999999999999999g"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
 }

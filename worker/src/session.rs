@@ -62,6 +62,8 @@ pub struct WorkerConfig {
     pub workdir: PathBuf,
     /// Steps run at once (at least 1).
     pub max_steps: u32,
+    /// Bytes the local copy of cache blobs may take ([`crate::cache::DEFAULT_MAX_BYTES`]).
+    pub cache_max_bytes: u64,
     /// The guard that kills the processes of checkouts if the worker dies (the executor has
     /// its own for the steps' commands); `None` leaves them to the worker alone.
     pub guard: Option<Arc<GuardLink>>,
@@ -215,7 +217,7 @@ impl Connection {
             .workdir
             .canonicalize()
             .map_err(|source| WorkerError::Workdir { path: config.workdir.clone(), source })?;
-        let store = BlobStore::open(&workdir).map_err(WorkerError::Cache)?;
+        let store = BlobStore::open(&workdir, config.cache_max_bytes).map_err(WorkerError::Cache)?;
         Ok(Connection {
             endpoint,
             hello: Hello {

@@ -6,7 +6,7 @@ use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _, symlink};
 use std::path::Path;
 
 use rbb_schema::proto::OutputFile;
-use rbb_worker::cache::{BlobStore, CacheError, collect_outputs, restore, sha256_of};
+use rbb_worker::cache::{BlobStore, CacheError, DEFAULT_MAX_BYTES, collect_outputs, restore, sha256_of};
 use tokio_util::sync::CancellationToken;
 
 /// What a tree holds, by relative path: a file's mode and content, a symlink's target, a
@@ -127,7 +127,7 @@ fn setup() -> Setup {
     let b = scratch.path().join("b");
     std::fs::create_dir_all(&b).unwrap();
     build_checkout(&a);
-    let store = BlobStore::open(&scratch.path().join("work")).unwrap();
+    let store = BlobStore::open(&scratch.path().join("work"), DEFAULT_MAX_BYTES).unwrap();
     let files = collect_outputs(&a, &patterns(), &CancellationToken::new()).unwrap();
     store_all(&store, &a, &files);
     Setup { _scratch: scratch, a, b, store, files }
@@ -342,7 +342,7 @@ fn restore_never_writes_through_a_symlink() {
 #[test]
 fn the_store_refuses_a_file_that_changed() {
     let scratch = tempfile::tempdir().unwrap();
-    let store = BlobStore::open(&scratch.path().join("work")).unwrap();
+    let store = BlobStore::open(&scratch.path().join("work"), DEFAULT_MAX_BYTES).unwrap();
     write(scratch.path(), "f", b"now\n", 0o644);
     let stale = sha256_of(b"was\n");
     let result = store.add_file(&scratch.path().join("f"), &stale, 4, &CancellationToken::new());
@@ -381,4 +381,50 @@ fn a_file_in_the_way_is_refused_before_anything_is_removed() {
     let result = restore(&s.b, &patterns, &files, &s.store, &CancellationToken::new());
     assert!(matches!(&result, Err(CacheError::Refused { path, .. }) if path == "out/lib"), "{result:?}");
     assert_eq!(tree(&s.b), before, "nothing was removed");
+}
+
+#[test]
+fn the_store_keeps_the_most_recently_used_blobs_within_its_limit() {
+    let scratch = tempfile::tempdir().unwrap();
+    let work = scratch.path().join("work");
+    let store = BlobStore::open(&work, 100).unwrap();
+    let mut blobs = Vec::new();
+    for i in 0..5u8 {
+        let content = vec![b'a' + i; 30];
+        let src = scratch.path().join(format!("f{i}"));
+        std::fs::write(&src, &content).unwrap();
+        let digest = sha256_of(&content);
+        store.add_file(&src, &digest, 30, &CancellationToken::new()).unwrap();
+        // Stored on day i: blob 0 is the least recently used.
+        let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(86_400 * (u64::from(i) + 1));
+        let blob = std::fs::File::options().write(true).open(store.blob_path(&digest).unwrap()).unwrap();
+        blob.set_modified(when).unwrap();
+        blobs.push(digest);
+    }
+    assert_eq!(store.bytes(), 150);
+    assert_eq!(store.trim().unwrap(), 2, "down to 90% of the limit");
+    assert_eq!(store.bytes(), 90);
+    let kept: Vec<bool> = blobs.iter().map(|d| store.contains(d, 30)).collect();
+    assert_eq!(kept, [false, false, true, true, true]);
+
+    // Restoring blob 2 makes it the most recently used.
+    let checkout = scratch.path().join("checkout");
+    std::fs::create_dir_all(&checkout).unwrap();
+    let entry =
+        OutputFile { path: "out/c".into(), mode: 0o644, digest: blobs[2].clone(), size: 30, ..Default::default() };
+    restore(&checkout, &["out".to_owned()], &[entry], &store, &CancellationToken::new()).unwrap();
+    let src = scratch.path().join("f5");
+    std::fs::write(&src, [b'z'; 30]).unwrap();
+    let newest = sha256_of(&[b'z'; 30]);
+    store.add_file(&src, &newest, 30, &CancellationToken::new()).unwrap();
+    assert_eq!(store.bytes(), 120);
+    assert_eq!(store.trim().unwrap(), 1, "blob 3 is now the least recently used");
+    let kept: Vec<bool> = blobs.iter().map(|d| store.contains(d, 30)).collect();
+    assert_eq!(kept, [false, false, true, false, true]);
+    assert!(store.contains(&newest, 30));
+
+    // A store reopened counts what it holds; under the limit nothing goes.
+    let reopened = BlobStore::open(&work, 100).unwrap();
+    assert_eq!(reopened.bytes(), 90);
+    assert_eq!(reopened.trim().unwrap(), 0);
 }

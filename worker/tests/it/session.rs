@@ -34,6 +34,7 @@ impl TestWorker {
             labels: vec!["linux".to_owned(), "fast".to_owned()],
             workdir: workdir.to_owned(),
             max_steps,
+            cache_max_bytes: rbb_worker::cache::DEFAULT_MAX_BYTES,
             guard: None,
         };
         let shutdown = CancellationToken::new();
