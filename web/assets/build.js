@@ -52,16 +52,15 @@ function stepsHtml(b, selected) {
     </tr>`).join('');
   const chosen = b.steps.find((s) => s.number === selected);
   return `<table class="list steps"><thead><tr><th class="num">#</th><th>step</th><th>result</th><th class="num">took</th><th class="num">exit</th><th>why</th></tr></thead><tbody>${rows}</tbody></table>
-    <div id="step-cache" class="step-cache">${chosen ? cacheHtml(chosen) : ''}</div>`;
+    <div id="step-cache" class="step-cache"${chosen && chosen.cache ? '' : ' hidden'}>${chosen ? cacheHtml(chosen) : ''}</div>`;
 }
 
 /** What the step cache did for a step: reused (from where), ran (and what changed), or not cacheable (why). */
 function cacheHtml(s) {
   const c = s.cache;
+  // Nothing until the cache has something to say about the step.
+  if (!c) return '';
   const head = `<h3>Step cache · ${esc(s.name)}</h3>`;
-  if (!c) {
-    return `${head}<p class="muted" data-cache="none">${s.state === 'finished' ? 'The cache was not consulted.' : 'Not decided yet: the step has not run.'}</p>`;
-  }
   const key = c.key ? `<p class="muted">key <code title="${esc(c.key)}">${esc(c.key.slice(0, 19))}…</code></p>` : '';
   if (c.state === 'hit') {
     const f = c.from || {};
