@@ -300,8 +300,8 @@ pub async fn serve(
     });
 
     // A step's outputs list travels in one StepFinished: room for about a million files.
-    let svc = WorkerServer::new(crate::grpc::WorkerService { engine: engine.clone() })
-        .max_decoding_message_size(256 << 20);
+    let svc =
+        WorkerServer::new(crate::grpc::WorkerService { engine: engine.clone() }).max_decoding_message_size(256 << 20);
     let grpc_stop = stop.clone();
     let grpc_task = tokio::spawn(
         tonic::transport::Server::builder()

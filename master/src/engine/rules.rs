@@ -463,4 +463,79 @@ mod tests {
         let Needs::Failed(why) = needs(&b, |_| Some(&dep)) else { panic!("must fail") };
         assert!(why.contains("needed build 1 (app/test) ended FAILURE"), "{why}");
     }
+
+    fn spec(inputs: &[&str], cache: bool) -> rbb_schema::plan::PlanStep {
+        rbb_schema::plan::PlanStep {
+            name: "s".into(),
+            run: "true".into(),
+            env: Default::default(),
+            pass_env: vec![],
+            workdir: None,
+            timeout_secs: 60,
+            halt_on_failure: true,
+            flunk_on_failure: true,
+            warn_on_failure: false,
+            always_run: false,
+            condition: None,
+            image: None,
+            memory_bytes: None,
+            cpus_milli: None,
+            network: None,
+            user: None,
+            inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
+            outputs: vec![],
+            cache,
+            key: "sha256:static".into(),
+        }
+    }
+
+    fn ran(s: &mut StepRecord, result: Outcome, key: Option<&str>) {
+        s.state = State::Finished;
+        s.result = Some(result);
+        s.cache = Some(match key {
+            Some(k) => crate::model::StepCacheRecord {
+                state: rbb_schema::api::CacheState::Miss,
+                key: Some(k.into()),
+                reason: None,
+                changed: vec![],
+                from: None,
+                stored: true,
+            },
+            None => crate::model::StepCacheRecord::disabled("no `inputs:` declared"),
+        });
+    }
+
+    #[test]
+    fn a_step_is_cacheable_only_after_steps_that_passed_with_a_key() {
+        let mut b = build(1, 4);
+        assert_eq!(cache_eligible(&b, &spec(&[], true), 0), Err("no `inputs:` declared".into()));
+        assert_eq!(cache_eligible(&b, &spec(&["src"], false), 0), Err("`cache: false`".into()));
+        assert_eq!(cache_eligible(&b, &spec(&["src"], true), 0), Ok(()));
+        ran(&mut b.steps[0], Outcome::Success, Some("sha256:k0"));
+        skip_step(&mut b.steps[1], "`if: false`".into(), 1);
+        // A skipped step changes nothing: the key chains from the last step that ran.
+        assert_eq!(cache_eligible(&b, &spec(&["src"], true), 2), Ok(()));
+        assert_eq!(previous_key(&b, 2).as_deref(), Some("sha256:k0"));
+        ran(&mut b.steps[2], Outcome::Success, None);
+        assert_eq!(cache_eligible(&b, &spec(&["src"], true), 3), Err("an earlier step, `s2`, is not cacheable".into()));
+        ran(&mut b.steps[2], Outcome::Failure, Some("sha256:k2"));
+        assert_eq!(cache_eligible(&b, &spec(&["src"], true), 3), Err("an earlier step, `s2`, did not pass".into()));
+        ran(&mut b.steps[2], Outcome::Cached, Some("sha256:k2"));
+        assert_eq!(cache_eligible(&b, &spec(&["src"], true), 3), Ok(()));
+        assert_eq!(previous_key(&b, 3).as_deref(), Some("sha256:k2"));
+    }
+
+    #[test]
+    fn a_build_whose_every_step_was_reused_is_cached() {
+        let mut b = build(1, 3);
+        for i in 0..2 {
+            finish_step(&mut b, i, &report(Outcome::Cached), StepFlags::default(), 1);
+        }
+        skip_step(&mut b.steps[2], "`if: false`".into(), 1);
+        assert_eq!(close_build(&mut b, 2), Outcome::Cached);
+        let mut b = build(2, 2);
+        finish_step(&mut b, 0, &report(Outcome::Cached), StepFlags::default(), 1);
+        finish_step(&mut b, 1, &report(Outcome::Success), StepFlags::default(), 1);
+        assert_eq!(close_build(&mut b, 2), Outcome::Success);
+    }
 }
