@@ -7,7 +7,8 @@
 //! The static key covers what the compiler knows: the rendered command, its environment,
 //! working directory, image, declared inputs and outputs, the key of the step before it in
 //! the builder and the keys of the builders it needs. At run time the master adds the git
-//! tree ids of the inputs, the env allow-list's values, the image digest and the platform.
+//! tree ids of the inputs, the env allow-list's values, the image digest and the platform
+//! (`master/src/cache/key.rs`), and keeps this document to say what changed.
 
 use rbb_schema::plan::{Plan, PlanBuilder, PlanStep};
 use serde_json::Value;

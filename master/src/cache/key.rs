@@ -29,6 +29,8 @@ const DEFAULT_OPEN_REPOS: usize = 8;
 const MAX_OPEN_REPOS_PER_THREAD: usize = 64;
 /// Bytes of decoded objects each open repository keeps.
 const OBJECT_CACHE_BYTES: usize = 8 << 20;
+/// Compiled globs a resolver keeps (all threads together); more empty the cache.
+const MAX_GLOBS: usize = 4096;
 /// Matched paths a `changed` line names before it says how many more there are.
 const NAMED_PATHS: usize = 5;
 
@@ -319,6 +321,31 @@ pub struct InputResolver {
     id: u64,
     capacity: usize,
     opened: AtomicU64,
+    globs: GlobCache,
+}
+
+/// Compiled glob matchers by glob text: compiling one costs more than walking a few trees.
+#[derive(Debug, Default)]
+struct GlobCache(std::sync::Mutex<HashMap<String, globset::GlobMatcher>>);
+
+impl GlobCache {
+    fn matcher(&self, pattern: &str, glob: &str) -> Result<globset::GlobMatcher, KeyError> {
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(m) = map.get(glob) {
+            return Ok(m.clone());
+        }
+        let m = globset::GlobBuilder::new(glob)
+            .literal_separator(true)
+            .backslash_escape(true)
+            .build()
+            .map(|g| g.compile_matcher())
+            .map_err(|source| KeyError::Glob { pattern: pattern.to_owned(), source })?;
+        if map.len() >= MAX_GLOBS {
+            map.clear();
+        }
+        map.insert(glob.to_owned(), m.clone());
+        Ok(m)
+    }
 }
 
 struct OpenRepo {
@@ -353,6 +380,7 @@ impl InputResolver {
             id: RESOLVER_IDS.fetch_add(1, Ordering::Relaxed),
             capacity: capacity.max(1),
             opened: AtomicU64::new(0),
+            globs: GlobCache::default(),
         }
     }
 
@@ -366,7 +394,7 @@ impl InputResolver {
     pub fn resolve(&self, git_dir: &Path, commit: &str, patterns: &[String]) -> Result<Vec<Input>, KeyError> {
         let normalised = patterns.iter().map(|p| normalise(p)).collect::<Result<Vec<_>, _>>()?;
         let repo = self.take(git_dir)?;
-        let result = resolve_in(&repo, git_dir, commit, patterns, &normalised);
+        let result = resolve_in(&repo, &self.globs, git_dir, commit, patterns, &normalised);
         self.give_back(git_dir, repo);
         result
     }
@@ -493,6 +521,7 @@ fn mode(kind: EntryKind) -> String {
 
 fn resolve_in(
     repo: &gix::Repository,
+    globs: &GlobCache,
     git_dir: &Path,
     commit: &str,
     patterns: &[String],
@@ -513,7 +542,7 @@ fn resolve_in(
             Pattern::Glob(glob) => Input::Glob {
                 pattern: pattern.clone(),
                 glob: normal.clone(),
-                matches: glob_matches(&mut trees, root, pattern, normal, glob)?,
+                matches: glob_matches(&mut trees, globs, root, pattern, normal, glob)?,
             },
         };
         out.push(input);
@@ -533,33 +562,25 @@ fn commit_tree(repo: &gix::Repository, git_dir: &Path, commit: &str) -> Result<O
     commit_obj.tree_id().map(|t| t.detach()).map_err(|e| err(e.to_string()))
 }
 
-fn glob_matcher(pattern: &str, glob: &str) -> Result<globset::GlobMatcher, KeyError> {
-    globset::GlobBuilder::new(glob)
-        .literal_separator(true)
-        .backslash_escape(true)
-        .build()
-        .map(|g| g.compile_matcher())
-        .map_err(|source| KeyError::Glob { pattern: pattern.to_owned(), source })
-}
-
 /// Every entry under the glob's literal prefix that the glob matches, sorted by path. `*`,
 /// `?` and `[..]` stay within one path component, `**` crosses them. Without `**` or `{..}`
 /// the walk descends only as deep as the glob has components, and only into directories
 /// whose names match the glob's component at that depth.
 fn glob_matches(
     trees: &mut Trees,
+    globs: &GlobCache,
     root: ObjectId,
     pattern: &str,
     normal: &str,
     glob: &Glob,
 ) -> Result<Vec<Match>, KeyError> {
-    let whole = glob_matcher(pattern, normal)?;
+    let whole = globs.matcher(pattern, normal)?;
     let Some((EntryKind::Tree, start)) = trees.lookup(root, &glob.prefix)? else {
         return Ok(Vec::new());
     };
     let bounded = !glob.rest.iter().any(|c| c.contains("**") || c.contains(['{', '}']));
     let levels: Option<Vec<globset::GlobMatcher>> = if bounded {
-        Some(glob.rest.iter().map(|c| glob_matcher(pattern, c)).collect::<Result<_, _>>()?)
+        Some(glob.rest.iter().map(|c| globs.matcher(pattern, c)).collect::<Result<_, _>>()?)
     } else {
         None
     };
