@@ -167,22 +167,17 @@ impl Engine {
         super::rules::cache_eligible(b, spec, l.step).map_err(|_| LookupError::NotCacheable(lease))?;
         let repo = self.repos.get(&b.repo).ok_or(LookupError::NotCacheable(lease))?;
         let platform = st.workers.get(worker).and_then(|w| w.platform.clone()).unwrap_or_default();
-        let after_static = l.step.checked_sub(1).and_then(|i| pb.steps.get(i as usize)).map(|s| s.key.as_str());
-        let mut needs: Vec<String> = pb
-            .needs
-            .iter()
-            .filter_map(|n| plan.builder(n))
-            .filter_map(|u| u.steps.last().map(|s| s.key.clone()))
-            .collect();
-        needs.sort();
-        needs.dedup();
+        let definition = rbb_compiler::cache_key::plan_step_document(pb, l.step as usize, |id| {
+            plan.builder(id).and_then(|u| u.steps.last()).map(|s| s.key.as_str())
+        })
+        .unwrap_or_default();
         Ok(Probe {
             git_dir: repo.git_dir.clone(),
             commit: b.commit.clone(),
             builder: b.builder.clone(),
             step_name: spec.name.clone(),
             static_key: spec.key.clone(),
-            definition: rbb_compiler::cache_key::step_key_document(spec, after_static, &needs),
+            definition,
             inputs: spec.inputs.clone(),
             pass_env: spec.pass_env.clone(),
             platform,
