@@ -254,3 +254,41 @@ fn a_worker_without_an_engine_offers_no_docker_label() {
 unsafe extern "C" {
     safe fn getuid() -> u32;
 }
+
+/// The step cache with images: container steps (in the build's container and in one of their
+/// own) are reused with their outputs; the worker reports the image's digest for the key.
+#[test]
+fn container_steps_are_reused_with_their_outputs() {
+    let s = setup(
+        "dock-cache",
+        r#"
+builders:
+  box:
+    image: rbb-test/busybox:1
+    steps:
+      - name: make
+        run: mkdir -p out && cat README.md > out/made.txt
+        inputs: [README.md]
+        outputs: [out/made.txt]
+      - name: other-image
+        image: rbb-test/service:1
+        run: mkdir -p out && echo other > out/other.txt
+        inputs: [README.md]
+        outputs: [out/other.txt]
+      - name: show
+        run: cat out/made.txt out/other.txt
+        cache: false
+"#,
+    );
+    let m = &s.master;
+    let first = m.finished(m.force("app/box"), T);
+    assert_eq!(first["result"], "SUCCESS", "{first:#}");
+    let digest = step(&first, "make")["image_digest"].as_str().expect("image digest").to_owned();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    let second = m.finished(m.force("app/box"), T);
+    assert_eq!(step(&second, "make")["result"], "CACHED", "{second:#}");
+    assert_eq!(step(&second, "other-image")["result"], "CACHED", "{second:#}");
+    let shown = log_of(m, &second, "show");
+    assert!(shown.contains("the app readme\nother"), "restored outputs: {shown}");
+    no_leftovers(&s);
+}
