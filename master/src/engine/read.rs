@@ -156,6 +156,30 @@ impl Engine {
         Some((rec, path, open.is_some()))
     }
 
+    /// Log `id`'s size and its stream runs overlapping bytes `[from, to)` (see
+    /// [`crate::logs::LogFiles::runs`]), read from its sidecar alone: a compressed log is not
+    /// decompressed for it. `None`: no such log.
+    pub fn log_runs(
+        &self,
+        id: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<(LogRecord, Vec<crate::logs::Run>)>, EngineError> {
+        let live = self.lock().logs.get(&id).cloned();
+        let mut rec = match live {
+            Some(l) => l,
+            None => match self.store.log(id)? {
+                Some(l) => l,
+                None => return Ok(None),
+            },
+        };
+        if let Some(len) = self.logs.len(id) {
+            rec.bytes = len;
+        }
+        let runs = self.logs.runs(&rec.file, from, to)?;
+        Ok(Some((rec, runs)))
+    }
+
     pub fn workers(&self) -> Vec<api::Worker> {
         let st = self.lock();
         st.workers
