@@ -21,13 +21,15 @@ const ESCAPES = /\x1b\[([0-9;?]*)([@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[
 const CUT = /\x1b(?:\[[0-9;?]*|\][^\x07\x1b]*)?$/;
 
 /**
- * The stream runs (`[{offset, stream}]`) of bytes `[start, end)` of log `id`; null when they
- * cannot be read (the lines then stay unmarked).
+ * The stream runs of bytes `[start, end)` (`end` null: to the end) of log `id`, asked at the
+ * same time as the bytes themselves: `{ runs: [{offset, stream}], bytes }`, where `bytes` is
+ * how far the runs are known (a live log may have grown since). Null when they cannot be read
+ * (the lines then stay unmarked).
  */
 async function streamRuns(id, start, end, signal) {
-  if (end <= start) return null;
+  const limit = end == null ? '' : `&limit=${Math.max(0, end - start)}`;
   try {
-    return (await get(`/api/v2/logs/${id}/streams?offset=${start}&limit=${end - start}`, signal)).runs;
+    return await get(`/api/v2/logs/${id}/streams?offset=${start}${limit}`, signal);
   } catch (e) {
     if (e.name === 'AbortError') throw e;
     return null;
@@ -38,21 +40,23 @@ async function streamRuns(id, start, end, signal) {
  * What marks the lines of a window: where each newline-separated piece of `bytes` (from
  * index `from`, the window at log offset `base`) starts and ends, and the stream runs.
  */
-function streamMarks(bytes, from, base, runs) {
-  if (!runs || !runs.length) return null;
+function streamMarks(bytes, from, base, streams) {
+  if (!streams || !streams.runs || !streams.runs.length) return null;
   const starts = [base + from];
   for (let i = bytes.indexOf(10, from); i >= 0; i = bytes.indexOf(10, i + 1)) starts.push(base + i + 1);
-  return { starts, end: base + bytes.length, runs };
+  return { starts, end: base + bytes.length, runs: streams.runs, known: streams.bytes };
 }
 
 /**
  * A function of a byte range `[a, b)` (asked in increasing order) saying how its line is
  * marked: 'stderr' when any of it came from stderr, 'header' when all of it is the worker's
- * header, else ''.
+ * header, else '' (also for bytes past `known`, whose stream was not known yet).
  */
-function streamMarker(runs) {
+function streamMarker(runs, known) {
   let k = 0;
   return (a, b) => {
+    if (a >= known) return '';
+    b = Math.min(b, known);
     while (k + 1 < runs.length && runs[k + 1].offset <= a) k++;
     let err = false, hdr = true;
     for (let j = k; j < runs.length && (j === k || runs[j].offset < b); j++) {
@@ -310,8 +314,10 @@ export class LogView {
   async load(start) {
     const id = this.id;
     try {
-      const r = await logRange(id, start, start + PAGE, this.ctx.signal);
-      const runs = await streamRuns(id, r.start, r.end, this.ctx.signal);
+      const [r, runs] = await Promise.all([
+        logRange(id, start, start + PAGE, this.ctx.signal),
+        streamRuns(id, start, start + PAGE, this.ctx.signal),
+      ]);
       if (id !== this.id) return;
       this.size = Math.max(this.size, r.size);
       this.replace(r, runs);
@@ -327,8 +333,12 @@ export class LogView {
     const id = this.id;
     if (id == null) return;
     try {
-      const r = await logTail(id, PAGE, this.ctx.signal);
-      const runs = await streamRuns(id, r.start, r.end, this.ctx.signal);
+      // The tail starts at or after the last page of the size known now: its runs are among
+      // those from there on.
+      const [r, runs] = await Promise.all([
+        logTail(id, PAGE, this.ctx.signal),
+        streamRuns(id, Math.max(0, this.size - PAGE), null, this.ctx.signal),
+      ]);
       if (id !== this.id) return;
       this.size = Math.max(this.size, r.size);
       this.replace(r, runs);
@@ -353,8 +363,10 @@ export class LogView {
         this.again = false;
         // Far behind (a burst of output): jump to the tail instead of reading it all.
         if (this.size - this.end > KEEP) { this.busy = false; await this.loadTail(); return; }
-        const r = await logRange(id, this.end, this.end + PAGE, this.ctx.signal);
-        const runs = r.bytes.length ? await streamRuns(id, r.start, r.end, this.ctx.signal) : null;
+        const [r, runs] = await Promise.all([
+          logRange(id, this.end, this.end + PAGE, this.ctx.signal),
+          streamRuns(id, this.end, this.end + PAGE, this.ctx.signal),
+        ]);
         if (id !== this.id || !this.follow) return;
         this.size = Math.max(this.size, r.size);
         if (!r.bytes.length) break; // nothing new on disk yet: the next event or poll asks again
@@ -388,7 +400,7 @@ export class LogView {
 
   /**
    * Replaces the text shown with the window `r` (a `logRange`/`logTail` answer), its lines
-   * marked by the stream runs `runs` of its bytes (null: unmarked).
+   * marked by the stream runs `runs` of its bytes (a `streamRuns` answer; null: unmarked).
    */
   replace(r, runs = null) {
     this.clear(this.lineAt.get(r.start) ?? null);
@@ -415,7 +427,7 @@ export class LogView {
     if (cut) text = text.slice(0, text.length - cut[0].length);
     const parts = text.split('\n');
     // An escape sequence holding a newline (rare) leaves pieces and bytes unaligned: no marks.
-    const mark = marks && marks.starts.length === parts.length ? streamMarker(marks.runs) : null;
+    const mark = marks && marks.starts.length === parts.length ? streamMarker(marks.runs, marks.known) : null;
     const html = [];
     for (let i = 0; i < parts.length; i++) {
       const last = i === parts.length - 1;
