@@ -164,6 +164,14 @@ pub fn endpoints() -> Vec<Endpoint> {
             .answers(200, Text)
             .answers(206, Text)
             .errors(&[400, 404]),
+        ep(
+            "get",
+            "/api/v2/logs/{id}/streams",
+            "Which stream (stdout, stderr, header) a log's bytes came from: the runs overlapping ?offset=&limit=",
+            get(log_streams),
+        )
+        .answers(200, Json("LogStreams"))
+        .errors(&[400, 404]),
         ep("get", "/api/v2/plan", "The compiled plan (the central DAG)", get(plan)).answers(200, Json("Plan")),
         ep("get", "/api/v2/grid", "Builders × recent commits with the newest build of each, in one request", get(grid))
             .answers(200, Json("Grid"))
@@ -536,6 +544,29 @@ async fn log_meta(State(e): State<Arc<Engine>>, Path(id): Path<String>) -> ApiRe
         "id": rec.id, "build": rec.build, "step": rec.step, "bytes": rec.bytes, "complete": !live,
         "expired": rec.expired,
     })))
+}
+
+/// `GET /api/v2/logs/{id}/streams?offset=&limit=`: the stream runs overlapping bytes
+/// `[offset, offset + limit)` (to the end without `limit`), each `{offset, stream}` and
+/// lasting until the next; the first may start before `offset`. Only the sidecar records of
+/// that range are read, so a page of a huge log costs its own runs.
+async fn log_streams(
+    State(e): State<Arc<Engine>>,
+    Path(id): Path<String>,
+    q: Result<Query<RangeQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    if q.offset.max(q.limit).is_some_and(|n| n > crate::query::MAX_OFFSET) {
+        return Err(ApiError::bad_request(format!("offset and limit may be at most {}", crate::query::MAX_OFFSET)));
+    }
+    let id = parse_id(&id, "log")?;
+    let from = q.offset.unwrap_or(0);
+    let to = q.limit.map_or(u64::MAX, |l| from.saturating_add(l));
+    let (rec, runs) =
+        blocking(move || e.log_runs(id, from, to)).await?.ok_or_else(|| ApiError::not_found(format!("no log {id}")))?;
+    let runs: Vec<serde_json::Value> =
+        runs.iter().map(|r| serde_json::json!({ "offset": r.offset, "stream": r.stream.name() })).collect();
+    Ok(Json(serde_json::json!({ "id": rec.id, "bytes": rec.bytes, "runs": runs })))
 }
 
 #[derive(Deserialize)]

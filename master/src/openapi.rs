@@ -47,6 +47,29 @@ fn components() -> Map<String, Value> {
         }),
     );
     defs.insert(
+        "LogStreams".into(),
+        json!({
+            "type": "object",
+            "required": ["id", "bytes", "runs"],
+            "properties": {
+                "id": { "type": "integer", "minimum": 0 },
+                "bytes": { "type": "integer", "minimum": 0, "description": "the log's size now" },
+                "runs": {
+                    "type": "array",
+                    "description": "runs overlapping the range asked, in order; each lasts until the next (the last, until the end of the log); the first may start before `offset`",
+                    "items": {
+                        "type": "object",
+                        "required": ["offset", "stream"],
+                        "properties": {
+                            "offset": { "type": "integer", "minimum": 0 },
+                            "stream": { "enum": ["stdout", "stderr", "header"] }
+                        }
+                    }
+                }
+            }
+        }),
+    );
+    defs.insert(
         "BuilderPage".into(),
         json!({
             "type": "object",

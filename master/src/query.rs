@@ -237,6 +237,16 @@ impl ListQuery {
             .map(|f| (f.field.as_str(), f.value.as_str()))
     }
 
+    /// This query without its `field=value` filter (what is left to check once an index
+    /// answered it).
+    pub fn without_eq(&self, field: &str, value: &str) -> ListQuery {
+        let mut q = self.clone();
+        if let Some(i) = q.filters.iter().position(|f| f.op == Op::Eq && f.field == field && f.value == value) {
+            q.filters.remove(i);
+        }
+        q
+    }
+
     /// How many filters there are.
     pub fn filter_count(&self) -> usize {
         self.filters.len()

@@ -478,6 +478,73 @@ impl Store {
         self.scan((BUILDS, BUILD_IDX, "builds"), index, newest_first, f)
     }
 
+    /// The index keys of `field` whose value starts with `prefix`, with their counts (those
+    /// counting at least one build): one range scan of the maintained counts.
+    pub fn index_keys_under(&self, field: &str, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let start = index_key(field, prefix);
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(COUNTS).map_err(db)?;
+        let mut out = Vec::new();
+        for row in t.range(start.as_str()..).map_err(db)? {
+            let (k, v) = row.map_err(db)?;
+            let key = k.value();
+            if !key.starts_with(&start) {
+                break;
+            }
+            if v.value() > 0 {
+                out.push((key.to_owned(), v.value()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Builds under any of several index keys, newest first (or oldest first), handed to
+    /// `f` until it returns false: one range scan per key, merged in id order (a build under
+    /// two of the keys comes once).
+    pub fn scan_builds_any(
+        &self,
+        keys: &[String],
+        newest_first: bool,
+        mut f: impl FnMut(BuildRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        type Ids<'a> = Box<dyn Iterator<Item = Result<u64, StoreError>> + 'a>;
+        type Row<'a> =
+            Result<(redb::AccessGuard<'a, (&'static str, u64)>, redb::AccessGuard<'a, ()>), redb::StorageError>;
+        let txn = self.db.begin_read().map_err(db)?;
+        let t = txn.open_table(BUILDS).map_err(db)?;
+        let ix = txn.open_table(BUILD_IDX).map_err(db)?;
+        let mut ranges: Vec<Ids<'_>> = Vec::with_capacity(keys.len());
+        for key in keys {
+            let range = ix.range((key.as_str(), 0)..=(key.as_str(), u64::MAX)).map_err(db)?;
+            let ids = |row: Row<'_>| row.map(|(k, _)| k.value().1).map_err(db);
+            ranges.push(if newest_first { Box::new(range.rev().map(ids)) } else { Box::new(range.map(ids)) });
+        }
+        let mut heads: Vec<Option<u64>> = Vec::with_capacity(ranges.len());
+        for r in &mut ranges {
+            heads.push(r.next().transpose()?);
+        }
+        let mut last = None;
+        loop {
+            let next = heads.iter().flatten().copied();
+            let next = if newest_first { next.max() } else { next.min() };
+            let Some(id) = next else { return Ok(()) };
+            for (head, range) in heads.iter_mut().zip(&mut ranges) {
+                if *head == Some(id) {
+                    *head = range.next().transpose()?;
+                }
+            }
+            if last == Some(id) {
+                continue;
+            }
+            last = Some(id);
+            if let Some(v) = t.get(id).map_err(db)?
+                && !f(decode("builds", id, v.value())?)
+            {
+                return Ok(());
+            }
+        }
+    }
+
     /// Like [`Store::scan_builds`], reading only each build's head (no steps).
     pub fn scan_build_heads(
         &self,

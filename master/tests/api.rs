@@ -511,3 +511,124 @@ fn events_have_ids_and_resume_after_last_event_id() {
         }
     });
 }
+
+/// `builder=` a matrix builder's base name lists the builds of every combination, by the
+/// builder index, in id order with paging and a right total; an exact id keeps meaning one.
+#[test]
+fn a_matrix_builder_base_name_filters_every_combination() {
+    let a = api_with(
+        "builders:\n  test:\n    matrix: { os: [linux, mac] }\n    steps: [{ run: make test }]\n  test2:\n    steps: [{ run: make }]\n  lint:\n    steps: [{ run: make lint }]\n",
+    );
+    rt().block_on(async {
+        let mut forced = Vec::new();
+        for builder in ["app%2Ftest", "app%2Flint", "app%2Ftest%5Bos%3Dmac%5D", "app%2Ftest2", "app%2Ftest"] {
+            let (s, r) = call(&a, "POST", &format!("/api/v2/builders/{builder}/force"), Some("tok"), None).await;
+            assert_eq!(s, StatusCode::CREATED, "{r}");
+            forced.push(
+                r["builds"].as_array().expect("builds").iter().map(|b| b.as_u64().expect("id")).collect::<Vec<_>>(),
+            );
+        }
+        // The combinations' builds: both of each base-name force, and the one of `os=mac`.
+        let mut want: Vec<u64> = [&forced[0], &forced[2], &forced[4]].into_iter().flatten().copied().collect();
+        want.sort_unstable_by(|x, y| y.cmp(x));
+        assert_eq!(want.len(), 5);
+        let ids = |r: &serde_json::Value| -> Vec<u64> {
+            r["builds"].as_array().expect("builds").iter().map(|b| b["id"].as_u64().expect("id")).collect()
+        };
+        let (s, r) = call(&a, "GET", "/api/v2/builds?builder=app/test", None, None).await;
+        assert_eq!(s, StatusCode::OK, "{r}");
+        assert_eq!((ids(&r), r["meta"]["total"].as_u64()), (want.clone(), Some(5)), "{r}");
+        for b in r["builds"].as_array().expect("builds") {
+            assert!(b["builder"].as_str().expect("builder").starts_with("app/test[os="), "{b}");
+        }
+        // Pages, both orders; a page boundary between combinations.
+        let (_, r) = call(&a, "GET", "/api/v2/builds?builder=app/test&limit=2&offset=1", None, None).await;
+        assert_eq!((ids(&r), r["meta"]["total"].as_u64()), (want[1..3].to_vec(), Some(5)), "{r}");
+        let (_, r) = call(&a, "GET", "/api/v2/builds?builder__eq=app/test&order=id&limit=3&offset=3", None, None).await;
+        let oldest: Vec<u64> = want.iter().rev().copied().collect();
+        assert_eq!((ids(&r), r["meta"]["total"].as_u64()), (oldest[3..].to_vec(), Some(5)), "{r}");
+        // Another order sorts the combinations' builds.
+        let (_, r) =
+            call(&a, "GET", "/api/v2/builds?builder=app/test&order=-submitted_at,-id&limit=2", None, None).await;
+        assert_eq!((ids(&r), r["meta"]["total"].as_u64()), (want[..2].to_vec(), Some(5)), "{r}");
+        // With another filter the total counts what passes both.
+        let mac = "app%2Ftest%5Bos%3Dmac%5D";
+        let (_, r) =
+            call(&a, "GET", "/api/v2/builds?builder=app/test&builder__ne=app/test[os=linux]&limit=1", None, None).await;
+        assert_eq!(r["meta"]["total"].as_u64(), Some(3), "{r}");
+        assert_eq!(r["builds"][0]["builder"], "app/test[os=mac]", "{r}");
+        let (_, r) = call(&a, "GET", "/api/v2/builds?repo=app&builder=app/test&offset=4", None, None).await;
+        assert_eq!((ids(&r), r["meta"]["total"].as_u64()), (want[4..].to_vec(), Some(5)), "{r}");
+        // An exact id is one combination; a plain builder whose name starts alike is itself;
+        // a name that is neither lists nothing.
+        let (_, r) = call(&a, "GET", &format!("/api/v2/builds?builder={mac}"), None, None).await;
+        assert_eq!(r["meta"]["total"].as_u64(), Some(3), "{r}");
+        let (_, r) = call(&a, "GET", "/api/v2/builds?builder=app/test2", None, None).await;
+        assert_eq!((ids(&r), r["meta"]["total"].as_u64()), (forced[3].clone(), Some(1)), "{r}");
+        let (s, r) = call(&a, "GET", "/api/v2/builds?builder=app/tes", None, None).await;
+        assert_eq!((s, r["meta"]["total"].as_u64()), (StatusCode::OK, Some(0)), "{r}");
+    });
+}
+
+/// Which stream each byte came from, on a real log written by a real worker: runs overlapping
+/// a page (a boundary inside a run gets the whole run's start), and a log written before
+/// streams were kept (no sidecar) reads as all stdout.
+#[test]
+fn log_streams_tell_stderr_from_stdout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_repo(
+        &dir.path().join("app"),
+        "builders:\n  out:\n    labels: [linux]\n    steps: [{ name: print, run: 'echo to-stdout; echo to-stderr-0123456789 >&2' }]\n",
+        &[],
+    );
+    let config = write_config(dir.path(), &["app"], &[("w1", "t1", &["linux"])]);
+    let state = dir.path().join("state");
+    let m = Master::start(&config, &state);
+    let _w = Worker::start(&m, "w1", "t1", &dir.path().join("w1"), &[]);
+    let id = m.force("app/out");
+    let b = m.finished(id, Duration::from_secs(60));
+    let log = b["steps"][0]["log_id"].as_u64().expect("log id");
+    let full = m.get(&format!("/api/v2/logs/{log}/raw")).body;
+    let text = String::from_utf8_lossy(&full).into_owned();
+    let at = |needle: &str| text.find(needle).unwrap_or_else(|| panic!("no `{needle}` in the log:\n{text}")) as u64;
+    // (The header's command line holds both words too: the output lines start a line.)
+    let (out, err) = (at("\nto-stdout\n") + 1, at("\nto-stderr-") + 1);
+    let runs = |q: &str| {
+        let r = m.get(&format!("/api/v2/logs/{log}/streams{q}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let j = r.json();
+        assert_eq!(j["bytes"].as_u64(), Some(full.len() as u64), "{j}");
+        j["runs"]
+            .as_array()
+            .expect("runs")
+            .iter()
+            .map(|r| (r["offset"].as_u64().expect("offset"), r["stream"].as_str().expect("stream").to_owned()))
+            .collect::<Vec<_>>()
+    };
+    let stream_at = |runs: &[(u64, String)], byte: u64| {
+        runs.iter().rev().find(|(o, _)| *o <= byte).map(|(_, s)| s.clone()).unwrap_or_default()
+    };
+    let all = runs("");
+    assert_eq!(all[0].0, 0, "{all:?}");
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 != w[1].1), "{all:?}");
+    assert_eq!(stream_at(&all, out), "stdout", "{all:?}\n{text}");
+    assert_eq!(stream_at(&all, err), "stderr", "{all:?}\n{text}");
+    // The worker's own lines (the command it runs) are the header.
+    assert_eq!(all[0].1, "header", "{all:?}\n{text}");
+    // A page starting inside the stderr line gets one run, starting where that line's run does.
+    let page = runs(&format!("?offset={}&limit=5", err + 3));
+    assert_eq!(page.len(), 1, "{page:?}");
+    assert_eq!(page[0].1, "stderr");
+    assert!(page[0].0 <= err, "{page:?}");
+    // A page ending at the stderr run's start does not hold it.
+    let start = all.iter().find(|(_, s)| s == "stderr").expect("stderr run").0;
+    assert!(runs(&format!("?offset=0&limit={start}")).iter().all(|(_, s)| s != "stderr"));
+    // Errors in the one shape.
+    assert_eq!(m.get("/api/v2/logs/999999/streams").status, 404);
+    assert_eq!(m.get(&format!("/api/v2/logs/{log}/streams?offset=x")).status, 400);
+
+    // The log as an older version left it: no sidecar, all stdout.
+    let file = state.join("logs").join(format!("{:04}", log / 1000)).join(format!("{log}.streams"));
+    std::fs::remove_file(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    assert_eq!(runs(&format!("?offset={err}&limit=4")), vec![(0, "stdout".to_owned())]);
+}

@@ -390,6 +390,68 @@ async fn a_big_log_is_shown_a_page_at_a_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stderr_and_header_lines_are_marked_in_the_log() {
+    // Each write is a whole line, so every line holds one stream whatever order the worker
+    // reads its two pipes in; the stderr line is coloured by ANSI escapes.
+    const STREAMS: &str = "builders:\n  streams:\n    steps:\n      - name: both\n        run: |\n          echo plain-out-1\n          printf '\\033[31mred-err-line\\033[0m\\n' >&2\n          echo plain-out-2\n";
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_repo(&dir.path().join("app"), STREAMS, &[]);
+    let config = write_config(dir.path(), &["app"], &[("w1", "secret", &[])]);
+    let m = Master::start(&config, &dir.path().join("state"));
+    let _w = Worker::start(&m, "w1", "secret", &dir.path().join("w1"), &[]);
+    let id = m.force("app/streams");
+    let b = m.finished(id, T);
+    assert_eq!(b["result"], "SUCCESS", "{b:#}");
+    let driver = Driver::start(dir.path());
+    let c = driver.browser(dir.path()).await;
+
+    c.goto(&format!("http://{}/#/builds/{id}", m.http)).await.expect("open the build");
+    until_js(&c, T, "the log with both streams", "return [...document.querySelectorAll('pre.log .l')].some(l => l.textContent === 'red-err-line\\n') && [...document.querySelectorAll('pre.log .l.s-err')].length > 0").await;
+    // How each line of the page is marked: its text, classes, title and whether it is red.
+    let lines = js(
+        &c,
+        "return [...document.querySelectorAll('pre.log .l')].map(l => ({ text: l.textContent, err: l.classList.contains('s-err'), hdr: l.classList.contains('s-hdr'), title: l.title, id: l.id, red: !!l.querySelector('.a-f1') }))",
+    )
+    .await;
+    let lines = lines.as_array().expect("lines");
+    let line = |text: &str| {
+        lines.iter().find(|l| l["text"] == text).unwrap_or_else(|| panic!("no line {text:?} in {lines:#?}"))
+    };
+    let err = line("red-err-line\n");
+    assert_eq!((&err["err"], &err["hdr"], &err["title"]), (&json!(true), &json!(false), &json!("stderr")), "{err}");
+    assert_eq!(err["red"], true, "the ANSI colour of the stderr line is kept: {err}");
+    assert!(err["id"].as_str().is_some_and(|i| i.starts_with('L')), "the stderr line keeps its anchor: {err}");
+    for out in ["plain-out-1\n", "plain-out-2\n"] {
+        let l = line(out);
+        assert_eq!((&l["err"], &l["hdr"], &l["title"]), (&json!(false), &json!(false), &json!("")), "{l}");
+    }
+    // The worker's own lines (the command it runs) are muted, never marked stderr.
+    let headers: Vec<&Value> = lines.iter().filter(|l| l["hdr"] == true).collect();
+    assert!(
+        headers.iter().any(|l| l["text"].as_str().is_some_and(|t| t.starts_with("$ echo plain-out-1"))),
+        "{lines:#?}"
+    );
+    assert!(headers.iter().all(|l| l["err"] == false), "{headers:#?}");
+    assert_eq!(lines.iter().filter(|l| l["err"] == true).count(), 1, "{lines:#?}");
+
+    // Search still finds the stderr line, and a line link still leads to it.
+    element(&c, "input.log-search").await.send_keys("red-err-line").await.expect("search");
+    until_js(&c, T, "the search to mark the stderr line", "return !!document.querySelector('pre.log .l.s-err.hit')")
+        .await;
+    let n = err["id"].as_str().expect("id")[1..].to_owned();
+    c.goto(&format!("http://{}/#/builds/{id}?step=1&line={n}", m.http)).await.expect("open the line");
+    until_js(
+        &c,
+        T,
+        "the linked stderr line",
+        &format!("const l = document.querySelector('#L{n}.target'); return !!l && l.classList.contains('s-err')"),
+    )
+    .await;
+    screenshot(&c, "log-streams.png").await;
+    c.close().await.expect("close the browser");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_and_rebuild_use_the_api_token_kept_in_the_browser() {
     let dir = tempfile::tempdir().expect("tempdir");
     let gate = dir.path().join("gate");

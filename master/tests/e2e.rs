@@ -385,12 +385,16 @@ fn binary_garbage_and_a_100_mb_line_are_stored_whole() {
     );
     assert_eq!(mid.body, b"xxxxxxxxxx");
     assert_eq!(mid.header("x-rbb-log-size"), Some(bytes.to_string().as_str()));
-    let on_disk: u64 = std::fs::read_dir(s.state.join("logs"))
+    let files: Vec<(String, u64)> = std::fs::read_dir(s.state.join("logs"))
         .expect("logs")
         .flat_map(|d| std::fs::read_dir(d.expect("d").path()).expect("dir"))
-        .map(|f| f.expect("f").metadata().expect("meta").len())
-        .sum();
-    assert_eq!(on_disk, bytes);
+        .map(|f| f.expect("f"))
+        .map(|f| (f.file_name().to_string_lossy().into_owned(), f.metadata().expect("meta").len()))
+        .collect();
+    let size_of = |ext: &str| files.iter().filter(|(n, _)| n.ends_with(ext)).map(|(_, l)| l).sum::<u64>();
+    assert_eq!(size_of(".log"), bytes, "{files:?}");
+    // Beside it, the stream switches: header, output, header again (9 bytes each).
+    assert_eq!(size_of(".streams"), 27, "{files:?}");
 }
 
 #[test]

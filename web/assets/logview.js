@@ -5,7 +5,9 @@
 // Lines are numbered (each number a link to that line) wherever the number is known: from the
 // start of the log and from any window reached by paging from it. ANSI colours are rendered;
 // other escape sequences are dropped. Search marks matches in the window shown.
-// The stored log has no stream markers, so stdout and stderr cannot be told apart here.
+// Lines written to stderr are marked (and titled "stderr"), the worker's own header lines
+// muted, from the stream runs of the bytes shown (`/api/v2/logs/{id}/streams`, read for the
+// same byte range as the text, so a page costs its own runs).
 
 import { get, liveOpen, logRange, logTail } from './api.js';
 import { bytes as fmtBytes, esc } from './view.js';
@@ -17,6 +19,55 @@ const BLOCK = 200; // lines per separately laid-out block
 const ESCAPES = /\x1b\[([0-9;?]*)([@-~])|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]/g;
 // An escape sequence cut off at the end of a chunk: kept for the next chunk.
 const CUT = /\x1b(?:\[[0-9;?]*|\][^\x07\x1b]*)?$/;
+
+/**
+ * The stream runs of bytes `[start, end)` (`end` null: to the end) of log `id`, asked at the
+ * same time as the bytes themselves: `{ runs: [{offset, stream}], bytes }`, where `bytes` is
+ * how far the runs are known (a live log may have grown since). Null when they cannot be read
+ * (the lines then stay unmarked).
+ */
+async function streamRuns(id, start, end, signal) {
+  const limit = end == null ? '' : `&limit=${Math.max(0, end - start)}`;
+  try {
+    return await get(`/api/v2/logs/${id}/streams?offset=${start}${limit}`, signal);
+  } catch (e) {
+    if (e.name === 'AbortError') throw e;
+    return null;
+  }
+}
+
+/**
+ * What marks the lines of a window: where each newline-separated piece of `bytes` (from
+ * index `from`, the window at log offset `base`) starts and ends, and the stream runs.
+ */
+function streamMarks(bytes, from, base, streams) {
+  if (!streams || !streams.runs || !streams.runs.length) return null;
+  const starts = [base + from];
+  for (let i = bytes.indexOf(10, from); i >= 0; i = bytes.indexOf(10, i + 1)) starts.push(base + i + 1);
+  return { starts, end: base + bytes.length, runs: streams.runs, known: streams.bytes };
+}
+
+/**
+ * A function of a byte range `[a, b)` (asked in increasing order) saying how its line is
+ * marked: 'stderr' when any of it came from stderr, 'header' when all of it is the worker's
+ * header, else '' (also for bytes past `known`, whose stream was not known yet).
+ */
+function streamMarker(runs, known) {
+  let k = 0;
+  return (a, b) => {
+    if (a >= known) return '';
+    b = Math.min(b, known);
+    while (k + 1 < runs.length && runs[k + 1].offset <= a) k++;
+    let err = false, hdr = true;
+    for (let j = k; j < runs.length && (j === k || runs[j].offset < b); j++) {
+      if (runs[j].stream === 'stderr') err = true;
+      if (runs[j].stream !== 'header') hdr = false;
+    }
+    return err ? 'stderr' : hdr ? 'header' : '';
+  };
+}
+
+const MARK_ATTRS = { stderr: ' s-err" title="stderr', header: ' s-hdr', '': '' };
 
 /** Drops UTF-8 continuation bytes at the start of a window that begins mid-character. */
 function skipPartial(b, start) {
@@ -263,10 +314,13 @@ export class LogView {
   async load(start) {
     const id = this.id;
     try {
-      const r = await logRange(id, start, start + PAGE, this.ctx.signal);
+      const [r, runs] = await Promise.all([
+        logRange(id, start, start + PAGE, this.ctx.signal),
+        streamRuns(id, start, start + PAGE, this.ctx.signal),
+      ]);
       if (id !== this.id) return;
       this.size = Math.max(this.size, r.size);
-      this.replace(r);
+      this.replace(r, runs);
       this.pre.scrollTop = 0;
       this.setButtons();
     } catch (e) {
@@ -279,10 +333,15 @@ export class LogView {
     const id = this.id;
     if (id == null) return;
     try {
-      const r = await logTail(id, PAGE, this.ctx.signal);
+      // The tail starts at or after the last page of the size known now: its runs are among
+      // those from there on.
+      const [r, runs] = await Promise.all([
+        logTail(id, PAGE, this.ctx.signal),
+        streamRuns(id, Math.max(0, this.size - PAGE), null, this.ctx.signal),
+      ]);
       if (id !== this.id) return;
       this.size = Math.max(this.size, r.size);
-      this.replace(r);
+      this.replace(r, runs);
       this.pre.scrollTop = this.pre.scrollHeight;
       this.setButtons();
       if (this.end < this.size) this.grow(null);
@@ -304,12 +363,16 @@ export class LogView {
         this.again = false;
         // Far behind (a burst of output): jump to the tail instead of reading it all.
         if (this.size - this.end > KEEP) { this.busy = false; await this.loadTail(); return; }
-        const r = await logRange(id, this.end, this.end + PAGE, this.ctx.signal);
+        const [r, runs] = await Promise.all([
+          logRange(id, this.end, this.end + PAGE, this.ctx.signal),
+          streamRuns(id, this.end, this.end + PAGE, this.ctx.signal),
+        ]);
         if (id !== this.id || !this.follow) return;
         this.size = Math.max(this.size, r.size);
         if (!r.bytes.length) break; // nothing new on disk yet: the next event or poll asks again
         const atBottom = this.pre.scrollTop + this.pre.clientHeight >= this.pre.scrollHeight - 24;
-        this.append(this.decoder.decode(r.bytes, { stream: true }), r.end - r.start);
+        const marks = streamMarks(r.bytes, 0, r.start, runs);
+        this.append(this.decoder.decode(r.bytes, { stream: true }), r.end - r.start, marks);
         this.end = r.end;
         this.trim();
         if (atBottom) this.pre.scrollTop = this.pre.scrollHeight;
@@ -335,8 +398,11 @@ export class LogView {
     this.decoder = new TextDecoder('utf-8');
   }
 
-  /** Replaces the text shown with the window `r` (a `logRange`/`logTail` answer). */
-  replace(r) {
+  /**
+   * Replaces the text shown with the window `r` (a `logRange`/`logTail` answer), its lines
+   * marked by the stream runs `runs` of its bytes (a `streamRuns` answer; null: unmarked).
+   */
+  replace(r, runs = null) {
     this.clear(this.lineAt.get(r.start) ?? null);
     this.start = r.start;
     this.end = r.end;
@@ -344,25 +410,34 @@ export class LogView {
     // Line numbers are known from the start of the log and from pages reached by paging from it.
     this.pre.classList.toggle('unnumbered', this.next == null);
     this.range.title = this.next == null ? 'Line numbers start from « first »' : '';
-    this.append(this.decoder.decode(r.bytes.subarray(skip), { stream: true }), r.end - r.start);
+    const marks = streamMarks(r.bytes, skip, r.start, runs);
+    this.append(this.decoder.decode(r.bytes.subarray(skip), { stream: true }), r.end - r.start, marks);
     if (this.term) this.find(true);
   }
 
-  /** Appends decoded text that ends at byte `this.end + n`, line by line. */
-  append(text, n) {
+  /**
+   * Appends decoded text that ends at byte `this.end + n`, line by line; `marks` (from
+   * `streamMarks`, or null) says where each line's bytes are, to mark stderr and header lines.
+   */
+  append(text, n, marks = null) {
     text = this.carry + text;
     // A cut-off escape is kept for the next chunk; a long unterminated one is shown as it is.
     const cut = CUT.exec(text.slice(-256));
     this.carry = cut ? cut[0] : '';
     if (cut) text = text.slice(0, text.length - cut[0].length);
     const parts = text.split('\n');
+    // An escape sequence holding a newline (rare) leaves pieces and bytes unaligned: no marks.
+    const mark = marks && marks.starts.length === parts.length ? streamMarker(marks.runs, marks.known) : null;
     const html = [];
     for (let i = 0; i < parts.length; i++) {
       const last = i === parts.length - 1;
       const piece = last ? parts[i] : parts[i] + '\n';
       if (!piece) continue;
+      const stream = mark ? mark(marks.starts[i], marks.starts[i + 1] ?? marks.end) : '';
       if (i === 0 && this.open) {
         // The rest of a line begun by the previous chunk.
+        if (stream === 'stderr') { this.open.classList.add('s-err'); this.open.title = 'stderr'; }
+        else if (stream !== 'header') this.open.classList.remove('s-hdr');
         this.open.insertAdjacentHTML('beforeend', ansiHtml(piece, this.sgr));
         if (!last) this.open = null;
         continue;
@@ -370,7 +445,7 @@ export class LogView {
       const num = this.next;
       if (num != null) this.next++;
       const link = num != null ? `#/builds/${this.where.build}?step=${this.where.step}&line=${num}` : null;
-      html.push(`<span class="l"${num != null ? ` id="L${num}"` : ''}><a class="n"${link ? ` href="${link}" data-l="${num}"` : ''}></a>${ansiHtml(piece, this.sgr)}</span>`);
+      html.push(`<span class="l${MARK_ATTRS[stream]}"${num != null ? ` id="L${num}"` : ''}><a class="n"${link ? ` href="${link}" data-l="${num}"` : ''}></a>${ansiHtml(piece, this.sgr)}</span>`);
     }
     this.addLines(html);
     if (html.length && !text.endsWith('\n')) this.open = this.pre.lastElementChild.lastElementChild;

@@ -59,7 +59,16 @@ impl Engine {
     /// A page of builds as the list endpoint asks: an indexed `field=value` filter is a
     /// key-range scan; the total comes from the maintained counts when that filter (or none)
     /// is all there is, else from the scanned range.
+    ///
+    /// `builder=` a matrix builder's base name (`app/test`, no builder of that exact id)
+    /// lists every combination's builds (`app/test[os=linux]`, ...): see
+    /// [`Engine::list_builds_of_combinations`].
     pub fn list_builds(&self, q: &ListQuery) -> Result<(Vec<Value>, usize), EngineError> {
+        if let Some((_, name)) = q.indexed_eq(&["builder"])
+            && let Some(keys) = self.matrix_combinations(name)?
+        {
+            return self.list_builds_of_combinations(q, name, &keys);
+        }
         debug_assert!(INDEXED_BUILD_FILTERS.iter().all(|f| BUILD_INDEXES.contains(f)));
         let index = q.indexed_eq(INDEXED_BUILD_FILTERS).map(|(f, v)| index_key(f, v));
         let known_total = match (&index, q.filter_count()) {
@@ -95,6 +104,59 @@ impl Engine {
                     true
                 })?;
                 Ok(q.apply(all))
+            }
+        }
+    }
+
+    /// The builder index keys (with their counts) of the combinations of the matrix builder
+    /// `name`, when `name` is no builder id itself (in the plan or in the history) but the
+    /// base of some: every `name[...]` that has builds, current combinations and older ones.
+    fn matrix_combinations(&self, name: &str) -> Result<Option<Vec<(String, u64)>>, EngineError> {
+        if self.plan().builder(name).is_some() || self.store.count(&index_key("builder", name))? > 0 {
+            return Ok(None);
+        }
+        let keys = self.store.index_keys_under("builder", &format!("{name}["))?;
+        Ok(Some(keys).filter(|k| !k.is_empty()))
+    }
+
+    /// A page of the builds of every combination of a matrix builder: one index range scan
+    /// per combination, merged in id order. The builder filter is answered by the indexes;
+    /// with no other filter the total is the sum of the combinations' kept counts and the
+    /// scan stops when the page is full.
+    fn list_builds_of_combinations(
+        &self,
+        q: &ListQuery,
+        name: &str,
+        keys: &[(String, u64)],
+    ) -> Result<(Vec<Value>, usize), EngineError> {
+        let rest = q.without_eq("builder", name);
+        let keys_only: Vec<String> = keys.iter().map(|(k, _)| k.clone()).collect();
+        let known_total = (rest.filter_count() == 0).then(|| keys.iter().map(|(_, n)| *n as usize).sum::<usize>());
+        match rest.id_order() {
+            Some(newest_first) => {
+                let mut pager = rest.pager(known_total);
+                let covered = known_total.is_some();
+                let mut skipped = 0;
+                self.store.scan_builds_any(&keys_only, newest_first, |b| {
+                    if covered && skipped < rest.offset() {
+                        skipped += 1;
+                        return pager.skip_matching();
+                    }
+                    let v = serde_json::to_value(self.to_api(&b)).unwrap_or(Value::Null);
+                    if covered { pager.push_matching(v) } else { pager.push(v) }
+                })?;
+                Ok(pager.finish())
+            }
+            None => {
+                let mut all = Vec::new();
+                self.store.scan_builds_any(&keys_only, true, |b| {
+                    let v = serde_json::to_value(self.to_api(&b)).unwrap_or(Value::Null);
+                    if rest.matches(&v) {
+                        all.push(v);
+                    }
+                    true
+                })?;
+                Ok(rest.apply(all))
             }
         }
     }
@@ -154,6 +216,30 @@ impl Engine {
             self.logs.path(&rec.file)
         };
         Some((rec, path, open.is_some()))
+    }
+
+    /// Log `id`'s size and its stream runs overlapping bytes `[from, to)` (see
+    /// [`crate::logs::LogFiles::runs`]), read from its sidecar alone: a compressed log is not
+    /// decompressed for it. `None`: no such log.
+    pub fn log_runs(
+        &self,
+        id: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<(LogRecord, Vec<crate::logs::Run>)>, EngineError> {
+        let live = self.lock().logs.get(&id).cloned();
+        let mut rec = match live {
+            Some(l) => l,
+            None => match self.store.log(id)? {
+                Some(l) => l,
+                None => return Ok(None),
+            },
+        };
+        if let Some(len) = self.logs.len(id) {
+            rec.bytes = len;
+        }
+        let runs = self.logs.runs(&rec.file, from, to)?;
+        Ok(Some((rec, runs)))
     }
 
     pub fn workers(&self) -> Vec<api::Worker> {

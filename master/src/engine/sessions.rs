@@ -229,7 +229,7 @@ impl Engine {
                     return Ok(());
                 };
                 drop(st);
-                if let Some(bytes) = self.logs.append(log, &chunk.data)? {
+                if let Some(bytes) = self.logs.append(log, crate::logs::Stream::from_wire(chunk.stream), &chunk.data)? {
                     self.emit_now(Event::Log { id: log, bytes });
                 }
                 Ok(())

@@ -377,7 +377,7 @@ impl Engine {
         let id = tx.next_build_id();
         let log = tx.next_log_id();
         let file = self.logs.create(log)?;
-        self.logs.append(log, text.as_bytes())?;
+        self.logs.append(log, crate::logs::Stream::Stdout, text.as_bytes())?;
         let bytes = self.logs.close(log).unwrap_or(0);
         tx.insert_log(LogRecord {
             id: log,
