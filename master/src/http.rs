@@ -300,6 +300,26 @@ fn scrub(message: &str) -> String {
     out
 }
 
+/// Hides the server's file paths in a fetch or delivery error but keeps URLs (which name the
+/// repository or forge): a word that starts with `/` (after an opening quote) and has two or
+/// more slashes becomes `<path>`, its trailing punctuation kept.
+fn hide_paths(message: &str) -> String {
+    message
+        .split(' ')
+        .map(|word| {
+            let start = word.len() - word.trim_start_matches(['\'', '"', '`', '(']).len();
+            let end = word.trim_end_matches(['\'', '"', '`', ')', ':', ',', ';']).len().max(start);
+            let core = &word[start..end];
+            if core.starts_with('/') && core.matches('/').count() >= 2 && !core.starts_with("/api/") {
+                format!("{}<path>{}", &word[..start], &word[end..])
+            } else {
+                word.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Checks the bearer token of a control action.
 fn authorize(app: &App, headers: &HeaderMap) -> ApiResult<()> {
     let Some(want) = &app.api_token else { return Ok(()) };
@@ -537,7 +557,11 @@ async fn workers(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde
 }
 
 async fn repositories(State(app): State<App>) -> Json<serde_json::Value> {
-    let repos = app.sources.map(|s| s.health()).unwrap_or_default();
+    let mut repos = app.sources.map(|s| s.health()).unwrap_or_default();
+    // A fetch error may name the master's mirror directory: the UI shows it to anyone.
+    for r in &mut repos {
+        r.error = r.error.as_deref().map(hide_paths);
+    }
     Json(serde_json::json!({ "repositories": repos, "meta": { "total": repos.len() } }))
 }
 
@@ -606,7 +630,7 @@ async fn statuses(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<crat
         .iter()
         .map(|s| {
             let mut v = ob::CommitStatus::of(s);
-            v.last_error = v.last_error.map(|m| scrub(&m));
+            v.last_error = v.last_error.map(|m| hide_paths(&m));
             v
         })
         .collect();
@@ -889,6 +913,18 @@ async fn hook(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fetch_errors_keep_urls_and_lose_server_paths() {
+        assert_eq!(
+            hide_paths("cannot fetch /srv/src/app into /var/lib/rbb/mirrors/app.git: connecting"),
+            "cannot fetch <path> into <path>: connecting"
+        );
+        let remote =
+            "cannot fetch http://127.0.0.1:9/down.git: fatal: unable to access 'http://127.0.0.1:9/down.git/':";
+        assert_eq!(hide_paths(remote), remote);
+        assert_eq!(hide_paths("open '/etc/rbb/token' failed"), "open '<path>' failed");
+    }
 
     #[test]
     fn ranges_read_as_rfc_9110_says() {
