@@ -64,6 +64,8 @@ pub struct Endpoint {
     pub errors: &'static [u16],
     /// Schema of the JSON request body, if any.
     pub body: Option<&'static str>,
+    /// Query parameters of an endpoint that is not a generic list: (name, description).
+    pub query: &'static [(&'static str, &'static str)],
     handler: axum::routing::MethodRouter<App>,
 }
 
@@ -82,6 +84,7 @@ fn ep(
         answers: Vec::new(),
         errors: &[],
         body: None,
+        query: &[],
         handler,
     }
 }
@@ -105,6 +108,10 @@ impl Endpoint {
     }
     fn body(mut self, schema: &'static str) -> Self {
         self.body = Some(schema);
+        self
+    }
+    fn query(mut self, params: &'static [(&'static str, &'static str)]) -> Self {
+        self.query = params;
         self
     }
 }
@@ -157,6 +164,15 @@ pub fn endpoints() -> Vec<Endpoint> {
         ep("get", "/api/v2/workers", "Workers and whether they are connected", get(workers)).list("Worker"),
         ep("get", "/api/v2/repositories", "Watched repositories and how their fetches go", get(repositories))
             .answers(200, AnyJson),
+        ep(
+            "get",
+            "/api/v2/statuses",
+            "Commit statuses and how their delivery to the forge goes, newest first",
+            get(statuses),
+        )
+        .query(STATUS_QUERY)
+        .answers(200, Json("StatusList"))
+        .errors(&[400]),
         ep("get", "/api/v2/logs/{id}", "A log's size and whether it is complete", get(log_meta))
             .answers(200, Json("LogMeta"))
             .errors(&[400, 404]),
@@ -290,6 +306,26 @@ fn scrub(message: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Hides the server's file paths in a fetch or delivery error but keeps URLs (which name the
+/// repository or forge): a word that starts with `/` (after an opening quote) and has two or
+/// more slashes becomes `<path>`, its trailing punctuation kept.
+fn hide_paths(message: &str) -> String {
+    message
+        .split(' ')
+        .map(|word| {
+            let start = word.len() - word.trim_start_matches(['\'', '"', '`', '(']).len();
+            let end = word.trim_end_matches(['\'', '"', '`', ')', ':', ',', ';']).len().max(start);
+            let core = &word[start..end];
+            if core.starts_with('/') && core.matches('/').count() >= 2 && !core.starts_with("/api/") {
+                format!("{}<path>{}", &word[..start], &word[end..])
+            } else {
+                word.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Checks the bearer token of a control action.
@@ -529,8 +565,87 @@ async fn workers(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<serde
 }
 
 async fn repositories(State(app): State<App>) -> Json<serde_json::Value> {
-    let repos = app.sources.map(|s| s.health()).unwrap_or_default();
+    let mut repos = app.sources.map(|s| s.health()).unwrap_or_default();
+    // A fetch error may name the master's mirror directory: the UI shows it to anyone.
+    for r in &mut repos {
+        r.error = r.error.as_deref().map(hide_paths);
+    }
     Json(serde_json::json!({ "repositories": repos, "meta": { "total": repos.len() } }))
+}
+
+const STATUS_QUERY: &[(&str, &str)] = &[
+    ("repo", "Only this repository's statuses"),
+    ("commit", "Only this commit's (full id)"),
+    ("state", "Only statuses in this build state: pending, running, success, failure, error, cancelled"),
+    ("delivery", "Only statuses in this delivery state: queued, sent, retrying, given_up, superseded"),
+    ("limit", "At most this many (default 50, at most 500)"),
+    ("offset", "Skip this many matching statuses"),
+];
+
+/// The status outbox's rows, read through its indexes (a page costs what it shows, bounded
+/// by the outbox's scan limit).
+async fn statuses(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Json<crate::forge::outbox_store::StatusList>> {
+    use crate::forge::outbox_store::{self as ob, DeliveryState, Filter};
+    let Query(pairs) = q.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    let mut f = Filter { limit: 50, ..Filter::default() };
+    let number = |k: &str, v: &str, max: usize| -> ApiResult<usize> {
+        v.parse::<usize>()
+            .ok()
+            .filter(|n| *n <= max)
+            .ok_or_else(|| ApiError::bad_request(format!("`{k}` must be a number from 0 to {max}, not `{v}`")))
+    };
+    for (k, v) in pairs {
+        match k.as_str() {
+            "repo" => f.repo = Some(v),
+            "commit" => f.commit = Some(v),
+            "state" => {
+                f.state = Some(serde_json::from_value(serde_json::Value::String(v.clone())).map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "`state` is pending, running, success, failure, error or cancelled, not `{v}`"
+                    ))
+                })?)
+            }
+            "delivery" => {
+                f.delivery = Some(DeliveryState::parse(&v).ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "`delivery` is queued, sent, retrying, given_up or superseded, not `{v}`"
+                    ))
+                })?)
+            }
+            "limit" => f.limit = number(&k, &v, 500)?,
+            "offset" => f.offset = number(&k, &v, ob::MAX_SCAN)?,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter `{other}`: use repo, commit, state, delivery, limit or offset"
+                )));
+            }
+        }
+    }
+    let (offset, limit) = (f.offset, f.limit);
+    let page = tokio::task::spawn_blocking(move || ob::list(e.database(), &f))
+        .await
+        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal".into(), "internal error".into()))?
+        .map_err(|err| {
+            tracing::error!(error = %err, "cannot list commit statuses");
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal".into(),
+                "internal error; see the master's log".into(),
+            )
+        })?;
+    let statuses = page
+        .rows
+        .iter()
+        .map(|s| {
+            let mut v = ob::CommitStatus::of(s);
+            v.last_error = v.last_error.map(|m| hide_paths(&m));
+            v
+        })
+        .collect();
+    Ok(Json(ob::StatusList {
+        statuses,
+        meta: ob::StatusListMeta { offset, limit, more: page.more, truncated: page.truncated },
+    }))
 }
 
 async fn plan(State(e): State<Arc<Engine>>) -> Json<rbb_schema::plan::Plan> {
@@ -829,6 +944,18 @@ async fn hook(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fetch_errors_keep_urls_and_lose_server_paths() {
+        assert_eq!(
+            hide_paths("cannot fetch /srv/src/app into /var/lib/rbb/mirrors/app.git: connecting"),
+            "cannot fetch <path> into <path>: connecting"
+        );
+        let remote =
+            "cannot fetch http://127.0.0.1:9/down.git: fatal: unable to access 'http://127.0.0.1:9/down.git/':";
+        assert_eq!(hide_paths(remote), remote);
+        assert_eq!(hide_paths("open '/etc/rbb/token' failed"), "open '<path>' failed");
+    }
 
     #[test]
     fn ranges_read_as_rfc_9110_says() {

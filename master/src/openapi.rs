@@ -26,6 +26,7 @@ fn components() -> Map<String, Value> {
     generator.subschema_for::<rbb_schema::api::CacheStats>();
     generator.subschema_for::<rbb_schema::api::CacheGc>();
     generator.subschema_for::<rbb_schema::api::CacheReset>();
+    generator.subschema_for::<crate::forge::outbox_store::StatusList>();
     let mut defs: Map<String, Value> = generator.take_definitions(true).into_iter().collect();
     defs.insert(
         "Rebuilt".into(),
@@ -161,6 +162,10 @@ pub fn document(endpoints: &[Endpoint]) -> Value {
             .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
             .map(path_param)
             .collect();
+        for (name, description) in e.query {
+            params.push(json!({ "name": name, "in": "query", "required": false,
+                "schema": { "type": "string" }, "description": description }));
+        }
         let mut responses = Map::new();
         if let Some(item) = e.list_of {
             params.push(int_param("limit", "At most this many items (default 100)", crate::query::MAX_LIMIT as u64));

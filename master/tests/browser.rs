@@ -910,3 +910,84 @@ async fn a_reused_step_links_its_source_and_a_run_step_says_why() {
     assert_eq!(text_of(&c, "#builder-cache b").await, "50%");
     c.clone().close().await.expect("close the browser");
 }
+
+/// A repository whose forge is unreachable (its URL a closed loopback port) and one whose
+/// source goes away after it was mirrored: the grid's group header of the latter shows a red
+/// marker with its fetch error, and the repositories page shows both errors with the last
+/// fetch and the next try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_errors_of_repositories_show_on_the_grid_and_the_repositories_page() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_repo(&dir.path().join("app"), "builders:\n  b:\n    steps: [{ run: 'true' }]\n", &[]);
+    // A port nothing listens on: bound by the system, then closed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let config = dir.path().join("rbb.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "repositories:\n  - url: app\n    poll_interval: 1s\n  - url: http://127.0.0.1:{closed}/down.git\n    name: down\n    poll_interval: 1s\nworkers:\n  - name: w1\n    token: t\n"
+        ),
+    )
+    .expect("config");
+    let m = Master::start(&config, &dir.path().join("state"));
+    let health = |name: &str| -> Option<Value> {
+        let r = m.get("/api/v2/repositories").json();
+        r["repositories"].as_array()?.iter().find(|x| x["name"] == name).cloned()
+    };
+    let down =
+        wait_for(T, "the unreachable repository's fetch error", || health("down").filter(|h| !h["error"].is_null()));
+    let down_error = down["error"].as_str().expect("error").to_owned();
+    assert!(down_error.contains(&format!("127.0.0.1:{closed}")), "{down}");
+    // app was mirrored; now its source goes away and its next polls fail.
+    wait_for(T, "app's first fetch", || health("app").filter(|h| !h["last_success"].is_null()));
+    std::fs::rename(dir.path().join("app"), dir.path().join("app-gone")).expect("move app away");
+    let app = wait_for(T, "app's fetch error", || health("app").filter(|h| !h["error"].is_null()));
+    let app_error = app["error"].as_str().expect("error").to_owned();
+    assert!(app_error.starts_with("cannot fetch <path>"), "{app}");
+    let state_dir = dir.path().join("state").display().to_string();
+    assert!(app_error.contains("<path>") && !app_error.contains(&state_dir), "no server path is shown: {app}");
+
+    let driver = Driver::start(dir.path());
+    let c = driver.browser(dir.path()).await;
+    let base = format!("http://{}", m.http);
+    c.goto(&format!("{base}/")).await.expect("open the UI");
+    let marker = element(&c, "div.chunk[data-repo='app'] tr.group a.fetch-err[data-fetch-error='app']").await;
+    let text = marker.text().await.expect("marker text");
+    assert!(text.starts_with("fetch failing:"), "{text}");
+    let title = marker.attr("title").await.expect("title").unwrap_or_default();
+    // The tip is the whole error (its wording may vary between polls: which step of the
+    // fetch failed).
+    assert!(title.starts_with("cannot fetch <path>") && text.contains("cannot fetch"), "{title}");
+    let colour = js(&c, "return getComputedStyle(document.querySelector('a.fetch-err')).backgroundColor").await;
+    assert_eq!(colour, "rgb(224, 49, 49)", "the marker is red (--FAILURE)");
+    screenshot(&c, "grid-fetch-error.png").await;
+
+    // The marker leads to the repositories page (also in the nav).
+    marker.click().await.expect("open the repositories page");
+    element(&c, "#repos[data-loaded] tr[data-repo='down'].failing").await;
+    let row = text_of(&c, "tr[data-repo='down']").await;
+    assert!(row.contains(&format!("127.0.0.1:{closed}")) && !row.contains("not yet"), "{row}");
+    assert!(row.contains("never"), "no fetch of it ever succeeded: {row}");
+    let cell = text_of(&c, "tr[data-repo='down'] td.fetch-error .err-text").await;
+    // The same error as the API's (curl's wording carries a time that may vary by a ms).
+    let stable = down_error.split(" after ").next().unwrap_or_default().to_owned();
+    assert!(cell.starts_with(&stable) && cell.contains("Couldn't connect"), "{cell} / {down_error}");
+    let next = text_of(&c, "tr[data-repo='down'] td:last-child").await;
+    assert!(next == "now" || next.starts_with("in "), "the next try: {next}");
+    element(&c, "tr[data-repo='app'].failing").await;
+    assert_eq!(
+        js(&c, "return document.querySelector(\"a[data-nav='repos']\").classList.contains('active')").await,
+        true
+    );
+    let count = text_of(&c, "#repos-count").await;
+    assert_eq!(count, "2 watched, 2 failing to fetch");
+    screenshot(&c, "repositories.png").await;
+
+    // The source comes back: the next poll clears the marker without a reload.
+    std::fs::rename(dir.path().join("app-gone"), dir.path().join("app")).expect("move app back");
+    element(&c, "a[data-nav='grid']").await.click().await.expect("back to the grid");
+    element(&c, "div.chunk[data-repo='app'] tr.group").await;
+    until_js(&c, T, "the marker to go", "return !document.querySelector('a.fetch-err[data-fetch-error=\"app\"]') && !!document.querySelector('#grid-wrap[data-loaded]')").await;
+    assert_eq!(js(&c, "return window.rbbErrors.length").await, 0, "{}", page_state(&c).await);
+    c.clone().close().await.expect("close the browser");
+}

@@ -411,3 +411,123 @@ fn a_build_reports_pending_running_and_success_and_a_killed_master_loses_no_stat
             .then_some(())
     });
 }
+
+/// `GET /api/v2/statuses` on a real master whose forge delivers one repository's statuses,
+/// fails the next with 500, and refuses the other repository's token with 401.
+#[test]
+fn the_api_shows_each_status_delivery_sent_retrying_and_refused() {
+    let forge = FakeForge::start(recorded("github")["response"].clone());
+    let dir = tempfile::tempdir().expect("tempdir");
+    for name in ["app", "lib"] {
+        support::make_repo(&dir.path().join(name), "builders:\n  b:\n    steps: [{ run: 'true' }]\n", &[]);
+    }
+    let config = dir.path().join("rbb.yaml");
+    let status =
+        |project: &str| format!("{{ forge: github, api: '{}', project: {project}, token: {TOKEN} }}", forge.api());
+    std::fs::write(
+        &config,
+        format!(
+            "repositories:\n  - url: app\n    poll_interval: 1h\n    status: {}\n  - url: lib\n    poll_interval: 1h\n    status: {}\nworkers:\n  - name: w1\n    token: t\npublic_url: https://ci.example\n",
+            status("o/app"),
+            status("o/lib")
+        ),
+    )
+    .expect("config");
+    let m = support::Master::start(&config, &dir.path().join("state"));
+    let _w = support::Worker::start(&m, "w1", "t", &dir.path().join("w1"), &[]);
+    let list = |query: &str| -> serde_json::Value {
+        let r = m.get(&format!("/api/v2/statuses?{query}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(!r.text().contains(TOKEN), "a token in the listing: {}", r.text());
+        r.json()
+    };
+
+    // Delivered: the success status of app's build shows as sent.
+    let id = m.force("app/b");
+    let sha = m.finished(id, Duration::from_secs(60))["commit"].as_str().expect("commit").to_owned();
+    let sent = support::wait_for(Duration::from_secs(30), "app's success status sent", || {
+        let page = list(&format!("repo=app&commit={sha}&delivery=sent"));
+        page["statuses"].as_array()?.iter().find(|s| s["state"] == "success" && s["build"] == id).cloned()
+    });
+    assert_eq!(sent["context"], "app/b");
+    assert_eq!(sent["forge_state"], "success");
+    assert_eq!(sent["target_url"], format!("https://ci.example/#/builds/{id}"));
+    assert_eq!((sent["attempts"].as_u64(), sent["next_try_at"].is_null()), (Some(0), true), "{sent}");
+    assert!(sent["updated_at"].as_u64() >= sent["queued_at"].as_u64() && sent["queued_at"].as_u64() > Some(0));
+
+    // The forge answers 500: the next build's latest status is retrying, with the error.
+    let app_path = format!("/repos/o/app/statuses/{sha}");
+    for _ in 0..40 {
+        forge.push(&app_path, Reply(500, "{\"message\":\"upstream down\"}".into(), Duration::ZERO));
+    }
+    let id2 = m.force("app/b");
+    m.finished(id2, Duration::from_secs(60));
+    let retrying = support::wait_for(Duration::from_secs(30), "app's second build retrying", || {
+        let page = list("repo=app&delivery=retrying");
+        page["statuses"].as_array()?.iter().find(|s| s["build"] == id2 && s["state"] == "success").cloned()
+    });
+    let error = retrying["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("HTTP 500") && error.contains("upstream down"), "{retrying}");
+    assert!(retrying["attempts"].as_u64() >= Some(1), "{retrying}");
+    assert!(retrying["next_try_at"].as_u64() > retrying["queued_at"].as_u64(), "{retrying}");
+    // The delivered one is still shown as sent, listed after the newer rows of the commit.
+    let commit = list(&format!("commit={sha}"));
+    let rows = commit["statuses"].as_array().expect("statuses");
+    let ids: Vec<u64> = rows.iter().filter_map(|s| s["id"].as_u64()).collect();
+    assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first: {ids:?}");
+    assert!(rows.iter().any(|s| s["build"] == id && s["delivery"] == "sent"), "{commit}");
+    assert!(rows.iter().all(|s| s["repo"] == "app"), "{commit}");
+
+    // The forge refuses lib's token (401): retrying with the refusal, the token hidden.
+    let lib_head = support::git(&dir.path().join("lib"), &["rev-parse", "HEAD"]);
+    let lib_sha = lib_head.trim();
+    for _ in 0..40 {
+        forge.push(
+            &format!("/repos/o/lib/statuses/{lib_sha}"),
+            Reply(401, format!("{{\"message\":\"Bad credentials {TOKEN}\"}}"), Duration::ZERO),
+        );
+    }
+    let lid = m.force("lib/b");
+    m.finished(lid, Duration::from_secs(60));
+    let refused = support::wait_for(Duration::from_secs(30), "lib's refused status", || {
+        let page = list("repo=lib");
+        page["statuses"]
+            .as_array()?
+            .iter()
+            .find(|s| s["build"] == lid && s["state"] == "success" && s["attempts"].as_u64() >= Some(1))
+            .cloned()
+    });
+    assert_eq!(refused["delivery"], "retrying", "{refused}");
+    let error = refused["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("refused the token (HTTP 401)") && error.contains("<hidden>"), "{refused}");
+
+    // Paging and bad queries.
+    let all = list("limit=500");
+    let n = all["statuses"].as_array().map(Vec::len).unwrap_or(0);
+    assert!(n >= 4 && all["meta"]["more"] == false, "{all}");
+    let first = list("limit=1");
+    let second = list("limit=1&offset=1");
+    assert_eq!(first["meta"]["more"], true);
+    assert_eq!(first["statuses"][0], all["statuses"][0]);
+    assert_eq!(second["statuses"][0]["id"], all["statuses"][1]["id"]);
+    for bad in ["delivery=lost", "state=green", "limit=9999", "colour=red"] {
+        let r = m.get(&format!("/api/v2/statuses?{bad}"));
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "bad_request", "{bad}");
+    }
+}
+
+#[test]
+fn delivery_errors_shown_by_the_api_hide_credentials() {
+    use rbb_master::forge::outbox_store::hide_credentials;
+    assert_eq!(
+        hide_credentials("Failed to connect to https://bot:s3cr3t-pass@forge.test/api port 443"),
+        "Failed to connect to https://<hidden>@forge.test/api port 443"
+    );
+    assert_eq!(hide_credentials("sent Authorization: Bearer ghp_abcdef123456"), "sent Authorization: Bearer <hidden>");
+    assert_eq!(
+        hide_credentials("the forge refused the token (HTTP 401): nope"),
+        "the forge refused the token (HTTP 401): nope",
+        "prose is left alone"
+    );
+}

@@ -9,6 +9,7 @@ import * as build from './build.js';
 import * as builder from './builder.js';
 import * as workers from './workers.js';
 import * as plan from './plan.js';
+import * as repos from './repos.js';
 
 const ROUTES = [
   [/^\/?$/, grid, 'grid'],
@@ -18,6 +19,7 @@ const ROUTES = [
   [/^\/builders\/([^/]+)$/, builder, 'grid'],
   [/^\/workers$/, workers, 'workers'],
   [/^\/plan$/, plan, 'plan'],
+  [/^\/repositories$/, repos, 'repos'],
 ];
 
 /** What a page may use; everything registered through it ends when the page is left. */

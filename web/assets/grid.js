@@ -90,8 +90,15 @@ function headHtml(c, cw) {
   return `<th class="col up" title="${esc(tip)}"><div class="ch">${lines.slice(0, k).join('')}</div></th>`;
 }
 
+/** The red marker of a repository whose fetches fail (empty when they do not). */
+export function fetchMarker(repo, error) {
+  if (!error) return '';
+  return ` <a class="fetch-err" data-fetch-error="${esc(repo)}" href="#/repositories" title="${esc(error)}">fetch failing: ${esc(error)}</a>`;
+}
+
 /**
- * The grid's HTML for `data` (`/api/v2/grid`'s shape) showing `builders` (already filtered),
+ * The grid's HTML for `data` (`/api/v2/grid`'s shape, with `fetchErrors`: repository →
+ * its failing fetch's error) showing `builders` (already filtered),
  * grouped by repository in first-seen order. Pure: a string in, so it can be timed and tested.
  *
  * Layout is what costs with 50,000 cells, so: a header table, then one small table per chunk
@@ -102,6 +109,7 @@ function headHtml(c, cw) {
 export function gridHtml(data, builders, collapsed, cw = CELL_W) {
   const cols = data.columns || [];
   const cells = data.cells || {};
+  const fetchErrors = data.fetchErrors || {};
   const n = cols.length;
   const width = NAME_W + n * cw;
   const table = `<table class="grid" style="width:${width}px"><colgroup><col style="width:${NAME_W}px">${`<col style="width:${cw}px">`.repeat(n)}</colgroup>`;
@@ -126,7 +134,7 @@ export function gridHtml(data, builders, collapsed, cw = CELL_W) {
       const h = part.length * ROW_H + (k === 0 ? GROUP_H : 0);
       out.push(`<div class="chunk${k ? ' cont' : ''}${closed ? ' collapsed' : ''}" data-repo="${esc(repo)}" style="width:${width}px;contain-intrinsic-size:auto ${width}px auto ${h}px">`, table, '<tbody>');
       if (k === 0) {
-        out.push(`<tr class="group"><th colspan="${n + 1}"><span class="gh"><button type="button" class="toggle" data-toggle="${esc(repo)}" aria-expanded="${!closed}">${esc(repo)}</button> <span class="muted">${idx.length} builder${idx.length === 1 ? '' : 's'}</span></span></th></tr>`);
+        out.push(`<tr class="group"><th colspan="${n + 1}"><span class="gh"><button type="button" class="toggle" data-toggle="${esc(repo)}" aria-expanded="${!closed}">${esc(repo)}</button> <span class="muted">${idx.length} builder${idx.length === 1 ? '' : 's'}</span>${fetchMarker(repo, fetchErrors[repo])}</span></th></tr>`);
       }
       for (const i of part) {
         const b = builders[i];
@@ -281,6 +289,7 @@ export function mount(view, { query, ctx }) {
       await firstSeen(fresh);
       if (!ctx.alive || mine !== loads) return;
       fresh.columns = orderColumns(fresh.columns || []);
+      fresh.fetchErrors = fetchErrors;
       data = fresh;
       const ms = render();
       status.textContent = `updated ${new Date().toLocaleTimeString()} (${ms.toFixed(0)} ms)`;
@@ -364,6 +373,32 @@ export function mount(view, { query, ctx }) {
   ctx.onLeave(() => { window.removeEventListener('resize', onResize); onResize.cancel(); });
   ctx.on('resync', () => load());
   ctx.onLeave(() => { onBuilds.cancel(); refilter.cancel(); });
+
+  // Repositories whose fetches fail get a red marker on their group's header. Fetch health
+  // has no live event: it is re-read every few seconds and the headers are patched in place.
+  let fetchErrors = {};
+  async function loadHealth() {
+    try {
+      const r = await get('/api/v2/repositories', ctx.signal);
+      if (!ctx.alive) return;
+      const next = {};
+      for (const repo of r.repositories || []) if (repo.error) next[repo.name] = repo.error;
+      if (JSON.stringify(next) === JSON.stringify(fetchErrors)) return;
+      fetchErrors = next;
+      if (!data) return;
+      data.fetchErrors = next;
+      for (const chunk of wrap.querySelectorAll('div.chunk:not(.cont)')) {
+        const gh = chunk.querySelector('tr.group .gh');
+        if (!gh) continue;
+        for (const old of gh.querySelectorAll('.fetch-err')) old.remove();
+        gh.insertAdjacentHTML('beforeend', fetchMarker(chunk.dataset.repo, next[chunk.dataset.repo]));
+      }
+    } catch (e) {
+      if (e.name !== 'AbortError') console.warn('rbb: cannot read repository health', e);
+    }
+  }
+  ctx.every(5000, () => loadHealth());
+  loadHealth();
   load();
   return null;
 }

@@ -39,9 +39,16 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         std::fs::create_dir_all(&work)?;
         return crate::cache_bench::run(&target_dir(root).join("release"), &work);
     }
+    if args == ["forge"] {
+        // Only the forge figures: webhook to commit status, and the mirror's fetch.
+        build_release(root)?;
+        let work = root.join(".rbb-state/bench");
+        std::fs::create_dir_all(&work)?;
+        return crate::forge_bench::run(root, &target_dir(root).join("release"), &work);
+    }
     if !args.is_empty() {
         bail!(
-            "cargo xtask bench takes no arguments, or `docker`, `cache` or `key` for those figures alone, or `scale [options]`"
+            "cargo xtask bench takes no arguments, or `docker`, `cache`, `forge` or `key` for those figures alone, or `scale [options]`"
         );
     }
     build_release(root)?;
@@ -152,8 +159,11 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     // 6. Docker steps.
     crate::docker_bench::run(root, &bin, &work)?;
 
-    // 7. Full cache keys: inputs resolved from git.
+    // 7. The forges: webhook to commit status, and the mirror's incremental fetch.
     println!();
+    crate::forge_bench::run(root, &bin, &work)?;
+
+    // 8. Full cache keys: inputs resolved from git.
     crate::key_bench::main(root, &[])
 }
 

@@ -4,7 +4,8 @@
 //! - `test`: run every test of the workspace (what CI runs).
 //! - `bench`: print performance figures with a baseline measured in the same run;
 //!   `bench scale`: the master with a large history and a simulated fleet of workers;
-//!   `bench key`: resolving a step's inputs from git for its full cache key.
+//!   `bench key`: resolving a step's inputs from git for its full cache key;
+//!   `bench forge`: push webhook to commit status, and a mirror's incremental fetch.
 //! - `soak`: a chaos soak of the real binaries (killed workers and masters), judged at the end.
 //! - `codegen`: rewrite generated files (the JSON Schemas under schema/).
 //!
@@ -13,6 +14,7 @@
 mod bench;
 mod cache_bench;
 mod docker_bench;
+mod forge_bench;
 mod key_bench;
 mod runs;
 mod scale;
@@ -37,6 +39,9 @@ fn main() -> Result<()> {
             eprintln!("  test     run every test (cargo nextest if installed, else cargo test)");
             eprintln!("  bench    print compile, snippet and build-running figures (release build)");
             eprintln!("  bench key    resolve 50 inputs of a step's full cache key in a 10,000-file repository");
+            eprintln!(
+                "  bench forge  push webhook → commit status at a local forge; one new commit into a 10,000-commit mirror"
+            );
             eprintln!(
                 "  bench scale  history of N builds + simulated fleet [--builds N] [--fleet-builds N] [--workers N] [--slots N] [--queue N] [--requests N] [--reuse]"
             );

@@ -8,7 +8,7 @@ use rbb_schema::results::Outcome;
 use serde::{Deserialize, Serialize};
 
 /// The state of a commit status, before each forge's own spelling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CommitState {
     /// Queued, waiting for a worker or for the builds it needs.
