@@ -194,6 +194,9 @@ pub async fn serve(
     let bound = Bound { http: http.local_addr()?, grpc: grpc.local_addr()? };
     let stop = tokio_util::sync::CancellationToken::new();
     let Master { engine, sources, api_token, fresh, retention, status_targets, public_url, notifications } = master;
+    if let Some(url) = &public_url {
+        engine.serve_checkouts_from(url);
+    }
     let public_url = public_url.unwrap_or_else(|| format!("http://{}", bound.http));
     if !notifications.is_empty() {
         crate::forge::notifier::spawn(

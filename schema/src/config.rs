@@ -43,7 +43,8 @@ pub struct MasterConfig {
     pub notifications: Vec<NotificationConfig>,
     /// The address people reach this master's UI at, for links in commit statuses and
     /// notifications, e.g. `https://ci.example.com`. Default: `http://` and the `--http`
-    /// address.
+    /// address. When set, workers also clone builds from `<public_url>/git/<repository>.git`
+    /// (without it, from the mirror's path on this host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
     /// How long history is kept. Without it, builds and logs are kept forever.

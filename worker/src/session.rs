@@ -180,6 +180,8 @@ struct StepContext {
     guard: Option<Arc<GuardLink>>,
     /// The local copy of cache blobs.
     store: BlobStore,
+    /// How to authenticate to the master's git service (checkouts it serves).
+    git_auth: String,
 }
 
 impl Connection {
@@ -231,7 +233,13 @@ impl Connection {
             name: metadata("worker name", config.name.clone())?,
             authorization: metadata("token", format!("Bearer {}", config.token))?,
             max_steps: usize::try_from(config.max_steps).unwrap_or(usize::MAX),
-            steps: Arc::new(StepContext { workdir, executor, guard: config.guard.clone(), store }),
+            steps: Arc::new(StepContext {
+                workdir,
+                executor,
+                guard: config.guard.clone(),
+                store,
+                git_auth: checkout::basic_auth(&config.name, &config.token),
+            }),
             url,
         })
     }
@@ -641,6 +649,7 @@ async fn prepare(
             url: &wanted.url,
             commit: &wanted.commit,
             build: lease.build,
+            auth: wanted.from_master.then_some(ctx.git_auth.as_str()),
         };
         match checkout::checkout(&spec, out, cancel, ctx.guard.as_ref()).await {
             Ok(_) => {}

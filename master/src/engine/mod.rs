@@ -237,6 +237,9 @@ pub struct Engine {
     cache_gc: Mutex<()>,
     /// Git ids of step inputs, read from the mirrors (the repositories stay open).
     inputs: crate::cache::key::InputResolver,
+    /// Where workers clone from when the master serves its mirrors (`public_url`): leases
+    /// then name `<base>/git/<repository>.git` instead of the mirror's path.
+    checkout_base: std::sync::RwLock<Option<String>>,
 }
 
 /// Where build states go as commit statuses (see `forge`).
@@ -368,6 +371,7 @@ impl Engine {
             cache_limit: std::sync::atomic::AtomicU64::new(crate::cache::DEFAULT_MAX_SIZE),
             cache_gc: Mutex::new(()),
             inputs: crate::cache::key::InputResolver::new(),
+            checkout_base: std::sync::RwLock::new(None),
         });
         engine.recover()?;
         Ok(engine)
@@ -433,6 +437,22 @@ impl Engine {
             st.held.push_back((seq, effects));
         } else {
             self.announce(st, effects);
+        }
+    }
+
+    /// From now on, workers check out from the master's git service at `base` (the
+    /// master's public address) rather than from the mirror's path, so workers on other
+    /// hosts need neither the master's disk nor the forge's credentials.
+    pub fn serve_checkouts_from(&self, base: &str) {
+        *self.checkout_base.write().unwrap_or_else(|p| p.into_inner()) = Some(base.trim_end_matches('/').to_owned());
+    }
+
+    /// The URL a build's first lease tells its worker to clone, and whether it is the
+    /// master's own git service.
+    fn checkout_url(&self, repo: &str, path: &str) -> (String, bool) {
+        match self.checkout_base.read().unwrap_or_else(|p| p.into_inner()).as_deref() {
+            Some(base) => (format!("{base}/git/{repo}.git"), true),
+            None => (path.to_owned(), false),
         }
     }
 

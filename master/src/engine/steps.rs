@@ -82,7 +82,10 @@ impl Engine {
                 None
             }
         };
-        let checkout = (!b.checked_out).then(|| proto::Checkout { url: b.repo_url.clone(), commit: b.commit.clone() });
+        let checkout = (!b.checked_out).then(|| {
+            let (url, from_master) = self.checkout_url(&b.repo, &b.repo_url);
+            proto::Checkout { url, commit: b.commit.clone(), from_master }
+        });
         b.checked_out = true;
         let s = &mut b.steps[step as usize];
         s.state = State::Running;

@@ -150,10 +150,15 @@ impl Master {
 
     /// Starts a master whose gRPC port is `grpc` (to restart one where workers look for it).
     pub fn start_on(config: &Path, state: &Path, grpc: &str) -> Master {
+        Self::start_at(config, state, "127.0.0.1:0", grpc)
+    }
+
+    /// Starts a master on the given HTTP and gRPC addresses.
+    pub fn start_at(config: &Path, state: &Path, http: &str, grpc: &str) -> Master {
         let log = state.with_extension("master.log");
         let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_rbb"))
-            .args(["master", "--http", "127.0.0.1:0", "--grpc", grpc, "--heartbeat-ms", "200"])
+            .args(["master", "--http", http, "--grpc", grpc, "--heartbeat-ms", "200"])
             .arg("--config")
             .arg(config)
             .arg("--state-dir")

@@ -246,6 +246,7 @@ async fn a_checkout_dies_with_a_killed_worker() {
         checkout: Some(rbb_schema::proto::Checkout {
             url: "ssh://git.invalid/repo".to_owned(),
             commit: "0123456789abcdef0123456789abcdef01234567".to_owned(),
+            ..Default::default()
         }),
         command: "true".to_owned(),
         ..Lease::default()

@@ -111,7 +111,8 @@ async fn runs_leased_steps_with_a_checkout() {
     assert_eq!(hello.version, env!("CARGO_PKG_VERSION"));
 
     let mut first = lease(1, "cat hello.txt; echo oops >&2; echo \"$GREETING\"");
-    first.checkout = Some(Checkout { url: repo.to_str().unwrap().to_owned(), commit: commit.clone() });
+    first.checkout =
+        Some(Checkout { url: repo.to_str().unwrap().to_owned(), commit: commit.clone(), ..Checkout::default() });
     first.env.insert("GREETING".to_owned(), "hi".to_owned());
     session.send(MasterMsg::Lease(first)).await;
     let (messages, finished) = session.until_finished(1).await;
@@ -147,6 +148,7 @@ async fn runs_leased_steps_with_a_checkout() {
     broken.checkout = Some(Checkout {
         url: repo.to_str().unwrap().to_owned(),
         commit: "0123456789abcdef0123456789abcdef01234567".to_owned(),
+        ..Checkout::default()
     });
     session.send(MasterMsg::Lease(broken)).await;
     let (_, finished) = session.until_finished(3).await;
@@ -436,7 +438,9 @@ async fn a_step_never_runs_in_another_builds_tree() {
     let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
     let mut session = master.next_session().await;
     session.handshake(1000).await;
-    let checkout = |commit: &str| Some(Checkout { url: repo.to_str().unwrap().to_owned(), commit: commit.to_owned() });
+    let checkout = |commit: &str| {
+        Some(Checkout { url: repo.to_str().unwrap().to_owned(), commit: commit.to_owned(), ..Checkout::default() })
+    };
     let step = |id: u64, build: u64| {
         let mut step = lease(id, &format!("cat hello.txt && echo {id} >> {}", ran.display()));
         step.build = build;
