@@ -133,6 +133,19 @@ fn path_param(name: &str) -> Value {
     json!({ "name": name, "in": "path", "required": true, "schema": schema })
 }
 
+/// The type of an endpoint's own query parameter (`Endpoint::query`), as its handler checks it.
+fn query_schema(name: &str) -> Value {
+    match name {
+        "delivery" => json!({ "type": "string", "enum": ["queued", "sent", "retrying", "given_up", "superseded"] }),
+        "state" => {
+            json!({ "type": "string", "enum": ["pending", "running", "success", "failure", "error", "cancelled"] })
+        }
+        "limit" => json!({ "type": "integer", "minimum": 0, "maximum": 500 }),
+        "offset" => json!({ "type": "integer", "minimum": 0, "maximum": crate::forge::outbox_store::MAX_SCAN }),
+        _ => json!({ "type": "string" }),
+    }
+}
+
 fn int_param(name: &str, description: &str, max: u64) -> Value {
     let schema = json!({ "type": "integer", "minimum": 0, "maximum": max });
     json!({ "name": name, "in": "query", "required": false, "description": description, "schema": schema })
@@ -164,7 +177,7 @@ pub fn document(endpoints: &[Endpoint]) -> Value {
             .collect();
         for (name, description) in e.query {
             params.push(json!({ "name": name, "in": "query", "required": false,
-                "schema": { "type": "string" }, "description": description }));
+                "schema": query_schema(name), "description": description }));
         }
         let mut responses = Map::new();
         if let Some(item) = e.list_of {

@@ -142,6 +142,9 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
     let engine = Engine::open(&state_dir, planner, repos, cfg.config.workers.clone(), locks, opts.heartbeat)
         .with_context(|| format!("opening the state in {}", state_dir.display()))?;
     engine.set_cache_limit(cache_limit);
+    if let Some(url) = &cfg.config.checkout_url {
+        engine.serve_checkouts_from(url);
+    }
     let plan = engine.plan();
     tracing::info!(plan = %plan.hash, builders = plan.builders.len(), state = %state_dir.display(), "plan compiled");
     let sources = Arc::new(Sources { repos: source_repos, webhooks: cfg.config.webhooks.clone().unwrap_or_default() });
@@ -194,9 +197,6 @@ pub async fn serve(
     let bound = Bound { http: http.local_addr()?, grpc: grpc.local_addr()? };
     let stop = tokio_util::sync::CancellationToken::new();
     let Master { engine, sources, api_token, fresh, retention, status_targets, public_url, notifications } = master;
-    if let Some(url) = &public_url {
-        engine.serve_checkouts_from(url);
-    }
     let public_url = public_url.unwrap_or_else(|| format!("http://{}", bound.http));
     if !notifications.is_empty() {
         crate::forge::notifier::spawn(

@@ -461,14 +461,14 @@ fn a_second_worker_with_a_connected_workers_name_is_refused_without_flapping() {
     assert!(first.log_text().matches("connected").count() >= 1);
 }
 
-/// With `public_url`, workers check out from the master's git service with their own name
+/// With `checkout_url`, workers check out from the master's git service with their own name
 /// and token, never from the mirror's path on the master's disk.
 #[test]
-fn with_a_public_url_workers_check_out_from_the_masters_git_service() {
+fn with_a_checkout_url_workers_check_out_from_the_masters_git_service() {
     let s = setup("builders:\n  b:\n    steps:\n      - run: cat README.md\n", &[("w1", "s3cret-token", &[])]);
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let mut text = std::fs::read_to_string(&s.config).expect("config");
-    text.push_str(&format!("public_url: http://127.0.0.1:{port}/\n"));
+    text.push_str(&format!("checkout_url: http://127.0.0.1:{port}/\n"));
     std::fs::write(&s.config, text).expect("config");
     let m = Master::start_at(&s.config, &s.state, &format!("127.0.0.1:{port}"), "127.0.0.1:0");
     let _w = Worker::start(&m, "w1", "s3cret-token", &s.dir.path().join("w1"), &[]);

@@ -43,10 +43,15 @@ pub struct MasterConfig {
     pub notifications: Vec<NotificationConfig>,
     /// The address people reach this master's UI at, for links in commit statuses and
     /// notifications, e.g. `https://ci.example.com`. Default: `http://` and the `--http`
-    /// address. When set, workers also clone builds from `<public_url>/git/<repository>.git`
-    /// (without it, from the mirror's path on this host).
+    /// address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_url: Option<String>,
+    /// The master's HTTP address as workers reach it, e.g. `http://ci.internal:8010`: workers
+    /// then clone builds from `<checkout_url>/git/<repository>.git` with their own name and
+    /// token, and need neither this host's disk nor the forge's credentials. Without it, they
+    /// are handed the mirror's path on this host (workers on the same host only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkout_url: Option<String>,
     /// How long history is kept. Without it, builds and logs are kept forever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionConfig>,

@@ -237,7 +237,7 @@ pub struct Engine {
     cache_gc: Mutex<()>,
     /// Git ids of step inputs, read from the mirrors (the repositories stay open).
     inputs: crate::cache::key::InputResolver,
-    /// Where workers clone from when the master serves its mirrors (`public_url`): leases
+    /// Where workers clone from when the master serves its mirrors (`checkout_url`): leases
     /// then name `<base>/git/<repository>.git` instead of the mirror's path.
     checkout_base: std::sync::RwLock<Option<String>>,
 }
@@ -441,8 +441,8 @@ impl Engine {
     }
 
     /// From now on, workers check out from the master's git service at `base` (the
-    /// master's public address) rather than from the mirror's path, so workers on other
-    /// hosts need neither the master's disk nor the forge's credentials.
+    /// master's HTTP address as workers reach it) rather than from the mirror's path, so
+    /// workers on other hosts need neither the master's disk nor the forge's credentials.
     pub fn serve_checkouts_from(&self, base: &str) {
         *self.checkout_base.write().unwrap_or_else(|p| p.into_inner()) = Some(base.trim_end_matches('/').to_owned());
     }
