@@ -365,3 +365,25 @@ builders:
     assert_eq!(step(&reused, "produce")["result"], "CACHED", "{reused:#}");
     assert_eq!(digest(log(&m, &reused, "show")), Some(made), "the restored file is the stored one");
 }
+
+#[test]
+fn a_new_cache_salt_runs_the_builders_steps_again_and_says_so() {
+    let pipeline = |salt: &str| {
+        format!(
+            "builders:\n  build:\n{salt}    steps:\n      - name: make\n        run: cat src/a.txt > made.txt\n        inputs: [src]\n        outputs: [made.txt]\n"
+        )
+    };
+    let f = fixture(&pipeline(""));
+    let m = Master::start(&f.config, &f.state);
+    let _w = Worker::start(&m, "w1", "t", &f.dir.path().join("w1"), &[]);
+    let b1 = m.finished(m.force("app/build"), T);
+    assert_eq!(step(&b1, "make")["result"], "SUCCESS", "{b1:#}");
+    let b2 = m.finished(m.force("app/build"), T);
+    assert_eq!(step(&b2, "make")["result"], "CACHED", "{b2:#}");
+    let salted = commit(&f.repo, ".rbb/pipeline.yaml", &pipeline("    cache_salt: \"2\"\n"), 1, "Salt the cache");
+    let b3 = build_of(&m, &salted);
+    assert_eq!(step(&b3, "make")["result"], "SUCCESS", "{b3:#}");
+    assert_eq!(step(&b3, "make")["cache"]["changed"], serde_json::json!(["salt"]), "{b3:#}");
+    let b4 = m.finished(m.force("app/build"), T);
+    assert_eq!(step(&b4, "make")["result"], "CACHED", "{b4:#}");
+}
