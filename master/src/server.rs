@@ -147,7 +147,11 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
     }
     let plan = engine.plan();
     tracing::info!(plan = %plan.hash, builders = plan.builders.len(), state = %state_dir.display(), "plan compiled");
-    let sources = Arc::new(Sources { repos: source_repos, webhooks: cfg.config.webhooks.clone().unwrap_or_default() });
+    let sources = Arc::new(Sources {
+        repos: source_repos,
+        webhooks: cfg.config.webhooks.clone().unwrap_or_default(),
+        poll_slots: Arc::new(tokio::sync::Semaphore::new(crate::sources::POLL_SLOTS)),
+    });
     if cfg.config.api_token.is_none() {
         tracing::warn!(
             "no api_token in the master config: force, stop and rebuild are open to anyone who reaches the HTTP port"

@@ -340,6 +340,23 @@ impl SourceRepo {
 pub struct Sources {
     pub repos: Vec<Arc<SourceRepo>>,
     pub webhooks: WebhookConfig,
+    /// Timed polls that may fetch at once ([`POLL_SLOTS`]): a fleet of repositories on one
+    /// interval never opens hundreds of fetches to its forges at the same moment. A fetch a
+    /// webhook asked for does not wait for a slot.
+    pub poll_slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Timed polls fetching at once, all repositories together.
+pub const POLL_SLOTS: usize = 8;
+
+/// `wait` plus up to a tenth of it, different for each repository and round: pollers that
+/// started together drift apart instead of fetching in step forever.
+pub fn spread(wait: Duration, repo: &str, round: u64) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (repo, round).hash(&mut h);
+    let permille = h.finish() % 101;
+    wait + wait.mul_f64(permille as f64 / 1000.0)
 }
 
 /// What a webhook request came to.
@@ -414,14 +431,19 @@ impl Sources {
         for (repo, fresh) in self.repos.iter().cloned().zip(fresh) {
             let (me, engine, stop) = (self.clone(), engine.clone(), stop.clone());
             tokio::spawn(async move {
-                let mut wait = me.fetch(&engine, &repo, "poll", fresh).await;
+                let mut wait = {
+                    let _slot = me.poll_slots.acquire().await;
+                    me.fetch(&engine, &repo, "poll", fresh).await
+                };
+                let mut round = 0u64;
                 // A new mirror whose first fetches fail keeps its baseline for the first one
                 // that brings branches: it must not build every commit of the repository.
                 let mut baseline = fresh && repo.mirror.heads().map(|h| h.is_empty()).unwrap_or(true);
                 loop {
+                    round += 1;
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(wait) => {}
+                        _ = tokio::time::sleep(spread(wait, &repo.name, round)) => {}
                         _ = repo.wake.notified() => {}
                     }
                     let source = repo
@@ -430,6 +452,8 @@ impl Sources {
                         .unwrap_or_else(|p| p.into_inner())
                         .take()
                         .unwrap_or_else(|| "poll".to_owned());
+                    // A webhook's fetch goes first; timed polls take turns.
+                    let _slot = if source == "poll" { Some(me.poll_slots.acquire().await) } else { None };
                     wait = me.fetch(&engine, &repo, &source, baseline).await;
                     baseline = baseline && repo.mirror.heads().map(|h| h.is_empty()).unwrap_or(true);
                 }
@@ -517,5 +541,23 @@ impl Sources {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pollers_drift_apart_by_at_most_a_tenth_of_their_interval() {
+        let wait = Duration::from_secs(60);
+        let spread_waits: Vec<Duration> = (0..1000).map(|i| spread(wait, &format!("repo{i}"), 1)).collect();
+        assert!(spread_waits.iter().all(|w| *w >= wait && *w <= wait + wait / 10), "{spread_waits:?}");
+        // A thousand repositories on one interval do not poll in step.
+        let distinct: std::collections::BTreeSet<Duration> = spread_waits.iter().copied().collect();
+        assert!(distinct.len() > 50, "only {} distinct waits", distinct.len());
+        // One repository's rounds differ too, and a zero interval stays zero.
+        assert!((1..20).map(|r| spread(wait, "app", r)).collect::<std::collections::BTreeSet<_>>().len() > 1);
+        assert_eq!(spread(Duration::ZERO, "app", 3), Duration::ZERO);
     }
 }
