@@ -292,3 +292,27 @@ builders:
     assert!(shown.contains("the app readme\nother"), "restored outputs: {shown}");
     no_leftovers(&s);
 }
+
+/// A step that fails halts its build: the build's container goes when the build ends, although
+/// the step that would have been its last in the container never comes.
+#[test]
+fn a_halted_build_leaves_no_container() {
+    let s = setup(
+        "dock-halt",
+        r#"
+builders:
+  box:
+    image: rbb-test/busybox:1
+    steps:
+      - name: fails
+        run: exit 3
+      - name: never
+        run: echo never
+"#,
+    );
+    let m = &s.master;
+    let b = m.finished(m.force("app/box"), T);
+    assert_eq!(b["result"], "FAILURE", "{b:#}");
+    assert_eq!(step(&b, "never")["result"], "SKIPPED", "{b:#}");
+    no_leftovers(&s);
+}

@@ -370,6 +370,10 @@ impl Connection {
     ) {
         match msg {
             MasterMsg::Welcome(_) => debug!("ignoring a second Welcome"),
+            MasterMsg::Ended(ended) => {
+                let executor = Arc::clone(&self.steps.executor);
+                tokio::spawn(async move { executor.end_build_container(ended.build).await });
+            }
             MasterMsg::Cancel(cancel) => match steps.running.get(&cancel.lease) {
                 Some(token) => {
                     info!(lease = cancel.lease, reason = %cancel.reason, "cancelling step");

@@ -779,7 +779,8 @@ async fn worker(grpc: &str, name: &str, slots: u32, seen: &Seen) -> Result<()> {
             Some(master_message::Msg::Cancel(c)) => {
                 bail!("lease {} was cancelled: {}", c.lease, c.reason);
             }
-            None => {}
+            // Nothing is kept per build by a simulated worker.
+            Some(master_message::Msg::Ended(_)) | None => {}
         }
     }
     if seen.stop.load(Ordering::Acquire) {

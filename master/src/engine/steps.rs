@@ -243,6 +243,11 @@ impl Engine {
         let (worker, builder) = (b.worker.clone(), b.builder.clone());
         tx.set_state(id, State::Finished);
         tx.durable();
+        if let Some(w) = &worker {
+            // What the worker keeps for the build alone (its container) can go now, also
+            // when the build's last steps were skipped.
+            tx.send(w, MasterMsg::Ended(proto::BuildEnded { build: id }));
+        }
         tracing::info!(build = id, builder = %builder, result = %result, "build finished");
         if let Some(w) = worker
             && let Some(builds) = tx.worker_builds_mut(&w)
