@@ -270,6 +270,8 @@ fn a_lost_or_corrupt_blob_makes_the_step_run_again_and_a_restart_keeps_the_cache
     let b4 = m.finished(m.force("app/build"), T);
     assert_eq!(b4["result"], "SUCCESS", "{b4:#}");
     assert_eq!(step(&b4, "compile")["result"], "SUCCESS", "a corrupt blob is a miss: {b4:#}");
+    let why = step(&b4, "compile")["cache"]["reason"].as_str().unwrap_or_default().to_owned();
+    assert!(why.contains("could not be restored"), "{why}");
     assert!(log(&m, &b4, "show").contains("A1\nB1\nguide v1"), "{}", log(&m, &b4, "show"));
     // ... and the fresh upload repaired the store.
     let b5 = m.finished(m.force("app/build"), T);

@@ -268,7 +268,12 @@ impl Engine {
             s.cache = Some(StepCacheRecord {
                 state: CacheState::Miss,
                 key: Some(c.key.clone()),
-                reason: c.reason.clone(),
+                reason: if c.hit.is_some() {
+                    // Offered, but the worker could not restore it (a blob gone or damaged).
+                    Some("its entry was found but could not be restored; see the step's log".to_owned())
+                } else {
+                    c.reason.clone()
+                },
                 changed: c.changed.clone(),
                 from: None,
                 stored: store,
