@@ -139,6 +139,13 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
     let locks: BTreeMap<String, u32> = cfg.config.locks.iter().map(|(k, v)| (k.clone(), v.max)).collect();
     let cache_limit =
         crate::cache::max_size(cfg.config.cache.as_ref()).map_err(|e| anyhow::anyhow!("the master config: {e}"))?;
+    if let Some(url) = &cfg.config.checkout_url
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        anyhow::bail!(
+            "the master config: checkout_url: `{url}` is not an http:// or https:// URL (the master's HTTP address as workers reach it, e.g. http://ci.internal:8010)"
+        );
+    }
     let engine = Engine::open(&state_dir, planner, repos, cfg.config.workers.clone(), locks, opts.heartbeat)
         .with_context(|| format!("opening the state in {}", state_dir.display()))?;
     engine.set_cache_limit(cache_limit);

@@ -387,6 +387,16 @@ fn a_bad_max_size_is_a_config_error_naming_the_field() {
 }
 
 #[test]
+fn a_checkout_url_that_is_not_http_is_a_config_error_naming_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_repo(&dir.path().join("app"), PIPELINE, &[]);
+    std::fs::write(dir.path().join("rbb.yaml"), config("checkout_url: ci.internal:8010\n")).expect("config");
+    let err = open(&options(dir.path())).err().expect("refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("checkout_url: `ci.internal:8010` is not an http:// or https:// URL"), "{msg}");
+}
+
+#[test]
 fn rbb_cache_stats_and_gc_talk_to_a_running_master() {
     let dir = tempfile::tempdir().expect("tempdir");
     make_repo(&dir.path().join("app"), PIPELINE, &[]);
