@@ -102,15 +102,15 @@ impl Engine {
         let pass_env = crate::cache::key::pass_env_digests(&probe.pass_env, &q.pass_env);
         let manifest = Manifest {
             format: crate::cache::key::FULL_KEY_FORMAT.to_owned(),
-            static_key: probe.static_key.clone(),
+            epoch: self.cache_epoch(&probe.builder)?,
+            static_key: probe.static_key,
             inputs,
             pass_env,
             image: Some(q.image_digest.clone()).filter(|d| !d.is_empty()),
-            platform: probe.platform.clone(),
-            after: probe.after.clone(),
-            salt: probe.salt.clone(),
-            epoch: self.cache_epoch(&probe.builder)?,
-            definition: probe.definition.clone(),
+            platform: probe.platform,
+            after: probe.after,
+            salt: probe.salt,
+            definition: probe.definition,
         };
         let key = manifest.key();
         // From here until the hit is pinned on the lease, no collection may remove it.
