@@ -253,9 +253,13 @@ fn webhook_to_status(root: &Path, bin: &Path, dir: &Path) -> Result<()> {
             .arg(format!("http://{}{path}", forge.addr))
             .output()?;
         floor.push(t.elapsed());
-        if String::from_utf8_lossy(&out.stdout) != "201" || !forge.seen().iter().any(|s| s.path == path) {
+        if String::from_utf8_lossy(&out.stdout) != "201" {
             bail!("the floor's curl POST did not arrive: {}", String::from_utf8_lossy(&out.stderr));
         }
+        // The fake forge answers before it records the request.
+        poll(Duration::from_secs(5), "the floor's POST to be recorded", || {
+            Ok(forge.seen().iter().any(|s| s.path == path).then_some(()))
+        })?;
     }
     let (m, f) = (median(times.clone()), median(floor));
     println!("  push webhook → pending status at the forge (median of {PUSHES} pushes, each checked)");
