@@ -14,6 +14,7 @@ pub mod diagnostic;
 pub mod diff;
 pub mod duration;
 pub mod git;
+mod incremental;
 mod lower;
 mod merge;
 mod parse;
@@ -23,6 +24,7 @@ pub mod snippet;
 pub mod spans;
 
 pub use diagnostic::{Diagnostic, Diagnostics, Printed, Severity};
+pub use incremental::FrontEndCache;
 pub use parse::{NotUtf8, Origin, Source, decode_text, valid_name};
 use rbb_schema::plan::Plan;
 
@@ -81,6 +83,27 @@ impl Compilation {
 
 /// Compiles every source into one plan.
 pub fn compile(sources: &[Source], eval: &dyn snippet::Evaluator, opts: &Options) -> Compilation {
+    compile_with(sources, eval, opts, None)
+}
+
+/// [`compile`], reusing the per-file work (parsing, lowering, snippets) of every source that
+/// `cache` has seen unchanged: only the files that changed are parsed again, then the whole
+/// plan is merged. The result is the one [`compile`] gives for the same input.
+pub fn compile_incremental(
+    sources: &[Source],
+    eval: &dyn snippet::Evaluator,
+    opts: &Options,
+    cache: &FrontEndCache,
+) -> Compilation {
+    compile_with(sources, eval, opts, Some(cache))
+}
+
+fn compile_with(
+    sources: &[Source],
+    eval: &dyn snippet::Evaluator,
+    opts: &Options,
+    cache: Option<&FrontEndCache>,
+) -> Compilation {
     let mut diags = Diagnostics::default();
     let mut seen_repos = std::collections::BTreeMap::new();
     for s in sources {
@@ -109,17 +132,10 @@ pub fn compile(sources: &[Source], eval: &dyn snippet::Evaluator, opts: &Options
             ));
         }
     }
-    // Files are independent until the merge: parse and lower them on every core.
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let chunk = if sources.len() < 16 { sources.len().max(1) } else { sources.len().div_ceil(threads) };
-    let parts: Vec<FrontEnd> = std::thread::scope(|scope| {
-        let handles: Vec<_> = sources
-            .chunks(chunk)
-            .enumerate()
-            .map(|(n, part)| scope.spawn(move || front_end(part, n * chunk, eval, opts)))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
-    });
+    let parts = match cache {
+        None => front_ends(sources, eval, opts),
+        Some(cache) => cache.front_ends(sources, eval, opts),
+    };
     let mut lowered = Vec::new();
     let mut broken = merge::Broken::default();
     for part in parts {
@@ -135,7 +151,26 @@ pub fn compile(sources: &[Source], eval: &dyn snippet::Evaluator, opts: &Options
     Compilation { plan, diagnostics: diags.into_sorted(), printed }
 }
 
+/// Parses and lowers every source: files are independent until the merge, so this runs on
+/// every core.
+fn front_ends(sources: &[Source], eval: &dyn snippet::Evaluator, opts: &Options) -> Vec<FrontEnd> {
+    if sources.is_empty() {
+        return Vec::new();
+    }
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let chunk = if sources.len() < 16 { sources.len() } else { sources.len().div_ceil(threads) };
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = sources
+            .chunks(chunk)
+            .enumerate()
+            .map(|(n, part)| scope.spawn(move || front_end(part, n * chunk, eval, opts)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    })
+}
+
 /// What the per-file passes produce for a run of sources.
+#[derive(Clone)]
 struct FrontEnd {
     lowered: Vec<lower::Lowered>,
     broken: merge::Broken,

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// What the per-file passes could not read, already reported: `needs` naming it are not
 /// reported a second time.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Broken {
     /// (repository, builder name) of builders with errors of their own.
     pub builders: BTreeSet<(String, String)>,

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use rbb_compiler::snippet::NoSnippets;
-use rbb_compiler::{Options, Origin, Source, compile};
+use rbb_compiler::{FrontEndCache, Options, Origin, Source, compile, compile_incremental};
 use std::collections::{BTreeMap, BTreeSet};
 
 fn source(repo: &str, text: String) -> Source {
@@ -193,6 +193,41 @@ proptest! {
         }
         for (x, y) in before.builders.iter().zip(&after.builders) {
             prop_assert_eq!(x.steps[0].key != y.steps[0].key, down.contains(&x.id), "{}", x.id);
+        }
+    }
+
+    /// A sequence of fleets through one cache (edits of one repository, a different order, a
+    /// commit of a new origin, a repository that breaks and comes back) compiles to exactly
+    /// what a full compile gives: the same plan JSON and the same diagnostics.
+    #[test]
+    fn incremental_compiles_equal_full_compiles(
+        fleet in any_fleet(),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), 0u8..4), 1..6),
+    ) {
+        let cache = FrontEndCache::new(8);
+        let mut sources = render(&fleet);
+        let check = |sources: &[Source]| -> Result<(), TestCaseError> {
+            let full = compile(sources, &NoSnippets, &Options::default());
+            let inc = compile_incremental(sources, &NoSnippets, &Options::default(), &cache);
+            prop_assert_eq!(serde_json::to_string(&full.plan).expect("json"), serde_json::to_string(&inc.plan).expect("json"));
+            prop_assert_eq!(full.diagnostics, inc.diagnostics);
+            Ok(())
+        };
+        check(&sources)?;
+        for (n, (pick, what)) in edits.into_iter().enumerate() {
+            let r = pick.index(sources.len());
+            match what {
+                0 => sources[r].text.push_str(&format!("  extra{n}:\n    steps:\n      - run: echo {n}\n")),
+                1 => sources.reverse(),
+                2 => sources[r].origin.commit = Some(format!("{n:040}")),
+                _ => {
+                    let good = sources[r].text.clone();
+                    sources[r].text.push_str("  broken:\n    steps: 3\n");
+                    check(&sources)?;
+                    sources[r].text = good;
+                }
+            }
+            check(&sources)?;
         }
     }
 }

@@ -11,13 +11,16 @@
 //! Plans are cached by everything a snippet can read: per repository its name, branch,
 //! pipeline blob id (which fixes `ctx["pipeline"]`) and the list of file paths of the commit
 //! (`ctx["files"]`), plus the set of repositories left out. The cache holds a bounded number
-//! of compiles: its cost follows the commits in flight, not history.
+//! of compiles: its cost follows the commits in flight, not history. Below it, each file's
+//! parsed and lowered builders are kept too ([`FrontEndCache`]): a new commit of one
+//! repository in a fleet of a thousand parses one file and merges, it does not recompile the
+//! fleet.
 //!
 //! A git read error (a commit or object that is not there) is a [`PlanError::Read`], never a
 //! pipeline that does not compile.
 
 use rbb_compiler::snippet::{ChildEvaluator, Limits, NoSnippets};
-use rbb_compiler::{Diagnostic, Options, Source, compile, git, render_diagnostics};
+use rbb_compiler::{Diagnostic, FrontEndCache, Options, Source, compile, compile_incremental, git, render_diagnostics};
 use rbb_schema::config::PIPELINE_PATH;
 use rbb_schema::plan::Plan;
 use sha2::{Digest, Sha256};
@@ -109,12 +112,18 @@ pub struct Planner {
     /// Serialises head updates (reads and compiles run outside `heads`' lock).
     updating: Mutex<()>,
     cache: Mutex<Cache>,
+    /// Each file's parsed and lowered builders: a compile after one repository changed
+    /// parses that repository's file only (room for every repository twice: a head and the
+    /// commit being built).
+    front_ends: FrontEndCache,
 }
 
 impl Planner {
     pub fn new(repos: Vec<PlanRepo>, opts: Options, eval: ChildEvaluator) -> Planner {
         let plan = Arc::new(empty_plan(&opts));
+        let front_ends = FrontEndCache::new(2 * repos.len() + CACHE_ENTRIES);
         Planner {
+            front_ends,
             repos: repos.into_iter().map(|r| (r.name.clone(), r)).collect(),
             eval,
             opts,
@@ -356,7 +365,7 @@ impl Planner {
             return hit.clone();
         }
         let opts = Options { broken_repos: left_out.clone(), ..self.opts.clone() };
-        let result = compile(sources, &self.eval, &opts);
+        let result = compile_incremental(sources, &self.eval, &opts, &self.front_ends);
         if !result.diagnostics.is_empty() && !result.has_errors() {
             tracing::warn!("pipeline warnings:\n{}", render_diagnostics(&result.diagnostics, sources));
         }

@@ -57,8 +57,11 @@ pub struct FetchHealth {
     pub last_success: Option<i64>,
     pub last_attempt: Option<i64>,
     /// How long the poller waits after the last attempt (milliseconds), unless a webhook
-    /// comes first: the poll interval, doubled after each failure in a row.
+    /// comes first: the poll interval, doubled after each failure in a row, and up to four
+    /// times longer for a repository that has been quiet (see [`idle_wait`]).
     pub retry_in_ms: u64,
+    /// Successful fetches in a row that brought nothing new.
+    pub quiet: u32,
 }
 
 /// The longest a failing repository waits between fetches (unless its poll interval is longer).
@@ -69,6 +72,27 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(15 * 60);
 pub fn backoff(interval: Duration, failures: u32) -> Duration {
     let doubled = interval.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
     doubled.min(MAX_BACKOFF.max(interval))
+}
+
+/// Quiet fetches in a row after which a repository's polls slow down.
+pub const QUIET_POLLS: u32 = 10;
+
+/// The longest an idle repository's poll interval is stretched to (unless its configured
+/// interval is longer: then it stays as configured).
+pub const MAX_IDLE_WAIT: Duration = Duration::from_secs(10 * 60);
+
+/// The wait before the next poll of a repository whose last `quiet` fetches brought nothing:
+/// the interval for the first [`QUIET_POLLS`], then twice it, then (after twice as many)
+/// four times it, never above [`MAX_IDLE_WAIT`] unless the interval itself is. Any new commit
+/// (or a webhook) brings the interval back. A fleet of repositories that rarely change costs a
+/// quarter of the fetches; a webhook still fetches at once.
+pub fn idle_wait(interval: Duration, quiet: u32) -> Duration {
+    let factor = match quiet / QUIET_POLLS {
+        0 => 1,
+        1 => 2,
+        _ => 4,
+    };
+    interval.saturating_mul(factor).min(MAX_IDLE_WAIT.max(interval))
 }
 
 fn unix_now_ms() -> i64 {
@@ -141,8 +165,9 @@ impl SourceRepo {
         FetchHealth { name: self.name.clone(), url: self.url.clone(), ..h }
     }
 
-    /// Notes one fetch's outcome; returns the wait before the next poll.
-    fn note_fetch(&self, error: Option<String>) -> Duration {
+    /// Notes one fetch's outcome (`quiet`: it brought nothing new and nobody asked for it);
+    /// returns the wait before the next poll.
+    fn note_fetch(&self, error: Option<String>, quiet: bool) -> Duration {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         let now = unix_now_ms();
         h.last_attempt = Some(now);
@@ -150,11 +175,12 @@ impl SourceRepo {
             None => {
                 h.failures = 0;
                 h.last_success = Some(now);
+                h.quiet = if quiet { h.quiet.saturating_add(1) } else { 0 };
             }
             Some(_) => h.failures = h.failures.saturating_add(1),
         }
         h.error = error;
-        let wait = backoff(self.interval, h.failures);
+        let wait = if h.failures > 0 { backoff(self.interval, h.failures) } else { idle_wait(self.interval, h.quiet) };
         h.retry_in_ms = wait.as_millis() as u64;
         wait
     }
@@ -401,11 +427,13 @@ impl Sources {
             })
         })
         .await;
+        let mut quiet = source == "poll";
         let error = match res {
             Ok(Ok(report)) => {
                 if baseline && report.fetch_error.is_none() {
                     tracing::info!(repo = %repo.name, branches = report.baseline, "mirror ready");
                 }
+                quiet &= report.recorded.is_empty() && report.deleted.is_empty() && report.failed.is_empty();
                 report.fetch_error
             }
             Ok(Err(e)) => {
@@ -417,7 +445,7 @@ impl Sources {
                 Some("the poll could not run; see the master's log".to_owned())
             }
         };
-        repo.note_fetch(error)
+        repo.note_fetch(error, quiet)
     }
 
     /// How every repository's fetches are going, in config order.
@@ -559,5 +587,36 @@ mod tests {
         // One repository's rounds differ too, and a zero interval stays zero.
         assert!((1..20).map(|r| spread(wait, "app", r)).collect::<std::collections::BTreeSet<_>>().len() > 1);
         assert_eq!(spread(Duration::ZERO, "app", 3), Duration::ZERO);
+    }
+
+    #[test]
+    fn quiet_repositories_are_polled_less_often_and_a_new_commit_brings_the_interval_back() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(idle_wait(minute, 0), minute);
+        assert_eq!(idle_wait(minute, QUIET_POLLS - 1), minute);
+        assert_eq!(idle_wait(minute, QUIET_POLLS), 2 * minute);
+        assert_eq!(idle_wait(minute, 2 * QUIET_POLLS), 4 * minute);
+        assert_eq!(idle_wait(minute, u32::MAX), 4 * minute);
+        // Capped at ten minutes, unless the configured interval is longer already.
+        assert_eq!(idle_wait(Duration::from_secs(300), 100), MAX_IDLE_WAIT);
+        assert_eq!(idle_wait(Duration::from_secs(3600), 100), Duration::from_secs(3600));
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let repo = SourceRepo::new(
+            "app".into(),
+            "repos/app".into(),
+            Mirror::open("repos/app", &dir.path().join("mirror")).expect("mirror"),
+            vec!["main".into()],
+            minute,
+        );
+        for _ in 0..2 * QUIET_POLLS {
+            repo.note_fetch(None, true);
+        }
+        assert_eq!(repo.health().retry_in_ms, 4 * 60_000);
+        assert_eq!(repo.note_fetch(None, false), minute, "a fetch that brought commits resets the interval");
+        assert_eq!(repo.health().quiet, 0);
+        // A failure backs off by failures, not by quiet polls.
+        assert_eq!(repo.note_fetch(Some("down".into()), true), minute);
+        assert_eq!(repo.note_fetch(Some("down".into()), true), 2 * minute);
     }
 }

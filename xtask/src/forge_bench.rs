@@ -106,14 +106,14 @@ fn serve_one(mut s: TcpStream) -> Option<Seen> {
     Some(Seen { at, path, authorization: header("authorization").unwrap_or_default(), body })
 }
 
-fn sign(body: &[u8]) -> Result<String> {
+pub(crate) fn sign(body: &[u8]) -> Result<String> {
     let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).context("hmac key")?;
     mac.update(body);
     Ok(mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// POSTs `body` to `path` with `headers`; answers the status code.
-fn post(addr: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Result<u16> {
+pub(crate) fn post(addr: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Result<u16> {
     let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut req =
@@ -128,7 +128,7 @@ fn post(addr: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Result<
     out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).with_context(|| format!("no HTTP status in {out:?}"))
 }
 
-fn git(dir: &Path, args: &[&str]) -> Result<String> {
+pub(crate) fn git(dir: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new("git")
         .arg("-C")
         .arg(dir)
@@ -157,7 +157,7 @@ fn ms(d: Duration) -> String {
 }
 
 /// Waits up to `timeout` for `f` to give `Some`, polling every millisecond.
-fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+pub(crate) fn poll<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f()? {

@@ -16,6 +16,7 @@ mod cache_bench;
 mod docker_bench;
 mod forge_bench;
 mod key_bench;
+mod repos_bench;
 mod runs;
 mod scale;
 mod soak;

@@ -54,6 +54,9 @@ struct Args {
     queue: u64,
     requests: usize,
     reuse: bool,
+    /// When set, the fleet runs builds for this long instead of `fleet_builds` (RSS after a
+    /// long load).
+    fleet_secs: u64,
 }
 
 fn parse(args: &[String]) -> Result<Args> {
@@ -65,6 +68,7 @@ fn parse(args: &[String]) -> Result<Args> {
         queue: 200,
         requests: 500,
         reuse: false,
+        fleet_secs: 0,
     };
     let mut it = args.iter();
     while let Some(k) = it.next() {
@@ -81,8 +85,9 @@ fn parse(args: &[String]) -> Result<Args> {
             "--slots" => a.slots = n as u32,
             "--queue" => a.queue = n,
             "--requests" => a.requests = n as usize,
+            "--fleet-secs" => a.fleet_secs = n,
             _ => bail!(
-                "unknown option {k}; options: --builds N --fleet-builds N --workers N --slots N --queue N --requests N --reuse"
+                "unknown option {k}; options: --builds N --fleet-builds N --fleet-secs S --workers N --slots N --queue N --requests N --reuse"
             ),
         }
     }
@@ -383,10 +388,10 @@ fn fleet_setup(root: &Path, work: &Path, a: &Args) -> Result<PathBuf> {
 }
 
 /// A running `rbb master`, stopped with SIGTERM (a clean close: redb need not repair).
-struct Master {
-    child: Child,
-    http: String,
-    grpc: String,
+pub(crate) struct Master {
+    pub(crate) child: Child,
+    pub(crate) http: String,
+    pub(crate) grpc: String,
 }
 
 impl Drop for Master {
@@ -407,7 +412,7 @@ impl Drop for Master {
 /// Starts the master and waits for its API to answer: (master, spawn → first answer).
 /// The master's log goes to `<state>.log` (shutting the fleet down makes it warn of every
 /// session it loses).
-fn start(bin: &Path, config: &Path, state: &Path) -> Result<(Master, Duration)> {
+pub(crate) fn start(bin: &Path, config: &Path, state: &Path) -> Result<(Master, Duration)> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -454,7 +459,7 @@ struct Figures {
     load: (f64, f64),
 }
 
-fn loadavg() -> f64 {
+pub(crate) fn loadavg() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
@@ -583,7 +588,7 @@ fn latency(http: &str, path: &str, n: usize, check: impl Fn(&Value) -> Result<()
 }
 
 /// utime + stime of a process, in milliseconds.
-fn cpu_ms(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_ms(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat.rsplit_once(')').context("malformed /proc stat")?.1;
@@ -641,24 +646,31 @@ fn fleet(m: &Master, a: &Args) -> Result<Fleet> {
     let pid = m.child.id();
     let cpu0 = cpu_ms(pid)?;
     let cap = u64::from(a.workers) * u64::from(a.slots) + a.queue;
-    let total_steps = a.fleet_builds * u64::from(FLEET_STEPS);
+    // With --fleet-secs, builds are forced until that time is up: the count is known after.
+    let timed = a.fleet_secs > 0;
+    let mut want = if timed { u64::MAX } else { a.fleet_builds };
+    let mut total_steps = want.saturating_mul(u64::from(FLEET_STEPS));
     let mut forced: Vec<u64> = Vec::with_capacity(a.fleet_builds as usize);
     // (elapsed s, steps done) samples, for the sustained rate between 10% and 90%.
     let mut samples: Vec<(f64, u64)> = Vec::new();
     let t = Instant::now();
     loop {
         let done = seen.builds.load(Ordering::Acquire);
-        while (forced.len() as u64) < a.fleet_builds && (forced.len() as u64).saturating_sub(done) < cap {
+        if timed && want == u64::MAX && t.elapsed().as_secs() >= a.fleet_secs {
+            want = forced.len() as u64;
+            total_steps = want * u64::from(FLEET_STEPS);
+        }
+        while (forced.len() as u64) < want && (forced.len() as u64).saturating_sub(done) < cap {
             let builder = format!("fleet/f{:02}", forced.len() % FLEET_BUILDERS);
             forced.push(force(&m.http, &builder)?);
         }
         let steps = seen.steps.load(Ordering::Acquire);
         samples.push((t.elapsed().as_secs_f64(), steps));
-        if done >= a.fleet_builds {
+        if done >= want {
             break;
         }
         check_wrong(&seen)?;
-        if t.elapsed() > FLEET_LIMIT {
+        if t.elapsed() > FLEET_LIMIT + Duration::from_secs(a.fleet_secs) {
             bail!("the fleet did {steps} of {total_steps} steps in {} s: stopped", FLEET_LIMIT.as_secs());
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -800,9 +812,14 @@ fn summary(a: &Args, facts: &Facts, size: u64, e: &Figures, h: &Figures) {
         (false, true) => "meets",
         (false, false) => "MISSES",
     };
+    let fleet_runs = if a.fleet_secs > 0 {
+        format!("builds for {} s ({} on the history)", a.fleet_secs, h.fleet.builds)
+    } else {
+        format!("{} builds", a.fleet_builds)
+    };
     println!(
-        "\nsummary: history of {} builds; fleet of {} workers × {} slots, {} builds × {FLEET_STEPS} steps, {} queued beyond the slots",
-        facts.builds, a.workers, a.slots, a.fleet_builds, a.queue
+        "\nsummary: history of {} builds; fleet of {} workers × {} slots, {fleet_runs} × {FLEET_STEPS} steps, {} queued beyond the slots",
+        facts.builds, a.workers, a.slots, a.queue
     );
     println!("{:<46} {:>12} {:>12} {:>12}  verdict", "figure", "history", "empty", "target");
     let row = |name: &str, hv: String, ev: String, target: &str, ok: bool| {
