@@ -5,8 +5,9 @@
 //! `docs/cache-key.md` with test vectors; a test here keeps the two in step.
 //!
 //! The static key covers what the compiler knows: the rendered command, its environment,
-//! working directory, image, declared inputs and outputs, the key of the step before it in
-//! the builder and the keys of the builders it needs. At run time the master adds the git
+//! working directory, image and the container options that change a result (limits,
+//! network, user, mounts, platform, the builder's services), declared inputs and outputs, the
+//! key of the step before it in the builder and the keys of the builders it needs. At run time the master adds the git
 //! tree ids of the inputs, the env allow-list's values, the image digest and the platform
 //! (`master/src/cache/key.rs`), and keeps this document to say what changed.
 
@@ -366,13 +367,14 @@ mod tests {
             command: None,
             health: Some(PlanHealth { command: "true".into(), interval_ms: 1000, retries: 3, timeout_ms: 5000 }),
         };
-        let variants: Vec<(&str, Box<dyn Fn(&mut PlanStep)>)> = vec![
-            ("memory", Box::new(|s| s.memory_bytes = Some(1 << 30))),
-            ("cpus", Box::new(|s| s.cpus_milli = Some(1500))),
-            ("network", Box::new(|s| s.network = Some("none".into()))),
-            ("user", Box::new(|s| s.user = Some("1000".into()))),
-            ("platform", Box::new(|s| s.platform = Some("linux/arm64".into()))),
-            ("mounts", Box::new(|s| s.mounts = vec![Mount { source: "/srv/data".into(), target: "/data".into() }])),
+        type Change = fn(&mut PlanStep);
+        let variants: [(&str, Change); 6] = [
+            ("memory", |s| s.memory_bytes = Some(1 << 30)),
+            ("cpus", |s| s.cpus_milli = Some(1500)),
+            ("network", |s| s.network = Some("none".into())),
+            ("user", |s| s.user = Some("1000".into())),
+            ("platform", |s| s.platform = Some("linux/arm64".into())),
+            ("mounts", |s| s.mounts = vec![Mount { source: "/srv/data".into(), target: "/data".into() }]),
         ];
         let mut seen = std::collections::BTreeSet::from([base.clone()]);
         for (what, change) in &variants {

@@ -279,15 +279,13 @@ impl DockerExecutor {
     /// The image's digest, pulling it first from the configured registry when the engine
     /// lacks it (progress goes to `out`). The error names the image (and the registry).
     async fn ensure_image(&self, image: &str, platform: &str, out: &mpsc::Sender<Output>) -> Result<String, String> {
-        match self.inspect_digest(image).await {
-            Err(reason) if reason.starts_with(ABSENT) => match &self.registry {
-                Some(registry) => {
-                    self.pull(image, platform, registry, out).await?;
-                    self.inspect_digest(image).await
-                }
-                None => Err(reason),
-            },
-            other => other,
+        match (self.local_digest(image).await?, &self.registry) {
+            (Some(digest), _) => Ok(digest),
+            (None, Some(registry)) => {
+                self.pull(image, platform, registry, out).await?;
+                self.inspect_digest(image).await
+            }
+            (None, None) => self.inspect_digest(image).await,
         }
     }
 
@@ -560,16 +558,26 @@ impl DockerExecutor {
 
     /// The image's digest, or a reason naming it when it is not on this engine.
     async fn inspect_digest(&self, image: &str) -> Result<String, String> {
+        self.local_digest(image).await?.ok_or_else(|| match &self.registry {
+            None => format!(
+                "image `{image}` is not on this worker's Docker engine (no registry to pull it from is configured)"
+            ),
+            Some(r) => format!("image `{image}` is not on this worker's Docker engine (nor pulled from {})", r.host),
+        })
+    }
+
+    /// The image's digest on this engine, `None` when the engine lacks it.
+    async fn local_digest(&self, image: &str) -> Result<Option<String>, String> {
         match self.docker.inspect_image(image).await {
-            Ok(inspect) => Ok(inspect
-                .repo_digests
-                .and_then(|d| d.into_iter().next())
-                .and_then(|d| d.split_once('@').map(|(_, digest)| digest.to_owned()))
-                .or(inspect.id)
-                .unwrap_or_default()),
-            Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => Err(format!(
-                "{ABSENT} `{image}` is not on this worker's Docker engine (no registry to pull it from is configured)"
+            Ok(inspect) => Ok(Some(
+                inspect
+                    .repo_digests
+                    .and_then(|d| d.into_iter().next())
+                    .and_then(|d| d.split_once('@').map(|(_, digest)| digest.to_owned()))
+                    .or(inspect.id)
+                    .unwrap_or_default(),
             )),
+            Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
             Err(err) => Err(format!("cannot inspect image `{image}`: {err}")),
         }
     }
@@ -919,9 +927,6 @@ impl Executor for DockerExecutor {
         self.allowed_mounts.iter().map(|(_, resolved)| resolved.display().to_string()).collect()
     }
 }
-
-/// How [`DockerExecutor::inspect_digest`]'s reason for an image the engine lacks begins.
-const ABSENT: &str = "image";
 
 /// A line the worker writes into the step's log.
 async fn header(out: &mpsc::Sender<Output>, line: String) {

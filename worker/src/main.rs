@@ -115,6 +115,9 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
     let native = NativeExecutor::guarded(guard.link());
     let mut labels: Vec<String> = cli.labels.into_iter().filter(|l| !l.is_empty()).collect();
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    if !cli.docker && (!cli.allow_mounts.is_empty() || cli.registry.is_some()) {
+        warn!("--allow-mount and --registry apply to containers: without --docker they do nothing");
+    }
     let registry = match &cli.registry {
         Some(host) => Some(registry(host, cli.registry_auth.as_deref())?),
         None => None,

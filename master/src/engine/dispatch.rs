@@ -169,10 +169,7 @@ impl Engine {
             .filter(|w| w.session.is_some())
             .filter(|w| need.iter().all(|l| w.labels.contains(*l)))
             .collect();
-        let capable = match containers_fit(pb, &labelled) {
-            Ok(capable) => capable,
-            Err(why) => return Err(why),
-        };
+        let capable = containers_fit(pb, &labelled)?;
         if capable.is_empty() {
             let wanted: Vec<&str> = need.iter().copied().collect();
             return Err(if wanted.is_empty() {
