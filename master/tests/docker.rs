@@ -249,6 +249,7 @@ fn a_worker_without_an_engine_offers_no_docker_label() {
     });
     let labels = workers["workers"][0]["labels"].as_array().cloned().unwrap_or_default();
     assert!(!labels.iter().any(|l| l == "docker"), "{workers:#}");
+    assert!(workers["workers"][0].get("image_platform").is_none(), "no engine, no image platform: {workers:#}");
 }
 
 unsafe extern "C" {
