@@ -5,21 +5,23 @@
 //! `docs/cache-key.md` with test vectors; a test here keeps the two in step.
 //!
 //! The static key covers what the compiler knows: the rendered command, its environment,
-//! working directory, image, declared inputs and outputs, the key of the step before it in
-//! the builder and the keys of the builders it needs. At run time the master adds the git
+//! working directory, image and the container options that change a result (limits,
+//! network, user, mounts, platform, the builder's services), declared inputs and outputs, the
+//! key of the step before it in the builder and the keys of the builders it needs. At run time the master adds the git
 //! tree ids of the inputs, the env allow-list's values, the image digest and the platform
 //! (`master/src/cache/key.rs`), and keeps this document to say what changed.
 
-use rbb_schema::plan::{Plan, PlanBuilder, PlanStep};
+use rbb_schema::pipeline::Mount;
+use rbb_schema::plan::{Plan, PlanBuilder, PlanHealth, PlanService, PlanStep};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 /// Identifies this encoding; bump it when the fields change.
 pub const STEP_KEY_FORMAT: &str = "rbb-step-key/1";
 
-/// The static cache key of `step`.
-pub fn step_key(step: &PlanStep, previous: Option<&str>, upstream: &[String]) -> String {
-    let doc = KeyDoc::new(step, previous, upstream);
+/// The static cache key of `step`; `services` are its builder's.
+pub fn step_key(step: &PlanStep, services: &[PlanService], previous: Option<&str>, upstream: &[String]) -> String {
+    let doc = KeyDoc::new(step, services, previous, upstream);
     let mut hasher = HashWriter(Sha256::new());
     // KeyDoc's fields are declared in byte order, so its compact JSON is canonical.
     let _ = serde_json::to_writer(&mut hasher, &doc);
@@ -28,8 +30,13 @@ pub fn step_key(step: &PlanStep, previous: Option<&str>, upstream: &[String]) ->
 
 /// The document hashed by [`step_key`] (shown by "why did this re-run?"): `step_key` is
 /// `sha256(canonical_json(step_key_document(..)))`, both built from the same fields.
-pub fn step_key_document(step: &PlanStep, previous: Option<&str>, upstream: &[String]) -> Value {
-    serde_json::to_value(KeyDoc::new(step, previous, upstream)).unwrap_or(Value::Null)
+pub fn step_key_document(
+    step: &PlanStep,
+    services: &[PlanService],
+    previous: Option<&str>,
+    upstream: &[String],
+) -> Value {
+    serde_json::to_value(KeyDoc::new(step, services, previous, upstream)).unwrap_or(Value::Null)
 }
 
 /// The key document of step `index` of `builder`, rebuilt from a compiled plan: `after` is
@@ -44,7 +51,7 @@ pub fn plan_step_document<'k>(
     let step = builder.steps.get(index)?;
     let previous = index.checked_sub(1).map(|i| builder.steps[i].key.as_str());
     let upstream: Vec<String> = builder.needs.iter().filter_map(|id| last_key(id)).map(str::to_owned).collect();
-    Some(step_key_document(step, previous, &upstream))
+    Some(step_key_document(step, &builder.services, previous, &upstream))
 }
 
 /// The key of the last step of every builder of `plan`, by builder id (for
@@ -57,6 +64,10 @@ pub fn last_keys(plan: &Plan) -> std::collections::BTreeMap<&str, &str> {
 #[derive(serde::Serialize)]
 struct KeyDoc<'a> {
     after: Option<&'a str>,
+    /// Only for a step with an image that sets a container option: steps without any keep
+    /// the key they had before these options existed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<ContainerDoc<'a>>,
     env: &'a std::collections::BTreeMap<String, String>,
     format: &'static str,
     image: Option<&'a str>,
@@ -68,13 +79,71 @@ struct KeyDoc<'a> {
     workdir: Option<&'a str>,
 }
 
+/// The container options that change what a step computes, fields in byte order.
+#[derive(serde::Serialize)]
+struct ContainerDoc<'a> {
+    cpus_milli: Option<u32>,
+    memory_bytes: Option<u64>,
+    mounts: &'a [Mount],
+    network: Option<&'a str>,
+    platform: Option<&'a str>,
+    services: Vec<ServiceDoc<'a>>,
+    user: Option<&'a str>,
+}
+
+/// A service in a key document, fields in byte order (`PlanHealth`'s are already).
+#[derive(serde::Serialize)]
+struct ServiceDoc<'a> {
+    command: Option<&'a str>,
+    env: &'a std::collections::BTreeMap<String, String>,
+    health: Option<&'a PlanHealth>,
+    image: &'a str,
+    name: &'a str,
+}
+
+impl<'a> ContainerDoc<'a> {
+    fn new(step: &'a PlanStep, services: &'a [PlanService]) -> Option<ContainerDoc<'a>> {
+        let set = step.memory_bytes.is_some()
+            || step.cpus_milli.is_some()
+            || step.network.is_some()
+            || step.user.is_some()
+            || step.platform.is_some()
+            || !step.mounts.is_empty()
+            || !services.is_empty();
+        (step.image.is_some() && set).then(|| ContainerDoc {
+            cpus_milli: step.cpus_milli,
+            memory_bytes: step.memory_bytes,
+            mounts: &step.mounts,
+            network: step.network.as_deref(),
+            platform: step.platform.as_deref(),
+            services: services
+                .iter()
+                .map(|s| ServiceDoc {
+                    command: s.command.as_deref(),
+                    env: &s.env,
+                    health: s.health.as_ref(),
+                    image: &s.image,
+                    name: &s.name,
+                })
+                .collect(),
+            user: step.user.as_deref(),
+        })
+    }
+}
+
 impl<'a> KeyDoc<'a> {
-    fn new(step: &'a PlanStep, previous: Option<&'a str>, upstream: &'a [String]) -> KeyDoc<'a> {
+    fn new(
+        step: &'a PlanStep,
+        services: &'a [PlanService],
+        previous: Option<&'a str>,
+        upstream: &'a [String],
+    ) -> KeyDoc<'a> {
         let mut needs: Vec<&str> = upstream.iter().map(String::as_str).filter(|k| !k.is_empty()).collect();
         needs.sort_unstable();
         needs.dedup();
         KeyDoc {
             after: previous,
+            container: ContainerDoc::new(step, services),
             env: &step.env,
             format: STEP_KEY_FORMAT,
             image: step.image.as_deref(),
@@ -227,6 +296,8 @@ mod tests {
             cpus_milli: None,
             network: None,
             user: None,
+            mounts: vec![],
+            platform: None,
             inputs: vec!["src".into()],
             outputs: vec![],
             cache: true,
@@ -239,16 +310,16 @@ mod tests {
     fn documented_vectors() {
         let s = step("make");
         // The streamed encoding is the canonical JSON of the document.
-        let doc = step_key_document(&s, None, &[]);
-        assert_eq!(step_key(&s, None, &[]), sha256(&canonical_json(&doc)));
+        let doc = step_key_document(&s, &[], None, &[]);
+        assert_eq!(step_key(&s, &[], None, &[]), sha256(&canonical_json(&doc)));
         assert_eq!(
-            canonical_json(&step_key_document(&s, None, &[])),
+            canonical_json(&step_key_document(&s, &[], None, &[])),
             r#"{"after":null,"env":{"A":"1","B":"2"},"format":"rbb-step-key/1","image":null,"inputs":["src"],"needs":[],"outputs":[],"pass_env":[],"run":"make","workdir":null}"#
         );
         let docs = include_str!("../../docs/cache-key.md");
-        let first = step_key(&s, None, &[]);
+        let first = step_key(&s, &[], None, &[]);
         assert!(docs.contains(&first), "docs/cache-key.md lacks vector {first}");
-        let second = step_key(&step("make test"), Some(&first), &[]);
+        let second = step_key(&step("make test"), &[], Some(&first), &[]);
         assert!(docs.contains(&second), "docs/cache-key.md lacks vector {second}");
     }
 
@@ -259,7 +330,7 @@ mod tests {
         b.env.insert("A".into(), "3".into());
         b.env.insert("C".into(), "4".into());
         b.inputs.push("lib".into());
-        let (da, db) = (step_key_document(&a, None, &[]), step_key_document(&b, Some("sha256:00"), &[]));
+        let (da, db) = (step_key_document(&a, &[], None, &[]), step_key_document(&b, &[], Some("sha256:00"), &[]));
         assert_eq!(document_changes(&da, &db), ["after", "env.A", "env.C", "inputs", "run"]);
         assert!(document_changes(&da, &da).is_empty());
         assert_eq!(document_changes(&Value::Null, &da), ["document"]);
@@ -272,13 +343,62 @@ mod tests {
         b.name = "other".into();
         b.timeout_secs = 5;
         b.halt_on_failure = false;
-        assert_eq!(step_key(&a, None, &[]), step_key(&b, None, &[]));
+        assert_eq!(step_key(&a, &[], None, &[]), step_key(&b, &[], None, &[]));
         b.run = "make all".into();
-        assert_ne!(step_key(&a, None, &[]), step_key(&b, None, &[]));
-        assert_ne!(step_key(&a, None, &[]), step_key(&a, Some("sha256:00"), &[]));
+        assert_ne!(step_key(&a, &[], None, &[]), step_key(&b, &[], None, &[]));
+        assert_ne!(step_key(&a, &[], None, &[]), step_key(&a, &[], Some("sha256:00"), &[]));
         assert_eq!(
-            step_key(&a, None, &["sha256:1".into(), "sha256:2".into()]),
-            step_key(&a, None, &["sha256:2".into(), "sha256:1".into()])
+            step_key(&a, &[], None, &["sha256:1".into(), "sha256:2".into()]),
+            step_key(&a, &[], None, &["sha256:2".into(), "sha256:1".into()])
         );
+    }
+
+    #[test]
+    fn container_options_are_in_the_key_and_absent_ones_change_nothing() {
+        let mut plain = step("make");
+        plain.image = Some("alpine:3".into());
+        let doc = canonical_json(&step_key_document(&plain, &[], None, &[]));
+        assert!(!doc.contains("container"), "{doc}");
+        let base = step_key(&plain, &[], None, &[]);
+        let service = PlanService {
+            name: "db".into(),
+            image: "postgres:16".into(),
+            env: BTreeMap::new(),
+            command: None,
+            health: Some(PlanHealth { command: "true".into(), interval_ms: 1000, retries: 3, timeout_ms: 5000 }),
+        };
+        type Change = fn(&mut PlanStep);
+        let variants: [(&str, Change); 6] = [
+            ("memory", |s| s.memory_bytes = Some(1 << 30)),
+            ("cpus", |s| s.cpus_milli = Some(1500)),
+            ("network", |s| s.network = Some("none".into())),
+            ("user", |s| s.user = Some("1000".into())),
+            ("platform", |s| s.platform = Some("linux/arm64".into())),
+            ("mounts", |s| s.mounts = vec![Mount { source: "/srv/data".into(), target: "/data".into() }]),
+        ];
+        let mut seen = std::collections::BTreeSet::from([base.clone()]);
+        for (what, change) in &variants {
+            let mut s = plain.clone();
+            change(&mut s);
+            let key = step_key(&s, &[], None, &[]);
+            assert!(seen.insert(key), "{what} does not change the key");
+            // Without an image the options mean nothing (the compiler refuses them anyway).
+            s.image = None;
+            let mut native = plain.clone();
+            native.image = None;
+            assert_eq!(step_key(&s, &[], None, &[]), step_key(&native, &[], None, &[]), "{what}");
+        }
+        let with_service = step_key(&plain, std::slice::from_ref(&service), None, &[]);
+        assert!(seen.insert(with_service.clone()));
+        let mut other = service.clone();
+        other.health = Some(PlanHealth { command: "true".into(), interval_ms: 1000, retries: 4, timeout_ms: 5000 });
+        assert_ne!(step_key(&plain, &[other], None, &[]), with_service);
+        let doc = canonical_json(&step_key_document(&plain, &[service], None, &[]));
+        assert!(doc.contains(r#""container":{"cpus_milli":null,"memory_bytes":null,"mounts":[],"network":null,"platform":null,"services":[{"command":null,"env":{},"health":{"command":"true","interval_ms":1000,"retries":3,"timeout_ms":5000},"image":"postgres:16","name":"db"}],"user":null}"#), "{doc}");
+        let docs = include_str!("../../docs/cache-key.md");
+        let mut vector = plain.clone();
+        vector.memory_bytes = Some(512 << 20);
+        let key = step_key(&vector, &[], None, &[]);
+        assert!(docs.contains(&key), "docs/cache-key.md lacks vector {key}");
     }
 }

@@ -284,7 +284,7 @@ mod tests {
                 let up: Vec<String> = b.needs.iter().filter_map(|n| last.get(n).cloned()).collect();
                 let mut prev: Option<String> = None;
                 for s in &mut b.steps {
-                    s.key = crate::cache_key::step_key(s, prev.as_deref(), &up);
+                    s.key = crate::cache_key::step_key(s, &b.services, prev.as_deref(), &up);
                     prev = Some(s.key.clone());
                 }
                 last.insert(b.id.clone(), prev.unwrap_or_default());

@@ -13,8 +13,10 @@ use crate::parse::{FileCtx, ParsedBuilder, json_kind, run_snippet, valid_name};
 use crate::snippet::Evaluator;
 use crate::spans::{Pos, Seg, key};
 use indexmap::IndexMap;
-use rbb_schema::pipeline::{BranchFilter, Matrix, Scalar};
-use rbb_schema::plan::{PlanBranchFilter, PlanBuilder, PlanSchedule, PlanStep, PlanTriggers, SourceLocation};
+use rbb_schema::pipeline::{BranchFilter, Matrix, Mount, Scalar};
+use rbb_schema::plan::{
+    PlanBranchFilter, PlanBuilder, PlanHealth, PlanSchedule, PlanService, PlanStep, PlanTriggers, SourceLocation,
+};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A plan builder before `needs` are resolved and keys computed.
@@ -135,6 +137,8 @@ pub(crate) fn lower(
                 cpus_milli: own.cpus_milli.or(builder_limits.cpus_milli),
                 network: own.network.clone().or_else(|| builder_limits.network.clone()),
                 user: own.user.clone().or_else(|| builder_limits.user.clone()),
+                mounts: own.mounts.clone().or_else(|| builder_limits.mounts.clone()),
+                platform: own.platform.clone().or_else(|| builder_limits.platform.clone()),
             };
             if s.image.is_none() && spec.image.is_none() && limits != Limits::default() {
                 let rel: Vec<Seg> = if own == Limits::default() {
@@ -146,12 +150,39 @@ pub(crate) fn lower(
                     "container-option-without-image",
                     b.key_pos(ctx, &rel),
                     format!("step {} of {what} sets container options but runs without an image", i + 1),
-                    Some("`memory`, `cpus`, `network` and `user` apply to containers: add `image:`".into()),
+                    Some("`memory`, `cpus`, `network`, `user`, `mounts` and `platform` apply to containers: add `image:`".into()),
+                ));
+            }
+            if !spec.services.is_empty()
+                && (s.image.is_some() || spec.image.is_some())
+                && let Some(net @ ("none" | "host")) = limits.network.as_deref()
+            {
+                let rel: Vec<Seg> = if own.network.is_some() {
+                    vec![key("steps"), Seg::Index(i), key("network")]
+                } else {
+                    vec![key("network")]
+                };
+                diags.push(ctx.diag(
+                    "services-need-network",
+                    b.pos(ctx, &rel),
+                    format!("step {} of {what} uses `network: {net}`, which cannot reach the builder's services", i + 1),
+                    Some("leave `network` out: containers join the build's network with its services".into()),
                 ));
             }
             limits
         })
         .collect();
+    let services = lower_services(ctx, b, diags);
+    if !spec.services.is_empty() && spec.image.is_none() && spec.steps.iter().all(|s| s.image.is_none()) {
+        diags.push(ctx.diag(
+            "services-without-image",
+            b.key_pos(ctx, &[key("services")]),
+            format!("{what} has services but none of its steps runs in a container"),
+            Some(
+                "services are reached over the build's container network: add `image:` to the builder or a step".into(),
+            ),
+        ));
+    }
     let step_timeouts: Vec<Option<u64>> = spec
         .steps
         .iter()
@@ -270,6 +301,8 @@ pub(crate) fn lower(
                 cpus_milli: step_limits[i].cpus_milli,
                 network: step_limits[i].network.clone(),
                 user: step_limits[i].user.clone(),
+                mounts: step_limits[i].mounts.clone().unwrap_or_default(),
+                platform: step_limits[i].platform.clone(),
                 inputs: step.inputs.iter().map(|p| sub(p, &at("inputs"))).collect(),
                 outputs: step.outputs.iter().map(|p| sub(p, &at("outputs"))).collect(),
                 cache: step.cache.unwrap_or(true),
@@ -292,6 +325,21 @@ pub(crate) fn lower(
                 matrix: combo.clone(),
                 labels,
                 image,
+                services: services
+                    .iter()
+                    .flatten()
+                    .enumerate()
+                    .map(|(j, s)| {
+                        let at = |k: &str| vec![key("services"), Seg::Index(j), key(k)];
+                        PlanService {
+                            name: s.name.clone(),
+                            image: sub(&s.image, &at("image")),
+                            env: s.env.iter().map(|(k, v)| (k.clone(), sub(v, &at("env")))).collect(),
+                            command: s.command.as_ref().map(|c| sub(c, &at("command"))),
+                            health: s.health.clone(),
+                        }
+                    })
+                    .collect(),
                 priority: spec.priority.unwrap_or(0),
                 collapse: spec.collapse.unwrap_or(true),
                 cancel_superseded: spec.cancel_superseded.unwrap_or(false),
@@ -344,6 +392,8 @@ struct ContainerKeys<'a> {
     cpus: Option<&'a Scalar>,
     network: Option<&'a str>,
     user: Option<&'a str>,
+    mounts: Option<&'a [Mount]>,
+    platform: Option<&'a str>,
 }
 
 impl<'a> ContainerKeys<'a> {
@@ -353,6 +403,8 @@ impl<'a> ContainerKeys<'a> {
             cpus: b.cpus.as_ref(),
             network: b.network.as_deref(),
             user: b.user.as_deref(),
+            mounts: b.mounts.as_deref(),
+            platform: b.platform.as_deref(),
         }
     }
 
@@ -362,6 +414,8 @@ impl<'a> ContainerKeys<'a> {
             cpus: s.cpus.as_ref(),
             network: s.network.as_deref(),
             user: s.user.as_deref(),
+            mounts: s.mounts.as_deref(),
+            platform: s.platform.as_deref(),
         }
     }
 
@@ -371,6 +425,8 @@ impl<'a> ContainerKeys<'a> {
             ("cpus", self.cpus.is_some()),
             ("network", self.network.is_some()),
             ("user", self.user.is_some()),
+            ("mounts", self.mounts.is_some()),
+            ("platform", self.platform.is_some()),
         ]
         .into_iter()
         .find_map(|(k, set)| set.then_some(k))
@@ -384,6 +440,8 @@ struct Limits {
     cpus_milli: Option<u32>,
     network: Option<String>,
     user: Option<String>,
+    mounts: Option<Vec<Mount>>,
+    platform: Option<String>,
 }
 
 /// Smallest memory limit the engine accepts (6 MiB).
@@ -460,7 +518,188 @@ fn container_limits(
             None
         }
     });
-    Limits { memory_bytes, cpus_milli, network, user }
+    let mounts = keys.mounts.map(|mounts| {
+        let mut ok = Vec::new();
+        for (j, m) in mounts.iter().enumerate() {
+            let mut at = rel("mounts");
+            at.push(Seg::Index(j));
+            let mut field = |k: &str, message: String, hint: &str| {
+                let mut p = at.clone();
+                p.push(key(k));
+                diags.push(ctx.diag("bad-mount", b.pos(ctx, &p), message, Some(hint.to_owned())));
+            };
+            let plain = |p: &str| {
+                p.starts_with('/') && !p.split('/').any(|c| c == ".." || c == ".") && !p.contains(['\0', ':', ','])
+            };
+            let mut good = true;
+            if !plain(&m.source) {
+                field(
+                    "source",
+                    format!("mount source `{}` in builder `{}` is not a plain absolute path", m.source, b.name),
+                    "write an absolute host path without `.`, `..`, `:` or `,`, e.g. `/srv/data`",
+                );
+                good = false;
+            }
+            let target = m.target.trim_end_matches('/');
+            if !plain(&m.target) || target.is_empty() {
+                field(
+                    "target",
+                    format!("mount target `{}` in builder `{}` is not a plain absolute path", m.target, b.name),
+                    "write an absolute path inside the container, e.g. `/data`",
+                );
+                good = false;
+            } else if target == WORKSPACE || target.starts_with(&format!("{WORKSPACE}/")) {
+                field(
+                    "target",
+                    format!(
+                        "mount target `{}` in builder `{}` is inside the checkout's `{WORKSPACE}`",
+                        m.target, b.name
+                    ),
+                    "mount it somewhere else, e.g. `/data`",
+                );
+                good = false;
+            }
+            if good {
+                ok.push(Mount { source: m.source.clone(), target: target.to_owned() });
+            }
+        }
+        ok
+    });
+    let platform = keys.platform.and_then(|p| {
+        let parts: Vec<&str> = p.split('/').collect();
+        let word =
+            |w: &&str| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if (2..=3).contains(&parts.len()) && parts.iter().all(word) {
+            Some(p.to_owned())
+        } else {
+            diags.push(ctx.diag(
+                "bad-platform",
+                b.pos(ctx, &rel("platform")),
+                format!("`{p}` is not a platform in builder `{}`", b.name),
+                Some("write `os/arch` as Docker names it, e.g. `linux/amd64` or `linux/arm64`".into()),
+            ));
+            None
+        }
+    });
+    Limits { memory_bytes, cpus_milli, network, user, mounts, platform }
+}
+
+/// Where the checkout is mounted in containers (a mount may not hide it).
+const WORKSPACE: &str = "/workspace";
+
+/// Checks a builder's `services:`: names that are DNS labels and unique, an image, health
+/// durations. Returns them lowered (matrix values not yet substituted), or `None` after a
+/// diagnostic.
+fn lower_services(ctx: &FileCtx, b: &ParsedBuilder, diags: &mut Diagnostics) -> Option<Vec<PlanService>> {
+    let mut out = Vec::new();
+    let mut names = BTreeSet::new();
+    let errors_before = diags.error_count();
+    for (i, s) in b.spec.services.iter().enumerate() {
+        let at = |k: &str| vec![key("services"), Seg::Index(i), key(k)];
+        if !dns_label(&s.name) {
+            diags.push(ctx.diag(
+                "bad-service-name",
+                b.pos(ctx, &at("name")),
+                format!("service name `{}` in builder `{}` is not a DNS label", s.name, b.name),
+                Some("it becomes the service's host name: lowercase letters, digits and `-`, at most 63, not starting or ending with `-`".into()),
+            ));
+        } else if !names.insert(s.name.clone()) {
+            diags.push(ctx.diag(
+                "duplicate-service",
+                b.pos(ctx, &at("name")),
+                format!("builder `{}` has two services named `{}`", b.name, s.name),
+                Some("service names are host names on the build's network: make them unique".into()),
+            ));
+        }
+        if s.image.trim().is_empty() {
+            diags.push(ctx.diag(
+                "bad-service-image",
+                b.pos(ctx, &at("image")),
+                format!("service `{}` of builder `{}` has an empty `image`", s.name, b.name),
+                Some("name the service's Docker image, e.g. `postgres:16`".into()),
+            ));
+        }
+        for (k, _) in &s.env {
+            check_env_name(ctx, b, &at("env"), k, diags);
+        }
+        if s.command.as_deref().is_some_and(|c| c.trim().is_empty()) {
+            diags.push(ctx.diag(
+                "empty-run",
+                b.pos(ctx, &at("command")),
+                format!("service `{}` of builder `{}` has an empty `command`", s.name, b.name),
+                Some("leave `command` out to run the image's own command".into()),
+            ));
+        }
+        let health = s.health.as_ref().map(|h| {
+            let hat = |k: &str| {
+                let mut p = at("health");
+                p.push(key(k));
+                p
+            };
+            if h.command.trim().is_empty() {
+                diags.push(ctx.diag(
+                    "empty-run",
+                    b.pos(ctx, &hat("command")),
+                    format!("the health check of service `{}` has an empty `command`", s.name),
+                    Some("e.g. `command: nc -z localhost 5432`".into()),
+                ));
+            }
+            if h.retries == Some(0) {
+                diags.push(ctx.diag(
+                    "bad-retries",
+                    b.pos(ctx, &hat("retries")),
+                    format!("`retries: 0` would never let service `{}` become healthy", s.name),
+                    Some("use 1 or more, or leave it out (default 30)".into()),
+                ));
+            }
+            let mut millis = |k: &str, v: Option<&Scalar>, default: u64| match v {
+                None => default,
+                Some(v) => match parse_millis(v.as_str()) {
+                    Ok(ms) if ms > 0 => ms,
+                    Ok(_) | Err(_) => {
+                        diags.push(ctx.diag(
+                            "bad-duration",
+                            b.pos(ctx, &hat(k)),
+                            format!("`{}` is not a positive duration in builder `{}`", v.as_str(), b.name),
+                            Some("write a duration such as `500ms`, `1s` or `2m`".into()),
+                        ));
+                        default
+                    }
+                },
+            };
+            PlanHealth {
+                command: h.command.clone(),
+                interval_ms: millis("interval", h.interval.as_ref(), 1000),
+                timeout_ms: millis("timeout", h.timeout.as_ref(), 5000),
+                retries: h.retries.unwrap_or(30),
+            }
+        });
+        out.push(PlanService {
+            name: s.name.clone(),
+            image: s.image.clone(),
+            env: s.env.iter().map(|(k, v)| (k.clone(), v.as_str().to_owned())).collect(),
+            command: s.command.clone(),
+            health,
+        });
+    }
+    (diags.error_count() == errors_before).then_some(out)
+}
+
+/// A DNS label: 1 to 63 lowercase letters, digits or `-`, not starting or ending with `-`.
+fn dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// `500ms`, or any duration [`parse_duration`] reads, in milliseconds.
+fn parse_millis(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    if let Some(ms) = t.strip_suffix("ms") {
+        return ms.parse::<u64>().map_err(|_| format!("`{t}` is not a duration"));
+    }
+    parse_duration(t).and_then(|s| s.checked_mul(1000).ok_or_else(|| format!("duration `{t}` is too large")))
 }
 
 /// `512m`, `1g`, `1048576`, `64k` (powers of 1024; a trailing `b`/`ib` is allowed).

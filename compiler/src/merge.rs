@@ -240,7 +240,7 @@ pub(crate) fn merge(
         let builder = &mut lowered[i].builder;
         let mut prev: Option<String> = None;
         for step in &mut builder.steps {
-            step.key = cache_key::step_key(step, prev.as_deref(), &upstream);
+            step.key = cache_key::step_key(step, &builder.services, prev.as_deref(), &upstream);
             prev = Some(step.key.clone());
         }
         last_key[i] = prev.unwrap_or_default();

@@ -46,6 +46,10 @@ fn builder(out: &mut String, b: &PlanBuilder) {
     if !worker.is_empty() {
         let _ = writeln!(out, "    runs on: {}", worker.join(", "));
     }
+    if !b.services.is_empty() {
+        let services: Vec<String> = b.services.iter().map(|s| format!("{} ({})", s.name, s.image)).collect();
+        let _ = writeln!(out, "    services: {}", services.join(", "));
+    }
     let _ = writeln!(out, "    on: {}", triggers(&b.triggers));
     if !b.needs.is_empty() {
         let _ = writeln!(out, "    needs: {}", b.needs.join(", "));

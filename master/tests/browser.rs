@@ -300,6 +300,8 @@ async fn a_build_forced_in_the_ui_turns_its_cell_green_live_and_shows_its_log() 
     // The other pages render from the API.
     element(&c, "a[data-nav='workers']").await.click().await.expect("workers");
     element(&c, "tr[data-worker='w1'].on").await;
+    let containers = element(&c, "tr[data-worker='w1'] td.containers").await.text().await.expect("containers text");
+    assert_eq!(containers, "none", "a native worker runs no images");
     screenshot(&c, "workers.png").await;
     element(&c, "a[data-nav='plan']").await.click().await.expect("plan");
     element(&c, "svg.dag a.node[data-id='app/after']").await;

@@ -168,6 +168,13 @@ pub struct Worker {
     pub current: Vec<CurrentStep>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<String>,
+    /// The platform of the images its Docker engine runs (`linux/amd64`); absent when it runs
+    /// no containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_platform: Option<String>,
+    /// Host paths (prefixes) its containers may mount read-only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_mounts: Vec<String>,
     /// Unix milliseconds of the last message, if it ever connected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<u64>,

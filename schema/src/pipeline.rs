@@ -98,6 +98,20 @@ pub struct Builder {
     /// Default: the worker's own uid:gid, so files left in the checkout are the worker's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Host paths mounted read-only into the containers of its steps (a step's own `mounts`
+    /// replace them). A worker runs the build only if it allows every source
+    /// (`rbb-worker --allow-mount PATH`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mounts: Option<Vec<Mount>>,
+    /// Platform the images of its steps must run on (a step may override it), e.g.
+    /// `linux/arm64`: only a worker whose Docker engine runs that platform takes the build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// Containers started before the steps, one set per build, on a network of the build's own:
+    /// a step reaches a service by its name (`nc db 5432`). Needs `image:` on the builder or its
+    /// steps; they are removed when the build ends.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<Service>,
     /// Environment for every step (a step's own `env` wins).
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub env: IndexMap<String, Scalar>,
@@ -134,6 +148,56 @@ pub struct Builder {
     /// The steps, run in order in one checkout.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<Step>,
+}
+
+/// A host path mounted read-only into a step's container. The worker must allow the source
+/// (`rbb-worker --allow-mount PATH`), after symlinks are resolved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Mount {
+    /// Absolute path on the worker's host.
+    pub source: String,
+    /// Absolute path inside the container (not `/workspace` or below it).
+    pub target: String,
+}
+
+/// A container a builder's steps talk to over the build's network (a database, a server).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// Its host name on the build's network: a DNS label (lowercase letters, digits and `-`,
+    /// at most 63 characters). Unique within the builder.
+    pub name: String,
+    /// Docker image of the service.
+    pub image: String,
+    /// Environment of the service's container.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub env: IndexMap<String, Scalar>,
+    /// Command run by `sh -c` instead of the image's own command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// How to tell the service is ready. Without it, a running container is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+}
+
+/// A service's readiness check, run by `sh -c` inside the service's container until it
+/// exits 0. The steps start only after it passes; after `retries` failures the build's step
+/// ends FAILURE with the service's last output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    /// Shell command, e.g. `nc -z localhost 5432`.
+    pub command: String,
+    /// Time between checks: a duration such as `1s`, `500ms`. Default `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Scalar>,
+    /// Failed checks before the service counts as broken. Default 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// Limit of one check. Default `5s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Scalar>,
 }
 
 /// A lock a build takes: `exclusive` (alone) or `counting` (up to the lock's `max` holders).
@@ -349,6 +413,12 @@ pub struct Step {
     /// Default: the worker's own uid:gid, so files left in the checkout are the worker's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Host paths mounted read-only into the container (replace the builder's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mounts: Option<Vec<Mount>>,
+    /// Platform the step's image must run on (wins over the builder's), e.g. `linux/arm64`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
     /// Paths (files or directories of the repository) whose content decides the step's
     /// result. With `inputs`, an unchanged step can be reused from the cache.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -67,6 +67,9 @@ pub struct PlanBuilder {
     /// Default Docker image of the steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Containers started before its steps, on the build's own network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<PlanService>,
     pub priority: i32,
     /// Queue policy: a newer waiting build of the same branch replaces an older one.
     pub collapse: bool,
@@ -156,6 +159,12 @@ pub struct PlanStep {
     /// Container user, `uid[:gid]` or a user of the image (only with `image`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Host paths mounted read-only (only with `image`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<crate::pipeline::Mount>,
+    /// Platform the image must run on, `os/arch[/variant]` (only with `image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -165,6 +174,30 @@ pub struct PlanStep {
     pub cache: bool,
     /// Static part of the cache key, `sha256:<hex>` (see `docs/cache-key.md`).
     pub key: String,
+}
+
+/// A service container of a builder, as its builds start it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PlanService {
+    /// Host name on the build's network.
+    pub name: String,
+    pub image: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Run by `sh -c` instead of the image's command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<PlanHealth>,
+}
+
+/// A service's readiness check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PlanHealth {
+    pub command: String,
+    pub interval_ms: u64,
+    pub retries: u32,
+    pub timeout_ms: u64,
 }
 
 /// A place in a pipeline file, 1-based.

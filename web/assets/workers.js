@@ -1,4 +1,5 @@
-// The workers page: who is connected, what they offer (labels, slots, platform), what they
+// The workers page: who is connected, what they offer (labels, slots, platform, the images
+// their Docker engine runs and the host paths it may mount), what they
 // run, when they were last heard from. Live: `worker` and `step` events re-read the list.
 
 import { coalesce, get } from './api.js';
@@ -20,7 +21,7 @@ export function mount(view, { ctx }) {
       const on = list.filter((w) => w.connected).length;
       count.textContent = `${on} of ${list.length} connected`;
       if (!list.length) { box.innerHTML = '<p class="muted">No workers are configured.</p>'; return; }
-      box.innerHTML = `<table class="list workers"><thead><tr><th></th><th>name</th><th>labels</th><th class="num">running</th><th>current step</th><th>platform</th><th>last seen</th></tr></thead><tbody>${list.map((w) => `
+      box.innerHTML = `<table class="list workers"><thead><tr><th></th><th>name</th><th>labels</th><th class="num">running</th><th>current step</th><th>platform</th><th>containers</th><th>last seen</th></tr></thead><tbody>${list.map((w) => `
         <tr data-worker="${esc(w.name)}" class="${w.connected ? 'on' : 'off'}">
           <td><span class="dot ${w.connected ? 'on' : 'off'}" title="${w.connected ? 'connected' : 'not connected'}"></span></td>
           <td><b>${esc(w.name)}</b></td>
@@ -28,6 +29,7 @@ export function mount(view, { ctx }) {
           <td class="num"><span class="slots" style="--used:${w.max_steps ? Math.min(1, w.running / w.max_steps) : 0}"></span> ${w.running} / ${w.max_steps}</td>
           <td>${(w.current || []).map((c) => `<a href="#/builds/${c.build}">${esc(c.builder)} · ${esc(c.name)}</a>`).join('<br>') || '<span class="muted">idle</span>'}</td>
           <td>${esc(w.platform || '')}</td>
+          <td class="containers">${w.image_platform ? `images: ${esc(w.image_platform)}${(w.allowed_mounts || []).length ? `<br><span class="muted" title="host paths its containers may mount (read-only)">mounts: ${w.allowed_mounts.map(esc).join(', ')}</span>` : ''}` : '<span class="muted">none</span>'}</td>
           <td title="${esc(when(w.last_seen))}" class="ago" data-ms="${w.last_seen || ''}">${w.connected && !w.last_seen ? 'now' : esc(ago(w.last_seen))}</td>
         </tr>`).join('')}</tbody></table>`;
     } catch (e) {

@@ -69,6 +69,41 @@ pub struct ContainerOptions {
     pub network: String,
     /// `uid[:gid]` or a user name of the image; empty means the worker's own uid:gid.
     pub user: String,
+    /// Host paths mounted read-only; each must lie under a path the worker allows.
+    pub mounts: Vec<MountSpec>,
+    /// Platform the image must run on (`linux/arm64`); empty means the engine's own.
+    pub platform: String,
+    /// The build's services: started before its first container step, on a network of the
+    /// build's own that its containers join; removed when the build ends.
+    pub services: Vec<ServiceSpec>,
+}
+
+/// A host path mounted read-only into a step's container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSpec {
+    pub source: String,
+    pub target: String,
+}
+
+/// A service container of a build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Its host name on the build's network.
+    pub name: String,
+    pub image: String,
+    pub env: BTreeMap<String, String>,
+    /// Run by `sh -c` instead of the image's command.
+    pub command: Option<String>,
+    pub health: Option<HealthSpec>,
+}
+
+/// A service's readiness check, run by `sh -c` in its container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSpec {
+    pub command: String,
+    pub interval: Duration,
+    pub retries: u32,
+    pub timeout: Duration,
 }
 
 /// One chunk of a step's output, at most [`MAX_CHUNK`] bytes, never split on lines and never
@@ -130,6 +165,17 @@ pub trait Executor: Send + Sync {
     /// The build's last step in its container did not run (it was reused from the cache):
     /// remove that container as running the step would have. Nothing to do without one.
     fn end_build_container(&self, build: u64) -> BoxFuture<'_, ()>;
+
+    /// The platform of the images this executor runs (`linux/amd64`), offered to the master;
+    /// `None` when it runs no images.
+    fn image_platform(&self) -> Option<String> {
+        None
+    }
+
+    /// Host path prefixes a step's container may mount read-only, offered to the master.
+    fn allowed_mounts(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Runs steps as local processes: `sh -c <command>` in a new process group, stdin null.

@@ -18,5 +18,7 @@ pub mod guard;
 pub mod session;
 
 pub use docker::DockerExecutor;
-pub use executor::{ContainerOptions, Executor, NativeExecutor, Output, StepOutcome, StepSpec};
+pub use executor::{
+    ContainerOptions, Executor, HealthSpec, MountSpec, NativeExecutor, Output, ServiceSpec, StepOutcome, StepSpec,
+};
 pub use session::{WorkerConfig, WorkerError, run, run_with_executor};

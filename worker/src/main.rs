@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
+use rbb_worker::docker::Registry;
 use rbb_worker::guard::{self, Guard};
 use rbb_worker::{DockerExecutor, Executor, NativeExecutor, WorkerConfig, WorkerError};
 use tokio_util::sync::CancellationToken;
@@ -47,6 +48,18 @@ struct Cli {
     /// DOCKER_HOST). The `docker` label is offered only when the engine answers.
     #[arg(long, env = "RBB_WORKER_DOCKER")]
     docker: bool,
+    /// With --docker: a host path (and everything under it) that steps may mount read-only
+    /// into their containers (`mounts:` in a pipeline). Repeatable, or several joined by `:`;
+    /// nothing is allowed without it.
+    #[arg(long = "allow-mount", value_name = "PATH", env = "RBB_WORKER_ALLOW_MOUNTS", value_delimiter = ':')]
+    allow_mounts: Vec<PathBuf>,
+    /// With --docker: pull images that are not on the engine from this registry (HOST[:PORT]).
+    /// Without it a missing image fails the step.
+    #[arg(long, value_name = "HOST[:PORT]", env = "RBB_WORKER_REGISTRY")]
+    registry: Option<String>,
+    /// A file holding `USER:PASSWORD` for --registry.
+    #[arg(long, value_name = "FILE", requires = "registry", env = "RBB_WORKER_REGISTRY_AUTH")]
+    registry_auth: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -102,7 +115,18 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
     let native = NativeExecutor::guarded(guard.link());
     let mut labels: Vec<String> = cli.labels.into_iter().filter(|l| !l.is_empty()).collect();
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    let docker = if cli.docker { runtime.block_on(start_docker(&cli.name, native.clone())) } else { None };
+    if !cli.docker && (!cli.allow_mounts.is_empty() || cli.registry.is_some()) {
+        warn!("--allow-mount and --registry apply to containers: without --docker they do nothing");
+    }
+    let registry = match &cli.registry {
+        Some(host) => Some(registry(host, cli.registry_auth.as_deref())?),
+        None => None,
+    };
+    let docker = if cli.docker {
+        runtime.block_on(start_docker(&cli.name, native.clone(), &cli.allow_mounts, registry))?
+    } else {
+        None
+    };
     let executor: Arc<dyn Executor> = match &docker {
         Some(docker) => {
             if !labels.iter().any(|l| l == "docker") {
@@ -157,21 +181,48 @@ fn parse_size(text: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(|| format!("{text:?} is too large"))
 }
 
+/// `--registry HOST[:PORT]` with the credentials of `--registry-auth FILE` (`USER:PASSWORD`).
+fn registry(host: &str, auth: Option<&Path>) -> anyhow::Result<Registry> {
+    let host = host.trim().trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/');
+    if host.is_empty() || host.contains(['/', ' ']) {
+        anyhow::bail!("--registry {host:?}: write HOST or HOST:PORT, e.g. registry.example.com:5000");
+    }
+    let credentials = match auth {
+        None => None,
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading --registry-auth {}", path.display()))?;
+            let (user, password) = text.trim_end_matches(['\n', '\r']).split_once(':').with_context(|| {
+                format!("--registry-auth {}: the file must hold USER:PASSWORD on one line", path.display())
+            })?;
+            Some((user.to_owned(), password.to_owned()))
+        }
+    };
+    Ok(Registry { host: host.to_owned(), credentials })
+}
+
 /// The Docker executor, after sweeping what an earlier run of this worker left; `None` (said
-/// loudly) when no engine answers, so the worker runs native steps only.
-async fn start_docker(name: &str, native: NativeExecutor) -> Option<Arc<DockerExecutor>> {
+/// loudly) when no engine answers, so the worker runs native steps only. An allowed mount
+/// that does not exist stops the worker.
+async fn start_docker(
+    name: &str,
+    native: NativeExecutor,
+    allow_mounts: &[PathBuf],
+    registry: Option<Registry>,
+) -> anyhow::Result<Option<Arc<DockerExecutor>>> {
     let docker = match DockerExecutor::connect(name, native).await {
         Ok(docker) => docker,
         Err(err) => {
             error!("--docker: {err}; not offering the `docker` label, steps with an image will not come here");
-            return None;
+            return Ok(None);
         }
     };
+    let docker = docker.allow_mounts(allow_mounts).map_err(anyhow::Error::msg)?.with_registry(registry);
     if let Err(err) = docker.sweep().await {
         warn!("--docker: cannot sweep what an earlier run left: {err}");
     }
     info!(platform = docker.platform(), "running steps with an image on the local Docker engine");
-    Some(Arc::new(docker))
+    Ok(Some(Arc::new(docker)))
 }
 
 #[cfg(test)]

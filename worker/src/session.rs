@@ -30,7 +30,8 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::cache::{self, After, Before, BlobStore, CACHE_DIR, CacheClient, StepCache};
 use crate::checkout::{self, CheckoutError, CheckoutSpec, join_inside};
 use crate::executor::{
-    ContainerOptions, Executor, MAX_CHUNK, NativeExecutor, Output, StepOutcome, StepSpec, cancelled, format_secs,
+    ContainerOptions, Executor, HealthSpec, MAX_CHUNK, MountSpec, NativeExecutor, Output, ServiceSpec, StepOutcome,
+    StepSpec, cancelled, format_secs,
 };
 use crate::guard::{GuardLink, STATE_DIR};
 
@@ -228,6 +229,8 @@ impl Connection {
                 max_steps: config.max_steps,
                 platform: format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
                 version: env!("CARGO_PKG_VERSION").to_owned(),
+                image_platform: executor.image_platform().unwrap_or_default(),
+                allowed_mounts: executor.allowed_mounts(),
             },
             protocol: metadata("protocol version", PROTOCOL_VERSION.to_owned())?,
             name: metadata("worker name", config.name.clone())?,
@@ -707,9 +710,32 @@ async fn prepare(
             cpus_milli: lease.cpus_milli,
             network: lease.network.clone(),
             user: lease.user.clone(),
+            mounts: lease
+                .mounts
+                .iter()
+                .map(|m| MountSpec { source: m.source.clone(), target: m.target.clone() })
+                .collect(),
+            platform: lease.platform.clone(),
+            services: lease.services.iter().map(service_spec).collect(),
         },
     };
     Ok(spec)
+}
+
+/// A lease's service as the executor takes it.
+fn service_spec(s: &rbb_schema::proto::Service) -> ServiceSpec {
+    ServiceSpec {
+        name: s.name.clone(),
+        image: s.image.clone(),
+        env: s.env.clone().into_iter().collect(),
+        command: Some(s.command.clone()).filter(|c| !c.is_empty()),
+        health: (!s.health_command.is_empty()).then(|| HealthSpec {
+            command: s.health_command.clone(),
+            interval: Duration::from_millis(s.health_interval_ms.max(1)),
+            retries: s.health_retries.max(1),
+            timeout: Duration::from_millis(s.health_timeout_ms.max(1)),
+        }),
+    }
 }
 
 /// Forwards output chunks as LogChunks until the step drops its sender. If the session is

@@ -748,6 +748,7 @@ async fn worker(grpc: &str, name: &str, slots: u32, seen: &Seen) -> Result<()> {
         max_steps: slots,
         platform: "linux/x86_64".to_owned(),
         version: "scale-bench".to_owned(),
+        ..Default::default()
     };
     tx.send(WorkerMessage { msg: Some(Msg::Hello(hello)) }).await?;
     let mut req = tonic::Request::new(ReceiverStream::new(rx));

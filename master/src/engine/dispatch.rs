@@ -163,12 +163,13 @@ impl Engine {
         if pb.image.is_some() || pb.steps.iter().any(|s| s.image.is_some()) {
             need.insert("docker");
         }
-        let capable: Vec<&super::WorkerState> = tx
+        let labelled: Vec<&super::WorkerState> = tx
             .workers
             .values()
             .filter(|w| w.session.is_some())
             .filter(|w| need.iter().all(|l| w.labels.contains(*l)))
             .collect();
+        let capable = containers_fit(pb, &labelled)?;
         if capable.is_empty() {
             let wanted: Vec<&str> = need.iter().copied().collect();
             return Err(if wanted.is_empty() {
@@ -212,6 +213,49 @@ impl Engine {
             }
         }
     }
+}
+
+/// The workers (of those with the labels) whose engine runs the platform of every image of
+/// `pb` and allows every host path its steps mount; or why none does, when some had the labels.
+fn containers_fit<'w>(
+    pb: &PlanBuilder,
+    workers: &[&'w super::WorkerState],
+) -> Result<Vec<&'w super::WorkerState>, String> {
+    let containers = pb.steps.iter().filter(|s| s.image.is_some());
+    let platforms: BTreeSet<&str> = containers.clone().filter_map(|s| s.platform.as_deref()).collect();
+    let mounts: BTreeSet<&str> = containers.flat_map(|s| s.mounts.iter().map(|m| m.source.as_str())).collect();
+    if workers.is_empty() || (platforms.is_empty() && mounts.is_empty()) {
+        return Ok(workers.to_vec());
+    }
+    let on_platform: Vec<&super::WorkerState> =
+        workers.iter().copied().filter(|w| platforms.iter().all(|p| w.image_platform.as_deref() == Some(*p))).collect();
+    if on_platform.is_empty() {
+        let wanted: Vec<&str> = platforms.into_iter().collect();
+        return Err(format!("no connected worker runs {} images", wanted.join(" and ")));
+    }
+    let mut fit = Vec::new();
+    let mut refused: Option<&str> = None;
+    for w in on_platform {
+        match mounts.iter().find(|m| !mount_allowed(m, &w.allowed_mounts)) {
+            None => fit.push(w),
+            Some(m) => refused = refused.or(Some(m)),
+        }
+    }
+    match (fit.is_empty(), refused) {
+        (true, Some(m)) => Err(format!(
+            "no connected worker allows mounting {m} (a worker allows it with `rbb-worker --allow-mount PATH`)"
+        )),
+        _ => Ok(fit),
+    }
+}
+
+/// Whether host path `source` lies under one of `allowed` (whole path components; the worker
+/// checks again after resolving symlinks).
+pub(crate) fn mount_allowed(source: &str, allowed: &[String]) -> bool {
+    let path = std::path::Path::new(source);
+    path.is_absolute()
+        && !path.components().any(|c| matches!(c, std::path::Component::ParentDir | std::path::Component::CurDir))
+        && allowed.iter().any(|a| path.starts_with(a))
 }
 
 fn state_word(s: State) -> &'static str {

@@ -111,6 +111,10 @@ struct WorkerState {
     labels: BTreeSet<String>,
     max_steps: u32,
     platform: Option<String>,
+    /// The platform of the images its engine runs, as its Hello said; `None` without one.
+    image_platform: Option<String>,
+    /// Host path prefixes its containers may mount (its `--allow-mount`).
+    allowed_mounts: Vec<String>,
     session: Option<Session>,
     /// Builds assigned to this worker, by builder id (one build per builder at a time: the
     /// checkout directory is per builder).
@@ -317,6 +321,8 @@ impl Engine {
                         labels,
                         max_steps,
                         platform: None,
+                        image_platform: None,
+                        allowed_mounts: Vec::new(),
                         session: None,
                         builds: BTreeMap::new(),
                         last_seen_ms: None,

@@ -270,6 +270,8 @@ impl Engine {
                     running: current.len() as u32,
                     current,
                     platform: w.platform.clone(),
+                    image_platform: w.image_platform.clone(),
+                    allowed_mounts: w.allowed_mounts.clone(),
                     last_seen: w.last_seen_ms,
                 }
             })

@@ -482,6 +482,8 @@ mod tests {
             cpus_milli: None,
             network: None,
             user: None,
+            mounts: vec![],
+            platform: None,
             inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
             outputs: vec![],
             cache,

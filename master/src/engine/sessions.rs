@@ -88,6 +88,8 @@ impl Engine {
         // The worker says what it can run; the config may only lower that.
         w.max_steps = hello.max_steps.max(1).min(w.config.max_steps.unwrap_or(u32::MAX)).max(1);
         w.platform = Some(hello.platform.clone()).filter(|p| !p.is_empty());
+        w.image_platform = Some(hello.image_platform.clone()).filter(|p| !p.is_empty());
+        w.allowed_mounts = hello.allowed_mounts.clone();
         w.last_seen_ms = Some(now_ms());
         let welcome = MasterMsg::Welcome(proto::Welcome {
             heartbeat_interval_ms: self.heartbeat.as_millis() as u32,

@@ -124,6 +124,13 @@ impl Engine {
             user: spec.user.clone().unwrap_or_default(),
             pass_env: spec.pass_env.clone(),
             cache,
+            services: if spec.image.is_some() { pb.services.iter().map(lease_service).collect() } else { Vec::new() },
+            mounts: spec
+                .mounts
+                .iter()
+                .map(|m| proto::Mount { source: m.source.clone(), target: m.target.clone() })
+                .collect(),
+            platform: spec.platform.clone().unwrap_or_default(),
         };
         let carries_checkout = msg.checkout.is_some();
         tx.leases_mut().insert(
@@ -364,6 +371,21 @@ pub(super) fn condition_scope(b: &BuildRecord, pb: &PlanBuilder) -> condition::S
         vars.insert(format!("props.{k}"), v.clone());
     }
     condition::Scope { vars, so_far_ok: b.result.is_none_or(Outcome::is_ok) }
+}
+
+/// A builder's service as a lease carries it.
+fn lease_service(s: &rbb_schema::plan::PlanService) -> proto::Service {
+    let health = s.health.as_ref();
+    proto::Service {
+        name: s.name.clone(),
+        image: s.image.clone(),
+        env: s.env.clone().into_iter().collect(),
+        command: s.command.clone().unwrap_or_default(),
+        health_command: health.map(|h| h.command.clone()).unwrap_or_default(),
+        health_interval_ms: health.map_or(0, |h| h.interval_ms),
+        health_retries: health.map_or(0, |h| h.retries),
+        health_timeout_ms: health.map_or(0, |h| h.timeout_ms),
+    }
 }
 
 /// Whether `step` runs in its build's container: it uses its builder's image (the steps of a

@@ -8,8 +8,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rbb_schema::proto::StepResult;
-use rbb_worker::docker::LABEL_WORKER;
-use rbb_worker::{ContainerOptions, DockerExecutor, Executor, NativeExecutor, Output, StepOutcome, StepSpec};
+use rbb_worker::docker::{LABEL_WORKER, Registry};
+use rbb_worker::{
+    ContainerOptions, DockerExecutor, Executor, HealthSpec, MountSpec, NativeExecutor, Output, ServiceSpec,
+    StepOutcome, StepSpec,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -250,4 +253,211 @@ async fn the_image_digest_comes_without_running_and_a_skipped_last_step_ends_the
     docker.end_build_container(7).await;
     assert_eq!(containers_of(worker), Vec::<String>::new());
     docker.end_build_container(7).await;
+}
+
+const SERVICE: &str = "rbb-test/service:1";
+
+/// Ids of the networks labelled with `worker`'s name.
+pub fn networks_of(worker: &str) -> Vec<String> {
+    let output = Command::new("docker")
+        .args(["network", "ls", "-q", "--filter", &format!("label={LABEL_WORKER}={worker}")])
+        .output()
+        .expect("running docker network ls");
+    assert!(output.status.success(), "docker network ls failed: {output:?}");
+    String::from_utf8_lossy(&output.stdout).lines().map(str::to_owned).collect()
+}
+
+/// Runs `spec` and returns its outcome with everything it wrote, headers included.
+async fn run_all(docker: &DockerExecutor, spec: StepSpec) -> (StepOutcome, String) {
+    let (tx, mut rx) = mpsc::channel::<Output>(4);
+    let consumer = tokio::spawn(async move {
+        let mut text = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            text.extend_from_slice(chunk.data());
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    });
+    let outcome = docker.run(spec, tx, CancellationToken::new()).await;
+    (outcome, consumer.await.unwrap())
+}
+
+fn web_service(health: &str) -> ServiceSpec {
+    ServiceSpec {
+        name: "web".into(),
+        image: SERVICE.into(),
+        env: BTreeMap::new(),
+        command: None,
+        health: Some(HealthSpec {
+            command: health.into(),
+            interval: Duration::from_millis(200),
+            retries: 3,
+            timeout: Duration::from_secs(2),
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_service_is_reached_by_name_and_goes_with_the_build() {
+    let worker = "it-docker-service";
+    let docker = executor(worker).await;
+    docker.sweep().await.unwrap(); // what a failed earlier run of this test left
+    let dir = tempfile::tempdir().unwrap();
+    let step = |command: &str| {
+        let mut s = spec(command, dir.path());
+        s.container.build = 11;
+        s.container.build_container = true;
+        s.container.services = vec![web_service("wget -q -O /dev/null http://localhost:8080/")];
+        s
+    };
+    let (first, log) = run_all(&docker, step("wget -q -O- http://web:8080/")).await;
+    assert_eq!(first.result, StepResult::Success, "{first:?}\n{log}");
+    assert!(log.contains("service web: image rbb-test/service:1, healthy after "), "{log}");
+    assert!(log.ends_with("ok\n"), "the step read the service's page: {log}");
+    assert_eq!(networks_of(worker).len(), 1, "one network for the build");
+    assert_eq!(containers_of(worker).len(), 2, "the service and the build's container");
+    // The second step finds the services running: no second start.
+    let (second, log) = run_all(&docker, step("wget -q -O /dev/null http://web:8080/ && echo again")).await;
+    assert_eq!(second.result, StepResult::Success, "{second:?}\n{log}");
+    assert!(!log.contains("service web:"), "{log}");
+    // A step in a container of its own joins the same network.
+    let mut own = step("wget -q -O- http://web:8080/");
+    own.container.build_container = false;
+    let (third, log) = run_all(&docker, own).await;
+    assert_eq!(third.result, StepResult::Success, "{third:?}\n{log}");
+    docker.end_build_container(11).await;
+    assert_eq!(containers_of(worker), Vec::<String>::new());
+    assert_eq!(networks_of(worker), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_service_that_never_becomes_healthy_fails_the_step_with_its_output() {
+    let worker = "it-docker-unhealthy";
+    let docker = executor(worker).await;
+    docker.sweep().await.unwrap(); // what a failed earlier run of this test left
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec("echo never runs", dir.path());
+    let mut db = web_service("test -e /tmp/ready");
+    db.name = "db".into();
+    db.command = Some("echo starting the database; echo cannot bind 5432 >&2; sleep 600".into());
+    s.container.services = vec![db];
+    let started = Instant::now();
+    let (outcome, log) = run_all(&docker, s).await;
+    assert_eq!(outcome.result, StepResult::Failure, "{outcome:?}\n{log}");
+    assert!(
+        outcome.reason.starts_with("service db never became healthy: `test -e /tmp/ready` failed 3 times"),
+        "{outcome:?}"
+    );
+    assert!(log.contains("service db | starting the database"), "{log}");
+    assert!(log.contains("service db | cannot bind 5432"), "{log}");
+    assert!(!log.contains("never runs"), "{log}");
+    assert!(started.elapsed() < Duration::from_secs(30), "bounded: {:?}", started.elapsed());
+    assert_eq!(containers_of(worker), Vec::<String>::new(), "a failed start leaves nothing");
+    assert_eq!(networks_of(worker), Vec::<String>::new());
+
+    // A service that exits is not waited for.
+    let mut s = spec("echo never runs", dir.path());
+    let mut gone = web_service("false");
+    gone.command = Some("echo bye; exit 3".into());
+    s.container.services = vec![gone];
+    let (outcome, log) = run_all(&docker, s).await;
+    assert_eq!(outcome.result, StepResult::Failure, "{outcome:?}\n{log}");
+    assert!(outcome.reason.contains("service web exited with code 3"), "{outcome:?}");
+    assert!(log.contains("service web | bye"), "{log}");
+    assert_eq!(containers_of(worker), Vec::<String>::new());
+    assert_eq!(networks_of(worker), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn only_allowed_host_paths_are_mounted_read_only() {
+    init_logs();
+    images();
+    let worker = "it-docker-mounts";
+    let host = tempfile::tempdir().unwrap();
+    let allowed = host.path().join("allowed");
+    let secret = host.path().join("secret");
+    std::fs::create_dir_all(allowed.join("data")).unwrap();
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(allowed.join("data/file"), "shared\n").unwrap();
+    std::fs::write(secret.join("key"), "secret\n").unwrap();
+    std::os::unix::fs::symlink(&secret, allowed.join("link")).unwrap();
+    let docker = DockerExecutor::connect(worker, NativeExecutor::new())
+        .await
+        .expect("the Docker engine answers")
+        .allow_mounts(std::slice::from_ref(&allowed))
+        .unwrap();
+    assert_eq!(docker.allowed_mounts(), [allowed.canonicalize().unwrap().display().to_string()]);
+    let missing = DockerExecutor::connect(worker, NativeExecutor::new())
+        .await
+        .unwrap()
+        .allow_mounts(&[host.path().join("nope")])
+        .unwrap_err();
+    assert!(missing.contains("nope"), "{missing}");
+    let dir = tempfile::tempdir().unwrap();
+    let with_mount = |command: &str, source: &Path| {
+        let mut s = spec(command, dir.path());
+        s.container.mounts = vec![MountSpec { source: source.display().to_string(), target: "/data".into() }];
+        s
+    };
+    let (ok, log) = run_all(
+        &docker,
+        with_mount("cat /data/file; touch /data/x 2>/dev/null || echo read-only", &allowed.join("data")),
+    )
+    .await;
+    assert_eq!(ok.result, StepResult::Success, "{ok:?}\n{log}");
+    assert!(log.contains("shared\nread-only\n"), "{log}");
+    assert!(!allowed.join("data/x").exists());
+    let tricks = [
+        (secret.clone(), "does not allow mounting"),
+        (allowed.join("../secret"), "does not allow mounting"),
+        (allowed.join("link"), "resolves to"),
+        (allowed.join("data/../../secret"), "does not allow mounting"),
+        (host.path().join("allowed-not"), "cannot mount"),
+    ];
+    for (source, says) in tricks {
+        let (outcome, log) = run_all(&docker, with_mount("cat /data/key", &source)).await;
+        assert_eq!(outcome.result, StepResult::Failure, "{source:?}: {outcome:?}\n{log}");
+        assert!(outcome.reason.contains(says), "{source:?}: {outcome:?}");
+        assert!(!log.contains("secret"), "{source:?}: {log}");
+    }
+    assert_eq!(containers_of(worker), Vec::<String>::new(), "a refused mount creates nothing");
+}
+
+#[tokio::test]
+async fn another_platform_is_refused_and_an_unreachable_registry_is_named() {
+    let worker = "it-docker-registry";
+    let docker = executor(worker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = docker.image_platform().expect("the engine's platform");
+    assert_eq!(engine, docker.platform());
+    let mut s = spec("true", dir.path());
+    s.container.platform = "linux/s390x".into();
+    let (outcome, _) = run_all(&docker, s).await;
+    assert_eq!(outcome.result, StepResult::Failure, "{outcome:?}");
+    assert_eq!(outcome.reason, format!("this worker's Docker engine runs {engine} images, not linux/s390x"));
+
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let host = format!("127.0.0.1:{port}");
+    let docker = docker.with_registry(Some(Registry { host: host.clone(), credentials: None }));
+    let mut s = spec("true", dir.path());
+    s.image = Some("rbb-test/not-here:1".into());
+    let (outcome, log) = run_all(&docker, s).await;
+    assert_eq!(outcome.result, StepResult::Exception, "{outcome:?}");
+    assert!(
+        outcome.reason.starts_with(&format!("cannot pull image `rbb-test/not-here:1` from registry {host}: ")),
+        "{outcome:?}"
+    );
+    assert!(log.contains(&format!("pulling image `rbb-test/not-here:1` from registry {host}")), "{log}");
+    let mut s = spec("true", dir.path());
+    s.image = Some("elsewhere.example:5000/app:1".into());
+    let (outcome, _) = run_all(&docker, s).await;
+    assert!(
+        outcome.reason.contains("names registry elsewhere.example:5000; this worker pulls only from"),
+        "{outcome:?}"
+    );
+    // Images on the engine are never pulled.
+    let (outcome, log) = run_all(&docker, spec("true", dir.path())).await;
+    assert_eq!(outcome.result, StepResult::Success, "{outcome:?}");
+    assert!(!log.contains("pulling"), "{log}");
+    assert_eq!(containers_of(worker), Vec::<String>::new());
 }
