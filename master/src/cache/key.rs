@@ -130,6 +130,11 @@ pub struct Manifest {
     pub salt: Option<String>,
     /// Grows when the builder's cache is reset.
     pub epoch: u64,
+    /// Each secret the step uses → its `version` in the master config (`None`: no longer
+    /// declared). Names and versions only, never a value or a hash of one. Left out of the
+    /// encoding when the step uses none, so such keys are what they were before secrets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, Option<u64>>,
     /// The static key's document (what the compiler hashed into `static_key`), kept to name
     /// what changed in the definition. Not part of the hash: `static_key` already is.
     #[serde(default)]
@@ -210,6 +215,12 @@ pub fn changed(old: &Manifest, new: &Manifest) -> Vec<String> {
     field("after", old.after != new.after);
     field("salt", old.salt != new.salt);
     field("epoch", old.epoch != new.epoch);
+    let names: BTreeSet<&String> = old.secrets.keys().chain(new.secrets.keys()).collect();
+    for name in names {
+        if old.secrets.get(name) != new.secrets.get(name) {
+            out.push(format!("secrets.{name}"));
+        }
+    }
     // The definition and the dynamic part can name the same field (`after`, `image`).
     let mut seen = BTreeSet::new();
     out.retain(|f| seen.insert(f.clone()));
@@ -689,6 +700,7 @@ mod tests {
             after: None,
             salt: None,
             epoch: 0,
+            secrets: BTreeMap::new(),
             definition: Value::Null,
         }
     }
@@ -1021,6 +1033,7 @@ mod tests {
                 after,
                 salt,
                 epoch,
+                secrets: BTreeMap::new(),
                 definition: Value::Null,
             })
     }
