@@ -724,7 +724,7 @@ mod tests {
             vectors.push((json.to_owned(), key.to_owned()));
             rest = &body[end..];
         }
-        assert_eq!(vectors.len(), 2, "docs/cache-key.md should document two full-key vectors");
+        assert_eq!(vectors.len(), 3, "docs/cache-key.md should document three full-key vectors");
         for (json, key) in &vectors {
             let m: Manifest = serde_json::from_str(json).expect("a documented manifest parses");
             assert_eq!(&m.canonical(), json, "the documented manifest is not in canonical JSON");
@@ -748,6 +748,18 @@ mod tests {
         assert!(matches!(&first.inputs[2], Input::Glob { matches, .. } if matches.len() == 1));
         assert!(matches!(&second.inputs[0], Input::Glob { matches, .. } if matches.is_empty()));
         assert_eq!(first.pass_env["CC"].as_deref(), Some(env_value_digest(b"gcc").as_str()));
+        // A step without secrets has no `secrets` field at all; the third uses one: same
+        // step, its name and version added, and so another key.
+        assert!(!vectors[0].0.contains("secrets"));
+        let third: Manifest = serde_json::from_str(&vectors[2].0).expect("parses");
+        assert_eq!(third.secrets.get("DEPLOY_TOKEN"), Some(&Some(2)));
+        let mut without = third.clone();
+        without.secrets.clear();
+        assert_eq!(without.key(), vectors[0].1, "the same step without its secret is the first vector");
+        let mut bumped = third.clone();
+        bumped.secrets.insert("DEPLOY_TOKEN".into(), Some(3));
+        assert_ne!(bumped.key(), third.key());
+        assert_eq!(changed(&third, &bumped), vec!["secrets.DEPLOY_TOKEN".to_owned()]);
     }
 
     #[test]
