@@ -308,3 +308,57 @@ fn config_mistakes_name_the_secret_and_never_show_a_value() {
     assert!(err.contains("`bad-name` is not a valid secret name"), "{err}");
     assert!(err.contains("repository `nope`, which the master config does not list"), "{err}");
 }
+
+#[test]
+fn a_container_step_gets_its_secret_and_its_output_is_masked() {
+    let script = root().join("testdata/docker/build-images.sh");
+    let out = std::process::Command::new("sh").arg(&script).output().expect("run build-images.sh");
+    assert!(
+        out.status.success(),
+        "this test needs the Docker engine and the test images; {} failed:\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pipeline = r#"
+builders:
+  deploy:
+    image: rbb-test/busybox:1
+    steps:
+      - name: use
+        run: |
+          printf %s "$TOKEN" | sha256sum | cut -d' ' -f1 > token.sha256
+          echo "in a container: $TOKEN"
+          printf %s "$TOKEN" | base64
+        env:
+          TOKEN: ${{ secrets.DEPLOY_TOKEN }}
+      - name: after
+        run: 'echo "after: ${TOKEN:-unset}"'
+"#;
+    make_repo(&dir.path().join("app"), pipeline, &[("README.md", "readme\n")]);
+    std::fs::write(dir.path().join("deploy-token"), VALUE).expect("secret file");
+    let config = write_config(dir.path(), &["app"], &[("secrets-docker", "t", &[])]);
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str("secrets:\n  DEPLOY_TOKEN: { file: deploy-token }\n");
+    std::fs::write(&config, text).expect("config");
+    let m = Master::start(&config, &dir.path().join("state"));
+    let work = dir.path().join("secrets-docker");
+    let w = Worker::start(&m, "secrets-docker", "t", &work, &[("RBB_WORKER_DOCKER", "true")]);
+    let b = m.finished(m.force("app/deploy"), T);
+    assert_eq!(b["result"], "SUCCESS", "{b:#}");
+    let mut files = Vec::new();
+    files_under(&work, &mut files);
+    let sha_file = files.iter().find(|f| f.ends_with("token.sha256")).expect("the step wrote token.sha256");
+    let want: String = Sha256::digest(VALUE.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(std::fs::read_to_string(sha_file).expect("read").trim(), want);
+    let log = |i: usize| {
+        let id = b["steps"][i]["log_id"].as_u64().expect("log id");
+        m.get(&format!("/api/v2/logs/{id}/raw")).body
+    };
+    let used = log(0);
+    assert_clean("the container step's log", &used);
+    let used = String::from_utf8_lossy(&used);
+    assert!(used.contains("in a container: ***\n") && used.contains("\n***\n"), "{used}");
+    assert!(String::from_utf8_lossy(&log(1)).contains("after: unset"));
+    assert_clean("the worker's log", w.log_text().as_bytes());
+}
