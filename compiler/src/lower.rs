@@ -248,7 +248,10 @@ pub(crate) fn lower(
                             "bad-expression",
                             b.pos(ctx, rel),
                             format!("{msg} in {what}"),
-                            Some(if combo.is_empty() {
+                            Some(if msg.contains("does not name a secret") {
+                                "write `${{ secrets.NAME }}` with a name declared under `secrets:` in the master config"
+                                    .into()
+                            } else if combo.is_empty() {
                                 "`${{ matrix.<axis> }}` works only in a builder with `matrix:`".into()
                             } else {
                                 format!("axes of this matrix: {}", combo.keys().cloned().collect::<Vec<_>>().join(", "))

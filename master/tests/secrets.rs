@@ -213,7 +213,7 @@ builders:
     let sample = root().join("testdata/webhooks/github/pull_request_opened.json");
     let sample: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(sample).expect("payload")).expect("json");
-    let mut run_pr = |number: u64, minute: u32, head_repo: &str| {
+    let run_pr = |number: u64, minute: u32, head_repo: &str| {
         git(&repo, &["checkout", "-q", "-b", &format!("pr-{number}")]);
         let head = commit(&repo, "src/pr.c", &format!("{number}\n"), minute, "PR work");
         git(&repo, &["checkout", "-q", "main"]);
