@@ -283,6 +283,7 @@ mod tests {
             name: "build".into(),
             run: run.into(),
             env: BTreeMap::from([("B".to_owned(), "2".to_owned()), ("A".to_owned(), "1".to_owned())]),
+            secrets: BTreeMap::new(),
             pass_env: vec![],
             workdir: None,
             timeout_secs: 60,

@@ -425,6 +425,26 @@ pub fn load_config(path: &Path) -> Result<LoadedConfig, Vec<Diagnostic>> {
         }
     };
     let value = if value.is_null() { serde_yaml::Value::Mapping(Default::default()) } else { value };
+    // Before typing: a type error would quote a value written inline, and that is a secret.
+    let inline = inline_secrets(&value);
+    if !inline.is_empty() {
+        let spans = SpanIndex::build(&text);
+        return Err(inline
+            .into_iter()
+            .map(|name| {
+                let pos = spans.value(&[key("secrets"), key(&name)]);
+                fix(ctx.diag(
+                    "secret-inline",
+                    pos,
+                    format!("secret `{name}` is written in the master config"),
+                    Some(format!(
+                        "secret values never go in the config: put it in a file (`{name}: {{ file: /etc/rbb/{} }}`) or an environment variable of the master (`{name}: {{ env: RBB_{name} }}`)",
+                        name.to_lowercase()
+                    )),
+                ))
+            })
+            .collect());
+    }
     let config: MasterConfig = serde_path_to_error::deserialize(value)
         .map_err(|e| vec![fix(type_diag(&ctx, &Vec::new(), None, e, "the master config"))])?;
     let loaded = LoadedConfig { config, path: path.to_owned(), spans: SpanIndex::build(&text), text };
@@ -476,7 +496,80 @@ pub fn load_config(path: &Path) -> Result<LoadedConfig, Vec<Diagnostic>> {
             });
         }
     }
+    for (name, secret) in &loaded.config.secrets {
+        let at = |field: &str| {
+            let mut path = vec![key("secrets"), key(name)];
+            if !field.is_empty() {
+                path.push(key(field));
+            }
+            loaded.pos(&path)
+        };
+        let mut problem = |pos: Pos, message: String, hint: String| {
+            diags.push(Diagnostic {
+                severity: Severity::Error,
+                code: "bad-secret",
+                repo: None,
+                file: shown.clone(),
+                line: pos.line,
+                col: pos.col,
+                message,
+                hint: Some(hint),
+            })
+        };
+        if !crate::parse::valid_env_name(name) {
+            problem(
+                at(""),
+                format!("`{name}` is not a valid secret name"),
+                "a secret's name is a letter or `_`, then letters, digits and `_` (pipelines write `${{ secrets.NAME }}`)"
+                    .into(),
+            );
+        }
+        match (&secret.file, &secret.env) {
+            (Some(_), Some(_)) => {
+                problem(at("env"), format!("secret `{name}` sets both `file` and `env`"), "keep one of them".into())
+            }
+            (None, None) => problem(
+                at(""),
+                format!("secret `{name}` says neither where its value is"),
+                format!(
+                    "add `file: /path/to/{}` or `env: VARIABLE` (an environment variable of the master)",
+                    name.to_lowercase()
+                ),
+            ),
+            _ => {}
+        }
+        if secret.version == Some(0) {
+            problem(at("version"), format!("secret `{name}` has version 0"), "versions start at 1".into());
+        }
+        for (i, repo) in secret.repositories.iter().enumerate() {
+            if !names.contains_key(repo) {
+                let pos = loaded.pos(&[key("secrets"), key(name), key("repositories"), Seg::Index(i)]);
+                let known: Vec<&str> = names.keys().map(String::as_str).collect();
+                problem(
+                    pos,
+                    format!("secret `{name}` is given to repository `{repo}`, which the master config does not list"),
+                    crate::diagnostic::did_you_mean(repo, known.iter().copied())
+                        .unwrap_or_else(|| format!("repositories: {}", crate::diagnostic::name_list(&known, 10))),
+                );
+            }
+        }
+    }
     if diags.is_empty() { Ok(loaded) } else { Err(diags) }
+}
+
+/// Names of the `secrets:` entries written with their value in the config (a scalar, or a
+/// mapping with `value:`) rather than where to read it.
+fn inline_secrets(config: &serde_yaml::Value) -> Vec<String> {
+    let Some(serde_yaml::Value::Mapping(secrets)) = config.get("secrets") else { return Vec::new() };
+    secrets
+        .iter()
+        .filter(|(_, v)| match v {
+            serde_yaml::Value::Mapping(m) => m.contains_key("value"),
+            serde_yaml::Value::Null => false,
+            _ => true,
+        })
+        .map(|(k, _)| k.as_str().map(str::to_owned).unwrap_or_else(|| format!("{k:?}")))
+        .collect()
 }
 
 /// Reads every configured repository's pipeline; `revs` overrides the branch per repository

@@ -25,7 +25,7 @@ pub mod spans;
 
 pub use diagnostic::{Diagnostic, Diagnostics, Printed, Severity};
 pub use incremental::FrontEndCache;
-pub use parse::{NotUtf8, Origin, Source, decode_text, valid_name};
+pub use parse::{NotUtf8, Origin, Source, decode_text, valid_env_name, valid_name};
 use rbb_schema::plan::Plan;
 
 /// Knobs of one compile.
@@ -49,6 +49,10 @@ pub struct Options {
     /// with a warning naming that repository, and so is everything that needs it: one
     /// repository's mistake never becomes another's error.
     pub broken_repos: std::collections::BTreeMap<String, String>,
+    /// Secrets the master config declares (name → the repositories that may use it; empty
+    /// means every repository). Names only: the compiler never sees a value. When given, a
+    /// step using another secret, or one its repository may not use, is an error.
+    pub secrets: Option<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 impl Default for Options {
@@ -60,6 +64,7 @@ impl Default for Options {
             other_repos_unknown: false,
             locks: None,
             broken_repos: std::collections::BTreeMap::new(),
+            secrets: None,
         }
     }
 }

@@ -64,6 +64,8 @@ pub(crate) fn lower(
     let triggers = lower_triggers(ctx, b, diags);
     let builder_timeout = spec.timeout.as_ref().and_then(|t| duration(ctx, b, &[key("timeout")], t, diags));
 
+    check_secret_places(ctx, b, diags);
+
     let mut step_names = BTreeSet::new();
     for (i, step) in spec.steps.iter().enumerate() {
         let at = |k: &str| vec![key("steps"), Seg::Index(i), key(k)];
@@ -86,6 +88,7 @@ pub(crate) fn lower(
             ));
         }
         if let Some(cond) = &step.condition
+            && secret_refs(cond).is_empty()
             && let Err(e) = condition::parse(cond)
         {
             let p = b.pos(ctx, &at("if"));
@@ -243,8 +246,32 @@ pub(crate) fn lower(
     let mut out = Vec::new();
     let mut subst_errors = BTreeSet::new();
     for combo in combos {
-        let mut sub = |s: &str, rel: &[Seg]| -> String {
-            match substitute(s, &combo) {
+        // `used` is `Some` for an env value, where `${{ secrets.NAME }}` may appear: it stays
+        // in the value and its name is collected.
+        let mut sub_in = |s: &str, rel: &[Seg], used: Option<&mut Vec<String>>| -> String {
+            let in_env = used.is_some();
+            let mut found = Vec::new();
+            let result = substitute(s, &combo, in_env.then_some(&mut found));
+            for name in &found {
+                if let Some(why) = secret_refused(opts, repo, name)
+                    && subst_errors.insert(format!("secret {name}"))
+                {
+                    let usable = usable_secrets(opts, repo);
+                    let listed = format!(
+                        "secrets repository `{repo}` may use: {} (declared under `secrets:` in the master config)",
+                        name_list(&usable, 10)
+                    );
+                    let hint = match did_you_mean(name, usable.iter().map(String::as_str)) {
+                        Some(close) => format!("{close} {listed}"),
+                        None => listed,
+                    };
+                    diags.push(ctx.diag("unknown-secret", b.pos(ctx, rel), format!("{what} uses {why}"), Some(hint)));
+                }
+            }
+            if let Some(used) = used {
+                used.extend(found);
+            }
+            match result {
                 Ok(v) => v,
                 Err(msg) => {
                     if subst_errors.insert(msg.clone()) {
@@ -252,7 +279,10 @@ pub(crate) fn lower(
                             "bad-expression",
                             b.pos(ctx, rel),
                             format!("{msg} in {what}"),
-                            Some(if combo.is_empty() {
+                            Some(if msg.contains("does not name a secret") {
+                                "write `${{ secrets.NAME }}` with a name declared under `secrets:` in the master config"
+                                    .into()
+                            } else if combo.is_empty() {
                                 "`${{ matrix.<axis> }}` works only in a builder with `matrix:`".into()
                             } else {
                                 format!("axes of this matrix: {}", combo.keys().cloned().collect::<Vec<_>>().join(", "))
@@ -264,47 +294,66 @@ pub(crate) fn lower(
             }
         };
         let mut builder_env = BTreeMap::new();
+        let mut builder_secrets: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (k, v) in &spec.env {
-            builder_env.insert(k.clone(), sub(v.as_str(), &[key("env"), key(k)]));
+            let mut used = Vec::new();
+            builder_env.insert(k.clone(), sub_in(v.as_str(), &[key("env"), key(k)], Some(&mut used)));
+            if !used.is_empty() {
+                builder_secrets.insert(k.clone(), sorted(used));
+            }
         }
-        let image = spec.image.as_ref().map(|i| sub(i, &[key("image")]));
-        let builder_workdir = spec.workdir.as_ref().map(|w| sub(w, &[key("workdir")]));
-        let mut labels: Vec<String> = spec.labels.iter().map(|l| sub(l, &[key("labels")])).collect();
+        let image = spec.image.as_ref().map(|i| sub_in(i, &[key("image")], None));
+        let builder_workdir = spec.workdir.as_ref().map(|w| sub_in(w, &[key("workdir")], None));
+        let mut labels: Vec<String> = spec.labels.iter().map(|l| sub_in(l, &[key("labels")], None)).collect();
         labels.sort();
         labels.dedup();
-        let description = spec.description.as_ref().map(|d| sub(d, &[key("description")]));
+        let description = spec.description.as_ref().map(|d| sub_in(d, &[key("description")], None));
         let mut steps = Vec::new();
         for (i, step) in spec.steps.iter().enumerate() {
             let at = |k: &str| vec![key("steps"), Seg::Index(i), key(k)];
             let mut env = builder_env.clone();
+            let mut secrets = builder_secrets.clone();
             for (k, v) in &step.env {
-                env.insert(k.clone(), sub(v.as_str(), &at("env")));
+                let mut used = Vec::new();
+                let mut rel = at("env");
+                rel.push(key(k));
+                env.insert(k.clone(), sub_in(v.as_str(), &rel, Some(&mut used)));
+                if used.is_empty() {
+                    secrets.remove(k);
+                } else {
+                    secrets.insert(k.clone(), sorted(used));
+                }
             }
             let name = match &step.name {
-                Some(n) => sub(n, &at("name")),
+                Some(n) => sub_in(n, &at("name"), None),
                 None => format!("step-{}", i + 1),
             };
             steps.push(PlanStep {
                 name,
-                run: sub(&step.run, &at("run")),
+                run: sub_in(&step.run, &at("run"), None),
                 env,
+                secrets,
                 pass_env: step.pass_env.clone(),
-                workdir: step.workdir.as_ref().map(|w| sub(w, &at("workdir"))).or_else(|| builder_workdir.clone()),
+                workdir: step
+                    .workdir
+                    .as_ref()
+                    .map(|w| sub_in(w, &at("workdir"), None))
+                    .or_else(|| builder_workdir.clone()),
                 timeout_secs: step_timeouts[i].or(builder_timeout).unwrap_or(opts.default_timeout_secs),
                 halt_on_failure: step.halt_on_failure.unwrap_or(true),
                 flunk_on_failure: step.flunk_on_failure.unwrap_or(true),
                 warn_on_failure: step.warn_on_failure.unwrap_or(false),
                 always_run: step.always_run.unwrap_or(false),
-                condition: step.condition.as_ref().map(|c| sub(c, &at("if"))),
-                image: step.image.as_ref().map(|i| sub(i, &at("image"))).or_else(|| image.clone()),
+                condition: step.condition.as_ref().map(|c| sub_in(c, &at("if"), None)),
+                image: step.image.as_ref().map(|i| sub_in(i, &at("image"), None)).or_else(|| image.clone()),
                 memory_bytes: step_limits[i].memory_bytes,
                 cpus_milli: step_limits[i].cpus_milli,
                 network: step_limits[i].network.clone(),
                 user: step_limits[i].user.clone(),
                 mounts: step_limits[i].mounts.clone().unwrap_or_default(),
                 platform: step_limits[i].platform.clone(),
-                inputs: step.inputs.iter().map(|p| sub(p, &at("inputs"))).collect(),
-                outputs: step.outputs.iter().map(|p| sub(p, &at("outputs"))).collect(),
+                inputs: step.inputs.iter().map(|p| sub_in(p, &at("inputs"), None)).collect(),
+                outputs: step.outputs.iter().map(|p| sub_in(p, &at("outputs"), None)).collect(),
                 cache: step.cache.unwrap_or(true),
                 key: String::new(),
             });
@@ -333,9 +382,9 @@ pub(crate) fn lower(
                         let at = |k: &str| vec![key("services"), Seg::Index(j), key(k)];
                         PlanService {
                             name: s.name.clone(),
-                            image: sub(&s.image, &at("image")),
-                            env: s.env.iter().map(|(k, v)| (k.clone(), sub(v, &at("env")))).collect(),
-                            command: s.command.as_ref().map(|c| sub(c, &at("command"))),
+                            image: sub_in(&s.image, &at("image"), None),
+                            env: s.env.iter().map(|(k, v)| (k.clone(), sub_in(v, &at("env"), None))).collect(),
+                            command: s.command.as_ref().map(|c| sub_in(c, &at("command"), None)),
                             health: s.health.clone(),
                         }
                     })
@@ -345,7 +394,7 @@ pub(crate) fn lower(
                 cancel_superseded: spec.cancel_superseded.unwrap_or(false),
                 concurrency: spec.concurrency,
                 locks: spec.locks.clone(),
-                cache_salt: spec.cache_salt.as_ref().map(|s| sub(s.as_str(), &[key("cache_salt")])),
+                cache_salt: spec.cache_salt.as_ref().map(|s| sub_in(s.as_str(), &[key("cache_salt")], None)),
                 triggers: triggers.clone(),
                 needs: Vec::new(),
                 steps,
@@ -359,10 +408,7 @@ pub(crate) fn lower(
 }
 
 fn check_env_name(ctx: &FileCtx, b: &ParsedBuilder, rel: &[Seg], name: &str, diags: &mut Diagnostics) {
-    let mut chars = name.chars();
-    let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !ok {
+    if !crate::parse::valid_env_name(name) {
         let mut p = rel.to_vec();
         p.push(key(name));
         diags.push(ctx.diag(
@@ -1071,8 +1117,116 @@ fn json_scalar(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-/// Replaces `${{ matrix.<axis> }}` in `s`.
-fn substitute(s: &str, combo: &IndexMap<String, String>) -> Result<String, String> {
+/// Why `repo` may not use the secret `name` (`None` when it may, or when the declared
+/// secrets are not known to this compile).
+fn secret_refused(opts: &Options, repo: &str, name: &str) -> Option<String> {
+    let declared = opts.secrets.as_ref()?;
+    match declared.get(name) {
+        None => Some(format!("secret `{name}`, which the master config does not declare")),
+        Some(repos) if !repos.is_empty() && !repos.iter().any(|r| r == repo) => {
+            Some(format!("secret `{name}`, which repository `{repo}` may not use (only {})", repos.join(", ")))
+        }
+        Some(_) => None,
+    }
+}
+
+/// The declared secrets `repo` may use, sorted.
+fn usable_secrets(opts: &Options, repo: &str) -> Vec<String> {
+    opts.secrets
+        .iter()
+        .flatten()
+        .filter(|(_, repos)| repos.is_empty() || repos.iter().any(|r| r == repo))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+fn sorted(mut names: Vec<String>) -> Vec<String> {
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The `${{ secrets.* }}` expressions in `s`, as written inside the braces.
+fn secret_refs(s: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("${{") {
+        let after = &rest[start + 3..];
+        let Some(end) = after.find("}}") else { break };
+        let expr = after[..end].trim();
+        if expr == "secrets" || expr.starts_with("secrets.") || expr.starts_with("secrets[") {
+            out.push(expr);
+        }
+        rest = &after[end + 2..];
+    }
+    out
+}
+
+/// A secret is usable only in `env` values (the builder's or a step's): anywhere else (the
+/// command, names, image, inputs, conditions, matrix values...) it would end up in the plan,
+/// a log line or a cache key in clear. Each other place that names one is an error.
+fn check_secret_places(ctx: &FileCtx, b: &ParsedBuilder, diags: &mut Diagnostics) {
+    let Ok(doc) = serde_json::to_value(&b.spec) else { return };
+    let mut places = Vec::new();
+    walk_strings(&doc, &mut Vec::new(), &mut places);
+    for (path, expr) in places {
+        let in_env = matches!(path.as_slice(), [Seg::Key(k), _] if k == "env")
+            || matches!(path.as_slice(), [Seg::Key(s), Seg::Index(_), Seg::Key(k), _] if s == "steps" && k == "env");
+        if in_env {
+            continue;
+        }
+        let place = path
+            .iter()
+            .map(|s| match s {
+                Seg::Key(k) => k.clone(),
+                Seg::Index(i) => format!("[{i}]"),
+            })
+            .collect::<Vec<_>>()
+            .join(".")
+            .replace(".[", "[");
+        diags.push(ctx.diag(
+            "secret-outside-env",
+            b.pos(ctx, &path),
+            format!("`${{{{ {expr} }}}}` in `{place}` of builder `{}`", b.name),
+            Some(
+                "secrets may only be used in env: values (the builder's or a step's), e.g. `env: { TOKEN: \"${{ secrets.NAME }}\" }`, then `$TOKEN` in `run:`".into(),
+            ),
+        ));
+    }
+}
+
+fn walk_strings(v: &serde_json::Value, path: &mut Vec<Seg>, out: &mut Vec<(Vec<Seg>, String)>) {
+    match v {
+        serde_json::Value::String(s) => {
+            for expr in secret_refs(s) {
+                out.push((path.clone(), expr.to_owned()));
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                path.push(Seg::Index(i));
+                walk_strings(item, path, out);
+                path.pop();
+            }
+        }
+        serde_json::Value::Object(map) => {
+            for (k, item) in map {
+                path.push(key(k));
+                walk_strings(item, path, out);
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Replaces `${{ matrix.<axis> }}` in `s`. With `secrets` (an env value), a
+/// `${{ secrets.NAME }}` stays, written `${{ secrets.NAME }}`, and NAME is collected.
+fn substitute(
+    s: &str,
+    combo: &IndexMap<String, String>,
+    mut secrets: Option<&mut Vec<String>>,
+) -> Result<String, String> {
     if !s.contains("${{") {
         return Ok(s.to_owned());
     }
@@ -1085,12 +1239,25 @@ fn substitute(s: &str, combo: &IndexMap<String, String>) -> Result<String, Strin
             return Err("`${{` is not closed with `}}`".into());
         };
         let expr = after[..end].trim();
+        if let (Some(name), Some(found)) = (expr.strip_prefix("secrets."), secrets.as_deref_mut()) {
+            if !crate::parse::valid_env_name(name) {
+                return Err(format!("`${{{{ {expr} }}}}` does not name a secret (names are letters, digits and `_`)"));
+            }
+            out.push_str(&format!("${{{{ secrets.{name} }}}}"));
+            found.push(name.to_owned());
+            rest = &after[end + 2..];
+            continue;
+        }
         match expr.strip_prefix("matrix.") {
             Some(axis) => match combo.get(axis) {
                 Some(v) => out.push_str(v),
                 None => return Err(format!("`${{{{ {expr} }}}}` names no matrix axis")),
             },
-            None => return Err(format!("unknown expression `${{{{ {expr} }}}}` (only `matrix.<axis>` exists)")),
+            None => {
+                return Err(format!(
+                    "unknown expression `${{{{ {expr} }}}}` (only `matrix.<axis>`, and `secrets.<NAME>` in env values, exist)"
+                ));
+            }
         }
         rest = &after[end + 2..];
     }
@@ -1106,9 +1273,21 @@ mod tests {
     fn substitutes_matrix_values() {
         let mut c = IndexMap::new();
         c.insert("os".to_owned(), "linux".to_owned());
-        assert_eq!(substitute("build-${{ matrix.os }}-${{matrix.os}}", &c).as_deref(), Ok("build-linux-linux"));
-        assert!(substitute("${{ matrix.py }}", &c).is_err());
-        assert!(substitute("${{ secrets.x }}", &c).is_err());
-        assert!(substitute("${{ matrix.os", &c).is_err());
+        assert_eq!(substitute("build-${{ matrix.os }}-${{matrix.os}}", &c, None).as_deref(), Ok("build-linux-linux"));
+        assert!(substitute("${{ matrix.py }}", &c, None).is_err());
+        assert!(substitute("${{ secrets.x }}", &c, None).is_err());
+        assert!(substitute("${{ matrix.os", &c, None).is_err());
+    }
+
+    #[test]
+    fn env_values_keep_secrets_and_name_them() {
+        let mut c = IndexMap::new();
+        c.insert("os".to_owned(), "linux".to_owned());
+        let mut found = Vec::new();
+        let got = substitute("Bearer ${{secrets.TOKEN}} on ${{ matrix.os }}", &c, Some(&mut found));
+        assert_eq!(got.as_deref(), Ok("Bearer ${{ secrets.TOKEN }} on linux"));
+        assert_eq!(found, vec!["TOKEN".to_owned()]);
+        assert!(substitute("${{ secrets.a-b }}", &c, Some(&mut Vec::new())).is_err());
+        assert_eq!(secret_refs("x ${{ secrets.A }} ${{ matrix.os }} ${{secrets.B}}"), vec!["secrets.A", "secrets.B"]);
     }
 }

@@ -150,6 +150,14 @@ pub fn valid_name(name: &str) -> bool {
         && name.len() <= 100
 }
 
+/// Whether `name` is a valid environment variable name (also the form of a secret's name):
+/// a letter or `_`, then letters, digits and `_`.
+pub fn valid_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 pub(crate) fn parse_file<'a>(src: &'a Source, eval: &dyn Evaluator, diags: &mut Diagnostics) -> ParsedFile<'a> {
     if let Some(bad) = src.not_utf8 {
         let ctx = FileCtx { src, spans: SpanIndex::default() };

@@ -60,6 +60,12 @@ fn builder(out: &mut String, b: &PlanBuilder) {
     if !b.tags.is_empty() {
         let _ = writeln!(out, "    tags: {}", b.tags.join(", "));
     }
+    let mut secrets: Vec<&str> = b.steps.iter().flat_map(|s| s.secret_names()).collect();
+    secrets.sort_unstable();
+    secrets.dedup();
+    if !secrets.is_empty() {
+        let _ = writeln!(out, "    secrets: {}", secrets.join(", "));
+    }
     for (i, s) in b.steps.iter().enumerate() {
         let first_line = s.run.lines().next().unwrap_or("");
         let more = if s.run.trim_end().lines().count() > 1 { " …" } else { "" };
@@ -104,6 +110,10 @@ fn builder(out: &mut String, b: &PlanBuilder) {
         if !s.env.is_empty() {
             let keys: Vec<&str> = s.env.keys().map(String::as_str).collect();
             flags.push(format!("env {}", keys.join(",")));
+        }
+        if !s.secrets.is_empty() {
+            let uses: Vec<String> = s.secrets.iter().map(|(var, names)| format!("{var}←{}", names.join("+"))).collect();
+            flags.push(format!("secrets {}", uses.join(",")));
         }
         if !s.inputs.is_empty() {
             flags.push(format!("inputs {}", s.inputs.join(",")));

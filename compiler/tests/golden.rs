@@ -3,7 +3,8 @@
 //! Inputs: every `<repo>.yaml` in the folder is that repository's `.rbb/pipeline.yaml`;
 //! optional `files.txt` lists the commit's files (given to snippets), optional `workers.txt`
 //! gives one worker label set per line, optional `locks.txt` the lock names the master config
-//! declares, optional `broken.txt` one `<repo> <file>` per line for repositories left out
+//! declares, optional `secrets.txt` one declared secret per line (`NAME [repo...]`: the
+//! repositories that may use it, all when none), optional `broken.txt` one `<repo> <file>` per line for repositories left out
 //! because their pipeline does not compile. Expected output: `expected.txt` (diagnostics as the
 //! CLI prints them, what snippets printed, then the text plan and the DOT picture), and `plan.json` when the case
 //! compiles. A case with a `before/` folder (the same kind of inputs) is also a diff: the plan
@@ -59,7 +60,18 @@ fn load_case(dir: &Path) -> (Vec<Source>, Options) {
         .iter()
         .filter_map(|l| l.split_once(' ').map(|(r, f)| (r.to_owned(), f.trim().to_owned())))
         .collect();
+    let secrets = dir.join("secrets.txt");
     let opts = Options {
+        secrets: secrets.exists().then(|| {
+            read_lines(&secrets)
+                .iter()
+                .map(|l| {
+                    let mut words = l.split_whitespace();
+                    let name = words.next().unwrap_or_default().to_owned();
+                    (name, words.map(str::to_owned).collect())
+                })
+                .collect()
+        }),
         broken_repos,
         locks: locks.exists().then(|| read_lines(&locks)),
         worker_labels: workers

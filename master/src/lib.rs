@@ -18,6 +18,7 @@ pub mod model;
 pub mod openapi;
 pub mod planner;
 pub mod query;
+pub mod secrets;
 pub mod server;
 pub mod sources;
 pub mod store;

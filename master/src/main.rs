@@ -413,6 +413,8 @@ fn compile_config(
     let (mut sources, mut read_diags) = git::sources_from_config(cfg, revs);
     let opts = Options {
         worker_labels: Some(cfg.config.workers.iter().map(|w| w.labels.clone()).collect()),
+        // Names only: `rbb compile` never reads a secret's value.
+        secrets: Some(cfg.config.secrets.iter().map(|(n, s)| (n.clone(), s.repositories.clone())).collect()),
         ..Options::default()
     };
     let mut result = compile(&sources, eval, &opts);

@@ -61,6 +61,8 @@ impl crate::forge::outbox_store::DatabaseHandle for EngineDatabase {
 pub fn open(opts: &MasterOptions) -> Result<Master> {
     let cfg = git::load_config(&opts.config)
         .map_err(|diags| anyhow::anyhow!("the master config has errors:\n{}", render_diagnostics(&diags, &[])))?;
+    // Read first: a missing value stops the start, naming the secret (never showing a value).
+    let secrets = crate::secrets::Secrets::load(&cfg).map_err(|e| anyhow::anyhow!("the master config: {e}"))?;
     let state_dir = opts
         .state_dir
         .clone()
@@ -133,6 +135,7 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
     let copts = Options {
         worker_labels: Some(cfg.config.workers.iter().map(|w| w.labels.clone()).collect()),
         locks: Some(cfg.config.locks.keys().cloned().collect()),
+        secrets: Some(secrets.declared()),
         ..Options::default()
     };
     let planner = Planner::new(plan_repos, copts, Planner::default_evaluator());
@@ -149,6 +152,7 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
     let engine = Engine::open(&state_dir, planner, repos, cfg.config.workers.clone(), locks, opts.heartbeat)
         .with_context(|| format!("opening the state in {}", state_dir.display()))?;
     engine.set_cache_limit(cache_limit);
+    engine.set_secrets(secrets);
     if let Some(url) = &cfg.config.checkout_url {
         engine.serve_checkouts_from(url);
     }

@@ -356,6 +356,7 @@ impl SourceRepo {
             target_branch: pr.target_branch.clone(),
             source_branch: pr.source_branch.clone(),
             commit,
+            from_fork: pr.from_fork(),
         };
         let builds = record(&change).map_err(|e| PullRequestError::Record { number, why: e.to_string() })?;
         self.mirror.move_ref(&built_ref, built.as_deref(), Some(&pr.head_sha)).map_err(mirror_err)?;

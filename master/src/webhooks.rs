@@ -236,6 +236,19 @@ pub struct PullRequest {
     pub author: Option<String>,
 }
 
+impl PullRequest {
+    /// Whether the head lives in another repository than the base: a fork, or a head whose
+    /// repository the forge does not name (a deleted fork). Such builds get no secrets.
+    pub fn from_fork(&self) -> bool {
+        let Some(head) = &self.head_repo_url else { return true };
+        let head_key = remote_key(head);
+        !self.repo.urls.iter().any(|base| match (&head_key, remote_key(base)) {
+            (Some(h), Some(b)) => *h == b,
+            _ => base.trim() == head.trim(),
+        })
+    }
+}
+
 /// The repository an event is about, as the forge names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepoRef {

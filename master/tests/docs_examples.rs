@@ -210,6 +210,13 @@ fn every_yaml_example_in_the_docs_is_accepted_by_the_schema_and_the_compiler() {
                 if let Err(e) = serde_yaml::from_str::<rbb_schema::config::MasterConfig>(&body) {
                     complaints.push(format!("{what}: the master does not read the example: {e}"));
                 }
+                // The checks beyond types (secrets written inline, duplicate names, ...).
+                let file = tempfile::NamedTempFile::new().expect("temp file");
+                std::fs::write(file.path(), &body).expect("write example");
+                if let Err(diags) = rbb_compiler::git::load_config(file.path()) {
+                    let why: Vec<String> = diags.iter().map(|d| format!("[{}] {}", d.code, d.message)).collect();
+                    complaints.push(format!("{what}: the master refuses the example: {}", why.join("; ")));
+                }
             } else if top("builders") || top("templates") || top("generate") {
                 checked += 1;
                 let src = source("app", body.clone(), None, &[]);
@@ -232,6 +239,29 @@ fn every_yaml_example_in_the_docs_is_accepted_by_the_schema_and_the_compiler() {
     }
     assert!(checked >= 3, "only {checked} YAML examples found");
     assert!(complaints.is_empty(), "{} broken examples:\n{}", complaints.len(), complaints.join("\n"));
+}
+
+/// The body of the first fenced block of `lang` after the line holding `marker` in `md`.
+fn block_after(md: &str, marker: &str, lang: &str) -> String {
+    let rest = &md[md.find(marker).unwrap_or_else(|| panic!("no `{marker}`"))..];
+    let open = format!("```{lang}\n");
+    let body = &rest[rest.find(&open).expect("a block") + open.len()..];
+    body[..body.find("\n```").expect("closed")].to_owned()
+}
+
+#[test]
+fn the_secrets_doc_shows_what_rbb_compile_prints() {
+    let md = std::fs::read_to_string(root().join("docs/secrets.md")).expect("docs/secrets.md");
+    let pipeline = block_after(&md, "## Using secrets", "yaml");
+    let shown = block_after(&md, "`rbb compile` shows which builders use which secrets", "text");
+    let declared = [("DEPLOY_TOKEN".to_owned(), vec!["app".to_owned()]), ("NPM_TOKEN".to_owned(), vec![])];
+    let opts = Options { secrets: Some(declared.into_iter().collect()), ..Options::default() };
+    let out = compile(&[source("app", pipeline, None, &[])], &evaluator(), &opts);
+    let plan = out.plan.unwrap_or_else(|| panic!("the example does not compile: {:?}", out.diagnostics));
+    let text = rbb_compiler::render::text(&plan);
+    for line in shown.lines() {
+        assert!(text.lines().any(|l| l == line), "docs/secrets.md shows `{line}`; rbb compile prints:\n{text}");
+    }
 }
 
 #[test]

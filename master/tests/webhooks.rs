@@ -935,3 +935,23 @@ mod pull_requests {
         assert!(seen.is_empty());
     }
 }
+
+#[test]
+fn pull_requests_from_forks_are_told_apart_from_the_repositorys_own() {
+    for (forge, name, kind) in [
+        (Forge::GitHub, "github/pull_request_opened.json", "pull_request"),
+        (Forge::GitLab, "gitlab/merge_request_open.json", "Merge Request Hook"),
+        (Forge::Gitea, "gitea/pull_request_opened.json", "pull_request"),
+    ] {
+        // The samples come from forks (jdoe/app into acme/app).
+        let mut pr = pull_request(parse_sample(forge, name, kind));
+        assert!(pr.from_fork(), "{name}: {:?} into {:?}", pr.head_repo_url, pr.repo.urls);
+        // The same head in the base repository (its URL spelt another way) is not a fork.
+        let own = pr.repo.urls.iter().find(|u| u.starts_with("https://")).cloned().expect("an https URL");
+        pr.head_repo_url = Some(own.trim_end_matches(".git").to_uppercase());
+        assert!(!pr.from_fork(), "{name}: {:?}", pr.head_repo_url);
+        // A head whose repository the forge does not name (a deleted fork) counts as one.
+        pr.head_repo_url = None;
+        assert!(pr.from_fork(), "{name}");
+    }
+}

@@ -58,6 +58,37 @@ pub struct MasterConfig {
     /// The step cache's store (docs/cache.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheConfig>,
+    /// Secrets steps may use as `${{ secrets.NAME }}` in their `env` (docs/secrets.md). Each
+    /// is read from a file or an environment variable of the master, never written here.
+    #[serde(default, skip_serializing_if = "indexmap::IndexMap::is_empty")]
+    pub secrets: indexmap::IndexMap<String, SecretConfig>,
+}
+
+/// Where the master reads one secret's value (`secrets.<NAME>` in the master config). The
+/// config holds only where the value is, so neither it nor its `Debug` ever shows a value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretConfig {
+    /// A file holding the value (relative to the config's directory); one trailing newline
+    /// is not part of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// An environment variable of the master holding the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    /// Repositories whose pipelines may use it. Default: every repository.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repositories: Vec<String>,
+    /// Bump it when the value changes: it is part of the cache key of the steps that use the
+    /// secret (the value never is). Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+impl SecretConfig {
+    pub fn effective_version(&self) -> u64 {
+        self.version.unwrap_or(1)
+    }
 }
 
 /// One notification rule: which builds, and where they go (a webhook, e-mail, or both).

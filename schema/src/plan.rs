@@ -132,8 +132,15 @@ pub struct PlanSchedule {
 pub struct PlanStep {
     pub name: String,
     pub run: String,
+    /// Values as written, with `${{ matrix.x }}` substituted; a `${{ secrets.NAME }}` stays as
+    /// written (normalised to one space inside the braces) and is filled in by the master when
+    /// the step is leased.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// The `env` variables that take a secret → the names of the secrets they use, sorted.
+    /// Names only: a secret's value never enters the plan.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, Vec<String>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pass_env: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -206,6 +213,16 @@ pub struct SourceLocation {
     pub file: String,
     pub line: u32,
     pub col: u32,
+}
+
+impl PlanStep {
+    /// Every secret the step uses, sorted, once each.
+    pub fn secret_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.secrets.values().flatten().map(String::as_str).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
 }
 
 impl Plan {

@@ -6,6 +6,7 @@
 //! - [`executor`]: the [`Executor`] trait and the native (`sh -c`) executor.
 //! - [`docker`]: the Docker executor (steps in containers) and the sweep of a crashed run's leftovers.
 //! - [`guard`]: the guard process that kills a dead worker's steps, and the restart sweep.
+//! - [`mask`]: secrets in a step's output become `***` before the output leaves the worker.
 //!
 //! This crate knows only `rbb-schema`; it never touches the master's store or web API, and
 //! never exits the process (only `main.rs` maps errors to exit codes).
@@ -15,6 +16,7 @@ pub mod checkout;
 pub mod docker;
 pub mod executor;
 pub mod guard;
+pub mod mask;
 pub mod session;
 
 pub use docker::DockerExecutor;

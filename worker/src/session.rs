@@ -34,6 +34,7 @@ use crate::executor::{
     StepSpec, cancelled, format_secs,
 };
 use crate::guard::{GuardLink, STATE_DIR};
+use crate::mask::{self, Masker};
 
 /// First reconnect delay; doubled after each failed attempt up to [`MAX_BACKOFF`].
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -514,11 +515,21 @@ async fn run_step(
         info!(builder = %lease.builder, command = %lease.command, "step started");
         let start = Instant::now();
         let _ = tx.send(message(Msg::Started(StepStarted { lease: id }))).await;
+        if lease.mask.iter().any(|v| v.len() < mask::MIN_MASKED_LEN) {
+            warn!("a secret of this step is shorter than {} bytes: it is not masked in the log", mask::MIN_MASKED_LEN);
+        }
+        let masker = Masker::new(&lease.mask).map(Arc::new);
         let (out_tx, out_rx) = mpsc::channel(OUTPUT_CAPACITY);
+        let step_masker = masker.clone();
         let work = async move {
             let mut report = execute(&lease, &ctx, &cache, &out_tx, &cancel).await;
+            // The secrets are this step's only: they go with the lease, here.
+            drop(lease);
             let outcome = &mut report.outcome;
             outcome.duration = start.elapsed();
+            if let Some(m) = &step_masker {
+                outcome.reason = m.mask_str(&outcome.reason);
+            }
             // Stopped because the worker shuts down or the session ended: not a result of the
             // step. It is not reported; the master sees the session end and retries the step.
             let interrupted = match ending.reason() {
@@ -542,7 +553,7 @@ async fn run_step(
             let _ = out_tx.send(Output::Header(summary.into_bytes())).await;
             (report, interrupted)
         };
-        let ((report, interrupted), ()) = tokio::join!(work, forward_logs(id, out_rx, tx.clone()));
+        let ((report, interrupted), ()) = tokio::join!(work, forward_logs(id, out_rx, tx.clone(), masker));
         drop(slot);
         if let Some(why) = interrupted {
             info!(%why, "step stopped; left for the master to retry");
@@ -589,6 +600,8 @@ async fn execute(
         .filter_map(|(name, value)| Some((name.clone(), value.as_ref()?.to_string_lossy().into_owned())))
         .collect();
     env.extend(lease.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    // For this step only; the spec (and with it the values) is dropped when the step ends.
+    env.extend(lease.secret_env.iter().map(|(k, v)| (k.clone(), v.clone())));
     let spec = match prepare(lease, ctx, env, out, cancel).await {
         Ok(spec) => spec,
         Err(outcome) => return Report::ran(outcome),
@@ -738,10 +751,31 @@ fn service_spec(s: &rbb_schema::proto::Service) -> ServiceSpec {
     }
 }
 
-/// Forwards output chunks as LogChunks until the step drops its sender. If the session is
-/// gone, chunks are dropped so the step is never blocked.
-async fn forward_logs(lease: u64, mut out: mpsc::Receiver<Output>, tx: mpsc::Sender<WorkerMessage>) {
+/// Forwards output chunks as LogChunks until the step drops its sender, masking the step's
+/// secrets first when it has some. If the session is gone, chunks are dropped so the step is
+/// never blocked.
+async fn forward_logs(
+    lease: u64,
+    mut out: mpsc::Receiver<Output>,
+    tx: mpsc::Sender<WorkerMessage>,
+    masker: Option<Arc<Masker>>,
+) {
     let mut open = true;
+    // With secrets, the end of a chunk that may start one waits for the next chunk of the
+    // same stream; another stream's chunk or the end of the step sends it.
+    let mut masking = masker.as_ref().map(|m| (m.stream(), LogStream::Stdout));
+    let send = |stream: LogStream, data: Vec<u8>| {
+        let tx = tx.clone();
+        async move {
+            for piece in data.chunks(MAX_CHUNK) {
+                let log = LogChunk { lease, stream: stream as i32, data: piece.to_vec() };
+                if tx.send(message(Msg::Log(log))).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+    };
     while let Some(chunk) = out.recv().await {
         if !open {
             continue;
@@ -751,12 +785,28 @@ async fn forward_logs(lease: u64, mut out: mpsc::Receiver<Output>, tx: mpsc::Sen
             Output::Stderr(data) => (LogStream::Stderr, data),
             Output::Header(data) => (LogStream::Header, data),
         };
-        for piece in data.chunks(MAX_CHUNK) {
-            let log = LogChunk { lease, stream: stream as i32, data: piece.to_vec() };
-            if tx.send(message(Msg::Log(log))).await.is_err() {
-                open = false;
-                break;
+        let data = match &mut masking {
+            None => data,
+            Some((masked, current)) => {
+                if *current != stream {
+                    let rest = masked.finish();
+                    if !rest.is_empty() && !send(*current, rest).await {
+                        open = false;
+                        continue;
+                    }
+                    *current = stream;
+                }
+                masked.push(&data)
             }
+        };
+        if !data.is_empty() && !send(stream, data).await {
+            open = false;
+        }
+    }
+    if open && let Some((mut masked, current)) = masking {
+        let rest = masked.finish();
+        if !rest.is_empty() {
+            send(current, rest).await;
         }
     }
 }

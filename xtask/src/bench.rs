@@ -49,9 +49,16 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         std::fs::create_dir_all(&work)?;
         return crate::forge_bench::run(root, &target_dir(root).join("release"), &work);
     }
+    if args == ["log"] {
+        // Only the 50 MiB log, without and with a secret to mask.
+        build_release(root)?;
+        let work = root.join(".rbb-state/bench");
+        std::fs::create_dir_all(&work)?;
+        return crate::runs::log_masking(root, &target_dir(root).join("release"), &work);
+    }
     if !args.is_empty() {
         bail!(
-            "cargo xtask bench takes no arguments, or `docker`, `cache`, `forge` or `key` for those figures alone, or `scale [options]`"
+            "cargo xtask bench takes no arguments, or `docker`, `cache`, `forge`, `log` or `key` for those figures alone, or `scale [options]`"
         );
     }
     build_release(root)?;
@@ -155,6 +162,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
 
     // 4. Running builds.
     crate::runs::run(root, &bin, &work)?;
+    crate::runs::log_masking(root, &bin, &work)?;
 
     // 5. The step cache.
     crate::cache_bench::run(&bin, &work)?;

@@ -184,6 +184,7 @@ fn measure(root: &Path) -> Result<()> {
             after: None,
             salt: None,
             epoch: 0,
+            secrets: BTreeMap::new(),
             definition: serde_json::Value::Null,
         };
         let t = Instant::now();

@@ -4,6 +4,7 @@
 //! - `test`: run every test of the workspace (what CI runs).
 //! - `bench`: print performance figures with a baseline measured in the same run;
 //!   `bench scale`: the master with a large history and a simulated fleet of workers;
+//!   `bench log`: the 50 MiB step log without and with a secret masked by the worker;
 //!   `bench key`: resolving a step's inputs from git for its full cache key;
 //!   `bench forge`: push webhook to commit status, and a mirror's incremental fetch.
 //! - `soak`: a chaos soak of the real binaries (killed workers and masters), judged at the end.
@@ -39,6 +40,7 @@ fn main() -> Result<()> {
             eprintln!("  serve    run the demo: master + local worker + git repositories [HTTP_ADDR]");
             eprintln!("  test     run every test (cargo nextest if installed, else cargo test)");
             eprintln!("  bench    print compile, snippet and build-running figures (release build)");
+            eprintln!("  bench log    the 50 MiB step log without and with a secret to mask");
             eprintln!("  bench key    resolve 50 inputs of a step's full cache key in a 10,000-file repository");
             eprintln!(
                 "  bench forge  push webhook → commit status at a local forge; one new commit into a 10,000-commit mirror"

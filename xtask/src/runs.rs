@@ -345,6 +345,57 @@ pub fn run(root: &Path, bin: &Path, work: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The 50 MiB log with one secret declared: the same step as `run`'s, once without and once
+/// with a secret in its environment (so the worker masks its output), on a fresh master and
+/// worker. Prints both times and their ratio.
+pub fn log_masking(root: &Path, bin: &Path, work: &Path) -> Result<()> {
+    let dir = work.join("masking");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let pipeline = format!(
+        "builders:\n  big:\n    steps:\n      - run: \"{cmd}\"\n  big-masked:\n    env:\n      TOKEN: ${{{{ secrets.BENCH_TOKEN }}}}\n    steps:\n      - run: \"{cmd}\"\n",
+        cmd = big_command()
+    );
+    let src = dir.join("repo-src");
+    std::fs::create_dir_all(src.join(".rbb"))?;
+    std::fs::write(src.join(".rbb/pipeline.yaml"), pipeline)?;
+    make_repo_from(root, &src, &dir.join("repo"))?;
+    std::fs::write(dir.join("bench-token"), "rbb-bench-token-0123456789abcdef\n")?;
+    std::fs::write(
+        dir.join("rbb.yaml"),
+        "repositories:\n  - url: repo\nworkers:\n  - name: w\n    token: t\n    max_steps: 1\nsecrets:\n  BENCH_TOKEN: { file: bench-token }\n",
+    )?;
+    let c = start(bin, &dir)?;
+    let big_bytes = BIG_LINES * BIG_LINE_BYTES;
+    let mut times = [Vec::new(), Vec::new()];
+    // The first build of each clones the checkout: left out. Runs alternate, so load on the
+    // machine weighs on both alike.
+    for i in 0..8 {
+        for (k, builder) in ["repo/big", "repo/big-masked"].iter().enumerate() {
+            let b = run_build(&c.http, builder)?;
+            let logged = b["steps"][0]["log_bytes"].as_u64().unwrap_or(0);
+            if !(big_bytes..big_bytes + LOG_FRAME).contains(&logged) {
+                bail!("the bench stopped: build {}: the step's log holds {logged} bytes, not {big_bytes}", b["id"]);
+            }
+            if i > 1 {
+                times[k].push(elapsed_ms(&b["steps"][0])?);
+            }
+        }
+    }
+    let [plain, masked] = times.map(median);
+    let gib = |ms: f64| big_bytes as f64 / (1u64 << 30) as f64 / (ms / 1000.0);
+    println!("log masking: the 50 MiB step, release master + worker");
+    println!("  no secret                          {plain:>8.0} ms   ({:.2} GiB/s)", gib(plain));
+    println!(
+        "  one secret declared (masked)       {masked:>8.0} ms   ({:.2} GiB/s; {:.2}× the step without; target ≤ 1.5×)",
+        gib(masked),
+        masked / plain.max(0.001)
+    );
+    Ok(())
+}
+
 /// GETs `path` and counts the body bytes without keeping them.
 fn raw_len(http: &str, path: &str) -> Result<u64> {
     use std::io::{BufRead, BufReader, Read, Write};

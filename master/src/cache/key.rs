@@ -130,6 +130,11 @@ pub struct Manifest {
     pub salt: Option<String>,
     /// Grows when the builder's cache is reset.
     pub epoch: u64,
+    /// Each secret the step uses → its `version` in the master config (`None`: no longer
+    /// declared). Names and versions only, never a value or a hash of one. Left out of the
+    /// encoding when the step uses none, so such keys are what they were before secrets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, Option<u64>>,
     /// The static key's document (what the compiler hashed into `static_key`), kept to name
     /// what changed in the definition. Not part of the hash: `static_key` already is.
     #[serde(default)]
@@ -210,6 +215,12 @@ pub fn changed(old: &Manifest, new: &Manifest) -> Vec<String> {
     field("after", old.after != new.after);
     field("salt", old.salt != new.salt);
     field("epoch", old.epoch != new.epoch);
+    let names: BTreeSet<&String> = old.secrets.keys().chain(new.secrets.keys()).collect();
+    for name in names {
+        if old.secrets.get(name) != new.secrets.get(name) {
+            out.push(format!("secrets.{name}"));
+        }
+    }
     // The definition and the dynamic part can name the same field (`after`, `image`).
     let mut seen = BTreeSet::new();
     out.retain(|f| seen.insert(f.clone()));
@@ -689,6 +700,7 @@ mod tests {
             after: None,
             salt: None,
             epoch: 0,
+            secrets: BTreeMap::new(),
             definition: Value::Null,
         }
     }
@@ -712,7 +724,7 @@ mod tests {
             vectors.push((json.to_owned(), key.to_owned()));
             rest = &body[end..];
         }
-        assert_eq!(vectors.len(), 2, "docs/cache-key.md should document two full-key vectors");
+        assert_eq!(vectors.len(), 3, "docs/cache-key.md should document three full-key vectors");
         for (json, key) in &vectors {
             let m: Manifest = serde_json::from_str(json).expect("a documented manifest parses");
             assert_eq!(&m.canonical(), json, "the documented manifest is not in canonical JSON");
@@ -736,6 +748,18 @@ mod tests {
         assert!(matches!(&first.inputs[2], Input::Glob { matches, .. } if matches.len() == 1));
         assert!(matches!(&second.inputs[0], Input::Glob { matches, .. } if matches.is_empty()));
         assert_eq!(first.pass_env["CC"].as_deref(), Some(env_value_digest(b"gcc").as_str()));
+        // A step without secrets has no `secrets` field at all; the third uses one: same
+        // step, its name and version added, and so another key.
+        assert!(!vectors[0].0.contains("secrets"));
+        let third: Manifest = serde_json::from_str(&vectors[2].0).expect("parses");
+        assert_eq!(third.secrets.get("DEPLOY_TOKEN"), Some(&Some(2)));
+        let mut without = third.clone();
+        without.secrets.clear();
+        assert_eq!(without.key(), vectors[0].1, "the same step without its secret is the first vector");
+        let mut bumped = third.clone();
+        bumped.secrets.insert("DEPLOY_TOKEN".into(), Some(3));
+        assert_ne!(bumped.key(), third.key());
+        assert_eq!(changed(&third, &bumped), vec!["secrets.DEPLOY_TOKEN".to_owned()]);
     }
 
     #[test]
@@ -1021,6 +1045,7 @@ mod tests {
                 after,
                 salt,
                 epoch,
+                secrets: BTreeMap::new(),
                 definition: Value::Null,
             })
     }

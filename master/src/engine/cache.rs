@@ -86,6 +86,7 @@ struct Probe {
     platform: String,
     after: Option<String>,
     salt: Option<String>,
+    secrets: std::collections::BTreeMap<String, Option<u64>>,
 }
 
 impl Engine {
@@ -110,6 +111,7 @@ impl Engine {
             platform: probe.platform,
             after: probe.after,
             salt: probe.salt,
+            secrets: probe.secrets,
             definition: probe.definition,
         };
         let key = manifest.key();
@@ -183,6 +185,7 @@ impl Engine {
             platform,
             after: super::rules::previous_key(b, l.step),
             salt: pb.cache_salt.clone(),
+            secrets: self.secrets().versions(spec),
         })
     }
 

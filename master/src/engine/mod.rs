@@ -244,6 +244,9 @@ pub struct Engine {
     /// Where workers clone from when the master serves its mirrors (`checkout_url`): leases
     /// then name `<base>/git/<repository>.git` instead of the mirror's path.
     checkout_base: std::sync::RwLock<Option<String>>,
+    /// The declared secrets' values (never stored, never announced): leases of steps that
+    /// use one carry them in `secret_env`.
+    secrets: std::sync::RwLock<Arc<crate::secrets::Secrets>>,
 }
 
 /// Where build states go as commit statuses (see `forge`).
@@ -378,6 +381,7 @@ impl Engine {
             cache_gc: Mutex::new(()),
             inputs: crate::cache::key::InputResolver::new(),
             checkout_base: std::sync::RwLock::new(None),
+            secrets: std::sync::RwLock::new(Arc::default()),
         });
         engine.recover()?;
         Ok(engine)
@@ -451,6 +455,15 @@ impl Engine {
     /// workers on other hosts need neither the master's disk nor the forge's credentials.
     pub fn serve_checkouts_from(&self, base: &str) {
         *self.checkout_base.write().unwrap_or_else(|p| p.into_inner()) = Some(base.trim_end_matches('/').to_owned());
+    }
+
+    /// The secrets leases fill in from now on (read from the master config at start).
+    pub fn set_secrets(&self, secrets: crate::secrets::Secrets) {
+        *self.secrets.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(secrets);
+    }
+
+    pub(crate) fn secrets(&self) -> Arc<crate::secrets::Secrets> {
+        self.secrets.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The URL a build's first lease tells its worker to clone, and whether it is the

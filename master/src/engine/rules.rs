@@ -84,6 +84,15 @@ pub fn skip_reason(
     }
 }
 
+/// The build property that marks a pull request whose head lives in a fork: its steps that
+/// use a secret are skipped.
+pub const FORK_PROPERTY: &str = "fork";
+
+/// Whether `b` builds a pull request from a fork (secrets are not given to it).
+pub fn from_fork(b: &BuildRecord) -> bool {
+    b.event == "pull_request" && b.properties.get(FORK_PROPERTY).is_none_or(|v| v != "false")
+}
+
 /// Marks a step skipped.
 pub fn skip_step(s: &mut StepRecord, why: String, now: u64) {
     s.state = State::Finished;
@@ -469,6 +478,7 @@ mod tests {
             name: "s".into(),
             run: "true".into(),
             env: Default::default(),
+            secrets: Default::default(),
             pass_env: vec![],
             workdir: None,
             timeout_secs: 60,

@@ -5,6 +5,7 @@
 use super::rules::{self, StepFlags, StepReport};
 use super::{Engine, EngineError, Event, LeaseInfo, MAX_WORKER_LOSSES, Tx, checkout_dir, resolve};
 use crate::model::{BuildRecord, LogRecord, StepCacheRecord, now_ms};
+use crate::secrets::StepSecrets;
 use rbb_compiler::condition;
 use rbb_schema::api::State;
 use rbb_schema::plan::{Plan, PlanBuilder};
@@ -40,7 +41,10 @@ impl Engine {
             let cond = spec.condition.as_deref().map(|c| {
                 (c, condition::parse(c).map(|expr| expr.eval(&condition_scope(b, &pb))).map_err(|e| e.message))
             });
-            let skip = rules::skip_reason(b, spec.always_run, cond);
+            let skip = rules::skip_reason(b, spec.always_run, cond).or_else(|| {
+                (!spec.secrets.is_empty() && rules::from_fork(b))
+                    .then(|| "secrets are not given to pull requests from forks".to_owned())
+            });
             if let Some(why) = skip {
                 let now = now_ms();
                 if let Some(s) = tx.build_mut(id).and_then(|b| b.steps.get_mut(i)) {
@@ -49,11 +53,41 @@ impl Engine {
                 tx.emit(Event::Step { build: id, step: i as u32 });
                 continue;
             }
-            return self.lease(tx, id, i as u32, &pb);
+            let secrets = if spec.secrets.is_empty() {
+                StepSecrets::default()
+            } else {
+                match self.secrets().for_step(&b.repo, spec) {
+                    Ok(s) => s,
+                    Err(why) => {
+                        // The plan names a secret this config no longer gives it (a rebuild of
+                        // an older plan): the step cannot run as written.
+                        let flags = StepFlags {
+                            flunk_on_failure: spec.flunk_on_failure,
+                            warn_on_failure: spec.warn_on_failure,
+                            halt_on_failure: spec.halt_on_failure,
+                        };
+                        let report = StepReport { result: Outcome::Exception, exit_code: None, reason: why };
+                        let now = now_ms();
+                        if let Some(b) = tx.build_mut(id) {
+                            rules::finish_step(b, i as u32, &report, flags, now);
+                        }
+                        tx.emit(Event::Step { build: id, step: i as u32 });
+                        continue;
+                    }
+                }
+            };
+            return self.lease(tx, id, i as u32, &pb, secrets);
         }
     }
 
-    fn lease(&self, tx: &mut Tx<'_>, id: u64, step: u32, pb: &PlanBuilder) -> Result<(), EngineError> {
+    fn lease(
+        &self,
+        tx: &mut Tx<'_>,
+        id: u64,
+        step: u32,
+        pb: &PlanBuilder,
+        secrets: StepSecrets,
+    ) -> Result<(), EngineError> {
         let Some(worker) = tx.builds.get(&id).and_then(|b| b.worker.clone()) else { return Ok(()) };
         let lease = tx.next_lease_id();
         let log = tx.next_log_id();
@@ -91,7 +125,13 @@ impl Engine {
         s.state = State::Running;
         s.started_at = Some(now);
         s.log_id = Some(log);
-        let mut env: HashMap<String, String> = spec.env.clone().into_iter().collect();
+        // A variable that takes a secret travels only in `secret_env`, filled in.
+        let mut env: HashMap<String, String> = spec
+            .env
+            .iter()
+            .filter(|(k, _)| !spec.secrets.contains_key(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         env.insert("RBB_BUILD_ID".into(), id.to_string());
         env.insert("RBB_BUILDER".into(), b.builder.clone());
         env.insert("RBB_REPO".into(), b.repo.clone());
@@ -131,6 +171,8 @@ impl Engine {
                 .map(|m| proto::Mount { source: m.source.clone(), target: m.target.clone() })
                 .collect(),
             platform: spec.platform.clone().unwrap_or_default(),
+            secret_env: secrets.env,
+            mask: secrets.mask,
         };
         let carries_checkout = msg.checkout.is_some();
         tx.leases_mut().insert(

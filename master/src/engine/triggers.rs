@@ -30,6 +30,9 @@ pub struct PullRequestChange {
     pub target_branch: String,
     pub source_branch: String,
     pub commit: NewCommit,
+    /// The head lives in another repository than the base (or the forge does not say
+    /// where): its builds get no secrets.
+    pub from_fork: bool,
 }
 
 /// What a new build is for.
@@ -281,6 +284,7 @@ impl Engine {
             let mut props = BTreeMap::new();
             props.insert("pr_number".to_owned(), pr.number.to_string());
             props.insert("target_branch".to_owned(), pr.target_branch.clone());
+            props.insert(super::rules::FORK_PROPERTY.to_owned(), pr.from_fork.to_string());
             let mut created = Vec::new();
             let mut out = Vec::new();
             for pb in plan.builders.iter().filter(|b| b.repo == repo) {

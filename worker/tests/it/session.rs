@@ -479,3 +479,41 @@ async fn a_step_never_runs_in_another_builds_tree() {
     assert_eq!(std::fs::read_to_string(&ran).unwrap(), "1\n4\n", "only the steps of checked-out builds ran");
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_step_gets_its_secrets_alone_and_they_are_masked_before_they_leave() {
+    init_logs();
+    let scratch = tempfile::tempdir().unwrap();
+    let repo = scratch.path().join("repo");
+    let commit = make_repo(scratch.path(), &repo, &[("hello.txt", "hello\n")]);
+    let mut master = FakeMaster::start("127.0.0.1:0".parse().unwrap()).await;
+    let worker = TestWorker::native(master.url(), &scratch.path().join("work"));
+    let mut session = master.next_session().await;
+    session.handshake(1000).await;
+
+    let value = "worker-side-s3cret";
+    // The value straddles the end of the executor's first 1 MiB chunk and goes to stderr; a
+    // later step of the build does not see it.
+    let mut first =
+        lease(1, "head -c 1048570 /dev/zero | tr '\\0' a; printf %s \"$TOKEN\"; echo; echo \"err $TOKEN\" >&2; exit 3");
+    first.checkout = Some(Checkout { url: repo.to_str().unwrap().to_owned(), commit, ..Checkout::default() });
+    first.secret_env.insert("TOKEN".to_owned(), value.to_owned());
+    first.env.insert("TOKEN".to_owned(), "${{ secrets.TOKEN }}".to_owned());
+    first.mask.push(value.to_owned());
+    session.send(MasterMsg::Lease(first)).await;
+    let (messages, finished) = session.until_finished(1).await;
+    let log = logs(&messages[1..], 1);
+    assert_eq!(finished.result, StepResult::Failure as i32, "{finished:?}");
+    let stdout = &log[&LogStream::Stdout];
+    assert!(!stdout.contains(value) && !log[&LogStream::Stderr].contains(value));
+    assert!(stdout.ends_with("a***\n"), "{}", &stdout[stdout.len() - 40..]);
+    assert_eq!(stdout.len(), 1048570 + "***\n".len());
+    assert_eq!(log[&LogStream::Stderr], "err ***\n");
+
+    let second = lease(2, "echo \"token: ${TOKEN:-unset}\"");
+    session.send(MasterMsg::Lease(second)).await;
+    let (messages, finished) = session.until_finished(2).await;
+    assert_eq!(finished.result, StepResult::Success as i32, "{finished:?}");
+    assert_eq!(logs(&messages[1..], 2)[&LogStream::Stdout], "token: unset\n");
+    worker.stop().await;
+}
