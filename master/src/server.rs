@@ -57,6 +57,48 @@ impl crate::forge::outbox_store::DatabaseHandle for EngineDatabase {
     }
 }
 
+/// Fetches every new mirror once, a few at a time: a mirror must hold its repository before
+/// the plan is read from it. A mirror that exists already is not fetched here (its poller's
+/// first fetch reports what was pushed while the master was down), so a restart with a
+/// thousand repositories does not wait for a thousand fetches.
+fn first_fetches(
+    configured: &[rbb_schema::config::RepositoryConfig],
+    repos: &[Arc<SourceRepo>],
+    fresh: &[bool],
+) -> Result<()> {
+    let todo: Vec<(usize, &Arc<SourceRepo>)> = repos.iter().enumerate().filter(|(i, _)| fresh[*i]).collect();
+    if todo.is_empty() {
+        return Ok(());
+    }
+    let threads = crate::sources::POLL_SLOTS.min(todo.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failures: std::sync::Mutex<Vec<anyhow::Error>> = Default::default();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((i, repo)) = todo.get(k) else { break };
+                    if let Err(e) = repo.mirror.fetch(&repo.branches) {
+                        // A forge that is down does not stop the master: its poller retries
+                        // with backoff. A local repository that cannot be read is a mistake.
+                        if !rbb_compiler::git::is_remote_url(&configured[*i].url) {
+                            let e = anyhow::Error::new(e).context(format!("fetching repository {}", repo.name));
+                            failures.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+                        } else {
+                            tracing::warn!(repo = %repo.name, error = %e, "first fetch failed; retrying in the background");
+                        }
+                    }
+                }
+            });
+        }
+    });
+    match failures.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
 /// Opens the mirrors, compiles the plan at every branch head and opens the engine.
 pub fn open(opts: &MasterOptions) -> Result<Master> {
     let cfg = git::load_config(&opts.config)
@@ -102,14 +144,6 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
             // The pipeline branch is always fetched: plans are read from it.
             branches.push(branch.clone());
         }
-        // A first fetch makes the mirror usable before anything is built from it.
-        if let Err(e) = mirror.fetch(&branches) {
-            // A forge that is down does not stop the master: its poller retries with backoff.
-            if !rbb_compiler::git::is_remote_url(&r.url) {
-                return Err(e).with_context(|| format!("fetching repository {name}"));
-            }
-            tracing::warn!(repo = %name, error = %e, "first fetch failed; retrying in the background");
-        }
         let interval = match &r.poll_interval {
             Some(v) => Duration::from_millis(
                 parse_duration_ms(v.as_str())
@@ -132,6 +166,7 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
         });
         source_repos.push(Arc::new(SourceRepo::new(name, r.url.clone(), mirror, branches, interval)));
     }
+    first_fetches(&cfg.config.repositories, &source_repos, &fresh)?;
     let copts = Options {
         worker_labels: Some(cfg.config.workers.iter().map(|w| w.labels.clone()).collect()),
         locks: Some(cfg.config.locks.keys().cloned().collect()),
