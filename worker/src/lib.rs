@@ -6,6 +6,7 @@
 //! - [`executor`]: the [`Executor`] trait and the native (`sh -c`) executor.
 //! - [`docker`]: the Docker executor (steps in containers) and the sweep of a crashed run's leftovers.
 //! - [`guard`]: the guard process that kills a dead worker's steps, and the restart sweep.
+//! - [`tls`]: verifying the master's certificate (and presenting the worker's) over TLS.
 //!
 //! This crate knows only `rbb-schema`; it never touches the master's store or web API, and
 //! never exits the process (only `main.rs` maps errors to exit codes).
@@ -16,6 +17,7 @@ pub mod docker;
 pub mod executor;
 pub mod guard;
 pub mod session;
+pub mod tls;
 
 pub use docker::DockerExecutor;
 pub use executor::{ContainerOptions, Executor, NativeExecutor, Output, StepOutcome, StepSpec};
