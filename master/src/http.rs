@@ -418,7 +418,7 @@ async fn guard(
         }
     }
     if caller.role < rule.access {
-        let resp = if caller.authenticated {
+        let mut resp = if caller.authenticated {
             ApiError(
                 StatusCode::FORBIDDEN,
                 "forbidden".into(),
@@ -436,6 +436,8 @@ async fn guard(
                 rule.access.name()
             ))
         };
+        // The role the endpoint needs, for clients that want to ask for a better token.
+        resp.headers_mut().insert("x-rbb-needs", header::HeaderValue::from_static(rule.access.name()));
         return audited(&app, &rule, &params, &caller, addr, resp).await;
     }
     req.extensions_mut().insert(caller.clone());
