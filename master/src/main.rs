@@ -326,7 +326,8 @@ fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
         &opts,
         |bound| {
             // The one line scripts and tests wait for.
-            println!("rbb master listening: http=http://{} grpc=http://{}", bound.http, bound.grpc);
+            let scheme = if bound.tls { "https" } else { "http" };
+            println!("rbb master listening: http={scheme}://{} grpc={scheme}://{}", bound.http, bound.grpc);
             use std::io::Write;
             let _ = std::io::stdout().flush();
         },

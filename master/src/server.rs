@@ -31,6 +31,8 @@ pub struct MasterOptions {
 pub struct Bound {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    /// Whether both ports serve TLS.
+    pub tls: bool,
 }
 
 /// The engine and the change sources feeding it.
@@ -231,7 +233,7 @@ pub async fn serve(
         tokio::net::TcpListener::bind(opts.grpc).await.with_context(|| format!("binding gRPC on {}", opts.grpc))?;
     let http =
         tokio::net::TcpListener::bind(opts.http).await.with_context(|| format!("binding HTTP on {}", opts.http))?;
-    let bound = Bound { http: http.local_addr()?, grpc: grpc.local_addr()? };
+    let bound = Bound { http: http.local_addr()?, grpc: grpc.local_addr()?, tls: master.tls.is_some() };
     let stop = tokio_util::sync::CancellationToken::new();
     let Master {
         engine,

@@ -178,6 +178,9 @@ pub fn subject_names(der: &[u8]) -> Vec<String> {
             }
         }
     }
+    names.dedup();
+    names.sort();
+    names.dedup();
     names
 }
 

@@ -118,7 +118,7 @@ pub struct CheckoutSpec<'a> {
     /// An `Authorization` header value for `url` (the master's own git service), given to
     /// git through its environment: never on a command line, never in the log.
     pub auth: Option<&'a str>,
-    /// CA certificates an `https://` `url` is verified with (`http.sslCAInfo`).
+    /// CA certificates an `https://` `url` is verified with (`GIT_SSL_CAINFO`).
     pub ca_file: Option<&'a Path>,
 }
 
@@ -273,7 +273,9 @@ impl Git<'_> {
             config.push(("http.extraHeader", format!("Authorization: {auth}").into()));
         }
         if let Some(ca) = self.ca_file {
-            config.push(("http.sslCAInfo", ca.as_os_str().to_owned()));
+            // The environment's form: git builds linked to GnuTLS ignore `http.sslCAInfo` set
+            // through GIT_CONFIG_* (checked with git 2.47), not GIT_SSL_CAINFO.
+            git.env("GIT_SSL_CAINFO", ca);
         }
         if !config.is_empty() {
             git.env("GIT_CONFIG_COUNT", config.len().to_string());

@@ -118,6 +118,17 @@ pub async fn run_with_executor(
                 return Ok(());
             }
             Ok(SessionEnd::Lost { reason, welcomed }) => {
+                // A plain-text worker on a TLS port sees only an HTTP/2 error: ask the port.
+                if !welcomed && conn.tls.is_none() && reason.contains("h2 protocol error") {
+                    if let Some(addr) = conn.url.strip_prefix("http://")
+                        && crate::tls::speaks_tls(addr).await
+                    {
+                        let reason =
+                            "the master serves TLS on this port: use an https:// master URL and --ca-file".to_owned();
+                        error!(master = %conn.url, %reason, "not retrying");
+                        return Err(WorkerError::Tls { url: conn.url.clone(), reason });
+                    }
+                }
                 if welcomed {
                     backoff = INITIAL_BACKOFF;
                     attempt = 0;

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tonic::transport::Uri;
 
-type Stream = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+type Stream = TokioIo<Prefixed>;
 
 /// The files a worker verifies its master with.
 #[derive(Debug, Clone)]
@@ -112,7 +112,36 @@ impl Connector {
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
         let _ = tcp.set_nodelay(true);
         match tokio_rustls::TlsConnector::from(self.config.clone()).connect(name, tcp).await {
-            Ok(stream) => Ok(TokioIo::new(stream)),
+            Ok(stream) if self.config.client_auth_cert_resolver.has_certs() => {
+                // With TLS 1.3 the master checks a client certificate after the worker's
+                // handshake is done: its verdict is the first record it sends. Read it now,
+                // so a refusal is a refusal and not a lost stream.
+                let mut stream = Prefixed { head: Vec::new(), at: 0, inner: stream };
+                let mut first = [0u8; 512];
+                let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                    use tokio::io::AsyncReadExt;
+                    stream.inner.read(&mut first).await
+                })
+                .await;
+                match read {
+                    Ok(Ok(n)) if n > 0 => {
+                        stream.head = first[..n].to_vec();
+                        Ok(TokioIo::new(stream))
+                    }
+                    Ok(Err(err)) => match refusal(&err, &host) {
+                        Some(why) => {
+                            *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+                            Err(io::Error::new(io::ErrorKind::PermissionDenied, why))
+                        }
+                        None => Err(err),
+                    },
+                    Ok(Ok(_)) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the master closed the connection")),
+                    Err(_) => {
+                        Err(io::Error::new(io::ErrorKind::TimedOut, "the master sent nothing after the handshake"))
+                    }
+                }
+            }
+            Ok(stream) => Ok(TokioIo::new(Prefixed { head: Vec::new(), at: 0, inner: stream })),
             Err(err) => {
                 if let Some(why) = refusal(&err, &host) {
                     *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
@@ -136,5 +165,67 @@ impl tower::Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         Box::pin(self.clone().connect(uri))
+    }
+}
+
+/// Whether the server at `addr` (`host:port`, maybe with a path) answers an HTTP/2 preface
+/// with a TLS record (an alert): it wants TLS.
+pub async fn speaks_tls(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host_port = addr.split('/').next().unwrap_or(addr);
+    let probe = async {
+        let mut tcp = tokio::net::TcpStream::connect(host_port).await.ok()?;
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.ok()?;
+        let mut head = [0u8; 3];
+        tcp.read_exact(&mut head).await.ok()?;
+        // A TLS record: content type alert (21) or handshake (22), version 3.x.
+        Some(matches!(head, [21 | 22, 3, _]))
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(3), probe).await.ok().flatten().unwrap_or(false)
+}
+
+/// A TLS stream whose first bytes were already read: they are read again first.
+pub struct Prefixed {
+    head: Vec<u8>,
+    at: usize,
+    inner: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+}
+
+impl tokio::io::AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.at < self.head.len() {
+            let n = (self.head.len() - self.at).min(buf.remaining());
+            let at = self.at;
+            buf.put_slice(&self.head[at..at + n]);
+            self.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Prefixed {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
