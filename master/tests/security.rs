@@ -319,10 +319,12 @@ fn bad_token_config_stops_the_master_with_the_field_named() {
 
 #[test]
 fn rbb_token_new_prints_a_token_and_a_config_entry_that_accepts_it() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rbb"))
-        .args(["token", "new", "ci-bot", "--role", "control"])
-        .output()
-        .expect("rbb token new");
+    // The command of docs/security.md.
+    let doc = std::fs::read_to_string(root().join("docs/security.md")).expect("docs/security.md");
+    let line = doc.lines().find(|l| l.starts_with("rbb token new ")).expect("the doc's example");
+    let args: Vec<&str> = line.split_whitespace().skip(1).collect();
+    assert_eq!(args, ["token", "new", "release-team", "--role", "control"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rbb")).args(&args).output().expect("rbb token new");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let token = text.lines().find_map(|l| l.strip_prefix("token: ")).expect("token line").to_owned();
@@ -335,5 +337,5 @@ fn rbb_token_new_prints_a_token_and_a_config_entry_that_accepts_it() {
     let cfg: rbb_schema::config::MasterConfig =
         serde_yaml::from_str(&format!("tokens:\n{entry}")).expect("the printed entry is config");
     let tokens = rbb_master::auth::Tokens::from_config(&cfg).expect("valid");
-    assert_eq!(tokens.by_token(&token).expect("accepted").name, "ci-bot");
+    assert_eq!(tokens.by_token(&token).expect("accepted").name, "release-team");
 }

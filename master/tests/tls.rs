@@ -315,3 +315,89 @@ fn a_required_client_certificate_must_name_the_worker() {
         let _ = w.wait();
     }
 }
+
+/// The production example of docs/security.md, run: its config (with this test's repository,
+/// certificates and addresses), its worker command line and its tokens.
+#[test]
+fn the_production_example_of_the_security_doc_runs() {
+    const DASHBOARD: &str = "rbb_9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9c8b7a6f5e4d3c2b1a0f9e8d";
+    const RELEASE: &str = "rbb_4f1c0d9e8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d";
+    let doc = std::fs::read_to_string(root().join("docs/security.md")).expect("docs/security.md");
+    assert!(doc.contains(DASHBOARD) && doc.contains(RELEASE), "the doc names the example's tokens");
+    let yaml = doc.split("```yaml\n").nth(1).and_then(|b| b.split("```").next()).expect("the config example");
+    assert!(yaml.contains("anonymous: none"), "the first example is the production config");
+    let worker_cmd: String = doc
+        .split("```sh\n")
+        .find(|b| b.starts_with("rbb-worker"))
+        .and_then(|b| b.split("```").next())
+        .expect("the worker example")
+        .replace("\\\n", " ");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let pki = ca(d, "rbb");
+    let (cert, key) = leaf(d, &pki, "master", "master", &["127.0.0.1"], false);
+    let (wcert, wkey) = leaf(d, &pki, "linux-1", "linux-1", &["linux-1"], false);
+    make_repo(&d.join("app"), "builders:\n  build:\n    steps: [{ run: 'cat README' }]\n", &[("README", "prod\n")]);
+    let http_port = free_port();
+    let master_url = format!("https://127.0.0.1:{http_port}");
+    let text = yaml
+        .replace("https://git.example.com/team/app.git", &d.join("app").display().to_string())
+        .replace("/etc/rbb/master.pem", &cert.display().to_string())
+        .replace("/etc/rbb/master-key.pem", &key.display().to_string())
+        .replace("/etc/rbb/workers-ca.pem", &pki.pem.display().to_string())
+        .replace("https://ci.internal:8010", &master_url);
+    let cfg = d.join("rbb.yaml");
+    std::fs::write(&cfg, text).expect("config");
+    let m = Master::start_at(&cfg, &d.join("state"), &format!("127.0.0.1:{http_port}"), "127.0.0.1:0");
+
+    let cmd = worker_cmd
+        .replace("rbb-worker ", &format!("{} ", worker_bin().display()))
+        .replace("https://ci.internal:7070", &format!("https://{}", m.grpc))
+        .replace("/etc/rbb/ca.pem", &pki.pem.display().to_string())
+        .replace("/etc/rbb/linux-1.pem", &wcert.display().to_string())
+        .replace("/etc/rbb/linux-1-key.pem", &wkey.display().to_string());
+    let wlog = d.join("linux-1.log");
+    let mut w = Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec {} --workdir {}", cmd.trim(), d.join("work").display()))
+        .env("RBB_LOG", "info")
+        .stderr(std::fs::File::create(&wlog).expect("log"))
+        .spawn()
+        .expect("the worker example");
+
+    let (status, body) = curl(&pki.pem, "GET", &format!("{master_url}/api/v2/builds"), None);
+    assert_eq!(status, 401, "anonymous: none: {body}");
+    let (_, who) = curl(&pki.pem, "GET", &format!("{master_url}/api/v2/whoami"), Some(DASHBOARD));
+    assert!(who.contains("\"name\":\"dashboard\"") && who.contains("\"role\":\"read\""), "{who}");
+    let (status, _) =
+        curl(&pki.pem, "POST", &format!("{master_url}/api/v2/builders/app%2Fbuild/force"), Some(DASHBOARD));
+    assert_eq!(status, 403);
+    wait_for(Duration::from_secs(30), "linux-1 to connect with its client certificate", || {
+        let (_, body) = curl(&pki.pem, "GET", &format!("{master_url}/api/v2/workers?name=linux-1"), Some(DASHBOARD));
+        body.contains("\"connected\":true").then_some(())
+    });
+    let (status, body) =
+        curl(&pki.pem, "POST", &format!("{master_url}/api/v2/builders/app%2Fbuild/force"), Some(RELEASE));
+    assert_eq!(status, 201, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).expect("json")["build"].as_u64().expect("id");
+    let build = wait_for(Duration::from_secs(60), "the build to finish", || {
+        let (_, body) = curl(&pki.pem, "GET", &format!("{master_url}/api/v2/builds/{id}"), Some(DASHBOARD));
+        let b: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (b["state"] == "finished").then_some(b)
+    });
+    assert_eq!(build["result"], "SUCCESS", "{build}\n{}", std::fs::read_to_string(&wlog).unwrap_or_default());
+    let (_, audit) = curl(&pki.pem, "GET", &format!("{master_url}/api/v2/audit"), Some(RELEASE));
+    let audit: serde_json::Value = serde_json::from_str(&audit).expect("json");
+    let rows: Vec<(String, String, String)> = audit["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| (e["who"].to_string(), e["action"].to_string(), e["result"].to_string()))
+        .collect();
+    let row = |w: &str, a: &str, r: &str| (format!("\"{w}\""), format!("\"{a}\""), format!("\"{r}\""));
+    assert_eq!(rows, vec![row("release-team", "force", "ok"), row("dashboard", "force", "refused")]);
+    assert!(audit["entries"][0]["from"].as_str().expect("from").starts_with("127.0.0.1:"));
+    let _ = w.kill();
+    let _ = w.wait();
+}
