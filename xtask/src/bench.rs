@@ -46,9 +46,19 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         std::fs::create_dir_all(&work)?;
         return crate::forge_bench::run(root, &target_dir(root).join("release"), &work);
     }
+    if args == ["tls"] {
+        // TLS against plain text, in the same run: the 50 MiB log and trigger → first step.
+        build_release(root)?;
+        let work = root.join(".rbb-state/bench-tls");
+        if work.exists() {
+            std::fs::remove_dir_all(&work)?;
+        }
+        std::fs::create_dir_all(&work)?;
+        return crate::tls_bench::run(root, &target_dir(root).join("release"), &work);
+    }
     if !args.is_empty() {
         bail!(
-            "cargo xtask bench takes no arguments, or `docker`, `cache`, `forge` or `key` for those figures alone, or `scale [options]`"
+            "cargo xtask bench takes no arguments, or `docker`, `cache`, `forge`, `tls` or `key` for those figures alone, or `scale [options]`"
         );
     }
     build_release(root)?;

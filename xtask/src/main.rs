@@ -19,6 +19,7 @@ mod key_bench;
 mod runs;
 mod scale;
 mod soak;
+mod tls_bench;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -196,7 +197,7 @@ pub(crate) fn listening(master: &mut std::process::Child) -> Result<(String, Str
             let get = |k: &str| {
                 line.split_whitespace()
                     .find_map(|w| w.strip_prefix(k))
-                    .map(|a| a.trim_start_matches("http://").to_owned())
+                    .map(|a| a.trim_start_matches("http://").trim_start_matches("https://").to_owned())
                     .context("malformed listening line")
             };
             let addrs = (get("http=")?, get("grpc=")?);
