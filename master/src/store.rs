@@ -1364,13 +1364,12 @@ pub fn audit_append(database: &Database, entry: &[u8]) -> Result<u64, StoreError
     Ok(id)
 }
 
+/// A page of audit entries (id, JSON) and the number of entries.
+pub type AuditPage = (Vec<(u64, Vec<u8>)>, u64);
+
 /// Up to `limit` audit entries with ids below `before` (all without it), newest first, and
 /// the number of entries: reads only the page.
-pub fn audit_page(
-    database: &Database,
-    before: Option<u64>,
-    limit: usize,
-) -> Result<(Vec<(u64, Vec<u8>)>, u64), StoreError> {
+pub fn audit_page(database: &Database, before: Option<u64>, limit: usize) -> Result<AuditPage, StoreError> {
     use redb::ReadableTableMetadata;
     let txn = database.begin_read().map_err(db)?;
     let t = match txn.open_table(AUDIT) {

@@ -119,15 +119,16 @@ pub async fn run_with_executor(
             }
             Ok(SessionEnd::Lost { reason, welcomed }) => {
                 // A plain-text worker on a TLS port sees only an HTTP/2 error: ask the port.
-                if !welcomed && conn.tls.is_none() && reason.contains("h2 protocol error") {
-                    if let Some(addr) = conn.url.strip_prefix("http://")
-                        && crate::tls::speaks_tls(addr).await
-                    {
-                        let reason =
-                            "the master serves TLS on this port: use an https:// master URL and --ca-file".to_owned();
-                        error!(master = %conn.url, %reason, "not retrying");
-                        return Err(WorkerError::Tls { url: conn.url.clone(), reason });
-                    }
+                if !welcomed
+                    && conn.tls.is_none()
+                    && reason.contains("h2 protocol error")
+                    && let Some(addr) = conn.url.strip_prefix("http://")
+                    && crate::tls::speaks_tls(addr).await
+                {
+                    let reason =
+                        "the master serves TLS on this port: use an https:// master URL and --ca-file".to_owned();
+                    error!(master = %conn.url, %reason, "not retrying");
+                    return Err(WorkerError::Tls { url: conn.url.clone(), reason });
                 }
                 if welcomed {
                     backoff = INITIAL_BACKOFF;
