@@ -404,6 +404,12 @@ async fn guard(
                 crate::auth::Rejected::WrongToken => "wrong API token",
                 crate::auth::Rejected::Malformed => "the Authorization header must be `Bearer <token>`",
             };
+            // Wrong tokens on actions are limited too: each refusal is an audit record.
+            if rule.access >= Access::Control
+                && let Err(wait) = app.security.control.take(&format!("ip:{ip}"))
+            {
+                return too_many(wait, "control requests");
+            }
             tracing::warn!(peer = %ip, path = %req.uri().path(), "refused a request with a wrong API token");
             let resp = unauthorized(message.into());
             let anonymous =

@@ -282,6 +282,12 @@ fn floods_of_control_actions_and_webhooks_get_429_with_retry_after() {
             statuses.push(a.status.as_u16());
         }
         assert_eq!(statuses, [201, 201, 201, 429, 429]);
+        // Wrong tokens are limited per address (each refusal would be an audit record).
+        let mut wrong = Vec::new();
+        for _ in 0..4 {
+            wrong.push(call(&api, "POST", "/api/v2/builds/1/stop", Some("guess"), None).await.status.as_u16());
+        }
+        assert_eq!(wrong, [401, 401, 401, 429]);
         // Buckets are per caller: another token still acts, reading is not limited.
         let other = call(&api, "POST", "/api/v2/builders/app%2Flint/force", Some(ROOT), Some("{}")).await;
         assert_eq!(other.status, StatusCode::CREATED);
@@ -292,7 +298,7 @@ fn floods_of_control_actions_and_webhooks_get_429_with_retry_after() {
         }
         assert_eq!(hooks, [401, 401, 429, 429], "unsigned deliveries are refused until the bucket is empty");
         let audit = call(&api, "GET", "/api/v2/audit", Some(ROOT), None).await;
-        assert_eq!(audit.json["meta"]["total"], 4, "rate-limited requests are not audited: {}", audit.json);
+        assert_eq!(audit.json["meta"]["total"], 7, "rate-limited requests are not audited: {}", audit.json);
     });
 }
 
