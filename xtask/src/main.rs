@@ -5,7 +5,8 @@
 //! - `bench`: print performance figures with a baseline measured in the same run;
 //!   `bench scale`: the master with a large history and a simulated fleet of workers;
 //!   `bench key`: resolving a step's inputs from git for its full cache key;
-//!   `bench forge`: push webhook to commit status, and a mirror's incremental fetch.
+//!   `bench forge`: push webhook to commit status, and a mirror's incremental fetch;
+//!   `bench tls [--debug]`: TLS against plain text (50 MiB log, trigger → first instruction).
 //! - `soak`: a chaos soak of the real binaries (killed workers and masters), judged at the end.
 //! - `codegen`: rewrite generated files (the JSON Schemas under schema/).
 //!
@@ -42,6 +43,9 @@ fn main() -> Result<()> {
             eprintln!("  bench key    resolve 50 inputs of a step's full cache key in a 10,000-file repository");
             eprintln!(
                 "  bench forge  push webhook → commit status at a local forge; one new commit into a 10,000-commit mirror"
+            );
+            eprintln!(
+                "  bench tls    TLS against plain text: the 50 MiB log and trigger → first instruction [--debug]"
             );
             eprintln!(
                 "  bench scale  history of N builds + simulated fleet [--builds N] [--fleet-builds N] [--workers N] [--slots N] [--queue N] [--requests N] [--reuse]"

@@ -215,7 +215,8 @@ pub fn run(root: &Path, bin: &Path, work: &Path) -> Result<()> {
     std::fs::create_dir_all(src.join(".rbb"))?;
     std::fs::write(src.join(".rbb/pipeline.yaml"), pipeline)?;
     let (ca, cert, key) = certificates(work)?;
-    println!("TLS against plain text: release rbb master + one rbb-worker on loopback, medians");
+    let profile = bin.file_name().and_then(|n| n.to_str()).unwrap_or("?");
+    println!("TLS against plain text: {profile} rbb master + one rbb-worker on loopback, medians");
     let mut figures = Vec::new();
     for (name, tls) in [("plain", None), ("tls", Some((ca.as_path(), cert.as_path(), key.as_path())))] {
         let dir = work.join(name);
