@@ -52,15 +52,32 @@ fn basic_credentials(headers: &axum::http::HeaderMap) -> Option<(String, String)
     Some((name.to_owned(), token.to_owned()))
 }
 
-/// The handler of `/git/{*path}`.
+/// The handler of `/git/{*path}`. Workers authenticate with their name and token; people
+/// with an API token of role `read` or above, as the basic password (any user name) or as a
+/// bearer token. Anonymous read does not extend to the mirrors: they hold the source.
 pub async fn serve(State(app): State<App>, req: Request) -> Response {
-    let Some((worker, token)) = basic_credentials(req.headers()) else {
-        return refuse(StatusCode::UNAUTHORIZED, "workers authenticate with their name and token");
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let (worker, token) = match (basic_credentials(req.headers()), bearer) {
+        (Some(pair), _) => pair,
+        (None, Some(token)) => (String::new(), token),
+        (None, None) => {
+            return refuse(StatusCode::UNAUTHORIZED, "workers authenticate with their name and token");
+        }
     };
-    if app.engine.authenticate(&worker, &token).is_err() {
-        tracing::warn!(%worker, "refused a mirror fetch with a wrong token");
-        return refuse(StatusCode::UNAUTHORIZED, "wrong worker name or token");
-    }
+    let api_reader = app.security.tokens.by_token(&token).filter(|c| c.role >= rbb_schema::config::Access::Read);
+    let worker = match api_reader {
+        Some(caller) => format!("token:{}", caller.name),
+        None if !worker.is_empty() && app.engine.authenticate(&worker, &token).is_ok() => worker,
+        None => {
+            tracing::warn!(%worker, "refused a mirror fetch with a wrong token");
+            return refuse(StatusCode::UNAUTHORIZED, "wrong worker name or token");
+        }
+    };
     let path = req.uri().path().strip_prefix("/git/").unwrap_or("").to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     if path.contains("receive-pack") || query.contains("receive-pack") {

@@ -11,6 +11,55 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub struct WorkerService {
     pub engine: Arc<Engine>,
+    /// Which workers must present a client certificate naming them.
+    pub certs: ClientCerts,
+}
+
+impl WorkerService {
+    /// A service that asks no worker for a client certificate.
+    pub fn new(engine: Arc<Engine>) -> WorkerService {
+        WorkerService { engine, certs: ClientCerts::default() }
+    }
+
+    /// [`check_caller`], then the client certificate when this worker must present one.
+    fn check<T>(&self, req: &Request<T>) -> Result<(String, String), Status> {
+        let (name, peer) = check_caller(&self.engine, req)?;
+        self.certs.check(&name, req.extensions().get::<crate::tls::PeerInfo>())?;
+        Ok((name, peer))
+    }
+}
+
+/// Which workers must present a client certificate (mutual TLS) whose subject names them.
+#[derive(Debug, Clone, Default)]
+pub struct ClientCerts {
+    /// Every worker (`tls.require_client_cert`).
+    pub all: bool,
+    /// These workers (`require_client_cert` on the worker).
+    pub workers: std::collections::BTreeSet<String>,
+}
+
+impl ClientCerts {
+    /// Refuses (and logs, with the peer and the reason) a worker that must present a
+    /// certificate naming it and did not. `peer` is `None` on a plain-text port.
+    pub fn check(&self, name: &str, peer: Option<&crate::tls::PeerInfo>) -> Result<(), Status> {
+        if !(self.all || self.workers.contains(name)) {
+            return Ok(());
+        }
+        let addr = peer.map_or_else(|| "unknown".to_owned(), |p| p.addr.to_string());
+        let reason = match peer.map(|p| &p.cert_names) {
+            None => "it connected without TLS".to_owned(),
+            Some(None) => "it presented no client certificate".to_owned(),
+            Some(Some(names)) if names.iter().any(|n| n == name) => return Ok(()),
+            Some(Some(names)) => format!(
+                "its client certificate names {}, not `{name}`",
+                if names.is_empty() { "nobody".to_owned() } else { names.join(", ") }
+            ),
+        };
+        tracing::warn!(peer = %addr, worker = %name, %reason, "refused a worker: a client certificate is required");
+        Err(Status::permission_denied(format!(
+            "worker `{name}` must present a client certificate whose subject is `{name}` (signed by the master's tls.client_ca): {reason}"
+        )))
+    }
 }
 
 fn header<'a, T>(req: &'a Request<T>, name: &str) -> Option<&'a str> {
@@ -21,7 +70,11 @@ fn header<'a, T>(req: &'a Request<T>, name: &str) -> Option<&'a str> {
 /// and the cache calls alike); logs and refuses a caller that fails. Returns the worker's
 /// name and the peer's address.
 pub fn check_caller<T>(engine: &Engine, req: &Request<T>) -> Result<(String, String), Status> {
-    let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
+    let peer = req
+        .remote_addr()
+        .or_else(|| req.extensions().get::<crate::tls::PeerInfo>().map(|p| p.addr))
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "unknown".into());
     let version = header(req, "rbb-protocol").unwrap_or("").to_owned();
     if version != proto::PROTOCOL_VERSION {
         tracing::warn!(%peer, version, "refused a worker speaking another protocol version");
@@ -51,7 +104,7 @@ impl Worker for WorkerService {
     type SessionStream = Pin<Box<dyn Stream<Item = Result<MasterMessage, Status>> + Send + 'static>>;
 
     async fn session(&self, req: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::SessionStream>, Status> {
-        let (name, peer) = check_caller(&self.engine, &req)?;
+        let (name, peer) = self.check(&req)?;
         let mut inbound = req.into_inner();
         let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.next()).await {
             Ok(Some(Ok(WorkerMessage { msg: Some(Msg::Hello(h)) }))) => h,
@@ -118,7 +171,7 @@ impl Worker for WorkerService {
     }
 
     async fn lookup(&self, req: Request<proto::CacheQuery>) -> Result<Response<proto::CacheAnswer>, Status> {
-        let (name, _) = check_caller(&self.engine, &req)?;
+        let (name, _) = self.check(&req)?;
         let query = req.into_inner();
         let engine = self.engine.clone();
         let answer = tokio::task::spawn_blocking(move || engine.cache_lookup(&name, &query))
@@ -141,20 +194,20 @@ impl Worker for WorkerService {
     }
 
     async fn missing_blobs(&self, req: Request<proto::BlobList>) -> Result<Response<proto::BlobList>, Status> {
-        check_caller(&self.engine, &req)?;
+        self.check(&req)?;
         crate::cache::rpc::missing_blobs(self.engine.clone(), req.into_inner()).await.map(Response::new)
     }
 
     type GetBlobStream = Pin<Box<dyn Stream<Item = Result<proto::BlobData, Status>> + Send + 'static>>;
 
     async fn get_blob(&self, req: Request<proto::BlobRef>) -> Result<Response<Self::GetBlobStream>, Status> {
-        check_caller(&self.engine, &req)?;
+        self.check(&req)?;
         let stream = crate::cache::rpc::get_blob(self.engine.clone(), req.into_inner().digest).await?;
         Ok(Response::new(Box::pin(stream)))
     }
 
     async fn put_blob(&self, req: Request<Streaming<proto::BlobData>>) -> Result<Response<proto::BlobStored>, Status> {
-        check_caller(&self.engine, &req)?;
+        self.check(&req)?;
         crate::cache::rpc::put_blob(self.engine.clone(), req.into_inner()).await.map(Response::new)
     }
 }

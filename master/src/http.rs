@@ -11,17 +11,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use rbb_schema::api;
+use rbb_schema::config::Access;
 use serde::Deserialize;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-/// What the handlers reach: the engine, the change sources behind the webhooks, and the
-/// token control actions need.
+/// What the handlers reach: the engine, the change sources behind the webhooks, and who may
+/// do what (tokens, rate limits).
 #[derive(Clone)]
 pub struct App {
     pub engine: Arc<Engine>,
     pub sources: Option<Arc<Sources>>,
-    pub api_token: Option<String>,
+    pub security: Arc<Security>,
     /// The numbered event stream, started with the first client (it needs the runtime).
     pub live: Arc<std::sync::OnceLock<Arc<crate::live::Live>>>,
 }
@@ -52,8 +53,11 @@ pub struct Endpoint {
     pub method: &'static str,
     pub path: &'static str,
     pub summary: &'static str,
-    /// Needs `Authorization: Bearer <api_token>` (answers 401 without it).
-    pub control: bool,
+    /// The role a caller needs (`none`: anyone). `None` here is an endpoint whose role was
+    /// not declared: the router refuses it to everyone but admins, and a test fails.
+    pub access: Option<Access>,
+    /// The action's name in the audit log, for control and admin actions.
+    pub audit: Option<&'static str>,
     /// A list endpoint taking filters, `order`, `limit` and `offset` over this item type
     /// (answers 200 with a page, 400 for a bad query).
     pub list_of: Option<&'static str>,
@@ -79,7 +83,8 @@ fn ep(
         method,
         path,
         summary,
-        control: false,
+        access: None,
+        audit: None,
         list_of: None,
         answers: Vec::new(),
         errors: &[],
@@ -90,9 +95,36 @@ fn ep(
 }
 
 impl Endpoint {
-    fn control(mut self) -> Self {
-        self.control = true;
+    /// Anyone may call it (it reveals no build data, or it checks its own credentials).
+    fn public(mut self) -> Self {
+        self.access = Some(Access::None);
         self
+    }
+    /// Viewing: builds, logs, workers, events.
+    fn read(mut self) -> Self {
+        self.access = Some(Access::Read);
+        self
+    }
+    /// A control action (force, stop, rebuild, cancel), audited as `action`.
+    fn control(mut self, action: &'static str) -> Self {
+        self.access = Some(Access::Control);
+        self.audit = Some(action);
+        self
+    }
+    /// An admin action (the step cache's), audited as `action`.
+    fn admin(mut self, action: &'static str) -> Self {
+        self.access = Some(Access::Admin);
+        self.audit = Some(action);
+        self
+    }
+    /// Reading that needs a role above `read` (the audit log).
+    fn needs(mut self, role: Access) -> Self {
+        self.access = Some(role);
+        self
+    }
+    /// Whether it is a forge's webhook (limited per forge and client address).
+    pub fn is_webhook(&self) -> bool {
+        self.path.starts_with("/api/v2/hooks/")
     }
     fn list(mut self, item: &'static str) -> Self {
         self.list_of = Some(item);
@@ -122,6 +154,7 @@ pub fn endpoints() -> Vec<Endpoint> {
     use Answer::*;
     vec![
         ep("get", "/api/v2/builders", "Builders of the current plan, with their last build", get(builders))
+            .read()
             .list("Builder"),
         ep(
             "post",
@@ -129,7 +162,7 @@ pub fn endpoints() -> Vec<Endpoint> {
             "Force a build (builder id URL-encoded; a matrix builder's base name forces every combination)",
             post(force),
         )
-        .control()
+        .control("force")
         .body("ForceRequest")
         .answers(201, Json("Forced"))
         .errors(&[400, 404]),
@@ -139,30 +172,34 @@ pub fn endpoints() -> Vec<Endpoint> {
             "One builder with its 50 newest builds (builder id URL-encoded)",
             get(builder_page),
         )
+        .read()
         .answers(200, Json("BuilderPage"))
         .errors(&[404]),
         ep("get", "/api/v2/buildrequests", "Builds waiting to start, oldest first", get(build_requests))
+            .read()
             .list("BuildRequest"),
         ep("post", "/api/v2/buildrequests/{id}/cancel", "Cancel a build that has not started", post(cancel_request))
-            .control()
+            .control("cancel")
             .answers(202, Empty)
             .errors(&[400, 404, 409]),
-        ep("get", "/api/v2/builds", "Builds, newest first", get(builds)).list("Build"),
+        ep("get", "/api/v2/builds", "Builds, newest first", get(builds)).read().list("Build"),
         ep("get", "/api/v2/builds/{id}", "One build with its steps", get(build))
+            .read()
             .answers(200, Json("Build"))
             .errors(&[400, 404]),
-        ep("get", "/api/v2/builds/{id}/steps", "The steps of a build", get(steps)).list("Step").errors(&[400, 404]),
+        ep("get", "/api/v2/builds/{id}/steps", "The steps of a build", get(steps)).read().list("Step").errors(&[400, 404]),
         ep("post", "/api/v2/builds/{id}/stop", "Stop a build (a running step's process group is killed)", post(stop))
-            .control()
+            .control("stop")
             .answers(202, Empty)
             .errors(&[400, 404, 409]),
         ep("post", "/api/v2/builds/{id}/rebuild", "Run a finished build again with its pinned plan", post(rebuild))
-            .control()
+            .control("rebuild")
             .answers(201, Json("Rebuilt"))
             .errors(&[400, 404, 409]),
-        ep("get", "/api/v2/changes", "The change log: commits seen on watched branches", get(changes)).list("Change"),
-        ep("get", "/api/v2/workers", "Workers and whether they are connected", get(workers)).list("Worker"),
+        ep("get", "/api/v2/changes", "The change log: commits seen on watched branches", get(changes)).read().list("Change"),
+        ep("get", "/api/v2/workers", "Workers and whether they are connected", get(workers)).read().list("Worker"),
         ep("get", "/api/v2/repositories", "Watched repositories and how their fetches go", get(repositories))
+            .read()
             .answers(200, AnyJson),
         ep(
             "get",
@@ -170,13 +207,16 @@ pub fn endpoints() -> Vec<Endpoint> {
             "Commit statuses and how their delivery to the forge goes, newest first",
             get(statuses),
         )
+        .read()
         .query(STATUS_QUERY)
         .answers(200, Json("StatusList"))
         .errors(&[400]),
         ep("get", "/api/v2/logs/{id}", "A log's size and whether it is complete", get(log_meta))
+            .read()
             .answers(200, Json("LogMeta"))
             .errors(&[400, 404]),
         ep("get", "/api/v2/logs/{id}/raw", "A log's bytes; supports Range and ?offset=&limit=", get(log_raw))
+            .read()
             .answers(200, Text)
             .answers(206, Text)
             .errors(&[400, 404]),
@@ -186,10 +226,12 @@ pub fn endpoints() -> Vec<Endpoint> {
             "Which stream (stdout, stderr, header) a log's bytes came from: the runs overlapping ?offset=&limit=",
             get(log_streams),
         )
+        .read()
         .answers(200, Json("LogStreams"))
         .errors(&[400, 404]),
-        ep("get", "/api/v2/plan", "The compiled plan (the central DAG)", get(plan)).answers(200, Json("Plan")),
+        ep("get", "/api/v2/plan", "The compiled plan (the central DAG)", get(plan)).read().answers(200, Json("Plan")),
         ep("get", "/api/v2/grid", "Builders × recent commits with the newest build of each, in one request", get(grid))
+            .read()
             .answers(200, Json("Grid"))
             .errors(&[400]),
         ep(
@@ -198,8 +240,10 @@ pub fn endpoints() -> Vec<Endpoint> {
             "Live events (Server-Sent Events with ids): build, step, log, worker, and reset (reload what you show); send Last-Event-ID to resume",
             get(events),
         )
+        .read()
         .answers(200, EventStream),
         ep("post", "/api/v2/hooks/{forge}", "Webhook of a forge: github, gitlab, gitea or forgejo", post(hook))
+            .public()
             .answers(200, AnyJson)
             .answers(202, AnyJson)
             .errors(&[400, 401, 403, 404, 413]),
@@ -209,6 +253,7 @@ pub fn endpoints() -> Vec<Endpoint> {
             "The step cache: entries, blobs, stored bytes, the size limit, and hits and misses per builder",
             get(cache_stats),
         )
+        .read()
         .answers(200, Json("CacheStats")),
         ep(
             "post",
@@ -216,7 +261,7 @@ pub fn endpoints() -> Vec<Endpoint> {
             "Hold the step cache to its size limit now (least recently used entries first); answers what was removed",
             post(cache_gc),
         )
-        .control()
+        .admin("cache_gc")
         .answers(200, Json("CacheGc")),
         ep(
             "post",
@@ -224,10 +269,23 @@ pub fn endpoints() -> Vec<Endpoint> {
             "Make the builder's cacheable steps run once again: its cache epoch grows, so their keys change (builder id URL-encoded)",
             post(cache_reset),
         )
-        .control()
+        .admin("cache_reset")
         .answers(200, Json("CacheReset"))
         .errors(&[404]),
-        ep("get", "/api/v2/openapi.json", "This document", get(openapi)).answers(200, AnyJson),
+        ep("get", "/api/v2/whoami", "Who the master takes the caller for: token name and role", get(whoami))
+            .public()
+            .answers(200, Json("WhoAmI")),
+        ep(
+            "get",
+            "/api/v2/audit",
+            "The audit log: control and admin actions, newest first (?limit=, ?before=<id> for older pages)",
+            get(audit_log),
+        )
+        .needs(Access::Control)
+        .query(AUDIT_QUERY)
+        .answers(200, Json("AuditList"))
+        .errors(&[400]),
+        ep("get", "/api/v2/openapi.json", "This document", get(openapi)).public().answers(200, AnyJson),
     ]
 }
 
@@ -235,16 +293,199 @@ pub fn router(engine: Arc<Engine>) -> Router {
     router_with(engine, None, None)
 }
 
+/// The router of a master configured with a single `api_token` (an admin token; anyone
+/// reads) or none (everything open), with the default rate limits.
 pub fn router_with(engine: Arc<Engine>, sources: Option<Arc<Sources>>, api_token: Option<String>) -> Router {
+    let cfg = rbb_schema::config::MasterConfig { api_token, ..Default::default() };
+    let security = Security::from_config(&cfg).unwrap_or_else(|_| Security::open());
+    router_secured(engine, sources, Arc::new(security))
+}
+
+/// Who may do what over HTTP: the tokens, and the rate limits of webhooks and control actions.
+pub struct Security {
+    pub tokens: crate::auth::Tokens,
+    webhooks: crate::ratelimit::Limiter,
+    control: crate::ratelimit::Limiter,
+}
+
+impl Security {
+    /// Everything open to everyone, default rate limits.
+    pub fn open() -> Security {
+        Security {
+            tokens: crate::auth::Tokens::open(),
+            webhooks: default_limiter(crate::ratelimit::WEBHOOKS),
+            control: default_limiter(crate::ratelimit::CONTROL),
+        }
+    }
+
+    /// From the master config's `tokens`, `api_token`, `anonymous` and `rate_limits`; a
+    /// mistake is an error naming the field.
+    pub fn from_config(cfg: &rbb_schema::config::MasterConfig) -> Result<Security, String> {
+        let limits = cfg.rate_limits.clone().unwrap_or_default();
+        let webhooks =
+            crate::ratelimit::Limiter::new(limits.webhooks.unwrap_or(crate::ratelimit::WEBHOOKS), "webhooks")?;
+        let control = crate::ratelimit::Limiter::new(limits.control.unwrap_or(crate::ratelimit::CONTROL), "control")?;
+        Ok(Security { tokens: crate::auth::Tokens::from_config(cfg)?, webhooks, control })
+    }
+}
+
+fn default_limiter(cfg: rbb_schema::config::BucketConfig) -> crate::ratelimit::Limiter {
+    match crate::ratelimit::Limiter::new(cfg, "default") {
+        Ok(l) => l,
+        // The defaults are positive constants.
+        Err(_) => unreachable!("default rate limits are valid"),
+    }
+}
+
+/// The router of a master: every endpoint of [`endpoints`] behind its role check, rate limit
+/// and audit record, the mirrors for workers, and the UI.
+pub fn router_secured(engine: Arc<Engine>, sources: Option<Arc<Sources>>, security: Arc<Security>) -> Router {
+    let app = App { engine, sources, security, live: Default::default() };
     let mut r: Router<App> = Router::new();
     for e in endpoints() {
-        r = r.route(e.path, e.handler);
+        let rule = Arc::new(Rule {
+            // An endpoint without a declared role is for admins only (and fails the role test).
+            access: e.access.unwrap_or(Access::Admin),
+            audit: e.audit,
+            webhook: e.is_webhook(),
+        });
+        let layer = axum::middleware::from_fn_with_state((app.clone(), rule), guard);
+        r = r.route(e.path, e.handler.route_layer(layer));
     }
     r = r.route("/git/{*path}", axum::routing::any(crate::git_http::serve));
-    r.merge(crate::ui::router())
-        .fallback(not_found)
-        .layer(axum::middleware::map_response(error_shape))
-        .with_state(App { engine, sources, api_token, live: Default::default() })
+    r.merge(crate::ui::router()).fallback(not_found).layer(axum::middleware::map_response(error_shape)).with_state(app)
+}
+
+/// What [`guard`] enforces for one endpoint.
+struct Rule {
+    access: Access,
+    audit: Option<&'static str>,
+    webhook: bool,
+}
+
+/// The client's address, when the server recorded it (in-process tests have none).
+fn client_addr(req: &axum::extract::Request) -> Option<std::net::SocketAddr> {
+    req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0)
+}
+
+fn too_many(wait: std::time::Duration, what: &str) -> Response {
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    let mut resp =
+        ApiError(StatusCode::TOO_MANY_REQUESTS, "rate_limited".into(), format!("too many {what}; retry in {secs} s"))
+            .into_response();
+    resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+    resp
+}
+
+/// Runs before every endpoint: rate limits webhooks, identifies the caller, answers 401 (no
+/// or wrong token) or 403 (a token whose role is too low), limits control actions per caller,
+/// and records control and admin actions in the audit log with how they ended.
+async fn guard(
+    State((app, rule)): State<(App, Arc<Rule>)>,
+    params: axum::extract::RawPathParams,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let addr = client_addr(&req);
+    let ip = addr.map_or_else(|| "local".to_owned(), |a| a.ip().to_string());
+    if rule.webhook {
+        let forge = params.iter().find(|(k, _)| *k == "forge").map_or("", |(_, v)| v);
+        if let Err(wait) = app.security.webhooks.take(&format!("{forge}|{ip}")) {
+            return too_many(wait, "webhook deliveries");
+        }
+        return next.run(req).await;
+    }
+    let authorization = req.headers().get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or("?"));
+    let caller = app.security.tokens.caller(authorization);
+    let caller = match caller {
+        Ok(c) => c,
+        Err(why) => {
+            let message = match why {
+                crate::auth::Rejected::WrongToken => "wrong API token",
+                crate::auth::Rejected::Malformed => "the Authorization header must be `Bearer <token>`",
+            };
+            // Wrong tokens on actions are limited too: each refusal is an audit record.
+            if rule.access >= Access::Control
+                && let Err(wait) = app.security.control.take(&format!("ip:{ip}"))
+            {
+                return too_many(wait, "control requests");
+            }
+            tracing::warn!(peer = %ip, path = %req.uri().path(), "refused a request with a wrong API token");
+            let resp = unauthorized(message.into());
+            let anonymous =
+                crate::auth::Caller { name: "unknown token".into(), role: Access::None, authenticated: false };
+            return audited(&app, &rule, &params, &anonymous, addr, resp).await;
+        }
+    };
+    if rule.access >= Access::Control {
+        let key = if caller.authenticated { format!("token:{}", caller.name) } else { format!("ip:{ip}") };
+        if let Err(wait) = app.security.control.take(&key) {
+            return too_many(wait, "control requests");
+        }
+    }
+    if caller.role < rule.access {
+        let mut resp = if caller.authenticated {
+            ApiError(
+                StatusCode::FORBIDDEN,
+                "forbidden".into(),
+                format!(
+                    "token `{}` has the role {}; this needs {}",
+                    caller.name,
+                    caller.role.name(),
+                    rule.access.name()
+                ),
+            )
+            .into_response()
+        } else {
+            unauthorized(format!(
+                "this needs a token with the role {}: send `Authorization: Bearer <token>`",
+                rule.access.name()
+            ))
+        };
+        // The role the endpoint needs, for clients that want to ask for a better token.
+        resp.headers_mut().insert("x-rbb-needs", header::HeaderValue::from_static(rule.access.name()));
+        return audited(&app, &rule, &params, &caller, addr, resp).await;
+    }
+    req.extensions_mut().insert(caller.clone());
+    let resp = next.run(req).await;
+    audited(&app, &rule, &params, &caller, addr, resp).await
+}
+
+fn unauthorized(message: String) -> Response {
+    let mut resp = ApiError(StatusCode::UNAUTHORIZED, "unauthorized".into(), message).into_response();
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"rbb\""));
+    resp
+}
+
+/// Records an audited action's outcome (before answering, so the log holds every action its
+/// caller saw answered) and passes the answer on.
+async fn audited(
+    app: &App,
+    rule: &Rule,
+    params: &axum::extract::RawPathParams,
+    caller: &crate::auth::Caller,
+    addr: Option<std::net::SocketAddr>,
+    resp: Response,
+) -> Response {
+    let Some(action) = rule.audit else { return resp };
+    let entry = api::AuditEntry {
+        id: 0,
+        at_ms: crate::model::now_ms(),
+        who: caller.name.clone(),
+        role: caller.role,
+        action: action.into(),
+        target: params.iter().map(|(_, v)| v).collect::<Vec<_>>().join(","),
+        from: addr.map_or_else(|| "local".to_owned(), |a| a.to_string()),
+        status: resp.status().as_u16(),
+        result: crate::audit::result_of(resp.status().as_u16()).into(),
+    };
+    let engine = app.engine.clone();
+    match tokio::task::spawn_blocking(move || crate::audit::record(engine.database(), entry)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, action, "cannot record an action in the audit log"),
+        Err(e) => tracing::error!(error = %e, action, "audit task failed"),
+    }
+    resp
 }
 
 /// Gives every error answer the one JSON shape, whoever made it: axum's extractors answer
@@ -326,29 +567,6 @@ fn hide_paths(message: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// Checks the bearer token of a control action.
-fn authorize(app: &App, headers: &HeaderMap) -> ApiResult<()> {
-    let Some(want) = &app.api_token else { return Ok(()) };
-    let given =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(t) if constant_eq(t.as_bytes(), want.as_bytes()) => Ok(()),
-        Some(_) => {
-            tracing::warn!("a control request with a wrong API token was refused");
-            Err(ApiError(StatusCode::UNAUTHORIZED, "unauthorized".into(), "wrong API token".into()))
-        }
-        None => Err(ApiError(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized".into(),
-            "this action needs `Authorization: Bearer <api_token>`".into(),
-        )),
-    }
-}
-
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// An error answer: status, code and message (file paths are scrubbed from it).
@@ -456,8 +674,7 @@ async fn build_requests(State(e): State<Arc<Engine>>, q: Pairs) -> ApiResult<Jso
     list("buildrequests", e.build_requests(), q, &[])
 }
 
-async fn cancel_request(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
-    authorize(&app, &headers)?;
+async fn cancel_request(State(app): State<App>, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let id = parse_id(&id, "build request")?;
     app.engine.cancel_request(id)?;
     Ok(StatusCode::ACCEPTED)
@@ -469,10 +686,8 @@ async fn cancel_request(State(app): State<App>, Path(id): Path<String>, headers:
 async fn force(
     State(app): State<App>,
     Path(builder): Path<String>,
-    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<api::Forced>)> {
-    authorize(&app, &headers)?;
     let req: api::ForceRequest = if body.iter().all(u8::is_ascii_whitespace) {
         api::ForceRequest::default()
     } else {
@@ -553,8 +768,7 @@ async fn steps(State(e): State<Arc<Engine>>, Path(id): Path<String>, q: Pairs) -
     list("steps", b.steps, q, &[])
 }
 
-async fn stop(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap) -> ApiResult<StatusCode> {
-    authorize(&app, &headers)?;
+async fn stop(State(app): State<App>, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let id = parse_id(&id, "build")?;
     app.engine.stop(id, "stopped through the API")?;
     Ok(StatusCode::ACCEPTED)
@@ -794,12 +1008,7 @@ async fn log_raw(
     Ok(resp.body(Body::from_stream(stream)).unwrap_or_default())
 }
 
-async fn rebuild(
-    State(app): State<App>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    authorize(&app, &headers)?;
+async fn rebuild(State(app): State<App>, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     let id = parse_id(&id, "build")?;
     let engine = app.engine.clone();
     let new = tokio::task::spawn_blocking(move || engine.rebuild(id))
@@ -878,8 +1087,7 @@ async fn cache_stats(State(e): State<Arc<Engine>>) -> ApiResult<Json<api::CacheS
     Ok(Json(blocking(move || cache_stats_of(&e)).await?))
 }
 
-async fn cache_gc(State(app): State<App>, headers: HeaderMap) -> ApiResult<Json<api::CacheGc>> {
-    authorize(&app, &headers)?;
+async fn cache_gc(State(app): State<App>) -> ApiResult<Json<api::CacheGc>> {
     let e = app.engine.clone();
     let gc = blocking(move || {
         let out = e.cache_gc()?;
@@ -894,16 +1102,48 @@ async fn cache_gc(State(app): State<App>, headers: HeaderMap) -> ApiResult<Json<
     Ok(Json(gc))
 }
 
-async fn cache_reset(
-    State(app): State<App>,
-    Path(builder): Path<String>,
-    headers: HeaderMap,
-) -> ApiResult<Json<api::CacheReset>> {
-    authorize(&app, &headers)?;
+async fn cache_reset(State(app): State<App>, Path(builder): Path<String>) -> ApiResult<Json<api::CacheReset>> {
     let e = app.engine.clone();
     let b = builder.clone();
     let epoch = blocking(move || e.cache_reset(&b)).await?;
     Ok(Json(api::CacheReset { builder, epoch }))
+}
+
+/// `GET /api/v2/whoami`: the caller's token name and role (`anonymous` without a token).
+async fn whoami(State(app): State<App>, caller: Option<axum::Extension<crate::auth::Caller>>) -> Json<api::WhoAmI> {
+    let anonymous = app.security.tokens.anonymous();
+    let c = caller.map(|c| c.0).unwrap_or(crate::auth::Caller {
+        name: "anonymous".into(),
+        role: anonymous,
+        authenticated: false,
+    });
+    Json(api::WhoAmI { name: c.name, role: c.role, authenticated: c.authenticated, anonymous })
+}
+
+const AUDIT_QUERY: &[(&str, &str)] = &[
+    ("limit", "At most this many entries (default 50, at most 500)"),
+    ("before", "Only entries older than this id (the previous page's `meta.next_before`)"),
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    limit: Option<usize>,
+    before: Option<u64>,
+}
+
+/// `GET /api/v2/audit`: a page of the audit log, newest first.
+async fn audit_log(
+    State(e): State<Arc<Engine>>,
+    q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<api::AuditList>> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > crate::audit::MAX_PAGE {
+        return Err(ApiError::bad_request(format!("limit must be from 1 to {}", crate::audit::MAX_PAGE)));
+    }
+    let page = blocking(move || crate::audit::list(e.database(), q.before, limit).map_err(EngineError::from)).await?;
+    Ok(Json(page))
 }
 
 async fn openapi() -> Json<serde_json::Value> {

@@ -5,6 +5,8 @@
 //! service for workers ([`grpc`]) and the REST API ([`http`]) above it. Only this crate
 //! touches redb, axum and the gRPC server.
 
+pub mod audit;
+pub mod auth;
 pub mod cache;
 pub mod engine;
 pub mod forge;
@@ -19,8 +21,10 @@ pub mod openapi;
 pub mod planner;
 pub mod query;
 pub mod secrets;
+pub mod ratelimit;
 pub mod server;
 pub mod sources;
 pub mod store;
+pub mod tls;
 pub mod ui;
 pub mod webhooks;

@@ -134,6 +134,31 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// API tokens for the master config's `tokens` (docs/security.md).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a fresh random token (give it to its holder) and the config entry holding its
+    /// hash (paste it under `tokens:`).
+    New {
+        /// Who holds it: the audit log names actions by it.
+        name: String,
+        /// What it may do.
+        #[arg(long, value_enum, default_value_t = RoleArg::Read)]
+        role: RoleArg,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Read,
+    Control,
+    Admin,
 }
 
 #[derive(Subcommand)]
@@ -261,6 +286,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", render_cache_stats(&gc.stats));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Token { command: TokenCommand::New { name, role } } => {
+            if name.trim().is_empty() || name.contains(['"', '\\', '\n']) {
+                bail!("a token's name must be non-empty text without quotes, backslashes or newlines");
+            }
+            let (token, hash) = rbb_master::auth::new_token().context("reading the system's random source")?;
+            let role = match role {
+                RoleArg::Read => "read",
+                RoleArg::Control => "control",
+                RoleArg::Admin => "admin",
+            };
+            println!("token: {token}");
+            println!();
+            println!("# under `tokens:` in the master config:");
+            println!("  - name: \"{name}\"");
+            println!("    role: {role}");
+            println!("    hash: \"{hash}\"");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema { kind } => {
             print!(
                 "{}",
@@ -283,7 +326,8 @@ fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
         &opts,
         |bound| {
             // The one line scripts and tests wait for.
-            println!("rbb master listening: http=http://{} grpc=http://{}", bound.http, bound.grpc);
+            let scheme = if bound.tls { "https" } else { "http" };
+            println!("rbb master listening: http={scheme}://{} grpc={scheme}://{}", bound.http, bound.grpc);
             use std::io::Write;
             let _ = std::io::stdout().flush();
         },
@@ -330,6 +374,10 @@ fn api_request<T: serde::de::DeserializeOwned>(
     let mut config = format!("url = {}\nrequest = {}\n", quote(&url), quote(method));
     if let Some(t) = token {
         config.push_str(&format!("header = {}\n", quote(&format!("Authorization: Bearer {t}"))));
+    }
+    // A master serving TLS with a private CA.
+    if let Some(ca) = std::env::var_os("RBB_CA_FILE") {
+        config.push_str(&format!("cacert = {}\n", quote(&ca.to_string_lossy())));
     }
     let mut child = std::process::Command::new("curl")
         .args(["--silent", "--show-error", "--max-time", "120", "--write-out", "\n%{http_code}", "--config", "-"])

@@ -27,6 +27,8 @@ fn components() -> Map<String, Value> {
     generator.subschema_for::<rbb_schema::api::CacheGc>();
     generator.subschema_for::<rbb_schema::api::CacheReset>();
     generator.subschema_for::<crate::forge::outbox_store::StatusList>();
+    generator.subschema_for::<rbb_schema::api::WhoAmI>();
+    generator.subschema_for::<rbb_schema::api::AuditList>();
     let mut defs: Map<String, Value> = generator.take_definitions(true).into_iter().collect();
     defs.insert(
         "Rebuilt".into(),
@@ -141,6 +143,7 @@ fn query_schema(name: &str) -> Value {
             json!({ "type": "string", "enum": ["pending", "running", "success", "failure", "error", "cancelled"] })
         }
         "limit" => json!({ "type": "integer", "minimum": 0, "maximum": 500 }),
+        "before" => json!({ "type": "integer", "minimum": 0 }),
         "offset" => json!({ "type": "integer", "minimum": 0, "maximum": crate::forge::outbox_store::MAX_SCAN }),
         _ => json!({ "type": "string" }),
     }
@@ -155,8 +158,9 @@ fn int_param(name: &str, description: &str, max: u64) -> Value {
 fn error_meaning(code: u16) -> &'static str {
     match code {
         400 => "A malformed id, body, filter or query string",
-        401 => "Missing or wrong `Authorization: Bearer <api_token>`",
-        403 => "A webhook whose signature does not verify",
+        401 => "No token where the endpoint's role needs one, or a wrong token (`Authorization: Bearer <token>`)",
+        403 => "The token's role is below the endpoint's (or a webhook whose signature does not verify)",
+        429 => "Too many requests: wait `Retry-After` seconds",
         404 => "No such item",
         409 => "The item is not in a state this action applies to",
         413 => "The request body is too large",
@@ -229,8 +233,12 @@ pub fn document(endpoints: &[Endpoint]) -> Value {
         if e.list_of.is_some() {
             errors.push(400);
         }
-        if e.control {
-            errors.push(401);
+        let access = e.access.unwrap_or(rbb_schema::config::Access::Admin);
+        if access > rbb_schema::config::Access::None {
+            errors.extend([401, 403]);
+        }
+        if access >= rbb_schema::config::Access::Control || e.is_webhook() {
+            errors.push(429);
         }
         if e.body.is_some() {
             errors.push(413);
@@ -238,7 +246,11 @@ pub fn document(endpoints: &[Endpoint]) -> Value {
         errors.sort_unstable();
         errors.dedup();
         for code in errors {
-            responses.insert(code.to_string(), error_response(error_meaning(code)));
+            let mut r = error_response(error_meaning(code));
+            if code == 429 {
+                r["headers"] = json!({ "Retry-After": { "required": true, "description": "Seconds to wait", "schema": { "type": "integer", "minimum": 1 } } });
+            }
+            responses.insert(code.to_string(), r);
         }
         if e.path.ends_with("/raw") {
             params.push(json!({ "name": "Range", "in": "header", "required": false, "schema": { "type": "string" },
@@ -264,9 +276,9 @@ pub fn document(endpoints: &[Endpoint]) -> Value {
             op["requestBody"] =
                 json!({ "required": false, "content": { "application/json": { "schema": schema_ref(b) } } });
         }
-        if e.control {
-            op["security"] = json!([{ "bearer": [] }]);
-        }
+        // The role an endpoint needs; without a token a caller has the master's anonymous role.
+        op["x-rbb-role"] = json!(access.name());
+        op["security"] = if access > rbb_schema::config::Access::None { json!([{ "bearer": [] }]) } else { json!([]) };
         let entry = paths.entry(e.path.to_owned()).or_insert_with(|| json!({}));
         entry[e.method] = op;
     }
@@ -275,7 +287,7 @@ pub fn document(endpoints: &[Endpoint]) -> Value {
         "info": {
             "title": "rbb REST API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Buildbot-style data API: lists take `field=`, `field__op=`, `order=-field`, `limit`, `offset` and answer `meta.total`. Errors share one shape. Control actions need `Authorization: Bearer <api_token>` when the master config sets one."
+            "description": "Buildbot-style data API: lists take `field=`, `field__op=`, `order=-field`, `limit`, `offset` and answer `meta.total`. Errors share one shape. Each operation needs a role (`x-rbb-role`: none, read, control or admin; admin ⊃ control ⊃ read): send `Authorization: Bearer <token>`; without one a caller has the master's anonymous role (docs/security.md)."
         },
         "servers": [{ "url": "/", "description": "The master that serves this document" }],
         "paths": paths,

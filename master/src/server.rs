@@ -31,6 +31,8 @@ pub struct MasterOptions {
 pub struct Bound {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    /// Whether both ports serve TLS.
+    pub tls: bool,
 }
 
 /// The engine and the change sources feeding it.
@@ -38,6 +40,12 @@ pub struct Master {
     pub engine: Arc<Engine>,
     pub sources: Arc<Sources>,
     pub api_token: Option<String>,
+    /// Tokens, roles and rate limits of the HTTP API.
+    pub security: Arc<crate::http::Security>,
+    /// TLS of both ports, when the config gives a certificate.
+    pub tls: Option<crate::tls::ServerTls>,
+    /// Workers that must present a client certificate.
+    pub client_certs: crate::grpc::ClientCerts,
     /// Per repository: whether its mirror was just created (its first fetch is a baseline).
     fresh: Vec<bool>,
     /// The janitor's policy and how often it runs, if the config sets `retention`.
@@ -198,9 +206,26 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
         webhooks: cfg.config.webhooks.clone().unwrap_or_default(),
         poll_slots: Arc::new(tokio::sync::Semaphore::new(crate::sources::POLL_SLOTS)),
     });
-    if cfg.config.api_token.is_none() {
+    let security =
+        crate::http::Security::from_config(&cfg.config).map_err(|e| anyhow::anyhow!("the master config: {e}"))?;
+    if !security.tokens.any() {
         tracing::warn!(
-            "no api_token in the master config: force, stop and rebuild are open to anyone who reaches the HTTP port"
+            "no tokens and no api_token in the master config: every action is open to anyone who reaches the HTTP port"
+        );
+    }
+    let tls = match &cfg.config.tls {
+        Some(t) => Some(crate::tls::ServerTls::load(t, &cfg.dir()).context("the master config: tls")?),
+        None => None,
+    };
+    let client_certs = crate::grpc::ClientCerts {
+        all: cfg.config.tls.as_ref().is_some_and(|t| t.require_client_cert),
+        workers: cfg.config.workers.iter().filter(|w| w.require_client_cert).map(|w| w.name.clone()).collect(),
+    };
+    if !client_certs.workers.is_empty() && !tls.as_ref().is_some_and(|t| t.client_ca) {
+        let names: Vec<&str> = client_certs.workers.iter().map(String::as_str).collect();
+        anyhow::bail!(
+            "the master config: workers {} set require_client_cert, which needs tls.cert, tls.key and tls.client_ca",
+            names.join(", ")
         );
     }
     let retention = match &cfg.config.retention {
@@ -225,6 +250,9 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
         engine,
         sources,
         api_token: cfg.config.api_token.clone(),
+        security: Arc::new(security),
+        tls,
+        client_certs,
         fresh,
         retention,
         status_targets,
@@ -244,10 +272,23 @@ pub async fn serve(
         tokio::net::TcpListener::bind(opts.grpc).await.with_context(|| format!("binding gRPC on {}", opts.grpc))?;
     let http =
         tokio::net::TcpListener::bind(opts.http).await.with_context(|| format!("binding HTTP on {}", opts.http))?;
-    let bound = Bound { http: http.local_addr()?, grpc: grpc.local_addr()? };
+    let bound = Bound { http: http.local_addr()?, grpc: grpc.local_addr()?, tls: master.tls.is_some() };
     let stop = tokio_util::sync::CancellationToken::new();
-    let Master { engine, sources, api_token, fresh, retention, status_targets, public_url, notifications } = master;
-    let public_url = public_url.unwrap_or_else(|| format!("http://{}", bound.http));
+    let Master {
+        engine,
+        sources,
+        api_token: _,
+        security,
+        tls,
+        client_certs,
+        fresh,
+        retention,
+        status_targets,
+        public_url,
+        notifications,
+    } = master;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let public_url = public_url.unwrap_or_else(|| format!("{scheme}://{}", bound.http));
     if !notifications.is_empty() {
         crate::forge::notifier::spawn(
             engine.clone(),
@@ -353,24 +394,45 @@ pub async fn serve(
     });
 
     // A step's outputs list travels in one StepFinished: room for about a million files.
-    let svc =
-        WorkerServer::new(crate::grpc::WorkerService { engine: engine.clone() }).max_decoding_message_size(256 << 20);
+    let svc = WorkerServer::new(crate::grpc::WorkerService { engine: engine.clone(), certs: client_certs })
+        .max_decoding_message_size(256 << 20);
     let grpc_stop = stop.clone();
-    let grpc_task = tokio::spawn(
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            // Workers stream logs in 64 KiB chunks: with the default 64 KiB window every chunk
-            // would wait a round trip for a window update.
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(16 << 20))
-            .add_service(svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move { grpc_stop.cancelled().await }),
-    );
+    let grpc_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        // Workers stream logs in 64 KiB chunks: with the default 64 KiB window every chunk
+        // would wait a round trip for a window update.
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .add_service(svc);
+    let grpc_task = match &tls {
+        Some(t) => {
+            let incoming = crate::tls::accept(grpc, t.grpc.clone(), "grpc", stop.clone());
+            let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(incoming), |c| {
+                Ok::<_, std::io::Error>(c)
+            });
+            tokio::spawn(grpc_server.serve_with_incoming_shutdown(incoming, async move { grpc_stop.cancelled().await }))
+        }
+        None => tokio::spawn(
+            grpc_server
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move { grpc_stop.cancelled().await }),
+        ),
+    };
     let http_stop = stop.clone();
-    let app = crate::http::router_with(engine.clone(), Some(sources.clone()), api_token);
-    let http_task = tokio::spawn(async move {
-        axum::serve(http, app).with_graceful_shutdown(async move { http_stop.cancelled().await }).await
-    });
+    let app = crate::http::router_secured(engine.clone(), Some(sources.clone()), security)
+        .into_make_service_with_connect_info::<SocketAddr>();
+    let http_task = match &tls {
+        Some(t) => {
+            use axum::serve::ListenerExt;
+            let incoming = crate::tls::accept(http, t.http.clone(), "http", stop.clone());
+            let listener = crate::tls::HttpsListener { incoming, local: bound.http }.tap_io(|_| ());
+            tokio::spawn(async move {
+                axum::serve(listener, app).with_graceful_shutdown(async move { http_stop.cancelled().await }).await
+            })
+        }
+        None => tokio::spawn(async move {
+            axum::serve(http, app).with_graceful_shutdown(async move { http_stop.cancelled().await }).await
+        }),
+    };
     ready(bound);
     shutdown.await;
     // Stop taking work, tell the workers, make every stored change durable; then give the

@@ -1342,6 +1342,51 @@ fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     index_all(txn, (CHANGES, CHANGE_IDX, "changes"), change_keys_of)
 }
 
+// ---- Audit log ----
+// Who did which control or admin action, appended by the HTTP layer (`crate::audit`). The
+// table came after schema 2 and is created by its first entry: no migration, and a state
+// dir without it reads as an empty log.
+
+/// Entry id (growing) → the entry as JSON.
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+
+/// Appends one audit entry (JSON) durably; returns its id.
+pub fn audit_append(database: &Database, entry: &[u8]) -> Result<u64, StoreError> {
+    let mut txn = database.begin_write().map_err(db)?;
+    txn.set_durability(Durability::Immediate).map_err(db)?;
+    let id = {
+        let mut t = txn.open_table(AUDIT).map_err(db)?;
+        let id = t.last().map_err(db)?.map_or(1, |(k, _)| k.value() + 1);
+        t.insert(id, entry).map_err(db)?;
+        id
+    };
+    txn.commit().map_err(db)?;
+    Ok(id)
+}
+
+/// A page of audit entries (id, JSON) and the number of entries.
+pub type AuditPage = (Vec<(u64, Vec<u8>)>, u64);
+
+/// Up to `limit` audit entries with ids below `before` (all without it), newest first, and
+/// the number of entries: reads only the page.
+pub fn audit_page(database: &Database, before: Option<u64>, limit: usize) -> Result<AuditPage, StoreError> {
+    use redb::ReadableTableMetadata;
+    let txn = database.begin_read().map_err(db)?;
+    let t = match txn.open_table(AUDIT) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(db(e)),
+    };
+    let total = t.len().map_err(db)?;
+    let range = t.range(..before.unwrap_or(u64::MAX)).map_err(db)?;
+    let mut out = Vec::with_capacity(limit.min(1000));
+    for row in range.rev().take(limit) {
+        let (k, v) = row.map_err(db)?;
+        out.push((k.value(), v.value().to_vec()));
+    }
+    Ok((out, total))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -479,11 +479,20 @@ async fn stop_and_rebuild_use_the_api_token_kept_in_the_browser() {
     assert!(err.contains("API token"), "{err}");
     assert!(builds(&m).is_empty());
 
-    // Set it in the header's token box; it is kept in localStorage.
-    element(&c, "#token-summary").await.click().await.expect("open the token box");
+    // The refusal opened the header's token box; the token is kept for the tab only.
+    until_js(&c, T, "the token box to open", "return document.getElementById('token-box').open").await;
+    assert_eq!(text_of(&c, "#token-summary").await, "anonymous · read");
     element(&c, "#token-input").await.send_keys("s3cret").await.expect("type the token");
     element(&c, "#token-form button[type='submit']").await.click().await.expect("save the token");
-    assert_eq!(js(&c, "return localStorage.getItem('rbb.token')").await, "s3cret");
+    assert_eq!(js(&c, "return sessionStorage.getItem('rbb.token')").await, "s3cret");
+    assert_eq!(js(&c, "return localStorage.getItem('rbb.token')").await, Value::Null);
+    until_js(
+        &c,
+        T,
+        "the header to name the token",
+        "return document.getElementById('token-summary').textContent === 'api_token · admin'",
+    )
+    .await;
     element(&c, "#force-submit").await.click().await.expect("submit again");
     let id: u64 = until(&c, T, "the new build's page", || async {
         let url = c.current_url().await.ok()?;
@@ -522,6 +531,85 @@ async fn stop_and_rebuild_use_the_api_token_kept_in_the_browser() {
         "return document.getElementById('view').dataset.result === 'SUCCESS'",
     )
     .await;
+    c.close().await.expect("close the browser");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ui_asks_for_a_token_when_anonymous_reading_is_off_and_hides_what_a_role_cannot_do() {
+    use sha2::Digest;
+    let hash = |t: &str| {
+        format!("sha256:{}", sha2::Sha256::digest(t.as_bytes()).iter().map(|b| format!("{b:02x}")).collect::<String>())
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_repo(&dir.path().join("app"), "builders:\n  b:\n    steps: [{ run: 'true' }]\n", &[]);
+    let config = write_config(dir.path(), &["app"], &[("w1", "secret", &[])]);
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str(&format!(
+        "anonymous: none\ntokens:\n  - {{ name: viewer, role: read, hash: \"{}\" }}\n  - {{ name: operator, role: control, hash: \"{}\" }}\n",
+        hash("view-token"),
+        hash("operate-token")
+    ));
+    std::fs::write(&config, text).expect("config");
+    let m = Master::start(&config, &dir.path().join("state"));
+    let driver = Driver::start(dir.path());
+    let c = driver.browser(dir.path()).await;
+    let base = format!("http://{}", m.http);
+
+    // Nothing is shown without a token: the box opens by itself and says why.
+    c.goto(&format!("{base}/#/builders/app%2Fb")).await.expect("open the builder page");
+    until_js(&c, T, "the token box to open", "return document.getElementById('token-box').open").await;
+    assert_eq!(text_of(&c, "#token-note").await, "This master shows nothing without a token.");
+    assert_eq!(text_of(&c, "#token-summary").await, "anonymous · none");
+
+    // A read token: the page loads, the actions it cannot use are hidden.
+    element(&c, "#token-input").await.send_keys("view-token").await.expect("type");
+    element(&c, "#token-form button[type='submit']").await.click().await.expect("save");
+    until_js(
+        &c,
+        T,
+        "the header to name the reader",
+        "return document.getElementById('token-summary').textContent === 'viewer · read'",
+    )
+    .await;
+    until_js(
+        &c,
+        T,
+        "the builder page to load",
+        "return !!document.querySelector('#builder-def dl, #builder-def pre, #builder-def table')",
+    )
+    .await;
+    let shown = "return [...document.querySelectorAll('#force-link, #btn-cache-reset')].map(e => e.id + '=' + (e.offsetParent !== null)).join(',')";
+    assert_eq!(js(&c, shown).await, "btn-cache-reset=false,force-link=false");
+    screenshot(&c, "roles-read.png").await;
+
+    // A control token may force, not reset the cache (an admin action).
+    element(&c, "#token-summary").await.click().await.expect("open the token box");
+    element(&c, "#token-input").await.send_keys("operate-token").await.expect("type");
+    element(&c, "#token-form button[type='submit']").await.click().await.expect("save");
+    until_js(
+        &c,
+        T,
+        "the header to name the operator",
+        "return document.getElementById('token-summary').textContent === 'operator · control'",
+    )
+    .await;
+    until_js(&c, T, "the force link to show", "return document.getElementById('force-link')?.offsetParent !== null")
+        .await;
+    assert_eq!(js(&c, shown).await, "btn-cache-reset=false,force-link=true");
+    assert_eq!(js(&c, "return sessionStorage.getItem('rbb.token')").await, "operate-token");
+
+    // A token the master does not know is said so.
+    element(&c, "#token-summary").await.click().await.expect("open the token box");
+    element(&c, "#token-input").await.send_keys("nobody").await.expect("type");
+    element(&c, "#token-form button[type='submit']").await.click().await.expect("save");
+    until_js(
+        &c,
+        T,
+        "the header to refuse the token",
+        "return document.getElementById('token-summary').textContent === 'API token ✗'",
+    )
+    .await;
+    assert!(text_of(&c, "#token-note").await.contains("wrong API token"));
     c.close().await.expect("close the browser");
 }
 

@@ -61,7 +61,7 @@ fn fixture(extra: &str) -> Fixture {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let grpc = listener.local_addr().expect("addr").to_string();
-    let svc = WorkerServer::new(rbb_master::grpc::WorkerService { engine: m.engine.clone() });
+    let svc = WorkerServer::new(rbb_master::grpc::WorkerService::new(m.engine.clone()));
     rt.spawn(
         tonic::transport::Server::builder().add_service(svc).serve_with_incoming(TcpListenerStream::new(listener)),
     );

@@ -332,3 +332,55 @@ pub struct CacheReset {
     pub builder: String,
     pub epoch: u64,
 }
+
+/// `GET /api/v2/whoami`: who the master takes the caller for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WhoAmI {
+    /// The token's name, or `anonymous`.
+    pub name: String,
+    /// `none`, `read`, `control` or `admin`.
+    pub role: crate::config::Access,
+    /// Whether the request carried a valid token.
+    pub authenticated: bool,
+    /// What a request without a token may do on this master.
+    pub anonymous: crate::config::Access,
+}
+
+/// One control or admin action, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditEntry {
+    /// Grows with each entry.
+    pub id: u64,
+    /// Unix time in milliseconds.
+    pub at_ms: u64,
+    /// The token's name, or `anonymous`.
+    pub who: String,
+    /// The caller's role when it acted.
+    pub role: crate::config::Access,
+    /// The action: `force`, `stop`, `rebuild`, `cancel`, `cache_gc`, `cache_reset`.
+    pub action: String,
+    /// What it acted on: a builder, build or build request id (empty for the whole cache).
+    pub target: String,
+    /// The client's address (IP and port).
+    pub from: String,
+    /// The HTTP status answered: 2xx done, 401/403 refused, 429 rate-limited, 4xx/5xx failed.
+    pub status: u16,
+    /// `ok`, `refused`, `limited` or `failed`.
+    pub result: String,
+}
+
+/// `GET /api/v2/audit`: a page of the audit log, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditList {
+    pub entries: Vec<AuditEntry>,
+    pub meta: AuditMeta,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AuditMeta {
+    /// Entries in the log.
+    pub total: u64,
+    /// Pass as `before` for the next (older) page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_before: Option<u64>,
+}

@@ -31,10 +31,27 @@ pub struct MasterConfig {
     /// without a secret here is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhooks: Option<WebhookConfig>,
-    /// Bearer token required by the REST API's control actions (force, stop, rebuild).
-    /// Without it they are open to anyone who can reach the HTTP port.
+    /// A single bearer token with the `admin` role (kept for older configs; prefer `tokens`).
+    /// Without it and without `tokens`, every action is open to anyone who reaches the HTTP
+    /// port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_token: Option<String>,
+    /// API tokens, each with a name and a role (docs/security.md). Stored hashed:
+    /// `rbb token new <name>` prints a token and its line for this list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<ApiTokenConfig>,
+    /// What a request without a token may do: `none` or `read` (or `control`, `admin`).
+    /// Default: `read` when the config lists no `tokens` (the demo, older configs), `none`
+    /// when it does; `admin` when the config has neither `tokens` nor `api_token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anonymous: Option<Access>,
+    /// TLS for the gRPC (workers) and HTTP ports: certificate, key, and the client CA for
+    /// workers' certificates (docs/security.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// Token buckets for the webhook and control endpoints (requests beyond them answer 429).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limits: Option<RateLimitsConfig>,
     /// Named locks builders can take (`locks:` in a builder): `max` holders at once.
     #[serde(default, skip_serializing_if = "indexmap::IndexMap::is_empty")]
     pub locks: indexmap::IndexMap<String, LockConfig>,
@@ -197,6 +214,82 @@ pub struct RetentionConfig {
     /// How often the janitor runs, e.g. `1h` (the default) or `10m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<String>,
+}
+
+/// What a caller of the REST API may do. Ordered: `admin` ⊃ `control` ⊃ `read` ⊃ `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Nothing but the public endpoints (the UI's files, the OpenAPI document, webhooks).
+    None,
+    /// View everything: builds, logs, workers, the plan, live events.
+    Read,
+    /// Also force, stop, rebuild and cancel.
+    Control,
+    /// Also the step cache's actions (collect, reset a builder's keys).
+    Admin,
+}
+
+impl Access {
+    pub fn name(self) -> &'static str {
+        match self {
+            Access::None => "none",
+            Access::Read => "read",
+            Access::Control => "control",
+            Access::Admin => "admin",
+        }
+    }
+}
+
+/// One API token: who holds it, what it may do, and its hash (never the token itself).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTokenConfig {
+    /// Who holds the token: the audit log records actions under this name.
+    pub name: String,
+    /// `sha256:<64 hex digits>`, the SHA-256 of the token (`rbb token new` prints it).
+    pub hash: String,
+    /// `read`, `control` or `admin`.
+    pub role: Access,
+}
+
+/// The master's TLS: PEM files, relative to the config's directory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server certificate chain (PEM), served on both ports.
+    pub cert: String,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// CA certificates (PEM) that workers' client certificates must chain to. Needed by
+    /// `require_client_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<String>,
+    /// Every worker must present a client certificate whose subject (common name or a DNS
+    /// name) is its worker name, besides its token. Per worker: `require_client_cert` there.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_client_cert: bool,
+}
+
+/// Token buckets of the webhook and control endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitsConfig {
+    /// Per forge and client address. Default 20 per second, bursts of 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<BucketConfig>,
+    /// Control and admin actions, per token (or client address without one). Default 10 per
+    /// second, bursts of 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<BucketConfig>,
+}
+
+/// A token bucket: `burst` requests at once, refilled at `per_second`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BucketConfig {
+    pub per_second: f64,
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -364,4 +457,8 @@ pub struct WorkerConfig {
     /// How many steps it may run at once. Default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_steps: Option<u32>,
+    /// This worker must present a client certificate (chained to `tls.client_ca`) whose
+    /// subject is its name, besides its token.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_client_cert: bool,
 }

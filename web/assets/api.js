@@ -12,14 +12,34 @@ export class ApiError extends Error {
   }
 }
 
+// The token lives in sessionStorage: it goes with the tab, never to disk for good.
 export function token() {
-  try { return localStorage.getItem(TOKEN_KEY) || ''; } catch { return ''; }
+  try { return sessionStorage.getItem(TOKEN_KEY) || ''; } catch { return ''; }
 }
 
 export function setToken(value) {
   try {
-    if (value) localStorage.setItem(TOKEN_KEY, value); else localStorage.removeItem(TOKEN_KEY);
+    if (value) sessionStorage.setItem(TOKEN_KEY, value); else sessionStorage.removeItem(TOKEN_KEY);
   } catch { /* private mode: the token lives only as long as the page */ }
+}
+
+/** The request headers: JSON, and the bearer token when one is set. */
+function headersWith(extra) {
+  const headers = { Accept: 'application/json', ...extra };
+  const t = token();
+  if (t) headers.Authorization = 'Bearer ' + t;
+  return headers;
+}
+
+/**
+ * Who the master takes this page for (`GET /api/v2/whoami`): `{ name, role, authenticated,
+ * anonymous }`, or `{ refused: message }` for a token it does not know.
+ */
+export async function whoami() {
+  const resp = await fetch('/api/v2/whoami', { headers: headersWith() });
+  if (resp.status === 401) return { refused: (await errorOf(resp)).message };
+  if (!resp.ok) throw await errorOf(resp);
+  return resp.json();
 }
 
 async function errorOf(resp) {
@@ -28,7 +48,10 @@ async function errorOf(resp) {
     const body = await resp.json();
     if (body && body.error) { code = body.error.code || code; message = body.error.message || message; }
   } catch { /* not JSON */ }
-  if (resp.status === 401) message += ' — set the API token (top right).';
+  if (resp.status === 401) {
+    message += ' — set the API token (top right).';
+    dispatch('need-token', { message, needs: resp.headers.get('x-rbb-needs') });
+  }
   return new ApiError(resp.status, code, message);
 }
 
@@ -36,7 +59,7 @@ async function errorOf(resp) {
 export async function get(path, signal) {
   let resp;
   try {
-    resp = await fetch(path, { signal, headers: { Accept: 'application/json' } });
+    resp = await fetch(path, { signal, headers: headersWith() });
   } catch (e) {
     if (e.name === 'AbortError') throw e;
     throw new ApiError(0, 'network', 'cannot reach the master: ' + e.message);
@@ -47,10 +70,7 @@ export async function get(path, signal) {
 
 /** POST a control action with the bearer token (if one is set); returns the JSON reply or null. */
 export async function post(path, body) {
-  const headers = { Accept: 'application/json' };
-  const t = token();
-  if (t) headers.Authorization = 'Bearer ' + t;
-  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const headers = headersWith(body !== undefined ? { 'Content-Type': 'application/json' } : {});
   let resp;
   try {
     resp = await fetch(path, { method: 'POST', headers, body: body === undefined ? undefined : JSON.stringify(body) });
@@ -79,7 +99,7 @@ export async function logTail(id, n, signal) {
 async function rawLog(id, headers, signal) {
   let resp;
   try {
-    resp = await fetch(`/api/v2/logs/${id}/raw`, { headers, signal });
+    resp = await fetch(`/api/v2/logs/${id}/raw`, { headers: headersWith(headers), signal });
   } catch (e) {
     if (e.name === 'AbortError') throw e;
     throw new ApiError(0, 'network', 'cannot reach the master: ' + e.message);

@@ -2,7 +2,7 @@
 // (each page gets a context whose fetches, timers and event subscriptions end when the user
 // leaves). Pages render from the REST API only.
 
-import { on, setToken, startLive, token } from './api.js';
+import { on, setToken, startLive, token, whoami } from './api.js';
 import { flash } from './flash.js';
 import * as grid from './grid.js';
 import * as build from './build.js';
@@ -89,25 +89,66 @@ function route() {
   document.getElementById('view').innerHTML = '<h1>Not found</h1><p>No page at this address. <a href="#/">Back to the grid</a>.</p>';
 }
 
+/**
+ * The header's token box: shows who the master takes this page for (`/api/v2/whoami`), opens
+ * itself when an action needs a token (or when this master shows nothing without one), and
+ * marks the body with the role so buttons the role cannot use are hidden (`data-needs`).
+ */
 function tokenBox() {
+  const box = document.getElementById('token-box');
   const summary = document.getElementById('token-summary');
   const input = document.getElementById('token-input');
-  const show = () => { summary.textContent = token() ? 'API token ✓' : 'API token'; };
-  show();
-  document.getElementById('token-form').addEventListener('submit', (ev) => {
+  const note = document.getElementById('token-note');
+  const ask = (message) => {
+    note.textContent = message;
+    note.hidden = false;
+    box.open = true;
+    input.focus();
+  };
+  const refresh = async () => {
+    let who;
+    try { who = await whoami(); } catch { return; }
+    const body = document.body;
+    if (who.refused) {
+      body.dataset.role = 'none';
+      body.dataset.authenticated = 'false';
+      summary.textContent = 'API token ✗';
+      ask('The master does not know this token: ' + who.refused);
+      return;
+    }
+    body.dataset.role = who.role;
+    body.dataset.authenticated = String(who.authenticated);
+    summary.textContent = who.authenticated ? `${who.name} · ${who.role}` : `anonymous · ${who.role}`;
+    summary.title = who.authenticated
+      ? `Token ${who.name}: ${who.role}`
+      : 'No token set: what anyone may do here. Set a token to do more.';
+    if (!who.authenticated && who.role === 'none') ask('This master shows nothing without a token.');
+    else if (who.authenticated) note.hidden = true;
+  };
+  on('need-token', (d) => {
+    if (token()) return;
+    const needs = d && d.needs;
+    if (needs === 'read') ask('This master shows nothing without a token.');
+    else ask(needs ? `This action needs a token with the role ${needs}.` : 'This action needs a token.');
+  });
+  document.getElementById('token-form').addEventListener('submit', async (ev) => {
     ev.preventDefault();
     setToken(input.value.trim());
     input.value = '';
-    show();
-    document.getElementById('token-box').open = false;
-    flash(token() ? 'API token saved in this browser.' : 'API token cleared.');
+    box.open = false;
+    note.hidden = true;
+    flash(token() ? 'API token kept for this tab.' : 'API token cleared.');
+    await refresh();
+    route();
   });
-  document.getElementById('token-clear').addEventListener('click', () => {
+  document.getElementById('token-clear').addEventListener('click', async () => {
     setToken('');
     input.value = '';
-    show();
     flash('API token cleared.');
+    await refresh();
+    route();
   });
+  refresh();
 }
 
 // Uncaught errors are kept (newest last) so a bug report or a browser test can show them.

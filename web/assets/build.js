@@ -137,8 +137,8 @@ export function mount(view, { params, query, ctx }) {
     <div class="page-head">
       <h1 id="build-title">Build ${id}</h1>
       <span class="spacer"></span>
-      <button type="button" id="btn-stop" class="danger" disabled>Stop</button>
-      <button type="button" id="btn-rebuild" disabled>Rebuild</button>
+      <button type="button" id="btn-stop" class="danger" data-needs="control" disabled>Stop</button>
+      <button type="button" id="btn-rebuild" data-needs="control" disabled>Rebuild</button>
     </div>
     <div id="build-error"></div>
     <div id="build-waiting" class="waiting-box" hidden></div>

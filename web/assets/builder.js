@@ -84,8 +84,8 @@ function builderPage(view, id, ctx) {
     <div class="page-head">
       <h1>${esc(id)}</h1>
       <span class="spacer"></span>
-      <button type="button" id="btn-cache-reset" title="Give this builder's steps new cache keys: each runs once again">Reset cache</button>
-      <a class="button primary" id="force-link" href="#/builders/${esc(enc(id))}/force">Force build…</a>
+      <button type="button" id="btn-cache-reset" data-needs="admin" title="Give this builder's steps new cache keys: each runs once again">Reset cache</button>
+      <a class="button primary" id="force-link" data-needs="control" href="#/builders/${esc(enc(id))}/force">Force build…</a>
     </div>
     <section class="panel" id="builder-trend"><h2>Last builds</h2><p class="muted">Loading…</p></section>
     <div class="cols">
@@ -243,7 +243,7 @@ function forceForm(view, id, ctx) {
       </label>
       <div id="force-error"></div>
       <div class="actions">
-        <button type="submit" class="primary" id="force-submit">Force</button>
+        <button type="submit" class="primary" id="force-submit" data-needs="control">Force</button>
         <a href="#/builders/${esc(enc(id))}">Cancel</a>
       </div>
     </form>`;

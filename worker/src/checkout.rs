@@ -118,6 +118,8 @@ pub struct CheckoutSpec<'a> {
     /// An `Authorization` header value for `url` (the master's own git service), given to
     /// git through its environment: never on a command line, never in the log.
     pub auth: Option<&'a str>,
+    /// CA certificates an `https://` `url` is verified with (`GIT_SSL_CAINFO`).
+    pub ca_file: Option<&'a Path>,
 }
 
 /// Makes `<workdir>/<checkout_dir>` a clean, detached checkout of `commit` from `url` for
@@ -133,7 +135,7 @@ pub async fn checkout(
     guard: Option<&Arc<GuardLink>>,
 ) -> Result<PathBuf, CheckoutError> {
     let dir = join_inside(spec.workdir, spec.checkout_dir, "checkout_dir", false)?;
-    let git = Git { out, cancel, guard, auth: spec.auth };
+    let git = Git { out, cancel, guard, auth: spec.auth, ca_file: spec.ca_file };
     match checkout_into(spec.workdir, &dir, spec.url, spec.commit, &git).await {
         Ok(()) => {
             mark_build(&dir, spec.build).map_err(|source| CheckoutError::Io { path: dir.join(BUILD_MARK), source })?;
@@ -232,6 +234,7 @@ struct Git<'a> {
     cancel: &'a CancellationToken,
     guard: Option<&'a Arc<GuardLink>>,
     auth: Option<&'a str>,
+    ca_file: Option<&'a Path>,
 }
 
 impl Git<'_> {
@@ -264,11 +267,21 @@ impl Git<'_> {
         debug!(%command, dir = %dir.display(), "git");
         header(self.out, format!("$ {command}\n")).await;
         let mut git = Command::new("git");
+        // Config from the environment (git 2.31+): `-c` would show the token in `ps`.
+        let mut config: Vec<(&str, OsString)> = Vec::new();
         if let Some(auth) = self.auth {
-            // Config from the environment (git 2.31+): `-c` would show the token in `ps`.
-            git.env("GIT_CONFIG_COUNT", "1")
-                .env("GIT_CONFIG_KEY_0", "http.extraHeader")
-                .env("GIT_CONFIG_VALUE_0", format!("Authorization: {auth}"));
+            config.push(("http.extraHeader", format!("Authorization: {auth}").into()));
+        }
+        if let Some(ca) = self.ca_file {
+            // The environment's form: git builds linked to GnuTLS ignore `http.sslCAInfo` set
+            // through GIT_CONFIG_* (checked with git 2.47), not GIT_SSL_CAINFO.
+            git.env("GIT_SSL_CAINFO", ca);
+        }
+        if !config.is_empty() {
+            git.env("GIT_CONFIG_COUNT", config.len().to_string());
+            for (i, (key, value)) in config.into_iter().enumerate() {
+                git.env(format!("GIT_CONFIG_KEY_{i}"), key).env(format!("GIT_CONFIG_VALUE_{i}"), value);
+            }
         }
         git.args(args)
             .current_dir(dir)

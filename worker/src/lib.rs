@@ -7,6 +7,7 @@
 //! - [`docker`]: the Docker executor (steps in containers) and the sweep of a crashed run's leftovers.
 //! - [`guard`]: the guard process that kills a dead worker's steps, and the restart sweep.
 //! - [`mask`]: secrets in a step's output become `***` before the output leaves the worker.
+//! - [`tls`]: verifying the master's certificate (and presenting the worker's) over TLS.
 //!
 //! This crate knows only `rbb-schema`; it never touches the master's store or web API, and
 //! never exits the process (only `main.rs` maps errors to exit codes).
@@ -18,6 +19,7 @@ pub mod executor;
 pub mod guard;
 pub mod mask;
 pub mod session;
+pub mod tls;
 
 pub use docker::DockerExecutor;
 pub use executor::{

@@ -22,9 +22,20 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "rbb-worker", version)]
 struct Cli {
-    /// Master URL, e.g. http://127.0.0.1:7070.
+    /// Master URL, e.g. http://127.0.0.1:7070, or https://ci.internal:7070 with --ca-file.
     #[arg(long)]
     master: String,
+    /// CA certificates (PEM) that an https:// master's certificate must chain to; also used
+    /// for checkouts from the master over https.
+    #[arg(long, env = "RBB_WORKER_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// This worker's client certificate (PEM) for a master that requires one; its subject
+    /// must be the worker's name.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
     /// This worker's name, as configured on the master.
     #[arg(long)]
     name: String,
@@ -85,7 +96,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             error!("{err:#}");
-            if err.downcast_ref::<WorkerError>().is_some_and(|err| matches!(err, WorkerError::Refused { .. })) {
+            if err
+                .downcast_ref::<WorkerError>()
+                .is_some_and(|err| matches!(err, WorkerError::Refused { .. } | WorkerError::Tls { .. }))
+            {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
@@ -145,6 +159,7 @@ fn serve(cli: Cli) -> anyhow::Result<()> {
         max_steps: cli.max_steps,
         cache_max_bytes: cli.cache_max_size,
         guard: Some(guard.link()),
+        tls: cli.ca_file.map(|ca_file| rbb_worker::tls::TlsFiles { ca_file, client: cli.cert.zip(cli.key) }),
     };
     runtime.block_on(async {
         let shutdown = CancellationToken::new();

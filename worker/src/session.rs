@@ -69,6 +69,8 @@ pub struct WorkerConfig {
     /// The guard that kills the processes of checkouts if the worker dies (the executor has
     /// its own for the steps' commands); `None` leaves them to the worker alone.
     pub guard: Option<Arc<GuardLink>>,
+    /// How to verify an `https://` master (and the checkouts it serves).
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Why [`run`] stopped other than by shutdown.
@@ -78,6 +80,9 @@ pub enum WorkerError {
     /// Retrying cannot fix it.
     #[error("the master refused this worker ({code:?}): {message}")]
     Refused { code: Code, message: String },
+    /// The TLS handshake failed over certificates (the master's, or this worker's).
+    #[error("refusing the master at {url}: {reason}")]
+    Tls { url: String, reason: String },
     #[error("invalid master URL {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
     #[error("invalid {what}: {reason}")]
@@ -115,6 +120,18 @@ pub async fn run_with_executor(
                 return Ok(());
             }
             Ok(SessionEnd::Lost { reason, welcomed }) => {
+                // A plain-text worker on a TLS port sees only an HTTP/2 error: ask the port.
+                if !welcomed
+                    && conn.tls.is_none()
+                    && reason.contains("h2 protocol error")
+                    && let Some(addr) = conn.url.strip_prefix("http://")
+                    && crate::tls::speaks_tls(addr).await
+                {
+                    let reason =
+                        "the master serves TLS on this port: use an https:// master URL and --ca-file".to_owned();
+                    error!(master = %conn.url, %reason, "not retrying");
+                    return Err(WorkerError::Tls { url: conn.url.clone(), reason });
+                }
                 if welcomed {
                     backoff = INITIAL_BACKOFF;
                     attempt = 0;
@@ -167,6 +184,8 @@ fn status_end(status: &tonic::Status, welcomed: bool) -> Result<SessionEnd, Work
 struct Connection {
     url: String,
     endpoint: Endpoint,
+    /// The TLS dialer of an `https://` master.
+    tls: Option<crate::tls::Connector>,
     hello: Hello,
     protocol: AsciiMetadataValue,
     name: AsciiMetadataValue,
@@ -184,6 +203,8 @@ struct StepContext {
     store: BlobStore,
     /// How to authenticate to the master's git service (checkouts it serves).
     git_auth: String,
+    /// The CA file that checkouts over https verify the master with.
+    ca_file: Option<PathBuf>,
 }
 
 impl Connection {
@@ -191,10 +212,21 @@ impl Connection {
         let url =
             if config.master.contains("://") { config.master.clone() } else { format!("http://{}", config.master) };
         let bad_url = |reason: String| WorkerError::BadUrl { url: url.clone(), reason };
-        if !url.starts_with("http://") {
-            return Err(bad_url("only http:// is supported".to_owned()));
-        }
-        let endpoint = Endpoint::from_shared(url.clone())
+        let tls = if let Some(rest) = url.strip_prefix("https://") {
+            let files = config.tls.as_ref().ok_or_else(|| {
+                bad_url("an https:// master needs --ca-file: the CA certificate that signed the master's".to_owned())
+            })?;
+            let client = crate::tls::client_config(files)
+                .map_err(|reason| WorkerError::BadConfig { what: "TLS files", reason })?;
+            Some((crate::tls::Connector::new(client), format!("http://{rest}")))
+        } else if url.starts_with("http://") {
+            None
+        } else {
+            return Err(bad_url("only http:// and https:// are supported".to_owned()));
+        };
+        // Over TLS the connector speaks TLS itself: tonic sees the address as http.
+        let dial = tls.as_ref().map_or_else(|| url.clone(), |(_, plain)| plain.clone());
+        let endpoint = Endpoint::from_shared(dial)
             .map_err(|err| bad_url(err.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
@@ -224,6 +256,7 @@ impl Connection {
         let store = BlobStore::open(&workdir, config.cache_max_bytes).map_err(WorkerError::Cache)?;
         Ok(Connection {
             endpoint,
+            tls: tls.map(|(c, _)| c),
             hello: Hello {
                 name: config.name.clone(),
                 labels: config.labels.clone(),
@@ -243,6 +276,7 @@ impl Connection {
                 guard: config.guard.clone(),
                 store,
                 git_auth: checkout::basic_auth(&config.name, &config.token),
+                ca_file: config.tls.as_ref().map(|t| t.ca_file.clone()),
             }),
             url,
         })
@@ -250,10 +284,22 @@ impl Connection {
 
     /// One session: connect, Hello/Welcome, serve until the stream ends or `shutdown`.
     async fn session(&self, shutdown: &CancellationToken) -> Result<SessionEnd, WorkerError> {
+        let connecting = async {
+            match &self.tls {
+                Some(c) => self.endpoint.connect_with_connector(c.clone()).await,
+                None => self.endpoint.connect().await,
+            }
+        };
         let channel = tokio::select! {
-            channel = self.endpoint.connect() => match channel {
+            channel = connecting => match channel {
                 Ok(channel) => channel,
-                Err(err) => return lost(format!("cannot connect: {}", error_chain(&err)), false),
+                Err(err) => {
+                    let refused = self.tls.as_ref().and_then(|c| c.refused.lock().unwrap_or_else(|p| p.into_inner()).take());
+                    if let Some(reason) = refused {
+                        return Err(WorkerError::Tls { url: self.url.clone(), reason });
+                    }
+                    return lost(format!("cannot connect: {}", error_chain(&err)), false);
+                }
             },
             () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         };
@@ -670,6 +716,7 @@ async fn prepare(
             commit: &wanted.commit,
             build: lease.build,
             auth: wanted.from_master.then_some(ctx.git_auth.as_str()),
+            ca_file: ctx.ca_file.as_deref(),
         };
         match checkout::checkout(&spec, out, cancel, ctx.guard.as_ref()).await {
             Ok(_) => {}

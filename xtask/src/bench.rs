@@ -56,9 +56,38 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         std::fs::create_dir_all(&work)?;
         return crate::runs::log_masking(root, &target_dir(root).join("release"), &work);
     }
+    if args.first().map(String::as_str) == Some("tls") && args.len() <= 2 {
+        // TLS against plain text, in the same run: the 50 MiB log and trigger → first step.
+        // `tls --debug` uses the debug binaries (quicker to build; slower crypto).
+        let profile = match args.get(1).map(String::as_str) {
+            None => {
+                build_release(root)?;
+                "release"
+            }
+            Some("--debug") => {
+                run(cargo().current_dir(root).args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "rbb-master",
+                    "-p",
+                    "rbb-worker",
+                    "--bins",
+                ]))?;
+                "debug"
+            }
+            Some(other) => bail!("cargo xtask bench tls takes no argument but --debug, not `{other}`"),
+        };
+        let work = root.join(".rbb-state/bench-tls");
+        if work.exists() {
+            std::fs::remove_dir_all(&work)?;
+        }
+        std::fs::create_dir_all(&work)?;
+        return crate::tls_bench::run(root, &target_dir(root).join(profile), &work);
+    }
     if !args.is_empty() {
         bail!(
-            "cargo xtask bench takes no arguments, or `docker`, `cache`, `forge`, `log` or `key` for those figures alone, or `scale [options]`"
+            "cargo xtask bench takes no arguments, or `docker`, `cache`, `forge`, `log`, `tls` or `key` for those figures alone, or `scale [options]` or `repos [options]`"
         );
     }
     build_release(root)?;

@@ -6,7 +6,8 @@
 //!   `bench scale`: the master with a large history and a simulated fleet of workers;
 //!   `bench log`: the 50 MiB step log without and with a secret masked by the worker;
 //!   `bench key`: resolving a step's inputs from git for its full cache key;
-//!   `bench forge`: push webhook to commit status, and a mirror's incremental fetch.
+//!   `bench forge`: push webhook to commit status, and a mirror's incremental fetch;
+//!   `bench tls [--debug]`: TLS against plain text (50 MiB log, trigger → first instruction).
 //! - `soak`: a chaos soak of the real binaries (killed workers and masters), judged at the end.
 //! - `codegen`: rewrite generated files (the JSON Schemas under schema/).
 //!
@@ -21,6 +22,7 @@ mod repos_bench;
 mod runs;
 mod scale;
 mod soak;
+mod tls_bench;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -44,6 +46,9 @@ fn main() -> Result<()> {
             eprintln!("  bench key    resolve 50 inputs of a step's full cache key in a 10,000-file repository");
             eprintln!(
                 "  bench forge  push webhook → commit status at a local forge; one new commit into a 10,000-commit mirror"
+            );
+            eprintln!(
+                "  bench tls    TLS against plain text: the 50 MiB log and trigger → first instruction [--debug]"
             );
             eprintln!(
                 "  bench scale  history of N builds + simulated fleet [--builds N] [--fleet-builds N] [--workers N] [--slots N] [--queue N] [--requests N] [--reuse]"
@@ -199,7 +204,7 @@ pub(crate) fn listening(master: &mut std::process::Child) -> Result<(String, Str
             let get = |k: &str| {
                 line.split_whitespace()
                     .find_map(|w| w.strip_prefix(k))
-                    .map(|a| a.trim_start_matches("http://").to_owned())
+                    .map(|a| a.trim_start_matches("http://").trim_start_matches("https://").to_owned())
                     .context("malformed listening line")
             };
             let addrs = (get("http=")?, get("grpc=")?);

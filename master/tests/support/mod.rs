@@ -182,7 +182,7 @@ impl Master {
         let addr = |key: &str| {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(key))
-                .map(|a| a.trim_start_matches("http://").to_owned())
+                .map(|a| a.trim_start_matches("http://").trim_start_matches("https://").to_owned())
                 .unwrap_or_else(|| panic!("no {key} in {line:?}"))
         };
         let (http, grpc) = (addr("http="), addr("grpc="));

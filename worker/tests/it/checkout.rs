@@ -28,7 +28,15 @@ async fn run(
         }
         String::from_utf8(text).unwrap()
     });
-    let spec = CheckoutSpec { workdir, checkout_dir: dir, url: url.to_str().unwrap(), commit, build: 1, auth: None };
+    let spec = CheckoutSpec {
+        workdir,
+        checkout_dir: dir,
+        url: url.to_str().unwrap(),
+        commit,
+        build: 1,
+        auth: None,
+        ca_file: None,
+    };
     let result = checkout(&spec, &tx, &CancellationToken::new(), None).await;
     drop(tx);
     (result, log.await.unwrap())

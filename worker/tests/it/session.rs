@@ -36,6 +36,7 @@ impl TestWorker {
             max_steps,
             cache_max_bytes: rbb_worker::cache::DEFAULT_MAX_BYTES,
             guard: None,
+            tls: None,
         };
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(run_with_executor(config, executor, shutdown.clone()));
