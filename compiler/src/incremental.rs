@@ -133,8 +133,15 @@ fn compute(sources: &[Source], which: &[usize], eval: &dyn snippet::Evaluator, o
 /// What of the options the per-file passes read (not `broken_repos`: that is the merge's).
 /// Destructured field by field: a new option does not compile until it is placed here.
 fn options_key(opts: &Options) -> String {
-    let Options { max_matrix, default_timeout_secs, worker_labels, other_repos_unknown, locks, broken_repos: _, secrets } =
-        opts;
+    let Options {
+        max_matrix,
+        default_timeout_secs,
+        worker_labels,
+        other_repos_unknown,
+        locks,
+        broken_repos: _,
+        secrets,
+    } = opts;
     format!(
         "{max_matrix}\u{0}{default_timeout_secs}\u{0}{worker_labels:?}\u{0}{other_repos_unknown}\u{0}{locks:?}\u{0}{secrets:?}"
     )

@@ -49,30 +49,44 @@ impl Driver {
         let bin = on_path(&["chromedriver"]).unwrap_or_else(|| {
             panic!("chromedriver is not on PATH: the browser tests need Chromium and its driver (Debian: apt-get install chromium chromium-driver; .ci/run installs them)")
         });
-        let log = dir.join("chromedriver.log");
-        let out = std::fs::File::create(&log).expect("chromedriver log");
-        let err = out.try_clone().expect("clone log");
-        let mut cmd = Command::new(&bin);
-        // Port 0: the system picks a free port, which the driver's log then names.
-        cmd.arg("--port=0").stdin(Stdio::null()).stdout(out).stderr(err);
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-        let addr = wait_for(Duration::from_secs(20), "chromedriver to listen", || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("chromedriver exited with {status}: {text}");
+        // chromedriver picks its port itself and can lose a race for it with another process
+        // ("bind() failed: Address already in use"): then it is started again.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let log = dir.join(format!("chromedriver-{attempt}.log"));
+            let out = std::fs::File::create(&log).expect("chromedriver log");
+            let err = out.try_clone().expect("clone log");
+            let mut cmd = Command::new(&bin);
+            // Port 0: the system picks a free port, which the driver's log then names.
+            cmd.arg("--port=0").stdin(Stdio::null()).stdout(out).stderr(err);
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+            let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+            let mut lost_port = false;
+            let addr = wait_for(Duration::from_secs(20), "chromedriver to listen", || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if let Ok(Some(status)) = child.try_wait() {
+                    if attempt < 3 && text.contains("Address already in use") {
+                        lost_port = true;
+                        return Some(String::new());
+                    }
+                    panic!("chromedriver exited with {status}: {text}");
+                }
+                let port: u16 = text
+                    .split("started successfully on port ")
+                    .nth(1)?
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()?;
+                let addr = format!("127.0.0.1:{port}");
+                std::net::TcpStream::connect(&addr).ok().map(|_| addr)
+            });
+            if lost_port {
+                continue;
             }
-            let port: u16 = text
-                .split("started successfully on port ")
-                .nth(1)?
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()?;
-            let addr = format!("127.0.0.1:{port}");
-            std::net::TcpStream::connect(&addr).ok().map(|_| addr)
-        });
-        Driver { child, url: format!("http://{addr}"), log }
+            return Driver { child, url: format!("http://{addr}"), log };
+        }
     }
 
     /// A new headless Chromium session with its own profile under `dir`.
