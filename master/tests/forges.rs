@@ -321,6 +321,15 @@ fn https_server_gone_keeps_the_mirror_and_a_stall_is_stopped() {
     mirror.fetch(&globs()).expect("first fetch");
     support::commit(&src, "small.txt", "x\n", 1, "More");
     server.stop();
+    // The port stays taken by a listener that closes every connection: another test's server
+    // (the suite runs in parallel) must not pick the freed port up and answer the fetch.
+    let addr = url.trim_start_matches("http://").split('/').next().expect("host:port").to_owned();
+    let gone = std::net::TcpListener::bind(&addr).expect("hold the stopped server's port");
+    std::thread::spawn(move || {
+        for conn in gone.incoming() {
+            drop(conn);
+        }
+    });
     let err = mirror.fetch(&globs()).expect_err("the server is gone");
     assert!(matches!(err, MirrorError::Remote(FetchError::Failed { .. })), "a fetch error: {err}");
     assert!(err.to_string().contains(&url), "names the repository: {err}");
