@@ -1139,8 +1139,8 @@ async fn audit_log(
 ) -> ApiResult<Json<api::AuditList>> {
     let Query(q) = q.map_err(|e| ApiError::bad_request(format!("bad query string: {}", e.body_text())))?;
     let limit = q.limit.unwrap_or(50);
-    if limit == 0 || limit > crate::audit::MAX_PAGE {
-        return Err(ApiError::bad_request(format!("limit must be from 1 to {}", crate::audit::MAX_PAGE)));
+    if limit > crate::audit::MAX_PAGE {
+        return Err(ApiError::bad_request(format!("limit must be at most {}", crate::audit::MAX_PAGE)));
     }
     let page = blocking(move || crate::audit::list(e.database(), q.before, limit).map_err(EngineError::from)).await?;
     Ok(Json(page))

@@ -278,7 +278,13 @@ pub fn document(endpoints: &[Endpoint]) -> Value {
         }
         // The role an endpoint needs; without a token a caller has the master's anonymous role.
         op["x-rbb-role"] = json!(access.name());
-        op["security"] = if access > rbb_schema::config::Access::None { json!([{ "bearer": [] }]) } else { json!([]) };
+        // Reading may be open to anonymous callers (the master's `anonymous: read`): a token is
+        // optional there (`{}`), required for control and admin actions.
+        op["security"] = match access {
+            rbb_schema::config::Access::None => json!([]),
+            rbb_schema::config::Access::Read => json!([{ "bearer": [] }, {}]),
+            _ => json!([{ "bearer": [] }]),
+        };
         let entry = paths.entry(e.path.to_owned()).or_insert_with(|| json!({}));
         entry[e.method] = op;
     }
