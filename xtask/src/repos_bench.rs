@@ -66,18 +66,7 @@ fn pipeline(extra: usize) -> String {
 pub fn main(root: &Path, args: &[String]) -> Result<()> {
     let a = parse(args)?;
     if cfg!(debug_assertions) {
-        crate::run(crate::cargo().current_dir(root).args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "rbb-master",
-            "-p",
-            "xtask",
-            "--bins",
-        ]))?;
-        let xtask = crate::target_dir(root).join("release/xtask");
-        return crate::run(Command::new(xtask).args(["bench", "repos"]).args(args));
+        return crate::scale::rerun_in_release(root, "repos", args);
     }
     let bin = std::env::current_exe()?.parent().context("xtask has no directory")?.to_path_buf();
     let work = root.join(".rbb-state/bench-repos");

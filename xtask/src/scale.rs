@@ -105,18 +105,7 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     // The history writer and the fleet must not be the bottleneck: run them optimised.
     // RBB_SCALE_IN_PLACE=1 runs this build as it is (a quick check of the bench itself).
     if cfg!(debug_assertions) && std::env::var_os("RBB_SCALE_IN_PLACE").is_none() {
-        run(cargo().current_dir(root).args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "rbb-master",
-            "-p",
-            "xtask",
-            "--bins",
-        ]))?;
-        let xtask = target_dir(root).join("release/xtask");
-        return run(Command::new(xtask).args(["bench", "scale"]).args(args));
+        return rerun_in_release(root, "scale", args);
     }
     let bin = std::env::current_exe()?.parent().context("xtask has no directory")?.to_path_buf();
     let work = root.join(".rbb-state/scale");
@@ -407,6 +396,23 @@ impl Drop for Master {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Builds the release `rbb` and xtask, then runs `xtask bench <bench> <args>` with them:
+/// a bench whose own work (history writer, simulated fleet) must not be the bottleneck.
+pub(crate) fn rerun_in_release(root: &Path, bench: &str, args: &[String]) -> Result<()> {
+    run(cargo().current_dir(root).args([
+        "build",
+        "--release",
+        "--quiet",
+        "-p",
+        "rbb-master",
+        "-p",
+        "xtask",
+        "--bins",
+    ]))?;
+    let xtask = target_dir(root).join("release/xtask");
+    run(Command::new(xtask).args(["bench", bench]).args(args))
 }
 
 /// Starts the master and waits for its API to answer: (master, spawn → first answer).
