@@ -348,6 +348,7 @@ pub fn router_secured(engine: Arc<Engine>, sources: Option<Arc<Sources>>, securi
             access: e.access.unwrap_or(Access::Admin),
             audit: e.audit,
             webhook: e.is_webhook(),
+            needs_plan: e.path.starts_with("/api/v2/builders") || ["/api/v2/plan", "/api/v2/grid"].contains(&e.path),
         });
         let layer = axum::middleware::from_fn_with_state((app.clone(), rule), guard);
         r = r.route(e.path, e.handler.route_layer(layer));
@@ -361,7 +362,12 @@ struct Rule {
     access: Access,
     audit: Option<&'static str>,
     webhook: bool,
+    /// The answer comes from the head plan: while the master starts, it waits for it.
+    needs_plan: bool,
 }
+
+/// How long a request that needs the head plan waits for it while the master starts.
+const PLAN_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The client's address, when the server recorded it (in-process tests have none).
 fn client_addr(req: &axum::extract::Request) -> Option<std::net::SocketAddr> {
@@ -444,6 +450,16 @@ async fn guard(
         };
         // The role the endpoint needs, for clients that want to ask for a better token.
         resp.headers_mut().insert("x-rbb-needs", header::HeaderValue::from_static(rule.access.name()));
+        return audited(&app, &rule, &params, &caller, addr, resp).await;
+    }
+    if rule.needs_plan && !app.engine.heads_ready(PLAN_WAIT).await {
+        let mut resp = ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting".into(),
+            "the master is starting: it is still reading every repository's pipeline; retry shortly".into(),
+        )
+        .into_response();
+        resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(5));
         return audited(&app, &rule, &params, &caller, addr, resp).await;
     }
     req.extensions_mut().insert(caller.clone());

@@ -320,7 +320,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
     return_freed_memory();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    let master = rbb_master::server::open(&opts)?;
+    let master = rbb_master::server::open_starting(&opts)?;
     runtime.block_on(rbb_master::server::serve(
         master,
         &opts,

@@ -33,6 +33,10 @@ const PRUNED_PREFIXES: [&str; 2] = ["refs/heads/", "refs/tags/"];
 /// Where the recorded head of each branch is kept (`<prefix><branch>`).
 const RECORDED_PREFIX: &str = "refs/rbb/recorded/";
 
+/// Branch heads of a local repository as the master saw them at start (`None`: no such
+/// branch then).
+pub type LocalHeads = BTreeMap<String, Option<String>>;
+
 /// A bare mirror of one repository. Cheap to clone and `Send + Sync`: it holds only the url
 /// and path, and each call opens its own view of the repository (gix's repository handles are
 /// not `Send` without gix's `parallel` feature).
@@ -413,6 +417,45 @@ impl Mirror {
             self.move_ref(&Self::recorded_ref(&u.branch), u.old.as_deref(), u.new.as_deref())?;
         }
         Ok(pending.len())
+    }
+
+    /// A new mirror's baseline when the master saw its branches earlier than its first fetch:
+    /// a branch named in `seen` is recorded where it was seen (what was pushed since is then
+    /// built), a branch that did not exist then stays unrecorded (it is a new branch), and
+    /// the other branches matching `branch_globs` are recorded where they are now.
+    pub fn record_baseline(&self, branch_globs: &[String], seen: &LocalHeads) -> Result<usize, MirrorError> {
+        let pending = self.pending(branch_globs)?;
+        let mut moved = 0;
+        for u in &pending {
+            let to = match seen.get(&u.branch) {
+                Some(Some(id)) if self.has_commit(id)? => Some(id.as_str()),
+                Some(_) => continue,
+                None => u.new.as_deref(),
+            };
+            if to != u.old.as_deref() {
+                self.move_ref(&Self::recorded_ref(&u.branch), u.old.as_deref(), to)?;
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// The heads of `branches` (exact names; globs are left out) in the local repository at
+    /// `path`: `None` for a branch it does not have. Empty when it cannot be read.
+    pub fn local_heads(path: &Path, branches: &[String]) -> LocalHeads {
+        let Ok(repo) = gix::open(path) else { return LocalHeads::new() };
+        branches
+            .iter()
+            .filter(|b| !b.contains(['*', '?', '[']))
+            .map(|b| {
+                let id = repo
+                    .try_find_reference(format!("refs/heads/{b}").as_str())
+                    .ok()
+                    .flatten()
+                    .and_then(|mut r| r.peel_to_id().ok().map(|id| id.to_hex().to_string()));
+                (b.clone(), id)
+            })
+            .collect()
     }
 
     /// Fetches `remote_ref` (e.g. `refs/pull/7/head`) into `local_ref` (under `refs/rbb/`),

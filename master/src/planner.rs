@@ -241,6 +241,11 @@ impl Planner {
         heads.plan = isolated.plan;
     }
 
+    /// Whether `repo`'s branch head has been read (with or without a pipeline file).
+    pub fn has_head(&self, repo: &str) -> bool {
+        self.heads().sources.contains_key(repo)
+    }
+
     /// The plan of every repository at its branch head (a broken one at its last good
     /// version, or left out).
     pub fn head_plan(&self) -> Arc<Plan> {

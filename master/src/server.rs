@@ -48,6 +48,10 @@ pub struct Master {
     pub client_certs: crate::grpc::ClientCerts,
     /// Per repository: whether its mirror was just created (its first fetch is a baseline).
     fresh: Vec<bool>,
+    /// What is left of the start when the master was opened with [`open_starting`]: the
+    /// first fetch of new mirrors and reading the head plan, which [`serve`] finishes in the
+    /// background while the API answers.
+    starting: Option<Starting>,
     /// The janitor's policy and how often it runs, if the config sets `retention`.
     retention: Option<(crate::engine::RetentionPolicy, Duration)>,
     /// Repositories that report commit statuses, with where to, and the configured UI address.
@@ -65,50 +69,103 @@ impl crate::forge::outbox_store::DatabaseHandle for EngineDatabase {
     }
 }
 
-/// Fetches every new mirror once, a few at a time: a mirror must hold its repository before
-/// the plan is read from it. A mirror that exists already is not fetched here (its poller's
-/// first fetch reports what was pushed while the master was down), so a restart with a
-/// thousand repositories does not wait for a thousand fetches.
-fn first_fetches(
-    configured: &[rbb_schema::config::RepositoryConfig],
-    repos: &[Arc<SourceRepo>],
-    fresh: &[bool],
-) -> Result<()> {
-    let todo: Vec<(usize, &Arc<SourceRepo>)> = repos.iter().enumerate().filter(|(i, _)| fresh[*i]).collect();
+/// The start's work after the engine opened: new mirrors to fetch, then the head plan to
+/// read.
+struct Starting {
+    fetch: Vec<FirstFetch>,
+}
+
+/// A new mirror's first fetch.
+struct FirstFetch {
+    /// Its place in the config (and in `Master::fresh`).
+    index: usize,
+    repo: Arc<SourceRepo>,
+    /// A forge's repository (a failed fetch is retried, not an error).
+    remote: bool,
+    /// A local repository's branch heads, read before the API answered: its baseline, so
+    /// that what is pushed after the master said it listens is built.
+    seen: crate::mirror::LocalHeads,
+}
+
+impl Starting {
+    /// Fetches the new mirrors and records their baselines, then reads every pipeline at its
+    /// branch head. A mirror whose baseline is recorded is no longer fresh to its poller. A
+    /// forge that is down does not stop the start (its poller retries, and its builders join
+    /// the plan once a fetch brings its branch); a local repository that cannot be fetched
+    /// is an error, returned after the head plan is read all the same.
+    fn finish(self, engine: &Engine, fresh: &mut [bool]) -> Result<()> {
+        let (done, fetched) = first_fetches(&self.fetch);
+        for i in done {
+            fresh[i] = false;
+        }
+        engine.read_heads().context("storing the head plan")?;
+        let plan = engine.plan();
+        tracing::info!(plan = %plan.hash, builders = plan.builders.len(), "plan compiled");
+        fetched
+    }
+}
+
+/// Fetches every new mirror once, a few at a time, and records its baseline: a mirror must
+/// hold its repository before the plan is read from it. A mirror that exists already is not
+/// fetched here (its poller's first fetch reports what was pushed while the master was
+/// down), so a restart with a thousand repositories does not wait for a thousand fetches.
+/// Returns the config indexes of the mirrors whose baseline is recorded, and the first
+/// error of a local repository.
+fn first_fetches(todo: &[FirstFetch]) -> (Vec<usize>, Result<()>) {
     if todo.is_empty() {
-        return Ok(());
+        return (Vec::new(), Ok(()));
     }
     let threads = crate::sources::POLL_SLOTS.min(todo.len());
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failures: std::sync::Mutex<Vec<anyhow::Error>> = Default::default();
+    let done: std::sync::Mutex<Vec<usize>> = Default::default();
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
                 loop {
                     let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some((i, repo)) = todo.get(k) else { break };
-                    if let Err(e) = repo.mirror.fetch(&repo.branches) {
+                    let Some(f) = todo.get(k) else { break };
+                    let fetched = f.repo.mirror.fetch(&f.repo.branches).and_then(|_| {
+                        f.repo.mirror.record_baseline(&f.repo.branches, &f.seen)
+                    });
+                    match fetched {
+                        Ok(_) => done.lock().unwrap_or_else(|p| p.into_inner()).push(f.index),
                         // A forge that is down does not stop the master: its poller retries
                         // with backoff. A local repository that cannot be read is a mistake.
-                        if !rbb_compiler::git::is_remote_url(&configured[*i].url) {
-                            let e = anyhow::Error::new(e).context(format!("fetching repository {}", repo.name));
+                        Err(e) if !f.remote => {
+                            let e = anyhow::Error::new(e).context(format!("fetching repository {}", f.repo.name));
                             failures.lock().unwrap_or_else(|p| p.into_inner()).push(e);
-                        } else {
-                            tracing::warn!(repo = %repo.name, error = %e, "first fetch failed; retrying in the background");
+                        }
+                        Err(e) => {
+                            tracing::warn!(repo = %f.repo.name, error = %e, "first fetch failed; retrying in the background")
                         }
                     }
                 }
             });
         }
     });
+    let done = done.into_inner().unwrap_or_else(|p| p.into_inner());
     match failures.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().next() {
-        Some(e) => Err(e),
-        None => Ok(()),
+        Some(e) => (done, Err(e)),
+        None => (done, Ok(())),
     }
 }
 
-/// Opens the mirrors, compiles the plan at every branch head and opens the engine.
+/// Opens the mirrors, fetches the new ones, opens the engine and compiles the plan at every
+/// branch head.
 pub fn open(opts: &MasterOptions) -> Result<Master> {
+    let mut master = open_starting(opts)?;
+    if let Some(start) = master.starting.take() {
+        start.finish(&master.engine, &mut master.fresh)?;
+    }
+    Ok(master)
+}
+
+/// Opens the mirrors and the engine, leaving the first fetch of new mirrors and the head
+/// plan to [`serve`], which does them in the background while the API answers (what decides
+/// from the head plan waits for it). A local repository path that is not a git repository
+/// is an error here.
+pub fn open_starting(opts: &MasterOptions) -> Result<Master> {
     let cfg = git::load_config(&opts.config)
         .map_err(|diags| anyhow::anyhow!("the master config has errors:\n{}", render_diagnostics(&diags, &[])))?;
     // Read first: a missing value stops the start, naming the secret (never showing a value).
@@ -141,6 +198,12 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
                     // Workers run elsewhere: give them an absolute path.
                     let path = std::fs::canonicalize(&path)
                         .with_context(|| format!("repository {name}: {}", path.display()))?;
+                    if !(path.join("HEAD").is_file() || path.join(".git").exists()) {
+                        anyhow::bail!(
+                            "repository {name}: {} is not a git repository (no .git and no HEAD in it)",
+                            path.display()
+                        );
+                    }
                     let mirror = Mirror::open(&path.display().to_string(), &mirror_dir)
                         .with_context(|| format!("mirroring repository {name}"))?;
                     (path, mirror)
@@ -174,7 +237,23 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
         });
         source_repos.push(Arc::new(SourceRepo::new(name, r.url.clone(), mirror, branches, interval)));
     }
-    first_fetches(&cfg.config.repositories, &source_repos, &fresh)?;
+    let starting = Starting {
+        fetch: source_repos
+            .iter()
+            .zip(&repos)
+            .enumerate()
+            .filter(|(i, _)| fresh[*i])
+            .map(|(index, (repo, r))| {
+                let remote = rbb_compiler::git::is_remote_url(&cfg.config.repositories[index].url);
+                let seen = if remote {
+                    Default::default()
+                } else {
+                    crate::mirror::Mirror::local_heads(&r.path, &repo.branches)
+                };
+                FirstFetch { index, repo: repo.clone(), remote, seen }
+            })
+            .collect(),
+    };
     let copts = Options {
         worker_labels: Some(cfg.config.workers.iter().map(|w| w.labels.clone()).collect()),
         locks: Some(cfg.config.locks.keys().cloned().collect()),
@@ -199,8 +278,7 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
     if let Some(url) = &cfg.config.checkout_url {
         engine.serve_checkouts_from(url);
     }
-    let plan = engine.plan();
-    tracing::info!(plan = %plan.hash, builders = plan.builders.len(), state = %state_dir.display(), "plan compiled");
+    tracing::info!(state = %state_dir.display(), "state opened");
     let sources = Arc::new(Sources {
         repos: source_repos,
         webhooks: cfg.config.webhooks.clone().unwrap_or_default(),
@@ -254,6 +332,7 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
         tls,
         client_certs,
         fresh,
+        starting: Some(starting),
         retention,
         status_targets,
         public_url: cfg.config.public_url.clone(),
@@ -282,6 +361,7 @@ pub async fn serve(
         tls,
         client_certs,
         fresh,
+        starting,
         retention,
         status_targets,
         public_url,
@@ -318,7 +398,36 @@ pub async fn serve(
             stop.clone(),
         );
     }
-    sources.spawn_pollers(engine.clone(), fresh, stop.clone());
+    match starting {
+        None => sources.spawn_pollers(engine.clone(), fresh, stop.clone()),
+        Some(start) => {
+            // The API answers meanwhile; pollers start once the head plan is read, and
+            // webhooks that arrive before then wake them.
+            let (engine, sources, stop) = (engine.clone(), sources.clone(), stop.clone());
+            tokio::spawn(async move {
+                let e = engine.clone();
+                let mut fresh_now = fresh.clone();
+                let fresh = match tokio::task::spawn_blocking(move || {
+                    let r = start.finish(&e, &mut fresh_now);
+                    (r, fresh_now)
+                })
+                .await
+                {
+                    Ok((r, fresh)) => {
+                        if let Err(e) = r {
+                            tracing::error!(error = %format!("{e:#}"), "start: first fetch");
+                        }
+                        fresh
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "start: the first fetch and plan task failed");
+                        fresh
+                    }
+                };
+                sources.spawn_pollers(engine, fresh, stop);
+            });
+        }
+    }
 
     // The janitor: retention in the background, one run per interval (with the config's
     // `retention`), and the step cache held to its size limit more often than that.

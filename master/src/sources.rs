@@ -433,6 +433,13 @@ impl Sources {
             Ok(Ok(report)) => {
                 if baseline && report.fetch_error.is_none() {
                     tracing::info!(repo = %repo.name, branches = report.baseline, "mirror ready");
+                    // A new mirror whose first fetch at start failed: its builders join now.
+                    let (e, name) = (engine.clone(), repo.name.clone());
+                    match tokio::task::spawn_blocking(move || e.head_fetched(&name)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(err)) => tracing::warn!(repo = %repo.name, error = %err, "cannot update the head plan"),
+                        Err(err) => tracing::error!(repo = %repo.name, error = %err, "head plan task failed"),
+                    }
                 }
                 quiet &= report.recorded.is_empty() && report.deleted.is_empty() && report.failed.is_empty();
                 report.fetch_error

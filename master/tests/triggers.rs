@@ -529,3 +529,42 @@ fn a_webhook_racing_the_poller_on_one_push_records_it_once() {
     assert_eq!(changes(&m).iter().filter(|c| c["commit"] == id.as_str()).count(), 1);
     assert_eq!(builds(&m).iter().filter(|b| b["commit"] == id.as_str()).count(), 1);
 }
+
+/// The master answers before it has read a fleet's pipelines (new mirrors are fetched and
+/// the head plan compiled in the background), and nothing answers from a half-read plan:
+/// right after it says it listens, the builder list is whole, a force finds its builder, the
+/// builds list answers, and a commit pushed at that moment is built, not taken as the new
+/// mirror's starting point.
+#[test]
+fn right_after_start_the_plan_is_whole_and_a_push_at_that_moment_is_built() {
+    const REPOS: usize = 40;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = String::from("repositories:\n");
+    for i in 0..REPOS {
+        make_repo(&dir.path().join(format!("r{i:02}")), SIMPLE, &[("README.md", "readme\n")]);
+        config.push_str(&format!("  - url: r{i:02}\n    poll_interval: 100ms\n"));
+    }
+    config.push_str("workers:\n  - name: w1\n    token: t\n    max_steps: 4\n");
+    std::fs::write(dir.path().join("rbb.yaml"), config).expect("config");
+    let m = Master::start(&dir.path().join("rbb.yaml"), &dir.path().join("state"));
+    // At once, before anything could have been read in the background.
+    let pushed = commit(&dir.path().join("r07"), "src/a.c", "int a;\n", 5, "Pushed while the master starts");
+    let builds = m.get("/api/v2/builds?limit=1");
+    assert_eq!(builds.status, 200, "{}", builds.text());
+    let list = m.get("/api/v2/builders?limit=1000");
+    assert_eq!(list.status, 200, "{}", list.text());
+    assert_eq!(list.json()["meta"]["total"], REPOS, "every repository's builder: {}", list.text());
+    let forced = m.force("r31/build");
+    assert!(forced > 0);
+    let _w = Worker::start(&m, "w1", "t", &dir.path().join("w1"), &[]);
+    let b = wait_for(T, "a build of the commit pushed at start", || {
+        build_for(&support::builds(&m), "r07/build", &pushed).cloned()
+    });
+    let b = m.finished(b["id"].as_u64().expect("id"), T);
+    assert_eq!(b["result"], "SUCCESS", "{b}");
+    let f = m.finished(forced, T);
+    assert_eq!(f["result"], "SUCCESS", "{f}");
+    // Only that push and that force: the other repositories' first fetches built nothing.
+    let all = support::builds(&m);
+    assert_eq!(all.len(), 2, "{all:?}");
+}

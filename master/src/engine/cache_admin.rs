@@ -68,6 +68,7 @@ impl Engine {
     /// Makes every later step of the builder miss once: its epoch grows (durably).
     /// Answers the new epoch; [`EngineError::NotFound`] for a builder not in the plan.
     pub fn cache_reset(&self, builder: &str) -> Result<u64, EngineError> {
+        self.wait_heads();
         if self.plan().builder(builder).is_none() {
             return Err(EngineError::NotFound(format!("no builder `{builder}` in the plan")));
         }

@@ -11,6 +11,7 @@
 //! - `steps`: step semantics: leasing the next step, results, finishing and losing builds;
 //! - `sessions`: worker sessions, liveness and their messages;
 //! - `triggers`: changes, forces, rebuilds, stops, queue policy and cron;
+//! - `heads`: the head plan read after the engine opened, and what waits for it;
 //! - `read`: the read side the REST API uses;
 //! - `retention`: the janitor that ages logs and builds out of the store;
 //! - `cache`: the step cache's lookups, hits and misses;
@@ -19,6 +20,7 @@
 mod cache;
 mod cache_admin;
 mod dispatch;
+mod heads;
 mod read;
 mod retention;
 pub mod rules;
@@ -247,6 +249,8 @@ pub struct Engine {
     /// The declared secrets' values (never stored, never announced): leases of steps that
     /// use one carry them in `secret_env`.
     secrets: std::sync::RwLock<Arc<crate::secrets::Secrets>>,
+    /// Whether the head plan has been read since the engine opened.
+    heads: heads::Heads,
 }
 
 /// Where build states go as commit statuses (see `forge`).
@@ -270,14 +274,12 @@ impl Engine {
         heartbeat: Duration,
     ) -> Result<Arc<Engine>, EngineError> {
         std::fs::create_dir_all(state_dir)?;
-        if let Err(e) = planner.refresh_heads() {
-            tracing::error!(error = %e, "cannot read every pipeline at its branch head");
-        }
+        // The head plan is read afterwards ([`Engine::read_heads`]): until then it is empty
+        // and what decides from it waits.
         let plan = planner.head_plan();
         let store = Store::open(&state_dir.join("state.redb"))?;
         let logs = LogFiles::new(&state_dir.join("logs"))?;
         let blobs = crate::cache::blobs::Blobs::open(state_dir)?;
-        store.put_plan(&plan)?;
         // Only live builds come into memory: history is read from the store on demand.
         let mut builds: BTreeMap<u64, BuildRecord> = BTreeMap::new();
         for state in ["pending", "running"] {
@@ -382,6 +384,7 @@ impl Engine {
             inputs: crate::cache::key::InputResolver::new(),
             checkout_base: std::sync::RwLock::new(None),
             secrets: std::sync::RwLock::new(Arc::default()),
+            heads: heads::Heads::new(),
         });
         engine.recover()?;
         Ok(engine)

@@ -50,6 +50,7 @@ impl Engine {
     /// Forces `builder` at a branch or revision. Builders it needs get builds at the same
     /// commit too, unless one is already queued, running or succeeded there.
     pub fn force(&self, builder: &str, req: api::ForceRequest) -> Result<api::ForceResponse, EngineError> {
+        self.wait_heads();
         let head = self.plan();
         let Some(pb) = head.builder(builder) else {
             let ids: Vec<&str> = head.builders.iter().map(|b| b.id.as_str()).collect();
@@ -105,6 +106,7 @@ impl Engine {
 
     /// Runs a finished build again with exactly the plan it was pinned to.
     pub fn rebuild(&self, id: u64) -> Result<u64, EngineError> {
+        self.wait_heads();
         self.run(|e, tx| {
             if tx.closing {
                 return Err(EngineError::ShuttingDown);
@@ -196,6 +198,7 @@ impl Engine {
         source: &str,
     ) -> Result<Vec<u64>, EngineError> {
         let Some(head) = commits.first() else { return Ok(Vec::new()) };
+        self.wait_heads();
         let r =
             self.repos.get(repo).cloned().ok_or_else(|| EngineError::NotFound(format!("no repository `{repo}`")))?;
         if branch == r.branch
@@ -253,6 +256,7 @@ impl Engine {
     /// A pull request opened or updated: builders whose `on.pull_request` matches its target
     /// branch build its head.
     pub fn on_pull_request(&self, repo: &str, pr: &PullRequestChange, source: &str) -> Result<Vec<u64>, EngineError> {
+        self.wait_heads();
         let r =
             self.repos.get(repo).cloned().ok_or_else(|| EngineError::NotFound(format!("no repository `{repo}`")))?;
         let plan = self.planner.plan_at(repo, &pr.commit.id);
@@ -613,6 +617,10 @@ impl Engine {
     /// and the build it fires are stored in one transaction: a crash never fires a minute
     /// twice, and an error still records that the minute was looked at.
     pub fn cron_tick(&self, now: i64) -> Result<Vec<u64>, EngineError> {
+        if !self.heads_read() {
+            // Minutes missed until then fire at the first tick after (see above).
+            return Ok(Vec::new());
+        }
         let plan = self.plan();
         let minute = now.div_euclid(60);
         let mut due = Vec::new();
