@@ -86,4 +86,25 @@ mod tests {
         assert_eq!(last.entries.iter().map(|e| e.id).collect::<Vec<_>>(), [1]);
         assert_eq!(last.meta.next_before, None);
     }
+
+    #[test]
+    fn the_janitor_deletes_entries_older_than_the_cutoff_in_batches_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let database = redb::Database::create(dir.path().join("state.redb")).expect("db");
+        assert_eq!(store::audit_expire(&database, 100, 2).expect("no table yet"), 0);
+        for at in [10, 20, 30, 40, 50, 60, 70] {
+            record(&database, AuditEntry { at_ms: at, ..entry(&format!("at{at}")) }).expect("stored");
+        }
+        // Five entries before 55, taken two per transaction.
+        assert_eq!(store::audit_expire(&database, 55, 2).expect("expire"), 5);
+        let left = list(&database, None, 10).expect("page");
+        assert_eq!(left.entries.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["at70", "at60"]);
+        assert_eq!(left.meta.total, 2);
+        assert_eq!(store::audit_expire(&database, 55, 2).expect("again"), 0, "nothing more to delete");
+        // The newest entry stays whatever its age, so ids keep growing.
+        assert_eq!(store::audit_expire(&database, 1_000, 2).expect("all old"), 1);
+        assert_eq!(list(&database, None, 10).expect("page").meta.total, 1);
+        let id = record(&database, entry("later")).expect("stored");
+        assert_eq!(id, 8);
+    }
 }

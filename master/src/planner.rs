@@ -334,7 +334,7 @@ impl Planner {
                         ));
                     }
                 }
-                return Isolated { plan: Arc::new(with_origins(plan, &sources)), used, failed };
+                return Isolated { plan: with_origins(plan, &sources), used, failed };
             }
             let mut failing: Vec<&str> = compiled
                 .diagnostics
@@ -449,14 +449,22 @@ pub fn snippet_evaluator(limits: Limits) -> ChildEvaluator {
     ChildEvaluator::current_exe_with(&["snippet-runner"], limits).env("MIMALLOC_ARENA_RESERVE", "16MiB")
 }
 
-/// `plan` with its repositories' commits and blob ids taken from `sources`.
-fn with_origins(plan: &Plan, sources: &[Source]) -> Plan {
-    let mut p = plan.clone();
+/// `plan` with its repositories' commits and blob ids taken from `sources` (the plan itself
+/// when they are already its own).
+fn with_origins(plan: &Arc<Plan>, sources: &[Source]) -> Arc<Plan> {
+    let by_repo: HashMap<&str, &Source> = sources.iter().map(|s| (s.repo.as_str(), s)).collect();
+    let differs = |r: &rbb_schema::plan::PlanRepo| {
+        by_repo.get(r.name.as_str()).is_some_and(|s| r.commit != s.origin.commit || r.pipeline_blob != s.origin.blob)
+    };
+    if !plan.repos.iter().any(differs) {
+        return plan.clone();
+    }
+    let mut p = Plan::clone(plan);
     for r in &mut p.repos {
-        if let Some(s) = sources.iter().find(|s| s.repo == r.name) {
+        if let Some(s) = by_repo.get(r.name.as_str()) {
             r.commit = s.origin.commit.clone();
             r.pipeline_blob = s.origin.blob.clone();
         }
     }
-    p
+    Arc::new(p)
 }

@@ -1364,6 +1364,53 @@ pub fn audit_append(database: &Database, entry: &[u8]) -> Result<u64, StoreError
     Ok(id)
 }
 
+/// Deletes the audit entries recorded before `before_ms` (Unix milliseconds), oldest first,
+/// `batch` per transaction; returns how many went. Ids grow with time, so each batch reads
+/// from the oldest entry and stops at the first one young enough. The newest entry stays
+/// whatever its age: the next id is one past it.
+pub fn audit_expire(database: &Database, before_ms: u64, batch: usize) -> Result<u64, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Stamp {
+        at_ms: u64,
+    }
+    let mut deleted = 0;
+    loop {
+        let txn = database.begin_write().map_err(db)?;
+        let mut done = false;
+        let n = {
+            let mut t = match txn.open_table(AUDIT) {
+                Ok(t) => t,
+                Err(e) => return Err(db(e)),
+            };
+            let newest = t.last().map_err(db)?.map(|(k, _)| k.value());
+            let mut old = Vec::new();
+            for row in t.iter().map_err(db)?.take(batch) {
+                let (k, v) = row.map_err(db)?;
+                if Some(k.value()) == newest {
+                    done = true;
+                    break;
+                }
+                let stamp: Stamp = decode("audit", k.value(), v.value())?;
+                if stamp.at_ms >= before_ms {
+                    done = true;
+                    break;
+                }
+                old.push(k.value());
+            }
+            done |= old.len() < batch;
+            for id in &old {
+                t.remove(*id).map_err(db)?;
+            }
+            old.len() as u64
+        };
+        txn.commit().map_err(db)?;
+        deleted += n;
+        if done {
+            return Ok(deleted);
+        }
+    }
+}
+
 /// A page of audit entries (id, JSON) and the number of entries.
 pub type AuditPage = (Vec<(u64, Vec<u8>)>, u64);
 

@@ -211,6 +211,9 @@ pub struct RetentionConfig {
     /// "expired").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_days: Option<u32>,
+    /// Delete audit log entries older than this many days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_days: Option<u32>,
     /// How often the janitor runs, e.g. `1h` (the default) or `10m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interval: Option<String>,

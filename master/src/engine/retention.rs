@@ -23,6 +23,7 @@ pub struct Policy {
     pub keep_builds: u32,
     pub compress_age_ms: Option<u64>,
     pub log_age_ms: Option<u64>,
+    pub audit_age_ms: Option<u64>,
 }
 
 impl Policy {
@@ -33,6 +34,7 @@ impl Policy {
             keep_builds: c.keep_builds.unwrap_or(0),
             compress_age_ms: days(c.compress_logs_days),
             log_age_ms: days(c.log_days),
+            audit_age_ms: days(c.audit_days),
         }
     }
 }
@@ -45,6 +47,7 @@ pub struct Report {
     pub builds_deleted: u64,
     pub changes_deleted: u64,
     pub plans_deleted: u64,
+    pub audit_deleted: u64,
     /// What the step cache's collection removed.
     pub cache: crate::cache::Evicted,
 }
@@ -76,6 +79,9 @@ impl Engine {
             report.changes_deleted = self.delete_unreferenced_changes(before)?;
         }
         report.plans_deleted = self.delete_unreferenced_plans()?;
+        if let Some(age) = policy.audit_age_ms {
+            report.audit_deleted = crate::store::audit_expire(self.database(), now.saturating_sub(age), BATCH)?;
+        }
         report.cache = self.cache_gc()?;
         if report != Report::default() {
             tracing::info!(?report, "retention");
