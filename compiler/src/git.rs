@@ -400,7 +400,7 @@ pub fn load_config(path: &Path) -> Result<LoadedConfig, Vec<Diagnostic>> {
         file: shown.clone(),
         text: text.clone(),
         branch: String::new(),
-        files: Vec::new(),
+        files: Default::default(),
         origin: Origin::default(),
         not_utf8: None,
     };
@@ -648,7 +648,7 @@ pub fn sources_from_config(cfg: &LoadedConfig, revs: &BTreeMap<String, String>) 
                     file: format!("{name}/{PIPELINE_PATH}"),
                     text,
                     branch: r.effective_branch().to_owned(),
-                    files: found.files,
+                    files: found.files.into(),
                     origin: Origin {
                         url: r.url.clone(),
                         commit: Some(found.commit),

@@ -156,10 +156,6 @@ fn key(s: &Source, options: &str) -> [u8; 32] {
     h.update((s.text.len() as u64).to_le_bytes());
     h.update(s.text.as_bytes());
     h.update(format!("{:?}", s.not_utf8).as_bytes());
-    h.update((s.files.len() as u64).to_le_bytes());
-    for f in &s.files {
-        h.update((f.len() as u64).to_le_bytes());
-        h.update(f.as_bytes());
-    }
+    h.update(s.files.digest());
     h.finalize().into()
 }

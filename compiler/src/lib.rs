@@ -25,7 +25,7 @@ pub mod spans;
 
 pub use diagnostic::{Diagnostic, Diagnostics, Printed, Severity};
 pub use incremental::FrontEndCache;
-pub use parse::{NotUtf8, Origin, Source, decode_text, valid_env_name, valid_name};
+pub use parse::{FileList, NotUtf8, Origin, Source, decode_text, valid_env_name, valid_name};
 use rbb_schema::plan::Plan;
 
 /// Knobs of one compile.

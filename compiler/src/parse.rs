@@ -23,12 +23,71 @@ pub struct Source {
     /// Branch the file was read from (given to snippets, default of schedules).
     pub branch: String,
     /// Paths of every file in the commit (given to snippets). May be empty.
-    pub files: Vec<String>,
+    pub files: FileList,
     /// Where it came from, recorded in the plan.
     pub origin: Origin,
     /// Set when the file's bytes are not UTF-8: `text` is then a lossy copy, good only for
     /// showing the line, and the file yields one diagnostic and no builders.
     pub not_utf8: Option<NotUtf8>,
+}
+
+/// The paths of a commit's files, shared between copies of a [`Source`] and hashed once: a
+/// fleet's compile copies and compares sources without touching every path again.
+#[derive(Clone, Default)]
+pub struct FileList {
+    paths: std::sync::Arc<Vec<String>>,
+    digest: [u8; 32],
+}
+
+impl FileList {
+    pub fn new(paths: Vec<String>) -> FileList {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update((paths.len() as u64).to_le_bytes());
+        for p in &paths {
+            h.update((p.len() as u64).to_le_bytes());
+            h.update(p.as_bytes());
+        }
+        FileList { digest: h.finalize().into(), paths: std::sync::Arc::new(paths) }
+    }
+
+    /// The SHA-256 of the paths, in order, each prefixed with its length.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+}
+
+impl From<Vec<String>> for FileList {
+    fn from(paths: Vec<String>) -> FileList {
+        FileList::new(paths)
+    }
+}
+
+impl std::ops::Deref for FileList {
+    type Target = [String];
+    fn deref(&self) -> &[String] {
+        &self.paths
+    }
+}
+
+impl PartialEq for FileList {
+    fn eq(&self, other: &FileList) -> bool {
+        self.digest == other.digest
+    }
+}
+
+impl Eq for FileList {}
+
+impl std::fmt::Debug for FileList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.paths.iter()).finish()
+    }
+}
+
+impl serde::Serialize for FileList {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.paths.serialize(s)
+    }
 }
 
 /// The first byte of a file that is not UTF-8, with its 1-based line and column (the column

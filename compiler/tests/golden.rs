@@ -43,7 +43,7 @@ fn load_case(dir: &Path) -> (Vec<Source>, Options) {
                 file: format!("{repo}/.rbb/pipeline.yaml"),
                 text,
                 branch: "main".into(),
-                files: files.clone(),
+                files: files.clone().into(),
                 origin: Origin {
                     url: format!("repos/{repo}"),
                     pipeline_path: ".rbb/pipeline.yaml".into(),

@@ -12,7 +12,7 @@ fn source(repo: &str, text: String) -> Source {
         file: format!("{repo}/.rbb/pipeline.yaml"),
         text,
         branch: "main".into(),
-        files: vec![],
+        files: Default::default(),
         origin: Origin {
             url: format!("repos/{repo}"),
             pipeline_path: ".rbb/pipeline.yaml".into(),

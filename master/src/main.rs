@@ -478,7 +478,7 @@ fn compile_config(
         file: cfg.path.display().to_string(),
         text: cfg.text.clone(),
         branch: String::new(),
-        files: Vec::new(),
+        files: Default::default(),
         origin: rbb_compiler::Origin::default(),
         not_utf8: None,
     });
@@ -501,7 +501,7 @@ fn cmd_compile(
                 file: config.display().to_string(),
                 text: std::fs::read_to_string(config).unwrap_or_default(),
                 branch: String::new(),
-                files: Vec::new(),
+                files: Default::default(),
                 origin: rbb_compiler::Origin::default(),
                 not_utf8: None,
             };
@@ -614,7 +614,7 @@ fn sources_from_dir(dir: &Path) -> Result<Vec<Source>> {
             file: file.display().to_string(),
             text,
             branch: rbb_schema::config::DEFAULT_BRANCH.to_owned(),
-            files: Vec::new(),
+            files: Default::default(),
             origin: rbb_compiler::Origin {
                 url: file.display().to_string(),
                 pipeline_path: rbb_schema::config::PIPELINE_PATH.to_owned(),
@@ -655,7 +655,7 @@ fn cmd_validate(files: &[PathBuf], snippets: &SnippetArgs) -> Result<ExitCode> {
             file: f.display().to_string(),
             text,
             branch: rbb_schema::config::DEFAULT_BRANCH.to_owned(),
-            files: Vec::new(),
+            files: Default::default(),
             origin: rbb_compiler::Origin {
                 url: f.display().to_string(),
                 pipeline_path: f.display().to_string(),

@@ -151,7 +151,7 @@ impl Planner {
             file: format!("{}/{PIPELINE_PATH}", repo.name),
             text,
             branch: repo.branch.clone(),
-            files: found.files,
+            files: found.files.into(),
             origin: rbb_compiler::Origin {
                 url: repo.url.clone(),
                 commit: Some(found.commit),
@@ -405,7 +405,7 @@ fn cache_key(sources: &[Source], left_out: &BTreeMap<String, String>) -> String 
             s.repo,
             s.branch,
             s.origin.blob.clone().unwrap_or_else(|| format!("text:{}", hex(&Sha256::digest(s.text.as_bytes())))),
-            files_digest(&s.files)
+            hex(s.files.digest())
         ));
     }
     for name in left_out.keys() {
@@ -417,15 +417,6 @@ fn cache_key(sources: &[Source], left_out: &BTreeMap<String, String>) -> String 
 /// Whether two sources of one repository give snippets the same input.
 fn same_input(a: &Source, b: &Source) -> bool {
     a.origin.blob == b.origin.blob && a.text == b.text && a.branch == b.branch && a.files == b.files
-}
-
-fn files_digest(files: &[String]) -> String {
-    let mut h = Sha256::new();
-    for f in files {
-        h.update(f.as_bytes());
-        h.update([0]);
-    }
-    hex(&h.finalize())
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -65,7 +65,7 @@ fn source(repo: &str, text: String, not_utf8: Option<rbb_compiler::NotUtf8>, fil
         file: format!("{repo}/.rbb/pipeline.yaml"),
         text,
         branch: "main".into(),
-        files: files.to_vec(),
+        files: files.to_vec().into(),
         origin: Origin {
             url: format!("repos/{repo}"),
             pipeline_path: ".rbb/pipeline.yaml".into(),
