@@ -37,6 +37,49 @@ const RECORDED_PREFIX: &str = "refs/rbb/recorded/";
 /// branch then).
 pub type LocalHeads = BTreeMap<String, Option<String>>;
 
+/// Branch heads read straight from a repository's files (`.git/` or a bare directory):
+/// loose refs, then `packed-refs`. `None` when the layout is not that plain (the caller asks
+/// gix), or a ref is not a plain object id.
+fn plain_heads(path: &Path, branches: &[&String]) -> Option<LocalHeads> {
+    let dot_git = path.join(".git");
+    let git_dir = if dot_git.is_dir() {
+        dot_git
+    } else if path.join("HEAD").is_file() {
+        path.to_owned()
+    } else {
+        return None;
+    };
+    if git_dir.join("reftable").exists() {
+        return None;
+    }
+    let is_id = |s: &str| s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let mut packed: Option<String> = None;
+    let mut out = LocalHeads::new();
+    for b in branches {
+        let name = format!("refs/heads/{b}");
+        let id = match std::fs::read_to_string(git_dir.join(&name)) {
+            Ok(text) if is_id(text.trim()) => Some(text.trim().to_owned()),
+            Ok(_) => return None,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if packed.is_none() {
+                    packed = Some(match std::fs::read_to_string(git_dir.join("packed-refs")) {
+                        Ok(t) => t,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                        Err(_) => return None,
+                    });
+                }
+                packed.as_deref().unwrap_or_default().lines().find_map(|l| {
+                    let (id, r) = l.split_once(' ')?;
+                    (r == name && is_id(id)).then(|| id.to_owned())
+                })
+            }
+            Err(_) => return None,
+        };
+        out.insert((*b).clone(), id);
+    }
+    Some(out)
+}
+
 /// A bare mirror of one repository. Cheap to clone and `Send + Sync`: it holds only the url
 /// and path, and each call opens its own view of the repository (gix's repository handles are
 /// not `Send` without gix's `parallel` feature).
@@ -156,6 +199,21 @@ impl Mirror {
     /// Opens the bare mirror at `path`, creating it (bare init) if missing or empty. Nothing is
     /// fetched here: the first [`fetch`](Self::fetch) reports every branch as new.
     pub fn open(url: &str, path: &Path) -> Result<Mirror, MirrorError> {
+        let mirror = Mirror::at(url, path);
+        mirror.prepare()?;
+        Ok(mirror)
+    }
+
+    /// The mirror at `path`, without touching the disk: [`prepare`](Self::prepare) it before
+    /// anything else.
+    pub fn at(url: &str, path: &Path) -> Mirror {
+        Mirror { url: url.to_owned(), path: path.to_owned(), remote: None }
+    }
+
+    /// Creates the bare mirror if its directory is missing or empty; otherwise opens it (and
+    /// adopts fetched branches as recorded when it has none recorded).
+    pub fn prepare(&self) -> Result<(), MirrorError> {
+        let (url, path) = (self.url.as_str(), self.path.as_path());
         let is_empty_or_missing = match std::fs::read_dir(path) {
             Ok(mut entries) => entries.next().is_none(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
@@ -176,12 +234,11 @@ impl Mirror {
                 source,
             })?;
         }
-        let mirror = Mirror { url: url.to_owned(), path: path.to_owned(), remote: None };
-        let repo = mirror.repo()?;
+        let repo = self.repo()?;
         if !is_empty_or_missing {
-            mirror.adopt_heads(&repo)?;
+            self.adopt_heads(&repo)?;
         }
-        Ok(mirror)
+        Ok(())
     }
 
     /// A mirror that has branches but no recorded refs was made before they existed (or its
@@ -443,10 +500,15 @@ impl Mirror {
     /// The heads of `branches` (exact names; globs are left out) in the local repository at
     /// `path`: `None` for a branch it does not have. Empty when it cannot be read.
     pub fn local_heads(path: &Path, branches: &[String]) -> LocalHeads {
+        let exact: Vec<&String> = branches.iter().filter(|b| !b.contains(['*', '?', '['])).collect();
+        // The common layouts are read as files (a thousand repositories at start); anything
+        // else (a `.git` file, symbolic refs, reftables) through gix.
+        if let Some(heads) = plain_heads(path, &exact) {
+            return heads;
+        }
         let Ok(repo) = gix::open(path) else { return LocalHeads::new() };
-        branches
-            .iter()
-            .filter(|b| !b.contains(['*', '?', '[']))
+        exact
+            .into_iter()
             .map(|b| {
                 let id = repo
                     .try_find_reference(format!("refs/heads/{b}").as_str())

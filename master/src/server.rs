@@ -72,6 +72,8 @@ impl crate::forge::outbox_store::DatabaseHandle for EngineDatabase {
 /// The start's work after the engine opened: new mirrors to fetch, then the head plan to
 /// read.
 struct Starting {
+    /// Every mirror, to open (or make) before anything reads it.
+    prepare: Vec<Arc<SourceRepo>>,
     fetch: Vec<FirstFetch>,
 }
 
@@ -94,6 +96,9 @@ impl Starting {
     /// the plan once a fetch brings its branch); a local repository that cannot be fetched
     /// is an error, returned after the head plan is read all the same.
     fn finish(self, engine: &Engine, fresh: &mut [bool]) -> Result<()> {
+        let prepared = in_parallel(&self.prepare, |repo| {
+            repo.mirror.prepare().with_context(|| format!("mirroring repository {}", repo.name))
+        });
         let (done, fetched) = first_fetches(&self.fetch);
         for i in done {
             fresh[i] = false;
@@ -101,7 +106,28 @@ impl Starting {
         engine.read_heads().context("storing the head plan")?;
         let plan = engine.plan();
         tracing::info!(plan = %plan.hash, builders = plan.builders.len(), "plan compiled");
-        fetched
+        prepared.and(fetched)
+    }
+}
+
+/// Runs `f` on every item, a few at a time; the first error, after all ran.
+fn in_parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> Result<()> + Sync) -> Result<()> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failures: std::sync::Mutex<Vec<anyhow::Error>> = Default::default();
+    std::thread::scope(|scope| {
+        for _ in 0..crate::sources::POLL_SLOTS.min(items.len()) {
+            scope.spawn(|| {
+                while let Some(item) = items.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+                    if let Err(e) = f(item) {
+                        failures.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+                    }
+                }
+            });
+        }
+    });
+    match failures.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
@@ -112,43 +138,28 @@ impl Starting {
 /// Returns the config indexes of the mirrors whose baseline is recorded, and the first
 /// error of a local repository.
 fn first_fetches(todo: &[FirstFetch]) -> (Vec<usize>, Result<()>) {
-    if todo.is_empty() {
-        return (Vec::new(), Ok(()));
-    }
-    let threads = crate::sources::POLL_SLOTS.min(todo.len());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let failures: std::sync::Mutex<Vec<anyhow::Error>> = Default::default();
     let done: std::sync::Mutex<Vec<usize>> = Default::default();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                loop {
-                    let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(f) = todo.get(k) else { break };
-                    let fetched = f.repo.mirror.fetch(&f.repo.branches).and_then(|_| {
-                        f.repo.mirror.record_baseline(&f.repo.branches, &f.seen)
-                    });
-                    match fetched {
-                        Ok(_) => done.lock().unwrap_or_else(|p| p.into_inner()).push(f.index),
-                        // A forge that is down does not stop the master: its poller retries
-                        // with backoff. A local repository that cannot be read is a mistake.
-                        Err(e) if !f.remote => {
-                            let e = anyhow::Error::new(e).context(format!("fetching repository {}", f.repo.name));
-                            failures.lock().unwrap_or_else(|p| p.into_inner()).push(e);
-                        }
-                        Err(e) => {
-                            tracing::warn!(repo = %f.repo.name, error = %e, "first fetch failed; retrying in the background")
-                        }
-                    }
-                }
-            });
+    let fetched = in_parallel(todo, |f| {
+        let fetched = f
+            .repo
+            .mirror
+            .fetch(&f.repo.branches)
+            .and_then(|_| f.repo.mirror.record_baseline(&f.repo.branches, &f.seen));
+        match fetched {
+            Ok(_) => {
+                done.lock().unwrap_or_else(|p| p.into_inner()).push(f.index);
+                Ok(())
+            }
+            // A forge that is down does not stop the master: its poller retries with backoff.
+            // A local repository that cannot be read is a mistake.
+            Err(e) if !f.remote => Err(anyhow::Error::new(e).context(format!("fetching repository {}", f.repo.name))),
+            Err(e) => {
+                tracing::warn!(repo = %f.repo.name, error = %e, "first fetch failed; retrying in the background");
+                Ok(())
+            }
         }
     });
-    let done = done.into_inner().unwrap_or_else(|p| p.into_inner());
-    match failures.into_inner().unwrap_or_else(|p| p.into_inner()).into_iter().next() {
-        Some(e) => (done, Err(e)),
-        None => (done, Ok(())),
-    }
+    (done.into_inner().unwrap_or_else(|p| p.into_inner()), fetched)
 }
 
 /// Opens the mirrors, fetches the new ones, opens the engine and compiles the plan at every
@@ -182,12 +193,14 @@ pub fn open_starting(opts: &MasterOptions) -> Result<Master> {
     for r in &cfg.config.repositories {
         let name = r.effective_name();
         let mirror_dir = state_dir.join("mirrors").join(format!("{name}.git"));
-        fresh.push(!mirror_dir.exists());
+        // Missing or empty: the mirror is made (bare init) in the background at start.
+        let new = std::fs::read_dir(&mirror_dir).map_or(true, |mut d| d.next().is_none());
+        fresh.push(new);
+        std::fs::create_dir_all(&mirror_dir).with_context(|| format!("creating {}", mirror_dir.display()))?;
         let (path, mirror) =
             match cfg.remote(r).map_err(|e| anyhow::anyhow!("repository {name}: fetch_timeout: {e}"))? {
                 Some(remote) => {
-                    let mirror =
-                        Mirror::open(&r.url, &mirror_dir).with_context(|| format!("mirroring repository {name}"))?;
+                    let mirror = Mirror::at(&r.url, &mirror_dir);
                     // Workers hold no forge credentials: they fetch the commit from the mirror.
                     let path = std::fs::canonicalize(&mirror_dir)
                         .with_context(|| format!("repository {name}: {}", mirror_dir.display()))?;
@@ -204,9 +217,7 @@ pub fn open_starting(opts: &MasterOptions) -> Result<Master> {
                             path.display()
                         );
                     }
-                    let mirror = Mirror::open(&path.display().to_string(), &mirror_dir)
-                        .with_context(|| format!("mirroring repository {name}"))?;
-                    (path, mirror)
+                    (path.clone(), Mirror::at(&path.display().to_string(), &mirror_dir))
                 }
             };
         let branch = r.effective_branch().to_owned();
@@ -238,6 +249,7 @@ pub fn open_starting(opts: &MasterOptions) -> Result<Master> {
         source_repos.push(Arc::new(SourceRepo::new(name, r.url.clone(), mirror, branches, interval)));
     }
     let starting = Starting {
+        prepare: source_repos.clone(),
         fetch: source_repos
             .iter()
             .zip(&repos)

@@ -528,3 +528,33 @@ fn only_private_refs_are_moved() {
     mirror.move_ref("refs/rbb/recorded/main", Some(&first), None).unwrap();
     assert!(mirror.recorded().unwrap().is_empty());
 }
+
+/// The branch heads the master reads from a local repository at start, before its mirror
+/// exists: loose refs, packed refs, a bare repository, a missing branch, and globs left out,
+/// all the same as git answers.
+#[test]
+fn local_heads_read_at_start_match_git_for_loose_packed_and_bare_refs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (repo, first) = make_repo(dir.path(), &[("a.txt", "a\n")]);
+    git(&repo, &["branch", "release/1"]);
+    let second = commit(&repo, "b.txt", 5, "second", "b\n");
+    let branches = globs(&["main", "release/1", "gone", "feature/*"]);
+    let want = |main: &str| {
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("main".to_owned(), Some(main.to_owned()));
+        m.insert("release/1".to_owned(), Some(first.clone()));
+        m.insert("gone".to_owned(), None);
+        m
+    };
+    assert_eq!(git(&repo, &["rev-parse", "main"]), second);
+    assert_eq!(Mirror::local_heads(&repo, &branches), want(&second), "loose refs");
+    git(&repo, &["pack-refs", "--all"]);
+    assert!(!repo.join(".git/refs/heads/main").exists(), "packed");
+    assert_eq!(Mirror::local_heads(&repo, &branches), want(&second), "packed refs");
+    let third = commit(&repo, "c.txt", 9, "third", "c\n");
+    assert_eq!(Mirror::local_heads(&repo, &branches), want(&third), "a loose ref newer than the packed one");
+    let bare = dir.path().join("bare.git");
+    run(Command::new("git").args(["clone", "-q", "--bare"]).arg(&repo).arg(&bare), "git clone --bare");
+    assert_eq!(Mirror::local_heads(&bare, &branches), want(&third), "a bare repository");
+    assert!(Mirror::local_heads(&dir.path().join("nothing"), &branches).is_empty(), "not a repository");
+}

@@ -216,15 +216,22 @@ pub(crate) fn listening(master: &mut std::process::Child) -> Result<(String, Str
     bail!("rbb master exited before listening")
 }
 
-/// The demo's `api_token` (testdata/demo/rbb.yaml), sent with every request xtask makes.
+/// The demo's `api_token` (testdata/demo/rbb.yaml), sent with the demo's requests.
 const DEMO_TOKEN: &str = "demo-api-token";
 
-/// A one-shot HTTP/1.1 POST on loopback; returns the response body.
+/// A one-shot HTTP/1.1 POST on loopback to the demo master, with its token; returns the
+/// response body.
 pub(crate) fn http_post(addr: &str, path: &str, body: &str) -> Result<String> {
-    http_request(addr, "POST", path, body)
+    http_call(addr, "POST", path, body, Some(DEMO_TOKEN))
 }
 
+/// A one-shot HTTP/1.1 request on loopback without a token (the benches' masters declare
+/// none, so every action is open; a token they do not know would be refused).
 pub(crate) fn http_request(addr: &str, method: &str, path: &str, body: &str) -> Result<String> {
+    http_call(addr, method, path, body, None)
+}
+
+fn http_call(addr: &str, method: &str, path: &str, body: &str, token: Option<&str>) -> Result<String> {
     use std::io::{Read, Write};
     let sock: std::net::SocketAddr = addr.parse().with_context(|| format!("bad address {addr}"))?;
     let mut s = std::net::TcpStream::connect_timeout(&sock, std::time::Duration::from_secs(5))
@@ -234,7 +241,8 @@ pub(crate) fn http_request(addr: &str, method: &str, path: &str, body: &str) -> 
     s.set_write_timeout(Some(std::time::Duration::from_secs(60)))?;
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {DEMO_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default(),
         body.len()
     )?;
     let mut out = String::new();
