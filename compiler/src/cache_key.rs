@@ -223,12 +223,7 @@ pub fn plan_hash(plan: &Plan) -> String {
 }
 
 fn hex(digest: &[u8]) -> String {
-    let mut out = String::with_capacity(7 + 64);
-    out.push_str("sha256:");
-    for b in digest {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    format!("sha256:{}", rbb_schema::hex(digest))
 }
 
 /// `sha256:<lowercase hex>` of `text`.

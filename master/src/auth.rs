@@ -139,9 +139,7 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use rbb_schema::hex;
 
 /// A fresh token (`rbb_` and 64 hex digits from the system's random source) and its
 /// `sha256:` hash for the config.

@@ -22,6 +22,7 @@
 use rbb_compiler::snippet::{ChildEvaluator, Limits, NoSnippets};
 use rbb_compiler::{Diagnostic, FrontEndCache, Options, Source, compile, compile_incremental, git, render_diagnostics};
 use rbb_schema::config::PIPELINE_PATH;
+use rbb_schema::hex;
 use rbb_schema::plan::Plan;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -80,7 +81,7 @@ struct Compiled {
 struct Isolated {
     plan: Arc<Plan>,
     /// The source each repository in the plan was compiled from.
-    used: BTreeMap<String, Source>,
+    used: BTreeMap<String, Arc<Source>>,
     /// Repositories whose preferred source did not compile, with its diagnostics.
     failed: BTreeMap<String, Arc<String>>,
 }
@@ -88,11 +89,11 @@ struct Isolated {
 /// The branch heads and what the head plan was compiled from.
 struct Heads {
     /// Each repository's pipeline at the head of its branch (`None`: no pipeline file).
-    sources: BTreeMap<String, Option<Source>>,
+    sources: BTreeMap<String, Option<Arc<Source>>>,
     /// The last head of each repository that compiled (memory only).
-    good: BTreeMap<String, Source>,
+    good: BTreeMap<String, Arc<Source>>,
     /// What the head plan was compiled from (a head, or a last good version).
-    used: BTreeMap<String, Source>,
+    used: BTreeMap<String, Arc<Source>>,
     /// Repositories whose head does not compile.
     broken: BTreeMap<String, Arc<String>>,
     plan: Arc<Plan>,
@@ -144,21 +145,23 @@ impl Planner {
         snippet_evaluator(Limits::default())
     }
 
-    fn source_at(&self, repo: &PlanRepo, rev: &str) -> Result<Option<Source>, String> {
+    fn source_at(&self, repo: &PlanRepo, rev: &str) -> Result<Option<Arc<Source>>, String> {
         let found = git::read_pipeline(&repo.path, rev).map_err(|e| e.to_string())?;
-        Ok(found.text.map(|text| Source {
-            repo: repo.name.clone(),
-            file: format!("{}/{PIPELINE_PATH}", repo.name),
-            text,
-            branch: repo.branch.clone(),
-            files: found.files.into(),
-            origin: rbb_compiler::Origin {
-                url: repo.url.clone(),
-                commit: Some(found.commit),
-                blob: found.blob,
-                pipeline_path: PIPELINE_PATH.to_owned(),
-            },
-            not_utf8: found.not_utf8,
+        Ok(found.text.map(|text| {
+            Arc::new(Source {
+                repo: repo.name.clone(),
+                file: format!("{}/{PIPELINE_PATH}", repo.name),
+                text,
+                branch: repo.branch.clone(),
+                files: found.files.into(),
+                origin: rbb_compiler::Origin {
+                    url: repo.url.clone(),
+                    commit: Some(found.commit),
+                    blob: found.blob,
+                    pipeline_path: PIPELINE_PATH.to_owned(),
+                },
+                not_utf8: found.not_utf8,
+            })
         }))
     }
 
@@ -197,9 +200,9 @@ impl Planner {
 
     /// Compiles the head plan from `sources`, falling back to the last good version of each
     /// repository whose head does not compile.
-    fn settle(&self, sources: BTreeMap<String, Option<Source>>) {
+    fn settle(&self, sources: BTreeMap<String, Option<Arc<Source>>>) {
         let mut good = self.heads().good.clone();
-        let candidates: BTreeMap<String, Vec<Source>> = sources
+        let candidates: BTreeMap<String, Vec<Arc<Source>>> = sources
             .iter()
             .filter_map(|(name, head)| {
                 let head = head.clone()?;
@@ -265,7 +268,7 @@ impl Planner {
         let own = self.source_at(r, commit).map_err(|e| PlanError::Read(Arc::new(e)))?;
         let (mut candidates, left_out) = {
             let heads = self.heads();
-            let candidates: BTreeMap<String, Vec<Source>> = heads
+            let candidates: BTreeMap<String, Vec<Arc<Source>>> = heads
                 .used
                 .iter()
                 .filter(|(name, _)| name.as_str() != repo)
@@ -294,7 +297,7 @@ impl Planner {
     /// rest compiles again, until nothing has errors.
     fn compile_isolated(
         &self,
-        candidates: &BTreeMap<String, Vec<Source>>,
+        candidates: &BTreeMap<String, Vec<Arc<Source>>>,
         left_out: &BTreeMap<String, String>,
         explain_left_out: bool,
     ) -> Isolated {
@@ -314,7 +317,7 @@ impl Planner {
                     }
                 }
             }
-            let sources: Vec<Source> = used.values().cloned().collect();
+            let sources: Vec<Arc<Source>> = used.values().cloned().collect();
             let compiled = self.compile_cached(&sources, &broken);
             if let Some(plan) = &compiled.plan {
                 // For the head plan, a repository left out says which builders of the others
@@ -330,7 +333,7 @@ impl Planner {
                     if !left.is_empty() && !used.contains_key(name) {
                         *text = Arc::new(format!(
                             "{text}\nWhile it does not compile, these builders of other repositories are left out:\n{}",
-                            render_diagnostics(&left, &sources)
+                            render_diagnostics(&left, &owned(&sources))
                         ));
                     }
                 }
@@ -357,22 +360,23 @@ impl Planner {
                 if n == 0 {
                     let own: Vec<Diagnostic> =
                         compiled.diagnostics.iter().filter(|d| d.repo.as_deref() == Some(name)).cloned().collect();
-                    failed.insert(name.to_owned(), Arc::new(render_diagnostics(&own, &sources)));
+                    failed.insert(name.to_owned(), Arc::new(render_diagnostics(&own, &owned(&sources))));
                 }
                 next.insert(key, n + 1);
             }
         }
     }
 
-    fn compile_cached(&self, sources: &[Source], left_out: &BTreeMap<String, String>) -> Arc<Compiled> {
+    fn compile_cached(&self, sources: &[Arc<Source>], left_out: &BTreeMap<String, String>) -> Arc<Compiled> {
         let key = cache_key(sources, left_out);
         if let Some(hit) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).entries.get(&key) {
             return hit.clone();
         }
         let opts = Options { broken_repos: left_out.clone(), ..self.opts.clone() };
-        let result = compile_incremental(sources, &self.eval, &opts, &self.front_ends);
+        let sources = owned(sources);
+        let result = compile_incremental(&sources, &self.eval, &opts, &self.front_ends);
         if !result.diagnostics.is_empty() && !result.has_errors() {
-            tracing::warn!("pipeline warnings:\n{}", render_diagnostics(&result.diagnostics, sources));
+            tracing::warn!("pipeline warnings:\n{}", render_diagnostics(&result.diagnostics, &sources));
         }
         let has_errors = result.has_errors();
         let compiled = Arc::new(Compiled {
@@ -395,8 +399,8 @@ impl Planner {
 /// Everything a compile of `sources` depends on: per repository its name, branch, pipeline
 /// blob and the paths of its commit's files (what snippets see as `ctx`), and the
 /// repositories left out. Commits are not part of it: they only change provenance.
-fn cache_key(sources: &[Source], left_out: &BTreeMap<String, String>) -> String {
-    let mut sorted: Vec<&Source> = sources.iter().collect();
+fn cache_key(sources: &[Arc<Source>], left_out: &BTreeMap<String, String>) -> String {
+    let mut sorted: Vec<&Source> = sources.iter().map(|s| &**s).collect();
     sorted.sort_by(|a, b| a.repo.cmp(&b.repo));
     let mut key = String::new();
     for s in sorted {
@@ -414,13 +418,14 @@ fn cache_key(sources: &[Source], left_out: &BTreeMap<String, String>) -> String 
     key
 }
 
+/// Copies of `sources` for the compiler (a compile that is not in the cache, diagnostics).
+fn owned(sources: &[Arc<Source>]) -> Vec<Source> {
+    sources.iter().map(|s| Source::clone(s)).collect()
+}
+
 /// Whether two sources of one repository give snippets the same input.
 fn same_input(a: &Source, b: &Source) -> bool {
     a.origin.blob == b.origin.blob && a.text == b.text && a.branch == b.branch && a.files == b.files
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The plan of no repository at all.
@@ -442,8 +447,8 @@ pub fn snippet_evaluator(limits: Limits) -> ChildEvaluator {
 
 /// `plan` with its repositories' commits and blob ids taken from `sources` (the plan itself
 /// when they are already its own).
-fn with_origins(plan: &Arc<Plan>, sources: &[Source]) -> Arc<Plan> {
-    let by_repo: HashMap<&str, &Source> = sources.iter().map(|s| (s.repo.as_str(), s)).collect();
+fn with_origins(plan: &Arc<Plan>, sources: &[Arc<Source>]) -> Arc<Plan> {
+    let by_repo: HashMap<&str, &Source> = sources.iter().map(|s| (s.repo.as_str(), &**s)).collect();
     let differs = |r: &rbb_schema::plan::PlanRepo| {
         by_repo.get(r.name.as_str()).is_some_and(|s| r.commit != s.origin.commit || r.pipeline_blob != s.origin.blob)
     };

@@ -1272,7 +1272,7 @@ fn split_plan(p: &rbb_schema::plan::Plan) -> Result<(Vec<u8>, Vec<(String, Vec<u
     let mut parts = Vec::new();
     for builders in by_repo.values() {
         let bytes = encode("plan_parts", 0, builders)?;
-        let hash: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let hash = rbb_schema::hex(&sha2::Sha256::digest(&bytes));
         parts.push((hash, bytes));
     }
     let manifest = PlanManifest {

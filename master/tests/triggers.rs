@@ -41,6 +41,13 @@ fn start(f: &Fixture) -> (Master, Worker) {
     wait_for(T, "the worker to connect", || {
         (m.get("/api/v2/workers").json()["workers"][0]["connected"] == true).then_some(())
     });
+    // The start is over once every repository's poller has fetched: a commit made after
+    // this is a new push to whichever of the poller and a webhook sees it first.
+    wait_for(T, "every repository's first poll", || {
+        let v = m.get("/api/v2/repositories").json();
+        let list = v["repositories"].as_array().cloned().unwrap_or_default();
+        (!list.is_empty() && list.iter().all(|r| !r["last_success"].is_null())).then_some(())
+    });
     (m, w)
 }
 

@@ -42,12 +42,7 @@ pub fn valid_digest(d: &str) -> bool {
 }
 
 fn hex_digest(h: Sha256) -> String {
-    let mut s = String::with_capacity(71);
-    s.push_str("sha256:");
-    for b in h.finalize() {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    format!("sha256:{}", rbb_schema::hex(&h.finalize()))
 }
 
 /// The blob files of one state directory.

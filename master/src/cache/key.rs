@@ -167,11 +167,7 @@ pub fn pass_env_digests(declared: &[String], reported: &HashMap<String, String>)
 /// The digest a worker reports for a `pass_env` value: `sha256:<hex>` of its bytes.
 pub fn env_value_digest(value: &[u8]) -> String {
     use sha2::Digest as _;
-    let mut out = String::from("sha256:");
-    for b in sha2::Sha256::digest(value) {
-        out.push_str(&format!("{b:02x}"));
-    }
-    out
+    format!("sha256:{}", rbb_schema::hex(&sha2::Sha256::digest(value)))
 }
 
 /// The components of two manifests that differ, named precisely, in manifest order:

@@ -967,7 +967,7 @@ pub fn checkout_dir(builder: &str) -> String {
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' })
         .collect();
     let digest = sha2::Sha256::digest(builder.as_bytes());
-    let short: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let short = rbb_schema::hex(&digest[..4]);
     format!("{safe}-{short}")
 }
 

@@ -130,8 +130,7 @@ pub fn sign(secret: &str, body: &str) -> String {
     };
     mac.update(body.as_bytes());
     let bytes = mac.finalize().into_bytes();
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256={hex}")
+    format!("sha256={}", rbb_schema::hex(&bytes))
 }
 
 /// The webhook request of `rule` for this build, or `None` if it has no webhook.
