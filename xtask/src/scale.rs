@@ -370,7 +370,8 @@ fn fleet_setup(root: &Path, work: &Path, a: &Args) -> Result<PathBuf> {
     for w in 0..a.workers {
         let _ = writeln!(c, "  - name: w{w:03}\n    token: {WORKER_TOKEN}\n    max_steps: {}", a.slots);
     }
-    c.push_str("api_token: demo-api-token\n");
+    // The bench is the master's only client and forces thousands of builds: no rate limit.
+    c.push_str("rate_limits:\n  control: { per_second: 1000000, burst: 1000000 }\n");
     let config = work.join("rbb.yaml");
     std::fs::write(&config, c)?;
     Ok(config)

@@ -271,6 +271,8 @@ fn setup(root: &Path, dir: &Path, marker: &str) -> Result<()> {
     for (w, slots) in WORKERS {
         let _ = writeln!(cfg, "  - name: {w}\n    token: t-{w}\n    max_steps: {slots}");
     }
+    // The soak is the master's only client and forces builds in bursts: no rate limit.
+    cfg.push_str("rate_limits:\n  control: { per_second: 1000000, burst: 1000000 }\n");
     std::fs::write(dir.join("rbb.yaml"), cfg)?;
     Ok(())
 }
