@@ -160,7 +160,7 @@ impl Worker for WorkerService {
                 if let Err(e) = r {
                     tracing::error!(worker = %name, error = %e, "cannot record a worker message");
                 }
-                settle(&engine).await;
+                settle(&engine);
             }
             let why = reader.await.unwrap_or_else(|e| format!("reader failed: {e}"));
             let e = engine.clone();
@@ -212,11 +212,12 @@ impl Worker for WorkerService {
     }
 }
 
-/// Makes pending changes durable (and announces what waited for that) on the blocking
-/// pool, if any are pending.
-async fn settle(engine: &Arc<Engine>) {
-    if engine.unsettled() {
+/// Has pending changes made durable (and what waited for that announced) on the blocking
+/// pool, unless a flush is already on its way: that one takes these changes too. The
+/// session goes on reading meanwhile; what depends on durability is held until then.
+fn settle(engine: &Arc<Engine>) {
+    if engine.schedule_flush() {
         let e = engine.clone();
-        let _ = tokio::task::spawn_blocking(move || e.settle()).await;
+        drop(tokio::task::spawn_blocking(move || e.settle()));
     }
 }

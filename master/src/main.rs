@@ -317,9 +317,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Threads of the master's blocking pool.
+const MAX_BLOCKING_THREADS: usize = 64;
+
 fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
     return_freed_memory();
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    // Blocking work (store reads, flushes, fetches) gets a bounded pool: threads and their
+    // allocator heaps follow the machine, not the number of connected workers.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .thread_keep_alive(std::time::Duration::from_secs(2))
+        .build()
+        .context("starting the async runtime")?;
     let master = rbb_master::server::open_starting(&opts)?;
     runtime.block_on(rbb_master::server::serve(
         master,

@@ -416,26 +416,25 @@ pub async fn serve(
             // The API answers meanwhile; pollers start once the head plan is read, and
             // webhooks that arrive before then wake them.
             let (engine, sources, stop) = (engine.clone(), sources.clone(), stop.clone());
-            tokio::spawn(async move {
-                let e = engine.clone();
-                let mut fresh_now = fresh.clone();
-                let fresh = match tokio::task::spawn_blocking(move || {
-                    let r = start.finish(&e, &mut fresh_now);
-                    (r, fresh_now)
+            // A thread of its own, not the blocking pool: requests waiting for the plan hold
+            // pool threads, and must not keep the work they wait for from starting.
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            let e = engine.clone();
+            let mut fresh_now = fresh.clone();
+            std::thread::Builder::new()
+                .name("rbb-start".into())
+                .spawn(move || {
+                    if let Err(e) = start.finish(&e, &mut fresh_now) {
+                        tracing::error!(error = %format!("{e:#}"), "start: first fetch");
+                    }
+                    let _ = done_tx.send(fresh_now);
                 })
-                .await
-                {
-                    Ok((r, fresh)) => {
-                        if let Err(e) = r {
-                            tracing::error!(error = %format!("{e:#}"), "start: first fetch");
-                        }
-                        fresh
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "start: the first fetch and plan task failed");
-                        fresh
-                    }
-                };
+                .context("starting the start-up thread")?;
+            tokio::spawn(async move {
+                let fresh = done_rx.await.unwrap_or_else(|_| {
+                    tracing::error!("start: the first fetch and plan thread failed");
+                    fresh
+                });
                 sources.spawn_pollers(engine, fresh, stop);
             });
         }

@@ -167,6 +167,8 @@ struct Inner {
     next_seq: u64,
     durable_seq: u64,
     flushing: bool,
+    /// A flush was handed to the blocking pool and has not started yet.
+    flush_scheduled: bool,
     held: std::collections::VecDeque<(u64, Vec<Effect>)>,
     /// Set once shutdown began: no new work is accepted.
     closing: bool,
@@ -356,6 +358,7 @@ impl Engine {
             next_seq: 0,
             durable_seq: 0,
             flushing: false,
+            flush_scheduled: false,
             held: std::collections::VecDeque::new(),
             closing: false,
         };
@@ -499,10 +502,15 @@ impl Engine {
         &self.blobs
     }
 
-    /// Whether a change waits to be made durable (see [`Engine::settle`]).
-    pub fn unsettled(&self) -> bool {
-        let st = self.lock();
-        st.durable_seq < st.next_seq
+    /// Whether the caller should run [`Engine::settle`] for changes that wait to be made
+    /// durable: true once until a flush starts, and never while one runs (the running flush
+    /// takes every change stored before its last look, so one thread flushes for everyone and
+    /// no thread waits on another's flush).
+    pub fn schedule_flush(&self) -> bool {
+        let mut st = self.lock();
+        let wanted = st.durable_seq < st.next_seq && !st.flushing && !st.flush_scheduled;
+        st.flush_scheduled |= wanted;
+        wanted
     }
 
     /// Group commit: makes every change stored so far durable with one fsync, taken outside
@@ -512,6 +520,7 @@ impl Engine {
     /// it is on disk.
     pub fn settle(&self) {
         let mut st = self.lock();
+        st.flush_scheduled = false;
         loop {
             if st.durable_seq >= st.next_seq {
                 return;
