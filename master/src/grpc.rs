@@ -160,7 +160,7 @@ impl Worker for WorkerService {
                 if let Err(e) = r {
                     tracing::error!(worker = %name, error = %e, "cannot record a worker message");
                 }
-                settle(&engine);
+                settle(&engine).await;
             }
             let why = reader.await.unwrap_or_else(|e| format!("reader failed: {e}"));
             let e = engine.clone();
@@ -213,11 +213,14 @@ impl Worker for WorkerService {
 }
 
 /// Has pending changes made durable (and what waited for that announced) on the blocking
-/// pool, unless a flush is already on its way: that one takes these changes too. The
-/// session goes on reading meanwhile; what depends on durability is held until then.
-fn settle(engine: &Arc<Engine>) {
-    if engine.schedule_flush() {
+/// pool, unless a flush is already on its way (that one takes these changes too), and
+/// waits for it without holding a thread: a session reads its worker's next message once
+/// the last one is durable, so what it is sent back stays within its queue.
+async fn settle(engine: &Arc<Engine>) {
+    let Some((target, run)) = engine.flush_needed() else { return };
+    if run {
         let e = engine.clone();
         drop(tokio::task::spawn_blocking(move || e.settle()));
     }
+    engine.durable_reached(target).await;
 }

@@ -248,7 +248,7 @@ impl Store {
             #[cfg(test)]
             fail_writes: std::sync::atomic::AtomicBool::new(false),
         };
-        let txn = store.db.begin_write().map_err(db)?;
+        let txn = durable_write(&store.db)?;
         let found = {
             let mut meta = txn.open_table(META).map_err(db)?;
             let found = meta.get("schema_version").map_err(db)?.map(|v| v.value());
@@ -409,12 +409,13 @@ impl Store {
         sync: Sync,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(db)?;
-        txn.set_durability(match sync {
-            Sync::Durable => Durability::Immediate,
-            Sync::Lazy => Durability::None,
-        })
-        .map_err(db)?;
+        let mut txn = match sync {
+            Sync::Durable => durable_write(&self.db)?,
+            Sync::Lazy => self.db.begin_write().map_err(db)?,
+        };
+        if sync == Sync::Lazy {
+            txn.set_durability(Durability::None).map_err(db)?;
+        }
         f(&txn)?;
         txn.commit().map_err(db)
     }
@@ -1350,10 +1351,18 @@ fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
 /// Entry id (growing) → the entry as JSON.
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
+/// A write transaction whose commit is on disk when it returns: the one place every durable
+/// commit of the state file starts. (redb's quick repair, which saves the allocator state
+/// with each commit so that opening after a crash does not walk the file, halved the step
+/// rate on a million-build history: the walk after a `kill -9` is the price, see
+/// ARCHITECTURE.md.)
+pub fn durable_write(database: &Database) -> Result<redb::WriteTransaction, StoreError> {
+    database.begin_write().map_err(db)
+}
+
 /// Appends one audit entry (JSON) durably; returns its id.
 pub fn audit_append(database: &Database, entry: &[u8]) -> Result<u64, StoreError> {
-    let mut txn = database.begin_write().map_err(db)?;
-    txn.set_durability(Durability::Immediate).map_err(db)?;
+    let txn = durable_write(database)?;
     let id = {
         let mut t = txn.open_table(AUDIT).map_err(db)?;
         let id = t.last().map_err(db)?.map_or(1, |(k, _)| k.value() + 1);
@@ -1375,7 +1384,7 @@ pub fn audit_expire(database: &Database, before_ms: u64, batch: usize) -> Result
     }
     let mut deleted = 0;
     loop {
-        let txn = database.begin_write().map_err(db)?;
+        let txn = durable_write(database)?;
         let mut done = false;
         let n = {
             let mut t = match txn.open_table(AUDIT) {

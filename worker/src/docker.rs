@@ -747,10 +747,10 @@ impl DockerExecutor {
     }
 
     /// Whether the kernel's OOM killer ended the container. The engine learns it from an
-    /// event that can arrive just after the exit, so a kill (137) is asked about for up to
-    /// half a second before it is reported as a plain kill.
+    /// event that can arrive just after the exit (later on a loaded machine), so a kill (137)
+    /// is asked about for up to two seconds before it is reported as a plain kill.
     async fn oom_killed(&self, id: &str) -> bool {
-        for _ in 0..10 {
+        for _ in 0..40 {
             match self.docker.inspect_container(id, None).await {
                 Ok(inspect) if inspect.state.as_ref().and_then(|s| s.oom_killed).unwrap_or(false) => return true,
                 Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,

@@ -253,6 +253,8 @@ pub struct Engine {
     secrets: std::sync::RwLock<Arc<crate::secrets::Secrets>>,
     /// Whether the head plan has been read since the engine opened.
     heads: heads::Heads,
+    /// (durable sequence number, failed flushes), for sessions awaiting a flush.
+    flushes: tokio::sync::watch::Sender<(u64, u64)>,
 }
 
 /// Where build states go as commit statuses (see `forge`).
@@ -388,6 +390,7 @@ impl Engine {
             checkout_base: std::sync::RwLock::new(None),
             secrets: std::sync::RwLock::new(Arc::default()),
             heads: heads::Heads::new(),
+            flushes: tokio::sync::watch::channel((0, 0)).0,
         });
         engine.recover()?;
         Ok(engine)
@@ -502,15 +505,27 @@ impl Engine {
         &self.blobs
     }
 
-    /// Whether the caller should run [`Engine::settle`] for changes that wait to be made
-    /// durable: true once until a flush starts, and never while one runs (the running flush
-    /// takes every change stored before its last look, so one thread flushes for everyone and
-    /// no thread waits on another's flush).
-    pub fn schedule_flush(&self) -> bool {
+    /// For changes that wait to be made durable: what to wait for (see
+    /// [`Engine::durable_reached`]), and whether the caller should run [`Engine::settle`]
+    /// for them: true once until a flush starts, and never while one runs (the running
+    /// flush takes every change stored before its last look, so one thread flushes for
+    /// everyone and no thread waits on another's flush). `None`: nothing waits.
+    pub fn flush_needed(&self) -> Option<(u64, bool)> {
         let mut st = self.lock();
-        let wanted = st.durable_seq < st.next_seq && !st.flushing && !st.flush_scheduled;
-        st.flush_scheduled |= wanted;
-        wanted
+        if st.durable_seq >= st.next_seq {
+            return None;
+        }
+        let run = !st.flushing && !st.flush_scheduled;
+        st.flush_scheduled |= run;
+        Some((st.next_seq, run))
+    }
+
+    /// Waits, without holding a thread, until the changes up to `target` (from
+    /// [`Engine::flush_needed`]) are durable, or a flush failed (the next one retries).
+    pub async fn durable_reached(&self, target: u64) {
+        let mut rx = self.flushes.subscribe();
+        let failures = rx.borrow().1;
+        let _ = rx.wait_for(|(durable, failed)| *durable >= target || *failed != failures).await;
     }
 
     /// Group commit: makes every change stored so far durable with one fsync, taken outside
@@ -539,9 +554,11 @@ impl Engine {
             if let Err(e) = synced {
                 // Held effects stay held; the next entry point (or heartbeat tick) tries again.
                 tracing::error!(error = %e, "cannot make the state durable");
+                self.flushes.send_modify(|(_, failed)| *failed += 1);
                 return;
             }
             st.durable_seq = target;
+            self.flushes.send_modify(|(durable, _)| *durable = target);
             while st.held.front().is_some_and(|h| h.0 <= target) {
                 if let Some((_, effects)) = st.held.pop_front() {
                     self.announce(&mut st, effects);
@@ -619,6 +636,8 @@ impl Engine {
         match self.store.sync() {
             Ok(()) => {
                 st.durable_seq = st.next_seq;
+                let durable = st.durable_seq;
+                self.flushes.send_modify(|(d, _)| *d = durable);
                 while let Some((_, effects)) = st.held.pop_front() {
                     self.announce(&mut st, effects);
                 }

@@ -126,7 +126,7 @@ impl<H: DatabaseHandle> RedbOutbox<H> {
     /// Creates the tables if missing, and the listing indexes of an outbox written before
     /// they were kept.
     pub fn open(db: H) -> Result<Self, OutboxError> {
-        let txn = db.database().begin_write().map_err(err)?;
+        let txn = crate::store::durable_write(db.database()).map_err(err)?;
         {
             let outbox = txn.open_table(OUTBOX).map_err(err)?;
             txn.open_table(DUE).map_err(err)?;
@@ -148,7 +148,7 @@ impl<H: DatabaseHandle> RedbOutbox<H> {
 
     /// Queues `rows` in a transaction of their own (the engine calls [`write_rows`] in its).
     pub fn push(&self, rows: &[StatusRow]) -> Result<Vec<u64>, OutboxError> {
-        let txn = self.db.database().begin_write().map_err(err)?;
+        let txn = crate::store::durable_write(self.db.database()).map_err(err)?;
         let ids = write_rows(&txn, rows)?;
         txn.commit().map_err(err)?;
         Ok(ids)
@@ -175,7 +175,7 @@ impl<H: DatabaseHandle> RedbOutbox<H> {
     }
 
     fn settle(&self, id: u64, f: impl FnOnce(&mut Stored)) -> Result<(), OutboxError> {
-        let txn = self.db.database().begin_write().map_err(err)?;
+        let txn = crate::store::durable_write(self.db.database()).map_err(err)?;
         {
             let mut outbox = txn.open_table(OUTBOX).map_err(err)?;
             let mut due = txn.open_table(DUE).map_err(err)?;
