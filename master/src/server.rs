@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -95,14 +96,22 @@ impl Starting {
     /// forge that is down does not stop the start (its poller retries, and its builders join
     /// the plan once a fetch brings its branch); a local repository that cannot be fetched
     /// is an error, returned after the head plan is read all the same.
-    fn finish(self, engine: &Engine, fresh: &mut [bool]) -> Result<()> {
+    ///
+    /// The engine is held only while the head plan is read: a master stopped meanwhile
+    /// closes its state cleanly (redb would otherwise walk the whole file at the next
+    /// start). `stopping` ends the fetches early and skips the plan.
+    fn finish(self, engine: &std::sync::Weak<Engine>, fresh: &mut [bool], stopping: &AtomicBool) -> Result<()> {
         let prepared = in_parallel(&self.prepare, |repo| {
             repo.mirror.prepare().with_context(|| format!("mirroring repository {}", repo.name))
         });
-        let (done, fetched) = first_fetches(&self.fetch);
+        let (done, fetched) = first_fetches(&self.fetch, stopping);
         for i in done {
             fresh[i] = false;
         }
+        if stopping.load(Ordering::Acquire) {
+            return prepared.and(fetched);
+        }
+        let Some(engine) = engine.upgrade() else { return prepared.and(fetched) };
         engine.read_heads().context("storing the head plan")?;
         let plan = engine.plan();
         tracing::info!(plan = %plan.hash, builders = plan.builders.len(), "plan compiled");
@@ -137,9 +146,12 @@ fn in_parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> Result<()> + Sync) -> Res
 /// down), so a restart with a thousand repositories does not wait for a thousand fetches.
 /// Returns the config indexes of the mirrors whose baseline is recorded, and the first
 /// error of a local repository.
-fn first_fetches(todo: &[FirstFetch]) -> (Vec<usize>, Result<()>) {
+fn first_fetches(todo: &[FirstFetch], stopping: &AtomicBool) -> (Vec<usize>, Result<()>) {
     let done: std::sync::Mutex<Vec<usize>> = Default::default();
     let fetched = in_parallel(todo, |f| {
+        if stopping.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let fetched = f
             .repo
             .mirror
@@ -167,7 +179,7 @@ fn first_fetches(todo: &[FirstFetch]) -> (Vec<usize>, Result<()>) {
 pub fn open(opts: &MasterOptions) -> Result<Master> {
     let mut master = open_starting(opts)?;
     if let Some(start) = master.starting.take() {
-        start.finish(&master.engine, &mut master.fresh)?;
+        start.finish(&Arc::downgrade(&master.engine), &mut master.fresh, &AtomicBool::new(false))?;
     }
     Ok(master)
 }
@@ -410,6 +422,8 @@ pub async fn serve(
             stop.clone(),
         );
     }
+    let starting_stopped = Arc::new(AtomicBool::new(false));
+    let mut start_thread = None;
     match starting {
         None => sources.spawn_pollers(engine.clone(), fresh, stop.clone()),
         Some(start) => {
@@ -419,17 +433,20 @@ pub async fn serve(
             // A thread of its own, not the blocking pool: requests waiting for the plan hold
             // pool threads, and must not keep the work they wait for from starting.
             let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-            let e = engine.clone();
+            let e = Arc::downgrade(&engine);
             let mut fresh_now = fresh.clone();
-            std::thread::Builder::new()
-                .name("rbb-start".into())
-                .spawn(move || {
-                    if let Err(e) = start.finish(&e, &mut fresh_now) {
-                        tracing::error!(error = %format!("{e:#}"), "start: first fetch");
-                    }
-                    let _ = done_tx.send(fresh_now);
-                })
-                .context("starting the start-up thread")?;
+            let stopping = starting_stopped.clone();
+            start_thread = Some(
+                std::thread::Builder::new()
+                    .name("rbb-start".into())
+                    .spawn(move || {
+                        if let Err(e) = start.finish(&e, &mut fresh_now, &stopping) {
+                            tracing::error!(error = %format!("{e:#}"), "start: first fetch");
+                        }
+                        let _ = done_tx.send(fresh_now);
+                    })
+                    .context("starting the start-up thread")?,
+            );
             tokio::spawn(async move {
                 let fresh = done_rx.await.unwrap_or_else(|_| {
                     tracing::error!("start: the first fetch and plan thread failed");
@@ -558,6 +575,15 @@ pub async fn serve(
     // Stop taking work, tell the workers, make every stored change durable; then give the
     // listeners a few seconds to close their connections.
     stop.cancel();
+    // The start-up work holds the engine while it reads the head plan: let it end first
+    // (the fetches stop at once), so the state closes cleanly.
+    starting_stopped.store(true, Ordering::Release);
+    if let Some(t) = start_thread {
+        let joined = tokio::task::spawn_blocking(move || t.join());
+        if tokio::time::timeout(SHUTDOWN_GRACE, joined).await.is_err() {
+            tracing::warn!("the start-up work still runs after {:?}; stopping without it", SHUTDOWN_GRACE);
+        }
+    }
     engine.shut_down();
     let closing = async {
         let _ = grpc_task.await;
