@@ -202,21 +202,22 @@ pub fn open_starting(opts: &MasterOptions) -> Result<Master> {
     let mut plan_repos = Vec::new();
     let mut source_repos = Vec::new();
     let mut fresh = Vec::new();
-    for r in &cfg.config.repositories {
+    let mut first_fetch = Vec::new();
+    for (index, r) in cfg.config.repositories.iter().enumerate() {
         let name = r.effective_name();
         let mirror_dir = state_dir.join("mirrors").join(format!("{name}.git"));
         // Missing or empty: the mirror is made (bare init) in the background at start.
         let new = std::fs::read_dir(&mirror_dir).map_or(true, |mut d| d.next().is_none());
         fresh.push(new);
         std::fs::create_dir_all(&mirror_dir).with_context(|| format!("creating {}", mirror_dir.display()))?;
-        let (path, mirror) =
+        let (path, mirror, remote) =
             match cfg.remote(r).map_err(|e| anyhow::anyhow!("repository {name}: fetch_timeout: {e}"))? {
                 Some(remote) => {
                     let mirror = Mirror::at(&r.url, &mirror_dir);
                     // Workers hold no forge credentials: they fetch the commit from the mirror.
                     let path = std::fs::canonicalize(&mirror_dir)
                         .with_context(|| format!("repository {name}: {}", mirror_dir.display()))?;
-                    (path, mirror.with_remote(remote))
+                    (path, mirror.with_remote(remote), true)
                 }
                 None => {
                     let path = cfg.repo_path(r).map_err(anyhow::Error::msg)?;
@@ -229,7 +230,8 @@ pub fn open_starting(opts: &MasterOptions) -> Result<Master> {
                             path.display()
                         );
                     }
-                    (path.clone(), Mirror::at(&path.display().to_string(), &mirror_dir))
+                    let mirror = Mirror::at(&path.display().to_string(), &mirror_dir);
+                    (path, mirror, false)
                 }
             };
         let branch = r.effective_branch().to_owned();
@@ -258,26 +260,15 @@ pub fn open_starting(opts: &MasterOptions) -> Result<Master> {
             path: mirror_dir.clone(),
             branch: branch.clone(),
         });
-        source_repos.push(Arc::new(SourceRepo::new(name, r.url.clone(), mirror, branches, interval)));
+        // A local repository's heads are read now, before the API answers: its baseline.
+        let seen = if new && !remote { Mirror::local_heads(&path, &branches) } else { Default::default() };
+        let repo = Arc::new(SourceRepo::new(name, r.url.clone(), mirror, branches, interval));
+        if new {
+            first_fetch.push(FirstFetch { index, repo: repo.clone(), remote, seen });
+        }
+        source_repos.push(repo);
     }
-    let starting = Starting {
-        prepare: source_repos.clone(),
-        fetch: source_repos
-            .iter()
-            .zip(&repos)
-            .enumerate()
-            .filter(|(i, _)| fresh[*i])
-            .map(|(index, (repo, r))| {
-                let remote = rbb_compiler::git::is_remote_url(&cfg.config.repositories[index].url);
-                let seen = if remote {
-                    Default::default()
-                } else {
-                    crate::mirror::Mirror::local_heads(&r.path, &repo.branches)
-                };
-                FirstFetch { index, repo: repo.clone(), remote, seen }
-            })
-            .collect(),
-    };
+    let starting = Starting { prepare: source_repos.clone(), fetch: first_fetch };
     let copts = Options {
         worker_labels: Some(cfg.config.workers.iter().map(|w| w.labels.clone()).collect()),
         locks: Some(cfg.config.locks.keys().cloned().collect()),
