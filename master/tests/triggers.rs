@@ -575,3 +575,24 @@ fn right_after_start_the_plan_is_whole_and_a_push_at_that_moment_is_built() {
     let all = support::builds(&m);
     assert_eq!(all.len(), 2, "{all:?}");
 }
+
+/// A configured local path that is not a git repository stops the start with a message that
+/// names the repository, before anything listens.
+#[test]
+fn a_local_path_that_is_not_a_git_repository_stops_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("plain")).expect("mkdir");
+    std::fs::write(dir.path().join("plain/README.md"), "not a repository\n").expect("file");
+    std::fs::write(dir.path().join("rbb.yaml"), "repositories:\n  - url: plain\n").expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rbb"))
+        .args(["master", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--config"])
+        .arg(dir.path().join("rbb.yaml"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .expect("run rbb master");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the master started: {stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"), "it listened");
+    assert!(stderr.contains("repository plain:") && stderr.contains("is not a git repository"), "{stderr}");
+}
