@@ -109,6 +109,16 @@ enum Command {
         /// Interval workers send heartbeats at; a worker silent for three is lost.
         #[arg(long, default_value_t = 1000)]
         heartbeat_ms: u64,
+        /// Migrate a PostgreSQL state whose schema is older than this binary's (back it up
+        /// first). Without it such a state is refused, and `rbb state check` says so.
+        #[arg(long)]
+        migrate: bool,
+    },
+    /// The state database: its schema version, and copying a single master's state into
+    /// PostgreSQL (docs/postgres.md).
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
     },
     /// Check pipeline files on their own (no master config, no git).
     Validate {
@@ -138,6 +148,35 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Report the state's schema version against this binary's, and what it holds. Exit 0
+    /// when they match, 1 when the state is older (or newer) than this binary.
+    Check {
+        /// Master config naming the state (`state`, `state_dir`).
+        #[arg(long, short, default_value = "rbb.yaml", conflicts_with = "state")]
+        config: PathBuf,
+        /// The state itself instead: a `postgres://` URL or a state directory.
+        #[arg(long)]
+        state: Option<String>,
+        /// Migrate an older state forward (back it up first).
+        #[arg(long)]
+        migrate: bool,
+    },
+    /// Copy a single master's state (its redb file) into an empty PostgreSQL database,
+    /// then compare every table's row count. Stop the master first; logs, mirrors and cache
+    /// blobs stay in the state directory.
+    Migrate {
+        /// The state directory (or its state.redb).
+        #[arg(long)]
+        from: PathBuf,
+        /// `postgres://user@host/database`; the password from `PGPASSWORD` when the URL has
+        /// none.
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -256,15 +295,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             cmd_compile(&config, format, &revs, diff.as_deref(), &snippets)
         }
         Command::Validate { files, snippets } => cmd_validate(&files, &snippets),
-        Command::Master { config, state_dir, http, grpc, heartbeat_ms } => {
+        Command::Master { config, state_dir, http, grpc, heartbeat_ms, migrate } => {
             cmd_master(rbb_master::server::MasterOptions {
                 config,
                 state_dir,
                 http,
                 grpc,
                 heartbeat: Duration::from_millis(heartbeat_ms.max(50)),
+                migrate,
             })
         }
+        Command::State { command: StateCommand::Check { config, state, migrate } } => {
+            cmd_state_check(&config, state.as_deref(), migrate)
+        }
+        Command::State { command: StateCommand::Migrate { from, to } } => cmd_state_migrate(&from, &to),
         Command::SnippetRunner { args } => {
             Ok(ExitCode::from(u8::try_from(rbb_compiler::runner::main(args)).unwrap_or(70)))
         }
@@ -706,4 +750,119 @@ fn repo_name_for(file: &Path) -> String {
         .map(|n| n.to_string_lossy().into_owned())
         .filter(|n| rbb_compiler::valid_name(n))
         .unwrap_or_else(|| "local".to_owned())
+}
+
+/// Where `rbb state` finds the state: a URL or directory given, else the config's.
+fn state_location(config: &Path, state: Option<&str>) -> Result<rbb_master::store::Location> {
+    use rbb_master::store::Location;
+    if let Some(s) = state {
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(Location::Postgres { url: s.to_owned(), password: std::env::var("PGPASSWORD").ok() });
+        }
+        let p = PathBuf::from(s);
+        return Ok(Location::File(if p.is_dir() { p.join("state.redb") } else { p }));
+    }
+    let cfg = rbb_compiler::git::load_config(config)
+        .map_err(|diags| anyhow::anyhow!("the master config has errors:\n{}", render_diagnostics(&diags, &[])))?;
+    Location::from_config(cfg.config.state.as_ref(), &cfg.state_dir(), &cfg.dir())
+        .map_err(|e| anyhow::anyhow!("the master config: {e}"))
+}
+
+fn cmd_state_check(config: &Path, state: Option<&str>, migrate: bool) -> Result<ExitCode> {
+    use rbb_master::store::{Location, Migrate, SCHEMA_VERSION, Store};
+    let at = state_location(config, state)?;
+    if let Location::File(p) = &at
+        && !p.exists()
+    {
+        anyhow::bail!("no state at {}: a master has not run there yet", p.display());
+    }
+    let peek = match &at {
+        Location::File(p) => rbb_master::store::peek_redb_version(p)?,
+        Location::Postgres { url, password } => rbb_master::store::peek_postgres_version(url, password.as_deref())?,
+    };
+    println!("state:          {}", at.shown());
+    println!(
+        "schema version: {} (this rbb: {SCHEMA_VERSION})",
+        peek.map_or("none (empty)".to_owned(), |v| v.to_string())
+    );
+    match peek {
+        Some(v) if v > SCHEMA_VERSION => {
+            println!("newer than this rbb: run the rbb version that wrote it (or newer)");
+            return Ok(ExitCode::from(1));
+        }
+        Some(v) if v < SCHEMA_VERSION && !migrate => {
+            println!(
+                "older than this rbb: back it up, then run `rbb state check --migrate` (or start the master with --migrate)"
+            );
+            return Ok(ExitCode::from(1));
+        }
+        _ => {}
+    }
+    let store = Store::open_at(&at, if migrate { Migrate::Yes } else { Migrate::No })?;
+    if peek.is_some_and(|v| v < SCHEMA_VERSION) {
+        println!("migrated to schema version {SCHEMA_VERSION}");
+    }
+    for (table, n) in store.table_counts()? {
+        if n > 0 {
+            println!("  {table:<24} {n:>10}");
+        }
+    }
+    match store.check_indexes()? {
+        None => println!("indexes and counts: consistent"),
+        Some(diff) => {
+            println!("indexes and counts: {diff}");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_state_migrate(from: &Path, to: &str) -> Result<ExitCode> {
+    use rbb_master::store::{Migrate, Store};
+    let file = if from.is_dir() { from.join("state.redb") } else { from.to_owned() };
+    if !file.exists() {
+        anyhow::bail!("no state at {}: give the state directory of a master (its state.redb)", file.display());
+    }
+    if !(to.starts_with("postgres://") || to.starts_with("postgresql://")) {
+        anyhow::bail!("--to must be a postgres:// URL");
+    }
+    let source =
+        Store::open(&file).with_context(|| format!("opening {} (is its master still running?)", file.display()))?;
+    let target = Store::open_postgres(to, std::env::var("PGPASSWORD").ok().as_deref(), Migrate::No)?;
+    let shown = rbb_master::store::pg::redact(to);
+    if !target.is_blank()? {
+        anyhow::bail!(
+            "{shown} is not empty: rbb copies a state only into an empty database (create a new one, or drop this one's rbb_ tables)"
+        );
+    }
+    let started = std::time::Instant::now();
+    let copied = source.copy_into(&target)?;
+    let (want, got) = (source.table_counts()?, target.table_counts()?);
+    let mut differ = Vec::new();
+    println!(
+        "{:<24} {:>10} {:>10}",
+        "table",
+        file.display().to_string().rsplit('/').next().unwrap_or("redb"),
+        "postgres"
+    );
+    for ((table, a), (_, b)) in want.iter().zip(&got) {
+        if *a > 0 || *b > 0 {
+            println!("{table:<24} {a:>10} {b:>10}");
+        }
+        if a != b {
+            differ.push(table.clone());
+        }
+    }
+    if !differ.is_empty() {
+        anyhow::bail!("the copy's row counts differ from the source's in {}", differ.join(", "));
+    }
+    if let Some(diff) = target.check_indexes()? {
+        anyhow::bail!("the copy's indexes do not match its records: {diff}");
+    }
+    let rows: u64 = copied.iter().map(|(_, n)| n).sum();
+    println!(
+        "copied {rows} rows into {shown} in {:.1} s; counts match. Set `state: {shown}` in the master config, keep state_dir (logs, mirrors, cache blobs), and start the master.",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -25,6 +25,9 @@ pub struct MasterOptions {
     pub http: SocketAddr,
     pub grpc: SocketAddr,
     pub heartbeat: Duration,
+    /// Migrate a PostgreSQL state with an older schema forward (without it such a state is
+    /// refused; a redb file is always migrated).
+    pub migrate: bool,
 }
 
 /// Where the master listens, once it does.
@@ -65,7 +68,7 @@ pub struct Master {
 struct EngineDatabase(Arc<Engine>);
 
 impl crate::forge::outbox_store::DatabaseHandle for EngineDatabase {
-    fn database(&self) -> &redb::Database {
+    fn database(&self) -> &crate::store::kv::Db {
         self.0.database()
     }
 }
@@ -286,14 +289,19 @@ pub fn open_starting(opts: &MasterOptions) -> Result<Master> {
             "the master config: checkout_url: `{url}` is not an http:// or https:// URL (the master's HTTP address as workers reach it, e.g. http://ci.internal:8010)"
         );
     }
-    let engine = Engine::open(&state_dir, planner, repos, cfg.config.workers.clone(), locks, opts.heartbeat)
-        .with_context(|| format!("opening the state in {}", state_dir.display()))?;
+    let at = crate::store::Location::from_config(cfg.config.state.as_ref(), &state_dir, &cfg.dir())
+        .map_err(|e| anyhow::anyhow!("the master config: {e}"))?;
+    let migrate = if opts.migrate { crate::store::Migrate::Yes } else { crate::store::Migrate::No };
+    let store =
+        crate::store::Store::open_at(&at, migrate).with_context(|| format!("opening the state in {}", at.shown()))?;
+    let engine = Engine::open(&state_dir, store, planner, repos, cfg.config.workers.clone(), locks, opts.heartbeat)
+        .with_context(|| format!("opening the state in {}", at.shown()))?;
     engine.set_cache_limit(cache_limit);
     engine.set_secrets(secrets);
     if let Some(url) = &cfg.config.checkout_url {
         engine.serve_checkouts_from(url);
     }
-    tracing::info!(state = %state_dir.display(), "state opened");
+    tracing::info!(state = %at.shown(), files = %state_dir.display(), "state opened");
     let sources = Arc::new(Sources {
         repos: source_repos,
         webhooks: cfg.config.webhooks.clone().unwrap_or_default(),
@@ -402,7 +410,7 @@ pub async fn serve(
             base_url,
             wake: wake.clone(),
         });
-        let outbox = crate::forge::outbox_store::RedbOutbox::open(EngineDatabase(engine.clone()))
+        let outbox = crate::forge::outbox_store::StateOutbox::open(EngineDatabase(engine.clone()))
             .map_err(|e| anyhow::anyhow!("opening the status outbox: {e}"))?;
         let targets: crate::forge::sender::Targets = Arc::new(move |repo: &str| status_targets.get(repo).cloned());
         crate::forge::sender::spawn(

@@ -10,14 +10,25 @@
 
 use crate::cache::{CacheEntry, CacheStats, Evicted, LastRun};
 use crate::model::{BuildRecord, ChangeRecord, LogRecord, ScheduleRecord};
+use kv::{Db, Table, WriteTxn};
 use rbb_schema::api::State;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::TableDefinition;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+
+pub mod kv;
+pub mod pg;
+pub mod testing;
 
 /// Bumped when a table or encoding changes incompatibly. Version 1 (no indexes) is
 /// migrated forward at open.
 pub const SCHEMA_VERSION: u64 = 2;
+
+/// A table of JSON records by id, and an index over one (`<field>\0<value>`, id).
+type Records = TableDefinition<'static, u64, &'static [u8]>;
+type Index = TableDefinition<'static, (&'static str, u64), ()>;
+/// A plan's manifest and its parts (hash, JSON).
+type PlanParts = (Vec<u8>, Vec<(String, Vec<u8>)>);
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const BUILDS: TableDefinition<u64, &[u8]> = TableDefinition::new("builds");
@@ -76,16 +87,26 @@ pub enum StoreError {
     #[error("cannot open the state database {path}: {source}")]
     Open { path: PathBuf, source: Box<redb::Error> },
     #[error(
-        "the state database {path} has schema version {found}, newer than this master's {SCHEMA_VERSION}: run the rbb version that wrote it (or newer)"
+        "the state database {shown} has schema version {found}, newer than this master's {SCHEMA_VERSION}: run the rbb version that wrote it (or newer)"
     )]
-    Version { path: PathBuf, found: u64 },
+    Version { shown: String, found: u64 },
+    #[error(
+        "the state database {shown} has schema version {found}, older than this master's {SCHEMA_VERSION}: back it up, then start the master once with --migrate (or run `rbb state check --migrate`)"
+    )]
+    Older { shown: String, found: u64 },
     #[error("state database error: {0}")]
     Db(#[from] Box<redb::Error>),
+    #[error("state database (PostgreSQL): {0}")]
+    Pg(String),
+    #[error(
+        "the state database {shown} is in use by another rbb master (process {holder}); stop it first, or give this master a database of its own"
+    )]
+    InUse { shown: String, holder: String },
     #[error("corrupt record in table {table} at key {key}: {message}")]
     Corrupt { table: &'static str, key: u64, message: String },
 }
 
-fn db<E: Into<redb::Error>>(e: E) -> StoreError {
+pub(crate) fn db<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(Box::new(e.into()))
 }
 
@@ -135,9 +156,83 @@ pub fn index_key(field: &str, value: &str) -> String {
 }
 
 pub struct Store {
-    db: Database,
+    db: Db,
     #[cfg(test)]
     fail_writes: std::sync::atomic::AtomicBool,
+}
+
+/// The schema version of a redb state file, read without changing it.
+pub fn peek_redb_version(path: &Path) -> Result<Option<u64>, StoreError> {
+    let database = redb::Database::open(path)
+        .map_err(|e| StoreError::Open { path: path.to_owned(), source: Box::new(e.into()) })?;
+    Store::with(Db::Redb(database)).schema_version()
+}
+
+/// The schema version of a PostgreSQL state, read without taking the master's lock.
+pub fn peek_postgres_version(url: &str, password: Option<&str>) -> Result<Option<u64>, StoreError> {
+    Store::with(Db::Pg(Box::new(pg::Pg::connect(url, password)?))).schema_version()
+}
+
+/// Where a master's state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// One redb file (a single master).
+    File(PathBuf),
+    /// A PostgreSQL database; the password, when the URL has none, from the config's file or
+    /// environment variable.
+    Postgres { url: String, password: Option<String> },
+}
+
+impl Location {
+    /// The config's `state` (relative files from `config_dir`), or the redb file in
+    /// `state_dir` without it.
+    pub fn from_config(
+        state: Option<&rbb_schema::config::StateConfig>,
+        state_dir: &Path,
+        config_dir: &Path,
+    ) -> Result<Location, String> {
+        use rbb_schema::config::StateConfig;
+        let Some(state) = state else { return Ok(Location::File(state_dir.join("state.redb"))) };
+        let url = state.url().trim();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(format!(
+                "state: {:?} is not a postgres:// URL (leave `state` out to keep the state in a redb file in state_dir)",
+                pg::redact(url)
+            ));
+        }
+        let password = match state {
+            StateConfig::Url(_) => std::env::var("PGPASSWORD").ok(),
+            StateConfig::Database(d) => match (&d.password_file, &d.password_env) {
+                (Some(_), Some(_)) => return Err("state: give password_file or password_env, not both".into()),
+                (Some(file), None) => {
+                    let path = config_dir.join(file);
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| format!("state: cannot read password_file {}: {e}", path.display()))?;
+                    Some(text.lines().next().unwrap_or("").to_owned())
+                }
+                (None, Some(var)) => Some(std::env::var(var).map_err(|_| {
+                    format!("state: password_env names {var}, which is not set in the master's environment")
+                })?),
+                (None, None) => std::env::var("PGPASSWORD").ok(),
+            },
+        };
+        Ok(Location::Postgres { url: url.to_owned(), password })
+    }
+
+    /// What messages may name: the path, or the URL without its password.
+    pub fn shown(&self) -> String {
+        match self {
+            Location::File(p) => p.display().to_string(),
+            Location::Postgres { url, .. } => pg::redact(url),
+        }
+    }
+}
+
+/// Whether opening a state with an older schema migrates it forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migrate {
+    Yes,
+    No,
 }
 
 /// Records written together by [`Store::commit`]: all of them or none.
@@ -186,13 +281,13 @@ pub enum Sync {
 }
 
 /// Adds `delta` to a count.
-fn bump(counts: &mut redb::Table<&str, u64>, key: &str, delta: i64) -> Result<(), StoreError> {
-    let now = counts.get(key).map_err(db)?.map_or(0, |v| v.value());
+fn bump(counts: &mut Table<'_, &'static str, u64>, key: &str, delta: i64) -> Result<(), StoreError> {
+    let now = counts.get(key)?.unwrap_or(0);
     let next = now.saturating_add_signed(delta);
     if next == 0 {
-        counts.remove(key).map_err(db)?;
+        counts.remove(key)?;
     } else {
-        counts.insert(key, next).map_err(db)?;
+        counts.insert(key, next)?;
     }
     Ok(())
 }
@@ -200,18 +295,18 @@ fn bump(counts: &mut redb::Table<&str, u64>, key: &str, delta: i64) -> Result<()
 /// Writes `rec` (encoded as `bytes`) with its index entries and counts, replacing what an
 /// earlier version of the same record had.
 fn put_indexed(
-    txn: &redb::WriteTransaction,
-    (table, idx, total): (TableDefinition<u64, &[u8]>, TableDefinition<(&str, u64), ()>, &str),
+    txn: &WriteTxn<'_>,
+    (table, idx, total): (Records, Index, &str),
     id: u64,
     bytes: &[u8],
     new_keys: BTreeSet<String>,
     old_keys: impl FnOnce(&[u8]) -> Result<BTreeSet<String>, StoreError>,
 ) -> Result<(), StoreError> {
-    let mut t = txn.open_table(table).map_err(db)?;
-    let mut ix = txn.open_table(idx).map_err(db)?;
-    let mut counts = txn.open_table(COUNTS).map_err(db)?;
-    let old = match t.get(id).map_err(db)? {
-        Some(v) => Some(old_keys(v.value())?),
+    let mut t = txn.open_table(table)?;
+    let mut ix = txn.open_table(idx)?;
+    let mut counts = txn.open_table(COUNTS)?;
+    let old = match t.get(id)? {
+        Some(v) => Some(old_keys(&v)?),
         None => None,
     };
     if old.is_none() {
@@ -219,23 +314,25 @@ fn put_indexed(
     }
     let old = old.unwrap_or_default();
     for k in old.difference(&new_keys) {
-        ix.remove((k.as_str(), id)).map_err(db)?;
+        ix.remove((k.as_str(), id))?;
         bump(&mut counts, k, -1)?;
     }
     for k in new_keys.difference(&old) {
-        ix.insert((k.as_str(), id), ()).map_err(db)?;
+        ix.insert((k.as_str(), id), ())?;
         bump(&mut counts, k, 1)?;
     }
-    t.insert(id, bytes).map_err(db)?;
+    t.insert(id, bytes)?;
     Ok(())
 }
 
 impl Store {
     /// The database, for modules that keep their own tables in it (the status outbox).
-    pub fn database(&self) -> &Database {
+    pub fn database(&self) -> &Db {
         &self.db
     }
 
+    /// Opens (creating it if needed) the state file of a single master, migrating an older
+    /// schema forward.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         // A bounded page cache: redb's default (1 GiB) would let the master's memory follow
         // the size of the history it reads.
@@ -243,49 +340,88 @@ impl Store {
             .set_cache_size(STORE_CACHE_BYTES)
             .create(path)
             .map_err(|e| StoreError::Open { path: path.to_owned(), source: Box::new(e.into()) })?;
-        let store = Store {
-            db: database,
+        let store = Store::with(Db::Redb(database));
+        store.init(&path.display().to_string(), Migrate::Yes)?;
+        Ok(store)
+    }
+
+    /// Connects to a state database in PostgreSQL (`password` when the URL has none),
+    /// creating its tables in an empty database. An older schema is migrated only with
+    /// `migrate`; a newer one is refused.
+    pub fn open_postgres(url: &str, password: Option<&str>, migrate: Migrate) -> Result<Store, StoreError> {
+        let pg = pg::Pg::connect(url, password)?;
+        pg.lock_master()?;
+        let store = Store::with(Db::Pg(Box::new(pg)));
+        let shown = match &store.db {
+            Db::Pg(p) => p.shown.clone(),
+            Db::Redb(_) => unreachable!(),
+        };
+        store.init(&shown, migrate)?;
+        Ok(store)
+    }
+
+    /// Opens the state a master config names.
+    pub fn open_at(at: &Location, migrate: Migrate) -> Result<Store, StoreError> {
+        match at {
+            Location::File(path) => Store::open(path),
+            Location::Postgres { url, password } => Store::open_postgres(url, password.as_deref(), migrate),
+        }
+    }
+
+    fn with(db: Db) -> Store {
+        Store {
+            db,
             #[cfg(test)]
             fail_writes: std::sync::atomic::AtomicBool::new(false),
-        };
-        let txn = durable_write(&store.db)?;
+        }
+    }
+
+    /// The schema version the state holds, without changing anything (None: an empty state).
+    pub fn schema_version(&self) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let found = txn.open_table(META)?.get("schema_version")?;
+        Ok(found)
+    }
+
+    fn init(&self, shown: &str, migrate: Migrate) -> Result<(), StoreError> {
+        let txn = durable_write(&self.db)?;
         let found = {
-            let mut meta = txn.open_table(META).map_err(db)?;
-            let found = meta.get("schema_version").map_err(db)?.map(|v| v.value());
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get("schema_version")?;
             if found.is_none() {
-                meta.insert("schema_version", SCHEMA_VERSION).map_err(db)?;
+                meta.insert("schema_version", SCHEMA_VERSION)?;
             }
             found
         };
-        for t in [BUILDS, LOGS, CHANGES] {
-            txn.open_table(t).map_err(db)?;
+        for t in [BUILDS, LOGS, CHANGES, AUDIT] {
+            txn.open_table(t)?;
         }
-        txn.open_table(PLANS).map_err(db)?;
-        txn.open_table(PLAN_PARTS).map_err(db)?;
-        txn.open_table(SCHEDULES).map_err(db)?;
-        txn.open_table(BUILD_IDX).map_err(db)?;
-        txn.open_table(CHANGE_IDX).map_err(db)?;
-        txn.open_table(COUNTS).map_err(db)?;
+        txn.open_table(PLANS)?;
+        txn.open_table(PLAN_PARTS)?;
+        txn.open_table(SCHEDULES)?;
+        txn.open_table(BUILD_IDX)?;
+        txn.open_table(CHANGE_IDX)?;
+        txn.open_table(COUNTS)?;
         // The step cache's tables came after schema 2 and start empty: no migration.
-        txn.open_table(CACHE_ENTRIES).map_err(db)?;
-        txn.open_table(CACHE_USED).map_err(db)?;
-        txn.open_table(CACHE_LRU).map_err(db)?;
-        txn.open_table(CACHE_BLOBS).map_err(db)?;
-        txn.open_table(CACHE_ORPHANS).map_err(db)?;
-        txn.open_table(CACHE_HITS).map_err(db)?;
-        txn.open_table(CACHE_LAST).map_err(db)?;
+        txn.open_table(CACHE_ENTRIES)?;
+        txn.open_table(CACHE_USED)?;
+        txn.open_table(CACHE_LRU)?;
+        txn.open_table(CACHE_BLOBS)?;
+        txn.open_table(CACHE_ORPHANS)?;
+        txn.open_table(CACHE_HITS)?;
+        txn.open_table(CACHE_LAST)?;
         match found {
             None => {}
             Some(SCHEMA_VERSION) => {}
-            Some(1) => {
-                tracing::info!(path = %path.display(), "migrating the state database from schema version 1 to 2 (indexes)");
+            Some(1) if migrate == Migrate::Yes => {
+                tracing::info!(state = %shown, "migrating the state database from schema version 1 to 2 (indexes)");
                 migrate_v1(&txn)?;
-                txn.open_table(META).map_err(db)?.insert("schema_version", SCHEMA_VERSION).map_err(db)?;
+                txn.open_table(META)?.insert("schema_version", SCHEMA_VERSION)?;
             }
-            Some(v) => return Err(StoreError::Version { path: path.to_owned(), found: v }),
+            Some(v) if v < SCHEMA_VERSION => return Err(StoreError::Older { shown: shown.to_owned(), found: v }),
+            Some(v) => return Err(StoreError::Version { shown: shown.to_owned(), found: v }),
         }
-        txn.commit().map_err(db)?;
-        Ok(store)
+        txn.commit()
     }
 
     /// Writes every record of `batch` in one transaction, with their index entries and
@@ -337,18 +473,18 @@ impl Store {
                 })?;
             }
             if !logs.is_empty() {
-                let mut t = txn.open_table(LOGS).map_err(db)?;
+                let mut t = txn.open_table(LOGS)?;
                 for (id, bytes) in &logs {
-                    t.insert(*id, bytes.as_slice()).map_err(db)?;
+                    t.insert(*id, bytes.as_slice())?;
                 }
             }
             for (table, rows) in [(SCHEDULES, &schedules), (PLANS, &plans)] {
                 if rows.is_empty() {
                     continue;
                 }
-                let mut t = txn.open_table(table).map_err(db)?;
+                let mut t = txn.open_table(table)?;
                 for (k, bytes) in rows {
-                    t.insert(*k, bytes.as_slice()).map_err(db)?;
+                    t.insert(*k, bytes.as_slice())?;
                 }
             }
             if !batch.statuses.is_empty() {
@@ -359,10 +495,10 @@ impl Store {
                 })?;
             }
             if !parts.is_empty() {
-                let mut t = txn.open_table(PLAN_PARTS).map_err(db)?;
+                let mut t = txn.open_table(PLAN_PARTS)?;
                 for (k, bytes) in &parts {
-                    if t.get(k.as_str()).map_err(db)?.is_none() {
-                        t.insert(k.as_str(), bytes.as_slice()).map_err(db)?;
+                    if t.get(k.as_str())?.is_none() {
+                        t.insert(k.as_str(), bytes.as_slice())?;
                     }
                 }
             }
@@ -377,16 +513,16 @@ impl Store {
                 }
             }
             if !batch.cache_counts.is_empty() {
-                let mut t = txn.open_table(CACHE_HITS).map_err(db)?;
+                let mut t = txn.open_table(CACHE_HITS)?;
                 for (builder, hits, misses) in &batch.cache_counts {
-                    let (h, m) = t.get(*builder).map_err(db)?.map_or((0, 0), |v| v.value());
-                    t.insert(*builder, (h.saturating_add(*hits), m.saturating_add(*misses))).map_err(db)?;
+                    let (h, m) = t.get(*builder)?.unwrap_or((0, 0));
+                    t.insert(*builder, (h.saturating_add(*hits), m.saturating_add(*misses)))?;
                 }
             }
             if !cache_last.is_empty() {
-                let mut t = txn.open_table(CACHE_LAST).map_err(db)?;
+                let mut t = txn.open_table(CACHE_LAST)?;
                 for (k, bytes) in &cache_last {
-                    t.insert(k.as_str(), bytes.as_slice()).map_err(db)?;
+                    t.insert(k.as_str(), bytes.as_slice())?;
                 }
             }
             Ok(())
@@ -404,40 +540,30 @@ impl Store {
         self.fail_writes.store(fail, std::sync::atomic::Ordering::Release);
     }
 
-    fn write(
-        &self,
-        sync: Sync,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        let mut txn = match sync {
-            Sync::Durable => durable_write(&self.db)?,
-            Sync::Lazy => self.db.begin_write().map_err(db)?,
-        };
-        if sync == Sync::Lazy {
-            txn.set_durability(Durability::None).map_err(db)?;
-        }
+    fn write(&self, sync: Sync, f: impl FnOnce(&WriteTxn<'_>) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let txn = self.db.begin_write(sync == Sync::Durable)?;
         f(&txn)?;
-        txn.commit().map_err(db)
+        txn.commit()
     }
 
     fn get<T: serde::de::DeserializeOwned>(
         &self,
-        table: TableDefinition<u64, &[u8]>,
+        table: Records,
         name: &'static str,
         id: u64,
     ) -> Result<Option<T>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(table).map_err(db)?;
-        match t.get(id).map_err(db)? {
-            Some(v) => decode(name, id, v.value()).map(Some),
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(table)?;
+        match t.get(id)? {
+            Some(v) => decode(name, id, &v).map(Some),
             None => Ok(None),
         }
     }
 
-    fn last_key(&self, table: TableDefinition<u64, &[u8]>) -> Result<Option<u64>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(table).map_err(db)?;
-        Ok(t.last().map_err(db)?.map(|(k, _)| k.value()))
+    fn last_key(&self, table: Records) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(table)?;
+        Ok(t.last()?.map(|(k, _)| k))
     }
 
     pub fn build(&self, id: u64) -> Result<Option<BuildRecord>, StoreError> {
@@ -463,9 +589,9 @@ impl Store {
 
     /// A maintained count: `builds`, `changes`, or an index key ([`index_key`]).
     pub fn count(&self, key: &str) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(COUNTS).map_err(db)?;
-        Ok(t.get(key).map_err(db)?.map_or(0, |v| v.value()))
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(COUNTS)?;
+        Ok(t.get(key)?.unwrap_or(0))
     }
 
     /// Builds newest first (or oldest first), all of them or those under one index key,
@@ -483,17 +609,16 @@ impl Store {
     /// counting at least one build): one range scan of the maintained counts.
     pub fn index_keys_under(&self, field: &str, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
         let start = index_key(field, prefix);
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(COUNTS).map_err(db)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(COUNTS)?;
         let mut out = Vec::new();
-        for row in t.range(start.as_str()..).map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            let key = k.value();
+        for row in t.range(start.as_str()..)? {
+            let (key, v) = row?;
             if !key.starts_with(&start) {
                 break;
             }
-            if v.value() > 0 {
-                out.push((key.to_owned(), v.value()));
+            if v > 0 {
+                out.push((key, v));
             }
         }
         Ok(out)
@@ -509,16 +634,14 @@ impl Store {
         mut f: impl FnMut(BuildRecord) -> bool,
     ) -> Result<(), StoreError> {
         type Ids<'a> = Box<dyn Iterator<Item = Result<u64, StoreError>> + 'a>;
-        type Row<'a> =
-            Result<(redb::AccessGuard<'a, (&'static str, u64)>, redb::AccessGuard<'a, ()>), redb::StorageError>;
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(BUILDS).map_err(db)?;
-        let ix = txn.open_table(BUILD_IDX).map_err(db)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(BUILDS)?;
+        let ix = txn.open_table(BUILD_IDX)?;
         let mut ranges: Vec<Ids<'_>> = Vec::with_capacity(keys.len());
         for key in keys {
-            let range = ix.range((key.as_str(), 0)..=(key.as_str(), u64::MAX)).map_err(db)?;
-            let ids = |row: Row<'_>| row.map(|(k, _)| k.value().1).map_err(db);
-            ranges.push(if newest_first { Box::new(range.rev().map(ids)) } else { Box::new(range.map(ids)) });
+            let bounds = (key.as_str(), 0)..=(key.as_str(), u64::MAX);
+            let range = if newest_first { ix.range_rev(bounds)? } else { ix.range(bounds)? };
+            ranges.push(Box::new(range.map(|row| row.map(|((_, id), ())| id))));
         }
         let mut heads: Vec<Option<u64>> = Vec::with_capacity(ranges.len());
         for r in &mut ranges {
@@ -538,8 +661,8 @@ impl Store {
                 continue;
             }
             last = Some(id);
-            if let Some(v) = t.get(id).map_err(db)?
-                && !f(decode("builds", id, v.value())?)
+            if let Some(v) = t.get(id)?
+                && !f(decode("builds", id, &v)?)
             {
                 return Ok(());
             }
@@ -568,47 +691,47 @@ impl Store {
 
     fn scan<T: serde::de::DeserializeOwned>(
         &self,
-        (table, idx, name): (TableDefinition<u64, &[u8]>, TableDefinition<(&str, u64), ()>, &'static str),
+        (table, idx, name): (Records, Index, &'static str),
         index: Option<&str>,
         newest_first: bool,
         mut f: impl FnMut(T) -> bool,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(table).map_err(db)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(table)?;
         match index {
             None => {
-                let range = t.iter().map_err(db)?;
-                let step = |row: Result<(redb::AccessGuard<u64>, redb::AccessGuard<&[u8]>), redb::StorageError>| {
-                    let (k, v) = row.map_err(db)?;
-                    Ok::<bool, StoreError>(f(decode(name, k.value(), v.value())?))
-                };
-                walk(range, newest_first, step)?;
+                let rows = if newest_first { t.iter_rev()? } else { t.iter()? };
+                for row in rows {
+                    let (id, v) = row?;
+                    if !f(decode(name, id, &v)?) {
+                        break;
+                    }
+                }
             }
             Some(key) => {
-                let ix = txn.open_table(idx).map_err(db)?;
-                let range = ix.range((key, 0)..=(key, u64::MAX)).map_err(db)?;
-                let step =
-                    |row: Result<(redb::AccessGuard<(&str, u64)>, redb::AccessGuard<()>), redb::StorageError>| {
-                        let (k, _) = row.map_err(db)?;
-                        let id = k.value().1;
-                        match t.get(id).map_err(db)? {
-                            Some(v) => Ok::<bool, StoreError>(f(decode(name, id, v.value())?)),
-                            None => Ok(true),
-                        }
-                    };
-                walk(range, newest_first, step)?;
+                let ix = txn.open_table(idx)?;
+                let bounds = (key, 0)..=(key, u64::MAX);
+                let rows = if newest_first { ix.range_rev(bounds)? } else { ix.range(bounds)? };
+                for row in rows {
+                    let ((_, id), ()) = row?;
+                    if let Some(v) = t.get(id)?
+                        && !f(decode(name, id, &v)?)
+                    {
+                        break;
+                    }
+                }
             }
         }
         Ok(())
     }
 
     pub fn schedules(&self) -> Result<Vec<(String, ScheduleRecord)>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(SCHEDULES).map_err(db)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(SCHEDULES)?;
         let mut out = Vec::new();
-        for row in t.iter().map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            out.push((k.value().to_owned(), decode("schedules", 0, v.value())?));
+        for row in t.iter()? {
+            let (k, v) = row?;
+            out.push((k.clone(), decode("schedules", 0, &v)?));
         }
         Ok(out)
     }
@@ -619,23 +742,23 @@ impl Store {
 
     /// The plan with this hash, if a build was ever pinned to it, put together from its parts.
     pub fn plan(&self, hash: &str) -> Result<Option<rbb_schema::plan::Plan>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(PLANS).map_err(db)?;
-        let Some(v) = t.get(hash).map_err(db)? else { return Ok(None) };
-        let manifest: PlanManifest = match decode("plans", 0, v.value()) {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(PLANS)?;
+        let Some(v) = t.get(hash)? else { return Ok(None) };
+        let manifest: PlanManifest = match decode("plans", 0, &v) {
             Ok(m) => m,
             // Stored whole by an older version.
-            Err(_) => return decode("plans", 0, v.value()).map(Some),
+            Err(_) => return decode("plans", 0, &v).map(Some),
         };
-        let parts = txn.open_table(PLAN_PARTS).map_err(db)?;
+        let parts = txn.open_table(PLAN_PARTS)?;
         let mut builders = Vec::new();
         for h in &manifest.parts {
-            let bytes = parts.get(h.as_str()).map_err(db)?.ok_or_else(|| StoreError::Corrupt {
+            let bytes = parts.get(h.as_str())?.ok_or_else(|| StoreError::Corrupt {
                 table: "plan_parts",
                 key: 0,
                 message: format!("plan {hash} names part {h}, which is missing"),
             })?;
-            let mut part: Vec<rbb_schema::plan::PlanBuilder> = decode("plan_parts", 0, bytes.value())?;
+            let mut part: Vec<rbb_schema::plan::PlanBuilder> = decode("plan_parts", 0, &bytes)?;
             builders.append(&mut part);
         }
         builders.sort_by(|a, b| a.id.cmp(&b.id));
@@ -661,48 +784,48 @@ impl Store {
                 ),
                 (CHANGES, CHANGE_IDX, "changes", changes, change_keys_of),
             ] {
-                let mut t = txn.open_table(table).map_err(db)?;
-                let mut ix = txn.open_table(idx).map_err(db)?;
-                let mut counts = txn.open_table(COUNTS).map_err(db)?;
+                let mut t = txn.open_table(table)?;
+                let mut ix = txn.open_table(idx)?;
+                let mut counts = txn.open_table(COUNTS)?;
                 for id in ids {
-                    let old = match t.remove(*id).map_err(db)? {
-                        Some(v) => keys(*id, v.value())?,
+                    let old = match t.remove(*id)? {
+                        Some(v) => keys(*id, &v)?,
                         None => continue,
                     };
                     bump(&mut counts, total, -1)?;
                     for k in old {
-                        ix.remove((k.as_str(), *id)).map_err(db)?;
+                        ix.remove((k.as_str(), *id))?;
                         bump(&mut counts, &k, -1)?;
                     }
                 }
             }
-            let mut t = txn.open_table(LOGS).map_err(db)?;
+            let mut t = txn.open_table(LOGS)?;
             for id in logs {
-                t.remove(*id).map_err(db)?;
+                t.remove(*id)?;
             }
-            let mut p = txn.open_table(PLANS).map_err(db)?;
+            let mut p = txn.open_table(PLANS)?;
             for h in plans {
-                p.remove(h.as_str()).map_err(db)?;
+                p.remove(h.as_str())?;
             }
             if !plans.is_empty() {
                 // Parts no remaining plan names go too (plans are few: one per pipeline change).
                 let mut used: BTreeSet<String> = BTreeSet::new();
-                for row in p.iter().map_err(db)? {
-                    let (_, v) = row.map_err(db)?;
-                    if let Ok(m) = serde_json::from_slice::<PlanManifest>(v.value()) {
+                for row in p.iter()? {
+                    let (_, v) = row?;
+                    if let Ok(m) = serde_json::from_slice::<PlanManifest>(&v) {
                         used.extend(m.parts);
                     }
                 }
-                let mut parts = txn.open_table(PLAN_PARTS).map_err(db)?;
+                let mut parts = txn.open_table(PLAN_PARTS)?;
                 let mut unused = Vec::new();
-                for row in parts.iter().map_err(db)? {
-                    let (k, _) = row.map_err(db)?;
-                    if !used.contains(k.value()) {
-                        unused.push(k.value().to_owned());
+                for row in parts.iter()? {
+                    let (k, _) = row?;
+                    if !used.contains(&k) {
+                        unused.push(k.clone());
                     }
                 }
                 for k in unused {
-                    parts.remove(k.as_str()).map_err(db)?;
+                    parts.remove(k.as_str())?;
                 }
             }
             Ok(())
@@ -711,11 +834,11 @@ impl Store {
 
     /// Log records from id `from` upward, handed to `f` until it returns false.
     pub fn scan_logs(&self, from: u64, mut f: impl FnMut(LogRecord) -> bool) -> Result<(), StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(LOGS).map_err(db)?;
-        for row in t.range(from..).map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            if !f(decode("logs", k.value(), v.value())?) {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(LOGS)?;
+        for row in t.range(from..)? {
+            let (k, v) = row?;
+            if !f(decode("logs", k, &v)?) {
                 break;
             }
         }
@@ -724,13 +847,13 @@ impl Store {
 
     /// Plan hashes, in order, from `after` (exclusive), at most `limit`.
     pub fn plan_hashes(&self, after: &str, limit: usize) -> Result<Vec<String>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(PLANS).map_err(db)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(PLANS)?;
         let mut out = Vec::new();
-        for row in t.range(after..).map_err(db)? {
-            let (k, _) = row.map_err(db)?;
-            if k.value() != after {
-                out.push(k.value().to_owned());
+        for row in t.range(after..)? {
+            let (k, _) = row?;
+            if k != after {
+                out.push(k.clone());
             }
             if out.len() >= limit {
                 break;
@@ -741,14 +864,14 @@ impl Store {
 
     /// A number kept in the meta table (a janitor's cursor), 0 if unset.
     pub fn meta(&self, key: &str) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(META).map_err(db)?;
-        Ok(t.get(key).map_err(db)?.map_or(0, |v| v.value()))
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(META)?;
+        Ok(t.get(key)?.unwrap_or(0))
     }
 
     pub fn set_meta(&self, key: &str, value: u64) -> Result<(), StoreError> {
         self.write(Sync::Lazy, |txn| {
-            txn.open_table(META).map_err(db)?.insert(key, value).map_err(db)?;
+            txn.open_table(META)?.insert(key, value)?;
             Ok(())
         })
     }
@@ -756,29 +879,29 @@ impl Store {
     /// Every record's index entries and counts against the records themselves: the first
     /// difference found, if any (a check after a crash; costs a full scan).
     pub fn check_indexes(&self) -> Result<Option<String>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let builds = txn.open_table(BUILDS).map_err(db)?;
-        let idx = txn.open_table(BUILD_IDX).map_err(db)?;
-        let counts = txn.open_table(COUNTS).map_err(db)?;
+        let txn = self.db.begin_read()?;
+        let builds = txn.open_table(BUILDS)?;
+        let idx = txn.open_table(BUILD_IDX)?;
+        let counts = txn.open_table(COUNTS)?;
         let mut expected: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
         let mut n = 0;
-        for row in builds.iter().map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            let b: BuildRecord = decode("builds", k.value(), v.value())?;
+        for row in builds.iter()? {
+            let (k, v) = row?;
+            let b: BuildRecord = decode("builds", k, &v)?;
             n += 1;
             for key in build_keys(&b) {
-                if idx.get((key.as_str(), b.id)).map_err(db)?.is_none() {
+                if idx.get((key.as_str(), b.id))?.is_none() {
                     return Ok(Some(format!("build {} has no index entry {key:?}", b.id)));
                 }
                 *expected.entry(key).or_default() += 1;
             }
         }
         let mut entries = 0;
-        for row in idx.iter().map_err(db)? {
-            let (k, _) = row.map_err(db)?;
-            let (key, id) = k.value();
+        for row in idx.iter()? {
+            let (k, _) = row?;
+            let (key, id) = k;
             entries += 1;
-            if builds.get(id).map_err(db)?.is_none() {
+            if builds.get(id)?.is_none() {
                 return Ok(Some(format!("index entry {key:?} names missing build {id}")));
             }
         }
@@ -786,16 +909,83 @@ impl Store {
         if entries != want {
             return Ok(Some(format!("{entries} build index entries for {want} keys")));
         }
-        if counts.get("builds").map_err(db)?.map_or(0, |v| v.value()) != n {
+        if counts.get("builds")?.unwrap_or(0) != n {
             return Ok(Some(format!("count `builds` is not {n}")));
         }
         for (key, want) in expected {
-            let got = counts.get(key.as_str()).map_err(db)?.map_or(0, |v| v.value());
+            let got = counts.get(key.as_str())?.unwrap_or(0);
             if got != want {
                 return Ok(Some(format!("count {key:?} is {got}, not {want}")));
             }
         }
         Ok(None)
+    }
+}
+
+/// Every table of the state, in the order a copy writes them: `$m!(TABLE, ...)`.
+macro_rules! every_table {
+    ($m:ident) => {
+        $m!(
+            META,
+            BUILDS,
+            LOGS,
+            CHANGES,
+            SCHEDULES,
+            PLANS,
+            PLAN_PARTS,
+            BUILD_IDX,
+            CHANGE_IDX,
+            COUNTS,
+            CACHE_ENTRIES,
+            CACHE_USED,
+            CACHE_LRU,
+            CACHE_BLOBS,
+            CACHE_ORPHANS,
+            CACHE_HITS,
+            CACHE_LAST,
+            AUDIT,
+            crate::forge::outbox_store::OUTBOX,
+            crate::forge::outbox_store::DUE,
+            crate::forge::outbox_store::LATEST,
+            crate::forge::outbox_store::BY_REPO,
+            crate::forge::outbox_store::BY_COMMIT
+        )
+    };
+}
+
+/// Copying a whole state into another, and comparing them by counts.
+impl Store {
+    /// The number of rows of every table, by table name.
+    pub fn table_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        use redb::TableHandle;
+        let txn = self.db.begin_read()?;
+        let mut out = Vec::new();
+        macro_rules! count {
+            ($($t:expr),*) => { $( out.push(($t.name().to_owned(), kv::count_table(&txn, $t)?)); )* };
+        }
+        every_table!(count);
+        Ok(out)
+    }
+
+    /// Whether the state holds nothing but its schema version.
+    pub fn is_blank(&self) -> Result<bool, StoreError> {
+        Ok(self.table_counts()?.iter().all(|(name, n)| *n == 0 || (name == "meta" && *n == 1))
+            && self.schema_version()?.is_some_and(|v| v == SCHEMA_VERSION))
+    }
+
+    /// Copies every table into `to` in one durable transaction (all or nothing); answers the
+    /// rows copied per table.
+    pub fn copy_into(&self, to: &Store) -> Result<Vec<(String, u64)>, StoreError> {
+        use redb::TableHandle;
+        let from = self.db.begin_read()?;
+        let txn = to.db.begin_write(true)?;
+        let mut out = Vec::new();
+        macro_rules! copy {
+            ($($t:expr),*) => { $( out.push(($t.name().to_owned(), kv::copy_table(&from, &txn, $t)?)); )* };
+        }
+        every_table!(copy);
+        txn.commit()?;
+        Ok(out)
     }
 }
 
@@ -815,32 +1005,32 @@ fn decode_entry(key: &str, bytes: &[u8]) -> Result<CacheEntry, StoreError> {
 /// The step cache's tables, open in one write transaction, with the rules that keep blob
 /// references, the LRU index and the totals true. Every change of the cache goes through it.
 struct CacheTables<'t> {
-    entries: redb::Table<'t, &'static str, &'static [u8]>,
-    used: redb::Table<'t, &'static str, u64>,
-    lru: redb::Table<'t, (u64, &'static str), ()>,
-    blobs: redb::Table<'t, &'static str, (u64, u64, u64)>,
-    orphans: redb::Table<'t, (u64, &'static str), ()>,
-    counts: redb::Table<'t, &'static str, u64>,
+    entries: Table<'t, &'static str, &'static [u8]>,
+    used: Table<'t, &'static str, u64>,
+    lru: Table<'t, (u64, &'static str), ()>,
+    blobs: Table<'t, &'static str, (u64, u64, u64)>,
+    orphans: Table<'t, (u64, &'static str), ()>,
+    counts: Table<'t, &'static str, u64>,
 }
 
 impl<'t> CacheTables<'t> {
-    fn open(txn: &'t redb::WriteTransaction) -> Result<CacheTables<'t>, StoreError> {
+    fn open(txn: &'t WriteTxn<'_>) -> Result<CacheTables<'t>, StoreError> {
         Ok(CacheTables {
-            entries: txn.open_table(CACHE_ENTRIES).map_err(db)?,
-            used: txn.open_table(CACHE_USED).map_err(db)?,
-            lru: txn.open_table(CACHE_LRU).map_err(db)?,
-            blobs: txn.open_table(CACHE_BLOBS).map_err(db)?,
-            orphans: txn.open_table(CACHE_ORPHANS).map_err(db)?,
-            counts: txn.open_table(COUNTS).map_err(db)?,
+            entries: txn.open_table(CACHE_ENTRIES)?,
+            used: txn.open_table(CACHE_USED)?,
+            lru: txn.open_table(CACHE_LRU)?,
+            blobs: txn.open_table(CACHE_BLOBS)?,
+            orphans: txn.open_table(CACHE_ORPHANS)?,
+            counts: txn.open_table(COUNTS)?,
         })
     }
 
     fn blob(&self, digest: &str) -> Result<Option<(u64, u64, u64)>, StoreError> {
-        Ok(self.blobs.get(digest).map_err(db)?.map(|v| v.value()))
+        self.blobs.get(digest)
     }
 
     fn count(&self, key: &str) -> Result<u64, StoreError> {
-        Ok(self.counts.get(key).map_err(db)?.map_or(0, |v| v.value()))
+        Ok(self.counts.get(key)?.unwrap_or(0))
     }
 
     /// A finished upload: a new row has no reference yet (an orphan until an entry uses
@@ -851,16 +1041,16 @@ impl<'t> CacheTables<'t> {
                 bump(&mut self.counts, CACHE_BYTES_COUNT, stored as i64 - old as i64)?;
                 if refs == 0 {
                     // Uploaded again: its step may still finish, so its hour starts again.
-                    self.orphans.remove((since, digest)).map_err(db)?;
-                    self.orphans.insert((now, digest), ()).map_err(db)?;
-                    self.blobs.insert(digest, (stored, 0, now)).map_err(db)?;
+                    self.orphans.remove((since, digest))?;
+                    self.orphans.insert((now, digest), ())?;
+                    self.blobs.insert(digest, (stored, 0, now))?;
                 } else {
-                    self.blobs.insert(digest, (stored, refs, since)).map_err(db)?;
+                    self.blobs.insert(digest, (stored, refs, since))?;
                 }
             }
             None => {
-                self.blobs.insert(digest, (stored, 0, now)).map_err(db)?;
-                self.orphans.insert((now, digest), ()).map_err(db)?;
+                self.blobs.insert(digest, (stored, 0, now))?;
+                self.orphans.insert((now, digest), ())?;
                 bump(&mut self.counts, CACHE_BLOBS_COUNT, 1)?;
                 bump(&mut self.counts, CACHE_BYTES_COUNT, stored as i64)?;
             }
@@ -878,9 +1068,9 @@ impl<'t> CacheTables<'t> {
             });
         };
         if refs == 0 {
-            self.orphans.remove((since, digest)).map_err(db)?;
+            self.orphans.remove((since, digest))?;
         }
-        self.blobs.insert(digest, (stored, refs + 1, since)).map_err(db)?;
+        self.blobs.insert(digest, (stored, refs + 1, since))?;
         Ok(())
     }
 
@@ -890,29 +1080,29 @@ impl<'t> CacheTables<'t> {
     fn release(&mut self, digest: &str, now: u64, free: bool) -> Result<Option<u64>, StoreError> {
         let Some((stored, refs, since)) = self.blob(digest)? else { return Ok(None) };
         if refs > 1 {
-            self.blobs.insert(digest, (stored, refs - 1, since)).map_err(db)?;
+            self.blobs.insert(digest, (stored, refs - 1, since))?;
             return Ok(None);
         }
         if refs == 0 {
-            self.orphans.remove((since, digest)).map_err(db)?;
+            self.orphans.remove((since, digest))?;
         }
         if free {
-            self.blobs.remove(digest).map_err(db)?;
+            self.blobs.remove(digest)?;
             bump(&mut self.counts, CACHE_BLOBS_COUNT, -1)?;
             bump(&mut self.counts, CACHE_BYTES_COUNT, -(stored as i64))?;
             Ok(Some(stored))
         } else {
-            self.blobs.insert(digest, (stored, 0, now)).map_err(db)?;
-            self.orphans.insert((now, digest), ()).map_err(db)?;
+            self.blobs.insert(digest, (stored, 0, now))?;
+            self.orphans.insert((now, digest), ())?;
             Ok(None)
         }
     }
 
     fn set_used(&mut self, key: &str, at: u64) -> Result<(), StoreError> {
-        if let Some(old) = self.used.insert(key, at).map_err(db)?.map(|v| v.value()) {
-            self.lru.remove((old, key)).map_err(db)?;
+        if let Some(old) = self.used.swap(key, at)? {
+            self.lru.remove((old, key))?;
         }
-        self.lru.insert((at, key), ()).map_err(db)?;
+        self.lru.insert((at, key), ())?;
         Ok(())
     }
 
@@ -930,7 +1120,7 @@ impl<'t> CacheTables<'t> {
         for d in &digests {
             self.reference(d)?;
         }
-        let old = self.entries.insert(e.key.as_str(), bytes).map_err(db)?.map(|v| v.value().to_vec());
+        let old = self.entries.swap(e.key.as_str(), bytes)?;
         match old {
             Some(old) => {
                 for d in decode_entry(&e.key, &old)?.digests() {
@@ -945,7 +1135,7 @@ impl<'t> CacheTables<'t> {
 
     /// A hit reused the entry at `at` (an entry that is gone stays gone).
     fn touch(&mut self, key: &str, at: u64) -> Result<(), StoreError> {
-        let old = self.used.get(key).map_err(db)?.map(|v| v.value());
+        let old = self.used.get(key)?;
         match old {
             Some(old) if at > old => self.set_used(key, at),
             _ => Ok(()),
@@ -955,12 +1145,12 @@ impl<'t> CacheTables<'t> {
     /// Removes an entry, adding to `out` it and the blobs no other entry uses (their rows
     /// deleted). False when there is no such entry.
     fn remove_entry(&mut self, key: &str, now: u64, out: &mut Evicted) -> Result<bool, StoreError> {
-        let Some(bytes) = self.entries.remove(key).map_err(db)?.map(|v| v.value().to_vec()) else {
+        let Some(bytes) = self.entries.remove(key)? else {
             return Ok(false);
         };
         bump(&mut self.counts, CACHE_ENTRIES_COUNT, -1)?;
-        if let Some(at) = self.used.remove(key).map_err(db)?.map(|v| v.value()) {
-            self.lru.remove((at, key)).map_err(db)?;
+        if let Some(at) = self.used.remove(key)? {
+            self.lru.remove((at, key))?;
         }
         for d in decode_entry(key, &bytes)?.digests() {
             if let Some(stored) = self.release(d, now, true)? {
@@ -977,42 +1167,42 @@ impl<'t> CacheTables<'t> {
 impl Store {
     /// The entry stored under a full key.
     pub fn cache_entry(&self, key: &str) -> Result<Option<CacheEntry>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(CACHE_ENTRIES).map_err(db)?;
-        match t.get(key).map_err(db)? {
-            Some(v) => decode_entry(key, v.value()).map(Some),
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CACHE_ENTRIES)?;
+        match t.get(key)? {
+            Some(v) => decode_entry(key, &v).map(Some),
             None => Ok(None),
         }
     }
 
     /// When the entry was last used (stored or reused), Unix ms.
     pub fn cache_used(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(CACHE_USED).map_err(db)?;
-        Ok(t.get(key).map_err(db)?.map(|v| v.value()))
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CACHE_USED)?;
+        t.get(key)
     }
 
     /// The last successful execution of `step` of `builder`.
     pub fn cache_last(&self, builder: &str, step: &str) -> Result<Option<LastRun>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(CACHE_LAST).map_err(db)?;
-        match t.get(last_key(builder, step).as_str()).map_err(db)? {
-            Some(v) => decode("cache_last", 0, v.value()).map(Some),
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CACHE_LAST)?;
+        match t.get(last_key(builder, step).as_str())? {
+            Some(v) => decode("cache_last", 0, &v).map(Some),
             None => Ok(None),
         }
     }
 
     /// Totals from the counts, and hits and misses of every builder that has some.
     pub fn cache_stats(&self) -> Result<CacheStats, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let counts = txn.open_table(COUNTS).map_err(db)?;
-        let count = |k: &str| Ok::<u64, StoreError>(counts.get(k).map_err(db)?.map_or(0, |v| v.value()));
-        let hits = txn.open_table(CACHE_HITS).map_err(db)?;
+        let txn = self.db.begin_read()?;
+        let counts = txn.open_table(COUNTS)?;
+        let count = |k: &str| Ok::<u64, StoreError>(counts.get(k)?.unwrap_or(0));
+        let hits = txn.open_table(CACHE_HITS)?;
         let mut per_builder = Vec::new();
-        for row in hits.iter().map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            let (h, m) = v.value();
-            per_builder.push((k.value().to_owned(), h, m));
+        for row in hits.iter()? {
+            let (k, v) = row?;
+            let (h, m) = v;
+            per_builder.push((k.clone(), h, m));
         }
         Ok(CacheStats {
             entries: count(CACHE_ENTRIES_COUNT)?,
@@ -1032,13 +1222,13 @@ impl Store {
 
     fn cache_blobs_known_at(&self, now: u64, digests: &[String]) -> Result<Vec<bool>, StoreError> {
         let fresh_since = now.saturating_sub(CACHE_ORPHAN_AGE_MS / 2);
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(CACHE_BLOBS).map_err(db)?;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CACHE_BLOBS)?;
         digests
             .iter()
             .map(|d| {
-                Ok(t.get(d.as_str()).map_err(db)?.is_some_and(|v| {
-                    let (_, refs, since) = v.value();
+                Ok(t.get(d.as_str())?.is_some_and(|v| {
+                    let (_, refs, since) = v;
                     refs > 0 || since >= fresh_since
                 }))
             })
@@ -1047,9 +1237,9 @@ impl Store {
 
     /// (stored bytes, references) of a blob's row.
     pub fn cache_blob(&self, digest: &str) -> Result<Option<(u64, u64)>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(CACHE_BLOBS).map_err(db)?;
-        Ok(t.get(digest).map_err(db)?.map(|v| (v.value().0, v.value().1)))
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CACHE_BLOBS)?;
+        Ok(t.get(digest)?.map(|v| (v.0, v.1)))
     }
 
     /// Records a blob whose file is complete, durably: from now on an entry may refer to
@@ -1089,16 +1279,15 @@ impl Store {
             self.write(Sync::Durable, |txn| {
                 let mut c = CacheTables::open(txn)?;
                 let mut old: Vec<(u64, String)> = Vec::new();
-                for row in c.orphans.range(..(cutoff, "")).map_err(db)?.take(CACHE_EVICT_BATCH) {
-                    let (k, _) = row.map_err(db)?;
-                    let (since, d) = k.value();
-                    old.push((since, d.to_owned()));
+                for row in c.orphans.range(..(cutoff, ""))?.take(CACHE_EVICT_BATCH) {
+                    let (k, _) = row?;
+                    old.push(k);
                 }
                 seen = old.len();
                 for (since, d) in &old {
-                    c.orphans.remove((*since, d.as_str())).map_err(db)?;
+                    c.orphans.remove((*since, d.as_str()))?;
                     if let Some((stored, 0, _)) = c.blob(d)? {
-                        c.blobs.remove(d.as_str()).map_err(db)?;
+                        c.blobs.remove(d.as_str())?;
                         bump(&mut c.counts, CACHE_BLOBS_COUNT, -1)?;
                         bump(&mut c.counts, CACHE_BYTES_COUNT, -(stored as i64))?;
                         done.blobs.push(d.clone());
@@ -1117,20 +1306,19 @@ impl Store {
         while self.count(CACHE_BYTES_COUNT)? > target {
             let mut candidates: Vec<(u64, String)> = Vec::new();
             {
-                let txn = self.db.begin_read().map_err(db)?;
-                let lru = txn.open_table(CACHE_LRU).map_err(db)?;
+                let txn = self.db.begin_read()?;
+                let lru = txn.open_table(CACHE_LRU)?;
                 let range = match &after {
-                    None => lru.iter().map_err(db)?,
-                    Some((t, k)) => lru
-                        .range::<(u64, &str)>((std::ops::Bound::Excluded((*t, k.as_str())), std::ops::Bound::Unbounded))
-                        .map_err(db)?,
+                    None => lru.iter()?,
+                    Some((t, k)) => {
+                        lru.range((std::ops::Bound::Excluded((*t, k.as_str())), std::ops::Bound::Unbounded))?
+                    }
                 };
                 for row in range {
-                    let (k, _) = row.map_err(db)?;
-                    let (t, key) = k.value();
-                    after = Some((t, key.to_owned()));
-                    if !pinned(key) {
-                        candidates.push((t, key.to_owned()));
+                    let ((t, key), ()) = row?;
+                    after = Some((t, key.clone()));
+                    if !pinned(&key) {
+                        candidates.push((t, key));
                         if candidates.len() >= CACHE_EVICT_BATCH {
                             break;
                         }
@@ -1147,7 +1335,7 @@ impl Store {
                     if c.count(CACHE_BYTES_COUNT)? <= target {
                         break;
                     }
-                    if c.lru.get((*t, key.as_str())).map_err(db)?.is_some() {
+                    if c.lru.get((*t, key.as_str()))?.is_some() {
                         c.remove_entry(key, now, &mut done)?;
                     }
                 }
@@ -1159,9 +1347,9 @@ impl Store {
     }
 
     fn cache_has_orphans_before(&self, cutoff: u64) -> Result<bool, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let t = txn.open_table(CACHE_ORPHANS).map_err(db)?;
-        Ok(t.range(..(cutoff, "")).map_err(db)?.next().is_some())
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(CACHE_ORPHANS)?;
+        Ok(t.range(..(cutoff, ""))?.next().is_some())
     }
 
     /// The builder's cache epoch: part of its steps' full keys, raised by a reset.
@@ -1174,9 +1362,9 @@ impl Store {
         let key = format!("cache_epoch\0{builder}");
         let mut next = 0;
         self.write(Sync::Durable, |txn| {
-            let mut meta = txn.open_table(META).map_err(db)?;
-            next = meta.get(key.as_str()).map_err(db)?.map_or(0, |v| v.value()) + 1;
-            meta.insert(key.as_str(), next).map_err(db)?;
+            let mut meta = txn.open_table(META)?;
+            next = meta.get(key.as_str())?.unwrap_or(0) + 1;
+            meta.insert(key.as_str(), next)?;
             Ok(())
         })?;
         Ok(next)
@@ -1185,36 +1373,36 @@ impl Store {
     /// The cache's references, LRU index, orphan index and totals against the entries and
     /// rows themselves: the first difference found, if any (costs a full scan).
     pub fn check_cache(&self) -> Result<Option<String>, StoreError> {
-        let txn = self.db.begin_read().map_err(db)?;
-        let entries = txn.open_table(CACHE_ENTRIES).map_err(db)?;
-        let used = txn.open_table(CACHE_USED).map_err(db)?;
-        let lru = txn.open_table(CACHE_LRU).map_err(db)?;
-        let blobs = txn.open_table(CACHE_BLOBS).map_err(db)?;
-        let orphans = txn.open_table(CACHE_ORPHANS).map_err(db)?;
-        let counts = txn.open_table(COUNTS).map_err(db)?;
-        let count = |k: &str| Ok::<u64, StoreError>(counts.get(k).map_err(db)?.map_or(0, |v| v.value()));
+        let txn = self.db.begin_read()?;
+        let entries = txn.open_table(CACHE_ENTRIES)?;
+        let used = txn.open_table(CACHE_USED)?;
+        let lru = txn.open_table(CACHE_LRU)?;
+        let blobs = txn.open_table(CACHE_BLOBS)?;
+        let orphans = txn.open_table(CACHE_ORPHANS)?;
+        let counts = txn.open_table(COUNTS)?;
+        let count = |k: &str| Ok::<u64, StoreError>(counts.get(k)?.unwrap_or(0));
         let mut refs: std::collections::BTreeMap<String, u64> = Default::default();
         let mut n = 0;
-        for row in entries.iter().map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            let key = k.value();
-            let e = decode_entry(key, v.value())?;
+        for row in entries.iter()? {
+            let (k, v) = row?;
+            let key = k.as_str();
+            let e = decode_entry(key, &v)?;
             n += 1;
             if e.key != key {
                 return Ok(Some(format!("entry stored under {key} has key {}", e.key)));
             }
-            let Some(at) = used.get(key).map_err(db)?.map(|v| v.value()) else {
+            let Some(at) = used.get(key)? else {
                 return Ok(Some(format!("entry {key} has no last-used time")));
             };
-            if lru.get((at, key)).map_err(db)?.is_none() {
+            if lru.get((at, key))?.is_none() {
                 return Ok(Some(format!("entry {key} is not in the LRU index at {at}")));
             }
             for d in e.digests() {
                 *refs.entry(d.to_owned()).or_default() += 1;
             }
         }
-        let lru_rows = lru.iter().map_err(db)?.count() as u64;
-        let used_rows = used.iter().map_err(db)?.count() as u64;
+        let lru_rows = lru.iter()?.count() as u64;
+        let used_rows = used.iter()?.count() as u64;
         if lru_rows != n || used_rows != n {
             return Ok(Some(format!("{n} entries, {used_rows} last-used times, {lru_rows} LRU rows")));
         }
@@ -1222,9 +1410,9 @@ impl Store {
             return Ok(Some(format!("count {CACHE_ENTRIES_COUNT} is {}, not {n}", count(CACHE_ENTRIES_COUNT)?)));
         }
         let (mut rows, mut bytes, mut zero) = (0u64, 0u64, 0u64);
-        for row in blobs.iter().map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            let (d, (stored, r, since)) = (k.value(), v.value());
+        for row in blobs.iter()? {
+            let (k, v) = row?;
+            let (d, (stored, r, since)) = (k.as_str(), v);
             rows += 1;
             bytes += stored;
             let want = refs.remove(d).unwrap_or(0);
@@ -1233,7 +1421,7 @@ impl Store {
             }
             if r == 0 {
                 zero += 1;
-                if orphans.get((since, d)).map_err(db)?.is_none() {
+                if orphans.get((since, d))?.is_none() {
                     return Ok(Some(format!("unreferenced blob {d} is not in the orphan index")));
                 }
             }
@@ -1241,7 +1429,7 @@ impl Store {
         if let Some((d, _)) = refs.into_iter().next() {
             return Ok(Some(format!("an entry names blob {d}, which has no row")));
         }
-        let orphan_rows = orphans.iter().map_err(db)?.count() as u64;
+        let orphan_rows = orphans.iter()?.count() as u64;
         if orphan_rows != zero {
             return Ok(Some(format!("{orphan_rows} orphan index rows for {zero} unreferenced blobs")));
         }
@@ -1264,7 +1452,7 @@ struct PlanManifest {
 }
 
 /// A plan's manifest and its parts (one per repository, keyed by the hash of its JSON).
-fn split_plan(p: &rbb_schema::plan::Plan) -> Result<(Vec<u8>, Vec<(String, Vec<u8>)>), StoreError> {
+fn split_plan(p: &rbb_schema::plan::Plan) -> Result<PlanParts, StoreError> {
     use sha2::Digest;
     let mut by_repo: std::collections::BTreeMap<&str, Vec<&rbb_schema::plan::PlanBuilder>> = Default::default();
     for b in &p.builders {
@@ -1285,22 +1473,6 @@ fn split_plan(p: &rbb_schema::plan::Plan) -> Result<(Vec<u8>, Vec<(String, Vec<u
     Ok((encode("plans", 0, &manifest)?, parts))
 }
 
-/// Hands each row of `range` to `step`, last first when `newest_first`, until it returns
-/// false.
-fn walk<R>(
-    range: impl DoubleEndedIterator<Item = R>,
-    newest_first: bool,
-    mut step: impl FnMut(R) -> Result<bool, StoreError>,
-) -> Result<(), StoreError> {
-    let rows: Box<dyn Iterator<Item = R>> = if newest_first { Box::new(range.rev()) } else { Box::new(range) };
-    for row in rows {
-        if !step(row)? {
-            break;
-        }
-    }
-    Ok(())
-}
-
 /// A stored build's index keys.
 fn build_keys_of(id: u64, bytes: &[u8]) -> Result<BTreeSet<String>, StoreError> {
     decode::<BuildRecord>("builds", id, bytes).map(|b| build_keys(&b))
@@ -1313,24 +1485,24 @@ fn change_keys_of(id: u64, bytes: &[u8]) -> Result<BTreeSet<String>, StoreError>
 
 /// Writes the index entries and counts of every record of `table`.
 fn index_all(
-    txn: &redb::WriteTransaction,
-    (table, idx, total): (TableDefinition<u64, &[u8]>, TableDefinition<(&str, u64), ()>, &str),
+    txn: &WriteTxn<'_>,
+    (table, idx, total): (Records, Index, &str),
     keys: fn(u64, &[u8]) -> Result<BTreeSet<String>, StoreError>,
 ) -> Result<(), StoreError> {
     let mut rows: Vec<(u64, Vec<u8>)> = Vec::new();
     {
-        let t = txn.open_table(table).map_err(db)?;
-        for row in t.iter().map_err(db)? {
-            let (k, v) = row.map_err(db)?;
-            rows.push((k.value(), v.value().to_vec()));
+        let t = txn.open_table(table)?;
+        for row in t.iter()? {
+            let (k, v) = row?;
+            rows.push((k, v));
         }
     }
-    let mut ix = txn.open_table(idx).map_err(db)?;
-    let mut counts = txn.open_table(COUNTS).map_err(db)?;
+    let mut ix = txn.open_table(idx)?;
+    let mut counts = txn.open_table(COUNTS)?;
     for (id, bytes) in &rows {
         bump(&mut counts, total, 1)?;
         for k in keys(*id, bytes)? {
-            ix.insert((k.as_str(), *id), ()).map_err(db)?;
+            ix.insert((k.as_str(), *id), ())?;
             bump(&mut counts, &k, 1)?;
         }
     }
@@ -1338,7 +1510,7 @@ fn index_all(
 }
 
 /// Schema 1 had the records without indexes: build them.
-fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+fn migrate_v1(txn: &WriteTxn<'_>) -> Result<(), StoreError> {
     index_all(txn, (BUILDS, BUILD_IDX, "builds"), build_keys_of)?;
     index_all(txn, (CHANGES, CHANGE_IDX, "changes"), change_keys_of)
 }
@@ -1356,20 +1528,20 @@ const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// with each commit so that opening after a crash does not walk the file, halved the step
 /// rate on a million-build history: the walk after a `kill -9` is the price, see
 /// ARCHITECTURE.md.)
-pub fn durable_write(database: &Database) -> Result<redb::WriteTransaction, StoreError> {
-    database.begin_write().map_err(db)
+pub fn durable_write(database: &Db) -> Result<WriteTxn<'_>, StoreError> {
+    database.begin_write(true)
 }
 
 /// Appends one audit entry (JSON) durably; returns its id.
-pub fn audit_append(database: &Database, entry: &[u8]) -> Result<u64, StoreError> {
+pub fn audit_append(database: &Db, entry: &[u8]) -> Result<u64, StoreError> {
     let txn = durable_write(database)?;
     let id = {
-        let mut t = txn.open_table(AUDIT).map_err(db)?;
-        let id = t.last().map_err(db)?.map_or(1, |(k, _)| k.value() + 1);
-        t.insert(id, entry).map_err(db)?;
+        let mut t = txn.open_table(AUDIT)?;
+        let id = t.last()?.map_or(1, |(k, _)| k + 1);
+        t.insert(id, entry)?;
         id
     };
-    txn.commit().map_err(db)?;
+    txn.commit()?;
     Ok(id)
 }
 
@@ -1377,7 +1549,7 @@ pub fn audit_append(database: &Database, entry: &[u8]) -> Result<u64, StoreError
 /// `batch` per transaction; returns how many went. Ids grow with time, so each batch reads
 /// from the oldest entry and stops at the first one young enough. The newest entry stays
 /// whatever its age: the next id is one past it.
-pub fn audit_expire(database: &Database, before_ms: u64, batch: usize) -> Result<u64, StoreError> {
+pub fn audit_expire(database: &Db, before_ms: u64, batch: usize) -> Result<u64, StoreError> {
     #[derive(serde::Deserialize)]
     struct Stamp {
         at_ms: u64,
@@ -1387,32 +1559,29 @@ pub fn audit_expire(database: &Database, before_ms: u64, batch: usize) -> Result
         let txn = durable_write(database)?;
         let mut done = false;
         let n = {
-            let mut t = match txn.open_table(AUDIT) {
-                Ok(t) => t,
-                Err(e) => return Err(db(e)),
-            };
-            let newest = t.last().map_err(db)?.map(|(k, _)| k.value());
+            let mut t = txn.open_table(AUDIT)?;
+            let newest = t.last()?.map(|(k, _)| k);
             let mut old = Vec::new();
-            for row in t.iter().map_err(db)?.take(batch) {
-                let (k, v) = row.map_err(db)?;
-                if Some(k.value()) == newest {
+            for row in t.iter()?.take(batch) {
+                let (k, v) = row?;
+                if Some(k) == newest {
                     done = true;
                     break;
                 }
-                let stamp: Stamp = decode("audit", k.value(), v.value())?;
+                let stamp: Stamp = decode("audit", k, &v)?;
                 if stamp.at_ms >= before_ms {
                     done = true;
                     break;
                 }
-                old.push(k.value());
+                old.push(k);
             }
             done |= old.len() < batch;
             for id in &old {
-                t.remove(*id).map_err(db)?;
+                t.remove(*id)?;
             }
             old.len() as u64
         };
-        txn.commit().map_err(db)?;
+        txn.commit()?;
         deleted += n;
         if done {
             return Ok(deleted);
@@ -1424,21 +1593,14 @@ pub fn audit_expire(database: &Database, before_ms: u64, batch: usize) -> Result
 pub type AuditPage = (Vec<(u64, Vec<u8>)>, u64);
 
 /// Up to `limit` audit entries with ids below `before` (all without it), newest first, and
-/// the number of entries: reads only the page.
-pub fn audit_page(database: &Database, before: Option<u64>, limit: usize) -> Result<AuditPage, StoreError> {
-    use redb::ReadableTableMetadata;
-    let txn = database.begin_read().map_err(db)?;
-    let t = match txn.open_table(AUDIT) {
-        Ok(t) => t,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok((Vec::new(), 0)),
-        Err(e) => return Err(db(e)),
-    };
-    let total = t.len().map_err(db)?;
-    let range = t.range(..before.unwrap_or(u64::MAX)).map_err(db)?;
+/// the number of entries: reads only the page (and, on PostgreSQL, counts the entries).
+pub fn audit_page(database: &Db, before: Option<u64>, limit: usize) -> Result<AuditPage, StoreError> {
+    let txn = database.begin_read()?;
+    let t = txn.open_table(AUDIT)?;
+    let total = t.len()?;
     let mut out = Vec::with_capacity(limit.min(1000));
-    for row in range.rev().take(limit) {
-        let (k, v) = row.map_err(db)?;
-        out.push((k.value(), v.value().to_vec()));
+    for row in t.range_rev(..before.unwrap_or(u64::MAX))?.take(limit) {
+        out.push(row?);
     }
     Ok((out, total))
 }
@@ -1457,10 +1619,8 @@ mod tests {
         txn.open_table(PLAN_PARTS).expect("table").iter().expect("iter").count()
     }
 
-    #[test]
-    fn a_plan_is_stored_by_repository_parts_and_read_back_whole() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = Store::open(&dir.path().join("state.redb")).expect("open");
+    fn a_plan_is_stored_by_repository_parts_and_read_back_whole(dir: &testing::Place) {
+        let s = dir.open();
         let a = plan();
         s.put_plan(&a).expect("put");
         assert_eq!(parts(&s), 2, "one part per repository");
@@ -1478,6 +1638,15 @@ mod tests {
         s.delete(&[], &[], &[], std::slice::from_ref(&b.hash)).expect("delete");
         assert_eq!(parts(&s), 2);
         assert_eq!(s.plan(&a.hash).expect("read").as_ref(), Some(&a));
+    }
+    /// Each test above, on every backend.
+    mod on_each_backend {
+        #[test]
+        fn a_plan_is_stored_by_repository_parts_and_read_back_whole() {
+            for place in crate::store::testing::places() {
+                super::a_plan_is_stored_by_repository_parts_and_read_back_whole(&place);
+            }
+        }
     }
 }
 
@@ -1523,18 +1692,16 @@ mod cache_tests {
         s.commit(Batch { cache_touches: vec![(key, at)], ..Batch::default() }, Sync::Lazy).expect("touch");
     }
 
-    fn open(dir: &tempfile::TempDir) -> Store {
-        Store::open(&dir.path().join("state.redb")).expect("open")
+    fn open(place: &testing::Place) -> Store {
+        place.open()
     }
 
     fn consistent(s: &Store) {
         assert_eq!(s.check_cache().expect("check"), None);
     }
 
-    #[test]
-    fn cache_entries_sharing_a_blob_hold_a_reference_each() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = open(&dir);
+    fn cache_entries_sharing_a_blob_hold_a_reference_each(dir: &testing::Place) {
+        let s = open(dir);
         for b in [1, 2, 3] {
             s.cache_put_blob(&digest(b), 100).expect("blob");
         }
@@ -1572,10 +1739,8 @@ mod cache_tests {
         consistent(&s);
     }
 
-    #[test]
-    fn cache_eviction_goes_by_last_use_and_spares_pinned_entries() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = open(&dir);
+    fn cache_eviction_goes_by_last_use_and_spares_pinned_entries(dir: &testing::Place) {
+        let s = open(dir);
         // Four entries with a blob of their own (100 bytes) and one they all share (50).
         s.cache_put_blob(&digest(99), 50).expect("blob");
         for i in 1..=4 {
@@ -1614,10 +1779,8 @@ mod cache_tests {
         consistent(&s);
     }
 
-    #[test]
-    fn cache_orphan_blobs_go_after_an_hour() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = open(&dir);
+    fn cache_orphan_blobs_go_after_an_hour(dir: &testing::Place) {
+        let s = open(dir);
         s.cache_put_blob(&digest(1), 10).expect("blob");
         s.cache_put_blob(&digest(2), 10).expect("blob");
         insert(&s, &entry("k", &[2], 1));
@@ -1636,10 +1799,8 @@ mod cache_tests {
         consistent(&s);
     }
 
-    #[test]
-    fn cache_counts_match_a_scan_after_random_operations() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = open(&dir);
+    fn cache_counts_match_a_scan_after_random_operations(dir: &testing::Place) {
+        let mut s = open(dir);
         let mut x: u64 = 0x2545_f491_4f6c_dd1d;
         let mut rand = move |n: u64| {
             x ^= x << 13;
@@ -1684,7 +1845,7 @@ mod cache_tests {
             if round % 100 == 99 {
                 let before = s.cache_stats().expect("stats");
                 drop(s);
-                s = open(&dir);
+                s = open(dir);
                 assert_eq!(s.cache_stats().expect("stats"), before, "reopening keeps everything");
             }
         }
@@ -1694,9 +1855,7 @@ mod cache_tests {
         );
     }
 
-    #[test]
-    fn cache_records_survive_reopening_and_epochs_grow() {
-        let dir = tempfile::tempdir().expect("tempdir");
+    fn cache_records_survive_reopening_and_epochs_grow(dir: &testing::Place) {
         let run = LastRun {
             key: "k".into(),
             build: 3,
@@ -1705,7 +1864,7 @@ mod cache_tests {
             at_ms: 7,
         };
         {
-            let s = open(&dir);
+            let s = open(dir);
             s.cache_put_blob(&digest(1), 10).expect("blob");
             let e = entry("k", &[1], 5);
             s.commit(
@@ -1722,7 +1881,7 @@ mod cache_tests {
             assert_eq!(s.cache_reset("app/build").expect("reset"), 1);
             assert_eq!(s.cache_reset("app/build").expect("reset"), 2);
         }
-        let s = open(&dir);
+        let s = open(dir);
         assert_eq!(s.cache_entry("k").expect("read"), Some(entry("k", &[1], 5)));
         assert_eq!(s.cache_last("app/build", "compile").expect("read"), Some(run));
         assert_eq!(s.cache_last("app/build", "test").expect("read"), None);
@@ -1732,5 +1891,42 @@ mod cache_tests {
         assert_eq!(stats.per_builder, vec![("app/build".to_owned(), 2, 3), ("app/lint".to_owned(), 0, 1)]);
         assert_eq!((stats.entries, stats.blobs, stats.stored_bytes), (1, 1, 10));
         consistent(&s);
+    }
+    /// Each test above, on every backend.
+    mod on_each_backend {
+        #[test]
+        fn cache_entries_sharing_a_blob_hold_a_reference_each() {
+            for place in crate::store::testing::places() {
+                super::cache_entries_sharing_a_blob_hold_a_reference_each(&place);
+            }
+        }
+
+        #[test]
+        fn cache_eviction_goes_by_last_use_and_spares_pinned_entries() {
+            for place in crate::store::testing::places() {
+                super::cache_eviction_goes_by_last_use_and_spares_pinned_entries(&place);
+            }
+        }
+
+        #[test]
+        fn cache_orphan_blobs_go_after_an_hour() {
+            for place in crate::store::testing::places() {
+                super::cache_orphan_blobs_go_after_an_hour(&place);
+            }
+        }
+
+        #[test]
+        fn cache_counts_match_a_scan_after_random_operations() {
+            for place in crate::store::testing::places() {
+                super::cache_counts_match_a_scan_after_random_operations(&place);
+            }
+        }
+
+        #[test]
+        fn cache_records_survive_reopening_and_epochs_grow() {
+            for place in crate::store::testing::places() {
+                super::cache_records_survive_reopening_and_epochs_grow(&place);
+            }
+        }
     }
 }

@@ -18,6 +18,7 @@ fn options(dir: &std::path::Path) -> MasterOptions {
         http: "127.0.0.1:0".parse().expect("addr"),
         grpc: "127.0.0.1:0".parse().expect("addr"),
         heartbeat: Duration::from_secs(1),
+        migrate: false,
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rbb_master::forge::outbox_store::{Delivery, RedbOutbox};
+use rbb_master::forge::outbox_store::{Delivery, StateOutbox};
 use rbb_master::forge::sender::{CurlTransport, Outbox, send_due};
 use rbb_master::forge::status::{self, CommitState, StatusRow, StatusTarget, commit_state};
 use rbb_master::model::BuildRecord;
@@ -192,8 +192,9 @@ fn row(repo: &str, sha: &str, context: &str, state: CommitState) -> StatusRow {
     }
 }
 
-fn open_outbox(path: &Path) -> RedbOutbox<Arc<redb::Database>> {
-    RedbOutbox::open(Arc::new(redb::Database::create(path).expect("db"))).expect("outbox")
+fn open_outbox(path: &Path) -> StateOutbox<Arc<rbb_master::store::kv::Db>> {
+    StateOutbox::open(Arc::new(rbb_master::store::kv::Db::Redb(redb::Database::create(path).expect("db"))))
+        .expect("outbox")
 }
 
 #[test]

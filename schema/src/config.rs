@@ -27,6 +27,11 @@ pub struct MasterConfig {
     /// Directory of the master's state (database, logs, mirrors). Default `.rbb-state`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<String>,
+    /// Where builds, changes and the cache's index are stored: without it, a redb file in
+    /// `state_dir` (one master); with a `postgres://` URL, that PostgreSQL database
+    /// (docs/postgres.md). Logs, mirrors and cache blobs stay in `state_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateConfig>,
     /// Secrets of the forge webhooks (`POST /api/v2/hooks/{github,gitlab,gitea}`). A forge
     /// without a secret here is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -464,4 +469,36 @@ pub struct WorkerConfig {
     /// subject is its name, besides its token.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub require_client_cert: bool,
+}
+
+/// The state database: a URL, or a URL with where its password comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum StateConfig {
+    /// `postgres://user@host[:port]/database[?sslmode=disable]`. The password comes from
+    /// `PGPASSWORD` when the URL has none.
+    Url(String),
+    Database(StateDatabase),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StateDatabase {
+    /// `postgres://user@host[:port]/database`, without a password.
+    pub url: String,
+    /// A file holding the password (its first line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// An environment variable of the master holding the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+}
+
+impl StateConfig {
+    pub fn url(&self) -> &str {
+        match self {
+            StateConfig::Url(u) => u,
+            StateConfig::Database(d) => &d.url,
+        }
+    }
 }

@@ -18,6 +18,7 @@ mod cache_bench;
 mod docker_bench;
 mod forge_bench;
 mod key_bench;
+mod postgres;
 mod repos_bench;
 mod runs;
 mod scale;
@@ -270,6 +271,20 @@ const TEST_BUILD: &[&str] = &["test", "--workspace"];
 fn test(root: &Path, args: &[String]) -> Result<()> {
     // Formatting is part of the checks (rustfmt.toml); rustfmt ships with the toolchain.
     run(cargo().current_dir(root).args(["fmt", "--all", "--check"]))?;
+    // The PostgreSQL state's tests need a server: a throwaway cluster unless one is given.
+    let _cluster = match std::env::var("RBB_TEST_POSTGRES") {
+        Ok(url) => {
+            eprintln!("tests: PostgreSQL at RBB_TEST_POSTGRES ({url})");
+            None
+        }
+        Err(_) => {
+            let c = postgres::Cluster::start()?;
+            eprintln!("tests: a throwaway PostgreSQL cluster at {}", c.url);
+            // SAFETY: set before any thread is started; the test processes inherit it.
+            unsafe { std::env::set_var("RBB_TEST_POSTGRES", &c.url) };
+            Some(c)
+        }
+    };
     let nextest = Command::new("cargo")
         .args(["nextest", "--version"])
         .stdout(std::process::Stdio::null())

@@ -271,6 +271,7 @@ impl Engine {
     /// had been stopped); pending ones wait.
     pub fn open(
         state_dir: &std::path::Path,
+        store: Store,
         planner: Planner,
         repos: Vec<Repo>,
         workers: Vec<WorkerConfig>,
@@ -281,7 +282,6 @@ impl Engine {
         // The head plan is read afterwards ([`Engine::read_heads`]): until then it is empty
         // and what decides from it waits.
         let plan = planner.head_plan();
-        let store = Store::open(&state_dir.join("state.redb"))?;
         let logs = LogFiles::new(&state_dir.join("logs"))?;
         let blobs = crate::cache::blobs::Blobs::open(state_dir)?;
         // Only live builds come into memory: history is read from the store on demand.
@@ -491,7 +491,7 @@ impl Engine {
     }
 
     /// The redb database, for the forge outbox's reader.
-    pub fn database(&self) -> &redb::Database {
+    pub fn database(&self) -> &crate::store::kv::Db {
         self.store.database()
     }
 

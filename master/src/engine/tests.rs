@@ -72,6 +72,7 @@ fn reopen(dir: &Path) -> Arc<Engine> {
         http: "127.0.0.1:0".parse().expect("addr"),
         grpc: "127.0.0.1:0".parse().expect("addr"),
         heartbeat: Duration::from_secs(3600),
+        migrate: false,
     };
     open(&opts).expect("master").engine
 }

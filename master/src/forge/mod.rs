@@ -14,6 +14,6 @@ pub mod outbox_store;
 pub mod sender;
 pub mod status;
 
-pub use outbox_store::RedbOutbox;
+pub use outbox_store::StateOutbox;
 pub use sender::{Outbox, Transport};
 pub use status::{CommitState, StatusRow, StatusTarget, statuses_for};

@@ -1,7 +1,7 @@
-//! The status outbox in redb: its own tables in the master's database. Rows are written by
+//! The status outbox: its own tables in the master's state database. Rows are written by
 //! [`write_rows`] inside the caller's write transaction (the one that stores the build's
 //! state), so a status is queued exactly when the state it reports is stored; the sender
-//! reads and settles them through [`RedbOutbox`].
+//! reads and settles them through [`StateOutbox`].
 //!
 //! Tables: `forge_outbox` (id → row as JSON, with its delivery state), `forge_outbox_due`
 //! ((retry_at ms, id) → (), only rows still to send: the sender's reads cost what is in
@@ -11,14 +11,15 @@
 
 use super::sender::{Outbox, Row};
 use super::status::StatusRow;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use crate::store::kv::{Db, WriteTxn};
+use redb::TableDefinition;
 use serde::{Deserialize, Serialize};
 
-const OUTBOX: TableDefinition<u64, &str> = TableDefinition::new("forge_outbox");
-const DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("forge_outbox_due");
-const LATEST: TableDefinition<&str, u64> = TableDefinition::new("forge_outbox_latest");
-const BY_REPO: TableDefinition<(&str, u64), ()> = TableDefinition::new("forge_outbox_by_repo");
-const BY_COMMIT: TableDefinition<(&str, u64), ()> = TableDefinition::new("forge_outbox_by_commit");
+pub(crate) const OUTBOX: TableDefinition<u64, &str> = TableDefinition::new("forge_outbox");
+pub(crate) const DUE: TableDefinition<(u64, u64), ()> = TableDefinition::new("forge_outbox_due");
+pub(crate) const LATEST: TableDefinition<&str, u64> = TableDefinition::new("forge_outbox_latest");
+pub(crate) const BY_REPO: TableDefinition<(&str, u64), ()> = TableDefinition::new("forge_outbox_by_repo");
+pub(crate) const BY_COMMIT: TableDefinition<(&str, u64), ()> = TableDefinition::new("forge_outbox_by_commit");
 
 /// Where a row stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,7 +63,7 @@ fn err(e: impl std::fmt::Display) -> OutboxError {
 
 /// Queues `rows` (due at once) inside `txn`, superseding any row still pending for the same
 /// (repository, commit, context). Returns the ids given to them.
-pub fn write_rows(txn: &WriteTransaction, rows: &[StatusRow]) -> Result<Vec<u64>, OutboxError> {
+pub fn write_rows(txn: &WriteTxn<'_>, rows: &[StatusRow]) -> Result<Vec<u64>, OutboxError> {
     let mut outbox = txn.open_table(OUTBOX).map_err(err)?;
     let mut due = txn.open_table(DUE).map_err(err)?;
     let mut latest = txn.open_table(LATEST).map_err(err)?;
@@ -71,14 +72,14 @@ pub fn write_rows(txn: &WriteTransaction, rows: &[StatusRow]) -> Result<Vec<u64>
     let now = now_ms();
     let mut ids = Vec::with_capacity(rows.len());
     for status in rows {
-        let mut next = outbox.last().map_err(err)?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+        let mut next = outbox.last().map_err(err)?.map(|(k, _)| k + 1).unwrap_or(1);
         if next == 0 {
             next = 1;
         }
         let key = status.key();
-        let previous = latest.get(key.as_str()).map_err(err)?.map(|v| v.value());
+        let previous = latest.get(key.as_str()).map_err(err)?;
         if let Some(old_id) = previous {
-            let old = outbox.get(old_id).map_err(err)?.map(|v| v.value().to_owned());
+            let old = outbox.get(old_id).map_err(err)?;
             if let Some(text) = old {
                 let mut old: Stored = serde_json::from_str(&text).map_err(err)?;
                 if old.delivery == Delivery::Pending {
@@ -108,21 +109,21 @@ pub fn write_rows(txn: &WriteTransaction, rows: &[StatusRow]) -> Result<Vec<u64>
 
 /// Gives access to the master's database (the store, or a bare database in tests).
 pub trait DatabaseHandle: Send + Sync {
-    fn database(&self) -> &Database;
+    fn database(&self) -> &Db;
 }
 
-impl DatabaseHandle for std::sync::Arc<Database> {
-    fn database(&self) -> &Database {
+impl DatabaseHandle for std::sync::Arc<Db> {
+    fn database(&self) -> &Db {
         self
     }
 }
 
-/// The outbox over redb.
-pub struct RedbOutbox<H: DatabaseHandle> {
+/// The outbox in the state database.
+pub struct StateOutbox<H: DatabaseHandle> {
     db: H,
 }
 
-impl<H: DatabaseHandle> RedbOutbox<H> {
+impl<H: DatabaseHandle> StateOutbox<H> {
     /// Creates the tables if missing, and the listing indexes of an outbox written before
     /// they were kept.
     pub fn open(db: H) -> Result<Self, OutboxError> {
@@ -136,14 +137,14 @@ impl<H: DatabaseHandle> RedbOutbox<H> {
             if by_repo.is_empty().map_err(err)? && !outbox.is_empty().map_err(err)? {
                 for entry in outbox.iter().map_err(err)? {
                     let (k, v) = entry.map_err(err)?;
-                    let stored: Stored = serde_json::from_str(v.value()).map_err(err)?;
-                    by_repo.insert((stored.row.status.repo.as_str(), k.value()), ()).map_err(err)?;
-                    by_commit.insert((stored.row.status.sha.as_str(), k.value()), ()).map_err(err)?;
+                    let stored: Stored = serde_json::from_str(&v).map_err(err)?;
+                    by_repo.insert((stored.row.status.repo.as_str(), k), ()).map_err(err)?;
+                    by_commit.insert((stored.row.status.sha.as_str(), k), ()).map_err(err)?;
                 }
             }
         }
         txn.commit().map_err(err)?;
-        Ok(RedbOutbox { db })
+        Ok(StateOutbox { db })
     }
 
     /// Queues `rows` in a transaction of their own (the engine calls [`write_rows`] in its).
@@ -158,7 +159,7 @@ impl<H: DatabaseHandle> RedbOutbox<H> {
     pub fn get(&self, id: u64) -> Result<Option<Stored>, OutboxError> {
         let txn = self.db.database().begin_read().map_err(err)?;
         let table = txn.open_table(OUTBOX).map_err(err)?;
-        let text = table.get(id).map_err(err)?.map(|v| v.value().to_owned());
+        let text = table.get(id).map_err(err)?;
         text.map(|t| serde_json::from_str(&t).map_err(err)).transpose()
     }
 
@@ -167,9 +168,9 @@ impl<H: DatabaseHandle> RedbOutbox<H> {
         let txn = self.db.database().begin_read().map_err(err)?;
         let table = txn.open_table(OUTBOX).map_err(err)?;
         let mut out = Vec::new();
-        for entry in table.iter().map_err(err)?.rev().take(limit) {
+        for entry in table.iter_rev().map_err(err)?.take(limit) {
             let (_, v) = entry.map_err(err)?;
-            out.push(serde_json::from_str(v.value()).map_err(err)?);
+            out.push(serde_json::from_str(&v).map_err(err)?);
         }
         Ok(out)
     }
@@ -179,7 +180,7 @@ impl<H: DatabaseHandle> RedbOutbox<H> {
         {
             let mut outbox = txn.open_table(OUTBOX).map_err(err)?;
             let mut due = txn.open_table(DUE).map_err(err)?;
-            let text = outbox.get(id).map_err(err)?.map(|v| v.value().to_owned());
+            let text = outbox.get(id).map_err(err)?;
             let Some(text) = text else { return Ok(()) };
             let mut stored: Stored = serde_json::from_str(&text).map_err(err)?;
             if stored.delivery != Delivery::Pending {
@@ -197,7 +198,7 @@ impl<H: DatabaseHandle> RedbOutbox<H> {
     }
 }
 
-impl<H: DatabaseHandle> Outbox for RedbOutbox<H> {
+impl<H: DatabaseHandle> Outbox for StateOutbox<H> {
     fn due(&self, now: u64) -> Vec<Row> {
         let read = || -> Result<Vec<Row>, OutboxError> {
             let txn = self.db.database().begin_read().map_err(err)?;
@@ -205,14 +206,14 @@ impl<H: DatabaseHandle> Outbox for RedbOutbox<H> {
             let outbox = txn.open_table(OUTBOX).map_err(err)?;
             let mut ids: Vec<u64> = Vec::new();
             for entry in due.range((0, 0)..=(now, u64::MAX)).map_err(err)? {
-                ids.push(entry.map_err(err)?.0.value().1);
+                ids.push(entry.map_err(err)?.0.1);
             }
             // In the order they were queued: statuses of one commit arrive in order.
             ids.sort_unstable();
             let mut rows = Vec::with_capacity(ids.len());
             for id in ids {
                 if let Some(v) = outbox.get(id).map_err(err)? {
-                    let stored: Stored = serde_json::from_str(v.value()).map_err(err)?;
+                    let stored: Stored = serde_json::from_str(&v).map_err(err)?;
                     rows.push(stored.row);
                 }
             }
@@ -313,20 +314,12 @@ pub struct Page {
 /// The most rows one listing reads before it answers with what it found.
 pub const MAX_SCAN: usize = 20_000;
 
-fn table_missing(e: &redb::TableError) -> bool {
-    matches!(e, redb::TableError::TableDoesNotExist(_))
-}
-
 /// Lists rows newest first, walking the narrowest index the filter allows: the due table
 /// for queued and retrying rows (what is in flight), the commit's or the repository's
 /// index, else the outbox itself. Reads at most [`MAX_SCAN`] rows.
-pub fn list(db: &Database, filter: &Filter) -> Result<Page, OutboxError> {
+pub fn list(db: &Db, filter: &Filter) -> Result<Page, OutboxError> {
     let txn = db.begin_read().map_err(err)?;
-    let outbox = match txn.open_table(OUTBOX) {
-        Ok(t) => t,
-        Err(e) if table_missing(&e) => return Ok(Page::default()),
-        Err(e) => return Err(err(e)),
-    };
+    let outbox = txn.open_table(OUTBOX).map_err(err)?;
     let mut page = Page::default();
     let mut matched = 0usize;
     let mut scanned = 0usize;
@@ -350,7 +343,7 @@ pub fn list(db: &Database, filter: &Filter) -> Result<Page, OutboxError> {
         true
     };
     let load = |id: u64| -> Result<Option<Stored>, OutboxError> {
-        let text = outbox.get(id).map_err(err)?.map(|v| v.value().to_owned());
+        let text = outbox.get(id).map_err(err)?;
         text.map(|t| serde_json::from_str(&t).map_err(err)).transpose()
     };
     let pending_only = matches!(filter.delivery, Some(DeliveryState::Queued | DeliveryState::Retrying));
@@ -358,7 +351,7 @@ pub fn list(db: &Database, filter: &Filter) -> Result<Page, OutboxError> {
         let due = txn.open_table(DUE).map_err(err)?;
         let mut ids = Vec::new();
         for entry in due.iter().map_err(err)? {
-            ids.push(entry.map_err(err)?.0.value().1);
+            ids.push(entry.map_err(err)?.0.1);
             if ids.len() >= MAX_SCAN {
                 break;
             }
@@ -373,21 +366,17 @@ pub fn list(db: &Database, filter: &Filter) -> Result<Page, OutboxError> {
         filter.commit.as_deref().map(|c| (BY_COMMIT, c)).or(filter.repo.as_deref().map(|r| (BY_REPO, r)))
     {
         let (table, value) = key;
-        let index = match txn.open_table(table) {
-            Ok(t) => t,
-            Err(e) if table_missing(&e) => return Ok(page),
-            Err(e) => return Err(err(e)),
-        };
-        for entry in index.range((value, 0)..=(value, u64::MAX)).map_err(err)?.rev() {
-            let id = entry.map_err(err)?.0.value().1;
+        let index = txn.open_table(table).map_err(err)?;
+        for entry in index.range_rev((value, 0)..=(value, u64::MAX)).map_err(err)? {
+            let id = entry.map_err(err)?.0.1;
             if !visit(load(id)?, &mut page) {
                 break;
             }
         }
     } else {
-        for entry in outbox.iter().map_err(err)?.rev() {
+        for entry in outbox.iter_rev().map_err(err)? {
             let (_, v) = entry.map_err(err)?;
-            let stored = serde_json::from_str(v.value()).map_err(err)?;
+            let stored = serde_json::from_str(&v).map_err(err)?;
             if !visit(Some(stored), &mut page) {
                 break;
             }

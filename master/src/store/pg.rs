@@ -1,0 +1,531 @@
+//! The state's tables in PostgreSQL: each table of the state is a table `rbb_<name>` of
+//! (key bytea primary key, value bytea), keys encoded so that PostgreSQL's bytewise order is
+//! the state's key order ([`super::kv::Codec`]).
+//!
+//! The store is synchronous (the engine writes under its lock, like redb's writes), so the
+//! client's connections run on a runtime of their own and each call waits for its answer on
+//! the calling thread. One connection writes (transactions are serialised, as redb's are);
+//! reads take a connection from a small pool. A lazy write commits with
+//! `synchronous_commit = off`: it survives the master's death, and only a crash of the
+//! database server can lose it, as a crash of the machine can lose redb's.
+
+use super::StoreError;
+use std::collections::HashSet;
+use std::ops::Bound;
+use std::sync::{Mutex, MutexGuard};
+use tokio_postgres::types::{ToSql, Type};
+
+/// Rows fetched per round trip of a range scan.
+const PAGE: i64 = 256;
+/// Idle read connections kept.
+const IDLE_READS: usize = 8;
+
+pub fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Pg(describe(&e))
+}
+
+/// An error with what the server said (the driver's own message alone is often "db error").
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => match d.hint() {
+            Some(h) => format!("{}: {} (hint: {h})", d.severity(), d.message()),
+            None => format!("{}: {}", d.severity(), d.message()),
+        },
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(inner) = src {
+                s.push_str(": ");
+                s.push_str(&inner.to_string());
+                src = inner.source();
+            }
+            s
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` with the password hidden: what messages may name.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.split_whitespace().filter(|w| !w.starts_with("password=")).collect::<Vec<_>>().join(" ");
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{name}:<hidden>@{host}"),
+            None => format!("{user}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let kept: Vec<&str> = query.split('&').filter(|kv| !kv.starts_with("password=")).collect();
+            if kept.is_empty() { path.to_owned() } else { format!("{path}?{}", kept.join("&")) }
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
+/// One connection.
+pub struct Conn {
+    client: tokio_postgres::Client,
+}
+
+fn wait<T>(f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>) -> Result<T, StoreError> {
+    futures::executor::block_on(f).map_err(pg_error)
+}
+
+impl Conn {
+    fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let typed: Vec<(&(dyn ToSql + Sync), Type)> = params.iter().map(|p| (*p, Type::BYTEA)).collect();
+        wait(self.client.query_typed(sql, &typed))
+    }
+
+    fn batch(&self, sql: &str) -> Result<(), StoreError> {
+        wait(self.client.batch_execute(sql))
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Runs statements with no parameters (schema changes, administration).
+    pub fn execute_batch(&self, sql: &str) -> Result<(), StoreError> {
+        self.batch(sql)
+    }
+
+    /// Runs a query whose parameters are all text.
+    pub fn query_text(&self, sql: &str, params: &[&str]) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let typed: Vec<(&(dyn ToSql + Sync), Type)> =
+            params.iter().map(|p| (p as &(dyn ToSql + Sync), Type::TEXT)).collect();
+        wait(self.client.query_typed(sql, &typed))
+    }
+}
+
+/// A connection to the state's database.
+pub struct Pg {
+    runtime: Option<tokio::runtime::Runtime>,
+    config: tokio_postgres::Config,
+    /// The URL with its password hidden.
+    pub shown: String,
+    write: Mutex<Conn>,
+    idle: Mutex<Vec<Conn>>,
+    /// Tables known to exist.
+    tables: Mutex<HashSet<String>>,
+    /// Whether this process holds the master's lock (on the writing connection).
+    locked: std::sync::atomic::AtomicBool,
+}
+
+/// The advisory lock a master holds on its state database.
+const MASTER_LOCK: i64 = 0x0072_6262;
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        if self.locked.load(std::sync::atomic::Ordering::Acquire) {
+            // Released now rather than when the server notices the connection is gone, so a
+            // master started right after this one stopped finds the database free.
+            let conn = self.write.lock().unwrap_or_else(|p| p.into_inner());
+            if !conn.is_closed() {
+                let _ = conn.batch(&format!("SELECT pg_advisory_unlock({MASTER_LOCK})"));
+            }
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn sql_name(table: &str) -> Result<String, StoreError> {
+    if table.is_empty() || !table.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_') {
+        return Err(StoreError::Pg(format!("table name {table:?} is not a plain identifier")));
+    }
+    Ok(format!("rbb_{table}"))
+}
+
+impl Pg {
+    /// Connects (credentials from the URL, or libpq's usual environment: `PGPASSWORD` is
+    /// read by the caller, [`Pg::connect`] takes it in `password`).
+    pub fn connect(url: &str, password: Option<&str>) -> Result<Pg, StoreError> {
+        let shown = redact(url);
+        let mut config: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
+            StoreError::Pg(format!("cannot read the state URL {shown}: {}", describe(&e)))
+        })?;
+        if let Some(p) = password
+            && config.get_password().is_none()
+        {
+            config.password(p);
+        }
+        if config.get_application_name().is_none() {
+            let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+            config.application_name(format!("rbb on {host} (pid {})", std::process::id()));
+        }
+        config.connect_timeout(std::time::Duration::from_secs(10));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("rbb-postgres")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Pg(format!("cannot start the PostgreSQL client: {e}")))?;
+        let write = open_conn(&runtime, &config, &shown)?;
+        Ok(Pg {
+            runtime: Some(runtime),
+            config,
+            shown,
+            write: Mutex::new(write),
+            idle: Mutex::new(Vec::new()),
+            tables: Mutex::new(HashSet::new()),
+            locked: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("runtime lives until drop")
+    }
+
+    /// A connection for reads, from the pool (or a new one).
+    pub fn read_conn(&self) -> Result<Pooled<'_>, StoreError> {
+        let conn = loop {
+            let next = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            match next {
+                Some(c) if c.is_closed() => continue,
+                Some(c) => break c,
+                None => break open_conn(self.runtime(), &self.config, &self.shown)?,
+            }
+        };
+        Ok(Pooled { pg: self, conn: Some(conn) })
+    }
+
+    /// The writing connection, reconnected if the server dropped it (taking the master's
+    /// lock again, which another master may have taken meanwhile).
+    pub fn write_conn(&self) -> Result<MutexGuard<'_, Conn>, StoreError> {
+        let mut guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_closed() {
+            tracing::warn!(database = %self.shown, "the state database closed the connection; connecting again");
+            *guard = open_conn(self.runtime(), &self.config, &self.shown)?;
+            if self.locked.load(std::sync::atomic::Ordering::Acquire) {
+                self.take_lock(&guard)?;
+            }
+        }
+        Ok(guard)
+    }
+
+    /// Takes the lock that keeps a second master off this database, or names who holds it.
+    pub fn lock_master(&self) -> Result<(), StoreError> {
+        let conn = self.write_conn()?;
+        self.take_lock(&conn)?;
+        self.locked.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    fn take_lock(&self, conn: &Conn) -> Result<(), StoreError> {
+        let got = conn.query_text(&format!("SELECT pg_try_advisory_lock({MASTER_LOCK})"), &[])?;
+        if got.first().is_some_and(|r| r.get::<_, bool>(0)) {
+            return Ok(());
+        }
+        let holder = conn
+            .query_text(
+                &format!(
+                    "SELECT a.application_name || ' from ' || coalesce(host(a.client_addr), 'a local socket') \
+                     FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                     WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = {MASTER_LOCK}"
+                ),
+                &[],
+            )?
+            .first()
+            .map(|r| r.get::<_, String>(0))
+            .unwrap_or_else(|| "unknown".to_owned());
+        Err(StoreError::InUse { shown: self.shown.clone(), holder })
+    }
+
+    pub fn begin_write(&self, durable: bool) -> Result<Write<'_>, StoreError> {
+        let conn = self.write_conn()?;
+        conn.batch(if durable { "BEGIN" } else { "BEGIN; SET LOCAL synchronous_commit TO OFF" })?;
+        Ok(Write { pg: self, conn, done: false })
+    }
+
+    pub fn begin_read(&self) -> Result<Read<'_>, StoreError> {
+        Ok(Read { pg: self, conn: self.read_conn()? })
+    }
+
+    fn known(&self, name: &str) -> bool {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner()).contains(name)
+    }
+
+    fn learn(&self, name: &str) {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_owned());
+    }
+
+    /// Creates a table if it does not exist (on a connection of its own, so the table stays
+    /// whatever becomes of the transaction that first needed it).
+    fn ensure(&self, name: &str) -> Result<(), StoreError> {
+        if self.known(name) {
+            return Ok(());
+        }
+        let conn = self.read_conn()?;
+        conn.batch(&format!("CREATE TABLE IF NOT EXISTS {name} (k bytea PRIMARY KEY, v bytea NOT NULL)")).or_else(
+            |e| {
+                // Two masters creating the same table at once: one of them loses the race on
+                // the catalogue, and the table exists.
+                if exists(&conn, name)? { Ok(()) } else { Err(e) }
+            },
+        )?;
+        self.learn(name);
+        Ok(())
+    }
+}
+
+fn exists(conn: &Conn, name: &str) -> Result<bool, StoreError> {
+    let rows = conn.query_text("SELECT to_regclass($1) IS NOT NULL", &[name])?;
+    Ok(rows.first().is_some_and(|r| r.get::<_, bool>(0)))
+}
+
+fn open_conn(rt: &tokio::runtime::Runtime, config: &tokio_postgres::Config, shown: &str) -> Result<Conn, StoreError> {
+    let config = config.clone();
+    let connect = rt.spawn(async move {
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::warn!(error = %describe(&e), "connection to the state database ended");
+            }
+        });
+        Ok::<_, tokio_postgres::Error>(client)
+    });
+    match futures::executor::block_on(connect) {
+        Ok(Ok(client)) => Ok(Conn { client }),
+        Ok(Err(e)) => Err(StoreError::Pg(format!("cannot connect to the state database {shown}: {}", describe(&e)))),
+        Err(e) => Err(StoreError::Pg(format!("cannot connect to the state database {shown}: {e}"))),
+    }
+}
+
+/// A pooled read connection; back to the pool when dropped.
+pub struct Pooled<'p> {
+    pg: &'p Pg,
+    conn: Option<Conn>,
+}
+
+impl std::ops::Deref for Pooled<'_> {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        self.conn.as_ref().expect("held until drop")
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take()
+            && !c.is_closed()
+        {
+            let mut idle = self.pg.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < IDLE_READS {
+                idle.push(c);
+            }
+        }
+    }
+}
+
+pub struct Write<'p> {
+    pg: &'p Pg,
+    conn: MutexGuard<'p, Conn>,
+    done: bool,
+}
+
+impl Write<'_> {
+    pub fn table(&self, name: &str) -> Result<Table<'_>, StoreError> {
+        let name = sql_name(name)?;
+        self.pg.ensure(&name)?;
+        Ok(Table { conn: &self.conn, name })
+    }
+
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        self.done = true;
+        self.conn.batch("COMMIT")
+    }
+
+    /// The transaction's connection, for statements of the caller's own.
+    pub fn conn(&self) -> &Conn {
+        &self.conn
+    }
+}
+
+impl Drop for Write<'_> {
+    fn drop(&mut self) {
+        if !self.done
+            && let Err(e) = self.conn.batch("ROLLBACK")
+        {
+            tracing::warn!(error = %e, "cannot roll back a state transaction");
+        }
+    }
+}
+
+pub struct Read<'p> {
+    pg: &'p Pg,
+    conn: Pooled<'p>,
+}
+
+impl Read<'_> {
+    /// The table, or None when it was never created.
+    pub fn table(&self, name: &str) -> Result<Option<Table<'_>>, StoreError> {
+        let name = sql_name(name)?;
+        if !self.pg.known(&name) {
+            if !exists(&self.conn, &name)? {
+                return Ok(None);
+            }
+            self.pg.learn(&name);
+        }
+        Ok(Some(Table { conn: &self.conn, name }))
+    }
+
+    pub fn conn(&self) -> &Conn {
+        &self.conn
+    }
+}
+
+/// A table, through a transaction's (or a read's) connection.
+pub struct Table<'c> {
+    conn: &'c Conn,
+    name: String,
+}
+
+impl<'c> Table<'c> {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let rows = self.conn.query(&format!("SELECT v FROM {} WHERE k = $1", self.name), &[&k])?;
+        Ok(rows.first().map(|r| r.get::<_, Vec<u8>>(0)))
+    }
+
+    pub fn put(&self, k: &[u8], v: &[u8]) -> Result<(), StoreError> {
+        self.conn.query(
+            &format!("INSERT INTO {} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v", self.name),
+            &[&k, &v],
+        )?;
+        Ok(())
+    }
+
+    /// Writes many rows in one statement.
+    pub fn put_many(&self, keys: &[Vec<u8>], vals: &[Vec<u8>]) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO {} (k, v) SELECT * FROM unnest($1::bytea[], $2::bytea[]) \
+             ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
+            self.name
+        );
+        wait(self.conn.client.query_typed(&sql, &[(&keys, Type::BYTEA_ARRAY), (&vals, Type::BYTEA_ARRAY)]))?;
+        Ok(())
+    }
+
+    pub fn swap(&self, k: &[u8], v: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let n = &self.name;
+        let rows = self.conn.query(
+            &format!(
+                "WITH old AS (SELECT v FROM {n} WHERE k = $1), \
+                 up AS (INSERT INTO {n} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v) \
+                 SELECT v FROM old"
+            ),
+            &[&k, &v],
+        )?;
+        Ok(rows.first().map(|r| r.get::<_, Vec<u8>>(0)))
+    }
+
+    pub fn remove(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let rows = self.conn.query(&format!("DELETE FROM {} WHERE k = $1 RETURNING v", self.name), &[&k])?;
+        Ok(rows.first().map(|r| r.get::<_, Vec<u8>>(0)))
+    }
+
+    #[allow(clippy::len_without_is_empty)] // emptiness is asked through a scan (kv::Table)
+    pub fn len(&self) -> Result<u64, StoreError> {
+        let rows = self.conn.query(&format!("SELECT count(*) FROM {}", self.name), &[])?;
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)) as u64)
+    }
+
+    /// Rows between two bounds, fetched a page at a time as the caller reads them.
+    pub fn scan(&self, lo: Bound<Vec<u8>>, hi: Bound<Vec<u8>>, rev: bool) -> Scan<'c> {
+        Scan { conn: self.conn, name: self.name.clone(), lo, hi, rev, page: Vec::new().into_iter(), done: false }
+    }
+}
+
+pub struct Scan<'c> {
+    conn: &'c Conn,
+    name: String,
+    lo: Bound<Vec<u8>>,
+    hi: Bound<Vec<u8>>,
+    rev: bool,
+    page: std::vec::IntoIter<(Vec<u8>, Vec<u8>)>,
+    done: bool,
+}
+
+impl Scan<'_> {
+    fn fetch(&mut self) -> Result<(), StoreError> {
+        let mut cond = Vec::new();
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        for (b, incl, excl) in [(&self.lo, ">=", ">"), (&self.hi, "<=", "<")] {
+            match b {
+                Bound::Included(k) => {
+                    params.push(k);
+                    cond.push(format!("k {incl} ${}", params.len()));
+                }
+                Bound::Excluded(k) => {
+                    params.push(k);
+                    cond.push(format!("k {excl} ${}", params.len()));
+                }
+                Bound::Unbounded => {}
+            }
+        }
+        let filter = if cond.is_empty() { String::new() } else { format!("WHERE {}", cond.join(" AND ")) };
+        let order = if self.rev { "DESC" } else { "ASC" };
+        let sql = format!("SELECT k, v FROM {} {filter} ORDER BY k {order} LIMIT {PAGE}", self.name);
+        let rows = self.conn.query(&sql, &params)?;
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        if (rows.len() as i64) < PAGE {
+            self.done = true;
+        }
+        if let Some((last, _)) = rows.last() {
+            // The next page starts after the last key read.
+            if self.rev {
+                self.hi = Bound::Excluded(last.clone());
+            } else {
+                self.lo = Bound::Excluded(last.clone());
+            }
+        }
+        self.page = rows.into_iter();
+        Ok(())
+    }
+}
+
+impl Iterator for Scan<'_> {
+    type Item = Result<(Vec<u8>, Vec<u8>), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(row) = self.page.next() {
+                return Some(Ok(row));
+            }
+            if self.done {
+                return None;
+            }
+            if let Err(e) = self.fetch() {
+                self.done = true;
+                return Some(Err(e));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn a_state_url_is_shown_without_its_password() {
+        assert_eq!(redact("postgres://rbb:s3cret@db.example:5432/ci"), "postgres://rbb:<hidden>@db.example:5432/ci");
+        assert_eq!(
+            redact("postgres://rbb@127.0.0.1/ci?password=s3cret&sslmode=disable"),
+            "postgres://rbb@127.0.0.1/ci?sslmode=disable"
+        );
+        assert_eq!(redact("postgresql://h/ci"), "postgresql://h/ci");
+        assert_eq!(redact("host=h user=u password=s3cret dbname=ci"), "host=h user=u dbname=ci");
+    }
+}

@@ -1,0 +1,333 @@
+//! The state in PostgreSQL (docs/postgres.md): a real `rbb master` on a real server (the
+//! throwaway cluster `cargo xtask test` starts), `rbb state migrate` from a redb state, and
+//! `rbb state check` on schema versions older and newer than the binary's.
+
+mod support;
+
+use rbb_master::model::{BuildRecord, ChangeRecord, LogRecord, ScheduleRecord, StepRecord};
+use rbb_master::store::{Batch, Migrate, SCHEMA_VERSION, Store, Sync, index_key, testing};
+use rbb_schema::api::State;
+use rbb_schema::results::Outcome;
+use std::process::Command;
+use std::time::Duration;
+use support::*;
+
+fn rbb(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_rbb")).args(args).output().expect("run rbb")
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Runs SQL on the database at `url`.
+fn sql(url: &str, statements: &str) {
+    let pg = rbb_master::store::pg::Pg::connect(url, None).expect("connect");
+    pg.read_conn().expect("conn").execute_batch(statements).expect("sql");
+}
+
+#[test]
+fn a_master_on_postgres_runs_builds_keeps_them_across_a_kill_9_and_refuses_a_second_master() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_repo(
+        &dir.path().join("app"),
+        "builders:\n  a:\n    steps: [{ run: 'true' }, { run: 'echo hello-from-postgres' }]\n  b:\n    steps: [{ run: 'exit 1' }]\n",
+        &[],
+    );
+    let config = write_config(dir.path(), &["app"], &[("w1", "t", &[])]);
+    let url = testing::fresh_database();
+    // The password comes from the environment (the test server trusts loopback and ignores
+    // it): it must appear in no log line.
+    let mut text_cfg = std::fs::read_to_string(&config).expect("config");
+    text_cfg.push_str(&format!("state:\n  url: {url}\n  password_env: RBB_TEST_PG_SECRET\n"));
+    std::fs::write(&config, text_cfg).expect("config");
+    let secret = "pg-secret-value-1f3e";
+    // SAFETY: set before any thread of this test reads the environment.
+    unsafe { std::env::set_var("RBB_TEST_PG_SECRET", secret) };
+
+    let mut m = Master::start(&config, &dir.path().join("state"));
+    let _w = Worker::start(&m, "w1", "t", &dir.path().join("w1"), &[]);
+    let a = m.force("app/a");
+    let b = m.force("app/b");
+    assert_eq!(m.finished(a, Duration::from_secs(60))["result"], "SUCCESS");
+    assert_eq!(m.finished(b, Duration::from_secs(60))["result"], "FAILURE");
+    let log_id = m.build(a)["steps"][1]["log_id"].as_u64().expect("a log");
+    let log = m.get(&format!("/api/v2/logs/{log_id}/raw"));
+    assert!(log.text().contains("hello-from-postgres"), "{}", log.text());
+
+    // A second master on the same database is refused, and says who holds it.
+    let second = Command::new(env!("CARGO_BIN_EXE_rbb"))
+        .args(["master", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state2"))
+        .output()
+        .expect("second master");
+    assert!(!second.status.success());
+    let said = text(&second);
+    assert!(said.contains("in use by another rbb master") && said.contains("rbb on"), "{said}");
+    assert!(!said.contains(secret), "{said}");
+
+    // kill -9: the finished results are in the database; a new master picks them up.
+    m.kill();
+    let log_text = m.log_text();
+    assert!(!log_text.contains(secret), "the password reached the log:\n{log_text}");
+    assert!(log_text.contains(&rbb_master::store::pg::redact(&url)), "{log_text}");
+    let m = Master::start(&config, &dir.path().join("state"));
+    assert_eq!(m.build(a)["result"], "SUCCESS");
+    assert_eq!(m.build(b)["result"], "FAILURE");
+    let listed = builds(&m);
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let _w = Worker::start(&m, "w1", "t", &dir.path().join("w1b"), &[]);
+    let c = m.force("app/a");
+    assert!(c > b, "ids keep growing after a restart: {c} after {b}");
+    assert_eq!(m.finished(c, Duration::from_secs(60))["result"], "SUCCESS");
+    let store = Store::open_postgres(&url, None, Migrate::No);
+    assert!(store.is_err(), "the running master holds the database");
+}
+
+fn build(id: u64, change: u64, result: Outcome) -> BuildRecord {
+    let steps = (0..3)
+        .map(|n| StepRecord {
+            state: State::Finished,
+            result: Some(if n == 2 { result } else { Outcome::Success }),
+            exit_code: Some(if n == 2 && result == Outcome::Failure { 1 } else { 0 }),
+            started_at: Some(1_000 + id),
+            finished_at: Some(2_000 + id),
+            log_id: Some(id * 3 + u64::from(n)),
+            log_bytes: Some(100 + id),
+            ..StepRecord::pending(n, &format!("step {n}"))
+        })
+        .collect();
+    BuildRecord {
+        id,
+        builder: format!("repo{}/b{}", id % 7, id % 13),
+        repo: format!("repo{}", id % 7),
+        repo_url: "/srv/git/repo".into(),
+        branch: if id.is_multiple_of(5) { "feature/x".into() } else { "main".into() },
+        commit: format!("{:040x}", change * 7919),
+        plan_hash: "sha256:plan".into(),
+        pipeline_blob: Some("blob".into()),
+        reason: "push".into(),
+        event: "push".into(),
+        properties: [("k".to_owned(), format!("v{id}"))].into(),
+        priority: 0,
+        state: State::Finished,
+        result: Some(result),
+        result_reason: String::new(),
+        worker: Some(format!("w{}", id % 4)),
+        waits_for: Vec::new(),
+        halted: false,
+        cancelled: false,
+        attempt: 1,
+        worker_losses: 0,
+        checked_out: true,
+        changes: vec![change],
+        submitted_at: 500 + id,
+        started_at: Some(1_000 + id),
+        finished_at: Some(2_000 + id),
+        rebuild_of: None,
+        steps,
+    }
+}
+
+/// A redb state with `n` finished builds (3 steps and logs each), their changes, a
+/// schedule and a plan, written the way the engine writes them.
+fn write_redb_state(path: &std::path::Path, n: u64) {
+    let store = Store::open(path).expect("open redb");
+    for chunk in (1..=n).collect::<Vec<_>>().chunks(100) {
+        let builds: Vec<BuildRecord> = chunk
+            .iter()
+            .map(|&id| build(id, id.div_ceil(4), if id.is_multiple_of(3) { Outcome::Failure } else { Outcome::Success }))
+            .collect();
+        let logs: Vec<LogRecord> = chunk
+            .iter()
+            .flat_map(|&id| {
+                (0..3).map(move |s| LogRecord {
+                    id: id * 3 + s,
+                    build: id,
+                    step: s as u32,
+                    file: format!("{}/{}", id, s),
+                    bytes: 100 + id,
+                    finished: true,
+                    created_at: Some(1_000 + id),
+                    compressed: false,
+                    expired: false,
+                })
+            })
+            .collect();
+        let changes: Vec<ChangeRecord> = chunk
+            .iter()
+            .filter(|&&id| id % 4 == 1)
+            .map(|&id| ChangeRecord {
+                id: id.div_ceil(4),
+                repo: format!("repo{}", id % 7),
+                branch: "main".into(),
+                commit: format!("{:040x}", id.div_ceil(4) * 7919),
+                author: "A U Thor".into(),
+                email: "a@example.com".into(),
+                time: 1_700_000_000 + id as i64,
+                message: format!("change {id}\n\nwith a body"),
+                files: vec!["src/lib.rs".into()],
+                event: "push".into(),
+                source: "poll".into(),
+                recorded_at: 400 + id,
+                pull_request: None,
+            })
+            .collect();
+        store
+            .commit(
+                Batch {
+                    builds: builds.iter().collect(),
+                    logs: logs.iter().collect(),
+                    changes: changes.iter().collect(),
+                    ..Batch::default()
+                },
+                Sync::Lazy,
+            )
+            .expect("commit");
+    }
+    let schedule = ScheduleRecord { checked_minute: 29_000_000, fired_minute: Some(28_999_990), last_commit: None };
+    store
+        .commit(Batch { schedules: vec![("repo1/b1#0", &schedule)], ..Batch::default() }, Sync::Durable)
+        .expect("schedule");
+    rbb_master::audit::record(
+        store.database(),
+        rbb_schema::api::AuditEntry {
+            id: 0,
+            at_ms: 1,
+            who: "alice".into(),
+            role: rbb_schema::config::Access::Admin,
+            action: "force".into(),
+            target: "repo1/b1".into(),
+            from: "127.0.0.1:1".into(),
+            status: 201,
+            result: "ok".into(),
+        },
+    )
+    .expect("audit");
+}
+
+fn every_build(s: &Store) -> Vec<BuildRecord> {
+    let mut out = Vec::new();
+    s.scan_builds(None, false, |b| {
+        out.push(b);
+        true
+    })
+    .expect("scan");
+    out
+}
+
+#[test]
+fn rbb_state_migrate_copies_1000_builds_record_for_record_and_refuses_a_database_that_is_not_empty() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("mkdir");
+    write_redb_state(&state.join("state.redb"), 1000);
+    let url = testing::fresh_database();
+
+    let out = rbb(&["state", "migrate", "--from", state.to_str().expect("utf-8"), "--to", &url]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("counts match"), "{}", text(&out));
+
+    let from = Store::open(&state.join("state.redb")).expect("redb");
+    let to = Store::open_postgres(&url, None, Migrate::No).expect("postgres");
+    assert_eq!(to.table_counts().expect("counts"), from.table_counts().expect("counts"));
+    let (a, b) = (every_build(&from), every_build(&to));
+    assert_eq!(a.len(), 1000);
+    assert_eq!(a, b, "every build, field for field");
+    for id in 1..=3000 {
+        assert_eq!(to.log(id).expect("log"), from.log(id).expect("log"), "log {id}");
+    }
+    for id in 1..=250 {
+        assert_eq!(to.change(id).expect("change"), from.change(id).expect("change"), "change {id}");
+    }
+    assert_eq!(to.schedules().expect("schedules"), from.schedules().expect("schedules"));
+    assert_eq!(to.check_indexes().expect("check"), None);
+    for key in ["builds", "changes", &index_key("result", "FAILURE"), &index_key("builder", "repo3/b3")] {
+        assert_eq!(to.count(key).expect("count"), from.count(key).expect("count"), "{key}");
+    }
+    // Newest first under an index, the same on both.
+    let page = |s: &Store| {
+        let mut ids = Vec::new();
+        s.scan_builds(Some(&index_key("result", "FAILURE")), true, |b| {
+            ids.push(b.id);
+            ids.len() < 50
+        })
+        .expect("scan");
+        ids
+    };
+    assert_eq!(page(&to), page(&from));
+    assert_eq!(page(&to)[0], 999);
+    let audit = rbb_master::audit::list(to.database(), None, 10).expect("audit");
+    assert_eq!(audit.entries.len(), 1);
+    drop((from, to));
+
+    // Again into the same database: refused, nothing changed.
+    let again = rbb(&["state", "migrate", "--from", state.to_str().expect("utf-8"), "--to", &url]);
+    assert!(!again.status.success());
+    assert!(text(&again).contains("is not empty"), "{}", text(&again));
+    let to = Store::open_postgres(&url, None, Migrate::No).expect("postgres");
+    assert_eq!(to.count("builds").expect("count"), 1000);
+}
+
+#[test]
+fn a_state_written_by_the_previous_release_migrates_into_postgres() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("v1");
+    std::fs::create_dir_all(&state).expect("mkdir");
+    std::fs::copy(root().join("testdata/state/v1/state.redb"), state.join("state.redb")).expect("copy");
+    let url = testing::fresh_database();
+    let out = rbb(&["state", "migrate", "--from", state.to_str().expect("utf-8"), "--to", &url]);
+    assert!(out.status.success(), "{}", text(&out));
+    let to = Store::open_postgres(&url, None, Migrate::No).expect("postgres");
+    assert_eq!(to.count("builds").expect("count"), 6);
+    assert_eq!(to.count(&index_key("builder", "app/build")).expect("count"), 3);
+    assert_eq!(to.check_indexes().expect("check"), None);
+}
+
+#[test]
+fn rbb_state_check_reports_older_and_newer_schemas_and_a_master_migrates_only_when_asked() {
+    let url = testing::fresh_database();
+    drop(Store::open_postgres(&url, None, Migrate::No).expect("create"));
+    let ok = rbb(&["state", "check", "--state", &url]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(
+        text(&ok).contains(&format!("schema version: {SCHEMA_VERSION} (this rbb: {SCHEMA_VERSION})")),
+        "{}",
+        text(&ok)
+    );
+
+    // Schema 1: records without indexes. Put two builds in, then take the indexes away.
+    {
+        let s = Store::open_postgres(&url, None, Migrate::No).expect("open");
+        let (b1, b2) = (build(1, 1, Outcome::Success), build(2, 1, Outcome::Failure));
+        s.commit(Batch { builds: vec![&b1, &b2], ..Batch::default() }, Sync::Durable).expect("commit");
+    }
+    let version = |v: u64| {
+        format!(
+            "UPDATE rbb_meta SET v = '\\x{v:016x}'::bytea WHERE k = convert_to('schema_version', 'UTF8') || '\\x0000'::bytea"
+        )
+    };
+    sql(&url, &format!("DELETE FROM rbb_build_idx; DELETE FROM rbb_counts; {}", version(1)));
+    let older = rbb(&["state", "check", "--state", &url]);
+    assert_eq!(older.status.code(), Some(1), "{}", text(&older));
+    assert!(text(&older).contains("older than this rbb"), "{}", text(&older));
+    let refused = Store::open_postgres(&url, None, Migrate::No).err().expect("an older schema is refused");
+    assert!(refused.to_string().contains("--migrate"), "{refused}");
+
+    let migrated = rbb(&["state", "check", "--state", &url, "--migrate"]);
+    assert!(migrated.status.success(), "{}", text(&migrated));
+    assert!(text(&migrated).contains(&format!("migrated to schema version {SCHEMA_VERSION}")), "{}", text(&migrated));
+    let s = Store::open_postgres(&url, None, Migrate::No).expect("now current");
+    assert_eq!(s.count(&index_key("result", "FAILURE")).expect("count"), 1);
+    assert_eq!(s.check_indexes().expect("check"), None);
+    drop(s);
+
+    sql(&url, &version(SCHEMA_VERSION + 1));
+    let newer = rbb(&["state", "check", "--state", &url]);
+    assert_eq!(newer.status.code(), Some(1), "{}", text(&newer));
+    assert!(text(&newer).contains("newer than this rbb"), "{}", text(&newer));
+    let refused = Store::open_postgres(&url, None, Migrate::Yes).err().expect("a newer schema is refused");
+    assert!(refused.to_string().contains("newer than this master"), "{refused}");
+}
