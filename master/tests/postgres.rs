@@ -138,7 +138,9 @@ fn write_redb_state(path: &std::path::Path, n: u64) {
     for chunk in (1..=n).collect::<Vec<_>>().chunks(100) {
         let builds: Vec<BuildRecord> = chunk
             .iter()
-            .map(|&id| build(id, id.div_ceil(4), if id.is_multiple_of(3) { Outcome::Failure } else { Outcome::Success }))
+            .map(|&id| {
+                build(id, id.div_ceil(4), if id.is_multiple_of(3) { Outcome::Failure } else { Outcome::Success })
+            })
             .collect();
         let logs: Vec<LogRecord> = chunk
             .iter()
