@@ -22,6 +22,9 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     if args.first().map(String::as_str) == Some("scale") {
         return crate::scale::main(root, &args[1..]);
     }
+    if args.first().map(String::as_str) == Some("postgres") {
+        return crate::scale::postgres_main(root, &args[1..]);
+    }
     if args.first().map(String::as_str) == Some("repos") {
         return crate::repos_bench::main(root, &args[1..]);
     }

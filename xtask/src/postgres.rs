@@ -45,7 +45,17 @@ fn free_port() -> Result<u16> {
 }
 
 impl Cluster {
+    /// A cluster for the tests: no fsync (a test never outlives the machine).
     pub fn start() -> Result<Cluster> {
+        Cluster::start_with(false)
+    }
+
+    /// A cluster with the server's defaults (fsync on): what a bench compares with redb.
+    pub fn start_durable() -> Result<Cluster> {
+        Cluster::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Result<Cluster> {
         let Some(bin) = bin_dir() else {
             bail!(
                 "the tests need PostgreSQL's server programs (initdb, pg_ctl): `apt-get install postgresql` (.ci/run does), or set RBB_TEST_POSTGRES to a server where this user may create databases"
@@ -65,8 +75,9 @@ impl Cluster {
         let mut cluster = Cluster { dir, bin, as_user, url: String::new() };
         let data = cluster.dir.join("data");
         cluster.run("initdb", &["-D", path(&data), "-U", "rbb", "--auth=trust", "-E", "UTF8", "--no-sync"])?;
+        let unsafe_fast = if durable { "" } else { " -c fsync=off -c full_page_writes=off" };
         let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=300",
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300{unsafe_fast}",
             cluster.dir.display()
         );
         let log = cluster.dir.join("server.log");

@@ -978,3 +978,136 @@ fn summary(a: &Args, facts: &Facts, size: u64, e: &Figures, h: &Figures) {
     }
     let _ = (h.fleet.builds, e.fleet.builds);
 }
+
+/// `cargo xtask bench postgres`: the same simulated fleet against a master whose state is a
+/// redb file and one whose state is a PostgreSQL database (a throwaway cluster with the
+/// server's default durability, on this machine), in the same run: step transitions per
+/// second, master CPU per step, and trigger → first step of builds forced one at a time.
+pub fn postgres_main(root: &Path, args: &[String]) -> Result<()> {
+    if cfg!(debug_assertions) && std::env::var_os("RBB_SCALE_IN_PLACE").is_none() {
+        return rerun_in_release(root, "postgres", args);
+    }
+    let mut a = Args {
+        builds: 0,
+        fleet_builds: 2_000,
+        workers: 50,
+        slots: 4,
+        queue: 200,
+        requests: 0,
+        reuse: false,
+        fleet_secs: 0,
+    };
+    let mut latency_builds = 100;
+    let mut it = args.iter();
+    while let Some(k) = it.next() {
+        let v = it.next().with_context(|| format!("{k} needs a value"))?;
+        let n: u64 = v.replace('_', "").parse().with_context(|| format!("{k} {v}: not a number"))?;
+        match k.as_str() {
+            "--fleet-builds" => a.fleet_builds = n,
+            "--workers" => a.workers = n as u32,
+            "--latency-builds" => latency_builds = n,
+            _ => bail!("unknown option {k}; options: --fleet-builds N --workers N --latency-builds N"),
+        }
+    }
+    let bin = std::env::current_exe()?.parent().context("xtask has no directory")?.to_path_buf();
+    let work = root.join(".rbb-state/bench-postgres");
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    std::fs::create_dir_all(&work)?;
+    let config = fleet_setup(root, &work, &a)?;
+    let cluster = crate::postgres::Cluster::start_durable()?;
+    let pg_config = work.join("rbb-postgres.yaml");
+    std::fs::write(&pg_config, format!("{}state: {}\n", std::fs::read_to_string(&config)?, cluster.url))?;
+    println!(
+        "rbb bench postgres (release build; {} simulated workers × {} slots; PostgreSQL {} on this machine, fsync on)\n",
+        a.workers, a.slots, cluster.url
+    );
+    let mut rows = Vec::new();
+    for (name, cfg) in [("redb", &config), ("postgres", &pg_config)] {
+        let state = work.join(name);
+        let (m, started) = start(&bin, cfg, &state)?;
+        let latency = first_step_latency(&m, latency_builds)?;
+        let load0 = loadavg();
+        let f = fleet(&m, &a)?;
+        rows.push((name, started, latency, f, load0, loadavg()));
+        drop(m);
+    }
+    let (_, _, base_lat, base, _, _) = &rows[0];
+    println!(
+        "{:<9} {:>9} {:>14} {:>14} {:>12} {:>10} {:>7}",
+        "state", "start", "first step p50", "first step p99", "transitions/s", "CPU/step", "load"
+    );
+    for (name, started, lat, f, l0, l1) in &rows {
+        println!(
+            "{name:<9} {:>7.0}ms {:>12.1}ms {:>12.1}ms {:>13.0} {:>8.2}ms {:>3.1}-{:.1}",
+            started.as_secs_f64() * 1000.0,
+            lat.0,
+            lat.1,
+            f.steps_per_s,
+            f.cpu_ms_per_step,
+            l0,
+            l1
+        );
+    }
+    let (_, _, pg_lat, pg, _, _) = &rows[1];
+    println!(
+        "\npostgres / redb: transitions/s {:.2}×, trigger → first step p50 {:.2}×, master CPU per step {:.2}×",
+        pg.steps_per_s / base.steps_per_s,
+        pg_lat.0 / base_lat.0.max(0.001),
+        pg.cpu_ms_per_step / base.cpu_ms_per_step
+    );
+    println!(
+        "(both masters on this machine, each with the fleet as its only client; every build checked SUCCESS through the API)"
+    );
+    Ok(())
+}
+
+/// Builds forced one at a time on one simulated worker: the master's `submitted_at` → the
+/// first step's `started_at`, p50 and p99 in ms (both stamps from the master's clock).
+fn first_step_latency(m: &Master, n: u64) -> Result<(f64, f64)> {
+    let seen = Arc::new(Seen::default());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    {
+        let (seen, grpc) = (seen.clone(), m.grpc.clone());
+        rt.spawn(async move {
+            if let Err(e) = worker(&grpc, "w000", 4, &seen).await
+                && !seen.stop.load(Ordering::Acquire)
+            {
+                seen.wrong.lock().unwrap_or_else(|p| p.into_inner()).push(format!("w000: {e:#}"));
+            }
+        });
+    }
+    let t = Instant::now();
+    while seen.connected.load(Ordering::Acquire) < 1 {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("the latency worker did not connect in 30 s");
+        }
+        check_wrong(&seen)?;
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut waits = Vec::new();
+    for i in 0..n {
+        let id = force(&m.http, &format!("fleet/f{:02}", i as usize % FLEET_BUILDERS))?;
+        let t = Instant::now();
+        while seen.builds.load(Ordering::Acquire) < i + 1 {
+            check_wrong(&seen)?;
+            if t.elapsed() > Duration::from_secs(30) {
+                bail!("build {id} did not end in 30 s");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let b = get(&m.http, &format!("/api/v2/builds/{id}"))?;
+        if let Some(why) = crate::runs::not_success(&b) {
+            bail!("build {id} did not succeed: {why}");
+        }
+        let submitted = b["submitted_at"].as_f64().context("submitted_at")?;
+        let first = b["steps"][0]["started_at"].as_f64().context("the first step's started_at")?;
+        waits.push(first - submitted);
+    }
+    seen.stop.store(true, Ordering::Release);
+    rt.shutdown_timeout(Duration::from_secs(5));
+    waits.sort_by(f64::total_cmp);
+    let p = |q: f64| waits[((waits.len() - 1) as f64 * q).round() as usize];
+    Ok((p(0.5), p(0.99)))
+}

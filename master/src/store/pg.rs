@@ -162,6 +162,12 @@ impl Pg {
             config.application_name(format!("rbb on {host} (pid {})", std::process::id()));
         }
         config.connect_timeout(std::time::Duration::from_secs(10));
+        // A master that vanished (its host died, the network dropped) is noticed in about 20
+        // seconds from both sides, so its lock goes and another master may start.
+        config.keepalives(true).keepalives_idle(std::time::Duration::from_secs(10));
+        let mut options = config.get_options().unwrap_or_default().to_owned();
+        options.push_str(" -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=2");
+        config.options(options.trim_start());
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("rbb-postgres")
