@@ -113,6 +113,11 @@ enum Command {
         /// first). Without it such a state is refused, and `rbb state check` says so.
         #[arg(long)]
         migrate: bool,
+        /// With a PostgreSQL state another master holds: wait (without listening) until that
+        /// master stops, then take over its state and its builds. Without it, such a start is
+        /// refused.
+        #[arg(long)]
+        standby: bool,
     },
     /// The state database: its schema version, and copying a single master's state into
     /// PostgreSQL (docs/postgres.md).
@@ -295,7 +300,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             cmd_compile(&config, format, &revs, diff.as_deref(), &snippets)
         }
         Command::Validate { files, snippets } => cmd_validate(&files, &snippets),
-        Command::Master { config, state_dir, http, grpc, heartbeat_ms, migrate } => {
+        Command::Master { config, state_dir, http, grpc, heartbeat_ms, migrate, standby } => {
             cmd_master(rbb_master::server::MasterOptions {
                 config,
                 state_dir,
@@ -303,6 +308,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 grpc,
                 heartbeat: Duration::from_millis(heartbeat_ms.max(50)),
                 migrate,
+                standby,
             })
         }
         Command::State { command: StateCommand::Check { config, state, migrate } } => {

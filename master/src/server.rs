@@ -28,6 +28,9 @@ pub struct MasterOptions {
     /// Migrate a PostgreSQL state with an older schema forward (without it such a state is
     /// refused; a redb file is always migrated).
     pub migrate: bool,
+    /// With a PostgreSQL state held by another master: wait for it to stop and take over,
+    /// instead of refusing to start.
+    pub standby: bool,
 }
 
 /// Where the master listens, once it does.
@@ -292,8 +295,15 @@ pub fn open_starting(opts: &MasterOptions) -> Result<Master> {
     let at = crate::store::Location::from_config(cfg.config.state.as_ref(), &state_dir, &cfg.dir())
         .map_err(|e| anyhow::anyhow!("the master config: {e}"))?;
     let migrate = if opts.migrate { crate::store::Migrate::Yes } else { crate::store::Migrate::No };
-    let store =
-        crate::store::Store::open_at(&at, migrate).with_context(|| format!("opening the state in {}", at.shown()))?;
+    let store = match (&at, opts.standby) {
+        (crate::store::Location::Postgres { url, password }, true) => {
+            crate::store::Store::open_postgres_standby(url, password.as_deref(), migrate, |holder| {
+                tracing::info!(state = %at.shown(), %holder, "standby: another master holds the state; taking over when it stops");
+            })
+        }
+        _ => crate::store::Store::open_at(&at, migrate),
+    }
+    .with_context(|| format!("opening the state in {}", at.shown()))?;
     let engine = Engine::open(&state_dir, store, planner, repos, cfg.config.workers.clone(), locks, opts.heartbeat)
         .with_context(|| format!("opening the state in {}", at.shown()))?;
     engine.set_cache_limit(cache_limit);

@@ -360,6 +360,22 @@ impl Store {
         Ok(store)
     }
 
+    /// [`Store::open_postgres`] as a standby: when another master holds the database, waits
+    /// until it stops (`waiting` is told who holds it), then opens it.
+    pub fn open_postgres_standby(
+        url: &str,
+        password: Option<&str>,
+        migrate: Migrate,
+        waiting: impl FnOnce(&str),
+    ) -> Result<Store, StoreError> {
+        let pg = pg::Pg::connect(url, password)?;
+        pg.lock_master_waiting(waiting)?;
+        let store = Store::with(Db::Pg(Box::new(pg)));
+        let shown = pg::redact(url);
+        store.init(&shown, migrate)?;
+        Ok(store)
+    }
+
     /// Opens the state a master config names.
     pub fn open_at(at: &Location, migrate: Migrate) -> Result<Store, StoreError> {
         match at {

@@ -37,6 +37,7 @@ fn api_with(pipeline: &str) -> Api {
         grpc: "127.0.0.1:0".parse().expect("addr"),
         heartbeat: Duration::from_secs(1),
         migrate: false,
+        standby: false,
     };
     let m = open(&opts).expect("master");
     let router = rbb_master::http::router_with(m.engine.clone(), Some(m.sources.clone()), m.api_token.clone());

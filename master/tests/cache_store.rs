@@ -77,6 +77,7 @@ fn options(dir: &std::path::Path) -> MasterOptions {
         grpc: "127.0.0.1:0".parse().expect("addr"),
         heartbeat: Duration::from_secs(3600),
         migrate: false,
+        standby: false,
     }
 }
 

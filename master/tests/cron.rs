@@ -19,6 +19,7 @@ fn options(dir: &std::path::Path) -> MasterOptions {
         grpc: "127.0.0.1:0".parse().expect("addr"),
         heartbeat: Duration::from_secs(1),
         migrate: false,
+        standby: false,
     }
 }
 

@@ -86,6 +86,76 @@ fn a_master_on_postgres_runs_builds_keeps_them_across_a_kill_9_and_refuses_a_sec
     assert!(store.is_err(), "the running master holds the database");
 }
 
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
+}
+
+#[test]
+fn a_standby_master_takes_over_when_the_active_one_is_killed_and_its_build_is_retried_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("ran-once");
+    let pipeline = format!(
+        "builders:\n  quick:\n    steps: [{{ run: echo quick result }}]\n  slow:\n    steps:\n      - run: 'if [ -f {m} ]; then echo second run; else touch {m}; sleep 60; fi'\n",
+        m = marker.display()
+    );
+    make_repo(&dir.path().join("app"), &pipeline, &[]);
+    let config = write_config(dir.path(), &["app"], &[("w1", "t", &[])]);
+    let url = testing::fresh_database();
+    let mut text_cfg = std::fs::read_to_string(&config).expect("config");
+    text_cfg.push_str(&format!("state: {url}\n"));
+    std::fs::write(&config, text_cfg).expect("config");
+    // Both masters share the state directory (logs, mirrors), as they would over a shared
+    // file system.
+    let state = dir.path().join("state");
+    let (grpc_a, grpc_b) = (free_port(), free_port());
+    let mut a = Master::start_at(&config, &state, "127.0.0.1:0", &grpc_a);
+    let b_log = dir.path().join("b.master.log");
+    let b = Master::spawn(&config, &state, "127.0.0.1:0", &grpc_b, &["--standby"], &b_log);
+    wait_for(T, "the standby to wait", || {
+        std::fs::read_to_string(&b_log).ok().filter(|l| l.contains("standby")).map(|_| ())
+    });
+    let masters = format!("http://{grpc_a},http://{grpc_b}");
+    let worker_log = dir.path().join("w1.worker.log");
+    let err = std::fs::File::create(&worker_log).expect("log");
+    let mut worker = Command::new(worker_bin())
+        .args(["--master", &masters, "--name", "w1", "--token", "t", "--workdir"])
+        .arg(dir.path().join("w1"))
+        .stderr(err)
+        .spawn()
+        .expect("worker");
+    let quick = a.finished(a.force("app/quick"), T);
+    assert_eq!(quick["result"], "SUCCESS");
+    let slow = a.force("app/slow");
+    wait_for(T, "the slow step to start", || marker.exists().then_some(()));
+    a.kill();
+    let took = std::time::Instant::now();
+
+    // The standby opens the state the moment the lock is free, and listens.
+    let b = Master::attach(b, b_log, T);
+    let listening = took.elapsed();
+    assert_eq!(b.build(quick["id"].as_u64().expect("id"))["result"], "SUCCESS");
+    let s = b.build(slow);
+    assert_eq!(s["result"], "RETRY", "{s:#}");
+    // The worker turns to the other master by itself and runs the retry there.
+    let retry = wait_for(T, "the retry", || {
+        b.get("/api/v2/builds").json()["builds"]
+            .as_array()?
+            .iter()
+            .find(|x| x["reason"] == format!("retry of build {slow}"))
+            .cloned()
+    });
+    let r = b.finished(retry["id"].as_u64().expect("id"), T);
+    assert_eq!(r["result"], "SUCCESS", "{r:#}");
+    let unfinished = b.get("/api/v2/builds?state=running").json()["meta"]["total"].as_u64();
+    assert_eq!(unfinished, Some(0));
+    assert!(listening < Duration::from_secs(20), "the standby took {listening:?} to take over");
+    let _ = worker.kill();
+    let _ = worker.wait();
+}
+
+const T: Duration = Duration::from_secs(60);
+
 fn build(id: u64, change: u64, result: Outcome) -> BuildRecord {
     let steps = (0..3)
         .map(|n| StepRecord {

@@ -52,6 +52,7 @@ fn api(anonymous: &str, extra: &str) -> Api {
         grpc: "127.0.0.1:0".parse().expect("addr"),
         heartbeat: Duration::from_secs(1),
         migrate: false,
+        standby: false,
     };
     let m = open(&opts).expect("master");
     let router = rbb_master::http::router_secured(m.engine.clone(), Some(m.sources.clone()), m.security.clone());
@@ -325,6 +326,7 @@ fn bad_token_config_stops_the_master_with_the_field_named() {
         grpc: "127.0.0.1:0".parse().expect("addr"),
         heartbeat: Duration::from_secs(1),
         migrate: false,
+        standby: false,
     };
     let err = open(&opts).err().expect("refused");
     let text = format!("{err:#}");

@@ -22,7 +22,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(name = "rbb-worker", version)]
 struct Cli {
-    /// Master URL, e.g. http://127.0.0.1:7070, or https://ci.internal:7070 with --ca-file.
+    /// Master URL, e.g. http://127.0.0.1:7070, or https://ci.internal:7070 with --ca-file. Several,
+    /// comma-separated (an active master and its standbys): tried in turn.
     #[arg(long)]
     master: String,
     /// CA certificates (PEM) that an https:// master's certificate must chain to; also used

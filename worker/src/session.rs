@@ -54,7 +54,8 @@ const OUTPUT_CAPACITY: usize = 16;
 /// What a worker needs to know to serve a master.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// Master URL, e.g. `http://127.0.0.1:7070` (`http://` is assumed when no scheme is given).
+    /// Master URL, e.g. `http://127.0.0.1:7070` (`http://` is assumed when no scheme is given);
+    /// several, comma-separated, are tried in turn (a master and its standbys).
     pub master: String,
     pub name: String,
     pub token: String,
@@ -110,10 +111,19 @@ pub async fn run_with_executor(
     executor: Arc<dyn Executor>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let conn = Connection::new(&config, executor)?;
+    // Several masters (a standby that takes over): one connection each, tried in turn.
+    let urls: Vec<&str> = config.master.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+    let first = Connection::new(&config, urls.first().copied().unwrap_or_default(), executor)?;
+    let mut conns = Vec::with_capacity(urls.len());
+    for url in urls.iter().skip(1) {
+        conns.push(first.with_master(url, &config)?);
+    }
+    conns.insert(0, first);
+    let mut next = 0;
     let mut backoff = INITIAL_BACKOFF;
     let mut attempt: u32 = 0;
     loop {
+        let conn = &conns[next];
         match conn.session(&shutdown).await {
             Ok(SessionEnd::Shutdown) => {
                 info!("shut down");
@@ -137,6 +147,7 @@ pub async fn run_with_executor(
                     attempt = 0;
                 }
                 attempt += 1;
+                next = (next + 1) % conns.len();
                 warn!(
                     attempt,
                     delay_ms = backoff.as_millis() as u64,
@@ -207,36 +218,41 @@ struct StepContext {
     ca_file: Option<PathBuf>,
 }
 
+/// A master's URL as dialled: the URL, its endpoint, and the TLS dialer of an `https://` one.
+fn dial(master: &str, config: &WorkerConfig) -> Result<(String, Endpoint, Option<crate::tls::Connector>), WorkerError> {
+    let url = if master.contains("://") { master.to_owned() } else { format!("http://{master}") };
+    let bad_url = |reason: String| WorkerError::BadUrl { url: url.clone(), reason };
+    let tls = if let Some(rest) = url.strip_prefix("https://") {
+        let files = config.tls.as_ref().ok_or_else(|| {
+            bad_url("an https:// master needs --ca-file: the CA certificate that signed the master's".to_owned())
+        })?;
+        let client =
+            crate::tls::client_config(files).map_err(|reason| WorkerError::BadConfig { what: "TLS files", reason })?;
+        Some((crate::tls::Connector::new(client), format!("http://{rest}")))
+    } else if url.starts_with("http://") {
+        None
+    } else {
+        return Err(bad_url("only http:// and https:// are supported".to_owned()));
+    };
+    // Over TLS the connector speaks TLS itself: tonic sees the address as http.
+    let dial = tls.as_ref().map_or_else(|| url.clone(), |(_, plain)| plain.clone());
+    let endpoint = Endpoint::from_shared(dial)
+        .map_err(|err| bad_url(err.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        // Log chunks flow to the master: large HTTP/2 windows keep them from waiting for
+        // a window update per chunk.
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20));
+    Ok((url, endpoint, tls.map(|(c, _)| c)))
+}
+
 impl Connection {
-    fn new(config: &WorkerConfig, executor: Arc<dyn Executor>) -> Result<Connection, WorkerError> {
-        let url =
-            if config.master.contains("://") { config.master.clone() } else { format!("http://{}", config.master) };
-        let bad_url = |reason: String| WorkerError::BadUrl { url: url.clone(), reason };
-        let tls = if let Some(rest) = url.strip_prefix("https://") {
-            let files = config.tls.as_ref().ok_or_else(|| {
-                bad_url("an https:// master needs --ca-file: the CA certificate that signed the master's".to_owned())
-            })?;
-            let client = crate::tls::client_config(files)
-                .map_err(|reason| WorkerError::BadConfig { what: "TLS files", reason })?;
-            Some((crate::tls::Connector::new(client), format!("http://{rest}")))
-        } else if url.starts_with("http://") {
-            None
-        } else {
-            return Err(bad_url("only http:// and https:// are supported".to_owned()));
-        };
-        // Over TLS the connector speaks TLS itself: tonic sees the address as http.
-        let dial = tls.as_ref().map_or_else(|| url.clone(), |(_, plain)| plain.clone());
-        let endpoint = Endpoint::from_shared(dial)
-            .map_err(|err| bad_url(err.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true)
-            // Log chunks flow to the master: large HTTP/2 windows keep them from waiting for
-            // a window update per chunk.
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(16 << 20));
+    fn new(config: &WorkerConfig, master: &str, executor: Arc<dyn Executor>) -> Result<Connection, WorkerError> {
+        let (url, endpoint, tls) = dial(master, config)?;
         if config.name.is_empty() {
             return Err(WorkerError::BadConfig { what: "worker name", reason: "it is empty".to_owned() });
         }
@@ -256,7 +272,7 @@ impl Connection {
         let store = BlobStore::open(&workdir, config.cache_max_bytes).map_err(WorkerError::Cache)?;
         Ok(Connection {
             endpoint,
-            tls: tls.map(|(c, _)| c),
+            tls,
             hello: Hello {
                 name: config.name.clone(),
                 labels: config.labels.clone(),
@@ -279,6 +295,22 @@ impl Connection {
                 ca_file: config.tls.as_ref().map(|t| t.ca_file.clone()),
             }),
             url,
+        })
+    }
+
+    /// The same worker towards another master (sharing the step context and blob store).
+    fn with_master(&self, master: &str, config: &WorkerConfig) -> Result<Connection, WorkerError> {
+        let (url, endpoint, tls) = dial(master, config)?;
+        Ok(Connection {
+            url,
+            endpoint,
+            tls,
+            hello: self.hello.clone(),
+            protocol: self.protocol.clone(),
+            name: self.name.clone(),
+            authorization: self.authorization.clone(),
+            max_steps: self.max_steps,
+            steps: self.steps.clone(),
         })
     }
 

@@ -73,6 +73,7 @@ fn reopen(dir: &Path) -> Arc<Engine> {
         grpc: "127.0.0.1:0".parse().expect("addr"),
         heartbeat: Duration::from_secs(3600),
         migrate: false,
+        standby: false,
     };
     open(&opts).expect("master").engine
 }

@@ -225,6 +225,24 @@ impl Pg {
         Ok(())
     }
 
+    /// Takes the master's lock, waiting for the master that holds it to stop (a standby):
+    /// `waiting` is told who holds it first. The server grants the lock the moment the
+    /// holder's connection ends (it stopped, or was killed and its socket closed; a vanished
+    /// host takes the keepalive time).
+    pub fn lock_master_waiting(&self, waiting: impl FnOnce(&str)) -> Result<(), StoreError> {
+        let conn = self.write_conn()?;
+        match self.take_lock(&conn) {
+            Ok(()) => {}
+            Err(StoreError::InUse { holder, .. }) => {
+                waiting(&holder);
+                conn.batch(&format!("SELECT pg_advisory_lock({MASTER_LOCK})"))?;
+            }
+            Err(e) => return Err(e),
+        }
+        self.locked.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
     fn take_lock(&self, conn: &Conn) -> Result<(), StoreError> {
         let got = conn.query_text(&format!("SELECT pg_try_advisory_lock({MASTER_LOCK})"), &[])?;
         if got.first().is_some_and(|r| r.get::<_, bool>(0)) {

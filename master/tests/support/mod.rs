@@ -156,9 +156,15 @@ impl Master {
     /// Starts a master on the given HTTP and gRPC addresses.
     pub fn start_at(config: &Path, state: &Path, http: &str, grpc: &str) -> Master {
         let log = state.with_extension("master.log");
-        let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rbb"))
+        Self::attach(Self::spawn(config, state, http, grpc, &[], &log), log, Duration::from_secs(60))
+    }
+
+    /// Spawns `rbb master` (with `extra` arguments), its stderr appended to `log`.
+    pub fn spawn(config: &Path, state: &Path, http: &str, grpc: &str, extra: &[&str], log: &Path) -> Child {
+        let err = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+        Command::new(env!("CARGO_BIN_EXE_rbb"))
             .args(["master", "--http", http, "--grpc", grpc, "--heartbeat-ms", "200"])
+            .args(extra)
             .arg("--config")
             .arg(config)
             .arg("--state-dir")
@@ -167,7 +173,11 @@ impl Master {
             .stdout(Stdio::piped())
             .stderr(err)
             .spawn()
-            .expect("start rbb master");
+            .expect("start rbb master")
+    }
+
+    /// A spawned master, once it says where it listens (within `timeout`).
+    pub fn attach(mut child: Child, log: PathBuf, timeout: Duration) -> Master {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -176,7 +186,7 @@ impl Master {
                 let _ = tx.send(line);
             }
         });
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+        let line = rx.recv_timeout(timeout).unwrap_or_else(|_| {
             panic!("the master did not start; its log:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
         });
         let addr = |key: &str| {
