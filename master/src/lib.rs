@@ -24,6 +24,7 @@ pub mod ratelimit;
 pub mod secrets;
 pub mod server;
 pub mod sources;
+pub mod standby;
 pub mod store;
 pub mod tls;
 pub mod ui;

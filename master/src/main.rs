@@ -380,7 +380,29 @@ fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
         .thread_keep_alive(std::time::Duration::from_secs(2))
         .build()
         .context("starting the async runtime")?;
+    // A standby forwards its HTTP port to the active master while it waits for the state.
+    let mut opts = opts;
+    let forwarding = match rbb_master::server::standby_state(&opts)? {
+        Some(state) => {
+            let listener = runtime
+                .block_on(tokio::net::TcpListener::bind(opts.http))
+                .with_context(|| format!("binding HTTP on {}", opts.http))?;
+            opts.http = listener.local_addr()?;
+            println!("rbb master standby: http=http://{} forwards to the active master", opts.http);
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            let stop = tokio_util::sync::CancellationToken::new();
+            let task = runtime.spawn(rbb_master::standby::forward(listener, std::sync::Arc::new(state), stop.clone()));
+            Some((stop, task))
+        }
+        None => None,
+    };
     let master = rbb_master::server::open_starting(&opts)?;
+    if let Some((stop, task)) = forwarding {
+        stop.cancel();
+        // The listener is closed when the task ends: the address is free for the master's own.
+        let _ = runtime.block_on(task);
+    }
     runtime.block_on(rbb_master::server::serve(
         master,
         &opts,

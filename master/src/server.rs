@@ -64,6 +64,8 @@ pub struct Master {
     /// Repositories that report commit statuses, with where to, and the configured UI address.
     status_targets: BTreeMap<String, crate::forge::status::StatusTarget>,
     public_url: Option<String>,
+    /// The master's HTTP address as workers (and standbys) reach it.
+    checkout_url: Option<String>,
     notifications: Vec<rbb_schema::config::NotificationConfig>,
 }
 
@@ -190,6 +192,29 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
     Ok(master)
 }
 
+/// For a `--standby` master on a PostgreSQL state: a view of that state (no lock, no
+/// writes), to find the active master by. None otherwise.
+pub fn standby_state(opts: &MasterOptions) -> Result<Option<crate::store::Store>> {
+    if !opts.standby {
+        return Ok(None);
+    }
+    let cfg = git::load_config(&opts.config)
+        .map_err(|diags| anyhow::anyhow!("the master config has errors:\n{}", render_diagnostics(&diags, &[])))?;
+    let state_dir = opts.state_dir.clone().unwrap_or_else(|| cfg.state_dir());
+    match crate::store::Location::from_config(cfg.config.state.as_ref(), &state_dir, &cfg.dir())
+        .map_err(|e| anyhow::anyhow!("the master config: {e}"))?
+    {
+        crate::store::Location::Postgres { url, password } => {
+            Ok(Some(crate::store::Store::peek_postgres(&url, password.as_deref())?))
+        }
+        crate::store::Location::File(_) => {
+            anyhow::bail!(
+                "--standby needs a PostgreSQL state (`state:` in the master config): a redb file has one master"
+            )
+        }
+    }
+}
+
 /// Opens the mirrors and the engine, leaving the first fetch of new mirrors and the head
 /// plan to [`serve`], which does them in the background while the API answers (what decides
 /// from the head plan waits for it). A local repository path that is not a git repository
@@ -204,6 +229,20 @@ pub fn open_starting(opts: &MasterOptions) -> Result<Master> {
         .clone()
         .unwrap_or_else(|| cfg.dir().join(cfg.config.state_dir.as_deref().unwrap_or(".rbb-state")));
     std::fs::create_dir_all(state_dir.join("mirrors")).with_context(|| format!("creating {}", state_dir.display()))?;
+    // The state first: a standby waits here, before it reads anything the active master
+    // changes (mirrors, heads).
+    let at = crate::store::Location::from_config(cfg.config.state.as_ref(), &state_dir, &cfg.dir())
+        .map_err(|e| anyhow::anyhow!("the master config: {e}"))?;
+    let migrate = if opts.migrate { crate::store::Migrate::Yes } else { crate::store::Migrate::No };
+    let store = match (&at, opts.standby) {
+        (crate::store::Location::Postgres { url, password }, true) => {
+            crate::store::Store::open_postgres_standby(url, password.as_deref(), migrate, |holder| {
+                tracing::info!(state = %at.shown(), %holder, "standby: another master holds the state; taking over when it stops");
+            })
+        }
+        _ => crate::store::Store::open_at(&at, migrate),
+    }
+    .with_context(|| format!("opening the state in {}", at.shown()))?;
     let mut repos = Vec::new();
     let mut plan_repos = Vec::new();
     let mut source_repos = Vec::new();
@@ -292,18 +331,6 @@ pub fn open_starting(opts: &MasterOptions) -> Result<Master> {
             "the master config: checkout_url: `{url}` is not an http:// or https:// URL (the master's HTTP address as workers reach it, e.g. http://ci.internal:8010)"
         );
     }
-    let at = crate::store::Location::from_config(cfg.config.state.as_ref(), &state_dir, &cfg.dir())
-        .map_err(|e| anyhow::anyhow!("the master config: {e}"))?;
-    let migrate = if opts.migrate { crate::store::Migrate::Yes } else { crate::store::Migrate::No };
-    let store = match (&at, opts.standby) {
-        (crate::store::Location::Postgres { url, password }, true) => {
-            crate::store::Store::open_postgres_standby(url, password.as_deref(), migrate, |holder| {
-                tracing::info!(state = %at.shown(), %holder, "standby: another master holds the state; taking over when it stops");
-            })
-        }
-        _ => crate::store::Store::open_at(&at, migrate),
-    }
-    .with_context(|| format!("opening the state in {}", at.shown()))?;
     let engine = Engine::open(&state_dir, store, planner, repos, cfg.config.workers.clone(), locks, opts.heartbeat)
         .with_context(|| format!("opening the state in {}", at.shown()))?;
     engine.set_cache_limit(cache_limit);
@@ -369,6 +396,7 @@ pub fn open_starting(opts: &MasterOptions) -> Result<Master> {
         retention,
         status_targets,
         public_url: cfg.config.public_url.clone(),
+        checkout_url: cfg.config.checkout_url.clone(),
         notifications: cfg.config.notifications.clone(),
     })
 }
@@ -385,6 +413,19 @@ pub async fn serve(
     let http =
         tokio::net::TcpListener::bind(opts.http).await.with_context(|| format!("binding HTTP on {}", opts.http))?;
     let bound = Bound { http: http.local_addr()?, grpc: grpc.local_addr()?, tls: master.tls.is_some() };
+    if matches!(master.engine.database(), crate::store::kv::Db::Pg(_)) {
+        // Standbys forward their HTTP port here. A wildcard address is reached on loopback
+        // by a standby on this host; one elsewhere needs the host's name (checkout_url).
+        let addr = match (&master.checkout_url, bound.http.ip().is_unspecified()) {
+            (Some(url), _) => url.split("://").nth(1).unwrap_or(url).trim_end_matches('/').to_owned(),
+            (None, true) => format!("127.0.0.1:{}", bound.http.port()),
+            (None, false) => bound.http.to_string(),
+        };
+        let engine = master.engine.clone();
+        tokio::task::spawn_blocking(move || engine.store().set_active_http(&addr))
+            .await?
+            .context("recording this master's address for standbys")?;
+    }
     let stop = tokio_util::sync::CancellationToken::new();
     let Master {
         engine,
@@ -398,6 +439,7 @@ pub async fn serve(
         retention,
         status_targets,
         public_url,
+        checkout_url: _,
         notifications,
     } = master;
     let scheme = if tls.is_some() { "https" } else { "http" };

@@ -66,6 +66,10 @@ const CACHE_HITS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("cach
 /// The last successful execution of a step: `<builder>\0<step>` → JSON [`LastRun`].
 const CACHE_LAST: TableDefinition<&str, &[u8]> = TableDefinition::new("cache_last");
 
+/// Where the active master answers HTTP (`http` → `host:port`), for standbys that forward
+/// to it. Not copied by `rbb state migrate`: it names a running master.
+const ACTIVE: TableDefinition<&str, &str> = TableDefinition::new("active");
+
 const CACHE_ENTRIES_COUNT: &str = "cache.entries";
 const CACHE_BLOBS_COUNT: &str = "cache.blobs";
 const CACHE_BYTES_COUNT: &str = "cache.stored_bytes";
@@ -170,7 +174,7 @@ pub fn peek_redb_version(path: &Path) -> Result<Option<u64>, StoreError> {
 
 /// The schema version of a PostgreSQL state, read without taking the master's lock.
 pub fn peek_postgres_version(url: &str, password: Option<&str>) -> Result<Option<u64>, StoreError> {
-    Store::with(Db::Pg(Box::new(pg::Pg::connect(url, password)?))).schema_version()
+    Store::peek_postgres(url, password)?.schema_version()
 }
 
 /// Where a master's state lives.
@@ -374,6 +378,24 @@ impl Store {
         let shown = pg::redact(url);
         store.init(&shown, migrate)?;
         Ok(store)
+    }
+
+    /// Records where this (active) master answers HTTP, durably.
+    pub fn set_active_http(&self, addr: &str) -> Result<(), StoreError> {
+        self.write(Sync::Durable, |txn| txn.open_table(ACTIVE)?.insert("http", addr))
+    }
+
+    /// Where the active master answers HTTP, as it recorded it.
+    pub fn active_http(&self) -> Result<Option<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let found = txn.open_table(ACTIVE)?.get("http")?;
+        Ok(found)
+    }
+
+    /// A connection to a PostgreSQL state that takes no lock and writes nothing (a standby's
+    /// view, `rbb state check`).
+    pub fn peek_postgres(url: &str, password: Option<&str>) -> Result<Store, StoreError> {
+        Ok(Store::with(Db::Pg(Box::new(pg::Pg::connect(url, password)?))))
     }
 
     /// Opens the state a master config names.

@@ -111,9 +111,13 @@ fn a_standby_master_takes_over_when_the_active_one_is_killed_and_its_build_is_re
     let (grpc_a, grpc_b) = (free_port(), free_port());
     let mut a = Master::start_at(&config, &state, "127.0.0.1:0", &grpc_a);
     let b_log = dir.path().join("b.master.log");
-    let b = Master::spawn(&config, &state, "127.0.0.1:0", &grpc_b, &["--standby"], &b_log);
+    let mut b = Master::spawn(&config, &state, "127.0.0.1:0", &grpc_b, &["--standby"], &b_log);
+    let b_lines = lines(&mut b);
+    let first = b_lines.recv_timeout(T).expect("the standby's first line");
+    let b_http = word_after(&first, "http=http://");
+    assert!(first.contains("standby"), "{first}");
     wait_for(T, "the standby to wait", || {
-        std::fs::read_to_string(&b_log).ok().filter(|l| l.contains("standby")).map(|_| ())
+        std::fs::read_to_string(&b_log).ok().filter(|l| l.contains("taking over when it stops")).map(|_| ())
     });
     let masters = format!("http://{grpc_a},http://{grpc_b}");
     let worker_log = dir.path().join("w1.worker.log");
@@ -124,16 +128,37 @@ fn a_standby_master_takes_over_when_the_active_one_is_killed_and_its_build_is_re
         .stderr(err)
         .spawn()
         .expect("worker");
+    // The standby's API is the active master's: a build forced there is seen, live, here.
+    let events = std::thread::spawn({
+        let b_http = b_http.clone();
+        // The only build's event when it finishes (a step's starts with "build").
+        move || read_events_until(&b_http, "data: {\"id\":1,\"state\":\"finished\",\"result\":\"SUCCESS\"}")
+    });
     let quick = a.finished(a.force("app/quick"), T);
     assert_eq!(quick["result"], "SUCCESS");
+    let seen = events.join().expect("events");
+    assert_eq!(quick["id"], 1, "a fresh state's first build");
+    let want = "data: {\"id\":1,\"state\":\"finished\",\"result\":\"SUCCESS\"}";
+    assert!(seen.contains(&want), "the standby's event stream did not announce {want}:\n{seen}");
+    let through_b = http(&b_http, "GET", &format!("/api/v2/builds/{}", quick["id"]), &[], None);
+    assert_eq!(through_b.status, 200, "{}", through_b.text());
+    assert_eq!(through_b.json()["result"], "SUCCESS");
+    let raw = http(&b_http, "GET", "/api/v2/logs/1/raw", &[("Range", "bytes=0-4")], None);
+    assert_eq!(raw.status, 206, "{}", raw.text());
+    let whole = a.get("/api/v2/logs/1/raw").text();
+    assert_eq!(raw.text(), whole[..5], "a range through the standby is the active master's");
     let slow = a.force("app/slow");
     wait_for(T, "the slow step to start", || marker.exists().then_some(()));
     a.kill();
     let took = std::time::Instant::now();
 
-    // The standby opens the state the moment the lock is free, and listens.
-    let b = Master::attach(b, b_log, T);
+    // The standby opens the state the moment the lock is free, and listens where it
+    // forwarded.
+    let line = b_lines.recv_timeout(T).expect("the standby's listening line");
     let listening = took.elapsed();
+    assert!(line.contains("listening"), "{line}");
+    assert_eq!(word_after(&line, "http=http://"), b_http);
+    let b = Master { child: b, http: b_http.clone(), grpc: grpc_b.clone(), log: b_log };
     assert_eq!(b.build(quick["id"].as_u64().expect("id"))["result"], "SUCCESS");
     let s = b.build(slow);
     assert_eq!(s["result"], "RETRY", "{s:#}");
@@ -155,6 +180,48 @@ fn a_standby_master_takes_over_when_the_active_one_is_killed_and_its_build_is_re
 }
 
 const T: Duration = Duration::from_secs(60);
+
+/// The lines a child prints, as they come.
+fn lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn word_after(line: &str, prefix: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in {line:?}"))
+        .to_owned()
+}
+
+/// Reads `/api/v2/events` at `addr` until `needle` arrives (a minute at most); answers what
+/// was read.
+fn read_events_until(addr: &str, needle: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    write!(s, "GET /api/v2/events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n").expect("request");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let until = std::time::Instant::now() + T;
+    while !String::from_utf8_lossy(&seen).contains(needle) && std::time::Instant::now() < until {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
 
 fn build(id: u64, change: u64, result: Outcome) -> BuildRecord {
     let steps = (0..3)
