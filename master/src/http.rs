@@ -462,6 +462,10 @@ async fn guard(
         resp.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(5));
         return audited(&app, &rule, &params, &caller, addr, resp).await;
     }
+    if req.method() == axum::http::Method::GET {
+        // What a reader sees is on disk: a result a crash could still take back is not shown.
+        app.engine.durable_for_readers().await;
+    }
     req.extensions_mut().insert(caller.clone());
     let resp = next.run(req).await;
     audited(&app, &rule, &params, &caller, addr, resp).await

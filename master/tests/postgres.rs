@@ -139,7 +139,7 @@ fn a_standby_master_takes_over_when_the_active_one_is_killed_and_its_build_is_re
     let seen = events.join().expect("events");
     assert_eq!(quick["id"], 1, "a fresh state's first build");
     let want = "data: {\"id\":1,\"state\":\"finished\",\"result\":\"SUCCESS\"}";
-    assert!(seen.contains(&want), "the standby's event stream did not announce {want}:\n{seen}");
+    assert!(seen.contains(want), "the standby's event stream did not announce {want}:\n{seen}");
     let through_b = http(&b_http, "GET", &format!("/api/v2/builds/{}", quick["id"]), &[], None);
     assert_eq!(through_b.status, 200, "{}", through_b.text());
     assert_eq!(through_b.json()["result"], "SUCCESS");

@@ -520,6 +520,20 @@ impl Engine {
         Some((st.next_seq, run))
     }
 
+    /// Waits until every change that must be durable before it is announced (a result, a
+    /// stop, recorded changes) is durable, so that a reader never sees what a crash could
+    /// still take back. Costs nothing when none is pending; otherwise it shares the next
+    /// group flush (and starts it when nobody has).
+    pub async fn durable_for_readers(self: &Arc<Self>) {
+        if let Some((target, run)) = self.flush_needed() {
+            if run {
+                let engine = self.clone();
+                tokio::task::spawn_blocking(move || engine.settle());
+            }
+            self.durable_reached(target).await;
+        }
+    }
+
     /// Waits, without holding a thread, until the changes up to `target` (from
     /// [`Engine::flush_needed`]) are durable, or a flush failed (the next one retries).
     pub async fn durable_reached(&self, target: u64) {
