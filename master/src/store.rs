@@ -289,7 +289,7 @@ fn bump(counts: &mut Table<'_, &'static str, u64>, key: &str, delta: i64) -> Res
     let now = counts.get(key)?.unwrap_or(0);
     let next = now.saturating_add_signed(delta);
     if next == 0 {
-        counts.remove(key)?;
+        counts.delete(key)?;
     } else {
         counts.insert(key, next)?;
     }
@@ -318,7 +318,7 @@ fn put_indexed(
     }
     let old = old.unwrap_or_default();
     for k in old.difference(&new_keys) {
-        ix.remove((k.as_str(), id))?;
+        ix.delete((k.as_str(), id))?;
         bump(&mut counts, k, -1)?;
     }
     for k in new_keys.difference(&old) {
@@ -841,18 +841,18 @@ impl Store {
                     };
                     bump(&mut counts, total, -1)?;
                     for k in old {
-                        ix.remove((k.as_str(), *id))?;
+                        ix.delete((k.as_str(), *id))?;
                         bump(&mut counts, &k, -1)?;
                     }
                 }
             }
             let mut t = txn.open_table(LOGS)?;
             for id in logs {
-                t.remove(*id)?;
+                t.delete(*id)?;
             }
             let mut p = txn.open_table(PLANS)?;
             for h in plans {
-                p.remove(h.as_str())?;
+                p.delete(h.as_str())?;
             }
             if !plans.is_empty() {
                 // Parts no remaining plan names go too (plans are few: one per pipeline change).
@@ -872,7 +872,7 @@ impl Store {
                     }
                 }
                 for k in unused {
-                    parts.remove(k.as_str())?;
+                    parts.delete(k.as_str())?;
                 }
             }
             Ok(())
@@ -1088,7 +1088,7 @@ impl<'t> CacheTables<'t> {
                 bump(&mut self.counts, CACHE_BYTES_COUNT, stored as i64 - old as i64)?;
                 if refs == 0 {
                     // Uploaded again: its step may still finish, so its hour starts again.
-                    self.orphans.remove((since, digest))?;
+                    self.orphans.delete((since, digest))?;
                     self.orphans.insert((now, digest), ())?;
                     self.blobs.insert(digest, (stored, 0, now))?;
                 } else {
@@ -1115,7 +1115,7 @@ impl<'t> CacheTables<'t> {
             });
         };
         if refs == 0 {
-            self.orphans.remove((since, digest))?;
+            self.orphans.delete((since, digest))?;
         }
         self.blobs.insert(digest, (stored, refs + 1, since))?;
         Ok(())
@@ -1131,10 +1131,10 @@ impl<'t> CacheTables<'t> {
             return Ok(None);
         }
         if refs == 0 {
-            self.orphans.remove((since, digest))?;
+            self.orphans.delete((since, digest))?;
         }
         if free {
-            self.blobs.remove(digest)?;
+            self.blobs.delete(digest)?;
             bump(&mut self.counts, CACHE_BLOBS_COUNT, -1)?;
             bump(&mut self.counts, CACHE_BYTES_COUNT, -(stored as i64))?;
             Ok(Some(stored))
@@ -1147,7 +1147,7 @@ impl<'t> CacheTables<'t> {
 
     fn set_used(&mut self, key: &str, at: u64) -> Result<(), StoreError> {
         if let Some(old) = self.used.swap(key, at)? {
-            self.lru.remove((old, key))?;
+            self.lru.delete((old, key))?;
         }
         self.lru.insert((at, key), ())?;
         Ok(())
@@ -1197,7 +1197,7 @@ impl<'t> CacheTables<'t> {
         };
         bump(&mut self.counts, CACHE_ENTRIES_COUNT, -1)?;
         if let Some(at) = self.used.remove(key)? {
-            self.lru.remove((at, key))?;
+            self.lru.delete((at, key))?;
         }
         for d in decode_entry(key, &bytes)?.digests() {
             if let Some(stored) = self.release(d, now, true)? {
@@ -1332,9 +1332,9 @@ impl Store {
                 }
                 seen = old.len();
                 for (since, d) in &old {
-                    c.orphans.remove((*since, d.as_str()))?;
+                    c.orphans.delete((*since, d.as_str()))?;
                     if let Some((stored, 0, _)) = c.blob(d)? {
-                        c.blobs.remove(d.as_str())?;
+                        c.blobs.delete(d.as_str())?;
                         bump(&mut c.counts, CACHE_BLOBS_COUNT, -1)?;
                         bump(&mut c.counts, CACHE_BYTES_COUNT, -(stored as i64))?;
                         done.blobs.push(d.clone());
@@ -1624,7 +1624,7 @@ pub fn audit_expire(database: &Db, before_ms: u64, batch: usize) -> Result<u64, 
             }
             done |= old.len() < batch;
             for id in &old {
-                t.remove(*id)?;
+                t.delete(*id)?;
             }
             old.len() as u64
         };

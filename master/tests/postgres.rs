@@ -470,3 +470,37 @@ fn rbb_state_check_reports_older_and_newer_schemas_and_a_master_migrates_only_wh
     let refused = Store::open_postgres(&url, None, Migrate::Yes).err().expect("a newer schema is refused");
     assert!(refused.to_string().contains("newer than this master"), "{refused}");
 }
+
+#[test]
+fn a_write_postgres_refuses_fails_the_whole_commit_and_stores_nothing_of_it() {
+    let url = testing::fresh_database();
+    let s = Store::open_postgres(&url, None, Migrate::No).expect("open");
+    let b1 = build(1, 1, Outcome::Success);
+    s.commit(Batch { builds: vec![&b1], ..Batch::default() }, Sync::Durable).expect("first commit");
+    // Log records longer than 10 bytes are refused by the server from now on: the write is
+    // pipelined behind the build's, and its failure must undo the build's too.
+    sql(&url, "ALTER TABLE rbb_logs ADD CONSTRAINT short CHECK (length(v) < 10)");
+    let b2 = build(2, 1, Outcome::Failure);
+    let log = LogRecord {
+        id: 9,
+        build: 2,
+        step: 0,
+        file: "2/0".into(),
+        bytes: 1,
+        finished: true,
+        created_at: None,
+        compressed: false,
+        expired: false,
+    };
+    let refused = s.commit(Batch { builds: vec![&b2], logs: vec![&log], ..Batch::default() }, Sync::Lazy);
+    assert!(refused.is_err(), "the refused write must fail the commit");
+    assert_eq!(s.build(2).expect("read"), None, "nothing of a refused commit is stored");
+    assert_eq!(s.count("builds").expect("count"), 1);
+    assert_eq!(s.check_indexes().expect("check"), None);
+    // The connection is usable again: the next commit goes through.
+    sql(&url, "ALTER TABLE rbb_logs DROP CONSTRAINT short");
+    s.commit(Batch { builds: vec![&b2], logs: vec![&log], ..Batch::default() }, Sync::Lazy).expect("commit");
+    assert_eq!(s.build(2).expect("read"), Some(b2));
+    assert_eq!(s.log(9).expect("read"), Some(log));
+    assert_eq!(s.count("builds").expect("count"), 2);
+}

@@ -83,7 +83,7 @@ pub fn write_rows(txn: &WriteTxn<'_>, rows: &[StatusRow]) -> Result<Vec<u64>, Ou
             if let Some(text) = old {
                 let mut old: Stored = serde_json::from_str(&text).map_err(err)?;
                 if old.delivery == Delivery::Pending {
-                    due.remove((old.retry_at, old_id)).map_err(err)?;
+                    due.delete((old.retry_at, old_id)).map_err(err)?;
                     old.delivery = Delivery::Superseded;
                     old.updated_at = now;
                     outbox.insert(old_id, serde_json::to_string(&old).map_err(err)?.as_str()).map_err(err)?;
@@ -186,7 +186,7 @@ impl<H: DatabaseHandle> StateOutbox<H> {
             if stored.delivery != Delivery::Pending {
                 return Ok(());
             }
-            due.remove((stored.retry_at, id)).map_err(err)?;
+            due.delete((stored.retry_at, id)).map_err(err)?;
             f(&mut stored);
             stored.updated_at = now_ms();
             if stored.delivery == Delivery::Pending {

@@ -363,6 +363,15 @@ impl<'t, K: redb::Key + Codec, V: Codec> Table<'t, K, V> {
         }
     }
 
+    /// Deletes a row, if there is one (without reading it back).
+    pub fn delete(&mut self, k: K::SelfType<'_>) -> Result<(), StoreError> {
+        match &mut self.inner {
+            Inner::Write(t) => t.remove(k).map(|_| ()).map_err(db),
+            Inner::Pg(t) => t.delete(&enc_key::<K>(&k)),
+            Inner::Read(_) | Inner::Missing => Err(read_only()),
+        }
+    }
+
     /// Deletes a row and answers its value.
     pub fn remove(&mut self, k: K::SelfType<'_>) -> Result<Option<V::Owned>, StoreError> {
         match &mut self.inner {

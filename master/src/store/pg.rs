@@ -70,17 +70,72 @@ pub fn redact(url: &str) -> String {
 
 /// One connection.
 pub struct Conn {
-    client: tokio_postgres::Client,
+    client: std::sync::Arc<tokio_postgres::Client>,
+    /// Statements prepared on this connection, by their text (a few per table).
+    prepared: Mutex<std::collections::HashMap<String, tokio_postgres::Statement>>,
+    /// Writes sent in this transaction whose answers are not read yet ([`Conn::send`]).
+    pending: Mutex<Vec<Pending>>,
 }
+
+type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send>>;
 
 fn wait<T>(f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>) -> Result<T, StoreError> {
     futures::executor::block_on(f).map_err(pg_error)
 }
 
 impl Conn {
+    fn new(client: tokio_postgres::Client) -> Conn {
+        Conn { client: std::sync::Arc::new(client), prepared: Mutex::default(), pending: Mutex::default() }
+    }
+
+    /// The statement for `sql` (all parameters bytea), prepared once per connection.
+    fn statement(&self, sql: &str, params: usize) -> Result<tokio_postgres::Statement, StoreError> {
+        if let Some(s) = self.prepared.lock().unwrap_or_else(|p| p.into_inner()).get(sql) {
+            return Ok(s.clone());
+        }
+        let s = wait(self.client.prepare_typed(sql, &vec![Type::BYTEA; params]))?;
+        self.prepared.lock().unwrap_or_else(|p| p.into_inner()).insert(sql.to_owned(), s.clone());
+        Ok(s)
+    }
+
     fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<tokio_postgres::Row>, StoreError> {
-        let typed: Vec<(&(dyn ToSql + Sync), Type)> = params.iter().map(|p| (*p, Type::BYTEA)).collect();
-        wait(self.client.query_typed(sql, &typed))
+        let statement = self.statement(sql, params.len())?;
+        wait(self.client.query(&statement, params))
+    }
+
+    /// Sends a write without waiting for its answer: requests keep their order on the
+    /// connection, so a later read sees it, and [`Conn::settle`] (before a commit) reads
+    /// every answer. A failed write fails the transaction, and with it the commit.
+    fn send(&self, sql: &str, params: Vec<Vec<u8>>) -> Result<(), StoreError> {
+        let statement = self.statement(sql, params.len())?;
+        let client = self.client.clone();
+        let mut write: Pending = Box::pin(async move {
+            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+            client.execute(&statement, &refs).await
+        });
+        // The first poll puts the request on the connection, in the caller's order.
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        match write.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(done) => done.map(|_| ()).map_err(pg_error),
+            std::task::Poll::Pending => {
+                self.pending.lock().unwrap_or_else(|p| p.into_inner()).push(write);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads the answers of every write sent: the first failure, if any.
+    fn settle(&self) -> Result<(), StoreError> {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut first = Ok(());
+        for write in pending {
+            if let Err(e) = futures::executor::block_on(write)
+                && first.is_ok()
+            {
+                first = Err(pg_error(e));
+            }
+        }
+        first
     }
 
     fn batch(&self, sql: &str) -> Result<(), StoreError> {
@@ -317,7 +372,7 @@ fn open_conn(rt: &tokio::runtime::Runtime, config: &tokio_postgres::Config, show
         Ok::<_, tokio_postgres::Error>(client)
     });
     match futures::executor::block_on(connect) {
-        Ok(Ok(client)) => Ok(Conn { client }),
+        Ok(Ok(client)) => Ok(Conn::new(client)),
         Ok(Err(e)) => Err(StoreError::Pg(format!("cannot connect to the state database {shown}: {}", describe(&e)))),
         Err(e) => Err(StoreError::Pg(format!("cannot connect to the state database {shown}: {e}"))),
     }
@@ -363,6 +418,7 @@ impl Write<'_> {
     }
 
     pub fn commit(mut self) -> Result<(), StoreError> {
+        self.conn.settle()?;
         self.done = true;
         self.conn.batch("COMMIT")
     }
@@ -375,6 +431,8 @@ impl Write<'_> {
 
 impl Drop for Write<'_> {
     fn drop(&mut self) {
+        // Answers of writes sent are read (and dropped) before the rollback.
+        let _ = self.conn.settle();
         if !self.done
             && let Err(e) = self.conn.batch("ROLLBACK")
         {
@@ -422,12 +480,17 @@ impl<'c> Table<'c> {
         Ok(rows.first().map(|r| r.get::<_, Vec<u8>>(0)))
     }
 
+    /// Writes a row (pipelined: its answer is read before the commit).
     pub fn put(&self, k: &[u8], v: &[u8]) -> Result<(), StoreError> {
-        self.conn.query(
+        self.conn.send(
             &format!("INSERT INTO {} (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v", self.name),
-            &[&k, &v],
-        )?;
-        Ok(())
+            vec![k.to_vec(), v.to_vec()],
+        )
+    }
+
+    /// Deletes a row (pipelined, like [`Table::put`]).
+    pub fn delete(&self, k: &[u8]) -> Result<(), StoreError> {
+        self.conn.send(&format!("DELETE FROM {} WHERE k = $1", self.name), vec![k.to_vec()])
     }
 
     /// Writes many rows in one statement.
