@@ -384,24 +384,38 @@ fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
     let mut opts = opts;
     let forwarding = match rbb_master::server::standby_state(&opts)? {
         Some(state) => {
-            let listener = runtime
+            let http = runtime
                 .block_on(tokio::net::TcpListener::bind(opts.http))
                 .with_context(|| format!("binding HTTP on {}", opts.http))?;
-            opts.http = listener.local_addr()?;
-            println!("rbb master standby: http=http://{} forwards to the active master", opts.http);
+            let grpc = runtime
+                .block_on(tokio::net::TcpListener::bind(opts.grpc))
+                .with_context(|| format!("binding gRPC on {}", opts.grpc))?;
+            opts.http = http.local_addr()?;
+            opts.grpc = grpc.local_addr()?;
+            println!(
+                "rbb master standby: http=http://{} grpc=http://{} forward to the active master",
+                opts.http, opts.grpc
+            );
             use std::io::Write;
             let _ = std::io::stdout().flush();
             let stop = tokio_util::sync::CancellationToken::new();
-            let task = runtime.spawn(rbb_master::standby::forward(listener, std::sync::Arc::new(state), stop.clone()));
-            Some((stop, task))
+            let state = std::sync::Arc::new(state);
+            let tasks = [
+                runtime.spawn(rbb_master::standby::forward(http, "http", state.clone(), stop.clone())),
+                runtime.spawn(rbb_master::standby::forward(grpc, "grpc", state, stop.clone())),
+            ];
+            Some((stop, tasks))
         }
         None => None,
     };
     let master = rbb_master::server::open_starting(&opts)?;
-    if let Some((stop, task)) = forwarding {
+    if let Some((stop, tasks)) = forwarding {
         stop.cancel();
-        // The listener is closed when the task ends: the address is free for the master's own.
-        let _ = runtime.block_on(task);
+        // The listeners are closed when the tasks end: the addresses are free for the
+        // master's own.
+        for task in tasks {
+            let _ = runtime.block_on(task);
+        }
     }
     runtime.block_on(rbb_master::server::serve(
         master,

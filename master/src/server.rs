@@ -414,15 +414,20 @@ pub async fn serve(
         tokio::net::TcpListener::bind(opts.http).await.with_context(|| format!("binding HTTP on {}", opts.http))?;
     let bound = Bound { http: http.local_addr()?, grpc: grpc.local_addr()?, tls: master.tls.is_some() };
     if matches!(master.engine.database(), crate::store::kv::Db::Pg(_)) {
-        // Standbys forward their HTTP port here. A wildcard address is reached on loopback
-        // by a standby on this host; one elsewhere needs the host's name (checkout_url).
-        let addr = match (&master.checkout_url, bound.http.ip().is_unspecified()) {
-            (Some(url), _) => url.split("://").nth(1).unwrap_or(url).trim_end_matches('/').to_owned(),
-            (None, true) => format!("127.0.0.1:{}", bound.http.port()),
-            (None, false) => bound.http.to_string(),
+        // Standbys forward their ports here. A wildcard address is reached on loopback by a
+        // standby on this host; one elsewhere needs the host's name (checkout_url's).
+        let host = master.checkout_url.as_deref().map(|url| {
+            let authority = url.split("://").nth(1).unwrap_or(url).split('/').next().unwrap_or_default();
+            authority.rsplit_once(':').map_or(authority, |(h, _)| h).to_owned()
+        });
+        let reach = |addr: SocketAddr| match (&host, addr.ip().is_unspecified()) {
+            (Some(h), _) => format!("{h}:{}", addr.port()),
+            (None, true) => format!("127.0.0.1:{}", addr.port()),
+            (None, false) => addr.to_string(),
         };
+        let (http_at, grpc_at) = (reach(bound.http), reach(bound.grpc));
         let engine = master.engine.clone();
-        tokio::task::spawn_blocking(move || engine.store().set_active_http(&addr))
+        tokio::task::spawn_blocking(move || engine.store().set_active(&http_at, &grpc_at))
             .await?
             .context("recording this master's address for standbys")?;
     }

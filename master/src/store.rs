@@ -66,8 +66,8 @@ const CACHE_HITS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("cach
 /// The last successful execution of a step: `<builder>\0<step>` → JSON [`LastRun`].
 const CACHE_LAST: TableDefinition<&str, &[u8]> = TableDefinition::new("cache_last");
 
-/// Where the active master answers HTTP (`http` → `host:port`), for standbys that forward
-/// to it. Not copied by `rbb state migrate`: it names a running master.
+/// Where the active master answers (`http`, `grpc` → `host:port`), for standbys that
+/// forward to it. Not copied by `rbb state migrate`: it names a running master.
 const ACTIVE: TableDefinition<&str, &str> = TableDefinition::new("active");
 
 const CACHE_ENTRIES_COUNT: &str = "cache.entries";
@@ -380,15 +380,19 @@ impl Store {
         Ok(store)
     }
 
-    /// Records where this (active) master answers HTTP, durably.
-    pub fn set_active_http(&self, addr: &str) -> Result<(), StoreError> {
-        self.write(Sync::Durable, |txn| txn.open_table(ACTIVE)?.insert("http", addr))
+    /// Records where this (active) master answers HTTP and gRPC, durably.
+    pub fn set_active(&self, http: &str, grpc: &str) -> Result<(), StoreError> {
+        self.write(Sync::Durable, |txn| {
+            let mut t = txn.open_table(ACTIVE)?;
+            t.insert("http", http)?;
+            t.insert("grpc", grpc)
+        })
     }
 
-    /// Where the active master answers HTTP, as it recorded it.
-    pub fn active_http(&self) -> Result<Option<String>, StoreError> {
+    /// Where the active master answers `port` (`http` or `grpc`), as it recorded it.
+    pub fn active(&self, port: &str) -> Result<Option<String>, StoreError> {
         let txn = self.db.begin_read()?;
-        let found = txn.open_table(ACTIVE)?.get("http")?;
+        let found = txn.open_table(ACTIVE)?.get(port)?;
         Ok(found)
     }
 

@@ -96,11 +96,11 @@ fn a_standby_master_takes_over_when_the_active_one_is_killed_and_its_build_is_re
     let dir = tempfile::tempdir().expect("tempdir");
     let marker = dir.path().join("ran-once");
     let pipeline = format!(
-        "builders:\n  quick:\n    steps: [{{ run: echo quick result }}]\n  slow:\n    steps:\n      - run: 'if [ -f {m} ]; then echo second run; else touch {m}; sleep 60; fi'\n",
+        "builders:\n  quick:\n    labels: [b-side]\n    steps: [{{ run: echo quick result }}]\n  slow:\n    steps:\n      - run: 'if [ -f {m} ]; then echo second run; else touch {m}; sleep 60; fi'\n",
         m = marker.display()
     );
     make_repo(&dir.path().join("app"), &pipeline, &[]);
-    let config = write_config(dir.path(), &["app"], &[("w1", "t", &[])]);
+    let config = write_config(dir.path(), &["app"], &[("w1", "t", &[]), ("w2", "t", &["b-side"])]);
     let url = testing::fresh_database();
     let mut text_cfg = std::fs::read_to_string(&config).expect("config");
     text_cfg.push_str(&format!("state: {url}\n"));
@@ -119,15 +119,18 @@ fn a_standby_master_takes_over_when_the_active_one_is_killed_and_its_build_is_re
     wait_for(T, "the standby to wait", || {
         std::fs::read_to_string(&b_log).ok().filter(|l| l.contains("taking over when it stops")).map(|_| ())
     });
-    let masters = format!("http://{grpc_a},http://{grpc_b}");
-    let worker_log = dir.path().join("w1.worker.log");
-    let err = std::fs::File::create(&worker_log).expect("log");
-    let mut worker = Command::new(worker_bin())
-        .args(["--master", &masters, "--name", "w1", "--token", "t", "--workdir"])
-        .arg(dir.path().join("w1"))
-        .stderr(err)
-        .spawn()
-        .expect("worker");
+    // w1 knows both masters; w2 only the standby, whose gRPC port forwards to the active one.
+    let worker = |name: &str, masters: &str, labels: &str| {
+        let err = std::fs::File::create(dir.path().join(format!("{name}.worker.log"))).expect("log");
+        Command::new(worker_bin())
+            .args(["--master", masters, "--name", name, "--token", "t", "--labels", labels, "--workdir"])
+            .arg(dir.path().join(name))
+            .stderr(err)
+            .spawn()
+            .expect("worker")
+    };
+    let mut w1 = worker("w1", &format!("http://{grpc_a},http://{grpc_b}"), "");
+    let mut w2 = worker("w2", &format!("http://{grpc_b}"), "b-side");
     // The standby's API is the active master's: a build forced there is seen, live, here.
     let events = std::thread::spawn({
         let b_http = b_http.clone();
@@ -136,6 +139,7 @@ fn a_standby_master_takes_over_when_the_active_one_is_killed_and_its_build_is_re
     });
     let quick = a.finished(a.force("app/quick"), T);
     assert_eq!(quick["result"], "SUCCESS");
+    assert_eq!(quick["worker"], "w2", "only the worker attached through the standby has the label");
     let seen = events.join().expect("events");
     assert_eq!(quick["id"], 1, "a fresh state's first build");
     let want = "data: {\"id\":1,\"state\":\"finished\",\"result\":\"SUCCESS\"}";
@@ -175,8 +179,10 @@ fn a_standby_master_takes_over_when_the_active_one_is_killed_and_its_build_is_re
     let unfinished = b.get("/api/v2/builds?state=running").json()["meta"]["total"].as_u64();
     assert_eq!(unfinished, Some(0));
     assert!(listening < Duration::from_secs(20), "the standby took {listening:?} to take over");
-    let _ = worker.kill();
-    let _ = worker.wait();
+    for w in [&mut w1, &mut w2] {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
 }
 
 const T: Duration = Duration::from_secs(60);
