@@ -605,10 +605,16 @@ pub async fn serve(
             });
             tokio::spawn(grpc_server.serve_with_incoming_shutdown(incoming, async move { grpc_stop.cancelled().await }))
         }
-        None => tokio::spawn(
-            grpc_server
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move { grpc_stop.cancelled().await }),
-        ),
+        None => {
+            // Small messages (a lease, a cancel) go out at once: without TCP_NODELAY one
+            // written behind another waits for the worker's delayed ACK (40 ms).
+            let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(grpc), |tcp| {
+                tcp.inspect(|t| {
+                    let _ = t.set_nodelay(true);
+                })
+            });
+            tokio::spawn(grpc_server.serve_with_incoming_shutdown(incoming, async move { grpc_stop.cancelled().await }))
+        }
     };
     let http_stop = stop.clone();
     let app = crate::http::router_secured(engine.clone(), Some(sources.clone()), security)
@@ -622,9 +628,15 @@ pub async fn serve(
                 axum::serve(listener, app).with_graceful_shutdown(async move { http_stop.cancelled().await }).await
             })
         }
-        None => tokio::spawn(async move {
-            axum::serve(http, app).with_graceful_shutdown(async move { http_stop.cancelled().await }).await
-        }),
+        None => {
+            use axum::serve::ListenerExt;
+            let http = http.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            tokio::spawn(async move {
+                axum::serve(http, app).with_graceful_shutdown(async move { http_stop.cancelled().await }).await
+            })
+        }
     };
     ready(bound);
     shutdown.await;

@@ -22,6 +22,7 @@ pub async fn forward(listener: TcpListener, port: &'static str, state: Arc<Store
             () = stop.cancelled() => return,
         };
         let Ok((mut client, peer)) = accepted else { continue };
+        let _ = client.set_nodelay(true);
         let state = state.clone();
         let stop = stop.clone();
         tokio::spawn(async move {

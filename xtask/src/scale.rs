@@ -1051,6 +1051,7 @@ pub fn postgres_main(root: &Path, args: &[String]) -> Result<()> {
         );
     }
     let (_, _, pg_lat, pg, _, _) = &rows[1];
+    let take = takeover(&bin, &work, &config, &cluster.url)?;
     println!(
         "\npostgres / redb: transitions/s {:.2}×, trigger → first step p50 {:.2}×, master CPU per step {:.2}×",
         pg.steps_per_s / base.steps_per_s,
@@ -1059,6 +1060,10 @@ pub fn postgres_main(root: &Path, args: &[String]) -> Result<()> {
     );
     println!(
         "(both masters on this machine, each with the fleet as its only client; every build checked SUCCESS through the API)"
+    );
+    println!(
+        "\ntakeover (an active master and a --standby on one database; a worker attached to the standby's address):\n  kill -9 of the active → the standby listens {:.0} ms, its API answers {:.0} ms, a build forced on it has finished {:.0} ms",
+        take.0, take.1, take.2
     );
     Ok(())
 }
@@ -1116,4 +1121,94 @@ fn first_step_latency(m: &Master, n: u64) -> Result<(f64, f64)> {
     waits.sort_by(f64::total_cmp);
     let p = |q: f64| waits[((waits.len() - 1) as f64 * q).round() as usize];
     Ok((p(0.5), p(0.99)))
+}
+
+/// An active master and a standby on one database, a simulated worker attached to the
+/// standby's gRPC address: after a `kill -9` of the active master, (ms until the standby
+/// listens, until its API answers, until a build forced on it finished).
+fn takeover(bin: &Path, work: &Path, config: &Path, server: &str) -> Result<(f64, f64, f64)> {
+    let url = rbb_master::store::testing::with_database(server, "rbb_takeover");
+    rbb_master::store::pg::Pg::connect(server, None)?
+        .read_conn()?
+        .execute_batch("CREATE DATABASE rbb_takeover")
+        .context("creating the takeover database")?;
+    let cfg = work.join("rbb-takeover.yaml");
+    std::fs::write(&cfg, format!("{}state: {url}\n", std::fs::read_to_string(config)?))?;
+    let state = work.join("takeover");
+    let (mut a, _) = start(bin, &cfg, &state)?;
+    let free = || -> Result<String> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string()) };
+    let (b_http, b_grpc) = (free()?, free()?);
+    let log = std::fs::File::create(work.join("takeover-standby.log"))?;
+    let mut b = Command::new(bin.join("rbb"))
+        .args(["master", "--standby", "--http", &b_http, "--grpc", &b_grpc])
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--state-dir")
+        .arg(&state)
+        .env("RBB_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .context("starting the standby")?;
+    let result = (|| -> Result<(f64, f64, f64)> {
+        let t = Instant::now();
+        while get(&b_http, "/api/v2/builds?limit=1").is_err() {
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("the standby did not forward its API in 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The worker reconnects whenever its session ends, as rbb-worker does.
+        let seen = Arc::new(Seen::default());
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        {
+            let (seen, grpc) = (seen.clone(), b_grpc.clone());
+            rt.spawn(async move {
+                while !seen.stop.load(Ordering::Acquire) {
+                    let _ = worker(&grpc, "w000", 4, &seen).await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+        }
+        let done = |n: u64, what: &str| -> Result<()> {
+            let t = Instant::now();
+            while seen.builds.load(Ordering::Acquire) < n {
+                if t.elapsed() > Duration::from_secs(60) {
+                    bail!("{what}: no build ended in 60 s");
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(())
+        };
+        let first = force(&b_http, "fleet/f00")?;
+        done(1, "through the standby")?;
+        if let Some(why) = crate::runs::not_success(&get(&b_http, &format!("/api/v2/builds/{first}"))?) {
+            bail!("build {first} did not succeed: {why}");
+        }
+        let killed = Instant::now();
+        let _ = a.child.kill();
+        let _ = a.child.wait();
+        crate::listening(&mut b)?;
+        let listens = killed.elapsed();
+        while get(&b_http, "/api/v2/builds?limit=1").is_err() {
+            if killed.elapsed() > Duration::from_secs(120) {
+                bail!("the standby's API did not answer in 2 minutes after the takeover");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let answers = killed.elapsed();
+        let second = force(&b_http, "fleet/f01")?;
+        done(2, "after the takeover")?;
+        let finished = killed.elapsed();
+        if let Some(why) = crate::runs::not_success(&get(&b_http, &format!("/api/v2/builds/{second}"))?) {
+            bail!("build {second} did not succeed: {why}");
+        }
+        seen.stop.store(true, Ordering::Release);
+        rt.shutdown_timeout(Duration::from_secs(2));
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        Ok((ms(listens), ms(answers), ms(finished)))
+    })();
+    let _ = b.kill();
+    let _ = b.wait();
+    result
 }
