@@ -510,3 +510,29 @@ fn a_write_postgres_refuses_fails_the_whole_commit_and_stores_nothing_of_it() {
     assert_eq!(s.log(9).expect("read"), Some(log));
     assert_eq!(s.count("builds").expect("count"), 2);
 }
+
+/// The `rbb state` commands of docs/postgres.md, as written there (with this test's state
+/// directory and database in place of the example's).
+#[test]
+fn the_state_commands_of_the_postgres_doc_work_as_written() {
+    let doc = std::fs::read_to_string(root().join("docs/postgres.md")).expect("docs/postgres.md");
+    let commands: Vec<&str> = doc.lines().map(str::trim).filter(|l| l.starts_with("rbb state ")).collect();
+    assert_eq!(commands.len(), 2, "{commands:?}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("mkdir");
+    write_redb_state(&state.join("state.redb"), 10);
+    let url = testing::fresh_database();
+    std::fs::write(dir.path().join("rbb.yaml"), format!("repositories:\n  - url: /srv/git/app\nstate: {url}\n"))
+        .expect("config");
+    for line in commands {
+        let line = line
+            .replace("/var/lib/rbb", state.to_str().expect("utf-8"))
+            .replace("postgres://rbb@db.internal:5432/rbb", &url);
+        let args: Vec<&str> = line.split_whitespace().skip(1).collect();
+        let out = Command::new(env!("CARGO_BIN_EXE_rbb")).args(&args).current_dir(dir.path()).output().expect("rbb");
+        assert!(out.status.success(), "{line}: {}", text(&out));
+    }
+    let s = Store::open_postgres(&url, None, Migrate::No).expect("open");
+    assert_eq!(s.count("builds").expect("count"), 10);
+}
