@@ -840,7 +840,12 @@ fn cmd_state_check(config: &Path, state: Option<&str>, migrate: bool) -> Result<
         }
         _ => {}
     }
-    let store = Store::open_at(&at, if migrate { Migrate::Yes } else { Migrate::No })?;
+    // Without --migrate a PostgreSQL state is only read: no lock, so a running master's
+    // database can be checked.
+    let store = match &at {
+        Location::Postgres { url, password } if !migrate => Store::peek_postgres(url, password.as_deref())?,
+        _ => Store::open_at(&at, if migrate { Migrate::Yes } else { Migrate::No })?,
+    };
     if peek.is_some_and(|v| v < SCHEMA_VERSION) {
         println!("migrated to schema version {SCHEMA_VERSION}");
     }

@@ -84,6 +84,10 @@ fn a_master_on_postgres_runs_builds_keeps_them_across_a_kill_9_and_refuses_a_sec
     assert_eq!(m.finished(c, Duration::from_secs(60))["result"], "SUCCESS");
     let store = Store::open_postgres(&url, None, Migrate::No);
     assert!(store.is_err(), "the running master holds the database");
+    // A check reads it without the lock, while the master runs.
+    let check = rbb(&["state", "check", "--state", &url]);
+    assert!(check.status.success(), "{}", text(&check));
+    assert!(text(&check).contains("indexes and counts: consistent"), "{}", text(&check));
 }
 
 fn free_port() -> String {
