@@ -204,7 +204,7 @@ impl Engine {
 
     /// A message from a worker's session, applied without waiting for the disk: what must
     /// be durable waits (held) for [`Engine::settle`], which the caller runs when
-    /// [`Engine::unsettled`] says so.
+    /// [`Engine::flush_needed`] says so.
     pub fn receive(&self, worker: &str, session: u64, msg: proto::worker_message::Msg) -> Result<(), EngineError> {
         use proto::worker_message::Msg;
         let mut st = self.lock();

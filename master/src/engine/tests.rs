@@ -196,6 +196,41 @@ fn a_stop_is_durable_and_a_restart_does_not_retry_the_build() {
 }
 
 #[test]
+fn a_reader_waits_for_a_result_to_be_durable_before_it_is_shown() {
+    let f = fixture();
+    let e = &f.engine;
+    let mut w = FakeWorker::connect(e, "w1", 1).expect("connect");
+    let id = force(e, "app/build");
+    let first = w.lease().expect("lease");
+    w.finish(e, first.lease, proto::StepResult::Success).expect("finish");
+    let last = w.lease().expect("lease");
+    let mut events = e.subscribe();
+    while events.try_recv().is_ok() {}
+    // The last result arrives the way a session applies it: stored, not yet durable.
+    let done = proto::StepFinished {
+        lease: last.lease,
+        result: proto::StepResult::Success as i32,
+        exit_code: Some(0),
+        duration_ms: 1,
+        ..Default::default()
+    };
+    e.receive("w1", w.session, Msg::Finished(done)).expect("receive");
+    assert_eq!(e.build(id).expect("build").state, State::Finished);
+    assert!(events.try_recv().is_err(), "a result is announced only once it is durable");
+    // What the API does before it answers a read: wait for that flush (starting it).
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(e.durable_for_readers());
+    assert!(events.try_recv().is_ok(), "the read went on only after the flush announced the result");
+    // And it is on disk: a master killed now finds it.
+    drop(w);
+    let dir = f.dir.path().to_owned();
+    drop(f.engine);
+    let e = reopen(&dir);
+    assert_eq!(result(&e, id).1, Some(Outcome::Success));
+    assert!(e.build(id + 1).is_none(), "no retry of a finished build");
+}
+
+#[test]
 fn a_change_makes_one_build_per_builder_even_when_another_needs_it() {
     let f = fixture();
     let e = &f.engine;
