@@ -143,7 +143,7 @@ fn query_schema(name: &str) -> Value {
             json!({ "type": "string", "enum": ["pending", "running", "success", "failure", "error", "cancelled"] })
         }
         "limit" => json!({ "type": "integer", "minimum": 0, "maximum": 500 }),
-        "before" => json!({ "type": "integer", "minimum": 0 }),
+        "before" => json!({ "type": "integer", "minimum": 0, "maximum": u64::MAX }),
         "offset" => json!({ "type": "integer", "minimum": 0, "maximum": crate::forge::outbox_store::MAX_SCAN }),
         _ => json!({ "type": "string" }),
     }
