@@ -355,13 +355,7 @@ impl Store {
     pub fn open_postgres(url: &str, password: Option<&str>, migrate: Migrate) -> Result<Store, StoreError> {
         let pg = pg::Pg::connect(url, password)?;
         pg.lock_master()?;
-        let store = Store::with(Db::Pg(Box::new(pg)));
-        let shown = match &store.db {
-            Db::Pg(p) => p.shown.clone(),
-            Db::Redb(_) => unreachable!(),
-        };
-        store.init(&shown, migrate)?;
-        Ok(store)
+        Store::locked_postgres(pg, migrate)
     }
 
     /// [`Store::open_postgres`] as a standby: when another master holds the database, waits
@@ -374,8 +368,13 @@ impl Store {
     ) -> Result<Store, StoreError> {
         let pg = pg::Pg::connect(url, password)?;
         pg.lock_master_waiting(waiting)?;
+        Store::locked_postgres(pg, migrate)
+    }
+
+    /// A PostgreSQL state whose master's lock `pg` holds, its schema created or checked.
+    fn locked_postgres(pg: pg::Pg, migrate: Migrate) -> Result<Store, StoreError> {
+        let shown = pg.shown.clone();
         let store = Store::with(Db::Pg(Box::new(pg)));
-        let shown = pg::redact(url);
         store.init(&shown, migrate)?;
         Ok(store)
     }
@@ -1690,14 +1689,39 @@ mod tests {
         assert_eq!(parts(&s), 2);
         assert_eq!(s.plan(&a.hash).expect("read").as_ref(), Some(&a));
     }
-    /// Each test above, on every backend.
-    mod on_each_backend {
-        #[test]
-        fn a_plan_is_stored_by_repository_parts_and_read_back_whole() {
-            for place in crate::store::testing::places() {
-                super::a_plan_is_stored_by_repository_parts_and_read_back_whole(&place);
-            }
-        }
+    crate::store::testing::on_each_backend!(a_plan_is_stored_by_repository_parts_and_read_back_whole);
+
+    #[test]
+    fn a_state_config_names_what_is_wrong_with_it_and_never_shows_a_password() {
+        use rbb_schema::config::{StateConfig, StateDatabase};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let at = |c: &StateConfig| Location::from_config(Some(c), Path::new("/state"), dir.path());
+        let db = |url: &str, file: Option<&str>, env: Option<&str>| {
+            StateConfig::Database(StateDatabase {
+                url: url.into(),
+                password_file: file.map(Into::into),
+                password_env: env.map(Into::into),
+            })
+        };
+        assert_eq!(
+            Location::from_config(None, Path::new("/state"), dir.path()),
+            Ok(Location::File("/state/state.redb".into()))
+        );
+        let e = at(&StateConfig::Url("mysql://u:hunter2@h/db".into())).expect_err("not postgres");
+        assert!(e.contains("is not a postgres:// URL") && !e.contains("hunter2"), "{e}");
+        let e = at(&db("postgres://u@h/db", Some("pw"), Some("PW"))).expect_err("both sources");
+        assert!(e.contains("not both"), "{e}");
+        let e = at(&db("postgres://u@h/db", Some("missing"), None)).expect_err("no file");
+        assert!(e.contains("cannot read password_file") && e.contains("missing"), "{e}");
+        let e = at(&db("postgres://u@h/db", None, Some("RBB_TEST_UNSET_PASSWORD_VAR"))).expect_err("no variable");
+        assert!(e.contains("RBB_TEST_UNSET_PASSWORD_VAR") && e.contains("not set"), "{e}");
+        std::fs::write(dir.path().join("pw"), "s3cret\nignored\n").expect("write");
+        let ok = at(&db(" postgres://u@h/db ", Some("pw"), None)).expect("file");
+        assert_eq!(ok, Location::Postgres { url: "postgres://u@h/db".into(), password: Some("s3cret".into()) });
+        assert_eq!(
+            Location::Postgres { url: "postgres://u:s3cret@h/db".into(), password: None }.shown(),
+            "postgres://u:<hidden>@h/db"
+        );
     }
 }
 
@@ -1943,41 +1967,11 @@ mod cache_tests {
         assert_eq!((stats.entries, stats.blobs, stats.stored_bytes), (1, 1, 10));
         consistent(&s);
     }
-    /// Each test above, on every backend.
-    mod on_each_backend {
-        #[test]
-        fn cache_entries_sharing_a_blob_hold_a_reference_each() {
-            for place in crate::store::testing::places() {
-                super::cache_entries_sharing_a_blob_hold_a_reference_each(&place);
-            }
-        }
-
-        #[test]
-        fn cache_eviction_goes_by_last_use_and_spares_pinned_entries() {
-            for place in crate::store::testing::places() {
-                super::cache_eviction_goes_by_last_use_and_spares_pinned_entries(&place);
-            }
-        }
-
-        #[test]
-        fn cache_orphan_blobs_go_after_an_hour() {
-            for place in crate::store::testing::places() {
-                super::cache_orphan_blobs_go_after_an_hour(&place);
-            }
-        }
-
-        #[test]
-        fn cache_counts_match_a_scan_after_random_operations() {
-            for place in crate::store::testing::places() {
-                super::cache_counts_match_a_scan_after_random_operations(&place);
-            }
-        }
-
-        #[test]
-        fn cache_records_survive_reopening_and_epochs_grow() {
-            for place in crate::store::testing::places() {
-                super::cache_records_survive_reopening_and_epochs_grow(&place);
-            }
-        }
-    }
+    crate::store::testing::on_each_backend!(
+        cache_entries_sharing_a_blob_hold_a_reference_each,
+        cache_eviction_goes_by_last_use_and_spares_pinned_entries,
+        cache_orphan_blobs_go_after_an_hour,
+        cache_counts_match_a_scan_after_random_operations,
+        cache_records_survive_reopening_and_epochs_grow
+    );
 }

@@ -540,3 +540,36 @@ fn the_state_commands_of_the_postgres_doc_work_as_written() {
     let s = Store::open_postgres(&url, None, Migrate::No).expect("open");
     assert_eq!(s.count("builds").expect("count"), 10);
 }
+
+#[test]
+fn state_commands_and_a_standby_refuse_bad_input_with_a_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("nothing-here");
+    let out = rbb(&["state", "migrate", "--from", missing.to_str().expect("utf-8"), "--to", "postgres://u@h/db"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("no state at"), "{}", text(&out));
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("mkdir");
+    write_redb_state(&state.join("state.redb"), 1);
+    let out = rbb(&["state", "migrate", "--from", state.to_str().expect("utf-8"), "--to", "/tmp/elsewhere"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--to must be a postgres:// URL"), "{}", text(&out));
+    let out = rbb(&["state", "check", "--state", missing.to_str().expect("utf-8")]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("no state at"), "{}", text(&out));
+    // A server nobody listens on: named, without the password.
+    let out = rbb(&["state", "check", "--state", "postgres://rbb:hunter2@127.0.0.1:1/db"]);
+    assert!(!out.status.success());
+    let said = text(&out);
+    assert!(said.contains("postgres://rbb:<hidden>@127.0.0.1:1/db") && !said.contains("hunter2"), "{said}");
+    // --standby needs a PostgreSQL state.
+    make_repo(&dir.path().join("app"), "builders:\n  a:\n    steps: [{ run: 'true' }]\n", &[]);
+    let config = write_config(dir.path(), &["app"], &[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_rbb"))
+        .args(["master", "--standby", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .output()
+        .expect("rbb master");
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--standby needs a PostgreSQL state"), "{}", text(&out));
+}

@@ -78,3 +78,23 @@ pub fn places() -> Vec<Place> {
     };
     vec![redb, pg]
 }
+
+/// `#[test]`s that run each named `fn(&Place)` of the enclosing module on every backend.
+#[cfg(test)]
+macro_rules! on_each_backend {
+    ($($name:ident),* $(,)?) => {
+        /// Each test above, on every backend.
+        mod on_each_backend {
+            $(
+                #[test]
+                fn $name() {
+                    for place in crate::store::testing::places() {
+                        super::$name(&place);
+                    }
+                }
+            )*
+        }
+    };
+}
+#[cfg(test)]
+pub(crate) use on_each_backend;
