@@ -417,6 +417,17 @@ fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
             let _ = runtime.block_on(task);
         }
     }
+    // Another master fencing this one off (its lease ran out) stops it: it may no longer
+    // write, and what it would show is no longer the state.
+    let lost = master.engine.store().lost();
+    let fenced = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let fenced_seen = fenced.clone();
+    let lost_state = async move {
+        let Some(mut lost) = lost else { return std::future::pending::<()>().await };
+        if let Ok(why) = lost.wait_for(Option::is_some).await {
+            *fenced_seen.lock().unwrap_or_else(|p| p.into_inner()) = why.clone();
+        }
+    };
     runtime.block_on(rbb_master::server::serve(
         master,
         &opts,
@@ -428,7 +439,13 @@ fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
             let _ = std::io::stdout().flush();
         },
         async {
-            signalled().await;
+            tokio::select! {
+                () = signalled() => {}
+                () = lost_state => {
+                    tracing::error!("stopping: another master took the state over");
+                    return;
+                }
+            }
             tracing::info!("stopping (a second signal stops at once)");
             tokio::spawn(async move {
                 signalled().await;
@@ -439,6 +456,11 @@ fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
     ))?;
     // Tasks still blocked (a git fetch, a slow client) do not hold the exit up.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    if let Some(why) = fenced.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        anyhow::bail!(
+            "this master no longer holds its state: {why}. Start it again with --standby to take over when the other master stops"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -799,7 +821,11 @@ fn state_location(config: &Path, state: Option<&str>) -> Result<rbb_master::stor
     use rbb_master::store::Location;
     if let Some(s) = state {
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
-            return Ok(Location::Postgres { url: s.to_owned(), password: std::env::var("PGPASSWORD").ok() });
+            return Ok(Location::Postgres {
+                url: s.to_owned(),
+                password: std::env::var("PGPASSWORD").ok(),
+                lease: rbb_master::store::pg::DEFAULT_LEASE,
+            });
         }
         let p = PathBuf::from(s);
         return Ok(Location::File(if p.is_dir() { p.join("state.redb") } else { p }));
@@ -820,7 +846,7 @@ fn cmd_state_check(config: &Path, state: Option<&str>, migrate: bool) -> Result<
     }
     let peek = match &at {
         Location::File(p) => rbb_master::store::peek_redb_version(p)?,
-        Location::Postgres { url, password } => rbb_master::store::peek_postgres_version(url, password.as_deref())?,
+        Location::Postgres { url, password, .. } => rbb_master::store::peek_postgres_version(url, password.as_deref())?,
     };
     println!("state:          {}", at.shown());
     println!(
@@ -843,7 +869,7 @@ fn cmd_state_check(config: &Path, state: Option<&str>, migrate: bool) -> Result<
     // Without --migrate a PostgreSQL state is only read: no lock, so a running master's
     // database can be checked.
     let store = match &at {
-        Location::Postgres { url, password } if !migrate => Store::peek_postgres(url, password.as_deref())?,
+        Location::Postgres { url, password, .. } if !migrate => Store::peek_postgres(url, password.as_deref())?,
         _ => Store::open_at(&at, if migrate { Migrate::Yes } else { Migrate::No })?,
     };
     if peek.is_some_and(|v| v < SCHEMA_VERSION) {

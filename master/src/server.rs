@@ -204,7 +204,7 @@ pub fn standby_state(opts: &MasterOptions) -> Result<Option<crate::store::Store>
     match crate::store::Location::from_config(cfg.config.state.as_ref(), &state_dir, &cfg.dir())
         .map_err(|e| anyhow::anyhow!("the master config: {e}"))?
     {
-        crate::store::Location::Postgres { url, password } => {
+        crate::store::Location::Postgres { url, password, .. } => {
             Ok(Some(crate::store::Store::peek_postgres(&url, password.as_deref())?))
         }
         crate::store::Location::File(_) => {
@@ -235,10 +235,16 @@ pub fn open_starting(opts: &MasterOptions) -> Result<Master> {
         .map_err(|e| anyhow::anyhow!("the master config: {e}"))?;
     let migrate = if opts.migrate { crate::store::Migrate::Yes } else { crate::store::Migrate::No };
     let store = match (&at, opts.standby) {
-        (crate::store::Location::Postgres { url, password }, true) => {
-            crate::store::Store::open_postgres_standby(url, password.as_deref(), migrate, |holder| {
-                tracing::info!(state = %at.shown(), %holder, "standby: another master holds the state; taking over when it stops");
-            })
+        (crate::store::Location::Postgres { url, password, lease }, true) => {
+            crate::store::Store::open_postgres_as(
+                url,
+                password.as_deref(),
+                migrate,
+                *lease,
+                Some(|holder: &str| {
+                    tracing::info!(state = %at.shown(), %holder, "standby: another master holds the state; taking over when it stops");
+                }),
+            )
         }
         _ => crate::store::Store::open_at(&at, migrate),
     }

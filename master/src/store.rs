@@ -106,6 +106,10 @@ pub enum StoreError {
         "the state database {shown} is in use by another rbb master (process {holder}); stop it first, or give this master a database of its own"
     )]
     InUse { shown: String, holder: String },
+    #[error(
+        "this master no longer holds the state database {shown}: {why}; it stops (start it again, as a --standby, to take over when the other master stops)"
+    )]
+    Fenced { shown: String, why: String },
     #[error("corrupt record in table {table} at key {key}: {message}")]
     Corrupt { table: &'static str, key: u64, message: String },
 }
@@ -184,7 +188,7 @@ pub enum Location {
     File(PathBuf),
     /// A PostgreSQL database; the password, when the URL has none, from the config's file or
     /// environment variable.
-    Postgres { url: String, password: Option<String> },
+    Postgres { url: String, password: Option<String>, lease: std::time::Duration },
 }
 
 impl Location {
@@ -195,7 +199,7 @@ impl Location {
         state_dir: &Path,
         config_dir: &Path,
     ) -> Result<Location, String> {
-        use rbb_schema::config::StateConfig;
+        use rbb_schema::config::{StateConfig, StateDatabase as StateDatabaseConfig};
         let Some(state) = state else { return Ok(Location::File(state_dir.join("state.redb"))) };
         let url = state.url().trim();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -204,6 +208,16 @@ impl Location {
                 pg::redact(url)
             ));
         }
+        let lease = match state {
+            StateConfig::Database(StateDatabaseConfig { lease: Some(text), .. }) => {
+                let ms = rbb_compiler::duration::parse_duration_ms(text).map_err(|e| format!("state: lease: {e}"))?;
+                if ms < 1000 {
+                    return Err(format!("state: lease: {text} is shorter than a second"));
+                }
+                std::time::Duration::from_millis(ms)
+            }
+            _ => pg::DEFAULT_LEASE,
+        };
         let password = match state {
             StateConfig::Url(_) => std::env::var("PGPASSWORD").ok(),
             StateConfig::Database(d) => match (&d.password_file, &d.password_env) {
@@ -220,7 +234,7 @@ impl Location {
                 (None, None) => std::env::var("PGPASSWORD").ok(),
             },
         };
-        Ok(Location::Postgres { url: url.to_owned(), password })
+        Ok(Location::Postgres { url: url.to_owned(), password, lease })
     }
 
     /// What messages may name: the path, or the URL without its password.
@@ -353,22 +367,35 @@ impl Store {
     /// creating its tables in an empty database. An older schema is migrated only with
     /// `migrate`; a newer one is refused.
     pub fn open_postgres(url: &str, password: Option<&str>, migrate: Migrate) -> Result<Store, StoreError> {
-        let pg = pg::Pg::connect(url, password)?;
-        pg.lock_master()?;
-        Store::locked_postgres(pg, migrate)
+        Store::open_postgres_as(url, password, migrate, pg::DEFAULT_LEASE, None::<fn(&str)>)
     }
 
-    /// [`Store::open_postgres`] as a standby: when another master holds the database, waits
-    /// until it stops (`waiting` is told who holds it), then opens it.
-    pub fn open_postgres_standby(
+    /// [`Store::open_postgres`] with a lease of `lease`. A standby (`standby` given): when
+    /// another master holds the database, waits until it stops or its lease runs out
+    /// (`standby` is told who holds it), then opens it.
+    pub fn open_postgres_as(
         url: &str,
         password: Option<&str>,
         migrate: Migrate,
-        waiting: impl FnOnce(&str),
+        lease: std::time::Duration,
+        standby: Option<impl FnOnce(&str)>,
     ) -> Result<Store, StoreError> {
-        let pg = pg::Pg::connect(url, password)?;
-        pg.lock_master_waiting(waiting)?;
+        let mut pg = pg::Pg::connect(url, password)?;
+        pg.set_lease(lease);
+        match standby {
+            Some(waiting) => pg.lock_master_waiting(waiting)?,
+            None => pg.lock_master()?,
+        }
         Store::locked_postgres(pg, migrate)
+    }
+
+    /// Answers why, once another master took this master's PostgreSQL state over (None on
+    /// redb: nobody can).
+    pub fn lost(&self) -> Option<tokio::sync::watch::Receiver<Option<String>>> {
+        match &self.db {
+            Db::Pg(pg) => Some(pg.lost()),
+            Db::Redb(_) => None,
+        }
     }
 
     /// A PostgreSQL state whose master's lock `pg` holds, its schema created or checked.
@@ -405,7 +432,9 @@ impl Store {
     pub fn open_at(at: &Location, migrate: Migrate) -> Result<Store, StoreError> {
         match at {
             Location::File(path) => Store::open(path),
-            Location::Postgres { url, password } => Store::open_postgres(url, password.as_deref(), migrate),
+            Location::Postgres { url, password, lease } => {
+                Store::open_postgres_as(url, password.as_deref(), migrate, *lease, None::<fn(&str)>)
+            }
         }
     }
 
@@ -1701,6 +1730,7 @@ mod tests {
                 url: url.into(),
                 password_file: file.map(Into::into),
                 password_env: env.map(Into::into),
+                lease: None,
             })
         };
         assert_eq!(
@@ -1717,11 +1747,35 @@ mod tests {
         assert!(e.contains("RBB_TEST_UNSET_PASSWORD_VAR") && e.contains("not set"), "{e}");
         std::fs::write(dir.path().join("pw"), "s3cret\nignored\n").expect("write");
         let ok = at(&db(" postgres://u@h/db ", Some("pw"), None)).expect("file");
-        assert_eq!(ok, Location::Postgres { url: "postgres://u@h/db".into(), password: Some("s3cret".into()) });
         assert_eq!(
-            Location::Postgres { url: "postgres://u:s3cret@h/db".into(), password: None }.shown(),
+            ok,
+            Location::Postgres {
+                url: "postgres://u@h/db".into(),
+                password: Some("s3cret".into()),
+                lease: pg::DEFAULT_LEASE
+            }
+        );
+        assert_eq!(
+            Location::Postgres { url: "postgres://u:s3cret@h/db".into(), password: None, lease: pg::DEFAULT_LEASE }
+                .shown(),
             "postgres://u:<hidden>@h/db"
         );
+        let leased = |lease: &str| {
+            at(&StateConfig::Database(StateDatabase {
+                url: "postgres://u@h/db".into(),
+                password_file: None,
+                password_env: None,
+                lease: Some(lease.into()),
+            }))
+        };
+        match leased("30s") {
+            Ok(Location::Postgres { lease, .. }) => assert_eq!(lease, std::time::Duration::from_secs(30)),
+            other => panic!("{other:?}"),
+        }
+        let e = leased("500ms").expect_err("too short");
+        assert!(e.contains("state: lease") && e.contains("shorter than a second"), "{e}");
+        let e = leased("soon").expect_err("not a duration");
+        assert!(e.contains("state: lease") && e.contains("soon"), "{e}");
     }
 }
 

@@ -189,6 +189,115 @@ fn a_standby_master_takes_over_when_the_active_one_is_killed_and_its_build_is_re
     }
 }
 
+/// Sends `signal` (`STOP`, `CONT`) to a process.
+fn signal(child: &std::process::Child, signal: &str) {
+    let done = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().expect("kill");
+    assert!(done.success(), "kill -{signal}");
+}
+
+/// The lease's epoch: the number of terms masters took on the database.
+fn lease_epoch(url: &str) -> i64 {
+    let pg = rbb_master::store::pg::Pg::connect(url, None).expect("connect");
+    let conn = pg.read_conn().expect("conn");
+    let rows = conn.query_text("SELECT epoch FROM rbb_master_lease WHERE id = 1", &[]).expect("lease");
+    rows.first().map(|r| r.get::<_, i64>(0)).expect("a lease row")
+}
+
+#[test]
+fn a_hung_master_is_fenced_off_when_its_lease_runs_out_and_writes_nothing_over_the_takeover() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let marker = dir.path().join("ran-once");
+    let release = dir.path().join("release");
+    // The first run waits for `release` (it is still running on the hung master's worker
+    // when the standby takes over); the retry finishes at once.
+    let pipeline = format!(
+        "builders:\n  slow:\n    steps:\n      - run: 'if [ -f {m} ]; then echo second run; else touch {m}; \
+         while [ ! -f {r} ]; do sleep 0.05; done; echo first run; fi'\n",
+        m = marker.display(),
+        r = release.display()
+    );
+    make_repo(&dir.path().join("app"), &pipeline, &[]);
+    let config = write_config(dir.path(), &["app"], &[("w1", "t", &[]), ("w2", "t", &[])]);
+    let url = testing::fresh_database();
+    let mut text_cfg = std::fs::read_to_string(&config).expect("config");
+    text_cfg.push_str(&format!("state:\n  url: {url}\n  lease: 4s\n"));
+    std::fs::write(&config, text_cfg).expect("config");
+    let state = dir.path().join("state");
+    let grpc_b = free_port();
+    let mut a = Master::start(&config, &state);
+    let first_term = lease_epoch(&url);
+    let b_log = dir.path().join("b.master.log");
+    let mut b = Master::spawn(&config, &state, "127.0.0.1:0", &grpc_b, &["--standby"], &b_log);
+    let b_lines = lines(&mut b);
+    let b_http = word_after(&b_lines.recv_timeout(T).expect("the standby's first line"), "http=http://");
+    let worker = |name: &str, masters: &str| {
+        let err = std::fs::File::create(dir.path().join(format!("{name}.worker.log"))).expect("log");
+        Command::new(worker_bin())
+            .args(["--master", masters, "--name", name, "--token", "t", "--workdir"])
+            .arg(dir.path().join(name))
+            .stderr(err)
+            .spawn()
+            .expect("worker")
+    };
+    // w1 knows only A: it stays with A while A hangs.
+    let mut w1 = worker("w1", &format!("http://{}", a.grpc));
+    let slow = a.force("app/slow");
+    wait_for(T, "the first run to start", || marker.exists().then_some(()));
+    assert_eq!(a.build(slow)["worker"], "w1");
+    // w2 knows only B (forwarded to A until B takes over).
+    let mut w2 = worker("w2", &format!("http://{grpc_b}"));
+
+    // A hangs: its process stops, its connections stay open, its lease is not renewed.
+    signal(&a.child, "STOP");
+    let hung = std::time::Instant::now();
+    let line = b_lines.recv_timeout(T).expect("the standby's listening line");
+    let took = hung.elapsed();
+    assert!(line.contains("listening"), "{line}");
+    // Not before the lease ran out (it was renewed at most a quarter of it before the stop).
+    assert!(took >= Duration::from_secs(3), "the standby took over after {took:?}, inside A's 4 s lease");
+    assert!(took < Duration::from_secs(20), "the standby took {took:?} to take over");
+    let b_master = Master { child: b, http: b_http.clone(), grpc: grpc_b.clone(), log: b_log.clone() };
+    assert!(
+        b_master.log_text().contains("did not renew its lease"),
+        "the standby says why it took over:\n{}",
+        b_master.log_text()
+    );
+    assert!(lease_epoch(&url) > first_term, "the takeover is a new term");
+    assert_eq!(b_master.build(slow)["result"], "RETRY");
+    let retry = wait_for(T, "the retry", || {
+        b_master.get("/api/v2/builds").json()["builds"]
+            .as_array()?
+            .iter()
+            .find(|x| x["reason"] == format!("retry of build {slow}"))
+            .cloned()
+    });
+    let r = b_master.finished(retry["id"].as_u64().expect("id"), T);
+    assert_eq!(r["result"], "SUCCESS", "{r:#}");
+    assert_eq!(r["worker"], "w2", "w1 still waits on the hung master");
+
+    // The first run ends now, on w1, which reports to A; A wakes up fenced off: it writes
+    // nothing and stops, saying why.
+    std::fs::write(&release, "").expect("release");
+    signal(&a.child, "CONT");
+    let status = wait_for(T, "the fenced master to exit", || a.child.try_wait().expect("wait"));
+    assert!(!status.success(), "a fenced master exits with an error");
+    let said = a.log_text();
+    assert!(said.contains("no longer holds its state"), "{said}");
+    assert!(said.contains("--standby"), "it says how to serve again:\n{said}");
+    let old = b_master.build(slow);
+    assert_eq!(old["result"], "RETRY", "the fenced master's late result did not land: {old:#}");
+    assert_eq!(b_master.build(r["id"].as_u64().expect("id"))["result"], "SUCCESS");
+    let running = b_master.get("/api/v2/builds?state=running").json()["meta"]["total"].as_u64();
+    assert_eq!(running, Some(0));
+    // B goes on: a new build runs.
+    let next = b_master.force("app/slow");
+    assert_eq!(b_master.finished(next, T)["result"], "SUCCESS");
+    for w in [&mut w1, &mut w2] {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+}
+
 const T: Duration = Duration::from_secs(60);
 
 /// The lines a child prints, as they come.

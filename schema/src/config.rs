@@ -492,6 +492,11 @@ pub struct StateDatabase {
     /// An environment variable of the master holding the password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_env: Option<String>,
+    /// How long the active master keeps the state when it stops renewing its lease (hung,
+    /// stopped, cut off): a standby then ends its session and takes over. `10s` by default;
+    /// renewed every quarter of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
 }
 
 impl StateConfig {

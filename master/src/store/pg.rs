@@ -12,7 +12,9 @@
 use super::StoreError;
 use std::collections::HashSet;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 use tokio_postgres::types::{ToSql, Type};
 
 /// Rows fetched per round trip of a range scan.
@@ -171,14 +173,36 @@ pub struct Pg {
     tables: Mutex<HashSet<String>>,
     /// Whether this process holds the master's lock (on the writing connection).
     locked: std::sync::atomic::AtomicBool,
+    /// How long this master's lease lasts without a renewal ([`Pg::set_lease`]).
+    lease: Duration,
+    /// This master's term on the state, once it holds the lock (0 before): the lease row's
+    /// epoch when it took the lock.
+    epoch: AtomicI64,
+    /// Why this master lost the state, once another master took it over: from then on every
+    /// write is refused ([`StoreError::Fenced`]).
+    lost: tokio::sync::watch::Sender<Option<String>>,
+    /// Dropped with the `Pg`: stops the lease's renewal.
+    renewing: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
+
+/// A master's lease on the state unless its config says otherwise (`state.lease`).
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// The lease row: the current term (epoch) on the state, who holds it, and when it was last
+/// renewed. A master renews it every quarter of its `ttl_ms`; a standby that finds it older
+/// than that ends the holder's session (which fences it: only the lock-holding connection
+/// writes) and takes the lock.
+const LEASE_TABLE: &str = "CREATE TABLE IF NOT EXISTS rbb_master_lease (\
+     id int PRIMARY KEY, epoch bigint NOT NULL, holder text NOT NULL, ttl_ms bigint NOT NULL, \
+     renewed_at timestamptz NOT NULL)";
 
 /// The advisory lock a master holds on its state database.
 const MASTER_LOCK: i64 = 0x0072_6262;
 
 impl Drop for Pg {
     fn drop(&mut self) {
-        if self.locked.load(std::sync::atomic::Ordering::Acquire) {
+        self.renewing.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if self.locked.load(std::sync::atomic::Ordering::Acquire) && self.lost.borrow().is_none() {
             // Released now rather than when the server notices the connection is gone, so a
             // master started right after this one stopped finds the database free.
             let conn = self.write.lock().unwrap_or_else(|p| p.into_inner());
@@ -238,6 +262,10 @@ impl Pg {
             idle: Mutex::new(Vec::new()),
             tables: Mutex::new(HashSet::new()),
             locked: std::sync::atomic::AtomicBool::new(false),
+            lease: DEFAULT_LEASE,
+            epoch: AtomicI64::new(0),
+            lost: tokio::sync::watch::channel(None).0,
+            renewing: Mutex::new(None),
         })
     }
 
@@ -262,11 +290,14 @@ impl Pg {
     /// lock again, which another master may have taken meanwhile).
     pub fn write_conn(&self) -> Result<MutexGuard<'_, Conn>, StoreError> {
         let mut guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(why) = self.lost.borrow().as_ref() {
+            return Err(StoreError::Fenced { shown: self.shown.clone(), why: why.clone() });
+        }
         if guard.is_closed() {
             tracing::warn!(database = %self.shown, "the state database closed the connection; connecting again");
             *guard = open_conn(self.runtime(), &self.config, &self.shown)?;
             if self.locked.load(std::sync::atomic::Ordering::Acquire) {
-                self.take_lock(&guard)?;
+                self.retake_lock(&guard)?;
             }
         }
         Ok(guard)
@@ -277,25 +308,150 @@ impl Pg {
         let conn = self.write_conn()?;
         self.take_lock(&conn)?;
         self.locked.store(true, std::sync::atomic::Ordering::Release);
+        self.claim_lease(&conn)
+    }
+
+    /// How long this master's lease lasts without a renewal (before it locks the state).
+    pub fn set_lease(&mut self, lease: Duration) {
+        self.lease = lease.max(Duration::from_millis(200));
+    }
+
+    /// Answers why once another master took the state over (this one is fenced off).
+    pub fn lost(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.lost.subscribe()
+    }
+
+    /// This master's term on the state (0 before it holds the lock).
+    pub fn epoch(&self) -> i64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// After a lost connection: the lock again, and only if no other master took a term
+    /// meanwhile (the lease's epoch is still this master's).
+    fn retake_lock(&self, conn: &Conn) -> Result<(), StoreError> {
+        let taken = match self.take_lock(conn) {
+            Ok(()) => {
+                let epoch = lease_epoch(conn)?;
+                if epoch == Some(self.epoch()) {
+                    return Ok(());
+                }
+                let _ = conn.batch(&format!("SELECT pg_advisory_unlock({MASTER_LOCK})"));
+                format!("another master took a term on the state (epoch {})", epoch.unwrap_or(0))
+            }
+            Err(StoreError::InUse { holder, .. }) => format!("another master holds the state: {holder}"),
+            Err(e) => return Err(e),
+        };
+        Err(self.fence(taken))
+    }
+
+    /// Marks this master fenced off; the error its writes get from now on.
+    fn fence(&self, why: String) -> StoreError {
+        tracing::error!(database = %self.shown, reason = %why, "this master lost the state to another master; it writes nothing more");
+        self.lost.send_if_modified(|l| {
+            if l.is_none() {
+                *l = Some(why.clone());
+                true
+            } else {
+                false
+            }
+        });
+        StoreError::Fenced { shown: self.shown.clone(), why }
+    }
+
+    /// Starts this master's term: the lease's epoch goes up by one, and a thread renews the
+    /// lease (on a connection of its own) until the `Pg` is dropped.
+    fn claim_lease(&self, conn: &Conn) -> Result<(), StoreError> {
+        if !exists(conn, "rbb_master_lease")? {
+            conn.batch(LEASE_TABLE)?;
+        }
+        let holder = self.config.get_application_name().unwrap_or("rbb").to_owned();
+        let ttl = (self.lease.as_millis() as i64).to_string();
+        let row = conn.query_text(
+            "INSERT INTO rbb_master_lease (id, epoch, holder, ttl_ms, renewed_at) \
+             VALUES (1, 1, $1, $2::text::bigint, clock_timestamp()) \
+             ON CONFLICT (id) DO UPDATE SET epoch = rbb_master_lease.epoch + 1, holder = $1, \
+             ttl_ms = $2::text::bigint, renewed_at = clock_timestamp() RETURNING epoch",
+            &[&holder, &ttl],
+        )?;
+        let epoch: i64 = row.first().map(|r| r.get(0)).unwrap_or(0);
+        self.epoch.store(epoch, Ordering::Release);
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        *self.renewing.lock().unwrap_or_else(|p| p.into_inner()) = Some(stop);
+        let renewer = Renewer {
+            runtime: self.runtime().handle().clone(),
+            config: self.config.clone(),
+            shown: self.shown.clone(),
+            epoch,
+            every: self.lease / 4,
+            lost: self.lost.clone(),
+        };
+        std::thread::Builder::new()
+            .name("rbb-lease".into())
+            .spawn(move || renewer.run(&stopped))
+            .map_err(|e| StoreError::Pg(format!("cannot start the lease's renewal: {e}")))?;
         Ok(())
+    }
+
+    /// While the lock is held by another master: when its lease ran out (it stopped
+    /// renewing: hung, stopped, cut off), takes a new term and ends the holder's session,
+    /// which releases the lock and fences it. Answers whether it did.
+    fn fence_expired(&self, conn: &Conn) -> Result<Option<String>, StoreError> {
+        if !exists(conn, "rbb_master_lease")? {
+            return Ok(None);
+        }
+        let me = self.config.get_application_name().unwrap_or("rbb").to_owned();
+        let taken = conn.query_text(
+            "UPDATE rbb_master_lease SET epoch = epoch + 1, holder = $1, renewed_at = clock_timestamp() \
+             WHERE id = 1 AND clock_timestamp() - renewed_at > ttl_ms * interval '1 millisecond' \
+             RETURNING ttl_ms",
+            &[&me],
+        )?;
+        let Some(ttl) = taken.first().map(|r| r.get::<_, i64>(0)) else { return Ok(None) };
+        let ended = conn.query_text(
+            &format!(
+                "SELECT a.application_name, pg_terminate_backend(l.pid) FROM pg_locks l \
+                 JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = {MASTER_LOCK}"
+            ),
+            &[],
+        )?;
+        let holder = ended.first().map(|r| r.get::<_, String>(0)).unwrap_or_else(|| "unknown".to_owned());
+        Ok(Some(format!("{holder} did not renew its lease for {ttl} ms")))
     }
 
     /// Takes the master's lock, waiting for the master that holds it to stop (a standby):
     /// `waiting` is told who holds it first. The server grants the lock the moment the
     /// holder's connection ends (it stopped, or was killed and its socket closed; a vanished
     /// host takes the keepalive time).
+    ///
+    /// A holder that stopped renewing its lease (hung, stopped, cut off from its workers but
+    /// not from the database) is fenced off when the lease runs out: see
+    /// [`Pg::fence_expired`].
     pub fn lock_master_waiting(&self, waiting: impl FnOnce(&str)) -> Result<(), StoreError> {
         let conn = self.write_conn()?;
         match self.take_lock(&conn) {
             Ok(()) => {}
             Err(StoreError::InUse { holder, .. }) => {
                 waiting(&holder);
-                conn.batch(&format!("SELECT pg_advisory_lock({MASTER_LOCK})"))?;
+                // Waits a beat at a time for the lock; between beats, looks at the lease.
+                conn.batch("SET lock_timeout = '500ms'")?;
+                loop {
+                    let sql = format!("SELECT pg_advisory_lock({MASTER_LOCK})");
+                    match futures::executor::block_on(conn.client.batch_execute(&sql)) {
+                        Ok(()) => break,
+                        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {}
+                        Err(e) => return Err(pg_error(e)),
+                    }
+                    if let Some(why) = self.fence_expired(&conn)? {
+                        tracing::warn!(database = %self.shown, reason = %why, "standby: taking the state over from a master that stopped answering");
+                    }
+                }
+                conn.batch("SET lock_timeout = 0")?;
             }
             Err(e) => return Err(e),
         }
         self.locked.store(true, std::sync::atomic::Ordering::Release);
-        Ok(())
+        self.claim_lease(&conn)
     }
 
     fn take_lock(&self, conn: &Conn) -> Result<(), StoreError> {
@@ -355,12 +511,73 @@ impl Pg {
     }
 }
 
+/// The lease's current epoch (None: no master ever took a term).
+fn lease_epoch(conn: &Conn) -> Result<Option<i64>, StoreError> {
+    if !exists(conn, "rbb_master_lease")? {
+        return Ok(None);
+    }
+    Ok(conn.query_text("SELECT epoch FROM rbb_master_lease WHERE id = 1", &[])?.first().map(|r| r.get(0)))
+}
+
+/// Renews a master's lease until told to stop; marks the master fenced when the lease's
+/// epoch moved on (another master took the state).
+struct Renewer {
+    runtime: tokio::runtime::Handle,
+    config: tokio_postgres::Config,
+    shown: String,
+    epoch: i64,
+    every: Duration,
+    lost: tokio::sync::watch::Sender<Option<String>>,
+}
+
+impl Renewer {
+    fn run(self, stop: &std::sync::mpsc::Receiver<()>) {
+        let mut conn: Option<Conn> = None;
+        let epoch = self.epoch.to_string();
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(self.every) {
+            if self.lost.borrow().is_some() {
+                return;
+            }
+            if conn.as_ref().is_none_or(Conn::is_closed) {
+                conn = match open_conn_on(&self.runtime, &self.config, &self.shown) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot renew this master's lease on the state");
+                        continue;
+                    }
+                };
+            }
+            let Some(c) = conn.as_ref() else { continue };
+            match c.query_text(
+                "UPDATE rbb_master_lease SET renewed_at = clock_timestamp() WHERE id = 1 AND epoch = $1::text::bigint",
+                &[&epoch],
+            ) {
+                Ok(rows) if rows.is_empty() => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot renew this master's lease on the state");
+                    continue;
+                }
+            }
+            // Zero rows: the epoch moved on.
+            let why = format!("another master took the state over (this master's term {} ended)", self.epoch);
+            tracing::error!(database = %self.shown, reason = %why, "this master lost the state to another master; it writes nothing more");
+            self.lost.send_replace(Some(why));
+            return;
+        }
+    }
+}
+
 fn exists(conn: &Conn, name: &str) -> Result<bool, StoreError> {
     let rows = conn.query_text("SELECT to_regclass($1) IS NOT NULL", &[name])?;
     Ok(rows.first().is_some_and(|r| r.get::<_, bool>(0)))
 }
 
 fn open_conn(rt: &tokio::runtime::Runtime, config: &tokio_postgres::Config, shown: &str) -> Result<Conn, StoreError> {
+    open_conn_on(rt.handle(), config, shown)
+}
+
+fn open_conn_on(rt: &tokio::runtime::Handle, config: &tokio_postgres::Config, shown: &str) -> Result<Conn, StoreError> {
     let config = config.clone();
     let connect = rt.spawn(async move {
         let (client, connection) = config.connect(tokio_postgres::NoTls).await?;

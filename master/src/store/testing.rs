@@ -73,7 +73,7 @@ pub fn places() -> Vec<Place> {
     let redb = Place { backend: "redb", at: Location::File(redb_dir.path().join("state.redb")), dir: redb_dir };
     let pg = Place {
         backend: "postgres",
-        at: Location::Postgres { url: fresh_database(), password: None },
+        at: Location::Postgres { url: fresh_database(), password: None, lease: super::pg::DEFAULT_LEASE },
         dir: tempfile::tempdir().expect("tempdir"),
     };
     vec![redb, pg]
