@@ -195,12 +195,18 @@ fn signal(child: &std::process::Child, signal: &str) {
     assert!(done.success(), "kill -{signal}");
 }
 
-/// The lease's epoch: the number of terms masters took on the database.
-fn lease_epoch(url: &str) -> i64 {
+/// The lease's epoch (the number of terms masters took on the database) and when it was
+/// last renewed.
+fn lease(url: &str) -> (i64, String) {
     let pg = rbb_master::store::pg::Pg::connect(url, None).expect("connect");
     let conn = pg.read_conn().expect("conn");
-    let rows = conn.query_text("SELECT epoch FROM rbb_master_lease WHERE id = 1", &[]).expect("lease");
-    rows.first().map(|r| r.get::<_, i64>(0)).expect("a lease row")
+    let rows =
+        conn.query_text("SELECT epoch, renewed_at::text FROM rbb_master_lease WHERE id = 1", &[]).expect("lease");
+    rows.first().map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1))).expect("a lease row")
+}
+
+fn lease_epoch(url: &str) -> i64 {
+    lease(url).0
 }
 
 #[test]
@@ -247,6 +253,14 @@ fn a_hung_master_is_fenced_off_when_its_lease_runs_out_and_writes_nothing_over_t
     // w2 knows only B (forwarded to A until B takes over).
     let mut w2 = worker("w2", &format!("http://{grpc_b}"));
 
+    // A renews its lease (every second) and keeps the state through two renewals.
+    let mut renewals = vec![lease(&url)];
+    while renewals.len() < 3 {
+        let now = wait_for(T, "a renewal", || Some(lease(&url)).filter(|l| Some(l) != renewals.last()));
+        assert_eq!(now.0, first_term, "A's term goes on while it renews: {renewals:?} then {now:?}");
+        renewals.push(now);
+    }
+    assert!(a.child.try_wait().expect("wait").is_none(), "A still runs");
     // A hangs: its process stops, its connections stay open, its lease is not renewed.
     signal(&a.child, "STOP");
     let hung = std::time::Instant::now();
@@ -296,6 +310,119 @@ fn a_hung_master_is_fenced_off_when_its_lease_runs_out_and_writes_nothing_over_t
         let _ = w.kill();
         let _ = w.wait();
     }
+}
+
+#[test]
+fn each_push_makes_one_build_across_a_takeover_including_one_pushed_while_it_happens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = dir.path().join("app");
+    make_repo(
+        &repo,
+        "builders:\n  build:\n    on:\n      push: { branches: [main] }\n    steps: [{ run: echo built }]\n",
+        &[("README.md", "readme\n")],
+    );
+    let url = testing::fresh_database();
+    let config = dir.path().join("rbb.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "repositories:\n  - url: app\n    poll_interval: 100ms\nworkers:\n  - name: w1\n    token: t\n    max_steps: 2\nstate: {url}\n"
+        ),
+    )
+    .expect("config");
+    // A shared state directory: the mirrors (and the heads each one has recorded) are the
+    // active master's, whichever it is.
+    let state = dir.path().join("state");
+    let (grpc_a, grpc_b) = (free_port(), free_port());
+    let mut a = Master::start_at(&config, &state, "127.0.0.1:0", &grpc_a);
+    let b_log = dir.path().join("b.master.log");
+    let mut b = Master::spawn(&config, &state, "127.0.0.1:0", &grpc_b, &["--standby"], &b_log);
+    let b_lines = lines(&mut b);
+    let b_http = word_after(&b_lines.recv_timeout(T).expect("the standby's first line"), "http=http://");
+    let err = std::fs::File::create(dir.path().join("w1.worker.log")).expect("log");
+    let mut w1 = Command::new(worker_bin())
+        .args(["--master", &format!("http://{grpc_a},http://{grpc_b}"), "--name", "w1", "--token", "t", "--workdir"])
+        .arg(dir.path().join("w1"))
+        .stderr(err)
+        .spawn()
+        .expect("worker");
+    let polled = |m: &Master| {
+        let v = m.get("/api/v2/repositories").json();
+        (!v["repositories"][0]["last_success"].is_null()).then_some(())
+    };
+    wait_for(T, "the first poll", || polled(&a));
+    let built = |m: &Master, commit: &str| {
+        let b = wait_for(T, "a build of the commit", || {
+            builds(m).into_iter().find(|b| b["commit"] == commit && b["builder"] == "app/build")
+        });
+        let b = m.finished(b["id"].as_u64().expect("id"), T);
+        assert_eq!(b["result"], "SUCCESS", "{b:#}");
+    };
+    let c1 = commit(&repo, "src/one.c", "1\n", 1, "One");
+    built(&a, &c1);
+    a.kill();
+    // Pushed while no master (or the new one) runs: built once, by the new master.
+    let c2 = commit(&repo, "src/two.c", "2\n", 2, "Two");
+    let line = b_lines.recv_timeout(T).expect("the standby's listening line");
+    assert!(line.contains("listening"), "{line}");
+    let b = Master { child: b, http: b_http, grpc: grpc_b.clone(), log: b_log };
+    built(&b, &c2);
+    let c3 = commit(&repo, "src/three.c", "3\n", 3, "Three");
+    built(&b, &c3);
+    let all = builds(&b);
+    for c in [&c1, &c2, &c3] {
+        let n = all.iter().filter(|x| x["commit"] == c.as_str()).count();
+        assert_eq!(n, 1, "commit {c} has {n} builds: {all:#?}");
+        let recorded = changes(&b).iter().filter(|x| x["commit"] == c.as_str()).count();
+        assert_eq!(recorded, 1, "commit {c} is recorded {recorded} times");
+    }
+    assert_eq!(all.len(), 3, "{all:#?}");
+    let _ = w1.kill();
+    let _ = w1.wait();
+}
+
+#[test]
+fn a_cron_minute_fires_once_across_two_masters_on_one_state() {
+    use rbb_master::server::{MasterOptions, open};
+    // 2026-11-24T10:00:00Z.
+    const TEN: i64 = 1_795_514_400;
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_repo(
+        &dir.path().join("app"),
+        "builders:\n  nightly:\n    on:\n      schedule: [{ cron: \"* * * * *\", only_if_changed: false }]\n    steps: [{ run: echo nightly }]\n",
+        &[],
+    );
+    let url = testing::fresh_database();
+    std::fs::write(
+        dir.path().join("rbb.yaml"),
+        format!("repositories:\n  - url: app\n    poll_interval: 1h\nworkers:\n  - name: w1\nstate: {url}\n"),
+    )
+    .expect("config");
+    let options = |standby: bool| MasterOptions {
+        config: dir.path().join("rbb.yaml"),
+        state_dir: Some(dir.path().join("state")),
+        http: "127.0.0.1:0".parse().expect("addr"),
+        grpc: "127.0.0.1:0".parse().expect("addr"),
+        heartbeat: Duration::from_secs(1),
+        migrate: false,
+        standby,
+    };
+    let count = |m: &rbb_master::server::Master| m.engine.builds_of("app/nightly", 1000).expect("builds").len();
+    let a = open(&options(false)).expect("master A");
+    // B waits for the state while A runs.
+    let b = std::thread::spawn({
+        let opts = options(true);
+        move || open(&opts).expect("master B")
+    });
+    assert_eq!(a.engine.cron_tick(TEN + 5 * 60 + 10).expect("tick").len(), 1, "10:05 fires on A");
+    assert!(a.engine.cron_tick(TEN + 5 * 60 + 20).expect("tick").is_empty(), "once");
+    assert!(!b.is_finished(), "B is a standby while A holds the state");
+    drop(a);
+    let b = b.join().expect("B took over");
+    assert!(b.engine.cron_tick(TEN + 5 * 60 + 50).expect("tick").is_empty(), "10:05 fired on A: not again on B");
+    assert_eq!(b.engine.cron_tick(TEN + 6 * 60 + 5).expect("tick").len(), 1, "10:06 fires on B");
+    assert!(b.engine.cron_tick(TEN + 6 * 60 + 30).expect("tick").is_empty(), "once");
+    assert_eq!(count(&b), 2);
 }
 
 const T: Duration = Duration::from_secs(60);

@@ -549,7 +549,8 @@ impl Renewer {
             }
             let Some(c) = conn.as_ref() else { continue };
             match c.query_text(
-                "UPDATE rbb_master_lease SET renewed_at = clock_timestamp() WHERE id = 1 AND epoch = $1::text::bigint",
+                "UPDATE rbb_master_lease SET renewed_at = clock_timestamp() WHERE id = 1 AND epoch = $1::text::bigint \
+                 RETURNING epoch",
                 &[&epoch],
             ) {
                 Ok(rows) if rows.is_empty() => {}
