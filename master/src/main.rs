@@ -113,9 +113,10 @@ enum Command {
         /// first). Without it such a state is refused, and `rbb state check` says so.
         #[arg(long)]
         migrate: bool,
-        /// With a PostgreSQL state another master holds: wait (without listening) until that
-        /// master stops, then take over its state and its builds. Without it, such a start is
-        /// refused.
+        /// With a PostgreSQL state another master holds: wait as a standby (forwarding this
+        /// master's ports to it) until that master stops or its lease runs out, then take
+        /// over its state and its builds. The default on a PostgreSQL state; refused on a
+        /// redb one.
         #[arg(long)]
         standby: bool,
     },
@@ -380,35 +381,40 @@ fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
         .thread_keep_alive(std::time::Duration::from_secs(2))
         .build()
         .context("starting the async runtime")?;
-    // A standby forwards its HTTP port to the active master while it waits for the state.
+    // On a PostgreSQL state another master holds, this one is a standby: it forwards its
+    // ports to the active master while it waits for the state.
     let mut opts = opts;
-    let forwarding = match rbb_master::server::standby_state(&opts)? {
-        Some(state) => {
-            let http = runtime
-                .block_on(tokio::net::TcpListener::bind(opts.http))
-                .with_context(|| format!("binding HTTP on {}", opts.http))?;
-            let grpc = runtime
-                .block_on(tokio::net::TcpListener::bind(opts.grpc))
-                .with_context(|| format!("binding gRPC on {}", opts.grpc))?;
-            opts.http = http.local_addr()?;
-            opts.grpc = grpc.local_addr()?;
-            println!(
-                "rbb master standby: http=http://{} grpc=http://{} forward to the active master",
-                opts.http, opts.grpc
-            );
-            use std::io::Write;
-            let _ = std::io::stdout().flush();
-            let stop = tokio_util::sync::CancellationToken::new();
-            let state = std::sync::Arc::new(state);
-            let tasks = [
-                runtime.spawn(rbb_master::standby::forward(http, "http", state.clone(), stop.clone())),
-                runtime.spawn(rbb_master::standby::forward(grpc, "grpc", state, stop.clone())),
-            ];
-            Some((stop, tasks))
-        }
-        None => None,
-    };
-    let master = rbb_master::server::open_starting(&opts)?;
+    let view = rbb_master::server::standby_state(&opts)?;
+    opts.standby = view.is_some();
+    let mut forwarding = None;
+    let mut bound = None;
+    let master = rbb_master::server::open_starting_or_wait(&opts, |_holder| {
+        let Some(state) = view else { return };
+        let listen = |addr: std::net::SocketAddr, what: &str| {
+            runtime.block_on(tokio::net::TcpListener::bind(addr)).unwrap_or_else(|e| {
+                eprintln!("rbb: binding {what} on {addr}: {e}");
+                std::process::exit(1)
+            })
+        };
+        let (http, grpc) = (listen(opts.http, "HTTP"), listen(opts.grpc, "gRPC"));
+        let addrs = (http.local_addr().unwrap_or(opts.http), grpc.local_addr().unwrap_or(opts.grpc));
+        println!("rbb master standby: http=http://{} grpc=http://{} forward to the active master", addrs.0, addrs.1);
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let state = std::sync::Arc::new(state);
+        let tasks = [
+            runtime.spawn(rbb_master::standby::forward(http, "http", state.clone(), stop.clone())),
+            runtime.spawn(rbb_master::standby::forward(grpc, "grpc", state, stop.clone())),
+        ];
+        forwarding = Some((stop, tasks));
+        bound = Some(addrs);
+    })?;
+    if let Some((http, grpc)) = bound {
+        // The standby's addresses are the master's.
+        opts.http = http;
+        opts.grpc = grpc;
+    }
     if let Some((stop, tasks)) = forwarding {
         stop.cancel();
         // The listeners are closed when the tasks end: the addresses are free for the

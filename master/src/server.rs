@@ -192,12 +192,10 @@ pub fn open(opts: &MasterOptions) -> Result<Master> {
     Ok(master)
 }
 
-/// For a `--standby` master on a PostgreSQL state: a view of that state (no lock, no
-/// writes), to find the active master by. None otherwise.
+/// For a master on a PostgreSQL state: a view of that state (no lock, no writes), to find
+/// the active master by while it waits as a standby. None on a redb state (where
+/// `--standby` is refused).
 pub fn standby_state(opts: &MasterOptions) -> Result<Option<crate::store::Store>> {
-    if !opts.standby {
-        return Ok(None);
-    }
     let cfg = git::load_config(&opts.config)
         .map_err(|diags| anyhow::anyhow!("the master config has errors:\n{}", render_diagnostics(&diags, &[])))?;
     let state_dir = opts.state_dir.clone().unwrap_or_else(|| cfg.state_dir());
@@ -207,11 +205,12 @@ pub fn standby_state(opts: &MasterOptions) -> Result<Option<crate::store::Store>
         crate::store::Location::Postgres { url, password, .. } => {
             Ok(Some(crate::store::Store::peek_postgres(&url, password.as_deref())?))
         }
-        crate::store::Location::File(_) => {
+        crate::store::Location::File(_) if opts.standby => {
             anyhow::bail!(
                 "--standby needs a PostgreSQL state (`state:` in the master config): a redb file has one master"
             )
         }
+        crate::store::Location::File(_) => Ok(None),
     }
 }
 
@@ -220,6 +219,12 @@ pub fn standby_state(opts: &MasterOptions) -> Result<Option<crate::store::Store>
 /// from the head plan waits for it). A local repository path that is not a git repository
 /// is an error here.
 pub fn open_starting(opts: &MasterOptions) -> Result<Master> {
+    open_starting_or_wait(opts, |_| {})
+}
+
+/// [`open_starting`]; with `opts.standby`, a PostgreSQL state another master holds is
+/// waited for (`waiting` is told who holds it first, before the wait) instead of refused.
+pub fn open_starting_or_wait(opts: &MasterOptions, waiting: impl FnOnce(&str)) -> Result<Master> {
     let cfg = git::load_config(&opts.config)
         .map_err(|diags| anyhow::anyhow!("the master config has errors:\n{}", render_diagnostics(&diags, &[])))?;
     // Read first: a missing value stops the start, naming the secret (never showing a value).
@@ -243,6 +248,7 @@ pub fn open_starting(opts: &MasterOptions) -> Result<Master> {
                 *lease,
                 Some(|holder: &str| {
                     tracing::info!(state = %at.shown(), %holder, "standby: another master holds the state; taking over when it stops");
+                    waiting(holder);
                 }),
             )
         }

@@ -27,7 +27,7 @@ fn sql(url: &str, statements: &str) {
 }
 
 #[test]
-fn a_master_on_postgres_runs_builds_keeps_them_across_a_kill_9_and_refuses_a_second_master() {
+fn a_master_on_postgres_runs_builds_keeps_them_across_a_kill_9_and_a_second_one_waits_as_its_standby() {
     let dir = tempfile::tempdir().expect("tempdir");
     make_repo(
         &dir.path().join("app"),
@@ -55,18 +55,22 @@ fn a_master_on_postgres_runs_builds_keeps_them_across_a_kill_9_and_refuses_a_sec
     let log = m.get(&format!("/api/v2/logs/{log_id}/raw"));
     assert!(log.text().contains("hello-from-postgres"), "{}", log.text());
 
-    // A second master on the same database is refused, and says who holds it.
-    let second = Command::new(env!("CARGO_BIN_EXE_rbb"))
-        .args(["master", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(dir.path().join("state2"))
-        .output()
-        .expect("second master");
-    assert!(!second.status.success());
-    let said = text(&second);
-    assert!(said.contains("in use by another rbb master") && said.contains("rbb on"), "{said}");
+    // A second master on the same database waits as a standby, and says who holds it.
+    let second_log = dir.path().join("second.master.log");
+    let mut second = Master::spawn(&config, &dir.path().join("state2"), "127.0.0.1:0", "127.0.0.1:0", &[], &second_log);
+    let first_line = lines(&mut second).recv_timeout(T).expect("the second master's first line");
+    assert!(first_line.contains("standby") && first_line.contains("forward"), "{first_line}");
+    let said = wait_for(T, "the second master to say who holds the state", || {
+        std::fs::read_to_string(&second_log).ok().filter(|l| l.contains("taking over when it stops"))
+    });
+    assert!(said.contains("holder=rbb on"), "{said}");
     assert!(!said.contains(secret), "{said}");
+    let _ = second.kill();
+    let _ = second.wait();
+    // A state command that needs the lock is refused while a master holds it.
+    let refused = Store::open_postgres(&url, None, Migrate::No).err().expect("the master holds the state");
+    let said = refused.to_string();
+    assert!(said.contains("in use by another rbb master") && said.contains("rbb on"), "{said}");
 
     // kill -9: the finished results are in the database; a new master picks them up.
     m.kill();
