@@ -1011,8 +1011,18 @@ async fn log_raw(
             (from, end, end > from && (from, end) != (0, len))
         }
     };
-    let mut file =
-        tokio::fs::File::open(&path).await.map_err(|_| ApiError::not_found(format!("log {id} has no file yet")))?;
+    let mut file = tokio::fs::File::open(&path).await.map_err(|_| {
+        if rec.bytes > 0 {
+            // Written, yet not here: another master wrote it into a state_dir this one does
+            // not share.
+            ApiError::not_found(format!(
+                "log {id} ({} bytes) is not in this master's state_dir: masters on one state must share state_dir (docs/postgres.md)",
+                rec.bytes
+            ))
+        } else {
+            ApiError::not_found(format!("log {id} has no file yet"))
+        }
+    })?;
     file.seek(std::io::SeekFrom::Start(from)).await.map_err(EngineError::Io)?;
     let stream = tokio_util::io::ReaderStream::with_capacity(file.take(end - from), 256 * 1024);
     let mut resp = Response::builder()

@@ -77,9 +77,14 @@ fn a_master_on_postgres_runs_builds_keeps_them_across_a_kill_9_and_a_second_one_
     let log_text = m.log_text();
     assert!(!log_text.contains(secret), "the password reached the log:\n{log_text}");
     assert!(log_text.contains(&rbb_master::store::pg::redact(&url)), "{log_text}");
-    let m = Master::start(&config, &dir.path().join("state"));
+    // Restarted with another state_dir (one the first master's files are not in): the
+    // results are the database's; the logs are the first state_dir's, and the API says so.
+    let m = Master::start(&config, &dir.path().join("state-elsewhere"));
     assert_eq!(m.build(a)["result"], "SUCCESS");
     assert_eq!(m.build(b)["result"], "FAILURE");
+    let elsewhere = m.get(&format!("/api/v2/logs/{log_id}/raw"));
+    assert_eq!(elsewhere.status, 404, "{}", elsewhere.text());
+    assert!(elsewhere.text().contains("not in this master's state_dir"), "{}", elsewhere.text());
     let listed = builds(&m);
     assert_eq!(listed.len(), 2, "{listed:?}");
     let _w = Worker::start(&m, "w1", "t", &dir.path().join("w1b"), &[]);

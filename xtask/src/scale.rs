@@ -638,11 +638,20 @@ struct Seen {
 
 /// Runs `a.fleet_builds` builds on `a.workers` simulated workers: (steps/s, CPU per step).
 fn fleet(m: &Master, a: &Args) -> Result<Fleet> {
+    fleet_through(m, None, a)
+}
+
+/// [`fleet`], every other worker attached to `standby` (a master waiting on the same
+/// PostgreSQL state, forwarding to `m`); CPU is both masters'.
+fn fleet_through(m: &Master, standby: Option<&Master>, a: &Args) -> Result<Fleet> {
     let seen = Arc::new(Seen::default());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     for w in 0..a.workers {
         let seen = seen.clone();
-        let grpc = m.grpc.clone();
+        let grpc = match standby {
+            Some(s) if w % 2 == 1 => s.grpc.clone(),
+            _ => m.grpc.clone(),
+        };
         let slots = a.slots;
         rt.spawn(async move {
             let name = format!("w{w:03}");
@@ -661,8 +670,9 @@ fn fleet(m: &Master, a: &Args) -> Result<Fleet> {
         check_wrong(&seen)?;
         std::thread::sleep(Duration::from_millis(5));
     }
-    let pid = m.child.id();
-    let cpu0 = cpu_ms(pid)?;
+    let pids: Vec<u32> = std::iter::once(m.child.id()).chain(standby.map(|s| s.child.id())).collect();
+    let cpu_all = || -> Result<f64> { pids.iter().map(|p| cpu_ms(*p)).sum() };
+    let cpu0 = cpu_all()?;
     let cap = u64::from(a.workers) * u64::from(a.slots) + a.queue;
     // With --fleet-secs, builds are forced until that time is up: the count is known after.
     let timed = a.fleet_secs > 0;
@@ -694,7 +704,7 @@ fn fleet(m: &Master, a: &Args) -> Result<Fleet> {
         std::thread::sleep(Duration::from_millis(5));
     }
     let secs = t.elapsed().as_secs_f64();
-    let cpu = cpu_ms(pid)? - cpu0;
+    let cpu = cpu_all()? - cpu0;
     check_wrong(&seen)?;
     // Nothing is left to finish before the fleet disconnects (a disconnect would lose it).
     let unfinished = || -> Result<u64> {
@@ -1051,6 +1061,7 @@ pub fn postgres_main(root: &Path, args: &[String]) -> Result<()> {
         );
     }
     let (_, _, pg_lat, pg, _, _) = &rows[1];
+    let two = two_masters(&bin, &work, &config, &cluster.url, &a)?;
     let take = takeover(&bin, &work, &config, &cluster.url)?;
     println!(
         "\npostgres / redb: transitions/s {:.2}×, trigger → first step p50 {:.2}×, master CPU per step {:.2}×",
@@ -1062,10 +1073,125 @@ pub fn postgres_main(root: &Path, args: &[String]) -> Result<()> {
         "(both masters on this machine, each with the fleet as its only client; every build checked SUCCESS through the API)"
     );
     println!(
+        "\ntwo masters on one database (the active one and a standby; every other worker attached to the standby, which forwards):\n  {:.0} transitions/s, {:.2} ms CPU per step (both masters) — {:.2}× one master's transitions/s on PostgreSQL",
+        two.steps_per_s,
+        two.cpu_ms_per_step,
+        two.steps_per_s / pg.steps_per_s
+    );
+    println!(
         "\ntakeover (an active master and a --standby on one database; a worker attached to the standby's address):\n  kill -9 of the active → the standby listens {:.0} ms, its API answers {:.0} ms, a build forced on it has finished {:.0} ms",
         take.0, take.1, take.2
     );
+    println!("  the active master stopped (SIGSTOP) with a 2 s lease → the standby's API answers {:.0} ms", take.3);
     Ok(())
+}
+
+/// A database of its own on `server` for one part of the bench, and its config.
+fn bench_database(work: &Path, config: &Path, server: &str, name: &str) -> Result<PathBuf> {
+    let url = rbb_master::store::testing::with_database(server, name);
+    rbb_master::store::pg::Pg::connect(server, None)?
+        .read_conn()?
+        .execute_batch(&format!("CREATE DATABASE {name}"))
+        .with_context(|| format!("creating the database {name}"))?;
+    let cfg = work.join(format!("{name}.yaml"));
+    std::fs::write(&cfg, format!("{}state: {url}\n", std::fs::read_to_string(config)?))?;
+    Ok(cfg)
+}
+
+/// A second `rbb master` on `config`'s PostgreSQL state while another holds it: a standby,
+/// once it says where it forwards; and the lines it prints after that.
+fn start_standby(
+    bin: &Path,
+    config: &Path,
+    state: &Path,
+    extra: &[&str],
+) -> Result<(Master, std::sync::mpsc::Receiver<String>)> {
+    use std::io::BufRead;
+    let log = std::fs::File::create(state.with_extension("standby.log"))?;
+    let mut child = Command::new(bin.join("rbb"))
+        .args(["master", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+        .args(extra)
+        .arg("--config")
+        .arg(config)
+        .arg("--state-dir")
+        .arg(state)
+        .env("RBB_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .context("starting the standby")?;
+    let stdout = child.stdout.take().context("standby stdout")?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let line = lines.next().context("the standby printed nothing")??;
+    if !line.contains("standby") {
+        bail!("the second master is not a standby: {line}");
+    }
+    let get = |k: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .map(|a| a.trim_start_matches("http://").to_owned())
+            .context("malformed standby line")
+    };
+    let (http, grpc) = (get("http=")?, get("grpc=")?);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    Ok((Master { child, http, grpc }, rx))
+}
+
+/// An active master with a 2 s lease stopped (SIGSTOP, as a hung process): ms until the
+/// standby listens in its place. The stopped master, continued, must exit fenced off.
+fn hung_takeover(bin: &Path, work: &Path, config: &Path, server: &str) -> Result<f64> {
+    let cfg = bench_database(work, config, server, "rbb_hung")?;
+    let text = std::fs::read_to_string(&cfg)?;
+    let (head, url) = text.rsplit_once("state: ").context("a state line")?;
+    std::fs::write(&cfg, format!("{head}state:\n  url: {}\n  lease: 2s\n", url.trim()))?;
+    let state = work.join("hung");
+    let (mut active, _) = start(bin, &cfg, &state)?;
+    let (standby, lines) = start_standby(bin, &cfg, &state, &[])?;
+    let signal = |sig: &str| Command::new("kill").arg(format!("-{sig}")).arg(active.child.id().to_string()).status();
+    // A few renewals first: the lease is held, not merely taken.
+    std::thread::sleep(Duration::from_secs(1));
+    signal("STOP")?;
+    let stopped = Instant::now();
+    let line = lines.recv_timeout(Duration::from_secs(60)).context("the standby did not take over in 60 s")?;
+    let took = stopped.elapsed();
+    if !line.contains("listening") {
+        bail!("the standby said {line:?}");
+    }
+    get(&standby.http, "/api/v2/builds?limit=1").context("the new active master's API")?;
+    signal("CONT")?;
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = active.child.try_wait()? {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            bail!("the stopped master, continued, did not stop in 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    if status.success() {
+        bail!("the fenced master exited 0");
+    }
+    drop(standby);
+    Ok(took.as_secs_f64() * 1000.0)
+}
+
+/// The fleet against two masters on one database: half the workers through the standby.
+fn two_masters(bin: &Path, work: &Path, config: &Path, server: &str, a: &Args) -> Result<Fleet> {
+    let cfg = bench_database(work, config, server, "rbb_two")?;
+    let state = work.join("two");
+    let (active, _) = start(bin, &cfg, &state)?;
+    let (standby, _) = start_standby(bin, &cfg, &state, &[])?;
+    let f = fleet_through(&active, Some(&standby), a);
+    // The standby first: stopping the active one would hand it the state.
+    drop(standby);
+    drop(active);
+    f
 }
 
 /// Builds forced one at a time on one simulated worker: the force request sent → the first
@@ -1126,14 +1252,9 @@ fn first_step_latency(m: &Master, n: u64) -> Result<(f64, f64)> {
 /// An active master and a standby on one database, a simulated worker attached to the
 /// standby's gRPC address: after a `kill -9` of the active master, (ms until the standby
 /// listens, until its API answers, until a build forced on it finished).
-fn takeover(bin: &Path, work: &Path, config: &Path, server: &str) -> Result<(f64, f64, f64)> {
-    let url = rbb_master::store::testing::with_database(server, "rbb_takeover");
-    rbb_master::store::pg::Pg::connect(server, None)?
-        .read_conn()?
-        .execute_batch("CREATE DATABASE rbb_takeover")
-        .context("creating the takeover database")?;
-    let cfg = work.join("rbb-takeover.yaml");
-    std::fs::write(&cfg, format!("{}state: {url}\n", std::fs::read_to_string(config)?))?;
+fn takeover(bin: &Path, work: &Path, config: &Path, server: &str) -> Result<(f64, f64, f64, f64)> {
+    let hung = hung_takeover(bin, work, config, server)?;
+    let cfg = bench_database(work, config, server, "rbb_takeover")?;
     let state = work.join("takeover");
     let (mut a, _) = start(bin, &cfg, &state)?;
     let free = || -> Result<String> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string()) };
@@ -1150,7 +1271,7 @@ fn takeover(bin: &Path, work: &Path, config: &Path, server: &str) -> Result<(f64
         .stderr(log)
         .spawn()
         .context("starting the standby")?;
-    let result = (|| -> Result<(f64, f64, f64)> {
+    let result = (|| -> Result<(f64, f64, f64, f64)> {
         let t = Instant::now();
         while get(&b_http, "/api/v2/builds?limit=1").is_err() {
             if t.elapsed() > Duration::from_secs(60) {
@@ -1206,7 +1327,7 @@ fn takeover(bin: &Path, work: &Path, config: &Path, server: &str) -> Result<(f64
         seen.stop.store(true, Ordering::Release);
         rt.shutdown_timeout(Duration::from_secs(2));
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        Ok((ms(listens), ms(answers), ms(finished)))
+        Ok((ms(listens), ms(answers), ms(finished), hung))
     })();
     let _ = b.kill();
     let _ = b.wait();

@@ -126,6 +126,21 @@ impl Conn {
         }
     }
 
+    /// Sends statements of the simple protocol (`BEGIN`, `COMMIT`) without waiting for their
+    /// answer, like [`Conn::send`].
+    fn send_batch(&self, sql: &'static str) -> Result<(), StoreError> {
+        let client = self.client.clone();
+        let mut sent: Pending = Box::pin(async move { client.batch_execute(sql).await.map(|()| 0) });
+        let mut cx = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        match sent.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(done) => done.map(|_| ()).map_err(pg_error),
+            std::task::Poll::Pending => {
+                self.pending.lock().unwrap_or_else(|p| p.into_inner()).push(sent);
+                Ok(())
+            }
+        }
+    }
+
     /// Reads the answers of every write sent: the first failure, if any.
     fn settle(&self) -> Result<(), StoreError> {
         let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
@@ -474,9 +489,12 @@ impl Pg {
         Err(StoreError::InUse { shown: self.shown.clone(), holder })
     }
 
+    /// A transaction on the writing connection. `BEGIN` goes out with the transaction's first
+    /// request and `COMMIT` with its last writes: a transaction that reads nothing costs one
+    /// round trip.
     pub fn begin_write(&self, durable: bool) -> Result<Write<'_>, StoreError> {
         let conn = self.write_conn()?;
-        conn.batch(if durable { "BEGIN" } else { "BEGIN; SET LOCAL synchronous_commit TO OFF" })?;
+        conn.send_batch(if durable { "BEGIN" } else { "BEGIN; SET LOCAL synchronous_commit TO OFF" })?;
         Ok(Write { pg: self, conn, done: false })
     }
 
@@ -635,10 +653,13 @@ impl Write<'_> {
         Ok(Table { conn: &self.conn, name })
     }
 
+    /// Sends `COMMIT` behind the writes, then reads every answer. A write the server refused
+    /// aborted the transaction, which makes its `COMMIT` a rollback: the refusal is the
+    /// answer, and nothing of the transaction is stored.
     pub fn commit(mut self) -> Result<(), StoreError> {
-        self.conn.settle()?;
+        self.conn.send_batch("COMMIT")?;
         self.done = true;
-        self.conn.batch("COMMIT")
+        self.conn.settle()
     }
 
     /// The transaction's connection, for statements of the caller's own.
