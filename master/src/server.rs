@@ -318,7 +318,19 @@ pub fn open_starting_or_wait(opts: &MasterOptions, waiting: impl FnOnce(&str)) -
             branch: branch.clone(),
         });
         // A local repository's heads are read now, before the API answers: its baseline.
-        let seen = if new && !remote { Mirror::local_heads(&path, &branches) } else { Default::default() };
+        let mut seen = if new && !remote { Mirror::local_heads(&path, &branches) } else { Default::default() };
+        if new {
+            // A new mirror of a repository the state has history of (the state came from
+            // another master, whose state_dir this one does not share, or the mirror was
+            // lost): the newest push the state recorded on a branch is that branch's
+            // baseline, so what was pushed since is built, once.
+            let recorded = store
+                .recorded_heads(&name, &branches, 1000)
+                .with_context(|| format!("repository {name}: reading the pushes the state recorded"))?;
+            for (branch, commit) in recorded {
+                seen.insert(branch, Some(commit));
+            }
+        }
         let repo = Arc::new(SourceRepo::new(name, r.url.clone(), mirror, branches, interval));
         if new {
             first_fetch.push(FirstFetch { index, repo: repo.clone(), remote, seen });

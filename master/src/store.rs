@@ -758,6 +758,26 @@ impl Store {
         self.scan((BUILDS, BUILD_IDX, "builds"), index, newest_first, f)
     }
 
+    /// The newest pushed commit the state recorded on each of `branches` of `repo` (exact
+    /// names), looking at that repository's newest `within` changes at most.
+    pub fn recorded_heads(
+        &self,
+        repo: &str,
+        branches: &[String],
+        within: usize,
+    ) -> Result<std::collections::BTreeMap<String, String>, StoreError> {
+        let mut found = std::collections::BTreeMap::new();
+        let mut looked = 0;
+        self.scan_changes(Some(&index_key("change_repo", repo)), true, |c| {
+            looked += 1;
+            if c.event == "push" && branches.contains(&c.branch) {
+                found.entry(c.branch).or_insert(c.commit);
+            }
+            looked < within && found.len() < branches.len()
+        })?;
+        Ok(found)
+    }
+
     /// Changes newest first (or oldest first), all or those under one index key.
     pub fn scan_changes(
         &self,

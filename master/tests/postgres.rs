@@ -323,6 +323,18 @@ fn a_hung_master_is_fenced_off_when_its_lease_runs_out_and_writes_nothing_over_t
 
 #[test]
 fn each_push_makes_one_build_across_a_takeover_including_one_pushed_while_it_happens() {
+    pushes_across_a_takeover(true);
+}
+
+/// The same with a state_dir for each master: the new master's mirror is its own, and its
+/// baseline is the newest push the state recorded, so the push made around the takeover is
+/// built (once) all the same.
+#[test]
+fn each_push_makes_one_build_across_a_takeover_by_a_master_with_a_state_dir_of_its_own() {
+    pushes_across_a_takeover(false);
+}
+
+fn pushes_across_a_takeover(shared_state_dir: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let repo = dir.path().join("app");
     make_repo(
@@ -342,12 +354,23 @@ fn each_push_makes_one_build_across_a_takeover_including_one_pushed_while_it_hap
     // A shared state directory: the mirrors (and the heads each one has recorded) are the
     // active master's, whichever it is.
     let state = dir.path().join("state");
+    let state_b = if shared_state_dir { state.clone() } else { dir.path().join("state-b") };
     let (grpc_a, grpc_b) = (free_port(), free_port());
     let mut a = Master::start_at(&config, &state, "127.0.0.1:0", &grpc_a);
     let b_log = dir.path().join("b.master.log");
-    let mut b = Master::spawn(&config, &state, "127.0.0.1:0", &grpc_b, &["--standby"], &b_log);
-    let b_lines = lines(&mut b);
-    let b_http = word_after(&b_lines.recv_timeout(T).expect("the standby's first line"), "http=http://");
+    let spawn_b = || {
+        let mut b = Master::spawn(&config, &state_b, "127.0.0.1:0", &grpc_b, &[], &b_log);
+        let b_lines = lines(&mut b);
+        (b, b_lines)
+    };
+    // With a shared state_dir, B waits as a standby from the start; with one of its own it
+    // starts after A died and a commit was pushed (the push no running master has seen).
+    let mut standby = shared_state_dir.then(|| {
+        let (b, b_lines) = spawn_b();
+        let first = b_lines.recv_timeout(T).expect("the standby's first line");
+        assert!(first.contains("standby"), "{first}");
+        (b, b_lines)
+    });
     let err = std::fs::File::create(dir.path().join("w1.worker.log")).expect("log");
     let mut w1 = Command::new(worker_bin())
         .args(["--master", &format!("http://{grpc_a},http://{grpc_b}"), "--name", "w1", "--token", "t", "--workdir"])
@@ -372,9 +395,10 @@ fn each_push_makes_one_build_across_a_takeover_including_one_pushed_while_it_hap
     a.kill();
     // Pushed while no master (or the new one) runs: built once, by the new master.
     let c2 = commit(&repo, "src/two.c", "2\n", 2, "Two");
-    let line = b_lines.recv_timeout(T).expect("the standby's listening line");
+    let (b, b_lines) = standby.take().unwrap_or_else(spawn_b);
+    let line = b_lines.recv_timeout(T).expect("B's listening line");
     assert!(line.contains("listening"), "{line}");
-    let b = Master { child: b, http: b_http, grpc: grpc_b.clone(), log: b_log };
+    let b = Master { child: b, http: word_after(&line, "http=http://"), grpc: grpc_b.clone(), log: b_log.clone() };
     built(&b, &c2);
     let c3 = commit(&repo, "src/three.c", "3\n", 3, "Three");
     built(&b, &c3);

@@ -1082,7 +1082,10 @@ pub fn postgres_main(root: &Path, args: &[String]) -> Result<()> {
         "\ntakeover (an active master and a --standby on one database; a worker attached to the standby's address):\n  kill -9 of the active → the standby listens {:.0} ms, its API answers {:.0} ms, a build forced on it has finished {:.0} ms",
         take.0, take.1, take.2
     );
-    println!("  the active master stopped (SIGSTOP) with a 2 s lease → the standby's API answers {:.0} ms", take.3);
+    println!(
+        "  the active master stopped (SIGSTOP; its lease 2 s) → the standby listens {:.0} ms (its API then answers, and the stopped master, continued, exits fenced off)",
+        take.3
+    );
     Ok(())
 }
 
