@@ -164,6 +164,22 @@ fn a_standby_master_takes_over_when_the_active_one_is_killed_and_its_build_is_re
     assert_eq!(raw.status, 206, "{}", raw.text());
     let whole = a.get("/api/v2/logs/1/raw").text();
     assert_eq!(raw.text(), whole[..5], "a range through the standby is the active master's");
+    // The database ends the standby's connections (a restart, a failover would): it
+    // connects again and goes on waiting.
+    let ended = format!("%(pid {})", b.id());
+    let pg = rbb_master::store::pg::Pg::connect(&url, None).expect("connect");
+    let killed = pg
+        .read_conn()
+        .expect("conn")
+        .query_text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE $1", &[&ended])
+        .expect("terminate");
+    assert!(!killed.is_empty(), "the standby has connections");
+    wait_for(T, "the standby to connect again", || {
+        std::fs::read_to_string(&b_log)
+            .ok()
+            .filter(|l| l.contains("the wait for the state ended; connecting again"))
+            .map(|_| ())
+    });
     let slow = a.force("app/slow");
     wait_for(T, "the slow step to start", || marker.exists().then_some(()));
     a.kill();

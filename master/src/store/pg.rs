@@ -442,31 +442,56 @@ impl Pg {
     /// A holder that stopped renewing its lease (hung, stopped, cut off from its workers but
     /// not from the database) is fenced off when the lease runs out: see
     /// [`Pg::fence_expired`].
+    ///
+    /// A wait the database ends meanwhile (a restart, a failover, its session ended) goes on
+    /// on a new connection, made once a second until one is.
     pub fn lock_master_waiting(&self, waiting: impl FnOnce(&str)) -> Result<(), StoreError> {
-        let conn = self.write_conn()?;
-        match self.take_lock(&conn) {
-            Ok(()) => {}
-            Err(StoreError::InUse { holder, .. }) => {
-                waiting(&holder);
-                // Waits a beat at a time for the lock; between beats, looks at the lease.
-                conn.batch("SET lock_timeout = '500ms'")?;
-                loop {
-                    let sql = format!("SELECT pg_advisory_lock({MASTER_LOCK})");
-                    match futures::executor::block_on(conn.client.batch_execute(&sql)) {
-                        Ok(()) => break,
-                        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {}
-                        Err(e) => return Err(pg_error(e)),
+        let mut waiting = Some(waiting);
+        let mut conn = self.write_conn()?;
+        while let Err(e) = self.wait_for_lock(&conn, &mut waiting) {
+            tracing::warn!(database = %self.shown, error = %e, "standby: the wait for the state ended; connecting again");
+            conn = loop {
+                match open_conn(self.runtime(), &self.config, &self.shown) {
+                    Ok(c) => {
+                        *conn = c;
+                        break conn;
                     }
-                    if let Some(why) = self.fence_expired(&conn)? {
-                        tracing::warn!(database = %self.shown, reason = %why, "standby: taking the state over from a master that stopped answering");
+                    Err(e) => {
+                        tracing::warn!(error = %e, "standby: cannot reach the state database; trying again in a second");
+                        std::thread::sleep(Duration::from_secs(1));
                     }
                 }
-                conn.batch("SET lock_timeout = 0")?;
-            }
-            Err(e) => return Err(e),
+            };
         }
         self.locked.store(true, std::sync::atomic::Ordering::Release);
         self.claim_lease(&conn)
+    }
+
+    /// Takes the master's lock on `conn`, waiting a beat at a time while another master holds
+    /// it (`waiting` is told who, once) and looking at the holder's lease between beats.
+    fn wait_for_lock(&self, conn: &Conn, waiting: &mut Option<impl FnOnce(&str)>) -> Result<(), StoreError> {
+        match self.take_lock(conn) {
+            Ok(()) => return Ok(()),
+            Err(StoreError::InUse { holder, .. }) => {
+                if let Some(tell) = waiting.take() {
+                    tell(&holder);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        conn.batch("SET lock_timeout = '500ms'")?;
+        loop {
+            let sql = format!("SELECT pg_advisory_lock({MASTER_LOCK})");
+            match futures::executor::block_on(conn.client.batch_execute(&sql)) {
+                Ok(()) => break,
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {}
+                Err(e) => return Err(pg_error(e)),
+            }
+            if let Some(why) = self.fence_expired(conn)? {
+                tracing::warn!(database = %self.shown, reason = %why, "standby: taking the state over from a master that stopped answering");
+            }
+        }
+        conn.batch("SET lock_timeout = 0")
     }
 
     fn take_lock(&self, conn: &Conn) -> Result<(), StoreError> {
