@@ -101,10 +101,12 @@ struct Options {
     debug: bool,
     seed: u64,
     in_flight: usize,
+    /// The state in a throwaway PostgreSQL cluster (fsync on) instead of redb.
+    postgres: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
-    let mut o = Options { builds: 2000, debug: false, seed: 0, in_flight: 10 };
+    let mut o = Options { builds: 2000, debug: false, seed: 0, in_flight: 10, postgres: false };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| -> Result<u64> {
@@ -117,9 +119,10 @@ fn parse(args: &[String]) -> Result<Options> {
             "--builds" => o.builds = value("--builds")? as usize,
             "--seed" => o.seed = value("--seed")?,
             "--debug" => o.debug = true,
+            "--postgres" => o.postgres = true,
             "--in-flight" => o.in_flight = (value("--in-flight")? as usize).max(1),
             other => {
-                bail!("unknown argument `{other}` (cargo xtask soak [--builds N] [--seed S] [--in-flight K] [--debug])")
+                bail!("unknown argument `{other}` (cargo xtask soak [--builds N] [--seed S] [--in-flight K] [--debug] [--postgres])")
             }
         }
     }
@@ -215,6 +218,12 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
     std::fs::create_dir_all(dir.join("logs"))?;
     let marker = format!("soak-{:x}", opts.seed);
     setup(root, &dir, &marker)?;
+    // Kept until the soak ends: dropping it stops the cluster.
+    let cluster = if opts.postgres { Some(crate::postgres::Cluster::start_durable()?) } else { None };
+    if let Some(c) = &cluster {
+        let config = dir.join("rbb.yaml");
+        std::fs::write(&config, format!("{}state: {}\n", std::fs::read_to_string(&config)?, c.url))?;
+    }
     let (http, grpc) = (free_addr()?, free_addr()?);
     let mut soak = Soak {
         bin,
@@ -236,12 +245,13 @@ pub fn main(root: &Path, args: &[String]) -> Result<()> {
         rng: Rng(opts.seed),
     };
     println!(
-        "rbb soak: {} builds, {} workers, {} binaries, seed {} (state in {})",
+        "rbb soak: {} builds, {} workers, {} binaries, seed {} (state in {}{})",
         opts.builds,
         WORKERS.len(),
         if opts.debug { "debug" } else { "release" },
         opts.seed,
-        soak.dir.display()
+        soak.dir.display(),
+        cluster.as_ref().map(|c| format!(", the store in PostgreSQL at {}", c.url)).unwrap_or_default()
     );
     let outcome = soak.run(&opts);
     // Whatever happened, leave nothing running.
