@@ -122,7 +122,9 @@ fn parse(args: &[String]) -> Result<Options> {
             "--postgres" => o.postgres = true,
             "--in-flight" => o.in_flight = (value("--in-flight")? as usize).max(1),
             other => {
-                bail!("unknown argument `{other}` (cargo xtask soak [--builds N] [--seed S] [--in-flight K] [--debug] [--postgres])")
+                bail!(
+                    "unknown argument `{other}` (cargo xtask soak [--builds N] [--seed S] [--in-flight K] [--debug] [--postgres])"
+                )
             }
         }
     }

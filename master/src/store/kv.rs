@@ -431,6 +431,10 @@ impl<'t, K: redb::Key + Codec, V: Codec> Table<'t, K, V> {
         self.iter_rev()?.next().transpose()
     }
 
+    pub fn first(&self) -> Result<Option<Row<K, V>>, StoreError> {
+        self.iter()?.next().transpose()
+    }
+
     /// The number of rows (PostgreSQL counts them: use it on small tables).
     pub fn len(&self) -> Result<u64, StoreError> {
         match &self.inner {

@@ -17,8 +17,11 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use tokio_postgres::types::{ToSql, Type};
 
-/// Rows fetched per round trip of a range scan.
+/// Rows fetched per round trip of a range scan, at most: the first round trip fetches
+/// [`FIRST_PAGE`] (most scans want the first row or a page of a list), each next one four
+/// times more.
 const PAGE: i64 = 256;
+const FIRST_PAGE: i64 = 16;
 /// Idle read connections kept.
 const IDLE_READS: usize = 8;
 
@@ -794,7 +797,16 @@ impl<'c> Table<'c> {
 
     /// Rows between two bounds, fetched a page at a time as the caller reads them.
     pub fn scan(&self, lo: Bound<Vec<u8>>, hi: Bound<Vec<u8>>, rev: bool) -> Scan<'c> {
-        Scan { conn: self.conn, name: self.name.clone(), lo, hi, rev, page: Vec::new().into_iter(), done: false }
+        Scan {
+            conn: self.conn,
+            name: self.name.clone(),
+            lo,
+            hi,
+            rev,
+            page: Vec::new().into_iter(),
+            size: FIRST_PAGE,
+            done: false,
+        }
     }
 }
 
@@ -805,6 +817,8 @@ pub struct Scan<'c> {
     hi: Bound<Vec<u8>>,
     rev: bool,
     page: std::vec::IntoIter<(Vec<u8>, Vec<u8>)>,
+    /// Rows the next round trip fetches.
+    size: i64,
     done: bool,
 }
 
@@ -827,12 +841,13 @@ impl Scan<'_> {
         }
         let filter = if cond.is_empty() { String::new() } else { format!("WHERE {}", cond.join(" AND ")) };
         let order = if self.rev { "DESC" } else { "ASC" };
-        let sql = format!("SELECT k, v FROM {} {filter} ORDER BY k {order} LIMIT {PAGE}", self.name);
+        let sql = format!("SELECT k, v FROM {} {filter} ORDER BY k {order} LIMIT {}", self.name, self.size);
         let rows = self.conn.query(&sql, &params)?;
         let rows: Vec<(Vec<u8>, Vec<u8>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        if (rows.len() as i64) < PAGE {
+        if (rows.len() as i64) < self.size {
             self.done = true;
         }
+        self.size = (self.size * 4).min(PAGE);
         if let Some((last, _)) = rows.last() {
             // The next page starts after the last key read.
             if self.rev {
