@@ -881,6 +881,9 @@ fn cmd_state_check(config: &Path, state: Option<&str>, migrate: bool) -> Result<
     if peek.is_some_and(|v| v < SCHEMA_VERSION) {
         println!("migrated to schema version {SCHEMA_VERSION}");
     }
+    if let Some(status) = store.master_status()? {
+        println!("active master:  {status}");
+    }
     for (table, n) in store.table_counts()? {
         if n > 0 {
             println!("  {table:<24} {n:>10}");

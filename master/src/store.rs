@@ -389,6 +389,14 @@ impl Store {
         Store::locked_postgres(pg, migrate)
     }
 
+    /// Which master holds a PostgreSQL state ([`pg::Pg::master_status`]); None on redb.
+    pub fn master_status(&self) -> Result<Option<String>, StoreError> {
+        match &self.db {
+            Db::Pg(pg) => pg.master_status(),
+            Db::Redb(_) => Ok(None),
+        }
+    }
+
     /// Answers why, once another master took this master's PostgreSQL state over (None on
     /// redb: nobody can).
     pub fn lost(&self) -> Option<tokio::sync::watch::Receiver<Option<String>>> {

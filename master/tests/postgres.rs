@@ -97,6 +97,9 @@ fn a_master_on_postgres_runs_builds_keeps_them_across_a_kill_9_and_a_second_one_
     let check = rbb(&["state", "check", "--state", &url]);
     assert!(check.status.success(), "{}", text(&check));
     assert!(text(&check).contains("indexes and counts: consistent"), "{}", text(&check));
+    let active = text(&check).lines().find(|l| l.starts_with("active master:")).map(str::to_owned);
+    let active = active.unwrap_or_else(|| panic!("the check names the active master:\n{}", text(&check)));
+    assert!(active.contains("rbb on") && active.contains("term") && active.contains("lease renewed"), "{active}");
 }
 
 fn free_port() -> String {

@@ -339,6 +339,35 @@ impl Pg {
         self.lost.subscribe()
     }
 
+    /// Who holds the state, as `rbb state check` shows it: the lease's holder, term and age,
+    /// and whether a master holds the lock now. None when no master ever took a term.
+    pub fn master_status(&self) -> Result<Option<String>, StoreError> {
+        let conn = self.read_conn()?;
+        if !exists(&conn, "rbb_master_lease")? {
+            return Ok(None);
+        }
+        let rows = conn.query_text(
+            &format!(
+                "SELECT holder, epoch, ttl_ms, \
+                 (extract(epoch FROM clock_timestamp() - renewed_at) * 1000)::bigint, \
+                 EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = 0 \
+                 AND objid = {MASTER_LOCK}) \
+                 FROM rbb_master_lease WHERE id = 1"
+            ),
+            &[],
+        )?;
+        Ok(rows.first().map(|r| {
+            let (holder, epoch, ttl, age, held): (String, i64, i64, i64, bool) =
+                (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+            let secs = |ms: i64| format!("{:.1} s", ms as f64 / 1000.0);
+            if held {
+                format!("{holder}, term {epoch}, lease renewed {} ago (it lasts {})", secs(age), secs(ttl))
+            } else {
+                format!("none now (the last: {holder}, term {epoch}, {} ago)", secs(age))
+            }
+        }))
+    }
+
     /// This master's term on the state (0 before it holds the lock).
     pub fn epoch(&self) -> i64 {
         self.epoch.load(Ordering::Acquire)
