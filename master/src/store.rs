@@ -300,14 +300,7 @@ pub enum Sync {
 
 /// Adds `delta` to a count.
 fn bump(counts: &mut Table<'_, &'static str, u64>, key: &str, delta: i64) -> Result<(), StoreError> {
-    let now = counts.get(key)?.unwrap_or(0);
-    let next = now.saturating_add_signed(delta);
-    if next == 0 {
-        counts.delete(key)?;
-    } else {
-        counts.insert(key, next)?;
-    }
-    Ok(())
+    counts.add(key, delta)
 }
 
 /// Writes `rec` (encoded as `bytes`) with its index entries and counts, replacing what an

@@ -322,6 +322,22 @@ fn enc_bound<K: Codec>(b: &Bound<K::SelfType<'_>>) -> Bound<Vec<u8>> {
     }
 }
 
+impl<K: redb::Key + Codec> Table<'_, K, u64> {
+    /// Adds `delta` to the count at `k`, never below zero; a count that ends at zero is
+    /// removed. On PostgreSQL the sum is the server's, sent with the transaction's writes (no
+    /// round trip to read the count first).
+    pub fn add(&mut self, k: K::SelfType<'_>, delta: i64) -> Result<(), StoreError> {
+        if let Inner::Pg(t) = &self.inner {
+            return t.add(&enc_key::<K>(&k), delta);
+        }
+        let now = self.get(K::copy(&k))?.unwrap_or(0);
+        match now.saturating_add_signed(delta) {
+            0 => self.delete(k),
+            next => self.insert(k, next),
+        }
+    }
+}
+
 impl<'t, K: redb::Key + Codec, V: Codec> Table<'t, K, V> {
     fn decode_row(name: &str, (k, v): (Vec<u8>, Vec<u8>)) -> Result<(K::Owned, V::Owned), StoreError> {
         let mut kb = k.as_slice();
@@ -539,4 +555,42 @@ mod tests {
         assert_eq!(<(u64, u64, u64)>::unval(&<(u64, u64, u64)>::val(&(1, 2, 3))), Some((1, 2, 3)));
         assert_eq!(<&str>::unval(&<&str>::val(&"a\0b")), Some("a\0b".to_owned()));
     }
+
+    const COUNTS: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("kv_test_counts");
+
+    /// A count added to in one transaction, read in the next (and in the same one).
+    fn a_count_adds_up_never_goes_below_zero_and_goes_at_zero(place: &crate::store::testing::Place) {
+        let s = place.open();
+        let db = s.database();
+        let read = |key: &str| db.begin_read().expect("read").open_table(COUNTS).expect("table").get(key).expect("get");
+        let add = |steps: &[(&str, i64)]| {
+            let txn = db.begin_write(true).expect("write");
+            {
+                let mut t = txn.open_table(COUNTS).expect("table");
+                for (k, d) in steps {
+                    t.add(k, *d).expect("add");
+                }
+            }
+            txn.commit().expect("commit");
+        };
+        add(&[("a", 1), ("a", 2), ("b", 5)]);
+        assert_eq!((read("a"), read("b")), (Some(3), Some(5)), "{}", place.backend);
+        add(&[("a", -3), ("b", -2), ("c", -4)]);
+        assert_eq!((read("a"), read("b"), read("c")), (None, Some(3), None), "{}: zero is no row", place.backend);
+        add(&[("b", -10), ("d", 0)]);
+        assert_eq!((read("b"), read("d")), (None, None), "{}: never below zero", place.backend);
+        add(&[("e", 1 << 40), ("e", 1)]);
+        assert_eq!(read("e"), Some((1 << 40) + 1), "{}", place.backend);
+        let txn = db.begin_write(true).expect("write");
+        {
+            let mut t = txn.open_table(COUNTS).expect("table");
+            t.add("f", 2).expect("add");
+            t.add("f", 3).expect("add");
+            assert_eq!(t.get("f").expect("get"), Some(5), "{}: read in the same transaction", place.backend);
+        }
+        drop(txn);
+        assert_eq!(read("f"), None, "{}: a transaction not committed adds nothing", place.backend);
+    }
+
+    crate::store::testing::on_each_backend!(a_count_adds_up_never_goes_below_zero_and_goes_at_zero);
 }

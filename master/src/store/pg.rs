@@ -784,6 +784,27 @@ impl<'c> Table<'c> {
         )
     }
 
+    /// Adds `delta` to the count (an 8-byte big-endian u64) at `k`, never below zero; a count
+    /// that ends at zero is deleted. Pipelined like [`Table::put`]: nothing is read back.
+    pub fn add(&self, k: &[u8], delta: i64) -> Result<(), StoreError> {
+        let n = |v: &str| format!("('x' || encode({v}, 'hex'))::bit(64)::bigint");
+        self.conn.send(
+            &format!(
+                "INSERT INTO {t} (k, v) VALUES ($1, int8send(GREATEST(0, {d}))) \
+                 ON CONFLICT (k) DO UPDATE SET v = int8send(GREATEST(0, {old} + {d}))",
+                t = self.name,
+                d = n("$2"),
+                old = n(&format!("{}.v", self.name)),
+            ),
+            vec![k.to_vec(), delta.to_be_bytes().to_vec()],
+        )?;
+        if delta <= 0 {
+            self.conn
+                .send(&format!("DELETE FROM {} WHERE k = $1 AND v = $2", self.name), vec![k.to_vec(), vec![0; 8]])?;
+        }
+        Ok(())
+    }
+
     /// Deletes a row (pipelined, like [`Table::put`]).
     pub fn delete(&self, k: &[u8]) -> Result<(), StoreError> {
         self.conn.send(&format!("DELETE FROM {} WHERE k = $1", self.name), vec![k.to_vec()])
