@@ -341,7 +341,7 @@ fn a_hung_master_is_fenced_off_when_its_lease_runs_out_and_writes_nothing_over_t
 }
 
 #[test]
-fn each_push_makes_one_build_across_a_takeover_including_one_pushed_while_it_happens() {
+fn each_push_makes_one_build_across_two_takeovers_of_three_masters_including_one_pushed_meanwhile() {
     pushes_across_a_takeover(true);
 }
 
@@ -390,9 +390,21 @@ fn pushes_across_a_takeover(shared_state_dir: bool) {
         assert!(first.contains("standby"), "{first}");
         (b, b_lines)
     });
+    // With a shared state_dir, a third master C waits too: it forwards to whichever master
+    // is active, and takes over after B.
+    let grpc_c = free_port();
+    let c_log = dir.path().join("c.master.log");
+    let third = shared_state_dir.then(|| {
+        let mut c = Master::spawn(&config, &state, "127.0.0.1:0", &grpc_c, &[], &c_log);
+        let c_lines = lines(&mut c);
+        let first = c_lines.recv_timeout(T).expect("C's first line");
+        assert!(first.contains("standby"), "{first}");
+        (c, c_lines, word_after(&first, "http=http://"))
+    });
     let err = std::fs::File::create(dir.path().join("w1.worker.log")).expect("log");
+    let masters = format!("http://{grpc_a},http://{grpc_b},http://{grpc_c}");
     let mut w1 = Command::new(worker_bin())
-        .args(["--master", &format!("http://{grpc_a},http://{grpc_b}"), "--name", "w1", "--token", "t", "--workdir"])
+        .args(["--master", &masters, "--name", "w1", "--token", "t", "--workdir"])
         .arg(dir.path().join("w1"))
         .stderr(err)
         .spawn()
@@ -429,6 +441,23 @@ fn pushes_across_a_takeover(shared_state_dir: bool) {
         assert_eq!(recorded, 1, "commit {c} is recorded {recorded} times");
     }
     assert_eq!(all.len(), 3, "{all:#?}");
+    if let Some((c, c_lines, c_http)) = third {
+        // C forwards to B now: the same builds.
+        wait_for(T, "C to show B's builds", || {
+            let r = http(&c_http, "GET", "/api/v2/builds?limit=1000", &[], None);
+            (r.status == 200 && r.json()["builds"].as_array().map(Vec::len) == Some(3)).then_some(())
+        });
+        let mut b = b;
+        b.kill();
+        let line = c_lines.recv_timeout(T).expect("C's listening line");
+        assert!(line.contains("listening"), "{line}");
+        let c = Master { child: c, http: c_http, grpc: grpc_c.clone(), log: c_log };
+        let c4 = commit(&repo, "src/four.c", "4\n", 4, "Four");
+        built(&c, &c4);
+        let all = builds(&c);
+        assert_eq!(all.len(), 4, "one build per push across two takeovers: {all:#?}");
+        assert_eq!(all.iter().filter(|x| x["commit"] == c4.as_str()).count(), 1);
+    }
     let _ = w1.kill();
     let _ = w1.wait();
 }
