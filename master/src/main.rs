@@ -449,6 +449,10 @@ fn cmd_master(opts: rbb_master::server::MasterOptions) -> Result<ExitCode> {
                 () = signalled() => {}
                 () = lost_state => {
                     tracing::error!("stopping: another master took the state over");
+                    tokio::spawn(async move {
+                        signalled().await;
+                        std::process::exit(130);
+                    });
                     return;
                 }
             }

@@ -373,13 +373,28 @@ impl Store {
         lease: std::time::Duration,
         standby: Option<impl FnOnce(&str)>,
     ) -> Result<Store, StoreError> {
-        let mut pg = pg::Pg::connect(url, password)?;
-        pg.set_lease(lease);
-        match standby {
-            Some(waiting) => pg.lock_master_waiting(waiting)?,
-            None => pg.lock_master()?,
+        let is_standby = standby.is_some();
+        let mut waiting = standby;
+        loop {
+            let mut pg = pg::Pg::connect(url, password)?;
+            pg.set_lease(lease);
+            match waiting.take() {
+                Some(tell) => pg.lock_master_waiting(tell)?,
+                None if is_standby => pg.lock_master_waiting(|_| {})?,
+                None => pg.lock_master()?,
+            }
+            let shown = pg.shown.clone();
+            let store = Store::with(Db::Pg(Box::new(pg)));
+            match store.init(&shown, migrate) {
+                Ok(()) => return Ok(store),
+                // A standby whose connection ended the moment it got the state (the database
+                // restarting) waits again rather than exiting.
+                Err(e) if is_standby && matches!(&store.db, Db::Pg(pg) if pg.write_closed()) => {
+                    tracing::warn!(state = %shown, error = %e, "standby: the connection ended as this master opened the state; waiting again");
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Store::locked_postgres(pg, migrate)
     }
 
     /// Which master holds a PostgreSQL state ([`pg::Pg::master_status`]); None on redb.
@@ -400,13 +415,6 @@ impl Store {
     }
 
     /// A PostgreSQL state whose master's lock `pg` holds, its schema created or checked.
-    fn locked_postgres(pg: pg::Pg, migrate: Migrate) -> Result<Store, StoreError> {
-        let shown = pg.shown.clone();
-        let store = Store::with(Db::Pg(Box::new(pg)));
-        store.init(&shown, migrate)?;
-        Ok(store)
-    }
-
     /// Records where this (active) master answers HTTP and gRPC, durably.
     pub fn set_active(&self, http: &str, grpc: &str) -> Result<(), StoreError> {
         self.write(Sync::Durable, |txn| {

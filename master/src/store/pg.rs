@@ -80,6 +80,11 @@ pub struct Conn {
     prepared: Mutex<std::collections::HashMap<String, tokio_postgres::Statement>>,
     /// Writes sent in this transaction whose answers are not read yet ([`Conn::send`]).
     pending: Mutex<Vec<Pending>>,
+    /// A statement failed since the transaction began: PostgreSQL aborted it, and its
+    /// `COMMIT` would quietly roll back, so [`Write::commit`] refuses instead.
+    failed: std::sync::atomic::AtomicBool,
+    /// When a transaction last began on it.
+    used: Mutex<std::time::Instant>,
 }
 
 type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send>>;
@@ -90,7 +95,13 @@ fn wait<T>(f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>
 
 impl Conn {
     fn new(client: tokio_postgres::Client) -> Conn {
-        Conn { client: std::sync::Arc::new(client), prepared: Mutex::default(), pending: Mutex::default() }
+        Conn {
+            client: std::sync::Arc::new(client),
+            prepared: Mutex::default(),
+            pending: Mutex::default(),
+            failed: std::sync::atomic::AtomicBool::new(false),
+            used: Mutex::new(std::time::Instant::now()),
+        }
     }
 
     /// The statement for `sql` (all parameters bytea), prepared once per connection.
@@ -104,8 +115,12 @@ impl Conn {
     }
 
     fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<tokio_postgres::Row>, StoreError> {
-        let statement = self.statement(sql, params.len())?;
-        wait(self.client.query(&statement, params))
+        let statement = self.statement(sql, params.len()).inspect_err(|_| self.mark_failed())?;
+        wait(self.client.query(&statement, params)).inspect_err(|_| self.mark_failed())
+    }
+
+    fn mark_failed(&self) {
+        self.failed.store(true, Ordering::Release);
     }
 
     /// Sends a write without waiting for its answer: requests keep their order on the
@@ -175,7 +190,25 @@ impl Conn {
     pub fn query_text(&self, sql: &str, params: &[&str]) -> Result<Vec<tokio_postgres::Row>, StoreError> {
         let typed: Vec<(&(dyn ToSql + Sync), Type)> =
             params.iter().map(|p| (p as &(dyn ToSql + Sync), Type::TEXT)).collect();
-        wait(self.client.query_typed(sql, &typed))
+        wait(self.client.query_typed(sql, &typed)).inspect_err(|_| self.mark_failed())
+    }
+
+    /// [`Conn::query_text`], given up after `limit` (None): a connection whose server went
+    /// silent does not hold the caller for the TCP retransmission time.
+    fn query_text_within(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        limit: Duration,
+        sql: &str,
+        params: &[&str],
+    ) -> Result<Option<Vec<tokio_postgres::Row>>, StoreError> {
+        let typed: Vec<(&(dyn ToSql + Sync), Type)> =
+            params.iter().map(|p| (p as &(dyn ToSql + Sync), Type::TEXT)).collect();
+        // The timer is made inside the runtime (the caller is a thread of its own).
+        match runtime.block_on(async { tokio::time::timeout(limit, self.client.query_typed(sql, &typed)).await }) {
+            Ok(done) => done.map(Some).map_err(pg_error),
+            Err(_) => Ok(None),
+        }
     }
 }
 
@@ -201,6 +234,9 @@ pub struct Pg {
     lost: tokio::sync::watch::Sender<Option<String>>,
     /// Dropped with the `Pg`: stops the lease's renewal.
     renewing: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    /// A writing connection idle this long is asked whether it still answers before a
+    /// transaction ([`Pg::begin_write`]).
+    idle_probe: Duration,
 }
 
 /// A master's lease on the state unless its config says otherwise (`state.lease`).
@@ -212,7 +248,7 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 /// writes) and takes the lock.
 const LEASE_TABLE: &str = "CREATE TABLE IF NOT EXISTS rbb_master_lease (\
      id int PRIMARY KEY, epoch bigint NOT NULL, holder text NOT NULL, ttl_ms bigint NOT NULL, \
-     renewed_at timestamptz NOT NULL)";
+     renewed_at timestamptz NOT NULL, pid int NOT NULL)";
 
 /// The advisory lock a master holds on its state database.
 const MASTER_LOCK: i64 = 0x0072_6262;
@@ -284,6 +320,7 @@ impl Pg {
             epoch: AtomicI64::new(0),
             lost: tokio::sync::watch::channel(None).0,
             renewing: Mutex::new(None),
+            idle_probe: Duration::from_secs(1),
         })
     }
 
@@ -307,16 +344,33 @@ impl Pg {
     /// The writing connection, reconnected if the server dropped it (taking the master's
     /// lock again, which another master may have taken meanwhile).
     pub fn write_conn(&self) -> Result<MutexGuard<'_, Conn>, StoreError> {
-        let mut guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        self.usable(guard, false)
+    }
+
+    /// `guard`'s connection, made again (and the lock retaken) when it has ended, or when
+    /// `suspect` and it does not answer.
+    fn usable<'a>(&self, mut guard: MutexGuard<'a, Conn>, suspect: bool) -> Result<MutexGuard<'a, Conn>, StoreError> {
         if let Some(why) = self.lost.borrow().as_ref() {
             return Err(StoreError::Fenced { shown: self.shown.clone(), why: why.clone() });
         }
-        if guard.is_closed() {
+        // An empty query answers on a live connection; an error means it has ended.
+        let broken = suspect
+            && !guard.is_closed()
+            && futures::executor::block_on(guard.client.simple_query(""))
+                .inspect_err(|e| {
+                    tracing::warn!(database = %self.shown, error = %describe(e), "the writing connection does not answer");
+                })
+                .is_err();
+        if broken || guard.is_closed() {
             tracing::warn!(database = %self.shown, "the state database closed the connection; connecting again");
-            *guard = open_conn(self.runtime(), &self.config, &self.shown)?;
+            let fresh = open_conn(self.runtime(), &self.config, &self.shown)?;
             if self.locked.load(std::sync::atomic::Ordering::Acquire) {
-                self.retake_lock(&guard)?;
+                // Until the lock and the term are this master's again, the new connection
+                // is not the writing one (dropped on an error, it holds nothing).
+                self.retake_lock(&fresh)?;
             }
+            *guard = fresh;
         }
         Ok(guard)
     }
@@ -350,7 +404,7 @@ impl Pg {
             &format!(
                 "SELECT holder, epoch, ttl_ms, \
                  (extract(epoch FROM clock_timestamp() - renewed_at) * 1000)::bigint, \
-                 EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = 0 \
+                 EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = 0 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                  AND objid = {MASTER_LOCK}) \
                  FROM rbb_master_lease WHERE id = 1"
             ),
@@ -380,6 +434,11 @@ impl Pg {
             Ok(()) => {
                 let epoch = lease_epoch(conn)?;
                 if epoch == Some(self.epoch()) {
+                    // The lease names the session that holds the lock: a standby ends only it.
+                    conn.query_text(
+                        "UPDATE rbb_master_lease SET pid = pg_backend_pid() WHERE id = 1 AND epoch = $1::text::bigint",
+                        &[&self.epoch().to_string()],
+                    )?;
                     return Ok(());
                 }
                 let _ = conn.batch(&format!("SELECT pg_advisory_unlock({MASTER_LOCK})"));
@@ -414,10 +473,10 @@ impl Pg {
         let holder = self.config.get_application_name().unwrap_or("rbb").to_owned();
         let ttl = (self.lease.as_millis() as i64).to_string();
         let row = conn.query_text(
-            "INSERT INTO rbb_master_lease (id, epoch, holder, ttl_ms, renewed_at) \
-             VALUES (1, 1, $1, $2::text::bigint, clock_timestamp()) \
+            "INSERT INTO rbb_master_lease (id, epoch, holder, ttl_ms, renewed_at, pid) \
+             VALUES (1, 1, $1, $2::text::bigint, clock_timestamp(), pg_backend_pid()) \
              ON CONFLICT (id) DO UPDATE SET epoch = rbb_master_lease.epoch + 1, holder = $1, \
-             ttl_ms = $2::text::bigint, renewed_at = clock_timestamp() RETURNING epoch",
+             ttl_ms = $2::text::bigint, renewed_at = clock_timestamp(), pid = pg_backend_pid() RETURNING epoch",
             &[&holder, &ttl],
         )?;
         let epoch: i64 = row.first().map(|r| r.get(0)).unwrap_or(0);
@@ -439,31 +498,26 @@ impl Pg {
         Ok(())
     }
 
-    /// While the lock is held by another master: when its lease ran out (it stopped
-    /// renewing: hung, stopped, cut off), takes a new term and ends the holder's session,
-    /// which releases the lock and fences it. Answers whether it did.
-    fn fence_expired(&self, conn: &Conn) -> Result<Option<String>, StoreError> {
-        if !exists(conn, "rbb_master_lease")? {
-            return Ok(None);
-        }
+    /// Fences off the holder of a lease that ran out (`stale`, as [`LeaseWatch`] saw it):
+    /// takes a new term, if the lease is still the one seen, then ends the session the lease
+    /// names if it holds the lock, which releases the lock and cuts off the holder's writes.
+    /// Answers why it did.
+    fn fence_stale(&self, conn: &Conn, stale: &Stale) -> Result<Option<String>, StoreError> {
         let me = self.config.get_application_name().unwrap_or("rbb").to_owned();
         let taken = conn.query_text(
             "UPDATE rbb_master_lease SET epoch = epoch + 1, holder = $1, renewed_at = clock_timestamp() \
-             WHERE id = 1 AND clock_timestamp() - renewed_at > ttl_ms * interval '1 millisecond' \
-             RETURNING ttl_ms",
-            &[&me],
+             WHERE id = 1 AND epoch = $2::text::bigint AND renewed_at = $3::text::timestamptz RETURNING pid",
+            &[&me, &stale.epoch.to_string(), &stale.renewed],
         )?;
-        let Some(ttl) = taken.first().map(|r| r.get::<_, i64>(0)) else { return Ok(None) };
-        let ended = conn.query_text(
+        let Some(pid) = taken.first().map(|r| r.get::<_, i32>(0)) else { return Ok(None) };
+        conn.query_text(
             &format!(
-                "SELECT a.application_name, pg_terminate_backend(l.pid) FROM pg_locks l \
-                 JOIN pg_stat_activity a ON a.pid = l.pid \
-                 WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = {MASTER_LOCK}"
+                "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE l.pid = $1::text::int \
+                 AND l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND l.objid = {MASTER_LOCK}"
             ),
-            &[],
+            &[&pid.to_string()],
         )?;
-        let holder = ended.first().map(|r| r.get::<_, String>(0)).unwrap_or_else(|| "unknown".to_owned());
-        Ok(Some(format!("{holder} did not renew its lease for {ttl} ms")))
+        Ok(Some(format!("{} did not renew its lease for {} ms", stale.holder, stale.ttl.as_millis())))
     }
 
     /// Takes the master's lock, waiting for the master that holds it to stop (a standby):
@@ -472,16 +526,30 @@ impl Pg {
     /// host takes the keepalive time).
     ///
     /// A holder that stopped renewing its lease (hung, stopped, cut off from its workers but
-    /// not from the database) is fenced off when the lease runs out: see
-    /// [`Pg::fence_expired`].
+    /// not from the database) is fenced off once its lease has not moved for its length, by
+    /// this standby's clock: see [`Pg::fence_stale`].
     ///
     /// A wait the database ends meanwhile (a restart, a failover, its session ended) goes on
-    /// on a new connection, made once a second until one is.
+    /// on a new connection, made once a second until one is. After such a reconnect the
+    /// lease decides, not a free lock: the active master, cut off by the same restart, gets
+    /// its lease's length to come back before this standby takes the state.
     pub fn lock_master_waiting(&self, waiting: impl FnOnce(&str)) -> Result<(), StoreError> {
         let mut waiting = Some(waiting);
         let mut conn = self.write_conn()?;
-        while let Err(e) = self.wait_for_lock(&conn, &mut waiting) {
+        let mut reconnected = false;
+        loop {
+            // The term is part of the wait: a connection that ends as it is taken (the
+            // database restarting) waits again.
+            let taken = self.wait_for_lock(&conn, &mut waiting, reconnected).and_then(|()| {
+                self.locked.store(true, std::sync::atomic::Ordering::Release);
+                self.claim_lease(&conn)
+            });
+            let Err(e) = taken else { return Ok(()) };
+            self.locked.store(false, std::sync::atomic::Ordering::Release);
             tracing::warn!(database = %self.shown, error = %e, "standby: the wait for the state ended; connecting again");
+            // Not a busy loop when the error is not the connection's.
+            std::thread::sleep(BEAT);
+            reconnected = true;
             conn = loop {
                 match open_conn(self.runtime(), &self.config, &self.shown) {
                     Ok(c) => {
@@ -495,31 +563,56 @@ impl Pg {
                 }
             };
         }
-        self.locked.store(true, std::sync::atomic::Ordering::Release);
-        self.claim_lease(&conn)
+    }
+
+    /// Whether the writing connection has ended.
+    pub fn write_closed(&self) -> bool {
+        self.write.lock().unwrap_or_else(|p| p.into_inner()).is_closed()
     }
 
     /// Takes the master's lock on `conn`, waiting a beat at a time while another master holds
-    /// it (`waiting` is told who, once) and looking at the holder's lease between beats.
-    fn wait_for_lock(&self, conn: &Conn, waiting: &mut Option<impl FnOnce(&str)>) -> Result<(), StoreError> {
-        match self.take_lock(conn) {
-            Ok(()) => return Ok(()),
-            Err(StoreError::InUse { holder, .. }) => {
-                if let Some(tell) = waiting.take() {
-                    tell(&holder);
+    /// it (`waiting` is told who, once) and watching the holder's lease between beats.
+    fn wait_for_lock(
+        &self,
+        conn: &Conn,
+        waiting: &mut Option<impl FnOnce(&str)>,
+        mut reconnected: bool,
+    ) -> Result<(), StoreError> {
+        let mut watch = LeaseWatch::default();
+        if !reconnected {
+            match self.take_lock(conn) {
+                Ok(()) => return Ok(()),
+                Err(StoreError::InUse { holder, .. }) => {
+                    if let Some(tell) = waiting.take() {
+                        tell(&holder);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        conn.batch(&format!("SET lock_timeout = '{}ms'", BEAT.as_millis()))?;
+        loop {
+            let stale = watch.look(conn)?;
+            if reconnected && watch.held() && stale.is_none() {
+                if lock_held(conn)? {
+                    tracing::info!(database = %self.shown, "standby: the active master holds the state again; waiting for it");
+                    reconnected = false;
+                } else {
+                    // The lease still moves (or has not been watched for its length yet):
+                    // its master may be reconnecting after the same interruption.
+                    std::thread::sleep(BEAT);
+                    continue;
                 }
             }
-            Err(e) => return Err(e),
-        }
-        conn.batch("SET lock_timeout = '500ms'")?;
-        loop {
             let sql = format!("SELECT pg_advisory_lock({MASTER_LOCK})");
             match futures::executor::block_on(conn.client.batch_execute(&sql)) {
                 Ok(()) => break,
                 Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {}
                 Err(e) => return Err(pg_error(e)),
             }
-            if let Some(why) = self.fence_expired(conn)? {
+            if let Some(stale) = stale
+                && let Some(why) = self.fence_stale(conn, &stale)?
+            {
                 tracing::warn!(database = %self.shown, reason = %why, "standby: taking the state over from a master that stopped answering");
             }
         }
@@ -536,7 +629,7 @@ impl Pg {
                 &format!(
                     "SELECT a.application_name || ' from ' || coalesce(host(a.client_addr), 'a local socket') \
                      FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-                     WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objid = {MASTER_LOCK}"
+                     WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND l.objid = {MASTER_LOCK}"
                 ),
                 &[],
             )?
@@ -549,8 +642,16 @@ impl Pg {
     /// A transaction on the writing connection. `BEGIN` goes out with the transaction's first
     /// request and `COMMIT` with its last writes: a transaction that reads nothing costs one
     /// round trip.
+    ///
+    /// A connection idle for a second or more is asked first (one round trip): a database
+    /// that restarted meanwhile ended it, and the transaction goes to a new one rather than
+    /// failing. A busy master's transactions skip the question.
     pub fn begin_write(&self, durable: bool) -> Result<Write<'_>, StoreError> {
-        let conn = self.write_conn()?;
+        let guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = guard.used.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= self.idle_probe;
+        let conn = self.usable(guard, idle)?;
+        *conn.used.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+        conn.failed.store(false, Ordering::Release);
         conn.send_batch(if durable { "BEGIN" } else { "BEGIN; SET LOCAL synchronous_commit TO OFF" })?;
         Ok(Write { pg: self, conn, done: false })
     }
@@ -584,6 +685,69 @@ impl Pg {
         self.learn(name);
         Ok(())
     }
+}
+
+/// How long a standby waits for the lock at a time, between looks at the lease.
+const BEAT: Duration = Duration::from_millis(500);
+
+/// A lease that has not moved for its length.
+struct Stale {
+    epoch: i64,
+    /// `renewed_at` as the database wrote it (compared, never interpreted).
+    renewed: String,
+    holder: String,
+    ttl: Duration,
+}
+
+/// What a standby saw of the active master's lease, and since when by its own clock: a
+/// lease is stale once it has not moved (a renewal, a new term) for its length as this
+/// standby counts it, so neither clock of the database's host nor a standby's own late
+/// start fences a master that renews.
+#[derive(Default)]
+struct LeaseWatch {
+    seen: Option<(i64, String)>,
+    since: Option<std::time::Instant>,
+}
+
+impl LeaseWatch {
+    /// Whether the state has a lease at all (a master of this version took a term).
+    fn held(&self) -> bool {
+        self.seen.is_some()
+    }
+
+    /// Reads the lease; the lease when it has not moved for its length.
+    fn look(&mut self, conn: &Conn) -> Result<Option<Stale>, StoreError> {
+        if !exists(conn, "rbb_master_lease")? {
+            return Ok(None);
+        }
+        let rows =
+            conn.query_text("SELECT epoch, renewed_at::text, holder, ttl_ms FROM rbb_master_lease WHERE id = 1", &[])?;
+        let Some(row) = rows.first() else { return Ok(None) };
+        let now = (row.get::<_, i64>(0), row.get::<_, String>(1));
+        let ttl = Duration::from_millis(row.get::<_, i64>(3).max(0) as u64);
+        if self.seen.as_ref() != Some(&now) {
+            self.seen = Some(now);
+            self.since = Some(std::time::Instant::now());
+            return Ok(None);
+        }
+        if self.since.is_none_or(|t| t.elapsed() < ttl) {
+            return Ok(None);
+        }
+        let (epoch, renewed) = now;
+        Ok(Some(Stale { epoch, renewed, holder: row.get(2), ttl }))
+    }
+}
+
+/// Whether a master holds the lock now.
+fn lock_held(conn: &Conn) -> Result<bool, StoreError> {
+    let rows = conn.query_text(
+        &format!(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = 0 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND objid = {MASTER_LOCK})"
+        ),
+        &[],
+    )?;
+    Ok(rows.first().is_some_and(|r| r.get::<_, bool>(0)))
 }
 
 /// The lease's current epoch (None: no master ever took a term).
@@ -623,13 +787,21 @@ impl Renewer {
                 };
             }
             let Some(c) = conn.as_ref() else { continue };
-            match c.query_text(
+            match c.query_text_within(
+                &self.runtime,
+                self.every,
                 "UPDATE rbb_master_lease SET renewed_at = clock_timestamp() WHERE id = 1 AND epoch = $1::text::bigint \
                  RETURNING epoch",
                 &[&epoch],
             ) {
-                Ok(rows) if rows.is_empty() => {}
-                Ok(_) => continue,
+                Ok(Some(rows)) if rows.is_empty() => {}
+                Ok(Some(_)) => continue,
+                Ok(None) => {
+                    // No answer within a beat: a new connection next time.
+                    tracing::warn!("cannot renew this master's lease on the state: no answer");
+                    conn = None;
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot renew this master's lease on the state");
                     continue;
@@ -714,6 +886,10 @@ impl Write<'_> {
     /// aborted the transaction, which makes its `COMMIT` a rollback: the refusal is the
     /// answer, and nothing of the transaction is stored.
     pub fn commit(mut self) -> Result<(), StoreError> {
+        if self.conn.failed.load(Ordering::Acquire) {
+            // Rolled back on drop.
+            return Err(StoreError::Pg("a statement of this transaction failed: nothing of it is stored".into()));
+        }
         self.conn.send_batch("COMMIT")?;
         self.done = true;
         self.conn.settle()
@@ -943,5 +1119,55 @@ mod tests {
         );
         assert_eq!(redact("postgresql://h/ci"), "postgresql://h/ci");
         assert_eq!(redact("host=h user=u password=s3cret dbname=ci"), "host=h user=u dbname=ci");
+    }
+
+    /// The writing connection ended by the server (a restart) between transactions: the
+    /// next transaction, which asks first, runs on a new connection that holds the lock
+    /// again, instead of failing.
+    #[test]
+    fn a_transaction_after_the_server_ended_the_connection_runs_on_a_new_one() {
+        let url = crate::store::testing::fresh_database();
+        let mut pg = super::Pg::connect(&url, None).expect("connect");
+        pg.idle_probe = std::time::Duration::ZERO;
+        pg.lock_master().expect("lock");
+        let txn = pg.begin_write(true).expect("begin");
+        txn.table("probe").expect("table").put(b"a", b"1").expect("put");
+        txn.commit().expect("commit");
+        let pid: i32 =
+            pg.write_conn().expect("conn").query_text("SELECT pg_backend_pid()", &[]).expect("pid")[0].get(0);
+        let admin = super::Pg::connect(&url, None).expect("admin");
+        let ended = admin
+            .read_conn()
+            .expect("conn")
+            .query_text("SELECT pg_terminate_backend($1::text::int, 10000)", &[&pid.to_string()])
+            .expect("terminate");
+        assert!(ended[0].get::<_, bool>(0), "the writing session ended");
+        let txn = pg.begin_write(true).expect("a new connection");
+        txn.table("probe").expect("table").put(b"b", b"2").expect("put");
+        txn.commit().expect("the transaction commits");
+        let read = pg.begin_read().expect("read");
+        let t = read.table("probe").expect("table").expect("exists");
+        assert_eq!((t.get(b"a").expect("a"), t.get(b"b").expect("b")), (Some(b"1".to_vec()), Some(b"2".to_vec())));
+        let held = admin.master_status().expect("status").expect("a lease");
+        assert!(held.contains("term 1") && !held.starts_with("none"), "the lock is held again: {held}");
+    }
+
+    /// PostgreSQL aborts a transaction at its first failed statement and answers its
+    /// `COMMIT` with a rollback, not an error: the commit must fail all the same.
+    #[test]
+    fn a_transaction_with_a_failed_statement_does_not_commit_and_says_so() {
+        let pg = super::Pg::connect(&crate::store::testing::fresh_database(), None).expect("connect");
+        let txn = pg.begin_write(true).expect("begin");
+        txn.table("failed_txn").expect("table").put(b"a", b"1").expect("put");
+        assert!(txn.conn().query_text("SELECT 1/0", &[]).is_err(), "division by zero");
+        let e = txn.commit().expect_err("a failed statement fails the commit");
+        assert!(e.to_string().contains("nothing of it is stored"), "{e}");
+        let txn = pg.begin_write(true).expect("begin again");
+        assert_eq!(txn.table("failed_txn").expect("table").get(b"a").expect("get"), None, "nothing stored");
+        txn.table("failed_txn").expect("table").put(b"b", b"2").expect("put");
+        txn.commit().expect("the next transaction commits");
+        let read = pg.begin_read().expect("read");
+        let t = read.table("failed_txn").expect("table").expect("exists");
+        assert_eq!(t.get(b"b").expect("get"), Some(b"2".to_vec()));
     }
 }
