@@ -136,17 +136,8 @@ fn a_standby_master_takes_over_when_the_active_one_is_killed_and_its_build_is_re
         std::fs::read_to_string(&b_log).ok().filter(|l| l.contains("taking over when it stops")).map(|_| ())
     });
     // w1 knows both masters; w2 only the standby, whose gRPC port forwards to the active one.
-    let worker = |name: &str, masters: &str, labels: &str| {
-        let err = std::fs::File::create(dir.path().join(format!("{name}.worker.log"))).expect("log");
-        Command::new(worker_bin())
-            .args(["--master", masters, "--name", name, "--token", "t", "--labels", labels, "--workdir"])
-            .arg(dir.path().join(name))
-            .stderr(err)
-            .spawn()
-            .expect("worker")
-    };
-    let mut w1 = worker("w1", &format!("http://{grpc_a},http://{grpc_b}"), "");
-    let mut w2 = worker("w2", &format!("http://{grpc_b}"), "b-side");
+    let mut w1 = spawn_worker(dir.path(), "w1", &format!("http://{grpc_a},http://{grpc_b}"), "");
+    let mut w2 = spawn_worker(dir.path(), "w2", &format!("http://{grpc_b}"), "b-side");
     // The standby's API is the active master's: a build forced there is seen, live, here.
     let events = std::thread::spawn({
         let b_http = b_http.clone();
@@ -220,14 +211,7 @@ fn a_standby_master_takes_over_when_the_active_one_is_killed_and_its_build_is_re
     let s = b.build(slow);
     assert_eq!(s["result"], "RETRY", "{s:#}");
     // The worker turns to the other master by itself and runs the retry there.
-    let retry = wait_for(T, "the retry", || {
-        b.get("/api/v2/builds").json()["builds"]
-            .as_array()?
-            .iter()
-            .find(|x| x["reason"] == format!("retry of build {slow}"))
-            .cloned()
-    });
-    let r = b.finished(retry["id"].as_u64().expect("id"), T);
+    let r = retry_finished(&b, slow);
     assert_eq!(r["result"], "SUCCESS", "{r:#}");
     let unfinished = b.get("/api/v2/builds?state=running").json()["meta"]["total"].as_u64();
     assert_eq!(unfinished, Some(0));
@@ -287,22 +271,13 @@ fn a_hung_master_is_fenced_off_when_its_lease_runs_out_and_writes_nothing_over_t
     let mut b = Master::spawn(&config, &state, "127.0.0.1:0", &grpc_b, &["--standby"], &b_log);
     let b_lines = lines(&mut b);
     let b_http = word_after(&b_lines.recv_timeout(T).expect("the standby's first line"), "http=http://");
-    let worker = |name: &str, masters: &str| {
-        let err = std::fs::File::create(dir.path().join(format!("{name}.worker.log"))).expect("log");
-        Command::new(worker_bin())
-            .args(["--master", masters, "--name", name, "--token", "t", "--workdir"])
-            .arg(dir.path().join(name))
-            .stderr(err)
-            .spawn()
-            .expect("worker")
-    };
     // w1 knows only A: it stays with A while A hangs.
-    let mut w1 = worker("w1", &format!("http://{}", a.grpc));
+    let mut w1 = spawn_worker(dir.path(), "w1", &format!("http://{}", a.grpc), "");
     let slow = a.force("app/slow");
     wait_for(T, "the first run to start", || marker.exists().then_some(()));
     assert_eq!(a.build(slow)["worker"], "w1");
     // w2 knows only B (forwarded to A until B takes over).
-    let mut w2 = worker("w2", &format!("http://{grpc_b}"));
+    let mut w2 = spawn_worker(dir.path(), "w2", &format!("http://{grpc_b}"), "");
 
     // A renews its lease (every second) and keeps the state through two renewals.
     let mut renewals = vec![lease(&url)];
@@ -329,14 +304,7 @@ fn a_hung_master_is_fenced_off_when_its_lease_runs_out_and_writes_nothing_over_t
     );
     assert!(lease_epoch(&url) > first_term, "the takeover is a new term");
     assert_eq!(b_master.build(slow)["result"], "RETRY");
-    let retry = wait_for(T, "the retry", || {
-        b_master.get("/api/v2/builds").json()["builds"]
-            .as_array()?
-            .iter()
-            .find(|x| x["reason"] == format!("retry of build {slow}"))
-            .cloned()
-    });
-    let r = b_master.finished(retry["id"].as_u64().expect("id"), T);
+    let r = retry_finished(&b_master, slow);
     assert_eq!(r["result"], "SUCCESS", "{r:#}");
     assert_eq!(r["worker"], "w2", "w1 still waits on the hung master");
 
@@ -424,14 +392,8 @@ fn pushes_across_a_takeover(shared_state_dir: bool) {
         assert!(first.contains("standby"), "{first}");
         (c, c_lines, word_after(&first, "http=http://"))
     });
-    let err = std::fs::File::create(dir.path().join("w1.worker.log")).expect("log");
     let masters = format!("http://{grpc_a},http://{grpc_b},http://{grpc_c}");
-    let mut w1 = Command::new(worker_bin())
-        .args(["--master", &masters, "--name", "w1", "--token", "t", "--workdir"])
-        .arg(dir.path().join("w1"))
-        .stderr(err)
-        .spawn()
-        .expect("worker");
+    let mut w1 = spawn_worker(dir.path(), "w1", &masters, "");
     let polled = |m: &Master| {
         let v = m.get("/api/v2/repositories").json();
         (!v["repositories"][0]["last_success"].is_null()).then_some(())
@@ -530,6 +492,30 @@ fn a_cron_minute_fires_once_across_two_masters_on_one_state() {
 }
 
 const T: Duration = Duration::from_secs(60);
+
+/// `rbb-worker` named `name` (token `t`) dialing `masters` (comma-separated) with `labels`,
+/// its work and log under `dir`.
+fn spawn_worker(dir: &std::path::Path, name: &str, masters: &str, labels: &str) -> std::process::Child {
+    let err = std::fs::File::create(dir.join(format!("{name}.worker.log"))).expect("log");
+    Command::new(worker_bin())
+        .args(["--master", masters, "--name", name, "--token", "t", "--labels", labels, "--workdir"])
+        .arg(dir.join(name))
+        .stderr(err)
+        .spawn()
+        .expect("worker")
+}
+
+/// The retry of build `lost` once it has finished, as `m` shows it.
+fn retry_finished(m: &Master, lost: u64) -> serde_json::Value {
+    let retry = wait_for(T, "the retry", || {
+        m.get("/api/v2/builds").json()["builds"]
+            .as_array()?
+            .iter()
+            .find(|x| x["reason"] == format!("retry of build {lost}"))
+            .cloned()
+    });
+    m.finished(retry["id"].as_u64().expect("id"), T)
+}
 
 /// The lines a child prints, as they come.
 fn lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {

@@ -419,15 +419,12 @@ pub(crate) fn rerun_in_release(root: &Path, bench: &str, args: &[String]) -> Res
 /// Starts the master and waits for its API to answer: (master, spawn → first answer).
 /// The master's log goes to `<state>.log` (shutting the fleet down makes it warn of every
 /// session it loses).
-pub(crate) fn start(bin: &Path, config: &Path, state: &Path) -> Result<(Master, Duration)> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(state.with_extension("log"))
-        .context("opening the master's log")?;
-    let t = Instant::now();
-    let mut child = Command::new(bin.join("rbb"))
-        .args(["master", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+/// `rbb master` on `config` and `state` with `args` (its addresses, `--standby`), its
+/// stdout piped and its log in `log`.
+fn spawn_master(bin: &Path, config: &Path, state: &Path, args: &[&str], log: std::fs::File) -> Result<Child> {
+    Command::new(bin.join("rbb"))
+        .arg("master")
+        .args(args)
         .arg("--config")
         .arg(config)
         .arg("--state-dir")
@@ -436,7 +433,17 @@ pub(crate) fn start(bin: &Path, config: &Path, state: &Path) -> Result<(Master, 
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()
-        .context("starting rbb master")?;
+        .context("starting rbb master")
+}
+
+pub(crate) fn start(bin: &Path, config: &Path, state: &Path) -> Result<(Master, Duration)> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.with_extension("log"))
+        .context("opening the master's log")?;
+    let t = Instant::now();
+    let mut child = spawn_master(bin, config, state, &["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"], log)?;
     let (http, grpc) = crate::listening(&mut child)?;
     let m = Master { child, http, grpc };
     loop {
@@ -1103,26 +1110,10 @@ fn bench_database(work: &Path, config: &Path, server: &str, name: &str) -> Resul
 
 /// A second `rbb master` on `config`'s PostgreSQL state while another holds it: a standby,
 /// once it says where it forwards; and the lines it prints after that.
-fn start_standby(
-    bin: &Path,
-    config: &Path,
-    state: &Path,
-    extra: &[&str],
-) -> Result<(Master, std::sync::mpsc::Receiver<String>)> {
+fn start_standby(bin: &Path, config: &Path, state: &Path) -> Result<(Master, std::sync::mpsc::Receiver<String>)> {
     use std::io::BufRead;
     let log = std::fs::File::create(state.with_extension("standby.log"))?;
-    let mut child = Command::new(bin.join("rbb"))
-        .args(["master", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
-        .args(extra)
-        .arg("--config")
-        .arg(config)
-        .arg("--state-dir")
-        .arg(state)
-        .env("RBB_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .context("starting the standby")?;
+    let mut child = spawn_master(bin, config, state, &["--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"], log)?;
     let stdout = child.stdout.take().context("standby stdout")?;
     let mut lines = std::io::BufReader::new(stdout).lines();
     let line = lines.next().context("the standby printed nothing")??;
@@ -1154,7 +1145,7 @@ fn hung_takeover(bin: &Path, work: &Path, config: &Path, server: &str) -> Result
     std::fs::write(&cfg, format!("{head}state:\n  url: {}\n  lease: 2s\n", url.trim()))?;
     let state = work.join("hung");
     let (mut active, _) = start(bin, &cfg, &state)?;
-    let (standby, lines) = start_standby(bin, &cfg, &state, &[])?;
+    let (standby, lines) = start_standby(bin, &cfg, &state)?;
     let signal = |sig: &str| Command::new("kill").arg(format!("-{sig}")).arg(active.child.id().to_string()).status();
     // A few renewals first: the lease is held, not merely taken.
     std::thread::sleep(Duration::from_secs(1));
@@ -1189,7 +1180,7 @@ fn two_masters(bin: &Path, work: &Path, config: &Path, server: &str, a: &Args) -
     let cfg = bench_database(work, config, server, "rbb_two")?;
     let state = work.join("two");
     let (active, _) = start(bin, &cfg, &state)?;
-    let (standby, _) = start_standby(bin, &cfg, &state, &[])?;
+    let (standby, _) = start_standby(bin, &cfg, &state)?;
     let f = fleet_through(&active, Some(&standby), a);
     // The standby first: stopping the active one would hand it the state.
     drop(standby);
@@ -1263,17 +1254,7 @@ fn takeover(bin: &Path, work: &Path, config: &Path, server: &str) -> Result<(f64
     let free = || -> Result<String> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string()) };
     let (b_http, b_grpc) = (free()?, free()?);
     let log = std::fs::File::create(work.join("takeover-standby.log"))?;
-    let mut b = Command::new(bin.join("rbb"))
-        .args(["master", "--standby", "--http", &b_http, "--grpc", &b_grpc])
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--state-dir")
-        .arg(&state)
-        .env("RBB_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .context("starting the standby")?;
+    let mut b = spawn_master(bin, &cfg, &state, &["--standby", "--http", &b_http, "--grpc", &b_grpc], log)?;
     let result = (|| -> Result<(f64, f64, f64, f64)> {
         let t = Instant::now();
         while get(&b_http, "/api/v2/builds?limit=1").is_err() {
