@@ -572,12 +572,13 @@ impl Engine {
                 return;
             }
             st.durable_seq = target;
-            self.flushes.send_modify(|(durable, _)| *durable = target);
             while st.held.front().is_some_and(|h| h.0 <= target) {
                 if let Some((_, effects)) = st.held.pop_front() {
                     self.announce(&mut st, effects);
                 }
             }
+            // Those waiting for this flush go on once what it made durable is announced.
+            self.flushes.send_modify(|(durable, _)| *durable = target);
         }
     }
 
