@@ -221,6 +221,9 @@ fn a_reader_waits_for_a_result_to_be_durable_before_it_is_shown() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(e.durable_for_readers());
     assert!(events.try_recv().is_ok(), "the read went on only after the flush announced the result");
+    // The flush ran on the runtime's blocking pool, holding the engine: the runtime waits
+    // for it as it goes, so the state below is the reopen's alone.
+    drop(rt);
     // And it is on disk: a master killed now finds it.
     drop(w);
     let dir = f.dir.path().to_owned();
